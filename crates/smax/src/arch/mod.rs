@@ -1,0 +1,236 @@
+//! The SIMD layer: runtime ISA detection, dispatch, and the kernels.
+//!
+//! Every kernel is written once, generic over [`Isa`] (a [`pulp::Simd`] plus the one thing pulp
+//! lacks, a non-temporal store), and instantiated for each instruction set: AVX-512
+//! (`pulp::x86::V4`), AVX2+FMA (`pulp::x86::V3`), NEON (`pulp::aarch64::Neon`) and a one-lane
+//! scalar fallback (`pulp::Scalar`). The AVX-512 and NEON instances therefore run exactly the
+//! kernel bodies that the AVX2 and scalar tests exercise; only pulp's per-ISA primitives differ.
+//!
+//! The level is chosen once per call ([`SimdLevel::resolve`]): the caller's
+//! [`Options::simd`](crate::Options::simd), else the `SMAX_SIMD` environment variable
+//! (`scalar`, `avx2`, `avx512`, `neon`; read once per process), else the best level the CPU
+//! has. A level the CPU lacks falls back to the best level it has below it.
+//!
+//! `unsafe` in the crate lives in this module only: the non-temporal stores below.
+
+pub(crate) mod cols;
+pub(crate) mod exp;
+pub(crate) mod rows;
+
+use pulp::Simd;
+use std::sync::OnceLock;
+
+/// An instruction-set level the kernels can run at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SimdLevel {
+    /// One lane, plain Rust arithmetic with fused multiply-add (`f32::mul_add`). Runs anywhere.
+    Scalar,
+    /// aarch64 NEON (128-bit).
+    Neon,
+    /// x86-64 AVX2 + FMA (256-bit; `x86-64-v3`).
+    Avx2,
+    /// x86-64 AVX-512F/BW/CD/DQ/VL (512-bit; `x86-64-v4`).
+    Avx512,
+}
+
+impl SimdLevel {
+    /// Every level this CPU can run, lowest first.
+    pub fn available() -> Vec<SimdLevel> {
+        let mut v = vec![SimdLevel::Scalar];
+        #[cfg(target_arch = "aarch64")]
+        if pulp::aarch64::Neon::try_new().is_some() {
+            v.push(SimdLevel::Neon);
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if pulp::x86::V3::try_new().is_some() {
+                v.push(SimdLevel::Avx2);
+            }
+            if pulp::x86::V4::try_new().is_some() {
+                v.push(SimdLevel::Avx512);
+            }
+        }
+        v
+    }
+
+    /// The best level this CPU can run.
+    pub fn detected() -> SimdLevel {
+        *Self::available().last().unwrap_or(&SimdLevel::Scalar)
+    }
+
+    /// Parses `scalar`, `neon`, `avx2` or `avx512` (case-insensitive).
+    pub fn parse(s: &str) -> Option<SimdLevel> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "scalar" => Some(SimdLevel::Scalar),
+            "neon" => Some(SimdLevel::Neon),
+            "avx2" | "v3" => Some(SimdLevel::Avx2),
+            "avx512" | "avx-512" | "v4" => Some(SimdLevel::Avx512),
+            _ => None,
+        }
+    }
+
+    /// The level named by `SMAX_SIMD` if set and valid, else [`SimdLevel::detected`].
+    /// Read once per process.
+    pub fn default_level() -> SimdLevel {
+        static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            let wanted = std::env::var("SMAX_SIMD")
+                .ok()
+                .and_then(|s| SimdLevel::parse(&s));
+            match wanted {
+                Some(l) => Self::clamp_to_available(l),
+                None => Self::detected(),
+            }
+        })
+    }
+
+    /// The best available level that is not above `wanted` on the same architecture.
+    fn clamp_to_available(wanted: SimdLevel) -> SimdLevel {
+        let avail = Self::available();
+        avail
+            .iter()
+            .rev()
+            .copied()
+            .find(|&l| l <= wanted)
+            .unwrap_or(SimdLevel::Scalar)
+    }
+
+    /// The level a call runs at: `requested` (clamped to what the CPU has) or the default.
+    pub fn resolve(requested: Option<SimdLevel>) -> SimdLevel {
+        match requested {
+            Some(l) => Self::clamp_to_available(l),
+            None => Self::default_level(),
+        }
+    }
+
+    /// Short lowercase name (`scalar`, `neon`, `avx2`, `avx512`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            SimdLevel::Scalar => "scalar",
+            SimdLevel::Neon => "neon",
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Avx512 => "avx512",
+        }
+    }
+}
+
+/// A pulp SIMD token plus the stores pulp does not offer.
+pub(crate) trait Isa: Simd {
+    /// Stores `v` at `dst[..LANES]`, bypassing the cache where the ISA can and `dst` is
+    /// aligned to the vector size; a plain store otherwise.
+    fn stream_f32s(self, dst: &mut Self::f32s, v: Self::f32s);
+    /// Orders earlier non-temporal stores before later stores (a no-op where there are none).
+    fn stream_fence(self);
+}
+
+impl Isa for pulp::Scalar {
+    #[inline(always)]
+    fn stream_f32s(self, dst: &mut Self::f32s, v: Self::f32s) {
+        *dst = v;
+    }
+    #[inline(always)]
+    fn stream_fence(self) {}
+}
+
+#[cfg(target_arch = "aarch64")]
+impl Isa for pulp::aarch64::Neon {
+    #[inline(always)]
+    fn stream_f32s(self, dst: &mut Self::f32s, v: Self::f32s) {
+        *dst = v;
+    }
+    #[inline(always)]
+    fn stream_fence(self) {}
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Isa for pulp::x86::V3 {
+    #[inline(always)]
+    fn stream_f32s(self, dst: &mut Self::f32s, v: Self::f32s) {
+        use core::arch::x86_64::{__m256, _mm256_stream_ps};
+        let p = dst as *mut Self::f32s as *mut f32;
+        if (p as usize) % 32 == 0 {
+            // SAFETY: `p` points to a live, exclusively borrowed 32-byte `f32x8` that we just
+            // checked is 32-byte aligned, as `vmovntps` requires; the `V3` token proves AVX is
+            // present; `f32x8` and `__m256` are both 32 plain bytes of eight f32s.
+            unsafe { _mm256_stream_ps(p, core::mem::transmute::<Self::f32s, __m256>(v)) }
+        } else {
+            *dst = v;
+        }
+    }
+    #[inline(always)]
+    fn stream_fence(self) {
+        // SAFETY: `sfence` has no memory operands; SSE is implied by the `V3` token.
+        unsafe { core::arch::x86_64::_mm_sfence() }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Isa for pulp::x86::V4 {
+    #[inline(always)]
+    fn stream_f32s(self, dst: &mut Self::f32s, v: Self::f32s) {
+        use core::arch::x86_64::{__m512, _mm512_stream_ps};
+        let p = dst as *mut Self::f32s as *mut f32;
+        if (p as usize) % 64 == 0 {
+            // SAFETY: `p` points to a live, exclusively borrowed 64-byte `f32x16` that we just
+            // checked is 64-byte aligned, as `vmovntps zmm` requires; the `V4` token proves
+            // AVX-512F is present; `f32x16` and `__m512` are both 64 plain bytes of f32s.
+            unsafe { _mm512_stream_ps(p, core::mem::transmute::<Self::f32s, __m512>(v)) }
+        } else {
+            *dst = v;
+        }
+    }
+    #[inline(always)]
+    fn stream_fence(self) {
+        // SAFETY: `sfence` has no memory operands; SSE is implied by the `V4` token.
+        unsafe { core::arch::x86_64::_mm_sfence() }
+    }
+}
+
+/// A kernel body generic over the ISA. `run` must be `#[inline(always)]` so that it is
+/// compiled inside the target-feature region [`dispatch`] opens.
+pub(crate) trait Task {
+    type Output;
+    fn run<S: Isa>(self, s: S) -> Self::Output;
+}
+
+/// Runs `task` at `level`, inside a region compiled for that instruction set.
+#[inline]
+pub(crate) fn dispatch<T: Task>(level: SimdLevel, task: T) -> T::Output {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => {
+            if let Some(s) = pulp::x86::V4::try_new() {
+                return Simd::vectorize(s, Enter { task, s });
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => {
+            if let Some(s) = pulp::x86::V3::try_new() {
+                return Simd::vectorize(s, Enter { task, s });
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::Neon => {
+            if let Some(s) = pulp::aarch64::Neon::try_new() {
+                return Simd::vectorize(s, Enter { task, s });
+            }
+        }
+        _ => {}
+    }
+    task.run(pulp::Scalar::new())
+}
+
+/// Carries the concrete token into `with_simd`, so the task runs on our [`Isa`] type rather
+/// than on pulp's generic parameter.
+struct Enter<T, S> {
+    task: T,
+    s: S,
+}
+
+impl<T: Task, S: Isa> pulp::WithSimd for Enter<T, S> {
+    type Output = T::Output;
+    #[inline(always)]
+    fn with_simd<S2: Simd>(self, _simd: S2) -> Self::Output {
+        self.task.run(self.s)
+    }
+}

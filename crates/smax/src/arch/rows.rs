@@ -1,0 +1,508 @@
+//! Kernels over contiguous f32 row segments.
+//!
+//! Every reduction works in blocks of [`BLOCK`] elements counted from the start of the slice:
+//! inside a block, four vector accumulators in f32; at the end of a block, one horizontal
+//! reduction whose result is added into an f64 running value owned by the caller. Callers
+//! split rows only at multiples of `BLOCK`, so the summation order (and so the result, bit
+//! for bit) depends on the row alone, never on how a call tiles, chunks or threads it.
+
+use super::Isa;
+use super::exp::{exp, exp_ext, pow2_nonpositive};
+
+/// Reduction block length (elements).
+pub(crate) const BLOCK: usize = 256;
+/// Widest vector in f32 lanes (AVX-512).
+const MAX_LANES: usize = 16;
+
+#[inline(always)]
+fn load_padded<S: Isa>(s: S, tail: &[f32], fill: f32) -> S::f32s {
+    let mut buf = [fill; MAX_LANES];
+    buf[..tail.len()].copy_from_slice(tail);
+    let _ = s;
+    S::as_simd_f32s(&buf[..S::F32_LANES]).0[0]
+}
+
+#[inline(always)]
+fn store_partial<S: Isa>(s: S, dst: &mut [f32], v: S::f32s) {
+    let mut buf = [0.0f32; MAX_LANES];
+    S::as_mut_simd_f32s(&mut buf[..S::F32_LANES]).0[0] = v;
+    let _ = s;
+    let n = dst.len();
+    dst.copy_from_slice(&buf[..n]);
+}
+
+/// Lanes of `v` as an array (first `S::F32_LANES` entries meaningful).
+#[inline(always)]
+pub(crate) fn lanes<S: Isa>(v: S::f32s) -> [f32; MAX_LANES] {
+    let mut buf = [0.0f32; MAX_LANES];
+    S::as_mut_simd_f32s(&mut buf[..S::F32_LANES]).0[0] = v;
+    buf
+}
+
+/// A mask that is true in lanes `0..n`.
+#[inline(always)]
+fn first_lanes<S: Isa>(s: S, n: usize) -> S::m32s {
+    let iota: [f32; MAX_LANES] = core::array::from_fn(|i| i as f32);
+    let v = S::as_simd_f32s(&iota[..S::F32_LANES]).0[0];
+    s.less_than_f32s(v, s.splat_f32s(n as f32))
+}
+
+/// Maximum of `x` (`-inf` for an empty slice). NaN handling is unspecified (it may or may not
+/// be returned); callers detect NaN through the sums instead.
+#[inline(always)]
+pub(crate) fn max<S: Isa>(s: S, x: &[f32]) -> f32 {
+    let (head, tail) = S::as_simd_f32s(x);
+    let ninf = s.splat_f32s(f32::NEG_INFINITY);
+    let (mut a0, mut a1, mut a2, mut a3) = (ninf, ninf, ninf, ninf);
+    let mut it = head.chunks_exact(4);
+    for c in &mut it {
+        a0 = s.max_f32s(a0, c[0]);
+        a1 = s.max_f32s(a1, c[1]);
+        a2 = s.max_f32s(a2, c[2]);
+        a3 = s.max_f32s(a3, c[3]);
+    }
+    for &v in it.remainder() {
+        a0 = s.max_f32s(a0, v);
+    }
+    if !tail.is_empty() {
+        a1 = s.max_f32s(a1, load_padded(s, tail, f32::NEG_INFINITY));
+    }
+    let a = s.max_f32s(s.max_f32s(a0, a1), s.max_f32s(a2, a3));
+    s.reduce_max_f32s(a)
+}
+
+#[inline(always)]
+fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f32]>) -> f32 {
+    let vm = s.splat_f32s(m);
+    let vk = s.splat_f32s(k);
+    let z = s.splat_f32s(0.0);
+    let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+    let (head, tail) = S::as_simd_f32s(x);
+    let f = |v: S::f32s| exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk));
+    match y.as_deref_mut() {
+        None => {
+            let mut it = head.chunks_exact(4);
+            for c in &mut it {
+                a0 = s.add_f32s(a0, f(c[0]));
+                a1 = s.add_f32s(a1, f(c[1]));
+                a2 = s.add_f32s(a2, f(c[2]));
+                a3 = s.add_f32s(a3, f(c[3]));
+            }
+            for &v in it.remainder() {
+                a0 = s.add_f32s(a0, f(v));
+            }
+        }
+        Some(y) => {
+            let (yh, _) = S::as_mut_simd_f32s(&mut y[..head.len() * S::F32_LANES]);
+            let mut it = head.chunks_exact(4);
+            let mut yit = yh.chunks_exact_mut(4);
+            for (c, d) in (&mut it).zip(&mut yit) {
+                let (e0, e1, e2, e3) = (f(c[0]), f(c[1]), f(c[2]), f(c[3]));
+                d[0] = e0;
+                d[1] = e1;
+                d[2] = e2;
+                d[3] = e3;
+                a0 = s.add_f32s(a0, e0);
+                a1 = s.add_f32s(a1, e1);
+                a2 = s.add_f32s(a2, e2);
+                a3 = s.add_f32s(a3, e3);
+            }
+            for (&v, d) in it.remainder().iter().zip(yit.into_remainder()) {
+                let e = f(v);
+                *d = e;
+                a0 = s.add_f32s(a0, e);
+            }
+        }
+    }
+    if !tail.is_empty() {
+        let e = f(load_padded(s, tail, f32::NEG_INFINITY));
+        if let Some(y) = y {
+            let n = x.len();
+            store_partial(s, &mut y[n - tail.len()..n], e);
+        }
+        a1 = s.add_f32s(a1, e);
+    }
+    s.reduce_sum_f32s(s.add_f32s(s.add_f32s(a0, a1), s.add_f32s(a2, a3)))
+}
+
+/// `acc += Σ exp((x_i − m)·k)`, in blocks (f32 inside a block, f64 across blocks).
+#[inline(always)]
+pub(crate) fn sum_exp<S: Isa>(s: S, x: &[f32], m: f32, k: f32, acc: &mut f64) {
+    for blk in x.chunks(BLOCK) {
+        *acc += sum_exp_block(s, blk, m, k, None) as f64;
+    }
+}
+
+/// `y_i = exp((x_i − m)·k)` and `acc += Σ y_i` (pass 2 of the three-pass algorithm).
+#[inline(always)]
+pub(crate) fn exp_store_sum<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, acc: &mut f64) {
+    for (blk, yb) in x.chunks(BLOCK).zip(y.chunks_mut(BLOCK)) {
+        *acc += sum_exp_block(s, blk, m, k, Some(yb)) as f64;
+    }
+}
+
+/// `y_i *= c` in place.
+#[inline(always)]
+pub(crate) fn scale<S: Isa>(s: S, y: &mut [f32], c: f32) {
+    let vc = s.splat_f32s(c);
+    let (head, tail) = S::as_mut_simd_f32s(y);
+    for v in head.iter_mut() {
+        *v = s.mul_f32s(*v, vc);
+    }
+    for v in tail.iter_mut() {
+        *v *= c;
+    }
+}
+
+/// The running state of the blocked online pass: `d · e^{m·k} = Σ exp(x_i·k)` with the shift
+/// `m` (a max of the raw inputs) in f32 and the scaled sum in f64.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Online {
+    pub m: f32,
+    pub d: f64,
+}
+
+impl Online {
+    pub const EMPTY: Online = Online {
+        m: f32::NEG_INFINITY,
+        d: 0.0,
+    };
+
+    /// Merges another state into this one (fixed operand order: `self` is the earlier part).
+    /// Guards `-inf − (-inf)`: merging with an empty state is the identity.
+    #[inline]
+    pub fn merge(&mut self, o: Online, k: f32) {
+        if self.d.is_nan() || o.d.is_nan() || o.m.is_nan() || self.m.is_nan() {
+            self.d = f64::NAN;
+        } else if o.m == f32::NEG_INFINITY {
+        } else if self.m == f32::NEG_INFINITY {
+            *self = o;
+        } else if o.m > self.m {
+            self.d = self.d * ((self.m as f64 - o.m as f64) * k as f64).exp() + o.d;
+            self.m = o.m;
+        } else if o.m == self.m {
+            self.d += o.d;
+        } else {
+            self.d += o.d * ((o.m as f64 - self.m as f64) * k as f64).exp();
+        }
+    }
+}
+
+/// One online step per block: block max, rescale the running sum if the max grew, then add the
+/// block's `Σ exp((x − m)·k)`. Blocks that are entirely `-inf` add nothing, but are scanned for
+/// NaN so that a NaN can never hide in a masked block.
+#[inline(always)]
+pub(crate) fn online<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Online) {
+    for blk in x.chunks(BLOCK) {
+        let bm = max(s, blk);
+        if bm == f32::NEG_INFINITY {
+            if blk.iter().any(|v| v.is_nan()) {
+                st.d = f64::NAN;
+            }
+            continue;
+        }
+        if bm.is_nan() {
+            st.d = f64::NAN;
+            continue;
+        }
+        if bm > st.m {
+            if st.m != f32::NEG_INFINITY {
+                st.d *= ((st.m as f64 - bm as f64) * k as f64).exp();
+            }
+            st.m = bm;
+        }
+        st.d += sum_exp_block(s, blk, st.m, k, None) as f64;
+    }
+}
+
+/// The running state of the two-pass (extended exponent) pass: `Σ exp(x_i·k) = v · 2^e`
+/// (`v`, `e` in f64, `e` integer-valued), plus the running max of the raw inputs and a flag
+/// raised by any non-finite input (such rows are redone with the online pass).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ext {
+    pub v: f64,
+    pub e: f64,
+    pub m: f32,
+    pub nonfinite: bool,
+}
+
+impl Ext {
+    pub const EMPTY: Ext = Ext {
+        v: 0.0,
+        e: f64::NEG_INFINITY,
+        m: f32::NEG_INFINITY,
+        nonfinite: false,
+    };
+
+    #[inline]
+    fn add_scaled(&mut self, v: f64, e: f64) {
+        if v == 0.0 {
+            return;
+        }
+        if self.v == 0.0 {
+            self.v = v;
+            self.e = e;
+        } else if e > self.e {
+            self.v = self.v * 2f64.powf(self.e - e) + v;
+            self.e = e;
+        } else {
+            self.v += v * 2f64.powf(e - self.e);
+        }
+    }
+
+    /// Merges another state into this one (fixed order).
+    #[inline]
+    pub fn merge(&mut self, o: Ext) {
+        self.add_scaled(o.v, o.e);
+        self.m = if o.m > self.m { o.m } else { self.m };
+        self.nonfinite |= o.nonfinite;
+    }
+}
+
+/// Inputs beyond this magnitude (after scaling by `k`) make `x·log2 e` lose integer
+/// resolution; rows whose max exceeds it are redone with the online pass.
+pub(crate) const EXT_LIMIT: f32 = 4_194_000.0;
+
+/// The two-pass algorithm's first pass (Dukhan & Ablavatski): no max pass; every `exp(x·k)` is
+/// kept as `p · 2^n` and accumulated against a running per-lane exponent.
+#[inline(always)]
+pub(crate) fn ext<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Ext) {
+    let vk = s.splat_f32s(k);
+    let zero = s.splat_f32s(0.0);
+    let far = s.splat_f32s(-1.0e9);
+    for blk in x.chunks(BLOCK) {
+        let (head, tail) = S::as_simd_f32s(blk);
+        let (mut v0, mut v1) = (zero, zero);
+        let (mut e0, mut e1) = (far, far);
+        let mut mx = s.splat_f32s(f32::NEG_INFINITY);
+        let mut bad = zero;
+        let mut step = |xv: S::f32s, keep: Option<S::m32s>, v: &mut S::f32s, e: &mut S::f32s| {
+            let xs = s.mul_f32s(xv, vk);
+            bad = s.add_f32s(bad, s.mul_f32s(xs, zero));
+            let (mut p, mut n) = exp_ext(s, xs);
+            let mut xm = xv;
+            if let Some(mask) = keep {
+                // Padding lanes contribute nothing and must not raise the lane exponent.
+                p = s.select_f32s(mask, p, zero);
+                n = s.select_f32s(mask, n, far);
+                xm = s.select_f32s(mask, xv, s.splat_f32s(f32::NEG_INFINITY));
+            }
+            mx = s.max_f32s(mx, xm);
+            let ne = s.max_f32s(*e, n);
+            *v = s.mul_add_f32s(
+                p,
+                pow2_nonpositive(s, s.sub_f32s(n, ne)),
+                s.mul_f32s(*v, pow2_nonpositive(s, s.sub_f32s(*e, ne))),
+            );
+            *e = ne;
+        };
+        let mut it = head.chunks_exact(2);
+        for c in &mut it {
+            step(c[0], None, &mut v0, &mut e0);
+            step(c[1], None, &mut v1, &mut e1);
+        }
+        for &xv in it.remainder() {
+            step(xv, None, &mut v0, &mut e0);
+        }
+        if !tail.is_empty() {
+            let xv = load_padded(s, tail, 0.0);
+            step(xv, Some(first_lanes(s, tail.len())), &mut v1, &mut e1);
+        }
+        if lanes::<S>(bad)[..S::F32_LANES]
+            .iter()
+            .any(|b| !b.is_finite())
+        {
+            st.nonfinite = true;
+        }
+        let (lv0, le0, lv1, le1) = (
+            lanes::<S>(v0),
+            lanes::<S>(e0),
+            lanes::<S>(v1),
+            lanes::<S>(e1),
+        );
+        for i in 0..S::F32_LANES {
+            st.add_scaled(lv0[i] as f64, le0[i] as f64);
+            st.add_scaled(lv1[i] as f64, le1[i] as f64);
+        }
+        let bm = s.reduce_max_f32s(mx);
+        if bm > st.m {
+            st.m = bm;
+        }
+    }
+}
+
+impl Ext {
+    /// `Σ exp((x_i − m)·k)` for the tracked max `m`, in f64.
+    pub fn sum_relative_to_max(&self, k: f32) -> f64 {
+        if self.v == 0.0 {
+            return 0.0;
+        }
+        self.v * (self.e * core::f64::consts::LN_2 - self.m as f64 * k as f64).exp()
+    }
+}
+
+/// `y_i = exp((x_i − m)·k) · c`; with `stream`, aligned full vectors bypass the cache.
+#[inline(always)]
+pub(crate) fn write_softmax<S: Isa>(
+    s: S,
+    x: &[f32],
+    y: &mut [f32],
+    m: f32,
+    k: f32,
+    c: f32,
+    stream: bool,
+) {
+    let vm = s.splat_f32s(m);
+    let vk = s.splat_f32s(k);
+    let vc = s.splat_f32s(c);
+    let f = |v: S::f32s| s.mul_f32s(exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk)), vc);
+    let (xh, xt) = S::as_simd_f32s(x);
+    let n = xh.len() * S::F32_LANES;
+    let (yh, _) = S::as_mut_simd_f32s(&mut y[..n]);
+    if stream {
+        for (d, &v) in yh.iter_mut().zip(xh) {
+            s.stream_f32s(d, f(v));
+        }
+        s.stream_fence();
+    } else {
+        for (d, &v) in yh.iter_mut().zip(xh) {
+            *d = f(v);
+        }
+    }
+    if !xt.is_empty() {
+        store_partial(
+            s,
+            &mut y[n..x.len()],
+            f(load_padded(s, xt, f32::NEG_INFINITY)),
+        );
+    }
+}
+
+/// `y_i = (x_i − m)·k − ls` (one rounding: fused multiply-add).
+#[inline(always)]
+pub(crate) fn write_log_softmax<S: Isa>(
+    s: S,
+    x: &[f32],
+    y: &mut [f32],
+    m: f32,
+    k: f32,
+    ls: f32,
+    stream: bool,
+) {
+    let vm = s.splat_f32s(m);
+    let vk = s.splat_f32s(k);
+    let vl = s.splat_f32s(-ls);
+    let f = |v: S::f32s| s.mul_add_f32s(s.sub_f32s(v, vm), vk, vl);
+    let (xh, xt) = S::as_simd_f32s(x);
+    let n = xh.len() * S::F32_LANES;
+    let (yh, _) = S::as_mut_simd_f32s(&mut y[..n]);
+    if stream {
+        for (d, &v) in yh.iter_mut().zip(xh) {
+            s.stream_f32s(d, f(v));
+        }
+        s.stream_fence();
+    } else {
+        for (d, &v) in yh.iter_mut().zip(xh) {
+            *d = f(v);
+        }
+    }
+    if !xt.is_empty() {
+        store_partial(s, &mut y[n..x.len()], f(load_padded(s, xt, 0.0)));
+    }
+}
+
+#[inline(always)]
+fn dot_block<S: Isa>(s: S, a: &[f32], b: &[f32]) -> f32 {
+    let z = s.splat_f32s(0.0);
+    let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+    let (ah, at) = S::as_simd_f32s(a);
+    let (bh, bt) = S::as_simd_f32s(b);
+    let mut ia = ah.chunks_exact(4);
+    let mut ib = bh.chunks_exact(4);
+    for (c, d) in (&mut ia).zip(&mut ib) {
+        a0 = s.mul_add_f32s(c[0], d[0], a0);
+        a1 = s.mul_add_f32s(c[1], d[1], a1);
+        a2 = s.mul_add_f32s(c[2], d[2], a2);
+        a3 = s.mul_add_f32s(c[3], d[3], a3);
+    }
+    for (&c, &d) in ia.remainder().iter().zip(ib.remainder()) {
+        a0 = s.mul_add_f32s(c, d, a0);
+    }
+    if !at.is_empty() {
+        a1 = s.mul_add_f32s(load_padded(s, at, 0.0), load_padded(s, bt, 0.0), a1);
+    }
+    s.reduce_sum_f32s(s.add_f32s(s.add_f32s(a0, a1), s.add_f32s(a2, a3)))
+}
+
+/// `acc += Σ a_i·b_i` in blocks.
+#[inline(always)]
+pub(crate) fn dot<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64) {
+    for (x, y) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
+        *acc += dot_block(s, x, y) as f64;
+    }
+}
+
+/// `acc += Σ a_i` in blocks, and `mx = max(mx, max_i b_i)`.
+#[inline(always)]
+pub(crate) fn sum_and_max<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, mx: &mut f32) {
+    for (x, y) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
+        let z = s.splat_f32s(0.0);
+        let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+        let (h, t) = S::as_simd_f32s(x);
+        let mut it = h.chunks_exact(4);
+        for c in &mut it {
+            a0 = s.add_f32s(a0, c[0]);
+            a1 = s.add_f32s(a1, c[1]);
+            a2 = s.add_f32s(a2, c[2]);
+            a3 = s.add_f32s(a3, c[3]);
+        }
+        for &v in it.remainder() {
+            a0 = s.add_f32s(a0, v);
+        }
+        if !t.is_empty() {
+            a1 = s.add_f32s(a1, load_padded(s, t, 0.0));
+        }
+        *acc += s.reduce_sum_f32s(s.add_f32s(s.add_f32s(a0, a1), s.add_f32s(a2, a3))) as f64;
+        let bm = max(s, y);
+        if bm > *mx {
+            *mx = bm;
+        }
+    }
+}
+
+/// Softmax backward map: `dx_i = y_i·(dy_i − dot)`.
+#[inline(always)]
+pub(crate) fn softmax_bwd<S: Isa>(s: S, y: &[f32], dy: &[f32], dx: &mut [f32], dot: f32) {
+    let vd = s.splat_f32s(dot);
+    let f = |a: S::f32s, g: S::f32s| s.mul_f32s(a, s.sub_f32s(g, vd));
+    map2(s, y, dy, dx, f);
+}
+
+/// Log-softmax backward map: `dx_i = dy_i − exp(y_i)·sum`.
+#[inline(always)]
+pub(crate) fn log_softmax_bwd<S: Isa>(s: S, y: &[f32], dy: &[f32], dx: &mut [f32], sum: f32) {
+    let vs = s.splat_f32s(-sum);
+    let f = |a: S::f32s, g: S::f32s| s.mul_add_f32s(exp(s, a), vs, g);
+    map2(s, y, dy, dx, f);
+}
+
+#[inline(always)]
+fn map2<S: Isa>(
+    s: S,
+    a: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    f: impl Fn(S::f32s, S::f32s) -> S::f32s,
+) {
+    let (ah, at) = S::as_simd_f32s(a);
+    let (bh, bt) = S::as_simd_f32s(b);
+    let n = ah.len() * S::F32_LANES;
+    let (oh, _) = S::as_mut_simd_f32s(&mut out[..n]);
+    for ((o, &x), &y) in oh.iter_mut().zip(ah).zip(bh) {
+        *o = f(x, y);
+    }
+    if !at.is_empty() {
+        let v = f(load_padded(s, at, 0.0), load_padded(s, bt, 0.0));
+        store_partial(s, &mut out[n..a.len()], v);
+    }
+}

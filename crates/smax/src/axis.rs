@@ -1,0 +1,453 @@
+//! Drivers for axis layouts `[outer, axis, inner]` (normalising a non-last axis), vectorised
+//! across `inner` in column blocks of [`COLS`]: three passes over the block (max; `Σ exp`;
+//! write), with the per-column sums kept in f32 for at most [`FLUSH`] steps of the axis and in
+//! f64 across them. f64 data is gathered column by column and runs the scalar f64 row code.
+
+use crate::arch::{Isa, Task, cols, dispatch};
+use crate::element::{Element, Repr};
+use crate::forward::Plan;
+use crate::kernel::{self, Fwd, FwdOp};
+use crate::options::Options;
+use crate::par;
+use crate::scalar64;
+
+/// Columns per block.
+pub(crate) const COLS: usize = 256;
+/// Axis steps between flushes of the f32 column sums into f64.
+pub(crate) const FLUSH: usize = 32;
+
+/// Splits the output of one outer slab into per-column-block lists of row pieces.
+fn blocks<T>(slab: &mut [T], inner: usize) -> Vec<(usize, Vec<&mut [T]>)> {
+    let nb = inner.div_ceil(COLS);
+    let mut out: Vec<(usize, Vec<&mut [T]>)> = (0..nb).map(|b| (b * COLS, Vec::new())).collect();
+    for row in slab.chunks_mut(inner) {
+        for (b, piece) in row.chunks_mut(COLS).enumerate() {
+            out[b].1.push(piece);
+        }
+    }
+    out
+}
+
+#[inline(always)]
+fn load<T: Element>(src: &[T], buf: &mut [f32]) {
+    T::load_f32(src, buf)
+}
+
+struct ColsFwd<'a, T> {
+    f: Fwd,
+    x: Option<&'a [T]>,
+    inner: usize,
+    j0: usize,
+    pieces: Vec<&'a mut [T]>,
+}
+
+impl<T: Element> Task for ColsFwd<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Isa>(self, s: S) {
+        let ColsFwd {
+            f,
+            x,
+            inner,
+            j0,
+            mut pieces,
+        } = self;
+        let axis = pieces.len();
+        let w = pieces[0].len();
+        let kk = f.k;
+        let mut m = [f32::NEG_INFINITY; COLS];
+        let mut a32 = [0.0f32; COLS];
+        let mut a64 = [0.0f64; COLS];
+        let mut c = [0.0f32; COLS];
+        let mut buf = [0.0f32; COLS];
+        let mut out = [0.0f32; COLS];
+        let mut special: [Option<f64>; COLS] = [None; COLS];
+        let (m, a32, a64, c, buf, out) = (
+            &mut m[..w],
+            &mut a32[..w],
+            &mut a64[..w],
+            &mut c[..w],
+            &mut buf[..w],
+            &mut out[..w],
+        );
+        macro_rules! row {
+            ($k:expr) => {{
+                let src: &[T] = match x {
+                    Some(x) => &x[$k * inner + j0..$k * inner + j0 + w],
+                    None => &pieces[$k][..],
+                };
+                load(src, buf);
+            }};
+        }
+        for kx in 0..axis {
+            row!(kx);
+            cols::max(s, m, buf);
+        }
+        for kx in 0..axis {
+            row!(kx);
+            cols::sum_exp(s, a32, buf, m, kk);
+            if (kx + 1) % FLUSH == 0 || kx + 1 == axis {
+                for (d, v) in a64.iter_mut().zip(a32.iter_mut()) {
+                    *d += *v as f64;
+                    *v = 0.0;
+                }
+            }
+        }
+        let mut any_special = false;
+        for j in 0..w {
+            let st = crate::arch::rows::Online { m: m[j], d: a64[j] };
+            if kernel::regular(st) {
+                c[j] = match f.op {
+                    FwdOp::Softmax => (1.0 / a64[j]) as f32,
+                    FwdOp::LogSoftmax => a64[j].ln() as f32,
+                };
+            } else {
+                let col: Vec<T> = (0..axis)
+                    .map(|kx| match x {
+                        Some(x) => x[kx * inner + j0 + j],
+                        None => pieces[kx][j],
+                    })
+                    .collect();
+                special[j] = Some(kernel::special_fill(kernel::classify(&col), f.op, f.masked));
+                any_special = true;
+                m[j] = 0.0;
+                c[j] = 0.0;
+            }
+        }
+        for kx in 0..axis {
+            row!(kx);
+            match f.op {
+                FwdOp::Softmax => cols::write_softmax(s, out, buf, m, c, kk),
+                FwdOp::LogSoftmax => cols::write_log_softmax(s, out, buf, m, c, kk),
+            }
+            T::store_f32(out, pieces[kx]);
+            if any_special {
+                for (j, sp) in special[..w].iter().enumerate() {
+                    if let Some(v) = sp {
+                        pieces[kx][j] = T::from_f64(*v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct ColsLse<'a, T> {
+    kk: f32,
+    k64: f64,
+    x: &'a [T],
+    axis: usize,
+    inner: usize,
+    j0: usize,
+    out: &'a mut [T],
+}
+
+impl<T: Element> Task for ColsLse<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Isa>(self, s: S) {
+        let ColsLse {
+            kk,
+            k64,
+            x,
+            axis,
+            inner,
+            j0,
+            out,
+        } = self;
+        let w = out.len();
+        let mut m = [f32::NEG_INFINITY; COLS];
+        let mut a32 = [0.0f32; COLS];
+        let mut a64 = [0.0f64; COLS];
+        let mut buf = [0.0f32; COLS];
+        let (m, a32, a64, buf) = (&mut m[..w], &mut a32[..w], &mut a64[..w], &mut buf[..w]);
+        for kx in 0..axis {
+            load(&x[kx * inner + j0..kx * inner + j0 + w], buf);
+            cols::max(s, m, buf);
+        }
+        for kx in 0..axis {
+            load(&x[kx * inner + j0..kx * inner + j0 + w], buf);
+            cols::sum_exp(s, a32, buf, m, kk);
+            if (kx + 1) % FLUSH == 0 || kx + 1 == axis {
+                for (d, v) in a64.iter_mut().zip(a32.iter_mut()) {
+                    *d += *v as f64;
+                    *v = 0.0;
+                }
+            }
+        }
+        for j in 0..w {
+            let st = crate::arch::rows::Online { m: m[j], d: a64[j] };
+            let v = if kernel::regular(st) {
+                m[j] as f64 * k64 + a64[j].ln()
+            } else {
+                let col: Vec<T> = (0..axis).map(|kx| x[kx * inner + j0 + j]).collect();
+                kernel::special_lse(kernel::classify(&col))
+            };
+            out[j] = T::from_f64(v);
+        }
+    }
+}
+
+/// Softmax / log-softmax over the middle axis of `[outer, axis, inner]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward<T: Element>(
+    f: Fwd,
+    p: &Plan,
+    opts: &Options,
+    outer: usize,
+    axis: usize,
+    inner: usize,
+    x: Option<&[T]>,
+    y: &mut [T],
+) {
+    if outer == 0 || axis == 0 || inner == 0 {
+        return;
+    }
+    let slab = axis * inner;
+    if T::REPR == Repr::F64 {
+        let mut col = vec![0.0f64; axis];
+        let mut res = vec![0.0f64; axis];
+        for o in 0..outer {
+            for j in 0..inner {
+                for kx in 0..axis {
+                    let i = o * slab + kx * inner + j;
+                    col[kx] = match x {
+                        Some(x) => x[i].to_f64(),
+                        None => y[i].to_f64(),
+                    };
+                }
+                scalar64::row_fwd(&f, p.k64, &col, &mut res);
+                for kx in 0..axis {
+                    y[o * slab + kx * inner + j] = T::from_f64(res[kx]);
+                }
+            }
+        }
+        return;
+    }
+    let mut items = Vec::new();
+    for (o, ys) in y.chunks_mut(slab).take(outer).enumerate() {
+        for (j0, pieces) in blocks(ys, inner) {
+            items.push((o, j0, pieces));
+        }
+    }
+    let level = p.level;
+    par::for_each(opts.par, items, |_, (o, j0, pieces)| {
+        let xs = x.map(|x| &x[o * slab..(o + 1) * slab]);
+        dispatch(
+            level,
+            ColsFwd {
+                f,
+                x: xs,
+                inner,
+                j0,
+                pieces,
+            },
+        );
+    });
+}
+
+/// Logsumexp over the middle axis; `out` is `[outer, inner]`.
+pub(crate) fn logsumexp<T: Element>(
+    p: &Plan,
+    opts: &Options,
+    outer: usize,
+    axis: usize,
+    inner: usize,
+    x: &[T],
+    out: &mut [T],
+) {
+    if outer == 0 || inner == 0 {
+        return;
+    }
+    let slab = axis * inner;
+    if T::REPR == Repr::F64 || axis == 0 {
+        let mut col = vec![0.0f64; axis];
+        for o in 0..outer {
+            for j in 0..inner {
+                for (kx, c) in col.iter_mut().enumerate() {
+                    *c = x[o * slab + kx * inner + j].to_f64();
+                }
+                out[o * inner + j] = T::from_f64(scalar64::row_lse(p.k64, &col));
+            }
+        }
+        return;
+    }
+    let mut items = Vec::new();
+    for (o, os) in out.chunks_mut(inner).take(outer).enumerate() {
+        for (b, ob) in os.chunks_mut(COLS).enumerate() {
+            items.push((o, b * COLS, ob));
+        }
+    }
+    let (level, kk, k64) = (p.level, p.k, p.k64);
+    par::for_each(opts.par, items, |_, (o, j0, ob)| {
+        let xs = &x[o * slab..(o + 1) * slab];
+        dispatch(
+            level,
+            ColsLse {
+                kk,
+                k64,
+                x: xs,
+                axis,
+                inner,
+                j0,
+                out: ob,
+            },
+        );
+    });
+}
+
+struct ColsBwd<'a, T> {
+    log: bool,
+    kk: f32,
+    y: &'a [T],
+    dy: Option<&'a [T]>,
+    inner: usize,
+    j0: usize,
+    pieces: Vec<&'a mut [T]>,
+}
+
+impl<T: Element> Task for ColsBwd<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Isa>(self, s: S) {
+        let ColsBwd {
+            log,
+            kk,
+            y,
+            dy,
+            inner,
+            j0,
+            mut pieces,
+        } = self;
+        let axis = pieces.len();
+        let w = pieces[0].len();
+        let mut a32 = [0.0f32; COLS];
+        let mut a64 = [0.0f64; COLS];
+        let mut ym = [f32::NEG_INFINITY; COLS];
+        let mut r = [0.0f32; COLS];
+        let mut by = [0.0f32; COLS];
+        let mut bg = [0.0f32; COLS];
+        let mut out = [0.0f32; COLS];
+        let (a32, a64, ym, r, by, bg, out) = (
+            &mut a32[..w],
+            &mut a64[..w],
+            &mut ym[..w],
+            &mut r[..w],
+            &mut by[..w],
+            &mut bg[..w],
+            &mut out[..w],
+        );
+        macro_rules! rows {
+            ($k:expr) => {{
+                load(&y[$k * inner + j0..$k * inner + j0 + w], by);
+                let g: &[T] = match dy {
+                    Some(d) => &d[$k * inner + j0..$k * inner + j0 + w],
+                    None => &pieces[$k][..],
+                };
+                load(g, bg);
+            }};
+        }
+        for kx in 0..axis {
+            rows!(kx);
+            if log {
+                cols::add(s, a32, bg);
+                cols::max(s, ym, by);
+            } else {
+                cols::fma(s, a32, by, bg);
+            }
+            if (kx + 1) % FLUSH == 0 || kx + 1 == axis {
+                for (d, v) in a64.iter_mut().zip(a32.iter_mut()) {
+                    *d += *v as f64;
+                    *v = 0.0;
+                }
+            }
+        }
+        for j in 0..w {
+            r[j] = a64[j] as f32;
+        }
+        for kx in 0..axis {
+            rows!(kx);
+            if log {
+                cols::log_softmax_bwd(s, out, by, bg, r);
+            } else {
+                cols::softmax_bwd(s, out, by, bg, r);
+            }
+            if kk != 1.0 {
+                for v in out.iter_mut() {
+                    *v *= kk;
+                }
+            }
+            if log {
+                for j in 0..w {
+                    if ym[j] == f32::NEG_INFINITY {
+                        out[j] = 0.0;
+                    }
+                }
+            }
+            T::store_f32(out, pieces[kx]);
+        }
+    }
+}
+
+/// Backward over the middle axis. `dy = None`: the gradient is read from `dx` (in place).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward<T: Element>(
+    log: bool,
+    p: &Plan,
+    opts: &Options,
+    outer: usize,
+    axis: usize,
+    inner: usize,
+    y: &[T],
+    dy: Option<&[T]>,
+    dx: &mut [T],
+) {
+    if outer == 0 || axis == 0 || inner == 0 {
+        return;
+    }
+    let slab = axis * inner;
+    if T::REPR == Repr::F64 {
+        let (mut cy, mut cg, mut res) =
+            (vec![0.0f64; axis], vec![0.0f64; axis], vec![0.0f64; axis]);
+        for o in 0..outer {
+            for j in 0..inner {
+                for kx in 0..axis {
+                    let i = o * slab + kx * inner + j;
+                    cy[kx] = y[i].to_f64();
+                    cg[kx] = match dy {
+                        Some(d) => d[i].to_f64(),
+                        None => dx[i].to_f64(),
+                    };
+                }
+                scalar64::row_bwd(log, p.k64, &cy, &cg, &mut res);
+                for kx in 0..axis {
+                    dx[o * slab + kx * inner + j] = T::from_f64(res[kx]);
+                }
+            }
+        }
+        return;
+    }
+    let mut items = Vec::new();
+    for (o, ds) in dx.chunks_mut(slab).take(outer).enumerate() {
+        for (j0, pieces) in blocks(ds, inner) {
+            items.push((o, j0, pieces));
+        }
+    }
+    let (level, kk) = (p.level, p.k);
+    par::for_each(opts.par, items, |_, (o, j0, pieces)| {
+        let ys = &y[o * slab..(o + 1) * slab];
+        let gs = dy.map(|d| &d[o * slab..(o + 1) * slab]);
+        dispatch(
+            level,
+            ColsBwd {
+                log,
+                kk,
+                y: ys,
+                dy: gs,
+                inner,
+                j0,
+                pieces,
+            },
+        );
+    });
+}

@@ -1,0 +1,344 @@
+//! Drivers and row bodies for the backward passes (one reduction, one map per row):
+//!
+//! * softmax: `dx = (1/τ) · y ⊙ (dy − Σ_j dy_j·y_j)`
+//! * log-softmax: `dx = (1/τ) · (dy − exp(y) · Σ_j dy_j)`; a row whose `y` is all `-inf`
+//!   (a fully masked row under [`MaskedRow::Zero`](crate::MaskedRow::Zero)) gets `dx = 0`.
+
+use crate::arch::rows::{self as k};
+use crate::arch::{Isa, SimdLevel, Task, dispatch};
+use crate::axis;
+use crate::element::{Element, Repr};
+use crate::error::{Error, Result};
+use crate::forward::{RowGeom, plan};
+use crate::kernel::TILE;
+use crate::layout::{Kind, View, ViewMut};
+use crate::options::Options;
+use crate::par::{self, CHUNK};
+use crate::scalar64;
+
+/// Calls `f` on f32 tiles of two equally long inputs.
+#[inline(always)]
+fn read2<T: Element>(a: &[T], b: &[T], mut f: impl FnMut(&[f32], &[f32])) {
+    if let (Some(af), Some(bf)) = (T::as_f32(a), T::as_f32(b)) {
+        f(af, bf);
+        return;
+    }
+    let mut ba = [0.0f32; TILE];
+    let mut bb = [0.0f32; TILE];
+    for (ca, cb) in a.chunks(TILE).zip(b.chunks(TILE)) {
+        let n = ca.len();
+        T::load_f32(ca, &mut ba[..n]);
+        T::load_f32(cb, &mut bb[..n]);
+        f(&ba[..n], &bb[..n]);
+    }
+}
+
+/// The reduction of one segment: `(Σ y·dy or Σ dy, max y)`.
+#[inline(always)]
+fn reduce<S: Isa, T: Element>(s: S, log: bool, y: &[T], dy: &[T]) -> (f64, f32) {
+    let mut acc = 0.0f64;
+    let mut mx = f32::NEG_INFINITY;
+    if log {
+        read2(dy, y, |g, yy| k::sum_and_max(s, g, yy, &mut acc, &mut mx));
+    } else {
+        read2(y, dy, |yy, g| k::dot(s, yy, g, &mut acc));
+    }
+    (acc, mx)
+}
+
+/// The map of one segment. `dy = None`: read the gradient from `dx` (in place).
+#[inline(always)]
+fn map<S: Isa, T: Element>(
+    s: S,
+    log: bool,
+    kk: f32,
+    r: f32,
+    zero: bool,
+    y: &[T],
+    dy: Option<&[T]>,
+    dx: &mut [T],
+) {
+    if zero {
+        dx.iter_mut().for_each(|v| *v = T::from_f32(0.0));
+        return;
+    }
+    let run = |yy: &[f32], g: &[f32], o: &mut [f32]| {
+        if log {
+            k::log_softmax_bwd(s, yy, g, o, r);
+        } else {
+            k::softmax_bwd(s, yy, g, o, r);
+        }
+        if kk != 1.0 {
+            k::scale(s, o, kk);
+        }
+    };
+    if let (Some(yf), Some(Some(gf))) = (T::as_f32(y), dy.map(T::as_f32)) {
+        if let Some(of) = T::as_f32_mut(dx) {
+            run(yf, gf, of);
+            return;
+        }
+    }
+    let mut by = [0.0f32; TILE];
+    let mut bg = [0.0f32; TILE];
+    let mut bo = [0.0f32; TILE];
+    for (i, (cy, co)) in y.chunks(TILE).zip(dx.chunks_mut(TILE)).enumerate() {
+        let n = cy.len();
+        T::load_f32(cy, &mut by[..n]);
+        match dy {
+            Some(d) => T::load_f32(&d[i * TILE..i * TILE + n], &mut bg[..n]),
+            None => T::load_f32(co, &mut bg[..n]),
+        }
+        run(&by[..n], &bg[..n], &mut bo[..n]);
+        T::store_f32(&bo[..n], co);
+    }
+}
+
+#[inline(always)]
+fn row_bwd<S: Isa, T: Element>(s: S, log: bool, kk: f32, y: &[T], dy: Option<&[T]>, dx: &mut [T]) {
+    let (acc, mx) = match dy {
+        Some(d) => reduce(s, log, y, d),
+        None => reduce(s, log, y, dx),
+    };
+    map(
+        s,
+        log,
+        kk,
+        acc as f32,
+        log && mx == f32::NEG_INFINITY,
+        y,
+        dy,
+        dx,
+    );
+}
+
+struct RowsBwd<'a, T> {
+    log: bool,
+    kk: f32,
+    y: &'a [T],
+    dy: Option<&'a [T]>,
+    dx: &'a mut [T],
+    rows: usize,
+    g: RowGeom,
+    gs: usize,
+}
+
+impl<T: Element> Task for RowsBwd<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Isa>(self, s: S) {
+        let RowsBwd {
+            log,
+            kk,
+            y,
+            dy,
+            dx,
+            rows,
+            g,
+            gs,
+        } = self;
+        for r in 0..rows {
+            let yr = &y[r * g.xs..r * g.xs + g.len];
+            let dr = &mut dx[r * g.ys..r * g.ys + g.len];
+            let gr = dy.map(|d| &d[r * gs..r * gs + g.len]);
+            row_bwd(s, log, kk, yr, gr, dr);
+        }
+    }
+}
+
+enum SegBwd<'a, T> {
+    Reduce(bool, &'a [T], &'a [T]),
+    Map {
+        log: bool,
+        kk: f32,
+        r: f32,
+        zero: bool,
+        y: &'a [T],
+        dy: Option<&'a [T]>,
+        dx: &'a mut [T],
+    },
+}
+
+impl<T: Element> Task for SegBwd<'_, T> {
+    type Output = (f64, f32);
+    #[inline(always)]
+    fn run<S: Isa>(self, s: S) -> (f64, f32) {
+        match self {
+            SegBwd::Reduce(log, y, dy) => reduce(s, log, y, dy),
+            SegBwd::Map {
+                log,
+                kk,
+                r,
+                zero,
+                y,
+                dy,
+                dx,
+            } => {
+                map(s, log, kk, r, zero, y, dy, dx);
+                (0.0, 0.0)
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rows_bwd<T: Element>(
+    log: bool,
+    kk: f32,
+    level: SimdLevel,
+    opts: &Options,
+    g: RowGeom,
+    gs: usize,
+    y: &[T],
+    dy: Option<&[T]>,
+    dx: &mut [T],
+) {
+    let RowGeom { rows, len, xs, ys } = g;
+    if rows == 0 || len == 0 {
+        return;
+    }
+    if len <= CHUNK {
+        let per = par::rows_per_task(len);
+        let mut items = Vec::new();
+        let mut rest: &mut [T] = dx;
+        let mut r0 = 0;
+        while r0 < rows {
+            let cnt = per.min(rows - r0);
+            let cut = if r0 + cnt < rows {
+                cnt * ys
+            } else {
+                (cnt - 1) * ys + len
+            };
+            let (h, t) = rest.split_at_mut(cut);
+            rest = t;
+            items.push((r0, cnt, h));
+            r0 += cnt;
+        }
+        par::for_each(opts.par, items, |_, (r0, cnt, dg)| {
+            let yg = &y[r0 * xs..];
+            let gg = dy.map(|d| &d[r0 * gs..]);
+            dispatch(
+                level,
+                RowsBwd {
+                    log,
+                    kk,
+                    y: yg,
+                    dy: gg,
+                    dx: dg,
+                    rows: cnt,
+                    g,
+                    gs,
+                },
+            );
+        });
+        return;
+    }
+    for r in 0..rows {
+        let yr = &y[r * xs..r * xs + len];
+        let dr = &mut dx[r * ys..r * ys + len];
+        let gr = dy.map(|d| &d[r * gs..r * gs + len]);
+        let parts: Vec<(&[T], &[T])> = match gr {
+            Some(gr) => yr.chunks(CHUNK).zip(gr.chunks(CHUNK)).collect(),
+            None => yr.chunks(CHUNK).zip(dr.chunks(CHUNK)).collect(),
+        };
+        let red = par::map(opts.par, parts, |(a, b)| {
+            dispatch(level, SegBwd::Reduce(log, a, b))
+        });
+        let mut acc = 0.0f64;
+        let mut mx = f32::NEG_INFINITY;
+        for (a, m) in red {
+            acc += a;
+            if m > mx || m.is_nan() {
+                mx = m;
+            }
+        }
+        let zero = log && mx == f32::NEG_INFINITY;
+        let r32 = acc as f32;
+        let items: Vec<(usize, &mut [T])> = dr.chunks_mut(CHUNK).enumerate().collect();
+        par::for_each(opts.par, items, |_, (i, dc)| {
+            let n = dc.len();
+            let yc = &yr[i * CHUNK..i * CHUNK + n];
+            let gc = gr.map(|g| &g[i * CHUNK..i * CHUNK + n]);
+            dispatch(
+                level,
+                SegBwd::Map {
+                    log,
+                    kk,
+                    r: r32,
+                    zero,
+                    y: yc,
+                    dy: gc,
+                    dx: dc,
+                },
+            );
+        });
+    }
+}
+
+/// Validates and runs a backward op. `dy = None`: in place (the gradient is read from `dx`).
+pub(crate) fn backward<T: Element>(
+    log: bool,
+    y: View<'_, T>,
+    dy: Option<View<'_, T>>,
+    dx: ViewMut<'_, T>,
+    opts: &Options,
+) -> Result<()> {
+    let p = plan::<T>(opts)?;
+    let y = y.named("y")?;
+    dx.layout.validate("dx", dx.data.len())?;
+    y.layout.check_same("dx", &dx.layout)?;
+    if let Some(d) = &dy {
+        d.layout.validate("dy", d.data.len())?;
+        y.layout.check_same("dy", &d.layout)?;
+    }
+    let geom = crate::forward::row_geom(&y.layout, &dx.layout);
+    if let Some(g) = geom {
+        let gs = match &dy {
+            Some(d) => match d.layout.kind {
+                Kind::Rows { rows, len, stride } => {
+                    if rows <= 1 {
+                        len
+                    } else {
+                        stride
+                    }
+                }
+                Kind::Axis { axis, .. } => axis,
+            },
+            None => g.ys,
+        };
+        if T::REPR == Repr::F64 {
+            scalar64::rows_bwd(log, p.k64, opts, g, gs, y.data, dy.map(|d| d.data), dx.data);
+        } else {
+            rows_bwd(
+                log,
+                p.k,
+                p.level,
+                opts,
+                g,
+                gs,
+                y.data,
+                dy.map(|d| d.data),
+                dx.data,
+            );
+        }
+        return Ok(());
+    }
+    if let Kind::Axis { outer, axis, inner } = y.layout.kind {
+        axis::backward(
+            log,
+            &p,
+            opts,
+            outer,
+            axis,
+            inner,
+            y.data,
+            dy.map(|d| d.data),
+            dx.data,
+        );
+        return Ok(());
+    }
+    Err(Error::ShapeMismatch {
+        what: "dx",
+        got: dx.layout.describe(),
+        expected: y.layout.describe(),
+    })
+}

@@ -1,0 +1,70 @@
+//! The one error type of the crate.
+
+/// Everything that can be wrong with a call. Every public entry point validates its input once,
+/// at the boundary, and returns one of these instead of panicking; the kernels behind it trust
+/// validated input.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A buffer is shorter than its layout needs.
+    #[error("{what}: buffer holds {len} elements but the layout needs {needed}")]
+    BufferTooShort {
+        /// Which argument (`"input"`, `"output"`, `"dy"`, ...).
+        what: &'static str,
+        /// Elements the buffer holds.
+        len: usize,
+        /// Elements the layout addresses.
+        needed: usize,
+    },
+    /// A row stride smaller than the row length (rows would overlap).
+    #[error("{what}: row stride {stride} is smaller than the row length {len}")]
+    StrideTooSmall {
+        /// Which argument.
+        what: &'static str,
+        /// The stride given.
+        stride: usize,
+        /// The row length.
+        len: usize,
+    },
+    /// Two arguments describe different logical shapes.
+    #[error("{what}: shape {got} does not match the input shape {expected}")]
+    ShapeMismatch {
+        /// Which argument.
+        what: &'static str,
+        /// The shape of that argument, written out.
+        got: String,
+        /// The shape of the input, written out.
+        expected: String,
+    },
+    /// A layout whose element count does not fit in `usize`.
+    #[error("{what}: layout {shape} addresses more elements than fit in usize")]
+    SizeOverflow {
+        /// Which argument.
+        what: &'static str,
+        /// The shape, written out.
+        shape: String,
+    },
+    /// A parameter outside its documented range.
+    #[error("parameter {name} = {value} is out of range: {expected}")]
+    BadParameter {
+        /// The parameter's name.
+        name: &'static str,
+        /// The value given, written out.
+        value: String,
+        /// The accepted range, in words.
+        expected: &'static str,
+    },
+    /// The output of a per-row reduction has the wrong length.
+    #[error("{what}: holds {len} values but there are {rows} rows")]
+    RowCountMismatch {
+        /// Which argument.
+        what: &'static str,
+        /// Length of the buffer.
+        len: usize,
+        /// Number of rows in the layout.
+        rows: usize,
+    },
+}
+
+/// Shorthand for `Result<T, smax::Error>`.
+pub type Result<T, E = Error> = core::result::Result<T, E>;

@@ -1,0 +1,375 @@
+//! Drivers for the forward normalisers: validation, work splitting, dispatch.
+
+use crate::arch::rows::Online;
+use crate::arch::{SimdLevel, dispatch};
+use crate::axis;
+use crate::element::{Element, Repr};
+use crate::error::{Error, Result};
+use crate::kernel::{self, Fwd, FwdOp, Io, RowsFwd, RowsLse, Seg, SegOut};
+use crate::layout::{Kind, Layout, View, ViewMut};
+use crate::options::{Algorithm, Options};
+use crate::par::{self, CHUNK};
+use crate::scalar64;
+
+/// Calls whose output is at least this large write it with non-temporal stores (where the ISA
+/// has them): the output cannot stay in cache anyway, and streaming saves the
+/// read-for-ownership of every output line.
+pub(crate) const STREAM_MIN_BYTES: usize = 32 << 20;
+
+pub(crate) struct Plan {
+    pub level: SimdLevel,
+    pub k: f32,
+    pub k64: f64,
+}
+
+pub(crate) fn plan<T: Element>(opts: &Options) -> Result<Plan> {
+    let (k, k64) = opts.inv_temperature(T::REPR != Repr::F64)?;
+    Ok(Plan {
+        level: SimdLevel::resolve(opts.simd),
+        k,
+        k64,
+    })
+}
+
+/// Row geometry after validation: rows of `len`, input stride `xs`, output stride `ys`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowGeom {
+    pub rows: usize,
+    pub len: usize,
+    pub xs: usize,
+    pub ys: usize,
+}
+
+pub(crate) fn row_geom(x: &Layout, y: &Layout) -> Option<RowGeom> {
+    let fix = |rows: usize, len: usize, stride: usize| if rows <= 1 { len } else { stride };
+    match (x.kind, y.kind) {
+        (
+            Kind::Rows {
+                rows,
+                len,
+                stride: xs,
+            },
+            Kind::Rows { stride: ys, .. },
+        ) => Some(RowGeom {
+            rows,
+            len,
+            xs: fix(rows, len, xs),
+            ys: fix(rows, len, ys),
+        }),
+        // [outer, axis, 1] is just rows.
+        (
+            Kind::Axis {
+                outer,
+                axis,
+                inner: 1,
+            },
+            Kind::Axis { .. },
+        ) => Some(RowGeom {
+            rows: outer,
+            len: axis,
+            xs: axis,
+            ys: axis,
+        }),
+        _ => None,
+    }
+}
+
+fn fwd_params(op: FwdOp, p: &Plan, opts: &Options, out_bytes: usize) -> Fwd {
+    Fwd {
+        op,
+        k: p.k,
+        alg: opts.algorithm,
+        masked: opts.masked_row,
+        stream: out_bytes >= STREAM_MIN_BYTES,
+    }
+}
+
+/// Forward over rows (softmax / log-softmax), f32 compute path.
+fn rows_fwd<T: Element>(
+    f: Fwd,
+    level: SimdLevel,
+    opts: &Options,
+    g: RowGeom,
+    x: Option<&[T]>,
+    y: &mut [T],
+) {
+    let RowGeom { rows, len, xs, ys } = g;
+    if rows == 0 || len == 0 {
+        return;
+    }
+    if len <= CHUNK {
+        let per = par::rows_per_task(len);
+        let mut items = Vec::with_capacity(rows.div_ceil(per));
+        let mut rest: &mut [T] = y;
+        let mut r0 = 0;
+        while r0 < rows {
+            let cnt = per.min(rows - r0);
+            let take = ((cnt - 1) * ys + len).min(rest.len());
+            let (head, tail) = if r0 + cnt < rows {
+                let (h, t) = rest.split_at_mut(cnt * ys);
+                (h, t)
+            } else {
+                let (h, t) = rest.split_at_mut(take);
+                (h, t)
+            };
+            rest = tail;
+            let xg = x.map(|x| &x[r0 * xs..]);
+            items.push((xg, head, cnt));
+            r0 += cnt;
+        }
+        par::for_each(opts.par, items, |_, (xg, yg, cnt)| {
+            dispatch(
+                level,
+                RowsFwd {
+                    f,
+                    x: xg,
+                    y: yg,
+                    rows: cnt,
+                    len,
+                    xs,
+                    ys,
+                },
+            );
+        });
+        return;
+    }
+    // Long rows: one at a time, chunks in parallel, partial states merged in chunk order.
+    for r in 0..rows {
+        let yr = &mut y[r * ys..r * ys + len];
+        let xr = x.map(|x| &x[r * xs..r * xs + len]);
+        long_row_fwd(f, level, opts, xr, yr);
+    }
+}
+
+fn chunks_io<'a, T: Element>(x: Option<&'a [T]>, y: &'a mut [T]) -> Vec<Io<'a, T>> {
+    match x {
+        Some(x) => x
+            .chunks(CHUNK)
+            .zip(y.chunks_mut(CHUNK))
+            .map(|(a, b)| Io::Sep(a, b))
+            .collect(),
+        None => y.chunks_mut(CHUNK).map(Io::Same).collect(),
+    }
+}
+
+/// Statistics of a long row: per-chunk states merged in chunk order.
+fn long_row_stats<T: Element>(
+    level: SimdLevel,
+    opts: &Options,
+    alg: Algorithm,
+    x: &[T],
+    k: f32,
+) -> Online {
+    let chunks: Vec<&[T]> = x.chunks(CHUNK).collect();
+    match alg {
+        Algorithm::ThreePass => {
+            let ms = par::map(opts.par, chunks.clone(), |c| dispatch(level, Seg::Max(c)));
+            let mut m = f32::NEG_INFINITY;
+            for o in ms {
+                if let SegOut::Max(v) = o {
+                    if v > m || v.is_nan() {
+                        m = v;
+                    }
+                }
+            }
+            if !m.is_finite() {
+                return Online { m, d: f64::NAN };
+            }
+            let ds = par::map(opts.par, chunks, |c| dispatch(level, Seg::Sum(c, m, k)));
+            let d = ds
+                .into_iter()
+                .map(|o| if let SegOut::Sum(v) = o { v } else { 0.0 })
+                .sum();
+            Online { m, d }
+        }
+        Algorithm::TwoPass => {
+            let es = par::map(opts.par, chunks, |c| dispatch(level, Seg::Ext(c, k)));
+            let mut e = crate::arch::rows::Ext::EMPTY;
+            for o in es {
+                if let SegOut::Ext(v) = o {
+                    e.merge(v);
+                }
+            }
+            if kernel::ext_usable(&e, k) {
+                kernel::ext_to_online(&e, k)
+            } else {
+                long_row_stats(level, opts, Algorithm::Online, x, k)
+            }
+        }
+        _ => {
+            let os = par::map(opts.par, chunks, |c| dispatch(level, Seg::Online(c, k)));
+            let mut st = Online::EMPTY;
+            for o in os {
+                if let SegOut::Online(v) = o {
+                    st.merge(v, k);
+                }
+            }
+            st
+        }
+    }
+}
+
+fn long_row_fwd<T: Element>(
+    f: Fwd,
+    level: SimdLevel,
+    opts: &Options,
+    x: Option<&[T]>,
+    y: &mut [T],
+) {
+    let alg = f.alg.resolve(y.len());
+    let xr: &[T] = match x {
+        Some(x) => x,
+        None => y,
+    };
+    if alg == Algorithm::ThreePass && f.op == FwdOp::Softmax && T::REPR == Repr::F32 {
+        // max; exp stored + summed; scale. An in-place row that turns out irregular still
+        // classifies correctly: NaN stays NaN through exp, and ±inf maxima stop before pass 2.
+        let st = long_row_stats(level, opts, Algorithm::ThreePass, xr, f.k);
+        if st.m.is_finite() {
+            let m = st.m;
+            let ds = par::map(opts.par, chunks_io(x, y), |io| {
+                dispatch(level, Seg::ExpStoreSum(io, m, f.k))
+            });
+            let d: f64 = ds
+                .into_iter()
+                .map(|o| if let SegOut::Sum(v) = o { v } else { 0.0 })
+                .sum();
+            let st = Online { m, d };
+            if kernel::regular(st) {
+                let c = (1.0 / d) as f32;
+                par::for_each(opts.par, y.chunks_mut(CHUNK).collect(), |_, c2| {
+                    dispatch(level, Seg::Scale(c2, c));
+                });
+                return;
+            }
+        }
+        let sp = kernel::classify::<T>(y_or_x(x, y));
+        kernel::fill(y, kernel::special_fill(sp, f.op, f.masked));
+        return;
+    }
+    let st = long_row_stats(level, opts, alg, xr, f.k);
+    if kernel::regular(st) {
+        par::for_each(opts.par, chunks_io(x, y), |_, io| {
+            dispatch(level, Seg::Write(f, io, st));
+        });
+    } else {
+        let sp = kernel::classify::<T>(y_or_x(x, y));
+        kernel::fill(y, kernel::special_fill(sp, f.op, f.masked));
+    }
+}
+
+fn y_or_x<'a, T>(x: Option<&'a [T]>, y: &'a [T]) -> &'a [T] {
+    x.unwrap_or(y)
+}
+
+/// Validates and runs a forward op into `y` (or in place when `x` is `None`).
+pub(crate) fn forward<T: Element>(
+    op: FwdOp,
+    x: Option<View<'_, T>>,
+    y: ViewMut<'_, T>,
+    opts: &Options,
+) -> Result<()> {
+    let p = plan::<T>(opts)?;
+    y.layout.validate("output", y.data.len())?;
+    let xl = match &x {
+        Some(x) => {
+            x.layout.validate("input", x.data.len())?;
+            x.layout.check_same("output", &y.layout)?;
+            x.layout
+        }
+        None => y.layout,
+    };
+    let out_bytes = y.layout.required_len().unwrap_or(0) * core::mem::size_of::<T>();
+    let f = fwd_params(op, &p, opts, out_bytes);
+    if let Some(g) = row_geom(&xl, &y.layout) {
+        if T::REPR == Repr::F64 {
+            scalar64::rows_fwd(f, p.k64, opts, g, x.map(|x| x.data), &mut *y.data);
+        } else {
+            rows_fwd(f, p.level, opts, g, x.map(|x| x.data), &mut *y.data);
+        }
+        return Ok(());
+    }
+    if let Kind::Axis { outer, axis, inner } = xl.kind {
+        axis::forward(
+            f,
+            &p,
+            opts,
+            outer,
+            axis,
+            inner,
+            x.map(|x| x.data),
+            &mut *y.data,
+        );
+        return Ok(());
+    }
+    Err(Error::ShapeMismatch {
+        what: "output",
+        got: y.layout.describe(),
+        expected: xl.describe(),
+    })
+}
+
+/// Validates and runs logsumexp into `out` (one value per row).
+pub(crate) fn logsumexp<T: Element>(x: View<'_, T>, out: &mut [T], opts: &Options) -> Result<()> {
+    let p = plan::<T>(opts)?;
+    let x = x.named("input")?;
+    let rows = x.layout.row_count();
+    if out.len() != rows {
+        return Err(Error::RowCountMismatch {
+            what: "logsumexp output",
+            len: out.len(),
+            rows,
+        });
+    }
+    if let Some(g) = row_geom(&x.layout, &x.layout) {
+        if T::REPR == Repr::F64 {
+            scalar64::rows_lse(p.k64, opts, g, x.data, out);
+            return Ok(());
+        }
+        let RowGeom { rows, len, xs, .. } = g;
+        if rows == 0 {
+            return Ok(());
+        }
+        if len <= CHUNK {
+            let per = par::rows_per_task(len);
+            let items: Vec<(usize, &mut [T])> = out.chunks_mut(per).enumerate().collect();
+            let alg = opts.algorithm;
+            par::for_each(opts.par, items, |_, (i, o)| {
+                let r0 = i * per;
+                dispatch(
+                    level_of(&p),
+                    RowsLse {
+                        x: &x.data[r0 * xs..],
+                        out: o,
+                        len,
+                        xs,
+                        alg,
+                        k: p.k,
+                        k64: p.k64,
+                    },
+                );
+            });
+        } else {
+            for (r, o) in out.iter_mut().enumerate() {
+                let xr = &x.data[r * xs..r * xs + len];
+                let alg = opts.algorithm.resolve(len);
+                let st = long_row_stats(p.level, opts, alg, xr, p.k);
+                let v = if kernel::regular(st) {
+                    st.m as f64 * p.k64 + st.d.ln()
+                } else {
+                    kernel::special_lse(kernel::classify(xr))
+                };
+                *o = T::from_f64(v);
+            }
+        }
+        return Ok(());
+    }
+    if let Kind::Axis { outer, axis, inner } = x.layout.kind {
+        axis::logsumexp(&p, opts, outer, axis, inner, x.data, out);
+    }
+    Ok(())
+}
+
+fn level_of(p: &Plan) -> SimdLevel {
+    p.level
+}

@@ -1,0 +1,437 @@
+//! Row and segment bodies for the f32 compute path (f32, f16, bf16), generic over the ISA and
+//! the element type. Each `Task` here is entered once per work item through
+//! [`crate::arch::dispatch`]; inside, everything is inlined into one target-feature region.
+//!
+//! Element types other than f32 are converted in tiles of [`TILE`] elements (a multiple of the
+//! reduction block, so tiling never changes a result).
+
+use crate::arch::rows::{self as k, BLOCK, Ext, Online};
+use crate::arch::{Isa, Task};
+use crate::element::Element;
+use crate::options::{Algorithm, MaskedRow};
+
+pub(crate) const TILE: usize = 4 * BLOCK;
+
+/// The forward ops that write a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FwdOp {
+    Softmax,
+    LogSoftmax,
+}
+
+/// Per-call constants of a forward call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fwd {
+    pub op: FwdOp,
+    pub k: f32,
+    pub alg: Algorithm,
+    pub masked: MaskedRow,
+    pub stream: bool,
+}
+
+/// Where a row's output goes: a separate buffer, or over its input.
+pub(crate) enum Io<'a, T> {
+    Sep(&'a [T], &'a mut [T]),
+    Same(&'a mut [T]),
+}
+
+impl<'a, T: Element> Io<'a, T> {
+    fn x(&self) -> &[T] {
+        match self {
+            Io::Sep(x, _) => x,
+            Io::Same(xy) => xy,
+        }
+    }
+    fn y(&mut self) -> &mut [T] {
+        match self {
+            Io::Sep(_, y) => y,
+            Io::Same(xy) => xy,
+        }
+    }
+}
+
+/// Calls `f` on the f32 view of `x`, tile by tile when it must be converted.
+#[inline(always)]
+fn read_tiles<T: Element>(x: &[T], mut f: impl FnMut(&[f32])) {
+    if let Some(xf) = T::as_f32(x) {
+        f(xf);
+        return;
+    }
+    let mut buf = [0.0f32; TILE];
+    for c in x.chunks(TILE) {
+        let b = &mut buf[..c.len()];
+        T::load_f32(c, b);
+        f(b);
+    }
+}
+
+/// Calls `f(x_tile, y_tile)` over the f32 views of a row's input and output.
+#[inline(always)]
+fn write_tiles<T: Element>(io: &mut Io<'_, T>, mut f: impl FnMut(&[f32], &mut [f32])) {
+    match io {
+        Io::Sep(x, y) => {
+            if let (Some(xf), Some(yf)) = (T::as_f32(x), T::as_f32_mut(y)) {
+                f(xf, yf);
+                return;
+            }
+            let mut bx = [0.0f32; TILE];
+            let mut by = [0.0f32; TILE];
+            for (cx, cy) in x.chunks(TILE).zip(y.chunks_mut(TILE)) {
+                let n = cx.len();
+                T::load_f32(cx, &mut bx[..n]);
+                f(&bx[..n], &mut by[..n]);
+                T::store_f32(&by[..n], cy);
+            }
+        }
+        Io::Same(xy) => {
+            let mut bx = [0.0f32; TILE];
+            let mut by = [0.0f32; TILE];
+            for c in xy.chunks_mut(TILE) {
+                let n = c.len();
+                T::load_f32(c, &mut bx[..n]);
+                f(&bx[..n], &mut by[..n]);
+                T::store_f32(&by[..n], c);
+            }
+        }
+    }
+}
+
+/// What a scan of a row that failed the fast path found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Special {
+    Nan,
+    PosInf,
+    /// Every entry is `-inf`, or the row is empty.
+    AllNegInf,
+}
+
+/// Classifies a row whose statistics came out non-finite (the rare path: a scalar rescan).
+pub(crate) fn classify<T: Element>(x: &[T]) -> Special {
+    let (mut nan, mut pinf) = (false, false);
+    for &v in x {
+        let v = v.to_f64();
+        nan |= v.is_nan();
+        pinf |= v == f64::INFINITY;
+    }
+    if nan {
+        Special::Nan
+    } else if pinf {
+        Special::PosInf
+    } else {
+        // No NaN, no +inf, yet no finite maximum: every entry is -inf.
+        Special::AllNegInf
+    }
+}
+
+/// The constant a special row is filled with.
+pub(crate) fn special_fill(sp: Special, op: FwdOp, masked: MaskedRow) -> f64 {
+    match (sp, op, masked) {
+        (Special::AllNegInf, FwdOp::Softmax, MaskedRow::Zero) => 0.0,
+        (Special::AllNegInf, FwdOp::LogSoftmax, MaskedRow::Zero) => f64::NEG_INFINITY,
+        _ => f64::NAN,
+    }
+}
+
+/// `logsumexp` of a special row.
+pub(crate) fn special_lse(sp: Special) -> f64 {
+    match sp {
+        Special::Nan => f64::NAN,
+        Special::PosInf => f64::INFINITY,
+        Special::AllNegInf => f64::NEG_INFINITY,
+    }
+}
+
+/// True when `(m, d)` describe a row with a finite max and a usable sum.
+#[inline(always)]
+pub(crate) fn regular(st: Online) -> bool {
+    st.m.is_finite() && st.d.is_finite() && st.d > 0.0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Segment statistics (a whole short row, or one chunk of a long row).
+
+#[inline(always)]
+pub(crate) fn seg_max<S: Isa, T: Element>(s: S, x: &[T]) -> f32 {
+    let mut m = f32::NEG_INFINITY;
+    read_tiles(x, |t| {
+        let v = k::max(s, t);
+        if v > m || v.is_nan() {
+            m = v;
+        }
+    });
+    m
+}
+
+#[inline(always)]
+pub(crate) fn seg_sum<S: Isa, T: Element>(s: S, x: &[T], m: f32, kk: f32) -> f64 {
+    let mut acc = 0.0f64;
+    read_tiles(x, |t| k::sum_exp(s, t, m, kk, &mut acc));
+    acc
+}
+
+#[inline(always)]
+pub(crate) fn seg_online<S: Isa, T: Element>(s: S, x: &[T], kk: f32) -> Online {
+    let mut st = Online::EMPTY;
+    read_tiles(x, |t| k::online(s, t, kk, &mut st));
+    st
+}
+
+#[inline(always)]
+pub(crate) fn seg_ext<S: Isa, T: Element>(s: S, x: &[T], kk: f32) -> Ext {
+    let mut st = Ext::EMPTY;
+    read_tiles(x, |t| k::ext(s, t, kk, &mut st));
+    st
+}
+
+/// Whether an extended-exponent state can be used as is (else: redo with the online pass).
+#[inline(always)]
+pub(crate) fn ext_usable(e: &Ext, kk: f32) -> bool {
+    !e.nonfinite && (e.m * kk).abs() < k::EXT_LIMIT
+}
+
+pub(crate) fn ext_to_online(e: &Ext, kk: f32) -> Online {
+    Online {
+        m: e.m,
+        d: e.sum_relative_to_max(kk),
+    }
+}
+
+/// Writes the output of a regular row from its statistics.
+#[inline(always)]
+pub(crate) fn seg_write<S: Isa, T: Element>(s: S, f: &Fwd, io: &mut Io<'_, T>, st: Online) {
+    match f.op {
+        FwdOp::Softmax => {
+            let c = (1.0 / st.d) as f32;
+            write_tiles(io, |x, y| k::write_softmax(s, x, y, st.m, f.k, c, f.stream));
+        }
+        FwdOp::LogSoftmax => {
+            let ls = st.d.ln() as f32;
+            write_tiles(io, |x, y| {
+                k::write_log_softmax(s, x, y, st.m, f.k, ls, f.stream)
+            });
+        }
+    }
+}
+
+/// Fills a row with one value.
+pub(crate) fn fill<T: Element>(y: &mut [T], v: f64) {
+    let v = T::from_f64(v);
+    for o in y {
+        *o = v;
+    }
+}
+
+/// Statistics of a short row (≤ one chunk) for `alg` (not `ThreePass`'s store variant).
+#[inline(always)]
+pub(crate) fn row_stats<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f32) -> Online {
+    match alg {
+        Algorithm::Online => seg_online(s, x, kk),
+        Algorithm::TwoPass => {
+            let e = seg_ext(s, x, kk);
+            if ext_usable(&e, kk) {
+                ext_to_online(&e, kk)
+            } else {
+                seg_online(s, x, kk)
+            }
+        }
+        _ => {
+            let m = seg_max(s, x);
+            if !m.is_finite() {
+                return Online { m, d: f64::NAN };
+            }
+            Online {
+                m,
+                d: seg_sum(s, x, m, kk),
+            }
+        }
+    }
+}
+
+/// Computes one short row of softmax or log-softmax.
+#[inline(always)]
+pub(crate) fn row_fwd<S: Isa, T: Element>(s: S, f: &Fwd, mut io: Io<'_, T>) {
+    let n = io.x().len();
+    if n == 0 {
+        return;
+    }
+    let alg = f.alg.resolve(n);
+    // Three-pass softmax on f32 stores exp in pass 2 and rescales in pass 3.
+    if alg == Algorithm::ThreePass && f.op == FwdOp::Softmax && T::as_f32(io.x()).is_some() {
+        let m = seg_max(s, io.x());
+        if m.is_finite() {
+            let mut d = 0.0f64;
+            match &mut io {
+                Io::Sep(x, y) => {
+                    if let (Some(xf), Some(yf)) = (T::as_f32(x), T::as_f32_mut(y)) {
+                        k::exp_store_sum(s, xf, yf, m, f.k, &mut d);
+                    }
+                }
+                Io::Same(xy) => {
+                    if let Some(yf) = T::as_f32_mut(xy) {
+                        let mut buf = [0.0f32; TILE];
+                        for c in yf.chunks_mut(TILE) {
+                            let b = &mut buf[..c.len()];
+                            b.copy_from_slice(c);
+                            k::exp_store_sum(s, b, c, m, f.k, &mut d);
+                        }
+                    }
+                }
+            }
+            if regular(Online { m, d }) {
+                let c = (1.0 / d) as f32;
+                if let Some(yf) = T::as_f32_mut(io.y()) {
+                    k::scale(s, yf, c);
+                }
+                return;
+            }
+        }
+        let sp = classify(io.x());
+        fill(io.y(), special_fill(sp, f.op, f.masked));
+        return;
+    }
+    let st = row_stats(s, io.x(), alg, f.k);
+    if regular(st) {
+        seg_write(s, f, &mut io, st);
+    } else {
+        let sp = classify(io.x());
+        fill(io.y(), special_fill(sp, f.op, f.masked));
+    }
+}
+
+/// The logsumexp of one short row (f64 result).
+#[inline(always)]
+pub(crate) fn row_lse<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f32, k64: f64) -> f64 {
+    if x.is_empty() {
+        return f64::NEG_INFINITY;
+    }
+    let st = row_stats(s, x, alg.resolve(x.len()), kk);
+    if regular(st) {
+        st.m as f64 * k64 + st.d.ln()
+    } else {
+        special_lse(classify(x))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tasks.
+
+/// A group of short rows of a forward call (softmax / log-softmax).
+pub(crate) struct RowsFwd<'a, T> {
+    pub f: Fwd,
+    pub x: Option<&'a [T]>,
+    pub y: &'a mut [T],
+    pub rows: usize,
+    pub len: usize,
+    pub xs: usize,
+    pub ys: usize,
+}
+
+impl<T: Element> Task for RowsFwd<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Isa>(self, s: S) {
+        let RowsFwd {
+            f,
+            x,
+            y,
+            rows,
+            len,
+            xs,
+            ys,
+        } = self;
+        for r in 0..rows {
+            let yr = &mut y[r * ys..r * ys + len];
+            let io = match x {
+                Some(x) => Io::Sep(&x[r * xs..r * xs + len], yr),
+                None => Io::Same(yr),
+            };
+            row_fwd(s, &f, io);
+        }
+    }
+}
+
+/// A group of short rows of a logsumexp call.
+pub(crate) struct RowsLse<'a, T> {
+    pub x: &'a [T],
+    pub out: &'a mut [T],
+    pub len: usize,
+    pub xs: usize,
+    pub alg: Algorithm,
+    pub k: f32,
+    pub k64: f64,
+}
+
+impl<T: Element> Task for RowsLse<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Isa>(self, s: S) {
+        for (r, o) in self.out.iter_mut().enumerate() {
+            let xr = &self.x[r * self.xs..r * self.xs + self.len];
+            *o = T::from_f64(row_lse(s, xr, self.alg, self.k, self.k64));
+        }
+    }
+}
+
+/// One step of a long row, on one chunk.
+pub(crate) enum Seg<'a, T> {
+    Max(&'a [T]),
+    Sum(&'a [T], f32, f32),
+    Online(&'a [T], f32),
+    Ext(&'a [T], f32),
+    /// Three-pass pass 2 on f32: store exp, return the sum.
+    ExpStoreSum(Io<'a, T>, f32, f32),
+    Scale(&'a mut [T], f32),
+    Write(Fwd, Io<'a, T>, Online),
+}
+
+pub(crate) enum SegOut {
+    None,
+    Max(f32),
+    Sum(f64),
+    Online(Online),
+    Ext(Ext),
+}
+
+impl<T: Element> Task for Seg<'_, T> {
+    type Output = SegOut;
+    #[inline(always)]
+    fn run<S: Isa>(self, s: S) -> SegOut {
+        match self {
+            Seg::Max(x) => SegOut::Max(seg_max(s, x)),
+            Seg::Sum(x, m, kk) => SegOut::Sum(seg_sum(s, x, m, kk)),
+            Seg::Online(x, kk) => SegOut::Online(seg_online(s, x, kk)),
+            Seg::Ext(x, kk) => SegOut::Ext(seg_ext(s, x, kk)),
+            Seg::ExpStoreSum(mut io, m, kk) => {
+                let mut d = 0.0;
+                match &mut io {
+                    Io::Sep(x, y) => {
+                        if let (Some(xf), Some(yf)) = (T::as_f32(x), T::as_f32_mut(y)) {
+                            k::exp_store_sum(s, xf, yf, m, kk, &mut d);
+                        }
+                    }
+                    Io::Same(xy) => {
+                        if let Some(yf) = T::as_f32_mut(xy) {
+                            let mut buf = [0.0f32; TILE];
+                            for c in yf.chunks_mut(TILE) {
+                                let b = &mut buf[..c.len()];
+                                b.copy_from_slice(c);
+                                k::exp_store_sum(s, b, c, m, kk, &mut d);
+                            }
+                        }
+                    }
+                }
+                SegOut::Sum(d)
+            }
+            Seg::Scale(y, c) => {
+                if let Some(yf) = T::as_f32_mut(y) {
+                    k::scale(s, yf, c);
+                }
+                SegOut::None
+            }
+            Seg::Write(f, mut io, st) => {
+                seg_write(s, &f, &mut io, st);
+                SegOut::None
+            }
+        }
+    }
+}

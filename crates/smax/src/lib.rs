@@ -1,0 +1,234 @@
+//! # smax — the softmax family, exact and at memory speed
+//!
+//! Row-wise normalisers for f32, f64, f16 and bf16 with their backward passes, runtime SIMD
+//! dispatch (AVX-512, AVX2+FMA, NEON, scalar), deterministic threading, and one documented
+//! answer for every special value.
+//!
+//! ```
+//! use smax::{Layout, Options, View, ViewMut};
+//! let x = [1.0f32, 2.0, 3.0, 4.0];
+//! let mut y = [0.0f32; 4];
+//! smax::softmax(View::rows(&x, 1, 4)?, ViewMut::rows(&mut y, 1, 4)?, &Options::default())?;
+//! assert!((y[3] - 0.643_914_26).abs() < 1e-6);
+//! let lse = smax::logsumexp_to_vec(View::rows(&x, 1, 4)?, &Options::default())?;
+//! assert!((lse[0] - 4.440_189_7).abs() < 1e-5);
+//! # Ok::<(), smax::Error>(())
+//! ```
+//!
+//! ## The maths
+//!
+//! For a row `x` of length `n` and temperature `τ` (default 1), with `m = max_i x_i`:
+//!
+//! * `S = Σ_i exp((x_i − m)/τ)`, `logsumexp(x) = m/τ + ln S`
+//! * `softmax(x)_i = exp((x_i − m)/τ) / S`
+//! * `log_softmax(x)_i = (x_i − m)/τ − ln S` (never `ln(softmax)`: that loses small probabilities)
+//! * backward, with `p = softmax(x)` and upstream `g`:
+//!   `softmax: dx_i = p_i (g_i − Σ_j g_j p_j) / τ`; `log_softmax: dx_i = (g_i − p_i Σ_j g_j) / τ`,
+//!   computed from the forward *output* only (one residual).
+//!
+//! Shifting by the max first means no input and no temperature can overflow `exp`.
+//!
+//! ## Layouts
+//!
+//! Every call takes [`View`]s: a buffer plus a [`Layout`]. Rows may be strided
+//! ([`Layout::strided_rows`]); a non-last axis of a contiguous tensor is
+//! [`Layout::axis`] and runs vectorised across the inner dimension. Outputs go to caller
+//! buffers; `*_inplace` variants overwrite the input, `*_to_vec` variants allocate. Input and
+//! output cannot overlap except through the `*_inplace` variants: Rust's borrow rules forbid a
+//! `&[T]` and a `&mut [T]` to the same memory, so overlap is ruled out at compile time rather
+//! than checked at run time.
+//!
+//! ## Special values (`shared/spec/ALGORITHMS.md` §0.1)
+//!
+//! | row contains | `softmax` | `log_softmax` | `logsumexp` | backward |
+//! |---|---|---|---|---|
+//! | a NaN | all NaN | all NaN | NaN | NaN propagates |
+//! | `+inf` (no NaN) | all NaN (`inf − inf`) | all NaN | `+inf` | — |
+//! | only `-inf` (fully masked) | NaN, or 0 with [`MaskedRow::Zero`] | NaN, or `-inf` with `Zero` | `-inf` | softmax: 0 for `y = 0`; log-softmax: 0 when `y` is all `-inf` |
+//! | one finite value, rest `-inf` | 1 there, 0 elsewhere | 0 there, `-inf` elsewhere | that value | finite |
+//! | nothing (`n = 0`) | empty row | empty row | `-inf` | empty row |
+//! | `±1e30`, subnormals | exact (shift first) | exact | exact | exact |
+//!
+//! Results below the smallest normal f32 (`exp(x − m) < 2^-126`, i.e. `(x − m)/τ < −87.34`)
+//! are flushed to `+0` on the f32/f16/bf16 path.
+//!
+//! ## Accuracy (asserted by the test suite)
+//!
+//! Let `u = 2^-24` (f32 unit roundoff), `d_i = |x_i − m|/τ`, and let `y`, `l` be the exact
+//! results. On the f32 compute path (f32, and f16/bf16 before their final rounding):
+//!
+//! * `exp` kernel: ≤ 2 ULP on `[−87.34, 0]` (exhaustive test, every f32 there).
+//! * `softmax`: `|ŷ_i − y_i| ≤ (80 + 2·d_i)·u·y_i + 2^-125` for every algorithm and level.
+//! * `log_softmax`: `|l̂_i − l_i| ≤ (2·d_i + 2)·u + 80·u·(1 + |l_i|)/...`; stated precisely as
+//!   `|l̂_i − l_i| ≤ 2·u·d_i + u·|l_i| + 80·u`.
+//! * `logsumexp`: `|ℓ̂ − ℓ| ≤ u·|ℓ| + 80·u + 2·u·|m/τ|`.
+//! * backward: `|dx̂_i − dx_i| ≤ 16·u·(|y_i|·(|g_i| + Σ_j |g_j y_j|))/τ` (softmax) and
+//!   `≤ 16·u·(|g_i| + e^{y_i}·Σ_j |g_j|)/τ` (log-softmax), plus the row-sum bound below.
+//! * Row sums are taken in blocks of 256 (f32, four vector accumulators) merged in f64, so the
+//!   sum error is at most ~70·u relative for any row length (every path).
+//! * f16/bf16 add one final rounding to the stated bounds (`2^-11`, `2^-8` relative).
+//! * f64: libm `exp`/`ln` and compensated block sums: `≤ (8 + 2·d_i)·2^-53` relative.
+//!
+//! ## Threads and determinism
+//!
+//! Rows are batched into tasks of ≈16 Ki elements; rows longer than 64 Ki elements are split
+//! into fixed 64 Ki chunks whose partial states merge in chunk order. Nothing depends on the
+//! number of threads or on the other rows of the call, so results are bitwise identical for
+//! every pool size and every batch composition (`NEEDS.md` guarantees 11 and 12). Choose a
+//! pool with `rayon::ThreadPool::install`, or [`Par::Seq`] for the calling thread only.
+//!
+//! ## SIMD
+//!
+//! See [`SimdLevel`]. `SMAX_SIMD=scalar|avx2|avx512|neon` forces the level for a process;
+//! [`Options::simd`] forces it for a call.
+
+#![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod arch;
+mod axis;
+mod backward;
+mod element;
+mod error;
+mod forward;
+mod kernel;
+mod layout;
+mod options;
+mod par;
+mod scalar64;
+mod state;
+
+pub mod math;
+
+pub use arch::SimdLevel;
+pub use element::Element;
+pub use error::{Error, Result};
+pub use layout::{Layout, View, ViewMut};
+pub use options::{Algorithm, MaskedRow, Options, Par};
+pub use state::LseState;
+
+pub use half::{bf16, f16};
+
+use kernel::FwdOp;
+
+/// `softmax(x)` into `y` (same logical shape; strides may differ).
+///
+/// Algorithm: [`Options::algorithm`] (three-pass, two-pass or online; `Auto` by row length).
+/// Error bound and special values: see the [crate docs](crate).
+pub fn softmax<T: Element>(x: View<'_, T>, y: ViewMut<'_, T>, opts: &Options) -> Result<()> {
+    forward::forward(FwdOp::Softmax, Some(x), y, opts)
+}
+
+/// `softmax` over `xy` in place.
+pub fn softmax_inplace<T: Element>(xy: ViewMut<'_, T>, opts: &Options) -> Result<()> {
+    forward::forward(FwdOp::Softmax, None, xy, opts)
+}
+
+/// `softmax(x)` into a new contiguous buffer (row layouts become contiguous rows; axis layouts
+/// keep their shape).
+pub fn softmax_to_vec<T: Element>(x: View<'_, T>, opts: &Options) -> Result<Vec<T>> {
+    let (mut y, l) = alloc_like(&x)?;
+    softmax(x, ViewMut::new(&mut y, l)?, opts)?;
+    Ok(y)
+}
+
+/// `log_softmax(x) = (x − m)/τ − ln Σ exp((x − m)/τ)` into `y`.
+pub fn log_softmax<T: Element>(x: View<'_, T>, y: ViewMut<'_, T>, opts: &Options) -> Result<()> {
+    forward::forward(FwdOp::LogSoftmax, Some(x), y, opts)
+}
+
+/// `log_softmax` over `xy` in place.
+pub fn log_softmax_inplace<T: Element>(xy: ViewMut<'_, T>, opts: &Options) -> Result<()> {
+    forward::forward(FwdOp::LogSoftmax, None, xy, opts)
+}
+
+/// `log_softmax(x)` into a new contiguous buffer.
+pub fn log_softmax_to_vec<T: Element>(x: View<'_, T>, opts: &Options) -> Result<Vec<T>> {
+    let (mut y, l) = alloc_like(&x)?;
+    log_softmax(x, ViewMut::new(&mut y, l)?, opts)?;
+    Ok(y)
+}
+
+/// `logsumexp` of every row into `out` (`out.len()` must equal the row count; row order as
+/// documented in [`layout`](Layout)). Empty and fully masked rows give `-inf`.
+pub fn logsumexp<T: Element>(x: View<'_, T>, out: &mut [T], opts: &Options) -> Result<()> {
+    forward::logsumexp(x, out, opts)
+}
+
+/// `logsumexp` of every row into a new buffer.
+pub fn logsumexp_to_vec<T: Element>(x: View<'_, T>, opts: &Options) -> Result<Vec<T>> {
+    let mut out = vec![T::default(); x.layout.row_count()];
+    logsumexp(x, &mut out, opts)?;
+    Ok(out)
+}
+
+/// Softmax backward from the forward output: `dx = y ⊙ (dy − Σ dy·y) / τ`.
+/// `y`, `dy` and `dx` share one logical shape; strides may differ.
+pub fn softmax_backward<T: Element>(
+    y: View<'_, T>,
+    dy: View<'_, T>,
+    dx: ViewMut<'_, T>,
+    opts: &Options,
+) -> Result<()> {
+    backward::backward(false, y, Some(dy), dx, opts)
+}
+
+/// Softmax backward with the upstream gradient in `dy_dx`, overwritten by `dx`.
+pub fn softmax_backward_inplace<T: Element>(
+    y: View<'_, T>,
+    dy_dx: ViewMut<'_, T>,
+    opts: &Options,
+) -> Result<()> {
+    backward::backward(false, y, None, dy_dx, opts)
+}
+
+/// Softmax backward into a new buffer shaped like `y`.
+pub fn softmax_backward_to_vec<T: Element>(
+    y: View<'_, T>,
+    dy: View<'_, T>,
+    opts: &Options,
+) -> Result<Vec<T>> {
+    let (mut dx, l) = alloc_like(&y)?;
+    softmax_backward(y, dy, ViewMut::new(&mut dx, l)?, opts)?;
+    Ok(dx)
+}
+
+/// Log-softmax backward from the forward output: `dx = (dy − exp(y)·Σ dy) / τ`.
+pub fn log_softmax_backward<T: Element>(
+    y: View<'_, T>,
+    dy: View<'_, T>,
+    dx: ViewMut<'_, T>,
+    opts: &Options,
+) -> Result<()> {
+    backward::backward(true, y, Some(dy), dx, opts)
+}
+
+/// Log-softmax backward with the upstream gradient in `dy_dx`, overwritten by `dx`.
+pub fn log_softmax_backward_inplace<T: Element>(
+    y: View<'_, T>,
+    dy_dx: ViewMut<'_, T>,
+    opts: &Options,
+) -> Result<()> {
+    backward::backward(true, y, None, dy_dx, opts)
+}
+
+/// Log-softmax backward into a new buffer shaped like `y`.
+pub fn log_softmax_backward_to_vec<T: Element>(
+    y: View<'_, T>,
+    dy: View<'_, T>,
+    opts: &Options,
+) -> Result<Vec<T>> {
+    let (mut dx, l) = alloc_like(&y)?;
+    log_softmax_backward(y, dy, ViewMut::new(&mut dx, l)?, opts)?;
+    Ok(dx)
+}
+
+fn alloc_like<T: Element>(x: &View<'_, T>) -> Result<(Vec<T>, Layout)> {
+    let x = x.named("input")?;
+    let l = match x.layout.kind {
+        layout::Kind::Rows { rows, len, .. } => Layout::rows(rows, len),
+        layout::Kind::Axis { .. } => x.layout,
+    };
+    let n = l.required_len().unwrap_or(0);
+    Ok((vec![T::default(); n], l))
+}
