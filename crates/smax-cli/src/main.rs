@@ -1,1 +1,52 @@
-fn main() {}
+//! `smax`: the command-line tool. `smax bench` times every normaliser side by side with the
+//! naive loop, the peers (candle-nn, rten-vecmath) and the memory rooflines (a plain copy and
+//! a plain read of the same bytes).
+
+mod bench;
+mod peers;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "smax",
+    version,
+    about = "The softmax family, exact and at memory speed"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Time each op side by side (smax's algorithms, naive, peers, copy/read rooflines).
+    Bench(bench::Args),
+    /// Print the SIMD levels this CPU has and the one smax uses.
+    Info,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Bench(a) => bench::run(a),
+        Cmd::Info => {
+            let avail: Vec<_> = smax::SimdLevel::available()
+                .iter()
+                .map(|l| l.name())
+                .collect();
+            println!("simd levels available: {}", avail.join(", "));
+            println!(
+                "simd level in use:     {}",
+                smax::SimdLevel::default_level().name()
+            );
+            println!("threads (rayon):       {}", rayon::current_num_threads());
+            println!("peers built in:        {}", peers::ENABLED);
+            Ok(())
+        }
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+}

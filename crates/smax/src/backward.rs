@@ -5,7 +5,7 @@
 //!   (a fully masked row under [`MaskedRow::Zero`](crate::MaskedRow::Zero)) gets `dx = 0`.
 
 use crate::arch::rows::{self as k};
-use crate::arch::{Isa, SimdLevel, Task, dispatch};
+use crate::arch::{Isa, SimdLevel, Task, dispatch, inl};
 use crate::axis;
 use crate::element::{Element, Repr};
 use crate::error::{Error, Result};
@@ -39,9 +39,19 @@ fn reduce<S: Isa, T: Element>(s: S, log: bool, y: &[T], dy: &[T]) -> (f64, f32) 
     let mut acc = 0.0f64;
     let mut mx = f32::NEG_INFINITY;
     if log {
-        read2(dy, y, |g, yy| k::sum_and_max(s, g, yy, &mut acc, &mut mx));
+        read2(
+            dy,
+            y,
+            #[inline(always)]
+            |g, yy| k::sum_and_max(s, g, yy, &mut acc, &mut mx),
+        );
     } else {
-        read2(y, dy, |yy, g| k::dot(s, yy, g, &mut acc));
+        read2(
+            y,
+            dy,
+            #[inline(always)]
+            |yy, g| k::dot(s, yy, g, &mut acc),
+        );
     }
     (acc, mx)
 }
@@ -62,16 +72,19 @@ fn map<S: Isa, T: Element>(
         dx.iter_mut().for_each(|v| *v = T::from_f32(0.0));
         return;
     }
-    let run = |yy: &[f32], g: &[f32], o: &mut [f32]| {
-        if log {
-            k::log_softmax_bwd(s, yy, g, o, r);
-        } else {
-            k::softmax_bwd(s, yy, g, o, r);
-        }
-        if kk != 1.0 {
-            k::scale(s, o, kk);
-        }
-    };
+    let run = inl(
+        #[inline(always)]
+        |yy: &[f32], g: &[f32], o: &mut [f32]| {
+            if log {
+                k::log_softmax_bwd(s, yy, g, o, r);
+            } else {
+                k::softmax_bwd(s, yy, g, o, r);
+            }
+            if kk != 1.0 {
+                k::scale(s, o, kk);
+            }
+        },
+    );
     if let (Some(yf), Some(Some(gf))) = (T::as_f32(y), dy.map(T::as_f32)) {
         if let Some(of) = T::as_f32_mut(dx) {
             run(yf, gf, of);

@@ -153,33 +153,49 @@ pub(crate) fn regular(st: Online) -> bool {
 #[inline(always)]
 pub(crate) fn seg_max<S: Isa, T: Element>(s: S, x: &[T]) -> f32 {
     let mut m = f32::NEG_INFINITY;
-    read_tiles(x, |t| {
-        let v = k::max(s, t);
-        if v > m || v.is_nan() {
-            m = v;
-        }
-    });
+    read_tiles(
+        x,
+        #[inline(always)]
+        |t| {
+            let v = k::max(s, t);
+            if v > m || v.is_nan() {
+                m = v;
+            }
+        },
+    );
     m
 }
 
 #[inline(always)]
 pub(crate) fn seg_sum<S: Isa, T: Element>(s: S, x: &[T], m: f32, kk: f32) -> f64 {
     let mut acc = 0.0f64;
-    read_tiles(x, |t| k::sum_exp(s, t, m, kk, &mut acc));
+    read_tiles(
+        x,
+        #[inline(always)]
+        |t| k::sum_exp(s, t, m, kk, &mut acc),
+    );
     acc
 }
 
 #[inline(always)]
 pub(crate) fn seg_online<S: Isa, T: Element>(s: S, x: &[T], kk: f32) -> Online {
     let mut st = Online::EMPTY;
-    read_tiles(x, |t| k::online(s, t, kk, &mut st));
+    read_tiles(
+        x,
+        #[inline(always)]
+        |t| k::online(s, t, kk, &mut st),
+    );
     st
 }
 
 #[inline(always)]
 pub(crate) fn seg_ext<S: Isa, T: Element>(s: S, x: &[T], kk: f32) -> Ext {
     let mut st = Ext::EMPTY;
-    read_tiles(x, |t| k::ext(s, t, kk, &mut st));
+    read_tiles(
+        x,
+        #[inline(always)]
+        |t| k::ext(s, t, kk, &mut st),
+    );
     st
 }
 
@@ -202,13 +218,19 @@ pub(crate) fn seg_write<S: Isa, T: Element>(s: S, f: &Fwd, io: &mut Io<'_, T>, s
     match f.op {
         FwdOp::Softmax => {
             let c = (1.0 / st.d) as f32;
-            write_tiles(io, |x, y| k::write_softmax(s, x, y, st.m, f.k, c, f.stream));
+            write_tiles(
+                io,
+                #[inline(always)]
+                |x, y| k::write_softmax(s, x, y, st.m, f.k, c, f.stream),
+            );
         }
         FwdOp::LogSoftmax => {
             let ls = st.d.ln() as f32;
-            write_tiles(io, |x, y| {
-                k::write_log_softmax(s, x, y, st.m, f.k, ls, f.stream)
-            });
+            write_tiles(
+                io,
+                #[inline(always)]
+                |x, y| k::write_log_softmax(s, x, y, st.m, f.k, ls, f.stream),
+            );
         }
     }
 }

@@ -4,8 +4,8 @@
 //! of the reduced axis for the whole block (one contiguous slice of `w` elements), with
 //! per-column state held in small caller-owned slices.
 
-use super::Isa;
 use super::exp::exp;
+use super::{Isa, inl};
 
 const MAX_LANES: usize = 16;
 
@@ -57,13 +57,16 @@ fn zip4<S: Isa>(
         }
     }
     if full < w {
-        let get = |x: &[f32]| {
-            if x.is_empty() {
-                z
-            } else {
-                pad::<S>(&x[full..w])
-            }
-        };
+        let get = inl(
+            #[inline(always)]
+            |x: &[f32]| {
+                if x.is_empty() {
+                    z
+                } else {
+                    pad::<S>(&x[full..w])
+                }
+            },
+        );
         let v = f(pad::<S>(&out[full..w]), get(a), get(b), get(c));
         let mut buf = [0.0f32; MAX_LANES];
         S::as_mut_simd_f32s(&mut buf[..l]).0[0] = v;
@@ -74,25 +77,45 @@ fn zip4<S: Isa>(
 /// `acc_j = max(acc_j, x_j)`.
 #[inline(always)]
 pub(crate) fn max<S: Isa>(s: S, acc: &mut [f32], x: &[f32]) {
-    zip4(s, acc, x, &[], &[], |o, a, _, _| s.max_f32s(o, a));
+    zip4(
+        s,
+        acc,
+        x,
+        &[],
+        &[],
+        #[inline(always)]
+        |o, a, _, _| s.max_f32s(o, a),
+    );
 }
 
 /// `acc_j += exp((x_j − m_j)·k)`.
 #[inline(always)]
 pub(crate) fn sum_exp<S: Isa>(s: S, acc: &mut [f32], x: &[f32], m: &[f32], k: f32) {
     let vk = s.splat_f32s(k);
-    zip4(s, acc, x, m, &[], |o, a, mm, _| {
-        s.add_f32s(o, exp(s, s.mul_f32s(s.sub_f32s(a, mm), vk)))
-    });
+    zip4(
+        s,
+        acc,
+        x,
+        m,
+        &[],
+        #[inline(always)]
+        |o, a, mm, _| s.add_f32s(o, exp(s, s.mul_f32s(s.sub_f32s(a, mm), vk))),
+    );
 }
 
 /// `y_j = exp((x_j − m_j)·k)·c_j`.
 #[inline(always)]
 pub(crate) fn write_softmax<S: Isa>(s: S, y: &mut [f32], x: &[f32], m: &[f32], c: &[f32], k: f32) {
     let vk = s.splat_f32s(k);
-    zip4(s, y, x, m, c, |_, a, mm, cc| {
-        s.mul_f32s(exp(s, s.mul_f32s(s.sub_f32s(a, mm), vk)), cc)
-    });
+    zip4(
+        s,
+        y,
+        x,
+        m,
+        c,
+        #[inline(always)]
+        |_, a, mm, cc| s.mul_f32s(exp(s, s.mul_f32s(s.sub_f32s(a, mm), vk)), cc),
+    );
 }
 
 /// `y_j = (x_j − m_j)·k − ls_j`.
@@ -106,35 +129,69 @@ pub(crate) fn write_log_softmax<S: Isa>(
     k: f32,
 ) {
     let vk = s.splat_f32s(k);
-    zip4(s, y, x, m, ls, |_, a, mm, l| {
-        s.sub_f32s(s.mul_f32s(s.sub_f32s(a, mm), vk), l)
-    });
+    zip4(
+        s,
+        y,
+        x,
+        m,
+        ls,
+        #[inline(always)]
+        |_, a, mm, l| s.sub_f32s(s.mul_f32s(s.sub_f32s(a, mm), vk), l),
+    );
 }
 
 /// `acc_j += a_j·b_j`.
 #[inline(always)]
 pub(crate) fn fma<S: Isa>(s: S, acc: &mut [f32], a: &[f32], b: &[f32]) {
-    zip4(s, acc, a, b, &[], |o, x, y, _| s.mul_add_f32s(x, y, o));
+    zip4(
+        s,
+        acc,
+        a,
+        b,
+        &[],
+        #[inline(always)]
+        |o, x, y, _| s.mul_add_f32s(x, y, o),
+    );
 }
 
 /// `acc_j += a_j`.
 #[inline(always)]
 pub(crate) fn add<S: Isa>(s: S, acc: &mut [f32], a: &[f32]) {
-    zip4(s, acc, a, &[], &[], |o, x, _, _| s.add_f32s(o, x));
+    zip4(
+        s,
+        acc,
+        a,
+        &[],
+        &[],
+        #[inline(always)]
+        |o, x, _, _| s.add_f32s(o, x),
+    );
 }
 
 /// `dx_j = y_j·(dy_j − dot_j)`.
 #[inline(always)]
 pub(crate) fn softmax_bwd<S: Isa>(s: S, dx: &mut [f32], y: &[f32], dy: &[f32], dot: &[f32]) {
-    zip4(s, dx, y, dy, dot, |_, a, g, d| {
-        s.mul_f32s(a, s.sub_f32s(g, d))
-    });
+    zip4(
+        s,
+        dx,
+        y,
+        dy,
+        dot,
+        #[inline(always)]
+        |_, a, g, d| s.mul_f32s(a, s.sub_f32s(g, d)),
+    );
 }
 
 /// `dx_j = dy_j − exp(y_j)·sum_j`.
 #[inline(always)]
 pub(crate) fn log_softmax_bwd<S: Isa>(s: S, dx: &mut [f32], y: &[f32], dy: &[f32], sum: &[f32]) {
-    zip4(s, dx, y, dy, sum, |_, a, g, t| {
-        s.sub_f32s(g, s.mul_f32s(exp(s, a), t))
-    });
+    zip4(
+        s,
+        dx,
+        y,
+        dy,
+        sum,
+        #[inline(always)]
+        |_, a, g, t| s.sub_f32s(g, s.mul_f32s(exp(s, a), t)),
+    );
 }

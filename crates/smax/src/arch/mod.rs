@@ -186,6 +186,20 @@ impl Isa for pulp::x86::V4 {
     }
 }
 
+/// Identity, so a closure can carry `#[inline(always)]` (attributes are allowed on closures
+/// in argument position only). Every closure in a kernel needs it: a closure that is not
+/// inlined is compiled outside the target-feature region and its SIMD calls stop inlining.
+#[inline(always)]
+pub(crate) fn inl<F>(f: F) -> F {
+    f
+}
+
+/// [`inl`] for closures that are called through `&mut`.
+#[inline(always)]
+pub(crate) fn inl_mut<F>(f: F) -> F {
+    f
+}
+
 /// A kernel body generic over the ISA. `run` must be `#[inline(always)]` so that it is
 /// compiled inside the target-feature region [`dispatch`] opens.
 pub(crate) trait Task {

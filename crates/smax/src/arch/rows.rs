@@ -6,8 +6,8 @@
 //! split rows only at multiples of `BLOCK`, so the summation order (and so the result, bit
 //! for bit) depends on the row alone, never on how a call tiles, chunks or threads it.
 
-use super::Isa;
 use super::exp::{exp, exp_ext, pow2_nonpositive};
+use super::{Isa, inl, inl_mut};
 
 /// Reduction block length (elements).
 pub(crate) const BLOCK: usize = 256;
@@ -78,7 +78,10 @@ fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f3
     let z = s.splat_f32s(0.0);
     let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
     let (head, tail) = S::as_simd_f32s(x);
-    let f = |v: S::f32s| exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk));
+    let f = inl(
+        #[inline(always)]
+        |v: S::f32s| exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk)),
+    );
     match y.as_deref_mut() {
         None => {
             let mut it = head.chunks_exact(4);
@@ -276,26 +279,29 @@ pub(crate) fn ext<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Ext) {
         let (mut e0, mut e1) = (far, far);
         let mut mx = s.splat_f32s(f32::NEG_INFINITY);
         let mut bad = zero;
-        let mut step = |xv: S::f32s, keep: Option<S::m32s>, v: &mut S::f32s, e: &mut S::f32s| {
-            let xs = s.mul_f32s(xv, vk);
-            bad = s.add_f32s(bad, s.mul_f32s(xs, zero));
-            let (mut p, mut n) = exp_ext(s, xs);
-            let mut xm = xv;
-            if let Some(mask) = keep {
-                // Padding lanes contribute nothing and must not raise the lane exponent.
-                p = s.select_f32s(mask, p, zero);
-                n = s.select_f32s(mask, n, far);
-                xm = s.select_f32s(mask, xv, s.splat_f32s(f32::NEG_INFINITY));
-            }
-            mx = s.max_f32s(mx, xm);
-            let ne = s.max_f32s(*e, n);
-            *v = s.mul_add_f32s(
-                p,
-                pow2_nonpositive(s, s.sub_f32s(n, ne)),
-                s.mul_f32s(*v, pow2_nonpositive(s, s.sub_f32s(*e, ne))),
-            );
-            *e = ne;
-        };
+        let mut step = inl_mut(
+            #[inline(always)]
+            |xv: S::f32s, keep: Option<S::m32s>, v: &mut S::f32s, e: &mut S::f32s| {
+                let xs = s.mul_f32s(xv, vk);
+                bad = s.add_f32s(bad, s.mul_f32s(xs, zero));
+                let (mut p, mut n) = exp_ext(s, xs);
+                let mut xm = xv;
+                if let Some(mask) = keep {
+                    // Padding lanes contribute nothing and must not raise the lane exponent.
+                    p = s.select_f32s(mask, p, zero);
+                    n = s.select_f32s(mask, n, far);
+                    xm = s.select_f32s(mask, xv, s.splat_f32s(f32::NEG_INFINITY));
+                }
+                mx = s.max_f32s(mx, xm);
+                let ne = s.max_f32s(*e, n);
+                *v = s.mul_add_f32s(
+                    p,
+                    pow2_nonpositive(s, s.sub_f32s(n, ne)),
+                    s.mul_f32s(*v, pow2_nonpositive(s, s.sub_f32s(*e, ne))),
+                );
+                *e = ne;
+            },
+        );
         let mut it = head.chunks_exact(2);
         for c in &mut it {
             step(c[0], None, &mut v0, &mut e0);
@@ -355,7 +361,10 @@ pub(crate) fn write_softmax<S: Isa>(
     let vm = s.splat_f32s(m);
     let vk = s.splat_f32s(k);
     let vc = s.splat_f32s(c);
-    let f = |v: S::f32s| s.mul_f32s(exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk)), vc);
+    let f = inl(
+        #[inline(always)]
+        |v: S::f32s| s.mul_f32s(exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk)), vc),
+    );
     let (xh, xt) = S::as_simd_f32s(x);
     let n = xh.len() * S::F32_LANES;
     let (yh, _) = S::as_mut_simd_f32s(&mut y[..n]);
@@ -392,7 +401,10 @@ pub(crate) fn write_log_softmax<S: Isa>(
     let vm = s.splat_f32s(m);
     let vk = s.splat_f32s(k);
     let vl = s.splat_f32s(-ls);
-    let f = |v: S::f32s| s.mul_add_f32s(s.sub_f32s(v, vm), vk, vl);
+    let f = inl(
+        #[inline(always)]
+        |v: S::f32s| s.mul_add_f32s(s.sub_f32s(v, vm), vk, vl),
+    );
     let (xh, xt) = S::as_simd_f32s(x);
     let n = xh.len() * S::F32_LANES;
     let (yh, _) = S::as_mut_simd_f32s(&mut y[..n]);
@@ -474,7 +486,10 @@ pub(crate) fn sum_and_max<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, mx:
 #[inline(always)]
 pub(crate) fn softmax_bwd<S: Isa>(s: S, y: &[f32], dy: &[f32], dx: &mut [f32], dot: f32) {
     let vd = s.splat_f32s(dot);
-    let f = |a: S::f32s, g: S::f32s| s.mul_f32s(a, s.sub_f32s(g, vd));
+    let f = inl(
+        #[inline(always)]
+        |a: S::f32s, g: S::f32s| s.mul_f32s(a, s.sub_f32s(g, vd)),
+    );
     map2(s, y, dy, dx, f);
 }
 
@@ -482,7 +497,10 @@ pub(crate) fn softmax_bwd<S: Isa>(s: S, y: &[f32], dy: &[f32], dx: &mut [f32], d
 #[inline(always)]
 pub(crate) fn log_softmax_bwd<S: Isa>(s: S, y: &[f32], dy: &[f32], dx: &mut [f32], sum: f32) {
     let vs = s.splat_f32s(-sum);
-    let f = |a: S::f32s, g: S::f32s| s.mul_add_f32s(exp(s, a), vs, g);
+    let f = inl(
+        #[inline(always)]
+        |a: S::f32s, g: S::f32s| s.mul_add_f32s(exp(s, a), vs, g),
+    );
     map2(s, y, dy, dx, f);
 }
 

@@ -1,0 +1,464 @@
+//! `smax bench`: every op side by side in one run, into preallocated outputs.
+//!
+//! Bytes counted: the input read once plus the output written once (logsumexp: the input plus
+//! one value per row; backward: `y` and `dy` read plus `dx` written). `copy` is a plain copy of
+//! the input into the output buffer (the read+write roofline); `read` is a plain sum of the
+//! input (the read roofline). Ratios are taken against those rooflines measured in the same
+//! run, with the same thread count.
+
+use crate::peers;
+use rayon::prelude::*;
+use smax::{Algorithm, Options, Par, View, ViewMut};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Short run: fewer repetitions, two in-cache shapes and two large ones.
+    #[arg(long)]
+    quick: bool,
+    /// Ops to run (softmax, log_softmax, logsumexp, softmax_backward, log_softmax_backward);
+    /// repeatable or comma-separated. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    op: Vec<String>,
+    /// Shapes ROWSxCOLS; repeatable or comma-separated. Default: the list.
+    #[arg(long, value_delimiter = ',')]
+    shape: Vec<String>,
+    /// Thread counts; default: 1 and all cores.
+    #[arg(long, value_delimiter = ',')]
+    threads: Vec<usize>,
+    /// Write the records as a JSON array to this path.
+    #[arg(long)]
+    json: Option<String>,
+    /// Seconds of timing per record (default 0.6, quick 0.15).
+    #[arg(long)]
+    seconds: Option<f64>,
+}
+
+const OPS: [&str; 5] = [
+    "softmax",
+    "log_softmax",
+    "logsumexp",
+    "softmax_backward",
+    "log_softmax_backward",
+];
+const IN_CACHE: [(usize, usize); 2] = [(4096, 128), (64, 4096)];
+const BIG: [(usize, usize); 5] = [
+    (65536, 1024),
+    (2048, 32768),
+    (512, 131072),
+    (64, 1048576),
+    (4, 16777216),
+];
+
+struct Record {
+    op: String,
+    rows: usize,
+    cols: usize,
+    threads: usize,
+    imp: String,
+    median_s: f64,
+    gb_per_s: f64,
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize), String> {
+    let (a, b) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("shape {s:?} is not ROWSxCOLS"))?;
+    let r = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad row count in {s:?}"))?;
+    let c = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad column count in {s:?}"))?;
+    Ok((r, c))
+}
+
+/// Deterministic pseudo-random logits: N(0, 1)·4 via a cheap generator (Irwin–Hall of 4).
+fn fill_logits(v: &mut [f32], seed: u64) {
+    v.par_chunks_mut(1 << 16).enumerate().for_each(|(ci, c)| {
+        let mut s = seed ^ (ci as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xdead_beef;
+        for x in c.iter_mut() {
+            let mut acc = 0.0f32;
+            for _ in 0..4 {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                acc += (s >> 40) as f32 / (1u64 << 24) as f32;
+            }
+            *x = (acc - 2.0) * 1.732 * 4.0;
+        }
+    });
+}
+
+fn time<F: FnMut()>(mut f: F, budget: f64, max_iters: usize) -> f64 {
+    f(); // warm-up (page faults, caches)
+    let mut ts = Vec::new();
+    let start = Instant::now();
+    while ts.len() < 3
+        || (start.elapsed() < Duration::from_secs_f64(budget) && ts.len() < max_iters)
+    {
+        let t = Instant::now();
+        f();
+        ts.push(t.elapsed().as_secs_f64());
+    }
+    ts.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    ts[ts.len() / 2]
+}
+
+fn naive_softmax(x: &[f32], y: &mut [f32], cols: usize, log: bool) {
+    x.par_chunks(cols)
+        .zip(y.par_chunks_mut(cols))
+        .for_each(|(a, b)| {
+            let m = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut s = 0.0f32;
+            if log {
+                for &v in a {
+                    s += (v - m).exp();
+                }
+                let ls = s.ln();
+                for (o, &v) in b.iter_mut().zip(a) {
+                    *o = v - m - ls;
+                }
+            } else {
+                for (o, &v) in b.iter_mut().zip(a) {
+                    *o = (v - m).exp();
+                    s += *o;
+                }
+                let c = 1.0 / s;
+                for o in b.iter_mut() {
+                    *o *= c;
+                }
+            }
+        });
+}
+
+fn naive_lse(x: &[f32], out: &mut [f32], cols: usize) {
+    x.par_chunks(cols)
+        .zip(out.par_iter_mut())
+        .for_each(|(a, o)| {
+            let m = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let s: f32 = a.iter().map(|&v| (v - m).exp()).sum();
+            *o = m + s.ln();
+        });
+}
+
+fn naive_bwd(y: &[f32], dy: &[f32], dx: &mut [f32], cols: usize, log: bool) {
+    y.par_chunks(cols)
+        .zip(dy.par_chunks(cols))
+        .zip(dx.par_chunks_mut(cols))
+        .for_each(|((a, g), o)| {
+            if log {
+                let s: f32 = g.iter().sum();
+                for ((o, &a), &g) in o.iter_mut().zip(a).zip(g) {
+                    *o = g - a.exp() * s;
+                }
+            } else {
+                let d: f32 = a.iter().zip(g).map(|(p, q)| p * q).sum();
+                for ((o, &a), &g) in o.iter_mut().zip(a).zip(g) {
+                    *o = a * (g - d);
+                }
+            }
+        });
+}
+
+const COPY_CHUNK: usize = 1 << 16;
+
+fn par_copy(x: &[f32], y: &mut [f32]) {
+    x.par_chunks(COPY_CHUNK)
+        .zip(y.par_chunks_mut(COPY_CHUNK))
+        .for_each(|(a, b)| b.copy_from_slice(a));
+}
+
+/// A plain sum with 16 independent lanes (vectorises; the read roofline).
+fn par_read(x: &[f32]) -> f32 {
+    x.par_chunks(COPY_CHUNK)
+        .map(|c| {
+            let mut acc = [0.0f32; 16];
+            let mut it = c.chunks_exact(16);
+            for v in &mut it {
+                for (a, b) in acc.iter_mut().zip(v) {
+                    *a += *b;
+                }
+            }
+            acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
+        })
+        .sum()
+}
+
+pub fn run(a: Args) -> Result<(), String> {
+    let budget = a.seconds.unwrap_or(if a.quick { 0.15 } else { 0.6 });
+    let max_iters = if a.quick { 10 } else { 50 };
+    let ops: Vec<String> = if a.op.is_empty() {
+        OPS.iter().map(|s| s.to_string()).collect()
+    } else {
+        a.op.clone()
+    };
+    for o in &ops {
+        if !OPS.contains(&o.as_str()) {
+            return Err(format!(
+                "unknown op {o:?}; expected one of {}",
+                OPS.join(", ")
+            ));
+        }
+    }
+    let shapes: Vec<(usize, usize)> = if a.shape.is_empty() {
+        if a.quick {
+            vec![IN_CACHE[0], IN_CACHE[1], BIG[1], BIG[4]]
+        } else {
+            IN_CACHE.iter().chain(BIG.iter()).copied().collect()
+        }
+    } else {
+        a.shape
+            .iter()
+            .map(|s| parse_shape(s))
+            .collect::<Result<_, _>>()?
+    };
+    let ncpu = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let threads: Vec<usize> = if a.threads.is_empty() {
+        if ncpu > 1 { vec![1, ncpu] } else { vec![1] }
+    } else {
+        a.threads.clone()
+    };
+    let mut records: Vec<Record> = Vec::new();
+    let total_cfg = shapes.len() * threads.len() * ops.len();
+    let mut done = 0usize;
+    eprintln!(
+        "smax bench: simd {}, {} ops x {} shapes x {} thread counts, {:.2}s per record",
+        smax::SimdLevel::default_level().name(),
+        ops.len(),
+        shapes.len(),
+        threads.len(),
+        budget
+    );
+    for &(rows, cols) in &shapes {
+        let n = rows.checked_mul(cols).ok_or("shape too large")?;
+        let mut x = vec![0.0f32; n];
+        fill_logits(&mut x, 1);
+        let mut y = vec![0.0f32; n];
+        let mut dy = vec![0.0f32; n];
+        fill_logits(&mut dy, 2);
+        let mut dx = vec![0.0f32; n];
+        let mut out = vec![0.0f32; rows];
+        let mut yl = vec![0.0f32; n];
+        smax::softmax(
+            View::rows(&x, rows, cols).map_err(|e| e.to_string())?,
+            ViewMut::rows(&mut y, rows, cols).map_err(|e| e.to_string())?,
+            &Options::default(),
+        )
+        .map_err(|e| e.to_string())?;
+        smax::log_softmax(
+            View::rows(&x, rows, cols).map_err(|e| e.to_string())?,
+            ViewMut::rows(&mut yl, rows, cols).map_err(|e| e.to_string())?,
+            &Options::default(),
+        )
+        .map_err(|e| e.to_string())?;
+        for &t in &threads {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .map_err(|e| e.to_string())?;
+            pool.install(|| -> Result<(), String> {
+                let par = if t == 1 { Par::Seq } else { Par::Rayon };
+                let bytes2 = (2 * n * 4) as f64;
+                // Rooflines for this shape and thread count.
+                let t_copy = time(|| par_copy(&x, &mut dx), budget, max_iters);
+                let t_read = time(
+                    || {
+                        std::hint::black_box(par_read(&x));
+                    },
+                    budget,
+                    max_iters,
+                );
+                for op in &ops {
+                    done += 1;
+                    eprint!("\r\x1b[2K[{done}/{total_cfg}] {op} {rows}x{cols} threads={t} ...");
+                    let _ = std::io::stderr().flush();
+                    let mut push = |imp: &str, secs: f64, bytes: f64| {
+                        records.push(Record {
+                            op: op.clone(),
+                            rows,
+                            cols,
+                            threads: t,
+                            imp: imp.to_string(),
+                            median_s: secs,
+                            gb_per_s: bytes / secs / 1e9,
+                        });
+                    };
+                    let algs = [
+                        ("smax", Algorithm::Auto),
+                        ("smax-three-pass", Algorithm::ThreePass),
+                        ("smax-two-pass", Algorithm::TwoPass),
+                        ("smax-online", Algorithm::Online),
+                    ];
+                    match op.as_str() {
+                        "softmax" | "log_softmax" => {
+                            let log = op == "log_softmax";
+                            push("copy", t_copy, bytes2);
+                            for (name, alg) in algs {
+                                let o = Options::default().algorithm(alg).par(par);
+                                let secs = time(
+                                    || {
+                                        let xv = View::rows(&x, rows, cols).expect("view");
+                                        let yv = ViewMut::rows(&mut dx, rows, cols).expect("view");
+                                        let r = if log {
+                                            smax::log_softmax(xv, yv, &o)
+                                        } else {
+                                            smax::softmax(xv, yv, &o)
+                                        };
+                                        r.expect("smax");
+                                    },
+                                    budget,
+                                    max_iters,
+                                );
+                                push(name, secs, bytes2);
+                            }
+                            push(
+                                "naive",
+                                time(|| naive_softmax(&x, &mut dx, cols, log), budget, max_iters),
+                                bytes2,
+                            );
+                            if !log {
+                                if let Some(mut p) = peers::candle(&x, rows, cols) {
+                                    push(
+                                        "candle",
+                                        time(|| p.run(), budget, max_iters.min(10)),
+                                        bytes2,
+                                    );
+                                }
+                            }
+                            if let Some(mut p) = peers::rten(&x, rows, cols, log) {
+                                push("rten", time(|| p.run(), budget, max_iters), bytes2);
+                            }
+                        }
+                        "logsumexp" => {
+                            let bytes = (n * 4 + rows * 4) as f64;
+                            push("read", t_read, (n * 4) as f64);
+                            for (name, alg) in algs {
+                                let o = Options::default().algorithm(alg).par(par);
+                                let secs = time(
+                                    || {
+                                        smax::logsumexp(
+                                            View::rows(&x, rows, cols).expect("view"),
+                                            &mut out,
+                                            &o,
+                                        )
+                                        .expect("smax");
+                                    },
+                                    budget,
+                                    max_iters,
+                                );
+                                push(name, secs, bytes);
+                            }
+                            push(
+                                "naive",
+                                time(|| naive_lse(&x, &mut out, cols), budget, max_iters),
+                                bytes,
+                            );
+                        }
+                        _ => {
+                            let log = op == "log_softmax_backward";
+                            let yy = if log { &yl } else { &y };
+                            let bytes3 = (3 * n * 4) as f64;
+                            push("copy", t_copy, bytes2);
+                            let o = Options::default().par(par);
+                            let secs = time(
+                                || {
+                                    let yv = View::rows(yy, rows, cols).expect("view");
+                                    let gv = View::rows(&dy, rows, cols).expect("view");
+                                    let dv = ViewMut::rows(&mut dx, rows, cols).expect("view");
+                                    let r = if log {
+                                        smax::log_softmax_backward(yv, gv, dv, &o)
+                                    } else {
+                                        smax::softmax_backward(yv, gv, dv, &o)
+                                    };
+                                    r.expect("smax");
+                                },
+                                budget,
+                                max_iters,
+                            );
+                            push("smax", secs, bytes3);
+                            push(
+                                "naive",
+                                time(|| naive_bwd(yy, &dy, &mut dx, cols, log), budget, max_iters),
+                                bytes3,
+                            );
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+    eprintln!("\r\x1b[2Kdone: {} records", records.len());
+    print_table(&records);
+    if let Some(path) = a.json {
+        write_json(&path, &records).map_err(|e| format!("writing {path}: {e}"))?;
+        eprintln!("wrote {path}");
+    }
+    Ok(())
+}
+
+fn roofline<'a>(records: &'a [Record], r: &Record) -> Option<&'a Record> {
+    let want = if r.op == "logsumexp" { "read" } else { "copy" };
+    records.iter().find(|c| {
+        c.imp == want
+            && c.rows == r.rows
+            && c.cols == r.cols
+            && c.threads == r.threads
+            && c.op == r.op
+    })
+}
+
+fn print_table(records: &[Record]) {
+    println!(
+        "{:<22} {:>16} {:>3} {:<16} {:>11} {:>8} {:>8} {:>8}",
+        "op", "shape", "thr", "impl", "median ms", "GB/s", "x roof", "x candle"
+    );
+    let mut last = String::new();
+    for r in records {
+        let key = format!("{} {}x{} {}", r.op, r.rows, r.cols, r.threads);
+        if key != last && !last.is_empty() {
+            println!();
+        }
+        last = key;
+        let roof = roofline(records, r).map(|c| r.gb_per_s / c.gb_per_s);
+        let candle = records
+            .iter()
+            .find(|c| {
+                c.imp == "candle"
+                    && c.op == r.op
+                    && c.rows == r.rows
+                    && c.cols == r.cols
+                    && c.threads == r.threads
+            })
+            .map(|c| c.median_s / r.median_s);
+        println!(
+            "{:<22} {:>16} {:>3} {:<16} {:>11.3} {:>8.2} {:>8} {:>8}",
+            r.op,
+            format!("{}x{}", r.rows, r.cols),
+            r.threads,
+            r.imp,
+            r.median_s * 1e3,
+            r.gb_per_s,
+            roof.map(|v| format!("{v:.2}")).unwrap_or_default(),
+            candle.map(|v| format!("{v:.1}")).unwrap_or_default(),
+        );
+    }
+}
+
+fn write_json(path: &str, records: &[Record]) -> std::io::Result<()> {
+    let mut s = String::from("[\n");
+    for (i, r) in records.iter().enumerate() {
+        s.push_str(&format!(
+            "  {{\"op\": \"{}\", \"dtype\": \"f32\", \"rows\": {}, \"cols\": {}, \"threads\": {}, \"impl\": \"{}\", \"median_s\": {:e}, \"gb_per_s\": {:.4}}}{}\n",
+            r.op, r.rows, r.cols, r.threads, r.imp, r.median_s, r.gb_per_s, if i + 1 < records.len() { "," } else { "" }
+        ));
+    }
+    s.push_str("]\n");
+    std::fs::write(path, s)
+}

@@ -1,0 +1,86 @@
+//! The peer implementations `smax bench` compares against (cargo feature `peers`, on by
+//! default): candle-nn's `softmax_last_dim` and rten-vecmath's `Softmax` / `LogSoftmax`.
+
+#[cfg(feature = "peers")]
+pub const ENABLED: bool = true;
+#[cfg(not(feature = "peers"))]
+pub const ENABLED: bool = false;
+
+/// A prepared peer call: owns its input (in the peer's own format) and runs one evaluation.
+#[allow(dead_code)]
+pub trait Peer {
+    fn run(&mut self);
+}
+
+#[cfg(feature = "peers")]
+mod imp {
+    use super::Peer;
+    use rayon::prelude::*;
+    use rten_simd::SimdOp;
+    use std::mem::MaybeUninit;
+
+    /// candle-nn `softmax_last_dim` on a contiguous f32 CPU tensor (allocates its output: that
+    /// is candle's API).
+    pub struct Candle {
+        x: candle_core::Tensor,
+    }
+
+    impl Peer for Candle {
+        fn run(&mut self) {
+            let y = candle_nn::ops::softmax_last_dim(&self.x).expect("candle softmax_last_dim");
+            std::hint::black_box(y);
+        }
+    }
+
+    pub fn candle(x: &[f32], rows: usize, cols: usize) -> Option<Box<dyn Peer>> {
+        let t = candle_core::Tensor::from_slice(x, (rows, cols), &candle_core::Device::Cpu).ok()?;
+        Some(Box::new(Candle { x: t }))
+    }
+
+    /// rten-vecmath's single-slice `Softmax`/`LogSoftmax`, one call per row; rows spread over
+    /// the current rayon pool.
+    pub struct Rten<'a> {
+        x: &'a [f32],
+        y: Vec<MaybeUninit<f32>>,
+        cols: usize,
+        log: bool,
+    }
+
+    impl Peer for Rten<'_> {
+        fn run(&mut self) {
+            let (cols, log) = (self.cols, self.log);
+            self.x
+                .par_chunks(cols)
+                .zip(self.y.par_chunks_mut(cols))
+                .for_each(|(a, b)| {
+                    if log {
+                        rten_vecmath::LogSoftmax::new(a, b).dispatch();
+                    } else {
+                        rten_vecmath::Softmax::new(a, b).dispatch();
+                    }
+                });
+        }
+    }
+
+    pub fn rten(x: &[f32], _rows: usize, cols: usize, log: bool) -> Option<Box<dyn Peer + '_>> {
+        Some(Box::new(Rten {
+            x,
+            y: vec![MaybeUninit::uninit(); x.len()],
+            cols,
+            log,
+        }))
+    }
+}
+
+#[cfg(feature = "peers")]
+pub use imp::{candle, rten};
+
+#[cfg(not(feature = "peers"))]
+pub fn candle(_: &[f32], _: usize, _: usize) -> Option<Box<dyn Peer>> {
+    None
+}
+
+#[cfg(not(feature = "peers"))]
+pub fn rten(_: &[f32], _: usize, _: usize, _: bool) -> Option<Box<dyn Peer + '_>> {
+    None
+}
