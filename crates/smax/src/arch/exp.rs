@@ -48,13 +48,18 @@ pub(crate) fn exp<S: Isa>(s: S, x: S::f32s) -> S::f32s {
 }
 
 /// The reduced form used by the two-pass algorithm: returns `(p, n)` with
-/// `exp(x) = p · 2^n`, `n = round(x·log2 e)` as a float and `p ∈ [2^-0.5, 2^0.5]`
-/// (up to polynomial error). Valid for `|x| < 2^22`; no clamping, no cutoff.
+/// `exp(x·k) = p · 2^n`, `n = round(x·k·log2 e)` as a float and `p ∈ [2^-0.5, 2^0.5]`
+/// (up to polynomial error). The product `x·k` is carried as an unevaluated sum `hi + lo`
+/// (`lo` from a fused multiply-add), so its rounding does not reach the result.
+/// Valid for `|x·k| < 2^22`; no clamping, no cutoff.
 #[inline(always)]
-pub(crate) fn exp_ext<S: Isa>(s: S, x: S::f32s) -> (S::f32s, S::f32s) {
+pub(crate) fn exp_ext<S: Isa>(s: S, x: S::f32s, k: S::f32s) -> (S::f32s, S::f32s) {
     let magic = s.splat_f32s(MAGIC_BIAS);
-    let n = s.sub_f32s(s.mul_add_f32s(x, s.splat_f32s(LOG2E), magic), magic);
-    let t = s.mul_add_f32s(n, s.splat_f32s(-LN2_HI), x);
+    let hi = s.mul_f32s(x, k);
+    let lo = s.mul_add_f32s(x, k, s.neg_f32s(hi));
+    let n = s.sub_f32s(s.mul_add_f32s(hi, s.splat_f32s(LOG2E), magic), magic);
+    let t = s.mul_add_f32s(n, s.splat_f32s(-LN2_HI), hi);
+    let t = s.add_f32s(t, lo);
     let t = s.mul_add_f32s(n, s.splat_f32s(-LN2_LO), t);
     let p = s.mul_add_f32s(s.splat_f32s(C5), t, s.splat_f32s(C4));
     let p = s.mul_add_f32s(p, t, s.splat_f32s(C3));

@@ -284,7 +284,7 @@ pub(crate) fn ext<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Ext) {
             |xv: S::f32s, keep: Option<S::m32s>, v: &mut S::f32s, e: &mut S::f32s| {
                 let xs = s.mul_f32s(xv, vk);
                 bad = s.add_f32s(bad, s.mul_f32s(xs, zero));
-                let (mut p, mut n) = exp_ext(s, xs);
+                let (mut p, mut n) = exp_ext(s, xv, vk);
                 let mut xm = xv;
                 if let Some(mask) = keep {
                     // Padding lanes contribute nothing and must not raise the lane exponent.

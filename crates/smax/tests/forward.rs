@@ -1,0 +1,599 @@
+//! Forward normalisers against the f64 reference: every tail length, scales, algorithms,
+//! SIMD levels and element types, the worked examples, special values and layouts.
+
+mod common;
+use common::*;
+use smax::*;
+
+const ALGS: [Algorithm; 4] = [
+    Algorithm::Auto,
+    Algorithm::ThreePass,
+    Algorithm::TwoPass,
+    Algorithm::Online,
+];
+
+fn lens() -> Vec<usize> {
+    let mut v: Vec<usize> = (0..=70).collect();
+    v.extend([255, 256, 257, 4095, 4097]);
+    v
+}
+
+/// Checks softmax, log-softmax and logsumexp of one batch against the reference.
+fn check_all<T: Element>(xs: &[f64], rows: usize, n: usize, tau: f64, o: &Options) {
+    let x: Vec<T> = to_t(xs);
+    let xv = to_f64(&x); // the exact values the kernel sees
+    let v = View::rows(&x, rows, n).unwrap();
+    let y = softmax_to_vec(v, o).unwrap();
+    let l = log_softmax_to_vec(v, o).unwrap();
+    let s = logsumexp_to_vec(v, o).unwrap();
+    for r in 0..rows {
+        let row = &xv[r * n..(r + 1) * n];
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let ry = ref_softmax(row, tau);
+        let rl = ref_log_softmax(row, tau);
+        for i in 0..n {
+            let d = (row[i] - m).abs() / tau;
+            let (gy, gl) = (y[r * n + i].to_f64(), l[r * n + i].to_f64());
+            assert!(
+                close(gy, ry[i], softmax_bound::<T>(ry[i], d, n)),
+                "{} softmax n={n} i={i} tau={tau} {o:?}: got {gy} want {}",
+                T::NAME,
+                ry[i]
+            );
+            assert!(
+                close(gl, rl[i], log_softmax_bound::<T>(rl[i], d, n)),
+                "{} log_softmax n={n} i={i} {o:?}: got {gl} want {}",
+                T::NAME,
+                rl[i]
+            );
+        }
+        let want = ref_lse(row, tau);
+        let got = s[r].to_f64();
+        assert!(
+            close(got, want, lse_bound::<T>(want, n)),
+            "{} lse n={n} {o:?}: got {got} want {want}",
+            T::NAME
+        );
+    }
+}
+
+fn sweep<T: Element>(scales: &[f64], lens: &[usize]) {
+    let mut rng = Rng(0x5eed);
+    for &n in lens {
+        for &sc in scales {
+            let rows = 3;
+            let xs = rng.vec(rows * n, sc);
+            for level in SimdLevel::available() {
+                for alg in ALGS {
+                    let o = Options::default().simd(level).algorithm(alg);
+                    check_all::<T>(&xs, rows, n, 1.0, &o);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_every_tail_length_scale_algorithm_level() {
+    sweep::<f32>(&[1.0, 10.0, 100.0, 1e4], &lens());
+}
+
+#[test]
+fn f64_every_tail_length() {
+    sweep::<f64>(&[1.0, 100.0, 1e4], &lens());
+}
+
+#[test]
+fn f16_and_bf16_accumulate_in_f32() {
+    sweep::<f16>(&[1.0, 10.0], &[0, 1, 7, 16, 17, 33, 64, 100, 4097]);
+    sweep::<bf16>(&[1.0, 100.0], &[0, 1, 7, 16, 17, 33, 64, 100, 4097]);
+    // A long f16 row of equal values: every output is 1/n (a half-precision running sum would
+    // stall at 2048 and give rows summing to ~2; candle#3727, tract#2586).
+    let n = 8192;
+    let x = vec![f16::from_f32(0.5); n];
+    let y = softmax_to_vec(View::rows(&x, 1, n).unwrap(), &Options::default()).unwrap();
+    let want = 1.0 / n as f64;
+    for v in &y {
+        assert!((v.to_f64() - want).abs() <= want * 2f64.powi(-11) + 1e-12);
+    }
+}
+
+#[test]
+fn long_rows_all_algorithms() {
+    let mut rng = Rng(7);
+    for &n in &[65537usize, (1 << 20) + 1] {
+        let xs = rng.vec(n, 10.0);
+        for alg in ALGS {
+            check_all::<f32>(&xs, 1, n, 1.0, &Options::default().algorithm(alg));
+        }
+    }
+    let xs = rng.vec(70000, 5.0);
+    check_all::<bf16>(&xs, 1, 70000, 1.0, &Options::default());
+    check_all::<f64>(&xs, 1, 70000, 1.0, &Options::default());
+}
+
+#[test]
+fn temperature() {
+    let mut rng = Rng(11);
+    for &tau in &[0.01, 0.5, 2.0, 1000.0] {
+        for &n in &[1usize, 5, 33, 300, 70000] {
+            let xs = rng.vec(2 * n, 10.0);
+            for alg in ALGS {
+                let o = Options::default().temperature(tau).algorithm(alg);
+                check_all::<f32>(&xs, 2, n, tau, &o);
+            }
+            check_all::<f64>(&xs, 2, n, tau, &Options::default().temperature(tau));
+        }
+    }
+    // [N2] worked example.
+    let x = [1.0f32, 2.0, 3.0, 4.0];
+    let y = softmax_to_vec(
+        View::rows(&x, 1, 4).unwrap(),
+        &Options::default().temperature(0.5),
+    )
+    .unwrap();
+    let want = [0.0021440088, 0.0158422012, 0.1170589132, 0.8649548768];
+    for (a, b) in y.iter().zip(want) {
+        assert!((*a as f64 - b).abs() < 1e-7 + 1e-6 * b);
+    }
+    let y = softmax_to_vec(
+        View::rows(&x, 1, 4).unwrap(),
+        &Options::default().temperature(2.0),
+    )
+    .unwrap();
+    let want = [0.1015363241, 0.1674050973, 0.2760043447, 0.4550542339];
+    for (a, b) in y.iter().zip(want) {
+        assert!((*a as f64 - b).abs() < 1e-7 + 1e-6 * b);
+    }
+}
+
+#[test]
+fn worked_example_n1_and_n4() {
+    // [N1]
+    let x = [1.0f64, 2.0, 3.0, 4.0];
+    let y = softmax_to_vec(View::rows(&x, 1, 4).unwrap(), &Options::default()).unwrap();
+    let want = [0.0320586033, 0.0871443187, 0.2368828181, 0.6439142599];
+    for (a, b) in y.iter().zip(want) {
+        assert!((a - b).abs() < 1e-10);
+    }
+    let l = log_softmax_to_vec(View::rows(&x, 1, 4).unwrap(), &Options::default()).unwrap();
+    let want = [-3.4401896986, -2.4401896986, -1.4401896986, -0.4401896986];
+    for (a, b) in l.iter().zip(want) {
+        assert!((a - b).abs() < 1e-10);
+    }
+    let s = logsumexp_to_vec(View::rows(&x, 1, 4).unwrap(), &Options::default()).unwrap();
+    assert!((s[0] - 4.440189698561196).abs() < 1e-14);
+    let x1000: Vec<f32> = x.iter().map(|v| (*v + 1000.0) as f32).collect();
+    for alg in ALGS {
+        let o = Options::default().algorithm(alg);
+        let s = logsumexp_to_vec(View::rows(&x1000, 1, 4).unwrap(), &o).unwrap();
+        assert!((s[0] as f64 - 1004.4401896985612).abs() < 1e-4, "{alg:?}");
+        let y = softmax_to_vec(View::rows(&x1000, 1, 4).unwrap(), &o).unwrap();
+        let want = [0.0320586033, 0.0871443187, 0.2368828181, 0.6439142599];
+        for (a, b) in y.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 2e-7, "{alg:?}");
+        }
+    }
+    // [N4]: exp overflows f32 here; the two-pass algorithm's extended exponent does not.
+    let x = [1000.0f32, 1001.0, 1002.0, -1000.0];
+    for alg in ALGS {
+        let y = softmax_to_vec(
+            View::rows(&x, 1, 4).unwrap(),
+            &Options::default().algorithm(alg),
+        )
+        .unwrap();
+        let want = [0.0900305732, 0.2447284711, 0.6652409558, 0.0];
+        for (a, b) in y.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-7, "{alg:?} {y:?}");
+        }
+        let s = logsumexp_to_vec(
+            View::rows(&x, 1, 4).unwrap(),
+            &Options::default().algorithm(alg),
+        )
+        .unwrap();
+        assert!((s[0] as f64 - 1002.4076059644444).abs() < 1e-4);
+    }
+}
+
+fn special<T: Element>(row: &[f64], o: &Options) -> (Vec<f64>, Vec<f64>, f64) {
+    let x: Vec<T> = to_t(row);
+    let n = row.len();
+    let v = View::rows(&x, 1, n).unwrap();
+    let y = to_f64(&softmax_to_vec(v, o).unwrap());
+    let l = to_f64(&log_softmax_to_vec(v, o).unwrap());
+    let s = logsumexp_to_vec(v, o).unwrap()[0].to_f64();
+    (y, l, s)
+}
+
+fn special_values_for<T: Element>() {
+    let ninf = f64::NEG_INFINITY;
+    for level in SimdLevel::available() {
+        for alg in ALGS {
+            for n in [1usize, 3, 17, 300, 70000] {
+                let o = Options::default().simd(level).algorithm(alg);
+                let oz = o.masked_row(MaskedRow::Zero);
+                // all -inf
+                let row = vec![ninf; n];
+                let (y, l, s) = special::<T>(&row, &o);
+                assert!(y.iter().all(|v| v.is_nan()) && l.iter().all(|v| v.is_nan()));
+                assert_eq!(s, ninf);
+                let (y, l, s) = special::<T>(&row, &oz);
+                assert!(
+                    y.iter().all(|&v| v == 0.0),
+                    "{} {level:?} {alg:?} n={n}",
+                    T::NAME
+                );
+                assert!(l.iter().all(|&v| v == ninf));
+                assert_eq!(s, ninf);
+                // one finite, rest -inf
+                let mut row = vec![ninf; n];
+                row[n / 2] = 3.5;
+                let (y, l, s) = special::<T>(&row, &o);
+                // Exact for the algorithms that shift by the max; the two-pass algorithm's
+                // polynomial enters the sum, so there it is exact up to its documented bound.
+                let tol = if alg == Algorithm::TwoPass { 1e-6 } else { 0.0 };
+                for i in 0..n {
+                    let (wy, wl) = if i == n / 2 { (1.0, 0.0) } else { (0.0, ninf) };
+                    assert!(
+                        close(y[i], wy, tol),
+                        "{} {level:?} {alg:?} n={n} i={i}: {}",
+                        T::NAME,
+                        y[i]
+                    );
+                    assert!(
+                        close(l[i], wl, tol),
+                        "{} {level:?} {alg:?} n={n} i={i}: {}",
+                        T::NAME,
+                        l[i]
+                    );
+                }
+                assert!(close(s, 3.5, 4.0 * tol));
+                // NaN anywhere, including inside a masked block
+                for pos in [0, n / 2, n - 1] {
+                    for fillv in [0.0, ninf] {
+                        let mut row = vec![fillv; n];
+                        row[pos] = f64::NAN;
+                        let (y, l, s) = special::<T>(&row, &oz);
+                        assert!(
+                            y.iter().all(|v| v.is_nan()),
+                            "{} NaN at {pos} n={n} {alg:?} {level:?}",
+                            T::NAME
+                        );
+                        assert!(l.iter().all(|v| v.is_nan()));
+                        assert!(s.is_nan());
+                    }
+                }
+                // +inf
+                let mut row = vec![1.0; n];
+                row[n - 1] = f64::INFINITY;
+                let (y, l, s) = special::<T>(&row, &o);
+                assert!(y.iter().all(|v| v.is_nan()) && l.iter().all(|v| v.is_nan()));
+                assert_eq!(s, f64::INFINITY);
+                // +inf and NaN: NaN wins
+                row[0] = f64::NAN;
+                let (_, _, s) = special::<T>(&row, &o);
+                assert!(s.is_nan());
+            }
+        }
+    }
+}
+
+#[test]
+fn special_values_table() {
+    special_values_for::<f32>();
+    special_values_for::<f64>();
+    special_values_for::<f16>();
+    special_values_for::<bf16>();
+}
+
+#[test]
+fn empty_rows_and_batches() {
+    let x: [f32; 0] = [];
+    for rows in [0usize, 3] {
+        let v = View::rows(&x, rows, 0).unwrap();
+        assert_eq!(softmax_to_vec(v, &Options::default()).unwrap().len(), 0);
+        let s = logsumexp_to_vec(v, &Options::default()).unwrap();
+        assert_eq!(s.len(), rows);
+        assert!(s.iter().all(|&v| v == f32::NEG_INFINITY));
+    }
+    let v = View::rows(&x, 0, 5).unwrap();
+    assert!(logsumexp_to_vec(v, &Options::default()).unwrap().is_empty());
+    let e: [f64; 0] = [];
+    let s = logsumexp_to_vec(
+        View::new(&e, Layout::axis(2, 0, 3)).unwrap(),
+        &Options::default(),
+    )
+    .unwrap();
+    assert_eq!(s, vec![f64::NEG_INFINITY; 6]);
+}
+
+#[test]
+fn huge_magnitudes_and_denormals() {
+    for alg in ALGS {
+        let o = Options::default().algorithm(alg);
+        let x = [1e30f32, -1e30, 1e30, 0.0];
+        let y = softmax_to_vec(View::rows(&x, 1, 4).unwrap(), &o).unwrap();
+        assert_eq!(y, vec![0.5, 0.0, 0.5, 0.0], "{alg:?}");
+        let s = logsumexp_to_vec(View::rows(&x, 1, 4).unwrap(), &o).unwrap();
+        assert!((s[0] as f64 - (1e30f32 as f64 + 2f64.ln())).abs() <= 1e30 * 1e-7);
+        let x = [1e-40f32, -1e-42, 0.0, f32::MIN_POSITIVE];
+        let y = softmax_to_vec(View::rows(&x, 1, 4).unwrap(), &o).unwrap();
+        for v in y {
+            assert!((v - 0.25).abs() < 1e-7);
+        }
+        // Equal logits at any magnitude give -ln n exactly in log space (mlx#4169).
+        for mag in [1e8f32, -1e8, 3e38] {
+            let x = [mag; 2];
+            let l = log_softmax_to_vec(View::rows(&x, 1, 2).unwrap(), &o).unwrap();
+            for v in l {
+                assert!((v as f64 + 2f64.ln()).abs() < 1e-7, "{alg:?} {mag}");
+            }
+        }
+    }
+}
+
+#[test]
+fn strided_rows_and_inplace() {
+    let mut rng = Rng(3);
+    let (rows, n, xs, ys) = (5, 37, 41, 50);
+    let xd: Vec<f32> = rng.vec(rows * xs, 5.0).iter().map(|&v| v as f32).collect();
+    for alg in ALGS {
+        let o = Options::default().algorithm(alg);
+        let mut y = vec![f32::NAN; rows * ys];
+        softmax(
+            View::new(&xd, Layout::strided_rows(rows, n, xs)).unwrap(),
+            ViewMut::new(&mut y, Layout::strided_rows(rows, n, ys)).unwrap(),
+            &o,
+        )
+        .unwrap();
+        let mut yi = xd.clone();
+        softmax_inplace(
+            ViewMut::new(&mut yi, Layout::strided_rows(rows, n, xs)).unwrap(),
+            &o,
+        )
+        .unwrap();
+        for r in 0..rows {
+            let row: Vec<f64> = xd[r * xs..r * xs + n].iter().map(|&v| v as f64).collect();
+            let want = ref_softmax(&row, 1.0);
+            for i in 0..n {
+                assert!((y[r * ys + i] as f64 - want[i]).abs() < 1e-6);
+                assert_eq!(
+                    y[r * ys + i],
+                    yi[r * xs + i],
+                    "in-place equals out-of-place"
+                );
+            }
+            // Padding is untouched.
+            for i in n..ys.min(if r + 1 < rows { ys } else { n }) {
+                assert!(y[r * ys + i].is_nan());
+            }
+            for i in n..xs {
+                if r * xs + i < yi.len() {
+                    assert_eq!(yi[r * xs + i], xd[r * xs + i]);
+                }
+            }
+        }
+        let mut li = xd.clone();
+        log_softmax_inplace(
+            ViewMut::new(&mut li, Layout::strided_rows(rows, n, xs)).unwrap(),
+            &o,
+        )
+        .unwrap();
+        let l = log_softmax_to_vec(
+            View::new(&xd, Layout::strided_rows(rows, n, xs)).unwrap(),
+            &o,
+        )
+        .unwrap();
+        for r in 0..rows {
+            assert_eq!(&li[r * xs..r * xs + n], &l[r * n..(r + 1) * n]);
+        }
+    }
+    // In place on long rows and narrow types agree with out of place.
+    let xd: Vec<bf16> = rng
+        .vec(70000, 4.0)
+        .iter()
+        .map(|&v| bf16::from_f64(v))
+        .collect();
+    let y = softmax_to_vec(View::rows(&xd, 1, 70000).unwrap(), &Options::default()).unwrap();
+    let mut yi = xd.clone();
+    softmax_inplace(
+        ViewMut::rows(&mut yi, 1, 70000).unwrap(),
+        &Options::default(),
+    )
+    .unwrap();
+    assert_eq!(y, yi);
+}
+
+#[test]
+fn axis_layout_matches_transposed_rows() {
+    let mut rng = Rng(5);
+    for &(outer, axis, inner) in &[
+        (1usize, 7usize, 3usize),
+        (2, 33, 17),
+        (3, 5, 300),
+        (1, 70, 513),
+        (2, 1, 4),
+        (3, 9, 1),
+    ] {
+        let n = outer * axis * inner;
+        for level in SimdLevel::available() {
+            let o = Options::default().simd(level);
+            let xs: Vec<f32> = rng.vec(n, 20.0).iter().map(|&v| v as f32).collect();
+            let l = Layout::axis(outer, axis, inner);
+            let y = softmax_to_vec(View::new(&xs, l).unwrap(), &o).unwrap();
+            let ls = log_softmax_to_vec(View::new(&xs, l).unwrap(), &o).unwrap();
+            let s = logsumexp_to_vec(View::new(&xs, l).unwrap(), &o).unwrap();
+            let mut yi = xs.clone();
+            softmax_inplace(ViewMut::new(&mut yi, l).unwrap(), &o).unwrap();
+            assert_eq!(y, yi);
+            for ob in 0..outer {
+                for j in 0..inner {
+                    let col: Vec<f64> = (0..axis)
+                        .map(|k| xs[ob * axis * inner + k * inner + j] as f64)
+                        .collect();
+                    let m = col.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let ry = ref_softmax(&col, 1.0);
+                    let rl = ref_log_softmax(&col, 1.0);
+                    for k in 0..axis {
+                        let i = ob * axis * inner + k * inner + j;
+                        let d = col[k] - m;
+                        assert!(close(
+                            y[i] as f64,
+                            ry[k],
+                            softmax_bound::<f32>(ry[k], d.abs(), axis)
+                        ));
+                        assert!(close(
+                            ls[i] as f64,
+                            rl[k],
+                            log_softmax_bound::<f32>(rl[k], d.abs(), axis)
+                        ));
+                    }
+                    let want = ref_lse(&col, 1.0);
+                    assert!(close(
+                        s[ob * inner + j] as f64,
+                        want,
+                        lse_bound::<f32>(want, axis)
+                    ));
+                }
+            }
+        }
+    }
+    // Special columns in an axis layout.
+    let ninf = f32::NEG_INFINITY;
+    let x = [ninf, 1.0, f32::NAN, ninf, 2.0, 0.0];
+    let l = Layout::axis(1, 2, 3);
+    let y = softmax_to_vec(
+        View::new(&x, l).unwrap(),
+        &Options::default().masked_row(MaskedRow::Zero),
+    )
+    .unwrap();
+    assert_eq!(y[0], 0.0);
+    assert_eq!(y[3], 0.0);
+    assert!(y[2].is_nan() && y[5].is_nan());
+    assert!((y[1] - 0.2689414).abs() < 1e-6 && (y[4] - 0.7310586).abs() < 1e-6);
+    let s = logsumexp_to_vec(View::new(&x, l).unwrap(), &Options::default()).unwrap();
+    assert_eq!(s[0], ninf);
+    assert!(s[2].is_nan());
+    // f64 in an axis layout.
+    let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let yd = softmax_to_vec(
+        View::new(&xd, l).unwrap(),
+        &Options::default().masked_row(MaskedRow::Zero),
+    )
+    .unwrap();
+    assert!((yd[1] - 0.2689414213699951).abs() < 1e-15 && yd[0] == 0.0 && yd[2].is_nan());
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let x = [0.0f32; 10];
+    let mut y = [0.0f32; 10];
+    assert!(matches!(
+        View::rows(&x, 3, 4),
+        Err(Error::BufferTooShort {
+            needed: 12,
+            len: 10,
+            ..
+        })
+    ));
+    assert!(matches!(
+        View::new(&x, Layout::strided_rows(2, 4, 3)),
+        Err(Error::StrideTooSmall {
+            stride: 3,
+            len: 4,
+            ..
+        })
+    ));
+    assert!(matches!(
+        View::new(&x, Layout::rows(usize::MAX, 2)),
+        Err(Error::SizeOverflow { .. })
+    ));
+    let v = View::rows(&x, 2, 5).unwrap();
+    let e = softmax(v, ViewMut::rows(&mut y, 5, 2).unwrap(), &Options::default());
+    assert!(matches!(e, Err(Error::ShapeMismatch { .. })), "{e:?}");
+    for t in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e-300] {
+        let e = softmax(
+            v,
+            ViewMut::rows(&mut y, 2, 5).unwrap(),
+            &Options::default().temperature(t),
+        );
+        assert!(
+            matches!(
+                e,
+                Err(Error::BadParameter {
+                    name: "temperature",
+                    ..
+                })
+            ),
+            "{t}: {e:?}"
+        );
+    }
+    let mut out = [0.0f32; 3];
+    assert!(matches!(
+        logsumexp(v, &mut out, &Options::default()),
+        Err(Error::RowCountMismatch {
+            len: 3,
+            rows: 2,
+            ..
+        })
+    ));
+    let msg = View::rows(&x, 3, 4).unwrap_err().to_string();
+    assert!(msg.contains("10") && msg.contains("12"), "{msg}");
+    // A row layout against an axis layout of the same size is a mismatch, not a panic.
+    let e = softmax(
+        View::new(&x, Layout::axis(1, 2, 5)).unwrap(),
+        ViewMut::rows(&mut y, 2, 5).unwrap(),
+        &Options::default(),
+    );
+    assert!(e.is_err());
+    let mut yb = [0.0f32; 10];
+    let e = softmax_backward(
+        v,
+        View::rows(&x, 5, 2).unwrap(),
+        ViewMut::rows(&mut yb, 2, 5).unwrap(),
+        &Options::default(),
+    );
+    assert!(matches!(e, Err(Error::ShapeMismatch { what: "dy", .. })));
+}
+
+#[test]
+fn exp_sampled_ulp() {
+    // A sampled sweep of the exp kernel at every level (the exhaustive one is in exp_exhaustive).
+    let mut xs = Vec::new();
+    let mut b = (-87.33654f32).to_bits();
+    while f32::from_bits(b) < 0.0 {
+        xs.push(f32::from_bits(b));
+        b -= 997;
+    }
+    xs.extend([0.0, -0.0, -1e-30, -1e-45]);
+    for level in SimdLevel::available() {
+        let mut y = vec![0.0f32; xs.len()];
+        math::exp_nonpositive(&xs, &mut y, Some(level)).unwrap();
+        let worst = xs
+            .iter()
+            .zip(&y)
+            .map(|(&x, &v)| ulp_err(x, v))
+            .fold(0.0, f64::max);
+        assert!(worst <= 2.0, "{level:?}: {worst} ULP");
+    }
+    let specials = [f32::NEG_INFINITY, f32::NAN, -88.0, -100.0, -1e30, 0.0];
+    let mut y = [0.0f32; 6];
+    math::exp_nonpositive(&specials, &mut y, None).unwrap();
+    assert_eq!(y[0], 0.0);
+    assert!(y[1].is_nan());
+    assert_eq!(&y[2..], &[0.0, 0.0, 0.0, 1.0]);
+}
+
+pub fn ulp_err(x: f32, got: f32) -> f64 {
+    let want = (x as f64).exp();
+    let w32 = want as f32;
+    let ulp = if w32 == 0.0 || w32 < f32::MIN_POSITIVE {
+        2f64.powi(-149)
+    } else {
+        let b = w32.to_bits();
+        (f32::from_bits(b + 1) as f64 - w32 as f64)
+            .abs()
+            .min((w32 as f64 - f32::from_bits(b - 1) as f64).abs())
+    };
+    (got as f64 - want).abs() / ulp
+}
