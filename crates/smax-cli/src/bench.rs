@@ -65,14 +65,8 @@ fn parse_shape(s: &str) -> Result<(usize, usize), String> {
     let (a, b) = s
         .split_once(['x', 'X'])
         .ok_or_else(|| format!("shape {s:?} is not ROWSxCOLS"))?;
-    let r = a
-        .trim()
-        .parse()
-        .map_err(|_| format!("bad row count in {s:?}"))?;
-    let c = b
-        .trim()
-        .parse()
-        .map_err(|_| format!("bad column count in {s:?}"))?;
+    let r = a.trim().parse().map_err(|_| format!("bad row count in {s:?}"))?;
+    let c = b.trim().parse().map_err(|_| format!("bad column count in {s:?}"))?;
     Ok((r, c))
 }
 
@@ -97,9 +91,7 @@ fn time<F: FnMut()>(mut f: F, budget: f64, max_iters: usize) -> f64 {
     f(); // warm-up (page faults, caches)
     let mut ts = Vec::new();
     let start = Instant::now();
-    while ts.len() < 3
-        || (start.elapsed() < Duration::from_secs_f64(budget) && ts.len() < max_iters)
-    {
+    while ts.len() < 3 || (start.elapsed() < Duration::from_secs_f64(budget) && ts.len() < max_iters) {
         let t = Instant::now();
         f();
         ts.push(t.elapsed().as_secs_f64());
@@ -109,40 +101,36 @@ fn time<F: FnMut()>(mut f: F, budget: f64, max_iters: usize) -> f64 {
 }
 
 fn naive_softmax(x: &[f32], y: &mut [f32], cols: usize, log: bool) {
-    x.par_chunks(cols)
-        .zip(y.par_chunks_mut(cols))
-        .for_each(|(a, b)| {
-            let m = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut s = 0.0f32;
-            if log {
-                for &v in a {
-                    s += (v - m).exp();
-                }
-                let ls = s.ln();
-                for (o, &v) in b.iter_mut().zip(a) {
-                    *o = v - m - ls;
-                }
-            } else {
-                for (o, &v) in b.iter_mut().zip(a) {
-                    *o = (v - m).exp();
-                    s += *o;
-                }
-                let c = 1.0 / s;
-                for o in b.iter_mut() {
-                    *o *= c;
-                }
+    x.par_chunks(cols).zip(y.par_chunks_mut(cols)).for_each(|(a, b)| {
+        let m = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut s = 0.0f32;
+        if log {
+            for &v in a {
+                s += (v - m).exp();
             }
-        });
+            let ls = s.ln();
+            for (o, &v) in b.iter_mut().zip(a) {
+                *o = v - m - ls;
+            }
+        } else {
+            for (o, &v) in b.iter_mut().zip(a) {
+                *o = (v - m).exp();
+                s += *o;
+            }
+            let c = 1.0 / s;
+            for o in b.iter_mut() {
+                *o *= c;
+            }
+        }
+    });
 }
 
 fn naive_lse(x: &[f32], out: &mut [f32], cols: usize) {
-    x.par_chunks(cols)
-        .zip(out.par_iter_mut())
-        .for_each(|(a, o)| {
-            let m = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let s: f32 = a.iter().map(|&v| (v - m).exp()).sum();
-            *o = m + s.ln();
-        });
+    x.par_chunks(cols).zip(out.par_iter_mut()).for_each(|(a, o)| {
+        let m = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let s: f32 = a.iter().map(|&v| (v - m).exp()).sum();
+        *o = m + s.ln();
+    });
 }
 
 fn naive_bwd(y: &[f32], dy: &[f32], dx: &mut [f32], cols: usize, log: bool) {
@@ -198,10 +186,7 @@ pub fn run(a: Args) -> Result<(), String> {
     };
     for o in &ops {
         if !OPS.contains(&o.as_str()) {
-            return Err(format!(
-                "unknown op {o:?}; expected one of {}",
-                OPS.join(", ")
-            ));
+            return Err(format!("unknown op {o:?}; expected one of {}", OPS.join(", ")));
         }
     }
     let shapes: Vec<(usize, usize)> = if a.shape.is_empty() {
@@ -211,14 +196,9 @@ pub fn run(a: Args) -> Result<(), String> {
             IN_CACHE.iter().chain(BIG.iter()).copied().collect()
         }
     } else {
-        a.shape
-            .iter()
-            .map(|s| parse_shape(s))
-            .collect::<Result<_, _>>()?
+        a.shape.iter().map(|s| parse_shape(s)).collect::<Result<_, _>>()?
     };
-    let ncpu = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads: Vec<usize> = if a.threads.is_empty() {
         if ncpu > 1 { vec![1, ncpu] } else { vec![1] }
     } else {
@@ -322,14 +302,8 @@ pub fn run(a: Args) -> Result<(), String> {
                                 time(|| naive_softmax(&x, &mut dx, cols, log), budget, max_iters),
                                 bytes2,
                             );
-                            if !log {
-                                if let Some(mut p) = peers::candle(&x, rows, cols) {
-                                    push(
-                                        "candle",
-                                        time(|| p.run(), budget, max_iters.min(10)),
-                                        bytes2,
-                                    );
-                                }
+                            if let (false, Some(mut p)) = (log, peers::candle(&x, rows, cols)) {
+                                push("candle", time(|| p.run(), budget, max_iters.min(10)), bytes2);
                             }
                             if let Some(mut p) = peers::rten(&x, rows, cols, log) {
                                 push("rten", time(|| p.run(), budget, max_iters), bytes2);
@@ -342,12 +316,8 @@ pub fn run(a: Args) -> Result<(), String> {
                                 let o = Options::default().algorithm(alg).par(par);
                                 let secs = time(
                                     || {
-                                        smax::logsumexp(
-                                            View::rows(&x, rows, cols).expect("view"),
-                                            &mut out,
-                                            &o,
-                                        )
-                                        .expect("smax");
+                                        smax::logsumexp(View::rows(&x, rows, cols).expect("view"), &mut out, &o)
+                                            .expect("smax");
                                     },
                                     budget,
                                     max_iters,
@@ -405,13 +375,9 @@ pub fn run(a: Args) -> Result<(), String> {
 
 fn roofline<'a>(records: &'a [Record], r: &Record) -> Option<&'a Record> {
     let want = if r.op == "logsumexp" { "read" } else { "copy" };
-    records.iter().find(|c| {
-        c.imp == want
-            && c.rows == r.rows
-            && c.cols == r.cols
-            && c.threads == r.threads
-            && c.op == r.op
-    })
+    records
+        .iter()
+        .find(|c| c.imp == want && c.rows == r.rows && c.cols == r.cols && c.threads == r.threads && c.op == r.op)
 }
 
 fn print_table(records: &[Record]) {
@@ -430,11 +396,7 @@ fn print_table(records: &[Record]) {
         let candle = records
             .iter()
             .find(|c| {
-                c.imp == "candle"
-                    && c.op == r.op
-                    && c.rows == r.rows
-                    && c.cols == r.cols
-                    && c.threads == r.threads
+                c.imp == "candle" && c.op == r.op && c.rows == r.rows && c.cols == r.cols && c.threads == r.threads
             })
             .map(|c| c.median_s / r.median_s);
         println!(

@@ -8,11 +8,7 @@ mod peers;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "smax",
-    version,
-    about = "The softmax family, exact and at memory speed"
-)]
+#[command(name = "smax", version, about = "The softmax family, exact and at memory speed")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -31,15 +27,9 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Info => {
-            let avail: Vec<_> = smax::SimdLevel::available()
-                .iter()
-                .map(|l| l.name())
-                .collect();
+            let avail: Vec<_> = smax::SimdLevel::available().iter().map(|l| l.name()).collect();
             println!("simd levels available: {}", avail.join(", "));
-            println!(
-                "simd level in use:     {}",
-                smax::SimdLevel::default_level().name()
-            );
+            println!("simd level in use:     {}", smax::SimdLevel::default_level().name());
             println!("threads (rayon):       {}", rayon::current_num_threads());
             println!("peers built in:        {}", peers::ENABLED);
             Ok(())

@@ -407,8 +407,7 @@ pub(crate) fn backward<T: Element>(
     }
     let slab = axis * inner;
     if T::REPR == Repr::F64 {
-        let (mut cy, mut cg, mut res) =
-            (vec![0.0f64; axis], vec![0.0f64; axis], vec![0.0f64; axis]);
+        let (mut cy, mut cg, mut res) = (vec![0.0f64; axis], vec![0.0f64; axis], vec![0.0f64; axis]);
         for o in 0..outer {
             for j in 0..inner {
                 for kx in 0..axis {

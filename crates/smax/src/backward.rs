@@ -58,16 +58,7 @@ fn reduce<S: Isa, T: Element>(s: S, log: bool, y: &[T], dy: &[T]) -> (f64, f32) 
 
 /// The map of one segment. `dy = None`: read the gradient from `dx` (in place).
 #[inline(always)]
-fn map<S: Isa, T: Element>(
-    s: S,
-    log: bool,
-    kk: f32,
-    r: f32,
-    zero: bool,
-    y: &[T],
-    dy: Option<&[T]>,
-    dx: &mut [T],
-) {
+fn map<S: Isa, T: Element>(s: S, log: bool, kk: f32, r: f32, zero: bool, y: &[T], dy: Option<&[T]>, dx: &mut [T]) {
     if zero {
         dx.iter_mut().for_each(|v| *v = T::from_f32(0.0));
         return;
@@ -112,16 +103,7 @@ fn row_bwd<S: Isa, T: Element>(s: S, log: bool, kk: f32, y: &[T], dy: Option<&[T
         Some(d) => reduce(s, log, y, d),
         None => reduce(s, log, y, dx),
     };
-    map(
-        s,
-        log,
-        kk,
-        acc as f32,
-        log && mx == f32::NEG_INFINITY,
-        y,
-        dy,
-        dx,
-    );
+    map(s, log, kk, acc as f32, log && mx == f32::NEG_INFINITY, y, dy, dx);
 }
 
 struct RowsBwd<'a, T> {
@@ -253,9 +235,7 @@ fn rows_bwd<T: Element>(
             Some(gr) => yr.chunks(CHUNK).zip(gr.chunks(CHUNK)).collect(),
             None => yr.chunks(CHUNK).zip(dr.chunks(CHUNK)).collect(),
         };
-        let red = par::map(opts.par, parts, |(a, b)| {
-            dispatch(level, SegBwd::Reduce(log, a, b))
-        });
+        let red = par::map(opts.par, parts, |(a, b)| dispatch(level, SegBwd::Reduce(log, a, b)));
         let mut acc = 0.0f64;
         let mut mx = f32::NEG_INFINITY;
         for (a, m) in red {
@@ -321,32 +301,12 @@ pub(crate) fn backward<T: Element>(
         if T::REPR == Repr::F64 {
             scalar64::rows_bwd(log, p.k64, opts, g, gs, y.data, dy.map(|d| d.data), dx.data);
         } else {
-            rows_bwd(
-                log,
-                p.k,
-                p.level,
-                opts,
-                g,
-                gs,
-                y.data,
-                dy.map(|d| d.data),
-                dx.data,
-            );
+            rows_bwd(log, p.k, p.level, opts, g, gs, y.data, dy.map(|d| d.data), dx.data);
         }
         return Ok(());
     }
     if let Kind::Axis { outer, axis, inner } = y.layout.kind {
-        axis::backward(
-            log,
-            &p,
-            opts,
-            outer,
-            axis,
-            inner,
-            y.data,
-            dy.map(|d| d.data),
-            dx.data,
-        );
+        axis::backward(log, &p, opts, outer, axis, inner, y.data, dy.map(|d| d.data), dx.data);
         return Ok(());
     }
     Err(Error::ShapeMismatch {

@@ -25,9 +25,7 @@ pub enum Repr {
 
 /// An element type the kernels accept: `f32`, `f64`, [`half::f16`] or [`half::bf16`].
 /// Sealed: the numerics of each type are documented and tested here.
-pub trait Element:
-    Copy + Send + Sync + Default + PartialEq + core::fmt::Debug + sealed::Sealed + 'static
-{
+pub trait Element: Copy + Send + Sync + Default + PartialEq + core::fmt::Debug + sealed::Sealed + 'static {
     /// Short name (`"f32"`, `"f64"`, `"f16"`, `"bf16"`).
     const NAME: &'static str;
     #[doc(hidden)]

@@ -43,28 +43,14 @@ pub(crate) struct RowGeom {
 pub(crate) fn row_geom(x: &Layout, y: &Layout) -> Option<RowGeom> {
     let fix = |rows: usize, len: usize, stride: usize| if rows <= 1 { len } else { stride };
     match (x.kind, y.kind) {
-        (
-            Kind::Rows {
-                rows,
-                len,
-                stride: xs,
-            },
-            Kind::Rows { stride: ys, .. },
-        ) => Some(RowGeom {
+        (Kind::Rows { rows, len, stride: xs }, Kind::Rows { stride: ys, .. }) => Some(RowGeom {
             rows,
             len,
             xs: fix(rows, len, xs),
             ys: fix(rows, len, ys),
         }),
         // [outer, axis, 1] is just rows.
-        (
-            Kind::Axis {
-                outer,
-                axis,
-                inner: 1,
-            },
-            Kind::Axis { .. },
-        ) => Some(RowGeom {
+        (Kind::Axis { outer, axis, inner: 1 }, Kind::Axis { .. }) => Some(RowGeom {
             rows: outer,
             len: axis,
             xs: axis,
@@ -85,14 +71,7 @@ fn fwd_params(op: FwdOp, p: &Plan, opts: &Options, out_bytes: usize) -> Fwd {
 }
 
 /// Forward over rows (softmax / log-softmax), f32 compute path.
-fn rows_fwd<T: Element>(
-    f: Fwd,
-    level: SimdLevel,
-    opts: &Options,
-    g: RowGeom,
-    x: Option<&[T]>,
-    y: &mut [T],
-) {
+fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x: Option<&[T]>, y: &mut [T]) {
     let RowGeom { rows, len, xs, ys } = g;
     if rows == 0 || len == 0 {
         return;
@@ -153,13 +132,7 @@ fn chunks_io<'a, T: Element>(x: Option<&'a [T]>, y: &'a mut [T]) -> Vec<Io<'a, T
 }
 
 /// Statistics of a long row: per-chunk states merged in chunk order.
-fn long_row_stats<T: Element>(
-    level: SimdLevel,
-    opts: &Options,
-    alg: Algorithm,
-    x: &[T],
-    k: f32,
-) -> Online {
+fn long_row_stats<T: Element>(level: SimdLevel, opts: &Options, alg: Algorithm, x: &[T], k: f32) -> Online {
     let chunks: Vec<&[T]> = x.chunks(CHUNK).collect();
     match alg {
         Algorithm::ThreePass => {
@@ -209,13 +182,7 @@ fn long_row_stats<T: Element>(
     }
 }
 
-fn long_row_fwd<T: Element>(
-    f: Fwd,
-    level: SimdLevel,
-    opts: &Options,
-    x: Option<&[T]>,
-    y: &mut [T],
-) {
+fn long_row_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, x: Option<&[T]>, y: &mut [T]) {
     let alg = f.alg.resolve(y.len());
     let xr: &[T] = match x {
         Some(x) => x,
@@ -263,12 +230,7 @@ fn y_or_x<'a, T>(x: Option<&'a [T]>, y: &'a [T]) -> &'a [T] {
 }
 
 /// Validates and runs a forward op into `y` (or in place when `x` is `None`).
-pub(crate) fn forward<T: Element>(
-    op: FwdOp,
-    x: Option<View<'_, T>>,
-    y: ViewMut<'_, T>,
-    opts: &Options,
-) -> Result<()> {
+pub(crate) fn forward<T: Element>(op: FwdOp, x: Option<View<'_, T>>, y: ViewMut<'_, T>, opts: &Options) -> Result<()> {
     let p = plan::<T>(opts)?;
     y.layout.validate("output", y.data.len())?;
     let xl = match &x {
@@ -290,16 +252,7 @@ pub(crate) fn forward<T: Element>(
         return Ok(());
     }
     if let Kind::Axis { outer, axis, inner } = xl.kind {
-        axis::forward(
-            f,
-            &p,
-            opts,
-            outer,
-            axis,
-            inner,
-            x.map(|x| x.data),
-            &mut *y.data,
-        );
+        axis::forward(f, &p, opts, outer, axis, inner, x.map(|x| x.data), &mut *y.data);
         return Ok(());
     }
     Err(Error::ShapeMismatch {

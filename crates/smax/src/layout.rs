@@ -23,27 +23,15 @@ pub struct Layout {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Kind {
-    Rows {
-        rows: usize,
-        len: usize,
-        stride: usize,
-    },
-    Axis {
-        outer: usize,
-        axis: usize,
-        inner: usize,
-    },
+    Rows { rows: usize, len: usize, stride: usize },
+    Axis { outer: usize, axis: usize, inner: usize },
 }
 
 impl Layout {
     /// `rows` contiguous rows of `len` elements (stride = `len`).
     pub const fn rows(rows: usize, len: usize) -> Self {
         Layout {
-            kind: Kind::Rows {
-                rows,
-                len,
-                stride: len,
-            },
+            kind: Kind::Rows { rows, len, stride: len },
         }
     }
 
@@ -131,14 +119,7 @@ impl Layout {
     /// for axis layouts the same `[outer, axis, inner]`). Strides may differ.
     pub(crate) fn same_shape(&self, other: &Layout) -> bool {
         match (self.kind, other.kind) {
-            (
-                Kind::Rows {
-                    rows: r1, len: l1, ..
-                },
-                Kind::Rows {
-                    rows: r2, len: l2, ..
-                },
-            ) => r1 == r2 && l1 == l2,
+            (Kind::Rows { rows: r1, len: l1, .. }, Kind::Rows { rows: r2, len: l2, .. }) => r1 == r2 && l1 == l2,
             (Kind::Axis { .. }, Kind::Axis { .. }) => self.kind == other.kind,
             _ => false,
         }

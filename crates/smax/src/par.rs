@@ -24,10 +24,7 @@ where
 {
     match par {
         Par::Seq => items.into_iter().enumerate().for_each(|(i, it)| f(i, it)),
-        Par::Rayon => items
-            .into_par_iter()
-            .enumerate()
-            .for_each(|(i, it)| f(i, it)),
+        Par::Rayon => items.into_par_iter().enumerate().for_each(|(i, it)| f(i, it)),
     }
 }
 

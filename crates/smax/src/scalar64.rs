@@ -172,14 +172,7 @@ fn groups<T>(y: &mut [T], g: RowGeom) -> Vec<(usize, usize, &mut [T])> {
     items
 }
 
-pub(crate) fn rows_fwd<T: Element>(
-    f: Fwd,
-    k: f64,
-    opts: &Options,
-    g: RowGeom,
-    x: Option<&[T]>,
-    y: &mut [T],
-) {
+pub(crate) fn rows_fwd<T: Element>(f: Fwd, k: f64, opts: &Options, g: RowGeom, x: Option<&[T]>, y: &mut [T]) {
     if g.rows == 0 || g.len == 0 {
         return;
     }

@@ -25,17 +25,9 @@ fn fd_check(log: bool, x: &[f64], g: &[f64], tau: f64) {
     }
     .unwrap();
     let dx = if log {
-        log_softmax_backward_to_vec(
-            View::rows(&y, 1, n).unwrap(),
-            View::rows(g, 1, n).unwrap(),
-            &o,
-        )
+        log_softmax_backward_to_vec(View::rows(&y, 1, n).unwrap(), View::rows(g, 1, n).unwrap(), &o)
     } else {
-        softmax_backward_to_vec(
-            View::rows(&y, 1, n).unwrap(),
-            View::rows(g, 1, n).unwrap(),
-            &o,
-        )
+        softmax_backward_to_vec(View::rows(&y, 1, n).unwrap(), View::rows(g, 1, n).unwrap(), &o)
     }
     .unwrap();
     let h = 1e-6;
@@ -69,40 +61,18 @@ fn backward_finite_differences_f64() {
     let g = [0.1f64, -0.2, 0.3, 0.0];
     let o = Options::default();
     let y = softmax_to_vec(View::rows(&x, 1, 4).unwrap(), &o).unwrap();
-    let d = softmax_backward_to_vec(
-        View::rows(&y, 1, 4).unwrap(),
-        View::rows(&g, 1, 4).unwrap(),
-        &o,
-    )
-    .unwrap();
-    for (a, b) in d
-        .iter()
-        .zip([0.0013835903, -0.0223823073, 0.0575999897, -0.0366012726])
-    {
+    let d = softmax_backward_to_vec(View::rows(&y, 1, 4).unwrap(), View::rows(&g, 1, 4).unwrap(), &o).unwrap();
+    for (a, b) in d.iter().zip([0.0013835903, -0.0223823073, 0.0575999897, -0.0366012726]) {
         assert!((a - b).abs() < 1e-10);
     }
     let l = log_softmax_to_vec(View::rows(&x, 1, 4).unwrap(), &o).unwrap();
-    let d = log_softmax_backward_to_vec(
-        View::rows(&l, 1, 4).unwrap(),
-        View::rows(&g, 1, 4).unwrap(),
-        &o,
-    )
-    .unwrap();
-    for (a, b) in d
-        .iter()
-        .zip([0.0935882793, -0.2174288637, 0.2526234364, -0.128782852])
-    {
+    let d = log_softmax_backward_to_vec(View::rows(&l, 1, 4).unwrap(), View::rows(&g, 1, 4).unwrap(), &o).unwrap();
+    for (a, b) in d.iter().zip([0.0935882793, -0.2174288637, 0.2526234364, -0.128782852]) {
         assert!((a - b).abs() < 1e-10);
     }
 }
 
-fn bwd_f32_case<T: Element>(
-    n: usize,
-    rows: usize,
-    rng: &mut common::Rng,
-    level: SimdLevel,
-    layout_axis: bool,
-) {
+fn bwd_f32_case<T: Element>(n: usize, rows: usize, rng: &mut common::Rng, level: SimdLevel, layout_axis: bool) {
     let x: Vec<T> = to_t(&rng.vec(rows * n, 4.0));
     let g: Vec<T> = to_t(&rng.vec(rows * n, 1.0));
     let o = Options::default().simd(level);
@@ -113,25 +83,14 @@ fn bwd_f32_case<T: Element>(
     };
     let y = softmax_to_vec(View::new(&x, l).unwrap(), &o).unwrap();
     let ly = log_softmax_to_vec(View::new(&x, l).unwrap(), &o).unwrap();
-    let d =
-        softmax_backward_to_vec(View::new(&y, l).unwrap(), View::new(&g, l).unwrap(), &o).unwrap();
-    let ld = log_softmax_backward_to_vec(View::new(&ly, l).unwrap(), View::new(&g, l).unwrap(), &o)
-        .unwrap();
+    let d = softmax_backward_to_vec(View::new(&y, l).unwrap(), View::new(&g, l).unwrap(), &o).unwrap();
+    let ld = log_softmax_backward_to_vec(View::new(&ly, l).unwrap(), View::new(&g, l).unwrap(), &o).unwrap();
     let mut di = g.clone();
-    softmax_backward_inplace(
-        View::new(&y, l).unwrap(),
-        ViewMut::new(&mut di, l).unwrap(),
-        &o,
-    )
-    .unwrap();
+    softmax_backward_inplace(View::new(&y, l).unwrap(), ViewMut::new(&mut di, l).unwrap(), &o).unwrap();
     assert_eq!(d, di);
     let (u, (r, a)) = (unit::<T>(), rounding::<T>());
     let idx = |row: usize, k: usize| {
-        if layout_axis {
-            k * rows + row
-        } else {
-            row * n + k
-        }
+        if layout_axis { k * rows + row } else { row * n + k }
     };
     for row in 0..rows {
         let yr: Vec<f64> = (0..n).map(|k| y[idx(row, k)].to_f64()).collect();
@@ -187,20 +146,10 @@ fn backward_of_masked_rows_is_zero() {
         let x = vec![ninf; n];
         let g: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 3.0).collect();
         let y = softmax_to_vec(View::rows(&x, 1, n).unwrap(), &o).unwrap();
-        let d = softmax_backward_to_vec(
-            View::rows(&y, 1, n).unwrap(),
-            View::rows(&g, 1, n).unwrap(),
-            &o,
-        )
-        .unwrap();
+        let d = softmax_backward_to_vec(View::rows(&y, 1, n).unwrap(), View::rows(&g, 1, n).unwrap(), &o).unwrap();
         assert!(d.iter().all(|&v| v == 0.0));
         let l = log_softmax_to_vec(View::rows(&x, 1, n).unwrap(), &o).unwrap();
-        let d = log_softmax_backward_to_vec(
-            View::rows(&l, 1, n).unwrap(),
-            View::rows(&g, 1, n).unwrap(),
-            &o,
-        )
-        .unwrap();
+        let d = log_softmax_backward_to_vec(View::rows(&l, 1, n).unwrap(), View::rows(&g, 1, n).unwrap(), &o).unwrap();
         assert!(d.iter().all(|&v| v == 0.0), "n={n}");
     }
     // A masked position inside a live row gets exactly the analytic gradient and no NaN.
@@ -247,10 +196,7 @@ fn lse_state_is_a_monoid() {
     let n = LseState::<f32>::from_value(f32::NAN);
     assert!(n.merge(LseState::<f32>::from_value(1.0)).lse().is_nan());
     let p = LseState::<f32>::from_value(f32::INFINITY);
-    assert_eq!(
-        p.merge(LseState::<f32>::from_value(3.0)).lse(),
-        f32::INFINITY
-    );
+    assert_eq!(p.merge(LseState::<f32>::from_value(3.0)).lse(), f32::INFINITY);
     assert_eq!(p.merge(p).lse(), f32::INFINITY);
 }
 
@@ -317,21 +263,15 @@ fn bitwise_identical_for_any_thread_count_and_batch() {
         ] {
             let o = Options::default().algorithm(alg);
             let run = |threads: usize| {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 pool.install(|| {
                     let v = View::rows(&x, rows, n).unwrap();
                     let y = softmax_to_vec(v, &o).unwrap();
                     let l = log_softmax_to_vec(v, &o).unwrap();
                     let s = logsumexp_to_vec(v, &o).unwrap();
-                    let d = softmax_backward_to_vec(
-                        View::rows(&y, rows, n).unwrap(),
-                        View::rows(&g, rows, n).unwrap(),
-                        &o,
-                    )
-                    .unwrap();
+                    let d =
+                        softmax_backward_to_vec(View::rows(&y, rows, n).unwrap(), View::rows(&g, rows, n).unwrap(), &o)
+                            .unwrap();
                     (y, l, s, d)
                 })
             };

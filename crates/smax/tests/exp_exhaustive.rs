@@ -54,11 +54,6 @@ fn exp_exhaustive_ulp() {
             worst.1,
             sum / count as f64
         );
-        assert!(
-            worst.0 <= 2.0,
-            "{level:?}: max {} ULP at {}",
-            worst.0,
-            worst.1
-        );
+        assert!(worst.0 <= 2.0, "{level:?}: max {} ULP at {}", worst.0, worst.1);
     }
 }

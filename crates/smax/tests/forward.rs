@@ -127,20 +127,12 @@ fn temperature() {
     }
     // [N2] worked example.
     let x = [1.0f32, 2.0, 3.0, 4.0];
-    let y = softmax_to_vec(
-        View::rows(&x, 1, 4).unwrap(),
-        &Options::default().temperature(0.5),
-    )
-    .unwrap();
+    let y = softmax_to_vec(View::rows(&x, 1, 4).unwrap(), &Options::default().temperature(0.5)).unwrap();
     let want = [0.0021440088, 0.0158422012, 0.1170589132, 0.8649548768];
     for (a, b) in y.iter().zip(want) {
         assert!((*a as f64 - b).abs() < 1e-7 + 1e-6 * b);
     }
-    let y = softmax_to_vec(
-        View::rows(&x, 1, 4).unwrap(),
-        &Options::default().temperature(2.0),
-    )
-    .unwrap();
+    let y = softmax_to_vec(View::rows(&x, 1, 4).unwrap(), &Options::default().temperature(2.0)).unwrap();
     let want = [0.1015363241, 0.1674050973, 0.2760043447, 0.4550542339];
     for (a, b) in y.iter().zip(want) {
         assert!((*a as f64 - b).abs() < 1e-7 + 1e-6 * b);
@@ -177,20 +169,12 @@ fn worked_example_n1_and_n4() {
     // [N4]: exp overflows f32 here; the two-pass algorithm's extended exponent does not.
     let x = [1000.0f32, 1001.0, 1002.0, -1000.0];
     for alg in ALGS {
-        let y = softmax_to_vec(
-            View::rows(&x, 1, 4).unwrap(),
-            &Options::default().algorithm(alg),
-        )
-        .unwrap();
+        let y = softmax_to_vec(View::rows(&x, 1, 4).unwrap(), &Options::default().algorithm(alg)).unwrap();
         let want = [0.0900305732, 0.2447284711, 0.6652409558, 0.0];
         for (a, b) in y.iter().zip(want) {
             assert!((*a as f64 - b).abs() < 1e-7, "{alg:?} {y:?}");
         }
-        let s = logsumexp_to_vec(
-            View::rows(&x, 1, 4).unwrap(),
-            &Options::default().algorithm(alg),
-        )
-        .unwrap();
+        let s = logsumexp_to_vec(View::rows(&x, 1, 4).unwrap(), &Options::default().algorithm(alg)).unwrap();
         assert!((s[0] as f64 - 1002.4076059644444).abs() < 1e-4);
     }
 }
@@ -218,11 +202,7 @@ fn special_values_for<T: Element>() {
                 assert!(y.iter().all(|v| v.is_nan()) && l.iter().all(|v| v.is_nan()));
                 assert_eq!(s, ninf);
                 let (y, l, s) = special::<T>(&row, &oz);
-                assert!(
-                    y.iter().all(|&v| v == 0.0),
-                    "{} {level:?} {alg:?} n={n}",
-                    T::NAME
-                );
+                assert!(y.iter().all(|&v| v == 0.0), "{} {level:?} {alg:?} n={n}", T::NAME);
                 assert!(l.iter().all(|&v| v == ninf));
                 assert_eq!(s, ninf);
                 // one finite, rest -inf
@@ -299,11 +279,7 @@ fn empty_rows_and_batches() {
     let v = View::rows(&x, 0, 5).unwrap();
     assert!(logsumexp_to_vec(v, &Options::default()).unwrap().is_empty());
     let e: [f64; 0] = [];
-    let s = logsumexp_to_vec(
-        View::new(&e, Layout::axis(2, 0, 3)).unwrap(),
-        &Options::default(),
-    )
-    .unwrap();
+    let s = logsumexp_to_vec(View::new(&e, Layout::axis(2, 0, 3)).unwrap(), &Options::default()).unwrap();
     assert_eq!(s, vec![f64::NEG_INFINITY; 6]);
 }
 
@@ -347,21 +323,13 @@ fn strided_rows_and_inplace() {
         )
         .unwrap();
         let mut yi = xd.clone();
-        softmax_inplace(
-            ViewMut::new(&mut yi, Layout::strided_rows(rows, n, xs)).unwrap(),
-            &o,
-        )
-        .unwrap();
+        softmax_inplace(ViewMut::new(&mut yi, Layout::strided_rows(rows, n, xs)).unwrap(), &o).unwrap();
         for r in 0..rows {
             let row: Vec<f64> = xd[r * xs..r * xs + n].iter().map(|&v| v as f64).collect();
             let want = ref_softmax(&row, 1.0);
             for i in 0..n {
                 assert!((y[r * ys + i] as f64 - want[i]).abs() < 1e-6);
-                assert_eq!(
-                    y[r * ys + i],
-                    yi[r * xs + i],
-                    "in-place equals out-of-place"
-                );
+                assert_eq!(y[r * ys + i], yi[r * xs + i], "in-place equals out-of-place");
             }
             // Padding is untouched.
             for i in n..ys.min(if r + 1 < rows { ys } else { n }) {
@@ -374,33 +342,17 @@ fn strided_rows_and_inplace() {
             }
         }
         let mut li = xd.clone();
-        log_softmax_inplace(
-            ViewMut::new(&mut li, Layout::strided_rows(rows, n, xs)).unwrap(),
-            &o,
-        )
-        .unwrap();
-        let l = log_softmax_to_vec(
-            View::new(&xd, Layout::strided_rows(rows, n, xs)).unwrap(),
-            &o,
-        )
-        .unwrap();
+        log_softmax_inplace(ViewMut::new(&mut li, Layout::strided_rows(rows, n, xs)).unwrap(), &o).unwrap();
+        let l = log_softmax_to_vec(View::new(&xd, Layout::strided_rows(rows, n, xs)).unwrap(), &o).unwrap();
         for r in 0..rows {
             assert_eq!(&li[r * xs..r * xs + n], &l[r * n..(r + 1) * n]);
         }
     }
     // In place on long rows and narrow types agree with out of place.
-    let xd: Vec<bf16> = rng
-        .vec(70000, 4.0)
-        .iter()
-        .map(|&v| bf16::from_f64(v))
-        .collect();
+    let xd: Vec<bf16> = rng.vec(70000, 4.0).iter().map(|&v| bf16::from_f64(v)).collect();
     let y = softmax_to_vec(View::rows(&xd, 1, 70000).unwrap(), &Options::default()).unwrap();
     let mut yi = xd.clone();
-    softmax_inplace(
-        ViewMut::rows(&mut yi, 1, 70000).unwrap(),
-        &Options::default(),
-    )
-    .unwrap();
+    softmax_inplace(ViewMut::rows(&mut yi, 1, 70000).unwrap(), &Options::default()).unwrap();
     assert_eq!(y, yi);
 }
 
@@ -437,11 +389,7 @@ fn axis_layout_matches_transposed_rows() {
                     for k in 0..axis {
                         let i = ob * axis * inner + k * inner + j;
                         let d = col[k] - m;
-                        assert!(close(
-                            y[i] as f64,
-                            ry[k],
-                            softmax_bound::<f32>(ry[k], d.abs(), axis)
-                        ));
+                        assert!(close(y[i] as f64, ry[k], softmax_bound::<f32>(ry[k], d.abs(), axis)));
                         assert!(close(
                             ls[i] as f64,
                             rl[k],
@@ -449,11 +397,7 @@ fn axis_layout_matches_transposed_rows() {
                         ));
                     }
                     let want = ref_lse(&col, 1.0);
-                    assert!(close(
-                        s[ob * inner + j] as f64,
-                        want,
-                        lse_bound::<f32>(want, axis)
-                    ));
+                    assert!(close(s[ob * inner + j] as f64, want, lse_bound::<f32>(want, axis)));
                 }
             }
         }
@@ -498,11 +442,7 @@ fn bad_input_is_a_typed_error() {
     ));
     assert!(matches!(
         View::new(&x, Layout::strided_rows(2, 4, 3)),
-        Err(Error::StrideTooSmall {
-            stride: 3,
-            len: 4,
-            ..
-        })
+        Err(Error::StrideTooSmall { stride: 3, len: 4, .. })
     ));
     assert!(matches!(
         View::new(&x, Layout::rows(usize::MAX, 2)),
@@ -531,11 +471,7 @@ fn bad_input_is_a_typed_error() {
     let mut out = [0.0f32; 3];
     assert!(matches!(
         logsumexp(v, &mut out, &Options::default()),
-        Err(Error::RowCountMismatch {
-            len: 3,
-            rows: 2,
-            ..
-        })
+        Err(Error::RowCountMismatch { len: 3, rows: 2, .. })
     ));
     let msg = View::rows(&x, 3, 4).unwrap_err().to_string();
     assert!(msg.contains("10") && msg.contains("12"), "{msg}");
@@ -569,11 +505,7 @@ fn exp_sampled_ulp() {
     for level in SimdLevel::available() {
         let mut y = vec![0.0f32; xs.len()];
         math::exp_nonpositive(&xs, &mut y, Some(level)).unwrap();
-        let worst = xs
-            .iter()
-            .zip(&y)
-            .map(|(&x, &v)| ulp_err(x, v))
-            .fold(0.0, f64::max);
+        let worst = xs.iter().zip(&y).map(|(&x, &v)| ulp_err(x, v)).fold(0.0, f64::max);
         assert!(worst <= 2.0, "{level:?}: {worst} ULP");
     }
     let specials = [f32::NEG_INFINITY, f32::NAN, -88.0, -100.0, -1e30, 0.0];

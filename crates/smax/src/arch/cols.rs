@@ -60,11 +60,7 @@ fn zip4<S: Isa>(
         let get = inl(
             #[inline(always)]
             |x: &[f32]| {
-                if x.is_empty() {
-                    z
-                } else {
-                    pad::<S>(&x[full..w])
-                }
+                if x.is_empty() { z } else { pad::<S>(&x[full..w]) }
             },
         );
         let v = f(pad::<S>(&out[full..w]), get(a), get(b), get(c));
@@ -120,14 +116,7 @@ pub(crate) fn write_softmax<S: Isa>(s: S, y: &mut [f32], x: &[f32], m: &[f32], c
 
 /// `y_j = (x_j − m_j)·k − ls_j`.
 #[inline(always)]
-pub(crate) fn write_log_softmax<S: Isa>(
-    s: S,
-    y: &mut [f32],
-    x: &[f32],
-    m: &[f32],
-    ls: &[f32],
-    k: f32,
-) {
+pub(crate) fn write_log_softmax<S: Isa>(s: S, y: &mut [f32], x: &[f32], m: &[f32], ls: &[f32], k: f32) {
     let vk = s.splat_f32s(k);
     zip4(
         s,

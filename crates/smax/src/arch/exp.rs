@@ -31,8 +31,7 @@ pub(crate) fn exp<S: Isa>(s: S, x: S::f32s) -> S::f32s {
     let n = s.mul_add_f32s(x, s.splat_f32s(LOG2E), magic);
     // 2^n: the low 9 mantissa bits of `n` hold n + 127; shifting them into the exponent
     // field builds the power of two directly.
-    let two_n =
-        s.transmute_f32s_u32s(s.wrapping_dyn_shl_u32s(s.transmute_u32s_f32s(n), s.splat_u32s(23)));
+    let two_n = s.transmute_f32s_u32s(s.wrapping_dyn_shl_u32s(s.transmute_u32s_f32s(n), s.splat_u32s(23)));
     let n = s.sub_f32s(n, magic);
     let t = s.mul_add_f32s(n, s.splat_f32s(-LN2_HI), x);
     let t = s.mul_add_f32s(n, s.splat_f32s(-LN2_LO), t);

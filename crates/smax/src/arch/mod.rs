@@ -74,9 +74,7 @@ impl SimdLevel {
     pub fn default_level() -> SimdLevel {
         static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
         *LEVEL.get_or_init(|| {
-            let wanted = std::env::var("SMAX_SIMD")
-                .ok()
-                .and_then(|s| SimdLevel::parse(&s));
+            let wanted = std::env::var("SMAX_SIMD").ok().and_then(|s| SimdLevel::parse(&s));
             match wanted {
                 Some(l) => Self::clamp_to_available(l),
                 None => Self::detected(),
@@ -148,7 +146,7 @@ impl Isa for pulp::x86::V3 {
     fn stream_f32s(self, dst: &mut Self::f32s, v: Self::f32s) {
         use core::arch::x86_64::{__m256, _mm256_stream_ps};
         let p = dst as *mut Self::f32s as *mut f32;
-        if (p as usize) % 32 == 0 {
+        if (p as usize).is_multiple_of(32) {
             // SAFETY: `p` points to a live, exclusively borrowed 32-byte `f32x8` that we just
             // checked is 32-byte aligned, as `vmovntps` requires; the `V3` token proves AVX is
             // present; `f32x8` and `__m256` are both 32 plain bytes of eight f32s.
@@ -170,7 +168,7 @@ impl Isa for pulp::x86::V4 {
     fn stream_f32s(self, dst: &mut Self::f32s, v: Self::f32s) {
         use core::arch::x86_64::{__m512, _mm512_stream_ps};
         let p = dst as *mut Self::f32s as *mut f32;
-        if (p as usize) % 64 == 0 {
+        if (p as usize).is_multiple_of(64) {
             // SAFETY: `p` points to a live, exclusively borrowed 64-byte `f32x16` that we just
             // checked is 64-byte aligned, as `vmovntps zmm` requires; the `V4` token proves
             // AVX-512F is present; `f32x16` and `__m512` are both 64 plain bytes of f32s.

@@ -314,18 +314,10 @@ pub(crate) fn ext<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Ext) {
             let xv = load_padded(s, tail, 0.0);
             step(xv, Some(first_lanes(s, tail.len())), &mut v1, &mut e1);
         }
-        if lanes::<S>(bad)[..S::F32_LANES]
-            .iter()
-            .any(|b| !b.is_finite())
-        {
+        if lanes::<S>(bad)[..S::F32_LANES].iter().any(|b| !b.is_finite()) {
             st.nonfinite = true;
         }
-        let (lv0, le0, lv1, le1) = (
-            lanes::<S>(v0),
-            lanes::<S>(e0),
-            lanes::<S>(v1),
-            lanes::<S>(e1),
-        );
+        let (lv0, le0, lv1, le1) = (lanes::<S>(v0), lanes::<S>(e0), lanes::<S>(v1), lanes::<S>(e1));
         for i in 0..S::F32_LANES {
             st.add_scaled(lv0[i] as f64, le0[i] as f64);
             st.add_scaled(lv1[i] as f64, le1[i] as f64);
@@ -349,15 +341,7 @@ impl Ext {
 
 /// `y_i = exp((x_i − m)·k) · c`; with `stream`, aligned full vectors bypass the cache.
 #[inline(always)]
-pub(crate) fn write_softmax<S: Isa>(
-    s: S,
-    x: &[f32],
-    y: &mut [f32],
-    m: f32,
-    k: f32,
-    c: f32,
-    stream: bool,
-) {
+pub(crate) fn write_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, c: f32, stream: bool) {
     let vm = s.splat_f32s(m);
     let vk = s.splat_f32s(k);
     let vc = s.splat_f32s(c);
@@ -379,25 +363,13 @@ pub(crate) fn write_softmax<S: Isa>(
         }
     }
     if !xt.is_empty() {
-        store_partial(
-            s,
-            &mut y[n..x.len()],
-            f(load_padded(s, xt, f32::NEG_INFINITY)),
-        );
+        store_partial(s, &mut y[n..x.len()], f(load_padded(s, xt, f32::NEG_INFINITY)));
     }
 }
 
 /// `y_i = (x_i − m)·k − ls` (one rounding: fused multiply-add).
 #[inline(always)]
-pub(crate) fn write_log_softmax<S: Isa>(
-    s: S,
-    x: &[f32],
-    y: &mut [f32],
-    m: f32,
-    k: f32,
-    ls: f32,
-    stream: bool,
-) {
+pub(crate) fn write_log_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, ls: f32, stream: bool) {
     let vm = s.splat_f32s(m);
     let vk = s.splat_f32s(k);
     let vl = s.splat_f32s(-ls);
@@ -505,13 +477,7 @@ pub(crate) fn log_softmax_bwd<S: Isa>(s: S, y: &[f32], dy: &[f32], dx: &mut [f32
 }
 
 #[inline(always)]
-fn map2<S: Isa>(
-    s: S,
-    a: &[f32],
-    b: &[f32],
-    out: &mut [f32],
-    f: impl Fn(S::f32s, S::f32s) -> S::f32s,
-) {
+fn map2<S: Isa>(s: S, a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(S::f32s, S::f32s) -> S::f32s) {
     let (ah, at) = S::as_simd_f32s(a);
     let (bh, bt) = S::as_simd_f32s(b);
     let n = ah.len() * S::F32_LANES;

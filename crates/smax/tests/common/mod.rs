@@ -30,11 +30,7 @@ pub fn fsum(it: impl IntoIterator<Item = f64>) -> f64 {
     let (mut s, mut c) = (0.0f64, 0.0f64);
     for v in it {
         let t = s + v;
-        c += if s.abs() >= v.abs() {
-            (s - t) + v
-        } else {
-            (v - t) + s
-        };
+        c += if s.abs() >= v.abs() { (s - t) + v } else { (v - t) + s };
         s = t;
     }
     s + c
@@ -75,10 +71,7 @@ pub fn ref_softmax_bwd(y: &[f64], g: &[f64], tau: f64) -> Vec<f64> {
 
 pub fn ref_log_softmax_bwd(y: &[f64], g: &[f64], tau: f64) -> Vec<f64> {
     let s = fsum(g.iter().copied());
-    y.iter()
-        .zip(g)
-        .map(|(a, b)| (b - a.exp() * s) / tau)
-        .collect()
+    y.iter().zip(g).map(|(a, b)| (b - a.exp() * s) / tau).collect()
 }
 
 /// Final rounding of the element type (relative) and its absolute floor near zero.
