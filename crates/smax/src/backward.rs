@@ -192,22 +192,7 @@ fn rows_bwd<T: Element>(
         return;
     }
     if len <= CHUNK {
-        let per = par::rows_per_task(len);
-        let mut items = Vec::new();
-        let mut rest: &mut [T] = dx;
-        let mut r0 = 0;
-        while r0 < rows {
-            let cnt = per.min(rows - r0);
-            let cut = if r0 + cnt < rows {
-                cnt * ys
-            } else {
-                (cnt - 1) * ys + len
-            };
-            let (h, t) = rest.split_at_mut(cut);
-            rest = t;
-            items.push((r0, cnt, h));
-            r0 += cnt;
-        }
+        let items = par::row_groups(dx, rows, len, ys);
         par::for_each(opts.par, items, |_, (r0, cnt, dg)| {
             let yg = &y[r0 * xs..];
             let gg = dy.map(|d| &d[r0 * gs..]);
@@ -286,16 +271,7 @@ pub(crate) fn backward<T: Element>(
     let geom = crate::forward::row_geom(&y.layout, &dx.layout);
     if let Some(g) = geom {
         let gs = match &dy {
-            Some(d) => match d.layout.kind {
-                Kind::Rows { rows, len, stride } => {
-                    if rows <= 1 {
-                        len
-                    } else {
-                        stride
-                    }
-                }
-                Kind::Axis { axis, .. } => axis,
-            },
+            Some(d) => d.layout.row_stride().unwrap_or(g.ys),
             None => g.ys,
         };
         if T::REPR == Repr::F64 {

@@ -40,24 +40,15 @@ pub(crate) struct RowGeom {
     pub ys: usize,
 }
 
+/// The row geometry of two layouts of the same shape, when both are plain rows (axis
+/// layouts with `inner = 1` included).
 pub(crate) fn row_geom(x: &Layout, y: &Layout) -> Option<RowGeom> {
-    let fix = |rows: usize, len: usize, stride: usize| if rows <= 1 { len } else { stride };
-    match (x.kind, y.kind) {
-        (Kind::Rows { rows, len, stride: xs }, Kind::Rows { stride: ys, .. }) => Some(RowGeom {
-            rows,
-            len,
-            xs: fix(rows, len, xs),
-            ys: fix(rows, len, ys),
-        }),
-        // [outer, axis, 1] is just rows.
-        (Kind::Axis { outer, axis, inner: 1 }, Kind::Axis { .. }) => Some(RowGeom {
-            rows: outer,
-            len: axis,
-            xs: axis,
-            ys: axis,
-        }),
-        _ => None,
-    }
+    Some(RowGeom {
+        rows: x.row_count(),
+        len: x.row_len(),
+        xs: x.row_stride()?,
+        ys: y.row_stride()?,
+    })
 }
 
 fn fwd_params(op: FwdOp, p: &Plan, opts: &Options, out_bytes: usize) -> Fwd {
@@ -77,26 +68,9 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
         return;
     }
     if len <= CHUNK {
-        let per = par::rows_per_task(len);
-        let mut items = Vec::with_capacity(rows.div_ceil(per));
-        let mut rest: &mut [T] = y;
-        let mut r0 = 0;
-        while r0 < rows {
-            let cnt = per.min(rows - r0);
-            let take = ((cnt - 1) * ys + len).min(rest.len());
-            let (head, tail) = if r0 + cnt < rows {
-                let (h, t) = rest.split_at_mut(cnt * ys);
-                (h, t)
-            } else {
-                let (h, t) = rest.split_at_mut(take);
-                (h, t)
-            };
-            rest = tail;
+        let items = par::row_groups(y, rows, len, ys);
+        par::for_each(opts.par, items, |_, (r0, cnt, yg)| {
             let xg = x.map(|x| &x[r0 * xs..]);
-            items.push((xg, head, cnt));
-            r0 += cnt;
-        }
-        par::for_each(opts.par, items, |_, (xg, yg, cnt)| {
             dispatch(
                 level,
                 RowsFwd {
@@ -210,7 +184,7 @@ fn long_row_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, x: Option<
                 return;
             }
         }
-        let sp = kernel::classify::<T>(y_or_x(x, y));
+        let sp = kernel::classify::<T>(x.unwrap_or(y));
         kernel::fill(y, kernel::special_fill(sp, f.op, f.masked));
         return;
     }
@@ -220,13 +194,9 @@ fn long_row_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, x: Option<
             dispatch(level, Seg::Write(f, io, st));
         });
     } else {
-        let sp = kernel::classify::<T>(y_or_x(x, y));
+        let sp = kernel::classify::<T>(x.unwrap_or(y));
         kernel::fill(y, kernel::special_fill(sp, f.op, f.masked));
     }
-}
-
-fn y_or_x<'a, T>(x: Option<&'a [T]>, y: &'a [T]) -> &'a [T] {
-    x.unwrap_or(y)
 }
 
 /// Validates and runs a forward op into `y` (or in place when `x` is `None`).
@@ -290,7 +260,7 @@ pub(crate) fn logsumexp<T: Element>(x: View<'_, T>, out: &mut [T], opts: &Option
             par::for_each(opts.par, items, |_, (i, o)| {
                 let r0 = i * per;
                 dispatch(
-                    level_of(&p),
+                    p.level,
                     RowsLse {
                         x: &x.data[r0 * xs..],
                         out: o,
@@ -321,8 +291,4 @@ pub(crate) fn logsumexp<T: Element>(x: View<'_, T>, out: &mut [T], opts: &Option
         axis::logsumexp(&p, opts, outer, axis, inner, x.data, out);
     }
     Ok(())
-}
-
-fn level_of(p: &Plan) -> SimdLevel {
-    p.level
 }

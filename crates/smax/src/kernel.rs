@@ -235,6 +235,31 @@ pub(crate) fn seg_write<S: Isa, T: Element>(s: S, f: &Fwd, io: &mut Io<'_, T>, s
     }
 }
 
+/// Three-pass pass 2 on f32 data: `y = exp((x − m)·k)` stored, `Σ y` returned. In place, each
+/// tile is copied aside first (the kernel reads and writes separate slices).
+#[inline(always)]
+fn exp_store_sum_io<S: Isa, T: Element>(s: S, io: &mut Io<'_, T>, m: f32, kk: f32) -> f64 {
+    let mut d = 0.0f64;
+    match io {
+        Io::Sep(x, y) => {
+            if let (Some(xf), Some(yf)) = (T::as_f32(x), T::as_f32_mut(y)) {
+                k::exp_store_sum(s, xf, yf, m, kk, &mut d);
+            }
+        }
+        Io::Same(xy) => {
+            if let Some(yf) = T::as_f32_mut(xy) {
+                let mut buf = [0.0f32; TILE];
+                for c in yf.chunks_mut(TILE) {
+                    let b = &mut buf[..c.len()];
+                    b.copy_from_slice(c);
+                    k::exp_store_sum(s, b, c, m, kk, &mut d);
+                }
+            }
+        }
+    }
+    d
+}
+
 /// Fills a row with one value.
 pub(crate) fn fill<T: Element>(y: &mut [T], v: f64) {
     let v = T::from_f64(v);
@@ -281,24 +306,7 @@ pub(crate) fn row_fwd<S: Isa, T: Element>(s: S, f: &Fwd, mut io: Io<'_, T>) {
     if alg == Algorithm::ThreePass && f.op == FwdOp::Softmax && T::as_f32(io.x()).is_some() {
         let m = seg_max(s, io.x());
         if m.is_finite() {
-            let mut d = 0.0f64;
-            match &mut io {
-                Io::Sep(x, y) => {
-                    if let (Some(xf), Some(yf)) = (T::as_f32(x), T::as_f32_mut(y)) {
-                        k::exp_store_sum(s, xf, yf, m, f.k, &mut d);
-                    }
-                }
-                Io::Same(xy) => {
-                    if let Some(yf) = T::as_f32_mut(xy) {
-                        let mut buf = [0.0f32; TILE];
-                        for c in yf.chunks_mut(TILE) {
-                            let b = &mut buf[..c.len()];
-                            b.copy_from_slice(c);
-                            k::exp_store_sum(s, b, c, m, f.k, &mut d);
-                        }
-                    }
-                }
-            }
+            let d = exp_store_sum_io(s, &mut io, m, f.k);
             if regular(Online { m, d }) {
                 let c = (1.0 / d) as f32;
                 if let Some(yf) = T::as_f32_mut(io.y()) {
@@ -424,24 +432,7 @@ impl<T: Element> Task for Seg<'_, T> {
             Seg::Online(x, kk) => SegOut::Online(seg_online(s, x, kk)),
             Seg::Ext(x, kk) => SegOut::Ext(seg_ext(s, x, kk)),
             Seg::ExpStoreSum(mut io, m, kk) => {
-                let mut d = 0.0;
-                match &mut io {
-                    Io::Sep(x, y) => {
-                        if let (Some(xf), Some(yf)) = (T::as_f32(x), T::as_f32_mut(y)) {
-                            k::exp_store_sum(s, xf, yf, m, kk, &mut d);
-                        }
-                    }
-                    Io::Same(xy) => {
-                        if let Some(yf) = T::as_f32_mut(xy) {
-                            let mut buf = [0.0f32; TILE];
-                            for c in yf.chunks_mut(TILE) {
-                                let b = &mut buf[..c.len()];
-                                b.copy_from_slice(c);
-                                k::exp_store_sum(s, b, c, m, kk, &mut d);
-                            }
-                        }
-                    }
-                }
+                let d = exp_store_sum_io(s, &mut io, m, kk);
                 SegOut::Sum(d)
             }
             Seg::Scale(y, c) => {

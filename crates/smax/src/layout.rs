@@ -67,6 +67,17 @@ impl Layout {
         }
     }
 
+    /// Distance between consecutive rows when rows are contiguous runs of elements (row
+    /// layouts, and axis layouts with `inner = 1`); `None` for other axis layouts. A single
+    /// row's stride is irrelevant and reported as its length.
+    pub(crate) fn row_stride(&self) -> Option<usize> {
+        match self.kind {
+            Kind::Rows { rows, len, stride } => Some(if rows <= 1 { len } else { stride }),
+            Kind::Axis { axis, inner: 1, .. } => Some(axis),
+            Kind::Axis { .. } => None,
+        }
+    }
+
     /// The number of buffer elements the layout addresses (one past the last element used).
     pub fn required_len(&self) -> Option<usize> {
         match self.kind {

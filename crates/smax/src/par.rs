@@ -16,6 +16,29 @@ pub(crate) fn rows_per_task(len: usize) -> usize {
     (GRAIN / len.max(1)).max(1)
 }
 
+/// Splits the output of `rows` rows (row `r` at `r * stride`, `len` elements) into disjoint
+/// groups of [`rows_per_task`] rows: `(first row, row count, the group's slice)`.
+pub(crate) fn row_groups<T>(y: &mut [T], rows: usize, len: usize, stride: usize) -> Vec<(usize, usize, &mut [T])> {
+    let per = rows_per_task(len);
+    let mut items = Vec::with_capacity(rows.div_ceil(per));
+    let mut rest = y;
+    let mut r0 = 0;
+    while r0 < rows {
+        let cnt = per.min(rows - r0);
+        // The last group ends at its last row's end (the buffer may stop there).
+        let cut = if r0 + cnt < rows {
+            cnt * stride
+        } else {
+            (cnt - 1) * stride + len
+        };
+        let (head, tail) = rest.split_at_mut(cut);
+        items.push((r0, cnt, head));
+        rest = tail;
+        r0 += cnt;
+    }
+    items
+}
+
 /// Runs `f(i, item)` for every item, in parallel under `Par::Rayon`.
 pub(crate) fn for_each<I, F>(par: Par, items: Vec<I>, f: F)
 where

@@ -151,34 +151,13 @@ fn f64s_mut<T: Element>(s: &mut [T]) -> &mut [f64] {
     T::as_f64_mut(s).unwrap_or(&mut [])
 }
 
-/// Row groups of `y`, each paired with its first row index.
-fn groups<T>(y: &mut [T], g: RowGeom) -> Vec<(usize, usize, &mut [T])> {
-    let per = par::rows_per_task(g.len);
-    let mut items = Vec::new();
-    let mut rest = y;
-    let mut r0 = 0;
-    while r0 < g.rows {
-        let cnt = per.min(g.rows - r0);
-        let cut = if r0 + cnt < g.rows {
-            cnt * g.ys
-        } else {
-            (cnt - 1) * g.ys + g.len
-        };
-        let (h, t) = rest.split_at_mut(cut);
-        items.push((r0, cnt, h));
-        rest = t;
-        r0 += cnt;
-    }
-    items
-}
-
 pub(crate) fn rows_fwd<T: Element>(f: Fwd, k: f64, opts: &Options, g: RowGeom, x: Option<&[T]>, y: &mut [T]) {
     if g.rows == 0 || g.len == 0 {
         return;
     }
     let x = x.map(f64s);
     let y = f64s_mut(y);
-    par::for_each(opts.par, groups(y, g), |_, (r0, cnt, yg)| {
+    par::for_each(opts.par, par::row_groups(y, g.rows, g.len, g.ys), |_, (r0, cnt, yg)| {
         let mut tmp = Vec::new();
         for i in 0..cnt {
             let yr = &mut yg[i * g.ys..i * g.ys + g.len];
@@ -221,20 +200,24 @@ pub(crate) fn rows_bwd<T: Element>(
     let y = f64s(y);
     let dy = dy.map(f64s);
     let dx = f64s_mut(dx);
-    par::for_each(opts.par, groups(dx, g), |_, (r0, cnt, dg)| {
-        let mut tmp = Vec::new();
-        for i in 0..cnt {
-            let r = r0 + i;
-            let yr = &y[r * g.xs..r * g.xs + g.len];
-            let dr = &mut dg[i * g.ys..i * g.ys + g.len];
-            match dy {
-                Some(d) => row_bwd(log, k, yr, &d[r * gs..r * gs + g.len], dr),
-                None => {
-                    tmp.clear();
-                    tmp.extend_from_slice(dr);
-                    row_bwd(log, k, yr, &tmp, dr);
+    par::for_each(
+        opts.par,
+        par::row_groups(dx, g.rows, g.len, g.ys),
+        |_, (r0, cnt, dg)| {
+            let mut tmp = Vec::new();
+            for i in 0..cnt {
+                let r = r0 + i;
+                let yr = &y[r * g.xs..r * g.xs + g.len];
+                let dr = &mut dg[i * g.ys..i * g.ys + g.len];
+                match dy {
+                    Some(d) => row_bwd(log, k, yr, &d[r * gs..r * gs + g.len], dr),
+                    None => {
+                        tmp.clear();
+                        tmp.extend_from_slice(dr);
+                        row_bwd(log, k, yr, &tmp, dr);
+                    }
                 }
             }
-        }
-    });
+        },
+    );
 }

@@ -27,7 +27,6 @@ fn zip4<S: Isa>(
     c: &[f32],
     f: impl Fn(S::f32s, S::f32s, S::f32s, S::f32s) -> S::f32s,
 ) {
-    let _ = s;
     let w = out.len();
     let z = s.splat_f32s(0.0);
     let l = S::F32_LANES;

@@ -15,18 +15,16 @@ pub(crate) const BLOCK: usize = 256;
 const MAX_LANES: usize = 16;
 
 #[inline(always)]
-fn load_padded<S: Isa>(s: S, tail: &[f32], fill: f32) -> S::f32s {
+fn load_padded<S: Isa>(tail: &[f32], fill: f32) -> S::f32s {
     let mut buf = [fill; MAX_LANES];
     buf[..tail.len()].copy_from_slice(tail);
-    let _ = s;
     S::as_simd_f32s(&buf[..S::F32_LANES]).0[0]
 }
 
 #[inline(always)]
-fn store_partial<S: Isa>(s: S, dst: &mut [f32], v: S::f32s) {
+fn store_partial<S: Isa>(dst: &mut [f32], v: S::f32s) {
     let mut buf = [0.0f32; MAX_LANES];
     S::as_mut_simd_f32s(&mut buf[..S::F32_LANES]).0[0] = v;
-    let _ = s;
     let n = dst.len();
     dst.copy_from_slice(&buf[..n]);
 }
@@ -65,7 +63,7 @@ pub(crate) fn max<S: Isa>(s: S, x: &[f32]) -> f32 {
         a0 = s.max_f32s(a0, v);
     }
     if !tail.is_empty() {
-        a1 = s.max_f32s(a1, load_padded(s, tail, f32::NEG_INFINITY));
+        a1 = s.max_f32s(a1, load_padded::<S>(tail, f32::NEG_INFINITY));
     }
     let a = s.max_f32s(s.max_f32s(a0, a1), s.max_f32s(a2, a3));
     s.reduce_max_f32s(a)
@@ -118,10 +116,10 @@ fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f3
         }
     }
     if !tail.is_empty() {
-        let e = f(load_padded(s, tail, f32::NEG_INFINITY));
+        let e = f(load_padded::<S>(tail, f32::NEG_INFINITY));
         if let Some(y) = y {
             let n = x.len();
-            store_partial(s, &mut y[n - tail.len()..n], e);
+            store_partial::<S>(&mut y[n - tail.len()..n], e);
         }
         a1 = s.add_f32s(a1, e);
     }
@@ -311,7 +309,7 @@ pub(crate) fn ext<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Ext) {
             step(xv, None, &mut v0, &mut e0);
         }
         if !tail.is_empty() {
-            let xv = load_padded(s, tail, 0.0);
+            let xv = load_padded::<S>(tail, 0.0);
             step(xv, Some(first_lanes(s, tail.len())), &mut v1, &mut e1);
         }
         if lanes::<S>(bad)[..S::F32_LANES].iter().any(|b| !b.is_finite()) {
@@ -363,7 +361,7 @@ pub(crate) fn write_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f
         }
     }
     if !xt.is_empty() {
-        store_partial(s, &mut y[n..x.len()], f(load_padded(s, xt, f32::NEG_INFINITY)));
+        store_partial::<S>(&mut y[n..x.len()], f(load_padded::<S>(xt, f32::NEG_INFINITY)));
     }
 }
 
@@ -391,7 +389,7 @@ pub(crate) fn write_log_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, 
         }
     }
     if !xt.is_empty() {
-        store_partial(s, &mut y[n..x.len()], f(load_padded(s, xt, 0.0)));
+        store_partial::<S>(&mut y[n..x.len()], f(load_padded::<S>(xt, 0.0)));
     }
 }
 
@@ -413,7 +411,7 @@ fn dot_block<S: Isa>(s: S, a: &[f32], b: &[f32]) -> f32 {
         a0 = s.mul_add_f32s(c, d, a0);
     }
     if !at.is_empty() {
-        a1 = s.mul_add_f32s(load_padded(s, at, 0.0), load_padded(s, bt, 0.0), a1);
+        a1 = s.mul_add_f32s(load_padded::<S>(at, 0.0), load_padded::<S>(bt, 0.0), a1);
     }
     s.reduce_sum_f32s(s.add_f32s(s.add_f32s(a0, a1), s.add_f32s(a2, a3)))
 }
@@ -444,7 +442,7 @@ pub(crate) fn sum_and_max<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, mx:
             a0 = s.add_f32s(a0, v);
         }
         if !t.is_empty() {
-            a1 = s.add_f32s(a1, load_padded(s, t, 0.0));
+            a1 = s.add_f32s(a1, load_padded::<S>(t, 0.0));
         }
         *acc += s.reduce_sum_f32s(s.add_f32s(s.add_f32s(a0, a1), s.add_f32s(a2, a3))) as f64;
         let bm = max(s, y);
@@ -462,7 +460,7 @@ pub(crate) fn softmax_bwd<S: Isa>(s: S, y: &[f32], dy: &[f32], dx: &mut [f32], d
         #[inline(always)]
         |a: S::f32s, g: S::f32s| s.mul_f32s(a, s.sub_f32s(g, vd)),
     );
-    map2(s, y, dy, dx, f);
+    map2::<S>(y, dy, dx, f);
 }
 
 /// Log-softmax backward map: `dx_i = dy_i − exp(y_i)·sum`.
@@ -473,11 +471,11 @@ pub(crate) fn log_softmax_bwd<S: Isa>(s: S, y: &[f32], dy: &[f32], dx: &mut [f32
         #[inline(always)]
         |a: S::f32s, g: S::f32s| s.mul_add_f32s(exp(s, a), vs, g),
     );
-    map2(s, y, dy, dx, f);
+    map2::<S>(y, dy, dx, f);
 }
 
 #[inline(always)]
-fn map2<S: Isa>(s: S, a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(S::f32s, S::f32s) -> S::f32s) {
+fn map2<S: Isa>(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(S::f32s, S::f32s) -> S::f32s) {
     let (ah, at) = S::as_simd_f32s(a);
     let (bh, bt) = S::as_simd_f32s(b);
     let n = ah.len() * S::F32_LANES;
@@ -486,7 +484,7 @@ fn map2<S: Isa>(s: S, a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(S::f32s,
         *o = f(x, y);
     }
     if !at.is_empty() {
-        let v = f(load_padded(s, at, 0.0), load_padded(s, bt, 0.0));
-        store_partial(s, &mut out[n..a.len()], v);
+        let v = f(load_padded::<S>(at, 0.0), load_padded::<S>(bt, 0.0));
+        store_partial::<S>(&mut out[n..a.len()], v);
     }
 }
