@@ -234,8 +234,8 @@ proptest! {
         let want = ref_softmax(&xd, 1.0);
         let m = xd.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         for i in 0..n {
-            let tol = softmax_bound::<f32>(want[i], (xd[i] - m).abs() + 2.0 * sh.abs() as f64 * 0.0, n)
-                + (2.0 * (xd[i] - m).abs() + 2.0) * U32 * want[i] * if alg == Algorithm::TwoPass { (sh.abs() as f64).max(1.0) } else { 1.0 };
+            // The shifted row is exact in f32, so the same bound holds for every algorithm.
+            let tol = softmax_bound::<f32>(want[i], (xd[i] - m).abs(), n);
             prop_assert!(close(b[i] as f64, want[i], tol), "shifted i={} {} vs {}", i, b[i], want[i]);
             prop_assert!(close(a[i] as f64, want[i], softmax_bound::<f32>(want[i], (xd[i] - m).abs(), n)));
         }
