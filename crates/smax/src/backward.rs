@@ -5,12 +5,12 @@
 //!   (a fully masked row under [`MaskedRow::Zero`](crate::MaskedRow::Zero)) gets `dx = 0`.
 
 use crate::arch::rows::{self as k};
-use crate::arch::{Isa, SimdLevel, Task, dispatch, inl};
+use crate::arch::{Isa, SimdLevel, Task, dispatch, inl, prefetch};
 use crate::axis;
 use crate::element::{Element, Repr};
 use crate::error::{Error, Result};
 use crate::forward::{RowGeom, plan};
-use crate::kernel::TILE;
+use crate::kernel::{TILE, rows_ahead};
 use crate::layout::{Kind, View, ViewMut};
 use crate::options::Options;
 use crate::par::{self, CHUNK};
@@ -131,7 +131,16 @@ impl<T: Element> Task for RowsBwd<'_, T> {
             g,
             gs,
         } = self;
+        let ahead = rows_ahead(g.len);
         for r in 0..rows {
+            if ahead < rows - r {
+                let q = r + ahead;
+                prefetch(&y[q * g.xs..q * g.xs + g.len]);
+                match dy {
+                    Some(d) => prefetch(&d[q * gs..q * gs + g.len]),
+                    None => prefetch(&dx[q * g.ys..q * g.ys + g.len]),
+                }
+            }
             let yr = &y[r * g.xs..r * g.xs + g.len];
             let dr = &mut dx[r * g.ys..r * g.ys + g.len];
             let gr = dy.map(|d| &d[r * gs..r * gs + g.len]);

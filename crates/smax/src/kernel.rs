@@ -6,7 +6,18 @@
 //! reduction block, so tiling never changes a result).
 
 use crate::arch::rows::{self as k, BLOCK, Ext, Online};
-use crate::arch::{Isa, Task};
+use crate::arch::{Isa, PREFETCH_AHEAD, Task, prefetch};
+
+/// How many rows ahead a batch of short rows prefetches (about `PREFETCH_AHEAD` elements);
+/// `usize::MAX` (never) for rows at least that long, which the kernels prefetch from inside.
+#[inline(always)]
+pub(crate) fn rows_ahead(len: usize) -> usize {
+    if len >= PREFETCH_AHEAD {
+        usize::MAX
+    } else {
+        PREFETCH_AHEAD.div_ceil(len.max(1))
+    }
+}
 use crate::element::Element;
 use crate::options::{Algorithm, MaskedRow};
 
@@ -369,7 +380,15 @@ impl<T: Element> Task for RowsFwd<'_, T> {
             xs,
             ys,
         } = self;
+        let ahead = rows_ahead(len);
         for r in 0..rows {
+            if ahead < rows - r {
+                let q = r + ahead;
+                match x {
+                    Some(x) => prefetch(&x[q * xs..q * xs + len]),
+                    None => prefetch(&y[q * ys..q * ys + len]),
+                }
+            }
             let yr = &mut y[r * ys..r * ys + len];
             let io = match x {
                 Some(x) => Io::Sep(&x[r * xs..r * xs + len], yr),
@@ -395,7 +414,13 @@ impl<T: Element> Task for RowsLse<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, s: S) {
+        let ahead = rows_ahead(self.len);
+        let rows = self.out.len();
         for (r, o) in self.out.iter_mut().enumerate() {
+            if ahead < rows - r {
+                let q = r + ahead;
+                prefetch(&self.x[q * self.xs..q * self.xs + self.len]);
+            }
             let xr = &self.x[r * self.xs..r * self.xs + self.len];
             *o = T::from_f64(row_lse(s, xr, self.alg, self.k, self.k64));
         }

@@ -7,7 +7,7 @@
 //! for bit) depends on the row alone, never on how a call tiles, chunks or threads it.
 
 use super::exp::{exp, exp_ext, pow2_nonpositive};
-use super::{Isa, inl, inl_mut};
+use super::{Isa, inl, inl_mut, prefetch_ahead};
 
 /// Reduction block length (elements).
 pub(crate) const BLOCK: usize = 256;
@@ -129,7 +129,8 @@ fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f3
 /// `acc += Σ exp((x_i − m)·k)`, in blocks (f32 inside a block, f64 across blocks).
 #[inline(always)]
 pub(crate) fn sum_exp<S: Isa>(s: S, x: &[f32], m: f32, k: f32, acc: &mut f64) {
-    for blk in x.chunks(BLOCK) {
+    for (i, blk) in x.chunks(BLOCK).enumerate() {
+        prefetch_ahead(x, i * BLOCK, BLOCK);
         *acc += sum_exp_block(s, blk, m, k, None) as f64;
     }
 }
@@ -137,7 +138,8 @@ pub(crate) fn sum_exp<S: Isa>(s: S, x: &[f32], m: f32, k: f32, acc: &mut f64) {
 /// `y_i = exp((x_i − m)·k)` and `acc += Σ y_i` (pass 2 of the three-pass algorithm).
 #[inline(always)]
 pub(crate) fn exp_store_sum<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, acc: &mut f64) {
-    for (blk, yb) in x.chunks(BLOCK).zip(y.chunks_mut(BLOCK)) {
+    for (i, (blk, yb)) in x.chunks(BLOCK).zip(y.chunks_mut(BLOCK)).enumerate() {
+        prefetch_ahead(x, i * BLOCK, BLOCK);
         *acc += sum_exp_block(s, blk, m, k, Some(yb)) as f64;
     }
 }
@@ -194,7 +196,8 @@ impl Online {
 /// NaN so that a NaN can never hide in a masked block.
 #[inline(always)]
 pub(crate) fn online<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Online) {
-    for blk in x.chunks(BLOCK) {
+    for (i, blk) in x.chunks(BLOCK).enumerate() {
+        prefetch_ahead(x, i * BLOCK, BLOCK);
         let bm = max(s, blk);
         if bm == f32::NEG_INFINITY {
             if blk.iter().any(|v| v.is_nan()) {
@@ -337,60 +340,62 @@ impl Ext {
     }
 }
 
-/// `y_i = exp((x_i − m)·k) · c`; with `stream`, aligned full vectors bypass the cache.
+/// `y_i = f(x_i)` over a row, prefetching ahead; with `stream`, aligned full vectors bypass the
+/// cache. Tail lanes are padded with `fill`.
 #[inline(always)]
-pub(crate) fn write_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, c: f32, stream: bool) {
-    let vm = s.splat_f32s(m);
-    let vk = s.splat_f32s(k);
-    let vc = s.splat_f32s(c);
-    let f = inl(
-        #[inline(always)]
-        |v: S::f32s| s.mul_f32s(exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk)), vc),
-    );
+fn write_map<S: Isa>(s: S, x: &[f32], y: &mut [f32], stream: bool, fill: f32, f: impl Fn(S::f32s) -> S::f32s) {
     let (xh, xt) = S::as_simd_f32s(x);
     let n = xh.len() * S::F32_LANES;
     let (yh, _) = S::as_mut_simd_f32s(&mut y[..n]);
+    let per = BLOCK / S::F32_LANES;
+    for (i, (xb, yb)) in xh.chunks(per).zip(yh.chunks_mut(per)).enumerate() {
+        prefetch_ahead(x, i * BLOCK, BLOCK);
+        if stream {
+            for (d, &v) in yb.iter_mut().zip(xb) {
+                s.stream_f32s(d, f(v));
+            }
+        } else {
+            for (d, &v) in yb.iter_mut().zip(xb) {
+                *d = f(v);
+            }
+        }
+    }
     if stream {
-        for (d, &v) in yh.iter_mut().zip(xh) {
-            s.stream_f32s(d, f(v));
-        }
         s.stream_fence();
-    } else {
-        for (d, &v) in yh.iter_mut().zip(xh) {
-            *d = f(v);
-        }
     }
     if !xt.is_empty() {
-        store_partial::<S>(&mut y[n..x.len()], f(load_padded::<S>(xt, f32::NEG_INFINITY)));
+        store_partial::<S>(&mut y[n..x.len()], f(load_padded::<S>(xt, fill)));
     }
+}
+
+/// `y_i = exp((x_i − m)·k) · c`; with `stream`, aligned full vectors bypass the cache.
+#[inline(always)]
+pub(crate) fn write_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, c: f32, stream: bool) {
+    let (vm, vk, vc) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(c));
+    write_map(
+        s,
+        x,
+        y,
+        stream,
+        f32::NEG_INFINITY,
+        #[inline(always)]
+        |v: S::f32s| s.mul_f32s(exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk)), vc),
+    );
 }
 
 /// `y_i = (x_i − m)·k − ls` (one rounding: fused multiply-add).
 #[inline(always)]
 pub(crate) fn write_log_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, ls: f32, stream: bool) {
-    let vm = s.splat_f32s(m);
-    let vk = s.splat_f32s(k);
-    let vl = s.splat_f32s(-ls);
-    let f = inl(
+    let (vm, vk, vl) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(-ls));
+    write_map(
+        s,
+        x,
+        y,
+        stream,
+        0.0,
         #[inline(always)]
         |v: S::f32s| s.mul_add_f32s(s.sub_f32s(v, vm), vk, vl),
     );
-    let (xh, xt) = S::as_simd_f32s(x);
-    let n = xh.len() * S::F32_LANES;
-    let (yh, _) = S::as_mut_simd_f32s(&mut y[..n]);
-    if stream {
-        for (d, &v) in yh.iter_mut().zip(xh) {
-            s.stream_f32s(d, f(v));
-        }
-        s.stream_fence();
-    } else {
-        for (d, &v) in yh.iter_mut().zip(xh) {
-            *d = f(v);
-        }
-    }
-    if !xt.is_empty() {
-        store_partial::<S>(&mut y[n..x.len()], f(load_padded::<S>(xt, 0.0)));
-    }
 }
 
 #[inline(always)]
@@ -419,7 +424,9 @@ fn dot_block<S: Isa>(s: S, a: &[f32], b: &[f32]) -> f32 {
 /// `acc += Σ a_i·b_i` in blocks.
 #[inline(always)]
 pub(crate) fn dot<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64) {
-    for (x, y) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
+    for (i, (x, y)) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).enumerate() {
+        prefetch_ahead(a, i * BLOCK, BLOCK);
+        prefetch_ahead(b, i * BLOCK, BLOCK);
         *acc += dot_block(s, x, y) as f64;
     }
 }
@@ -427,7 +434,9 @@ pub(crate) fn dot<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64) {
 /// `acc += Σ a_i` in blocks, and `mx = max(mx, max_i b_i)`.
 #[inline(always)]
 pub(crate) fn sum_and_max<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, mx: &mut f32) {
-    for (x, y) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
+    for (i, (x, y)) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).enumerate() {
+        prefetch_ahead(a, i * BLOCK, BLOCK);
+        prefetch_ahead(b, i * BLOCK, BLOCK);
         let z = s.splat_f32s(0.0);
         let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
         let (h, t) = S::as_simd_f32s(x);
