@@ -5,12 +5,12 @@
 //!   (a fully masked row under [`MaskedRow::Zero`](crate::MaskedRow::Zero)) gets `dx = 0`.
 
 use crate::arch::rows::{self as k};
-use crate::arch::{Isa, SimdLevel, Task, dispatch, inl, prefetch};
+use crate::arch::{Ahead, Isa, SimdLevel, Task, dispatch, inl};
 use crate::axis;
 use crate::element::{Element, Repr};
 use crate::error::{Error, Result};
 use crate::forward::{RowGeom, plan};
-use crate::kernel::{TILE, rows_ahead};
+use crate::kernel::{TILE, ahead};
 use crate::layout::{Kind, View, ViewMut};
 use crate::options::Options;
 use crate::par::{self, CHUNK};
@@ -18,39 +18,47 @@ use crate::scalar64;
 
 /// Calls `f` on f32 tiles of two equally long inputs.
 #[inline(always)]
-fn read2<T: Element>(a: &[T], b: &[T], mut f: impl FnMut(&[f32], &[f32])) {
+fn read2<'p, T: Element>(
+    a: &[T],
+    b: &[T],
+    (pa, pb): (Ahead<'p>, Ahead<'p>),
+    mut f: impl FnMut(&[f32], &[f32], Ahead<'p>, Ahead<'p>),
+) {
     if let (Some(af), Some(bf)) = (T::as_f32(a), T::as_f32(b)) {
-        f(af, bf);
+        f(af, bf, pa, pb);
         return;
     }
     let mut ba = [0.0f32; TILE];
     let mut bb = [0.0f32; TILE];
-    for (ca, cb) in a.chunks(TILE).zip(b.chunks(TILE)) {
+    for (i, (ca, cb)) in a.chunks(TILE).zip(b.chunks(TILE)).enumerate() {
         let n = ca.len();
         T::load_f32(ca, &mut ba[..n]);
         T::load_f32(cb, &mut bb[..n]);
-        f(&ba[..n], &bb[..n]);
+        f(&ba[..n], &bb[..n], pa.skip(i * TILE), pb.skip(i * TILE));
     }
 }
 
 /// The reduction of one segment: `(Σ y·dy or Σ dy, max y)`.
 #[inline(always)]
-fn reduce<S: Isa, T: Element>(s: S, log: bool, y: &[T], dy: &[T]) -> (f64, f32) {
+/// `py`, `pg`: prefetch domains of `y` and `dy`.
+fn reduce<S: Isa, T: Element>(s: S, log: bool, y: &[T], dy: &[T], py: Ahead, pg: Ahead) -> (f64, f32) {
     let mut acc = 0.0f64;
     let mut mx = f32::NEG_INFINITY;
     if log {
         read2(
             dy,
             y,
+            (pg, py),
             #[inline(always)]
-            |g, yy| k::sum_and_max(s, g, yy, &mut acc, &mut mx),
+            |g, yy, p1, p2| k::sum_and_max(s, g, yy, &mut acc, &mut mx, p1, p2),
         );
     } else {
         read2(
             y,
             dy,
+            (py, pg),
             #[inline(always)]
-            |yy, g| k::dot(s, yy, g, &mut acc),
+            |yy, g, p1, p2| k::dot(s, yy, g, &mut acc, p1, p2),
         );
     }
     (acc, mx)
@@ -98,10 +106,18 @@ fn map<S: Isa, T: Element>(s: S, log: bool, kk: f32, r: f32, zero: bool, y: &[T]
 }
 
 #[inline(always)]
-fn row_bwd<S: Isa, T: Element>(s: S, log: bool, kk: f32, y: &[T], dy: Option<&[T]>, dx: &mut [T]) {
+fn row_bwd<S: Isa, T: Element>(
+    s: S,
+    log: bool,
+    kk: f32,
+    y: &[T],
+    dy: Option<&[T]>,
+    dx: &mut [T],
+    (py, pg): (Ahead, Ahead),
+) {
     let (acc, mx) = match dy {
-        Some(d) => reduce(s, log, y, d),
-        None => reduce(s, log, y, dx),
+        Some(d) => reduce(s, log, y, d, py, pg),
+        None => reduce(s, log, y, dx, py, Ahead::NONE),
     };
     map(s, log, kk, acc as f32, log && mx == f32::NEG_INFINITY, y, dy, dx);
 }
@@ -131,20 +147,14 @@ impl<T: Element> Task for RowsBwd<'_, T> {
             g,
             gs,
         } = self;
-        let ahead = rows_ahead(g.len);
+        // Prefetch domains run to the end of the inputs, as in the forward tasks (the in-place
+        // gradient: none, it is borrowed mutably).
         for r in 0..rows {
-            if ahead < rows - r {
-                let q = r + ahead;
-                prefetch(&y[q * g.xs..q * g.xs + g.len]);
-                match dy {
-                    Some(d) => prefetch(&d[q * gs..q * gs + g.len]),
-                    None => prefetch(&dx[q * g.ys..q * g.ys + g.len]),
-                }
-            }
             let yr = &y[r * g.xs..r * g.xs + g.len];
             let dr = &mut dx[r * g.ys..r * g.ys + g.len];
             let gr = dy.map(|d| &d[r * gs..r * gs + g.len]);
-            row_bwd(s, log, kk, yr, gr, dr);
+            let pg = dy.map_or(Ahead::NONE, |d| ahead(&d[r * gs..]));
+            row_bwd(s, log, kk, yr, gr, dr, (ahead(&y[r * g.xs..]), pg));
         }
     }
 }
@@ -167,7 +177,7 @@ impl<T: Element> Task for SegBwd<'_, T> {
     #[inline(always)]
     fn run<S: Isa>(self, s: S) -> (f64, f32) {
         match self {
-            SegBwd::Reduce(log, y, dy) => reduce(s, log, y, dy),
+            SegBwd::Reduce(log, y, dy) => reduce(s, log, y, dy, ahead(y), ahead(dy)),
             SegBwd::Map {
                 log,
                 kk,

@@ -25,7 +25,9 @@ pub enum Repr {
 
 /// An element type the kernels accept: `f32`, `f64`, [`half::f16`] or [`half::bf16`].
 /// Sealed: the numerics of each type are documented and tested here.
-pub trait Element: Copy + Send + Sync + Default + PartialEq + core::fmt::Debug + sealed::Sealed + 'static {
+pub trait Element:
+    Copy + Send + Sync + Default + PartialEq + core::fmt::Debug + bytemuck::Pod + sealed::Sealed + 'static
+{
     /// Short name (`"f32"`, `"f64"`, `"f16"`, `"bf16"`).
     const NAME: &'static str;
     #[doc(hidden)]
@@ -46,6 +48,9 @@ pub trait Element: Copy + Send + Sync + Default + PartialEq + core::fmt::Debug +
     fn as_f64(s: &[Self]) -> Option<&[f64]>;
     #[doc(hidden)]
     fn as_f64_mut(s: &mut [Self]) -> Option<&mut [f64]>;
+    /// The bytes of a slice (for prefetching).
+    #[doc(hidden)]
+    fn as_bytes(s: &[Self]) -> &[u8];
     /// Converts a slice to f32 (`dst.len() == src.len()`).
     #[doc(hidden)]
     fn load_f32(src: &[Self], dst: &mut [f32]);
@@ -81,6 +86,9 @@ impl Element for f32 {
     fn as_f64_mut(_: &mut [Self]) -> Option<&mut [f64]> {
         None
     }
+    fn as_bytes(s: &[Self]) -> &[u8] {
+        bytemuck::cast_slice(s)
+    }
     fn load_f32(src: &[Self], dst: &mut [f32]) {
         dst.copy_from_slice(src)
     }
@@ -115,6 +123,9 @@ impl Element for f64 {
     }
     fn as_f64_mut(s: &mut [Self]) -> Option<&mut [f64]> {
         Some(s)
+    }
+    fn as_bytes(s: &[Self]) -> &[u8] {
+        bytemuck::cast_slice(s)
     }
     fn load_f32(src: &[Self], dst: &mut [f32]) {
         for (d, s) in dst.iter_mut().zip(src) {
@@ -156,6 +167,9 @@ macro_rules! narrow {
             }
             fn as_f64_mut(_: &mut [Self]) -> Option<&mut [f64]> {
                 None
+            }
+            fn as_bytes(s: &[Self]) -> &[u8] {
+                bytemuck::cast_slice(s)
             }
             fn load_f32(src: &[Self], dst: &mut [f32]) {
                 use half::slice::HalfFloatSliceExt;

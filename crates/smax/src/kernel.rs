@@ -6,20 +6,15 @@
 //! reduction block, so tiling never changes a result).
 
 use crate::arch::rows::{self as k, BLOCK, Ext, Online};
-use crate::arch::{Isa, PREFETCH_AHEAD, Task, prefetch};
-
-/// How many rows ahead a batch of short rows prefetches (about `PREFETCH_AHEAD` elements);
-/// `usize::MAX` (never) for rows at least that long, which the kernels prefetch from inside.
-#[inline(always)]
-pub(crate) fn rows_ahead(len: usize) -> usize {
-    if len >= PREFETCH_AHEAD {
-        usize::MAX
-    } else {
-        PREFETCH_AHEAD.div_ceil(len.max(1))
-    }
-}
+use crate::arch::{Ahead, Isa, Task};
 use crate::element::Element;
 use crate::options::{Algorithm, MaskedRow};
+
+/// The prefetch domain of `data` (see [`Ahead`]).
+#[inline(always)]
+pub(crate) fn ahead<T: Element>(data: &[T]) -> Ahead<'_> {
+    Ahead::new(T::as_bytes(data), core::mem::size_of::<T>())
+}
 
 pub(crate) const TILE: usize = 4 * BLOCK;
 
@@ -53,6 +48,13 @@ impl<'a, T: Element> Io<'a, T> {
             Io::Same(xy) => xy,
         }
     }
+    /// The prefetch domain of a separate input (none in place: the output borrows it).
+    fn sep_ahead(&self) -> Ahead<'a> {
+        match self {
+            Io::Sep(x, _) => ahead(x),
+            Io::Same(_) => Ahead::NONE,
+        }
+    }
     fn y(&mut self) -> &mut [T] {
         match self {
             Io::Sep(_, y) => y,
@@ -63,44 +65,44 @@ impl<'a, T: Element> Io<'a, T> {
 
 /// Calls `f` on the f32 view of `x`, tile by tile when it must be converted.
 #[inline(always)]
-fn read_tiles<T: Element>(x: &[T], mut f: impl FnMut(&[f32])) {
+fn read_tiles<'p, T: Element>(x: &[T], pf: Ahead<'p>, mut f: impl FnMut(&[f32], Ahead<'p>)) {
     if let Some(xf) = T::as_f32(x) {
-        f(xf);
+        f(xf, pf);
         return;
     }
     let mut buf = [0.0f32; TILE];
-    for c in x.chunks(TILE) {
+    for (i, c) in x.chunks(TILE).enumerate() {
         let b = &mut buf[..c.len()];
         T::load_f32(c, b);
-        f(b);
+        f(b, pf.skip(i * TILE));
     }
 }
 
 /// Calls `f(x_tile, y_tile)` over the f32 views of a row's input and output.
 #[inline(always)]
-fn write_tiles<T: Element>(io: &mut Io<'_, T>, mut f: impl FnMut(&[f32], &mut [f32])) {
+fn write_tiles<'p, T: Element>(io: &mut Io<'_, T>, pf: Ahead<'p>, mut f: impl FnMut(&[f32], &mut [f32], Ahead<'p>)) {
     match io {
         Io::Sep(x, y) => {
             if let (Some(xf), Some(yf)) = (T::as_f32(x), T::as_f32_mut(y)) {
-                f(xf, yf);
+                f(xf, yf, pf);
                 return;
             }
             let mut bx = [0.0f32; TILE];
             let mut by = [0.0f32; TILE];
-            for (cx, cy) in x.chunks(TILE).zip(y.chunks_mut(TILE)) {
+            for (i, (cx, cy)) in x.chunks(TILE).zip(y.chunks_mut(TILE)).enumerate() {
                 let n = cx.len();
                 T::load_f32(cx, &mut bx[..n]);
-                f(&bx[..n], &mut by[..n]);
+                f(&bx[..n], &mut by[..n], pf.skip(i * TILE));
                 T::store_f32(&by[..n], cy);
             }
         }
         Io::Same(xy) => {
             let mut bx = [0.0f32; TILE];
             let mut by = [0.0f32; TILE];
-            for c in xy.chunks_mut(TILE) {
+            for (i, c) in xy.chunks_mut(TILE).enumerate() {
                 let n = c.len();
                 T::load_f32(c, &mut bx[..n]);
-                f(&bx[..n], &mut by[..n]);
+                f(&bx[..n], &mut by[..n], pf.skip(i * TILE));
                 T::store_f32(&by[..n], c);
             }
         }
@@ -162,13 +164,14 @@ pub(crate) fn regular(st: Online) -> bool {
 // Segment statistics (a whole short row, or one chunk of a long row).
 
 #[inline(always)]
-pub(crate) fn seg_max<S: Isa, T: Element>(s: S, x: &[T]) -> f32 {
+pub(crate) fn seg_max<S: Isa, T: Element>(s: S, x: &[T], pf: Ahead) -> f32 {
     let mut m = f32::NEG_INFINITY;
     read_tiles(
         x,
+        pf,
         #[inline(always)]
-        |t| {
-            let v = k::max(s, t);
+        |t, p| {
+            let v = k::max(s, t, p);
             if v > m || v.is_nan() {
                 m = v;
             }
@@ -178,34 +181,37 @@ pub(crate) fn seg_max<S: Isa, T: Element>(s: S, x: &[T]) -> f32 {
 }
 
 #[inline(always)]
-pub(crate) fn seg_sum<S: Isa, T: Element>(s: S, x: &[T], m: f32, kk: f32) -> f64 {
+pub(crate) fn seg_sum<S: Isa, T: Element>(s: S, x: &[T], m: f32, kk: f32, pf: Ahead) -> f64 {
     let mut acc = 0.0f64;
     read_tiles(
         x,
+        pf,
         #[inline(always)]
-        |t| k::sum_exp(s, t, m, kk, &mut acc),
+        |t, p| k::sum_exp(s, t, m, kk, &mut acc, p),
     );
     acc
 }
 
 #[inline(always)]
-pub(crate) fn seg_online<S: Isa, T: Element>(s: S, x: &[T], kk: f32) -> Online {
+pub(crate) fn seg_online<S: Isa, T: Element>(s: S, x: &[T], kk: f32, pf: Ahead) -> Online {
     let mut st = Online::EMPTY;
     read_tiles(
         x,
+        pf,
         #[inline(always)]
-        |t| k::online(s, t, kk, &mut st),
+        |t, p| k::online(s, t, kk, &mut st, p),
     );
     st
 }
 
 #[inline(always)]
-pub(crate) fn seg_ext<S: Isa, T: Element>(s: S, x: &[T], kk: f32) -> Ext {
+pub(crate) fn seg_ext<S: Isa, T: Element>(s: S, x: &[T], kk: f32, pf: Ahead) -> Ext {
     let mut st = Ext::EMPTY;
     read_tiles(
         x,
+        pf,
         #[inline(always)]
-        |t| k::ext(s, t, kk, &mut st),
+        |t, p| k::ext(s, t, kk, &mut st, p),
     );
     st
 }
@@ -225,22 +231,24 @@ pub(crate) fn ext_to_online(e: &Ext, kk: f32) -> Online {
 
 /// Writes the output of a regular row from its statistics.
 #[inline(always)]
-pub(crate) fn seg_write<S: Isa, T: Element>(s: S, f: &Fwd, io: &mut Io<'_, T>, st: Online) {
+pub(crate) fn seg_write<S: Isa, T: Element>(s: S, f: &Fwd, io: &mut Io<'_, T>, st: Online, pf: Ahead) {
     match f.op {
         FwdOp::Softmax => {
             let c = (1.0 / st.d) as f32;
             write_tiles(
                 io,
+                pf,
                 #[inline(always)]
-                |x, y| k::write_softmax(s, x, y, st.m, f.k, c, f.stream),
+                |x, y, p| k::write_softmax(s, x, y, st.m, f.k, c, f.stream, p),
             );
         }
         FwdOp::LogSoftmax => {
             let ls = st.d.ln() as f32;
             write_tiles(
                 io,
+                pf,
                 #[inline(always)]
-                |x, y| k::write_log_softmax(s, x, y, st.m, f.k, ls, f.stream),
+                |x, y, p| k::write_log_softmax(s, x, y, st.m, f.k, ls, f.stream, p),
             );
         }
     }
@@ -249,21 +257,21 @@ pub(crate) fn seg_write<S: Isa, T: Element>(s: S, f: &Fwd, io: &mut Io<'_, T>, s
 /// Three-pass pass 2 on f32 data: `y = exp((x − m)·k)` stored, `Σ y` returned. In place, each
 /// tile is copied aside first (the kernel reads and writes separate slices).
 #[inline(always)]
-fn exp_store_sum_io<S: Isa, T: Element>(s: S, io: &mut Io<'_, T>, m: f32, kk: f32) -> f64 {
+fn exp_store_sum_io<S: Isa, T: Element>(s: S, io: &mut Io<'_, T>, m: f32, kk: f32, pf: Ahead) -> f64 {
     let mut d = 0.0f64;
     match io {
         Io::Sep(x, y) => {
             if let (Some(xf), Some(yf)) = (T::as_f32(x), T::as_f32_mut(y)) {
-                k::exp_store_sum(s, xf, yf, m, kk, &mut d);
+                k::exp_store_sum(s, xf, yf, m, kk, &mut d, pf);
             }
         }
         Io::Same(xy) => {
             if let Some(yf) = T::as_f32_mut(xy) {
                 let mut buf = [0.0f32; TILE];
-                for c in yf.chunks_mut(TILE) {
+                for (i, c) in yf.chunks_mut(TILE).enumerate() {
                     let b = &mut buf[..c.len()];
                     b.copy_from_slice(c);
-                    k::exp_store_sum(s, b, c, m, kk, &mut d);
+                    k::exp_store_sum(s, b, c, m, kk, &mut d, pf.skip(i * TILE));
                 }
             }
         }
@@ -281,25 +289,27 @@ pub(crate) fn fill<T: Element>(y: &mut [T], v: f64) {
 
 /// Statistics of a short row (≤ one chunk) for `alg` (not `ThreePass`'s store variant).
 #[inline(always)]
-pub(crate) fn row_stats<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f32) -> Online {
+/// `pf` is the prefetch domain for the heavy pass (the max pass of three-pass reads what the
+/// previous row's heavy pass prefetched).
+pub(crate) fn row_stats<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f32, pf: Ahead) -> Online {
     match alg {
-        Algorithm::Online => seg_online(s, x, kk),
+        Algorithm::Online => seg_online(s, x, kk, pf),
         Algorithm::TwoPass => {
-            let e = seg_ext(s, x, kk);
+            let e = seg_ext(s, x, kk, pf);
             if ext_usable(&e, kk) {
                 ext_to_online(&e, kk)
             } else {
-                seg_online(s, x, kk)
+                seg_online(s, x, kk, Ahead::NONE)
             }
         }
         _ => {
-            let m = seg_max(s, x);
+            let m = seg_max(s, x, Ahead::NONE);
             if !m.is_finite() {
                 return Online { m, d: f64::NAN };
             }
             Online {
                 m,
-                d: seg_sum(s, x, m, kk),
+                d: seg_sum(s, x, m, kk, pf),
             }
         }
     }
@@ -307,7 +317,8 @@ pub(crate) fn row_stats<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f
 
 /// Computes one short row of softmax or log-softmax.
 #[inline(always)]
-pub(crate) fn row_fwd<S: Isa, T: Element>(s: S, f: &Fwd, mut io: Io<'_, T>) {
+/// `pf`: the prefetch domain of the row's input (see [`Ahead`]).
+pub(crate) fn row_fwd<S: Isa, T: Element>(s: S, f: &Fwd, mut io: Io<'_, T>, pf: Ahead) {
     let n = io.x().len();
     if n == 0 {
         return;
@@ -315,9 +326,9 @@ pub(crate) fn row_fwd<S: Isa, T: Element>(s: S, f: &Fwd, mut io: Io<'_, T>) {
     let alg = f.alg.resolve(n);
     // Three-pass softmax on f32 stores exp in pass 2 and rescales in pass 3.
     if alg == Algorithm::ThreePass && f.op == FwdOp::Softmax && T::as_f32(io.x()).is_some() {
-        let m = seg_max(s, io.x());
+        let m = seg_max(s, io.x(), Ahead::NONE);
         if m.is_finite() {
-            let d = exp_store_sum_io(s, &mut io, m, f.k);
+            let d = exp_store_sum_io(s, &mut io, m, f.k, pf);
             if regular(Online { m, d }) {
                 let c = (1.0 / d) as f32;
                 if let Some(yf) = T::as_f32_mut(io.y()) {
@@ -330,9 +341,9 @@ pub(crate) fn row_fwd<S: Isa, T: Element>(s: S, f: &Fwd, mut io: Io<'_, T>) {
         fill(io.y(), special_fill(sp, f.op, f.masked));
         return;
     }
-    let st = row_stats(s, io.x(), alg, f.k);
+    let st = row_stats(s, io.x(), alg, f.k, pf);
     if regular(st) {
-        seg_write(s, f, &mut io, st);
+        seg_write(s, f, &mut io, st, Ahead::NONE);
     } else {
         let sp = classify(io.x());
         fill(io.y(), special_fill(sp, f.op, f.masked));
@@ -341,11 +352,11 @@ pub(crate) fn row_fwd<S: Isa, T: Element>(s: S, f: &Fwd, mut io: Io<'_, T>) {
 
 /// The logsumexp of one short row (f64 result).
 #[inline(always)]
-pub(crate) fn row_lse<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f32, k64: f64) -> f64 {
+pub(crate) fn row_lse<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f32, k64: f64, pf: Ahead) -> f64 {
     if x.is_empty() {
         return f64::NEG_INFINITY;
     }
-    let st = row_stats(s, x, alg.resolve(x.len()), kk);
+    let st = row_stats(s, x, alg.resolve(x.len()), kk, pf);
     if regular(st) {
         st.m as f64 * k64 + st.d.ln()
     } else {
@@ -380,21 +391,16 @@ impl<T: Element> Task for RowsFwd<'_, T> {
             xs,
             ys,
         } = self;
-        let ahead = rows_ahead(len);
+        // The prefetch domain of a row runs to the end of the input: rayon hands a thread
+        // consecutive groups, so the next group's rows are usually this thread's next work.
+        // In place: none (the output borrows the input).
         for r in 0..rows {
-            if ahead < rows - r {
-                let q = r + ahead;
-                match x {
-                    Some(x) => prefetch(&x[q * xs..q * xs + len]),
-                    None => prefetch(&y[q * ys..q * ys + len]),
-                }
-            }
             let yr = &mut y[r * ys..r * ys + len];
-            let io = match x {
-                Some(x) => Io::Sep(&x[r * xs..r * xs + len], yr),
-                None => Io::Same(yr),
+            let (io, pf) = match x {
+                Some(x) => (Io::Sep(&x[r * xs..r * xs + len], yr), ahead(&x[r * xs..])),
+                None => (Io::Same(yr), Ahead::NONE),
             };
-            row_fwd(s, &f, io);
+            row_fwd(s, &f, io, pf);
         }
     }
 }
@@ -414,15 +420,10 @@ impl<T: Element> Task for RowsLse<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, s: S) {
-        let ahead = rows_ahead(self.len);
-        let rows = self.out.len();
         for (r, o) in self.out.iter_mut().enumerate() {
-            if ahead < rows - r {
-                let q = r + ahead;
-                prefetch(&self.x[q * self.xs..q * self.xs + self.len]);
-            }
             let xr = &self.x[r * self.xs..r * self.xs + self.len];
-            *o = T::from_f64(row_lse(s, xr, self.alg, self.k, self.k64));
+            let pf = ahead(&self.x[r * self.xs..]);
+            *o = T::from_f64(row_lse(s, xr, self.alg, self.k, self.k64, pf));
         }
     }
 }
@@ -452,12 +453,14 @@ impl<T: Element> Task for Seg<'_, T> {
     #[inline(always)]
     fn run<S: Isa>(self, s: S) -> SegOut {
         match self {
-            Seg::Max(x) => SegOut::Max(seg_max(s, x)),
-            Seg::Sum(x, m, kk) => SegOut::Sum(seg_sum(s, x, m, kk)),
-            Seg::Online(x, kk) => SegOut::Online(seg_online(s, x, kk)),
-            Seg::Ext(x, kk) => SegOut::Ext(seg_ext(s, x, kk)),
+            // Every pass over a chunk of a long row reads from memory: all prefetch.
+            Seg::Max(x) => SegOut::Max(seg_max(s, x, ahead(x))),
+            Seg::Sum(x, m, kk) => SegOut::Sum(seg_sum(s, x, m, kk, ahead(x))),
+            Seg::Online(x, kk) => SegOut::Online(seg_online(s, x, kk, ahead(x))),
+            Seg::Ext(x, kk) => SegOut::Ext(seg_ext(s, x, kk, ahead(x))),
             Seg::ExpStoreSum(mut io, m, kk) => {
-                let d = exp_store_sum_io(s, &mut io, m, kk);
+                let pf = io.sep_ahead();
+                let d = exp_store_sum_io(s, &mut io, m, kk, pf);
                 SegOut::Sum(d)
             }
             Seg::Scale(y, c) => {
@@ -467,7 +470,8 @@ impl<T: Element> Task for Seg<'_, T> {
                 SegOut::None
             }
             Seg::Write(f, mut io, st) => {
-                seg_write(s, &f, &mut io, st);
+                let pf = io.sep_ahead();
+                seg_write(s, &f, &mut io, st, pf);
                 SegOut::None
             }
         }

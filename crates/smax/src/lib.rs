@@ -72,8 +72,8 @@
 //!
 //! ## Threads and determinism
 //!
-//! Rows are batched into tasks of ≈16 Ki elements; rows longer than 64 Ki elements are split
-//! into fixed 64 Ki chunks whose partial states merge in chunk order. Nothing depends on the
+//! Rows are batched into tasks of ≈16 Ki elements; rows longer than 256 Ki elements are split
+//! into fixed 256 Ki chunks whose partial states merge in chunk order. Nothing depends on the
 //! number of threads or on the other rows of the call, so results are bitwise identical for
 //! every pool size and every batch composition (`NEEDS.md` guarantees 11 and 12). Choose a
 //! pool with `rayon::ThreadPool::install`, or [`Par::Seq`] for the calling thread only.

@@ -251,7 +251,7 @@ proptest! {
 #[test]
 fn bitwise_identical_for_any_thread_count_and_batch() {
     let mut rng = common::Rng(99);
-    let cases = [(300usize, 100usize), (3, 70000), (1, 200000)];
+    let cases = [(300usize, 100usize), (3, 70000), (1, 600_000)];
     for &(rows, n) in &cases {
         let x: Vec<f32> = rng.vec(rows * n, 8.0).iter().map(|&v| v as f32).collect();
         let g: Vec<f32> = rng.vec(rows * n, 1.0).iter().map(|&v| v as f32).collect();

@@ -11,7 +11,8 @@
 //! (`scalar`, `avx2`, `avx512`, `neon`; read once per process), else the best level the CPU
 //! has. A level the CPU lacks falls back to the best level it has below it.
 //!
-//! `unsafe` in the crate lives in this module only: the non-temporal stores below.
+//! `unsafe` in the crate lives in this module only: the non-temporal stores and the prefetch
+//! hints below.
 
 pub(crate) mod cols;
 pub(crate) mod exp;
@@ -198,37 +199,67 @@ pub(crate) fn inl_mut<F>(f: F) -> F {
     f
 }
 
-/// Asks the cache hierarchy to start loading `data` into L2 (x86-64 `prefetcht1`, one per
-/// 64-byte line; a no-op elsewhere). Issued for the next row while the current one computes,
-/// so that the DRAM reads of a batch overlap its arithmetic.
-#[inline(always)]
-pub(crate) fn prefetch<T>(data: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let bytes = core::mem::size_of_val(data);
-        let p = data.as_ptr() as *const i8;
-        let mut off = 0;
-        while off < bytes {
-            // SAFETY: `prefetcht1` is a hint that never faults and never writes; the address is
-            // inside `data`, and SSE (which provides it) is part of the x86-64 baseline.
-            unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(p.add(off)) };
-            off += 64;
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = data;
-}
-
-/// Elements ahead of the current block that the streaming loops prefetch.
+/// Distance, in elements, that the streaming loops prefetch ahead of the block they work on.
 pub(crate) const PREFETCH_AHEAD: usize = 4096;
 
-/// Prefetches the block of `len` elements that starts `PREFETCH_AHEAD` after `at` in `data`,
-/// if it is inside `data`.
-#[inline(always)]
-pub(crate) fn prefetch_ahead<T>(data: &[T], at: usize, len: usize) {
-    let start = at + PREFETCH_AHEAD;
-    if start < data.len() {
-        prefetch(&data[start..(start + len).min(data.len())]);
+/// Where a kernel may prefetch: the bytes from the start of the slice it works on to the end
+/// of what its task reads next (the rest of a group of short rows, or the rest of a chunk).
+///
+/// Prefetches are spread over the *heavy* pass of a row (one block ahead per block computed),
+/// so the line-fill buffers stay busy while the arithmetic runs; without them this machine
+/// shows no overlap at all between DRAM reads and the exp arithmetic.
+#[derive(Clone, Copy)]
+pub(crate) struct Ahead<'a> {
+    bytes: &'a [u8],
+    elem: usize,
+}
+
+impl<'a> Ahead<'a> {
+    /// Prefetch nothing.
+    pub(crate) const NONE: Ahead<'static> = Ahead { bytes: &[], elem: 1 };
+
+    /// The domain `bytes`, made of elements of `elem` bytes.
+    #[inline(always)]
+    pub(crate) fn new(bytes: &'a [u8], elem: usize) -> Self {
+        Ahead { bytes, elem }
+    }
+
+    /// The same domain, starting `elems` elements later.
+    #[inline(always)]
+    pub(crate) fn skip(self, elems: usize) -> Self {
+        let b = (elems * self.elem).min(self.bytes.len());
+        Ahead {
+            bytes: &self.bytes[b..],
+            elem: self.elem,
+        }
+    }
+
+    /// Prefetches (into L1) the block of [`rows::BLOCK`] elements that starts
+    /// [`PREFETCH_AHEAD`] elements after element `at`, as far as the domain reaches.
+    #[inline(always)]
+    pub(crate) fn block(self, at: usize) {
+        let start = (at + PREFETCH_AHEAD) * self.elem;
+        if start >= self.bytes.len() {
+            return;
+        }
+        let end = (start + rows::BLOCK * self.elem).min(self.bytes.len());
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut off = start;
+            while off < end {
+                // SAFETY: `prefetcht0` is a hint that never faults and never writes; the
+                // address is inside `self.bytes` (off < end <= len), and SSE, which provides
+                // the instruction, is part of the x86-64 baseline.
+                unsafe {
+                    core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                        self.bytes.as_ptr().add(off) as *const i8,
+                    )
+                };
+                off += 64;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = end;
     }
 }
 

@@ -7,7 +7,7 @@
 //! for bit) depends on the row alone, never on how a call tiles, chunks or threads it.
 
 use super::exp::{exp, exp_ext, pow2_nonpositive};
-use super::{Isa, inl, inl_mut, prefetch_ahead};
+use super::{Ahead, Isa, inl, inl_mut};
 
 /// Reduction block length (elements).
 pub(crate) const BLOCK: usize = 256;
@@ -48,12 +48,16 @@ fn first_lanes<S: Isa>(s: S, n: usize) -> S::m32s {
 /// Maximum of `x` (`-inf` for an empty slice). NaN handling is unspecified (it may or may not
 /// be returned); callers detect NaN through the sums instead.
 #[inline(always)]
-pub(crate) fn max<S: Isa>(s: S, x: &[f32]) -> f32 {
+pub(crate) fn max<S: Isa>(s: S, x: &[f32], pf: Ahead) -> f32 {
     let (head, tail) = S::as_simd_f32s(x);
     let ninf = s.splat_f32s(f32::NEG_INFINITY);
     let (mut a0, mut a1, mut a2, mut a3) = (ninf, ninf, ninf, ninf);
     let mut it = head.chunks_exact(4);
-    for c in &mut it {
+    let per = BLOCK / (4 * S::F32_LANES);
+    for (i, c) in (&mut it).enumerate() {
+        if i % per == 0 {
+            pf.block(i * 4 * S::F32_LANES);
+        }
         a0 = s.max_f32s(a0, c[0]);
         a1 = s.max_f32s(a1, c[1]);
         a2 = s.max_f32s(a2, c[2]);
@@ -128,18 +132,18 @@ fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f3
 
 /// `acc += Σ exp((x_i − m)·k)`, in blocks (f32 inside a block, f64 across blocks).
 #[inline(always)]
-pub(crate) fn sum_exp<S: Isa>(s: S, x: &[f32], m: f32, k: f32, acc: &mut f64) {
+pub(crate) fn sum_exp<S: Isa>(s: S, x: &[f32], m: f32, k: f32, acc: &mut f64, pf: Ahead) {
     for (i, blk) in x.chunks(BLOCK).enumerate() {
-        prefetch_ahead(x, i * BLOCK, BLOCK);
+        pf.block(i * BLOCK);
         *acc += sum_exp_block(s, blk, m, k, None) as f64;
     }
 }
 
 /// `y_i = exp((x_i − m)·k)` and `acc += Σ y_i` (pass 2 of the three-pass algorithm).
 #[inline(always)]
-pub(crate) fn exp_store_sum<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, acc: &mut f64) {
+pub(crate) fn exp_store_sum<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, acc: &mut f64, pf: Ahead) {
     for (i, (blk, yb)) in x.chunks(BLOCK).zip(y.chunks_mut(BLOCK)).enumerate() {
-        prefetch_ahead(x, i * BLOCK, BLOCK);
+        pf.block(i * BLOCK);
         *acc += sum_exp_block(s, blk, m, k, Some(yb)) as f64;
     }
 }
@@ -195,10 +199,10 @@ impl Online {
 /// block's `Σ exp((x − m)·k)`. Blocks that are entirely `-inf` add nothing, but are scanned for
 /// NaN so that a NaN can never hide in a masked block.
 #[inline(always)]
-pub(crate) fn online<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Online) {
+pub(crate) fn online<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Online, pf: Ahead) {
     for (i, blk) in x.chunks(BLOCK).enumerate() {
-        prefetch_ahead(x, i * BLOCK, BLOCK);
-        let bm = max(s, blk);
+        pf.block(i * BLOCK);
+        let bm = max(s, blk, Ahead::NONE);
         if bm == f32::NEG_INFINITY {
             if blk.iter().any(|v| v.is_nan()) {
                 st.d = f64::NAN;
@@ -270,11 +274,12 @@ pub(crate) const EXT_LIMIT: f32 = 4_194_000.0;
 /// The two-pass algorithm's first pass (Dukhan & Ablavatski): no max pass; every `exp(x·k)` is
 /// kept as `p · 2^n` and accumulated against a running per-lane exponent.
 #[inline(always)]
-pub(crate) fn ext<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Ext) {
+pub(crate) fn ext<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Ext, pf: Ahead) {
     let vk = s.splat_f32s(k);
     let zero = s.splat_f32s(0.0);
     let far = s.splat_f32s(-1.0e9);
-    for blk in x.chunks(BLOCK) {
+    for (bi, blk) in x.chunks(BLOCK).enumerate() {
+        pf.block(bi * BLOCK);
         let (head, tail) = S::as_simd_f32s(blk);
         let (mut v0, mut v1) = (zero, zero);
         let (mut e0, mut e1) = (far, far);
@@ -343,13 +348,21 @@ impl Ext {
 /// `y_i = f(x_i)` over a row, prefetching ahead; with `stream`, aligned full vectors bypass the
 /// cache. Tail lanes are padded with `fill`.
 #[inline(always)]
-fn write_map<S: Isa>(s: S, x: &[f32], y: &mut [f32], stream: bool, fill: f32, f: impl Fn(S::f32s) -> S::f32s) {
+fn write_map<S: Isa>(
+    s: S,
+    x: &[f32],
+    y: &mut [f32],
+    stream: bool,
+    fill: f32,
+    pf: Ahead,
+    f: impl Fn(S::f32s) -> S::f32s,
+) {
     let (xh, xt) = S::as_simd_f32s(x);
     let n = xh.len() * S::F32_LANES;
     let (yh, _) = S::as_mut_simd_f32s(&mut y[..n]);
     let per = BLOCK / S::F32_LANES;
     for (i, (xb, yb)) in xh.chunks(per).zip(yh.chunks_mut(per)).enumerate() {
-        prefetch_ahead(x, i * BLOCK, BLOCK);
+        pf.block(i * BLOCK);
         if stream {
             for (d, &v) in yb.iter_mut().zip(xb) {
                 s.stream_f32s(d, f(v));
@@ -370,7 +383,7 @@ fn write_map<S: Isa>(s: S, x: &[f32], y: &mut [f32], stream: bool, fill: f32, f:
 
 /// `y_i = exp((x_i − m)·k) · c`; with `stream`, aligned full vectors bypass the cache.
 #[inline(always)]
-pub(crate) fn write_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, c: f32, stream: bool) {
+pub(crate) fn write_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, c: f32, stream: bool, pf: Ahead) {
     let (vm, vk, vc) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(c));
     write_map(
         s,
@@ -378,6 +391,7 @@ pub(crate) fn write_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f
         y,
         stream,
         f32::NEG_INFINITY,
+        pf,
         #[inline(always)]
         |v: S::f32s| s.mul_f32s(exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk)), vc),
     );
@@ -385,7 +399,16 @@ pub(crate) fn write_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f
 
 /// `y_i = (x_i − m)·k − ls` (one rounding: fused multiply-add).
 #[inline(always)]
-pub(crate) fn write_log_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, ls: f32, stream: bool) {
+pub(crate) fn write_log_softmax<S: Isa>(
+    s: S,
+    x: &[f32],
+    y: &mut [f32],
+    m: f32,
+    k: f32,
+    ls: f32,
+    stream: bool,
+    pf: Ahead,
+) {
     let (vm, vk, vl) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(-ls));
     write_map(
         s,
@@ -393,6 +416,7 @@ pub(crate) fn write_log_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, 
         y,
         stream,
         0.0,
+        pf,
         #[inline(always)]
         |v: S::f32s| s.mul_add_f32s(s.sub_f32s(v, vm), vk, vl),
     );
@@ -423,20 +447,20 @@ fn dot_block<S: Isa>(s: S, a: &[f32], b: &[f32]) -> f32 {
 
 /// `acc += Σ a_i·b_i` in blocks.
 #[inline(always)]
-pub(crate) fn dot<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64) {
+pub(crate) fn dot<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, pa: Ahead, pb: Ahead) {
     for (i, (x, y)) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).enumerate() {
-        prefetch_ahead(a, i * BLOCK, BLOCK);
-        prefetch_ahead(b, i * BLOCK, BLOCK);
+        pa.block(i * BLOCK);
+        pb.block(i * BLOCK);
         *acc += dot_block(s, x, y) as f64;
     }
 }
 
 /// `acc += Σ a_i` in blocks, and `mx = max(mx, max_i b_i)`.
 #[inline(always)]
-pub(crate) fn sum_and_max<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, mx: &mut f32) {
+pub(crate) fn sum_and_max<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, mx: &mut f32, pa: Ahead, pb: Ahead) {
     for (i, (x, y)) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).enumerate() {
-        prefetch_ahead(a, i * BLOCK, BLOCK);
-        prefetch_ahead(b, i * BLOCK, BLOCK);
+        pa.block(i * BLOCK);
+        pb.block(i * BLOCK);
         let z = s.splat_f32s(0.0);
         let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
         let (h, t) = S::as_simd_f32s(x);
@@ -454,7 +478,7 @@ pub(crate) fn sum_and_max<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, mx:
             a1 = s.add_f32s(a1, load_padded::<S>(t, 0.0));
         }
         *acc += s.reduce_sum_f32s(s.add_f32s(s.add_f32s(a0, a1), s.add_f32s(a2, a3))) as f64;
-        let bm = max(s, y);
+        let bm = max(s, y, Ahead::NONE);
         if bm > *mx {
             *mx = bm;
         }
