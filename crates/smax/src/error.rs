@@ -64,6 +64,34 @@ pub enum Error {
         /// Number of rows in the layout.
         rows: usize,
     },
+    /// A class target outside `[0, classes)` that is not the ignore index.
+    #[error("target {target} of row {row} is outside [0, {classes}) and is not the ignore index")]
+    TargetOutOfRange {
+        /// The row.
+        row: usize,
+        /// The target given.
+        target: i64,
+        /// The number of classes.
+        classes: usize,
+    },
+    /// A one-dimensional argument (targets, class weights, bias, ...) of the wrong length.
+    #[error("{what}: holds {len} values but {expected} are needed")]
+    LengthMismatch {
+        /// Which argument.
+        what: &'static str,
+        /// Length given.
+        len: usize,
+        /// Length needed.
+        expected: usize,
+    },
+    /// A layout or combination of options the operation does not accept.
+    #[error("{what}: {why}")]
+    Unsupported {
+        /// Which argument or option.
+        what: &'static str,
+        /// Why, and what is accepted instead.
+        why: &'static str,
+    },
 }
 
 /// Shorthand for `Result<T, smax::Error>`.

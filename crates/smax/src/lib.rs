@@ -97,6 +97,7 @@ mod error;
 mod forward;
 mod kernel;
 mod layout;
+pub mod loss;
 mod options;
 mod par;
 mod scalar64;

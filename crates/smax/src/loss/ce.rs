@@ -1,0 +1,470 @@
+//! The fused cross-entropy row kernel: statistics, loss and gradient of one row in three
+//! passes (max and target dot; `Σ exp`; gradient write), the last two over a row that is
+//! still in cache. f32, f16 and bf16 run the SIMD body (f16/bf16 and transformed logits go
+//! through f32 tiles of [`TILE`] elements, a multiple of the reduction block, so the tiling
+//! never changes a result; plain f32 is cut into the same tiles without a copy); f64 runs the
+//! scalar body in [`row_f64`].
+
+use crate::arch::rows::{self as k, Sub, Xform};
+use crate::arch::{Ahead, Isa, Task, inl_mut};
+use crate::element::Element;
+use crate::kernel::{Special, ahead, classify, regular};
+
+use super::RowOut;
+
+pub(crate) const TILE: usize = crate::kernel::TILE;
+
+/// Per-call constants of a cross-entropy call (validated by the driver).
+#[derive(Clone, Copy)]
+pub(crate) struct Ce<'a> {
+    pub xf: Xform,
+    pub k64: f64,
+    pub cap64: f64,
+    pub eps: f64,
+    pub lambda: f64,
+    /// Gradient scale of the main loss of a row (before its weight): upstream / denominator.
+    pub main_scale: f64,
+    /// Gradient scale of the z-loss of a row.
+    pub z_scale: f64,
+    pub weights: Option<&'a [f32]>,
+    /// `Σ_k w_k` (or the class count without weights).
+    pub wsum: f64,
+    /// The class count `K`.
+    pub classes: f64,
+    pub ignore_index: i64,
+    pub need_lse: bool,
+}
+
+/// The target of one row.
+#[derive(Clone, Copy)]
+pub(crate) enum Tgt<'a, T> {
+    Class(i64),
+    Probs(&'a [T]),
+}
+
+/// A group of consecutive rows.
+pub(crate) struct CeRows<'a, T> {
+    pub c: Ce<'a>,
+    pub x: &'a [T],
+    pub xs: usize,
+    pub len: usize,
+    pub classes: Option<&'a [i64]>,
+    pub probs: Option<(&'a [T], usize)>,
+    pub g: Option<(&'a mut [T], usize)>,
+    pub rows: usize,
+}
+
+impl<T: Element> Task for CeRows<'_, T> {
+    type Output = Vec<RowOut>;
+    #[inline(always)]
+    fn run<S: Isa>(self, s: S) -> Vec<RowOut> {
+        let CeRows {
+            c,
+            x,
+            xs,
+            len,
+            classes,
+            probs,
+            mut g,
+            rows,
+        } = self;
+        let mut out = Vec::with_capacity(rows);
+        for r in 0..rows {
+            let xr = &x[r * xs..r * xs + len];
+            let pf = ahead(&x[r * xs..]);
+            let tgt = match (classes, probs) {
+                (Some(cl), _) => Tgt::Class(cl[r]),
+                (None, Some((q, qs))) => Tgt::Probs(&q[r * qs..r * qs + len]),
+                (None, None) => Tgt::Class(0),
+            };
+            let gr = g.as_mut().map(|(g, gs)| &mut g[r * *gs..r * *gs + len]);
+            let o = if T::as_f64(xr).is_some() {
+                row_f64(&c, xr, tgt, gr)
+            } else {
+                row_f32(s, &c, xr, tgt, gr, pf)
+            };
+            out.push(o);
+        }
+        out
+    }
+}
+
+/// Calls `f(offset, t)` over the transformed f32 view of `x` (zero-copy for plain f32).
+#[inline(always)]
+fn tiles<'p, T: Element, S: Isa>(s: S, xf: Xform, x: &[T], pf: Ahead<'p>, mut f: impl FnMut(usize, &[f32], Ahead<'p>)) {
+    if xf.is_identity() {
+        if let Some(xs) = T::as_f32(x) {
+            for (i, c) in xs.chunks(TILE).enumerate() {
+                f(i * TILE, c, pf.skip(i * TILE));
+            }
+            return;
+        }
+    }
+    let mut raw = [0.0f32; TILE];
+    let mut t = [0.0f32; TILE];
+    for (i, c) in x.chunks(TILE).enumerate() {
+        let n = c.len();
+        T::load_f32(c, &mut raw[..n]);
+        k::xform(s, xf, &raw[..n], &mut t[..n]);
+        f(i * TILE, &t[..n], pf.skip(i * TILE));
+    }
+}
+
+/// The soft-target weights of a tile: `u = w ⊙ ((1 − ε)·q + ε/K)` (`w = 1` without weights).
+#[inline(always)]
+fn soft_u<T: Element>(c: &Ce<'_>, q: &[T], off: usize, u: &mut [f32]) {
+    T::load_f32(q, u);
+    let (a, b) = ((1.0 - c.eps) as f32, (c.eps / c.classes) as f32);
+    match c.weights {
+        Some(w) => {
+            for (ui, &wi) in u.iter_mut().zip(&w[off..off + q.len()]) {
+                *ui = wi * (a * *ui + b);
+            }
+        }
+        None => {
+            for ui in u.iter_mut() {
+                *ui = a * *ui + b;
+            }
+        }
+    }
+}
+
+/// The result for a row that is not regular: NaN or `+inf` (without a cap) somewhere gives a
+/// NaN loss and gradient; every logit `-inf` gives a `+inf` loss and a zero gradient.
+fn special_row<T: Element>(c: &Ce<'_>, sp: Special, g: Option<&mut [T]>) -> RowOut {
+    let (loss, lse, gv) = match sp {
+        Special::Nan => (f64::NAN, f64::NAN, f64::NAN),
+        Special::PosInf => (f64::NAN, f64::INFINITY, f64::NAN),
+        Special::AllNegInf => (f64::INFINITY, f64::NEG_INFINITY, 0.0),
+    };
+    if let Some(g) = g {
+        crate::kernel::fill(g, gv);
+    }
+    let z = if c.lambda > 0.0 { c.lambda * lse * lse } else { 0.0 };
+    RowOut { loss, z, lse }
+}
+
+/// One row on the f32 compute path.
+#[inline(always)]
+fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Option<&mut [T]>, pf: Ahead) -> RowOut {
+    let kk = x.len();
+    let xf = c.xf;
+    // Row weight α of the target class, ε-weight β per unit of v, and whether the row counts.
+    let (alpha, beta, y) = match tgt {
+        Tgt::Class(y) if y == c.ignore_index => {
+            if let Some(g) = g {
+                crate::kernel::fill(g, 0.0);
+            }
+            let lse = if c.need_lse { lse_only(s, c, x, pf) } else { f64::NAN };
+            return RowOut { loss: 0.0, z: 0.0, lse };
+        }
+        Tgt::Class(y) => {
+            let y = y as usize;
+            let wy = c.weights.map_or(1.0, |w| w[y] as f64);
+            (((1.0 - c.eps) * wy), c.eps / kk as f64, Some(y))
+        }
+        Tgt::Probs(_) => (0.0, 0.0, None),
+    };
+    let smooth = beta != 0.0;
+
+    // Pass 1: max, and the target mass against the logits.
+    let mut m = f32::NEG_INFINITY;
+    let mut sv = 0.0f64; // Σ v_k t_k (hard: v = 1 or w; soft: v = u)
+    let mut su = 0.0f64; // Σ u_k (soft targets)
+    let mut u = [0.0f32; TILE];
+    tiles(
+        s,
+        xf,
+        x,
+        pf,
+        #[inline(always)]
+        |off, t, p| {
+            let bm = match (tgt, c.weights) {
+                (Tgt::Probs(q), _) => {
+                    let n = t.len();
+                    soft_u(c, &q[off..off + n], off, &mut u[..n]);
+                    k::dot_guarded(s, &u[..n], t, &mut sv);
+                    let mut acc = 0.0f64;
+                    let mut mx = f32::NEG_INFINITY;
+                    k::sum_and_max(s, &u[..n], t, &mut acc, &mut mx, Ahead::NONE, p);
+                    su += acc;
+                    mx
+                }
+                (Tgt::Class(_), Some(w)) if smooth => {
+                    k::dot_guarded(s, &w[off..off + t.len()], t, &mut sv);
+                    k::max(s, t, p)
+                }
+                (Tgt::Class(_), _) if smooth => {
+                    let mut mx = f32::NEG_INFINITY;
+                    k::sum_and_max(s, t, t, &mut sv, &mut mx, p, Ahead::NONE);
+                    mx
+                }
+                _ => k::max(s, t, p),
+            };
+            if bm > m || bm.is_nan() {
+                m = bm;
+            }
+        },
+    );
+    // Pass 2: Σ exp(t − m).
+    let mut d = 0.0f64;
+    if m.is_finite() {
+        tiles(
+            s,
+            xf,
+            x,
+            Ahead::NONE,
+            #[inline(always)]
+            |_, t, p| k::sum_exp(s, t, m, 1.0, &mut d, p),
+        );
+    }
+    if !regular(k::Online { m, d }) {
+        return special_row(c, classify(x), g);
+    }
+    let lse = m as f64 + d.ln();
+    // Loss: Σ_k u_k (lse − t_k) with u = α e_y + β v (hard) or u (soft).
+    let (loss, big_u, ty) = match y {
+        Some(y) => {
+            let ty = xf.apply1(x[y].to_f32()) as f64;
+            let mut l = alpha * (lse - ty);
+            if smooth {
+                l += beta * (c.wsum * lse - sv);
+            }
+            (l, alpha + beta * c.wsum, ty)
+        }
+        None => (su * lse - sv, su, 0.0),
+    };
+    let z = c.lambda * lse * lse;
+    let out = RowOut { loss, z, lse };
+    let Some(g) = g else { return out };
+
+    // Pass 3: g = (p·A − B·v)·chain, then the target's −α·chain.
+    let a = c.main_scale * big_u + c.z_scale * 2.0 * c.lambda * lse;
+    let c1 = (a / d) as f32;
+    let b = (c.main_scale * beta) as f32;
+    let ya = (c.main_scale * alpha) as f32;
+    // d(t_y)/d(x_y): the chain factor of the target's one-hot term.
+    let ychain = |ty: f64| -> f32 {
+        if c.cap64 == 0.0 {
+            c.k64 as f32
+        } else {
+            let r = ty / (c.cap64 * c.k64);
+            (c.k64 * (1.0 - r * r).max(0.0)) as f32
+        }
+    };
+    let fix = y.map(|y| (y, ya * ychain(ty)));
+    let mut wbuf = [0.0f32; TILE];
+    let mut gbuf = [0.0f32; TILE];
+    let direct = xf.is_identity() && T::as_f32(x).is_some();
+    let mut gopt = Some(g);
+    let mut write_tile = inl_mut(
+        #[inline(always)]
+        |off: usize, t: &[f32], gt: &mut [f32]| {
+            let n = t.len();
+            let sub = match tgt {
+                Tgt::Probs(q) => {
+                    soft_u(c, &q[off..off + n], off, &mut wbuf[..n]);
+                    Sub::Vec(c.main_scale as f32, &wbuf[..n])
+                }
+                Tgt::Class(_) if !smooth => Sub::None,
+                Tgt::Class(_) => match c.weights {
+                    Some(w) => Sub::Vec(b, &w[off..off + n]),
+                    None => Sub::Const(b),
+                },
+            };
+            k::ce_grad(s, t, gt, m, c1, sub, xf);
+            if let Some((y, v)) = fix {
+                if (off..off + n).contains(&y) {
+                    gt[y - off] -= v;
+                }
+            }
+        },
+    );
+    if direct {
+        if let (Some(t), Some(gf)) = (T::as_f32(x), gopt.as_deref_mut().and_then(|g| T::as_f32_mut(g))) {
+            for (i, (tc, gc)) in t.chunks(TILE).zip(gf.chunks_mut(TILE)).enumerate() {
+                write_tile(i * TILE, tc, gc);
+            }
+            return out;
+        }
+    }
+    let g = gopt.take().unwrap_or_default();
+    let mut gchunks = g.chunks_mut(TILE);
+    tiles(
+        s,
+        xf,
+        x,
+        Ahead::NONE,
+        #[inline(always)]
+        |off, t, _| {
+            if let Some(gc) = gchunks.next() {
+                let n = t.len();
+                write_tile(off, t, &mut gbuf[..n]);
+                T::store_f32(&gbuf[..n], gc);
+            }
+        },
+    );
+    out
+}
+
+/// The log-sum-exp of the transformed logits of a row (for ignored rows whose lse is asked
+/// for).
+#[inline(always)]
+fn lse_only<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], pf: Ahead) -> f64 {
+    let mut m = f32::NEG_INFINITY;
+    tiles(
+        s,
+        c.xf,
+        x,
+        pf,
+        #[inline(always)]
+        |_, t, p| {
+            let bm = k::max(s, t, p);
+            if bm > m || bm.is_nan() {
+                m = bm;
+            }
+        },
+    );
+    let mut d = 0.0f64;
+    if m.is_finite() {
+        tiles(
+            s,
+            c.xf,
+            x,
+            Ahead::NONE,
+            #[inline(always)]
+            |_, t, p| k::sum_exp(s, t, m, 1.0, &mut d, p),
+        );
+    }
+    if regular(k::Online { m, d }) {
+        m as f64 + d.ln()
+    } else {
+        crate::kernel::special_lse(classify(x))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// f64: the same row in scalar f64 arithmetic (libm exp/ln/tanh, Neumaier-compensated sums).
+
+#[derive(Default, Clone, Copy)]
+struct Sum {
+    s: f64,
+    c: f64,
+}
+
+impl Sum {
+    fn add(&mut self, v: f64) {
+        let t = self.s + v;
+        if self.s.abs() >= v.abs() {
+            self.c += (self.s - t) + v;
+        } else {
+            self.c += (v - t) + self.s;
+        }
+        self.s = t;
+    }
+    fn get(self) -> f64 {
+        self.s + self.c
+    }
+}
+
+fn xf64(c: &Ce<'_>, v: f64) -> f64 {
+    if c.cap64 == 0.0 || v == f64::NEG_INFINITY {
+        v * c.k64
+    } else {
+        c.cap64 * (v / c.cap64).tanh() * c.k64
+    }
+}
+
+fn chain64(c: &Ce<'_>, t: f64) -> f64 {
+    if c.cap64 == 0.0 {
+        c.k64
+    } else if t == f64::NEG_INFINITY {
+        0.0
+    } else {
+        let r = t / (c.cap64 * c.k64);
+        c.k64 * (1.0 - r * r).max(0.0)
+    }
+}
+
+/// One f64 row (`x` is f64; `T` is f64 here, the generic keeps one task type).
+pub(crate) fn row_f64<T: Element>(c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Option<&mut [T]>) -> RowOut {
+    let kk = x.len();
+    let t: Vec<f64> = x.iter().map(|v| xf64(c, v.to_f64())).collect();
+    let mut m = f64::NEG_INFINITY;
+    let mut nan = false;
+    for &v in &t {
+        nan |= v.is_nan();
+        if v > m {
+            m = v;
+        }
+    }
+    let mut d = Sum::default();
+    if !nan && m.is_finite() {
+        for &v in &t {
+            d.add((v - m).exp());
+        }
+    }
+    let d = d.get();
+    let lse_reg = !nan && m.is_finite() && d.is_finite() && d > 0.0;
+    let (alpha, beta, y) = match tgt {
+        Tgt::Class(y) if y == c.ignore_index => {
+            if let Some(g) = g {
+                crate::kernel::fill(g, 0.0);
+            }
+            let lse = if lse_reg {
+                m + d.ln()
+            } else {
+                crate::kernel::special_lse(classify(x))
+            };
+            return RowOut { loss: 0.0, z: 0.0, lse };
+        }
+        Tgt::Class(y) => {
+            let y = y as usize;
+            let wy = c.weights.map_or(1.0, |w| w[y] as f64);
+            ((1.0 - c.eps) * wy, c.eps / kk as f64, Some(y))
+        }
+        Tgt::Probs(_) => (0.0, 0.0, None),
+    };
+    if !lse_reg {
+        return special_row(c, classify(x), g);
+    }
+    let lse = m + d.ln();
+    let w = |i: usize| c.weights.map_or(1.0, |w| w[i] as f64);
+    // v_k: the per-class target mass that is not the one-hot part.
+    let v: Vec<f64> = match tgt {
+        Tgt::Probs(q) => (0..kk)
+            .map(|i| w(i) * ((1.0 - c.eps) * q[i].to_f64() + c.eps / kk as f64))
+            .collect(),
+        Tgt::Class(_) => (0..kk).map(w).collect(),
+    };
+    let (mut sv, mut su) = (Sum::default(), Sum::default());
+    for i in 0..kk {
+        if v[i] != 0.0 {
+            sv.add(v[i] * t[i]);
+        }
+        su.add(v[i]);
+    }
+    let (sv, su) = (sv.get(), su.get());
+    let (loss, big_u, b) = match y {
+        Some(y) => {
+            let mut l = alpha * (lse - t[y]);
+            if beta != 0.0 {
+                l += beta * (c.wsum * lse - sv);
+            }
+            (l, alpha + beta * c.wsum, c.main_scale * beta)
+        }
+        None => (su * lse - sv, su, c.main_scale),
+    };
+    let z = c.lambda * lse * lse;
+    if let Some(g) = g {
+        let a = c.main_scale * big_u + c.z_scale * 2.0 * c.lambda * lse;
+        for i in 0..kk {
+            let mut gi = (t[i] - lse).exp() * a - b * v[i];
+            if y == Some(i) {
+                gi -= c.main_scale * alpha;
+            }
+            g[i] = T::from_f64(gi * chain64(c, t[i]));
+        }
+    }
+    RowOut { loss, z, lse }
+}

@@ -1,0 +1,458 @@
+//! Losses of the softmax family, each returning its value and its gradient with respect to
+//! the logits in one call.
+//!
+//! * [`cross_entropy`]: the fused cross-entropy over given logits (ALGORITHMS.md L1, L2), with
+//!   PyTorch's semantics for reduction, `ignore_index`, class weights, label smoothing and
+//!   probability targets, plus the PaLM z-loss, logit soft-capping and a temperature.
+//! * [`linear_cross_entropy`]: the same loss over `logits = h·Wᵀ + b` without ever forming the
+//!   `N x V` logits (Cut Cross-Entropy, L9).
+//!
+//! # Conventions (ALGORITHMS.md §0.1, §2)
+//! * The logits a loss sees are `t = x/τ`, or with a soft cap `c`, `t = c·tanh(x/c)/τ`
+//!   (the cap first, then the temperature). The cap keeps `-inf` as `-inf`, so a masked class
+//!   stays masked (plain `c·tanh` would turn it into `-c`); `+inf` becomes `c/τ` (its limit).
+//! * Every per-row statistic is computed in f64 from f32 block sums (f64 logits: in f64), and
+//!   the loss is `lse − ⟨q, t⟩` (never the log of a probability).
+//! * A row containing NaN (or `+inf` without a cap) has a NaN loss and a NaN gradient; a row
+//!   whose logits are all `-inf` has loss `+inf` and a zero gradient; a target class at a `-inf`
+//!   logit gives `+inf` (and a finite gradient: `p − onehot`).
+//! * Sums over rows run in row order, whatever the thread count: results are bitwise identical
+//!   for every pool size.
+
+mod ce;
+
+use crate::arch::SimdLevel;
+use crate::arch::dispatch;
+use crate::arch::rows::Xform;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::layout::{View, ViewMut};
+use crate::options::Par;
+use crate::par;
+
+/// How per-row losses are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reduction {
+    /// No reduction: per-row values go to [`RowOutputs::loss`]; the returned scalar is their
+    /// sum and the gradient is the gradient of that sum.
+    None,
+    /// The sum over rows.
+    Sum,
+    /// PyTorch's mean: the sum divided by the number of non-ignored rows, or with class weights
+    /// by `Σ_i w[y_i]` over non-ignored rows; probability targets divide by the row count.
+    #[default]
+    Mean,
+}
+
+/// What a mean over zero non-ignored rows returns (PyTorch gives NaN, from 0/0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AllIgnored {
+    /// Loss 0 and a zero gradient; [`CeLoss::valid_rows`] is 0, which says why.
+    #[default]
+    Zero,
+    /// NaN loss (PyTorch's answer); the gradient is still zero.
+    Nan,
+}
+
+/// The targets of a cross-entropy.
+#[derive(Debug, Clone, Copy)]
+pub enum Targets<'a, T> {
+    /// One class index per row, in `[0, classes)` or equal to the ignore index.
+    Classes(&'a [i64]),
+    /// A probability vector per row (same shape as the logits; strides may differ). Rows need
+    /// not sum to 1: the loss is `Σ_k u_k·(lse − t_k)` for `u = (1 − ε)·q + ε/K` (times the
+    /// class weights), and a class with `u_k = 0` contributes 0 even at a `-inf` logit.
+    Probs(View<'a, T>),
+}
+
+/// Options of [`cross_entropy`]. `Default` is PyTorch's `cross_entropy` default: mean
+/// reduction, ignore index −100, no weights, no smoothing, no z-loss, no cap, τ = 1.
+#[derive(Debug, Clone, Copy)]
+pub struct CrossEntropy<'w> {
+    /// How rows combine.
+    pub reduction: Reduction,
+    /// Rows whose target equals this contribute 0 and get a zero gradient (default −100).
+    pub ignore_index: i64,
+    /// One weight per class (finite, ≥ 0), PyTorch's `weight`.
+    pub class_weights: Option<&'w [f32]>,
+    /// Label smoothing ε in `[0, 1]` (PyTorch's form: the ε mass spreads over all K classes).
+    pub label_smoothing: f64,
+    /// PaLM z-loss coefficient λ ≥ 0 (PaLM uses 1e-4): adds `λ·lse²` per non-ignored row,
+    /// reported separately in [`CeLoss::z_loss`] and included in the gradient.
+    pub z_loss: f64,
+    /// Logit soft cap `c > 0`: logits become `c·tanh(x/c)` (Gemma 2 uses 30 for the output).
+    pub softcap: Option<f64>,
+    /// Temperature τ > 0: logits are divided by τ after the cap.
+    pub temperature: f64,
+    /// Upstream gradient of the returned loss (1 by default); multiplies the whole gradient.
+    pub grad_scale: f64,
+    /// The mean over zero valid rows.
+    pub all_ignored: AllIgnored,
+    /// Threading.
+    pub par: Par,
+    /// Forces a SIMD level.
+    pub simd: Option<SimdLevel>,
+}
+
+impl Default for CrossEntropy<'_> {
+    fn default() -> Self {
+        CrossEntropy {
+            reduction: Reduction::Mean,
+            ignore_index: -100,
+            class_weights: None,
+            label_smoothing: 0.0,
+            z_loss: 0.0,
+            softcap: None,
+            temperature: 1.0,
+            grad_scale: 1.0,
+            all_ignored: AllIgnored::Zero,
+            par: Par::Rayon,
+            simd: None,
+        }
+    }
+}
+
+impl<'w> CrossEntropy<'w> {
+    /// Sets the reduction.
+    pub fn reduction(mut self, r: Reduction) -> Self {
+        self.reduction = r;
+        self
+    }
+    /// Sets the ignore index.
+    pub fn ignore_index(mut self, i: i64) -> Self {
+        self.ignore_index = i;
+        self
+    }
+    /// Sets the class weights.
+    pub fn class_weights(mut self, w: &'w [f32]) -> Self {
+        self.class_weights = Some(w);
+        self
+    }
+    /// Sets the label smoothing ε.
+    pub fn label_smoothing(mut self, e: f64) -> Self {
+        self.label_smoothing = e;
+        self
+    }
+    /// Sets the z-loss coefficient λ.
+    pub fn z_loss(mut self, l: f64) -> Self {
+        self.z_loss = l;
+        self
+    }
+    /// Sets the soft cap.
+    pub fn softcap(mut self, c: f64) -> Self {
+        self.softcap = Some(c);
+        self
+    }
+    /// Sets the temperature.
+    pub fn temperature(mut self, t: f64) -> Self {
+        self.temperature = t;
+        self
+    }
+    /// Sets the upstream gradient.
+    pub fn grad_scale(mut self, g: f64) -> Self {
+        self.grad_scale = g;
+        self
+    }
+    /// Sets the all-ignored policy.
+    pub fn all_ignored(mut self, a: AllIgnored) -> Self {
+        self.all_ignored = a;
+        self
+    }
+    /// Sets the threading.
+    pub fn par(mut self, p: Par) -> Self {
+        self.par = p;
+        self
+    }
+    /// Forces a SIMD level.
+    pub fn simd(mut self, l: SimdLevel) -> Self {
+        self.simd = Some(l);
+        self
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |name, value: f64, expected| {
+            Err(Error::BadParameter {
+                name,
+                value: format!("{value}"),
+                expected,
+            })
+        };
+        if !(self.temperature.is_finite() && self.temperature > 0.0 && (1.0 / self.temperature) as f32 > 0.0) {
+            return bad("temperature", self.temperature, "finite and > 0");
+        }
+        if !(0.0..=1.0).contains(&self.label_smoothing) {
+            return bad("label_smoothing", self.label_smoothing, "in [0, 1]");
+        }
+        if !(self.z_loss.is_finite() && self.z_loss >= 0.0) {
+            return bad("z_loss", self.z_loss, "finite and >= 0");
+        }
+        if let Some(c) = self.softcap {
+            if !(c.is_finite() && c > 0.0 && (c as f32).is_normal()) {
+                return bad("softcap", c, "finite and > 0");
+            }
+        }
+        if !self.grad_scale.is_finite() {
+            return bad("grad_scale", self.grad_scale, "finite");
+        }
+        if let Some(w) = self.class_weights {
+            if let Some(&v) = w.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
+                return bad("class_weights", v as f64, "finite and >= 0");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Optional per-row outputs of [`cross_entropy`] (each as long as the row count).
+#[derive(Debug, Default)]
+pub struct RowOutputs<'a> {
+    /// Per-row loss, unreduced (weighted, smoothed; 0 for ignored rows).
+    pub loss: Option<&'a mut [f64]>,
+    /// Per-row z-loss `λ·lse²` (0 for ignored rows).
+    pub z_loss: Option<&'a mut [f64]>,
+    /// Per-row log-sum-exp of the transformed logits `t`, for reuse (ignored rows included).
+    pub lse: Option<&'a mut [f64]>,
+}
+
+/// The reduced result of a loss call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CeLoss {
+    /// The reduced main loss (without the z-loss).
+    pub loss: f64,
+    /// The reduced z-loss (`λ·lse²` per non-ignored row; the mean divides by the number of
+    /// non-ignored rows, without class weights). The gradient includes it.
+    pub z_loss: f64,
+    /// Rows whose target is not the ignore index.
+    pub valid_rows: usize,
+    /// What the mean divided by (`Σ w[y_i]`, the valid-row count, or the row count; 1 for the
+    /// other reductions).
+    pub denominator: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowOut {
+    pub loss: f64,
+    pub z: f64,
+    pub lse: f64,
+}
+
+/// Fused softmax cross-entropy over `logits` (rows = samples, row length = classes K),
+/// returning the reduced loss and, when `grad` is given, writing `∂loss/∂logits` into it in
+/// the same call (no second pass over the logits after the loss: each row is read once from
+/// memory and finished while it is in cache).
+///
+/// Per row, with `t` the transformed logits (see the [module docs](self)), target mass
+/// `u = w_y(1 − ε)·onehot(y) + ε·w/K` (hard targets) or `u = w ⊙ ((1 − ε)q + ε/K)` (soft):
+///
+/// * loss `ℓ = Σ_k u_k·(lse(t) − t_k)`; z-loss `λ·lse(t)²`;
+/// * gradient `∂/∂t_k = s·(U·p_k − u_k) + s_z·2λ·lse·p_k` with `p = softmax(t)`, `U = Σ u`,
+///   `s`, `s_z` the reduction scales times [`CrossEntropy::grad_scale`]; then the chain rule
+///   through the temperature and the cap (`∂t/∂x = (1 − tanh²(x/c))/τ`).
+///
+/// Accuracy (f32): `lse` as the core's [`logsumexp`](crate::logsumexp); the loss within a few
+/// f32 roundings of `lse` and `t_y`; gradient entries `p_k` to a few ULP, `p_y − 1` to an
+/// absolute 2⁻²³; with a cap, the chain factor `1 − tanh²` is formed from the capped value
+/// and carries a relative error of a few `2⁻²⁴/(1 − tanh²)`. The test suite asserts all of
+/// this against an f64 reference for every option combination (5e-7 of each term's size).
+///
+/// Errors: an axis layout other than `inner = 1` ([`Error::Unsupported`]); rows of length 0
+/// ([`Error::BadParameter`]: no classes); targets of the wrong length or out of range; weights
+/// of the wrong length; a gradient or probability view of another shape; a row output of the
+/// wrong length; parameters out of range.
+pub fn cross_entropy<T: Element>(
+    logits: View<'_, T>,
+    targets: Targets<'_, T>,
+    grad: Option<ViewMut<'_, T>>,
+    rows_out: RowOutputs<'_>,
+    opts: &CrossEntropy<'_>,
+) -> Result<CeLoss> {
+    opts.check()?;
+    let x = logits.named("logits")?;
+    let rows = x.layout.row_count();
+    let len = x.layout.row_len();
+    let xs = x.layout.row_stride().ok_or(Error::Unsupported {
+        what: "logits",
+        why: "cross-entropy takes row layouts (classes along the last axis, or an axis layout with inner = 1)",
+    })?;
+    if len == 0 && rows > 0 {
+        return Err(Error::BadParameter {
+            name: "classes",
+            value: "0".into(),
+            expected: "at least one class per row",
+        });
+    }
+    if let Some(w) = opts.class_weights {
+        if w.len() != len {
+            return Err(Error::LengthMismatch {
+                what: "class_weights",
+                len: w.len(),
+                expected: len,
+            });
+        }
+    }
+    let (classes, probs) = match targets {
+        Targets::Classes(c) => {
+            if c.len() != rows {
+                return Err(Error::LengthMismatch {
+                    what: "targets",
+                    len: c.len(),
+                    expected: rows,
+                });
+            }
+            if let Some((row, &target)) = c
+                .iter()
+                .enumerate()
+                .find(|(_, t)| **t != opts.ignore_index && !(0..len as i64).contains(*t))
+            {
+                return Err(Error::TargetOutOfRange {
+                    row,
+                    target,
+                    classes: len,
+                });
+            }
+            (Some(c), None)
+        }
+        Targets::Probs(q) => {
+            let q = q.named("targets")?;
+            x.layout.check_same("targets", &q.layout)?;
+            let qs = q.layout.row_stride().ok_or(Error::Unsupported {
+                what: "targets",
+                why: "probability targets take row layouts",
+            })?;
+            (None, Some((q.data, qs)))
+        }
+    };
+    let grad = match grad {
+        Some(g) => {
+            g.layout.validate("grad", g.data.len())?;
+            x.layout.check_same("grad", &g.layout)?;
+            let gs = g.layout.row_stride().ok_or(Error::Unsupported {
+                what: "grad",
+                why: "the gradient takes row layouts",
+            })?;
+            Some((g.data, gs))
+        }
+        None => None,
+    };
+    for (what, b) in [
+        ("loss", &rows_out.loss),
+        ("z_loss", &rows_out.z_loss),
+        ("lse", &rows_out.lse),
+    ] {
+        if let Some(b) = b {
+            if b.len() != rows {
+                return Err(Error::RowCountMismatch {
+                    what,
+                    len: b.len(),
+                    rows,
+                });
+            }
+        }
+    }
+
+    // Denominators (row order, f64).
+    let valid_rows = match classes {
+        Some(c) => c.iter().filter(|&&t| t != opts.ignore_index).count(),
+        None => rows,
+    };
+    let mean_den = match (classes, opts.class_weights) {
+        (Some(c), Some(w)) => c
+            .iter()
+            .filter(|&&t| t != opts.ignore_index)
+            .map(|&t| w[t as usize] as f64)
+            .sum::<f64>(),
+        _ => valid_rows as f64,
+    };
+    let (denominator, z_den) = match opts.reduction {
+        Reduction::Mean => (mean_den, valid_rows as f64),
+        _ => (1.0, 1.0),
+    };
+    let scale = |den: f64| if den > 0.0 { opts.grad_scale / den } else { 0.0 };
+    let wsum = opts
+        .class_weights
+        .map_or(len as f64, |w| w.iter().map(|&v| v as f64).sum());
+    let k64 = 1.0 / opts.temperature;
+    let cap64 = opts.softcap.unwrap_or(0.0);
+    let c = ce::Ce {
+        xf: Xform {
+            k: k64 as f32,
+            cap: cap64 as f32,
+        },
+        k64,
+        cap64,
+        eps: opts.label_smoothing,
+        lambda: opts.z_loss,
+        main_scale: scale(denominator),
+        z_scale: scale(z_den),
+        weights: opts.class_weights,
+        wsum,
+        classes: len as f64,
+        ignore_index: opts.ignore_index,
+        need_lse: rows_out.lse.is_some(),
+    };
+
+    let level = SimdLevel::resolve(opts.simd);
+    let gstride = grad.as_ref().map_or(0, |g| g.1);
+    let items: Vec<(usize, usize, Option<&mut [T]>)> = match grad {
+        Some((g, gs)) => par::row_groups(g, rows, len, gs)
+            .into_iter()
+            .map(|(r0, n, g)| (r0, n, Some(g)))
+            .collect(),
+        None => {
+            let per = par::rows_per_task(len);
+            (0..rows)
+                .step_by(per)
+                .map(|r0| (r0, per.min(rows - r0), None))
+                .collect()
+        }
+    };
+    let results: Vec<Vec<RowOut>> = par::map(opts.par, items, |(r0, n, g)| {
+        dispatch(
+            level,
+            ce::CeRows {
+                c,
+                x: &x.data[r0 * xs..],
+                xs,
+                len,
+                classes: classes.map(|cl| &cl[r0..r0 + n]),
+                probs: probs.map(|(q, qs)| (&q[r0 * qs..], qs)),
+                g: g.map(|g| (g, gstride)),
+                rows: n,
+            },
+        )
+    });
+
+    let RowOutputs {
+        mut loss,
+        mut z_loss,
+        mut lse,
+    } = rows_out;
+    let (mut lsum, mut zsum) = (0.0f64, 0.0f64);
+    for (r, o) in results.iter().flatten().enumerate() {
+        lsum += o.loss;
+        zsum += o.z;
+        if let Some(b) = loss.as_deref_mut() {
+            b[r] = o.loss;
+        }
+        if let Some(b) = z_loss.as_deref_mut() {
+            b[r] = o.z;
+        }
+        if let Some(b) = lse.as_deref_mut() {
+            b[r] = o.lse;
+        }
+    }
+    let (loss, z_loss) = match opts.reduction {
+        Reduction::Mean if denominator > 0.0 => (lsum / denominator, if z_den > 0.0 { zsum / z_den } else { 0.0 }),
+        Reduction::Mean => match opts.all_ignored {
+            AllIgnored::Zero => (0.0, 0.0),
+            AllIgnored::Nan => (f64::NAN, f64::NAN),
+        },
+        _ => (lsum, zsum),
+    };
+    Ok(CeLoss {
+        loss,
+        z_loss,
+        valid_rows,
+        denominator,
+    })
+}

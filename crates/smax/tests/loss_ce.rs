@@ -1,0 +1,791 @@
+//! Cross-entropy over given logits against an f64 reference written from the formulas of
+//! ALGORITHMS.md L1/L2 (PyTorch semantics), every option combination, every SIMD level.
+
+mod common;
+
+use common::{Rng, fsum};
+use smax::loss::{AllIgnored, CeLoss, CrossEntropy, Reduction, RowOutputs, Targets, cross_entropy};
+use smax::{Element, Error, Par, SimdLevel, View, ViewMut, bf16};
+
+/// One configuration of the reference.
+#[derive(Clone, Copy, Debug)]
+struct Cfg<'a> {
+    red: Reduction,
+    weights: Option<&'a [f32]>,
+    eps: f64,
+    lambda: f64,
+    cap: Option<f64>,
+    tau: f64,
+    ignore: i64,
+}
+
+enum Tg<'a> {
+    Cls(&'a [i64]),
+    Probs(&'a [f64]),
+}
+
+struct Ref {
+    rows: Vec<(f64, f64, f64)>, // loss, z, lse
+    grad: Vec<f64>,
+    /// Per-entry gradient tolerance scale (what the entry is a difference of).
+    mag: Vec<f64>,
+    loss: f64,
+    z: f64,
+    max_t: f64,
+}
+
+fn t_of(c: &Cfg, v: f64) -> f64 {
+    match c.cap {
+        Some(cap) if v != f64::NEG_INFINITY => cap * (v / cap).tanh() / c.tau,
+        _ => v / c.tau,
+    }
+}
+
+fn dt_of(c: &Cfg, v: f64) -> f64 {
+    match c.cap {
+        Some(_) if v == f64::NEG_INFINITY => 0.0,
+        Some(cap) => (1.0 - (v / cap).tanh().powi(2)) / c.tau,
+        None => 1.0 / c.tau,
+    }
+}
+
+/// The reference, straight from the formulas: `u` is the target mass per class (PyTorch:
+/// `(1 − ε)·w_y·onehot + ε/K·w`, or `w ⊙ ((1 − ε)q + ε/K)`), `ℓ = Σ u_k(lse − t_k)`,
+/// `∂ℓ/∂t = s·(U p − u) + s_z·2λ·lse·p`.
+fn reference(x: &[f64], k: usize, tg: &Tg, c: &Cfg) -> Ref {
+    let n = x.len() / k;
+    let w = |i: usize| c.weights.map_or(1.0, |w| w[i] as f64);
+    let valid: Vec<bool> = (0..n).map(|r| !matches!(tg, Tg::Cls(y) if y[r] == c.ignore)).collect();
+    let nvalid = valid.iter().filter(|v| **v).count() as f64;
+    let den = match (c.red, tg) {
+        (Reduction::Mean, Tg::Cls(y)) => fsum((0..n).filter(|&r| valid[r]).map(|r| w(y[r] as usize))),
+        (Reduction::Mean, Tg::Probs(_)) => n as f64,
+        _ => 1.0,
+    };
+    let zden = if c.red == Reduction::Mean { nvalid } else { 1.0 };
+    let s = if den > 0.0 { 1.0 / den } else { 0.0 };
+    let sz = if zden > 0.0 { 1.0 / zden } else { 0.0 };
+    let mut out = Ref {
+        rows: vec![],
+        grad: vec![0.0; n * k],
+        mag: vec![0.0; n * k],
+        loss: 0.0,
+        z: 0.0,
+        max_t: 0.0,
+    };
+    for r in 0..n {
+        let xr = &x[r * k..(r + 1) * k];
+        let t: Vec<f64> = xr.iter().map(|&v| t_of(c, v)).collect();
+        out.max_t = t
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(out.max_t, |a, v| a.max(v.abs()));
+        let m = t.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + fsum(t.iter().map(|&v| (v - m).exp())).ln();
+        if !valid[r] {
+            out.rows.push((0.0, 0.0, lse));
+            continue;
+        }
+        let u: Vec<f64> = match tg {
+            Tg::Cls(y) => (0..k)
+                .map(|i| c.eps / k as f64 * w(i) + if i == y[r] as usize { (1.0 - c.eps) * w(i) } else { 0.0 })
+                .collect(),
+            Tg::Probs(q) => (0..k)
+                .map(|i| w(i) * ((1.0 - c.eps) * q[r * k + i] + c.eps / k as f64))
+                .collect(),
+        };
+        let big_u = fsum(u.iter().copied());
+        let loss = fsum((0..k).filter(|&i| u[i] != 0.0).map(|i| u[i] * (lse - t[i])));
+        let z = c.lambda * lse * lse;
+        out.rows.push((loss, z, lse));
+        let a = s * big_u + sz * 2.0 * c.lambda * lse;
+        for i in 0..k {
+            let p = (t[i] - lse).exp();
+            out.grad[r * k + i] = (a * p - s * u[i]) * dt_of(c, xr[i]);
+            // With a cap, the chain factor 1 − tanh² is formed from the capped value, so its
+            // relative error grows as 1/(1 − tanh²) (documented on `cross_entropy`).
+            let cond = match c.cap {
+                Some(cap) if xr[i].is_finite() => 1.0 / (1.0 - (xr[i] / cap).tanh().powi(2)),
+                _ => 1.0,
+            };
+            out.mag[r * k + i] = (a.abs() * p + s * u[i].abs()) * dt_of(c, xr[i]).abs() * cond;
+        }
+    }
+    let lsum = fsum(out.rows.iter().map(|r| r.0));
+    let zsum = fsum(out.rows.iter().map(|r| r.1));
+    (out.loss, out.z) = match c.red {
+        Reduction::Mean if den > 0.0 => (lsum / den, if zden > 0.0 { zsum / zden } else { 0.0 }),
+        Reduction::Mean => (0.0, 0.0),
+        _ => (lsum, zsum),
+    };
+    out
+}
+
+fn opts<'a>(c: &Cfg<'a>) -> CrossEntropy<'a> {
+    let mut o = CrossEntropy::default()
+        .reduction(c.red)
+        .label_smoothing(c.eps)
+        .z_loss(c.lambda)
+        .temperature(c.tau)
+        .ignore_index(c.ignore);
+    if let Some(w) = c.weights {
+        o = o.class_weights(w);
+    }
+    if let Some(cap) = c.cap {
+        o = o.softcap(cap);
+    }
+    o
+}
+
+struct Got {
+    res: CeLoss,
+    rows: Vec<(f64, f64, f64)>,
+    grad: Vec<f64>,
+}
+
+fn run<T: Element>(x: &[f64], k: usize, tg: &Tg, o: &CrossEntropy) -> Got {
+    let n = x.len() / k;
+    let xt: Vec<T> = x.iter().map(|&v| T::from_f64(v)).collect();
+    let qt: Vec<T>;
+    let targets = match tg {
+        Tg::Cls(y) => Targets::Classes(y),
+        Tg::Probs(q) => {
+            qt = q.iter().map(|&v| T::from_f64(v)).collect();
+            Targets::Probs(View::rows(&qt, n, k).unwrap())
+        }
+    };
+    let mut g = vec![T::default(); n * k];
+    let (mut l, mut z, mut s) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    let res = cross_entropy(
+        View::rows(&xt, n, k).unwrap(),
+        targets,
+        Some(ViewMut::rows(&mut g, n, k).unwrap()),
+        RowOutputs {
+            loss: Some(&mut l),
+            z_loss: Some(&mut z),
+            lse: Some(&mut s),
+        },
+        o,
+    )
+    .unwrap();
+    Got {
+        res,
+        rows: l.into_iter().zip(z).zip(s).map(|((a, b), c)| (a, b, c)).collect(),
+        grad: g.iter().map(|v| v.to_f64()).collect(),
+    }
+}
+
+/// Compares against the reference: per-row values to `rel` of their size (plus the error
+/// that rounding `t` to f32 induces: `rel·U·max|t|`), gradient entries to `rel` of the terms
+/// they are a difference of.
+fn check(got: &Got, want: &Ref, rel: f64, what: &str) {
+    let tol = |v: f64, mass: f64| rel * (v.abs() + mass * (1.0 + want.max_t)) + 1e-300;
+    for (r, (g, w)) in got.rows.iter().zip(&want.rows).enumerate() {
+        assert!(
+            (g.0 - w.0).abs() <= tol(w.0, 1.0),
+            "{what}: row {r} loss {} vs {}",
+            g.0,
+            w.0
+        );
+        assert!(
+            (g.1 - w.1).abs() <= tol(w.1, w.1.abs().sqrt()),
+            "{what}: row {r} z {} vs {}",
+            g.1,
+            w.1
+        );
+        if w.2.is_finite() {
+            assert!(
+                (g.2 - w.2).abs() <= tol(w.2, 1.0),
+                "{what}: row {r} lse {} vs {}",
+                g.2,
+                w.2
+            );
+        }
+    }
+    assert!(
+        (got.res.loss - want.loss).abs() <= tol(want.loss, 1.0),
+        "{what}: loss {} vs {}",
+        got.res.loss,
+        want.loss
+    );
+    assert!(
+        (got.res.z_loss - want.z).abs() <= tol(want.z, 1.0),
+        "{what}: z {} vs {}",
+        got.res.z_loss,
+        want.z
+    );
+    for (i, ((g, w), m)) in got.grad.iter().zip(&want.grad).zip(&want.mag).enumerate() {
+        let t = rel * m * (1.0 + want.max_t) + 1e-30;
+        assert!((g - w).abs() <= t, "{what}: grad[{i}] {g} vs {w} (tol {t})");
+    }
+}
+
+fn targets_for(rng: &mut Rng, n: usize, k: usize, ignore: bool) -> Vec<i64> {
+    (0..n)
+        .map(|r| {
+            if ignore && r % 3 == 1 {
+                -100
+            } else {
+                (rng.next_u64() % k as u64) as i64
+            }
+        })
+        .collect()
+}
+
+fn probs_for(rng: &mut Rng, n: usize, k: usize) -> Vec<f64> {
+    let mut q = vec![0.0; n * k];
+    for r in 0..n {
+        let e: Vec<f64> = (0..k).map(|_| (2.0 * rng.uniform()).exp()).collect();
+        let s: f64 = e.iter().sum();
+        for i in 0..k {
+            q[r * k + i] = e[i] / s;
+        }
+    }
+    q
+}
+
+#[test]
+fn every_option_combination_f32_f64() {
+    let mut rng = Rng(0x5eed_0003);
+    for &k in &[1usize, 7, 33, 257, 1030] {
+        let n = 5;
+        let x: Vec<f64> = rng.vec(n * k, 6.0).iter().map(|&v| v as f32 as f64).collect();
+        let wv: Vec<f32> = (0..k).map(|i| 0.25 + (i % 5) as f32 * 0.5).collect();
+        let cls = targets_for(&mut rng, n, k, true);
+        let q: Vec<f64> = probs_for(&mut rng, n, k).iter().map(|&v| v as f32 as f64).collect();
+        for red in [Reduction::None, Reduction::Sum, Reduction::Mean] {
+            for weights in [None, Some(&wv[..])] {
+                for eps in [0.0, 0.1] {
+                    for lambda in [0.0, 1e-2] {
+                        for cap in [None, Some(3.0)] {
+                            for tau in [1.0, 0.7] {
+                                for soft in [false, true] {
+                                    let c = Cfg {
+                                        red,
+                                        weights,
+                                        eps,
+                                        lambda,
+                                        cap,
+                                        tau,
+                                        ignore: -100,
+                                    };
+                                    let tg = if soft { Tg::Probs(&q) } else { Tg::Cls(&cls) };
+                                    let want = reference(&x, k, &tg, &c);
+                                    let o = opts(&c);
+                                    let what = format!("{c:?} soft={soft} k={k}");
+                                    check(&run::<f64>(&x, k, &tg, &o), &want, 1e-12, &format!("f64 {what}"));
+                                    for level in SimdLevel::available() {
+                                        let o = o.simd(level);
+                                        check(
+                                            &run::<f32>(&x, k, &tg, &o),
+                                            &want,
+                                            5e-7,
+                                            &format!("f32 {level:?} {what}"),
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_tail_length_every_level() {
+    let mut rng = Rng(7);
+    let mut lens: Vec<usize> = (1..70).collect();
+    lens.extend([255, 256, 257, 1023, 1024, 1025, 2049, 4097, 70001]);
+    for &k in &lens {
+        let n = 3;
+        let x: Vec<f64> = rng.vec(n * k, 20.0).iter().map(|&v| v as f32 as f64).collect();
+        let cls = targets_for(&mut rng, n, k, false);
+        let c = Cfg {
+            red: Reduction::Mean,
+            weights: None,
+            eps: 0.0,
+            lambda: 0.0,
+            cap: None,
+            tau: 1.0,
+            ignore: -100,
+        };
+        let want = reference(&x, k, &Tg::Cls(&cls), &c);
+        for level in SimdLevel::available() {
+            let o = opts(&c).simd(level);
+            check(
+                &run::<f32>(&x, k, &Tg::Cls(&cls), &o),
+                &want,
+                5e-7,
+                &format!("{level:?} k={k}"),
+            );
+        }
+        let c2 = Cfg {
+            eps: 0.1,
+            cap: Some(10.0),
+            ..c
+        };
+        let want = reference(&x, k, &Tg::Cls(&cls), &c2);
+        let o = opts(&c2);
+        check(
+            &run::<f32>(&x, k, &Tg::Cls(&cls), &o),
+            &want,
+            5e-7,
+            &format!("smooth+cap k={k}"),
+        );
+    }
+}
+
+#[test]
+fn half_types_accumulate_in_f32() {
+    let mut rng = Rng(11);
+    let (n, k) = (4, 1500);
+    let x: Vec<f64> = rng
+        .vec(n * k, 8.0)
+        .iter()
+        .map(|&v| bf16::from_f64(v).to_f64())
+        .collect();
+    let cls = targets_for(&mut rng, n, k, true);
+    let c = Cfg {
+        red: Reduction::Mean,
+        weights: None,
+        eps: 0.1,
+        lambda: 1e-3,
+        cap: None,
+        tau: 1.0,
+        ignore: -100,
+    };
+    let want = reference(&x, k, &Tg::Cls(&cls), &c);
+    let got = run::<bf16>(&x, k, &Tg::Cls(&cls), &opts(&c));
+    // The statistics are f32-exact; only the stored gradient is rounded to bf16 (2^-9).
+    for (r, (g, w)) in got.rows.iter().zip(&want.rows).enumerate() {
+        assert!((g.0 - w.0).abs() <= 2e-6 * (1.0 + w.0.abs() + want.max_t), "row {r}");
+    }
+    for ((g, w), m) in got.grad.iter().zip(&want.grad).zip(&want.mag) {
+        assert!((g - w).abs() <= 2f64.powi(-8) * m + 1e-30, "{g} vs {w}");
+    }
+}
+
+#[test]
+fn gradient_matches_finite_differences_f64() {
+    // The formula itself (not only the code) is checked: central differences of the f64 loss.
+    let mut rng = Rng(99);
+    let (n, k) = (3, 6);
+    let x = rng.vec(n * k, 2.0);
+    let wv: Vec<f32> = vec![1.0, 0.5, 2.0, 1.5, 0.75, 1.25];
+    let cls = vec![2i64, -100, 5];
+    let q = probs_for(&mut rng, n, k);
+    for soft in [false, true] {
+        for red in [Reduction::Sum, Reduction::Mean] {
+            let c = Cfg {
+                red,
+                weights: Some(&wv),
+                eps: 0.2,
+                lambda: 0.05,
+                cap: Some(1.5),
+                tau: 0.8,
+                ignore: -100,
+            };
+            let tg = if soft { Tg::Probs(&q) } else { Tg::Cls(&cls) };
+            let o = opts(&c);
+            let total = |x: &[f64]| {
+                let g = run::<f64>(x, k, &tg, &o);
+                g.res.loss + g.res.z_loss
+            };
+            let an = run::<f64>(&x, k, &tg, &o).grad;
+            for i in 0..n * k {
+                let h = 1e-6;
+                let (mut a, mut b) = (x.clone(), x.clone());
+                a[i] += h;
+                b[i] -= h;
+                let fd = (total(&a) - total(&b)) / (2.0 * h);
+                assert!(
+                    (fd - an[i]).abs() < 1e-8,
+                    "soft={soft} {red:?} [{i}] fd {fd} vs {}",
+                    an[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn worked_example_l1_and_l2() {
+    let z = [2.0, 1.0, 0.1, 0.5, 2.5, -1.0, 1.0, 1.0, 1.0];
+    let y = [0i64, 1, -100];
+    let o = CrossEntropy::default().label_smoothing(0.1);
+    let mut g = vec![0.0f64; 9];
+    let mut rows = vec![0.0; 3];
+    let r = cross_entropy(
+        View::rows(&z, 3, 3).unwrap(),
+        Targets::Classes(&y),
+        Some(ViewMut::rows(&mut g, 3, 3).unwrap()),
+        RowOutputs {
+            loss: Some(&mut rows),
+            ..Default::default()
+        },
+        &o,
+    )
+    .unwrap();
+    let close = |a: f64, b: f64, t: f64| assert!((a - b).abs() <= t, "{a} vs {b}");
+    close(r.loss, 0.425104111700061, 1e-14);
+    assert_eq!(r.valid_rows, 2);
+    for (a, b) in rows.iter().zip([0.5136966829, 0.3365115405, 0.0]) {
+        close(*a, b, 1e-10);
+    }
+    let want = [
+        -0.1371660972,
+        0.1045498187,
+        0.0326162785,
+        0.0413906007,
+        -0.0376782614,
+        -0.0037123393,
+        0.0,
+        0.0,
+        0.0,
+    ];
+    for (a, b) in g.iter().zip(want) {
+        close(*a, b, 1e-10);
+    }
+    // f32 at every level, and ε = 0.
+    for level in SimdLevel::available() {
+        let z32: Vec<f32> = z.iter().map(|&v| v as f32).collect();
+        let mut rows = vec![0.0; 3];
+        let r = cross_entropy(
+            View::rows(&z32, 3, 3).unwrap(),
+            Targets::Classes(&y),
+            None,
+            RowOutputs {
+                loss: Some(&mut rows),
+                ..Default::default()
+            },
+            &CrossEntropy::default().simd(level),
+        )
+        .unwrap();
+        close(r.loss, 0.285104111700061, 1e-6);
+        close(rows[0], 0.4170300163, 1e-6);
+        close(rows[1], 0.1531782071, 1e-6);
+    }
+    // L2: z-loss of [2, 1, 0.1] with λ = 1e-4, and its gradient (z-loss only: the CE part
+    // is removed by comparing against λ = 0).
+    let z1 = [2.0f64, 1.0, 0.1];
+    let grad_with = |lambda: f64| {
+        let mut g = vec![0.0f64; 3];
+        let r = cross_entropy(
+            View::rows(&z1, 1, 3).unwrap(),
+            Targets::Classes(&[0]),
+            Some(ViewMut::rows(&mut g, 1, 3).unwrap()),
+            RowOutputs::default(),
+            &CrossEntropy::default().z_loss(lambda),
+        )
+        .unwrap();
+        (r, g)
+    };
+    let (r, g1) = grad_with(1e-4);
+    let (_, g0) = grad_with(0.0);
+    close(r.z_loss, 0.0005842034099588026, 1e-16);
+    for (i, w) in [3.1856510669e-04, 1.1719355343e-04, 4.7647343140e-05]
+        .iter()
+        .enumerate()
+    {
+        close(g1[i] - g0[i], *w, 1e-13);
+    }
+}
+
+#[test]
+fn edge_cases() {
+    let o = CrossEntropy::default().reduction(Reduction::None);
+    let one = |x: &[f32], y: i64, o: &CrossEntropy| {
+        let mut g = vec![0.0f32; x.len()];
+        let mut l = [0.0f64];
+        let mut s = [0.0f64];
+        let r = cross_entropy(
+            View::rows(x, 1, x.len()).unwrap(),
+            Targets::Classes(&[y]),
+            Some(ViewMut::rows(&mut g, 1, x.len()).unwrap()),
+            RowOutputs {
+                loss: Some(&mut l),
+                lse: Some(&mut s),
+                ..Default::default()
+            },
+            o,
+        )
+        .unwrap();
+        (r, l[0], s[0], g)
+    };
+    let ninf = f32::NEG_INFINITY;
+    for level in SimdLevel::available() {
+        let o = o.simd(level);
+        // -inf at non-target positions: finite loss, zero gradient there.
+        let (_, l, _, g) = one(&[1.0, ninf, 0.0, ninf], 0, &o);
+        assert!((l - (1.0f64 + (-1.0f64).exp()).ln()).abs() < 1e-6);
+        assert_eq!((g[1], g[3]), (0.0, 0.0));
+        // Target at a -inf logit: +inf loss, finite gradient p − onehot.
+        let (_, l, _, g) = one(&[1.0, ninf, 0.0], 1, &o);
+        assert_eq!(l, f64::INFINITY);
+        assert_eq!(g[1], -1.0);
+        assert!(g.iter().all(|v| v.is_finite()));
+        // Every logit -inf: +inf loss, lse -inf, zero gradient.
+        let (_, l, s, g) = one(&[ninf; 5], 2, &o);
+        assert_eq!((l, s), (f64::INFINITY, f64::NEG_INFINITY));
+        assert!(g.iter().all(|&v| v == 0.0));
+        // NaN anywhere: NaN loss and gradient.
+        let (r, l, _, g) = one(&[1.0, f32::NAN, 0.0], 0, &o);
+        assert!(l.is_nan() && r.loss.is_nan() && g.iter().all(|v| v.is_nan()));
+        // +inf without a cap: NaN (softmax is NaN); with a cap: the limit c.
+        let (_, l, s, _) = one(&[1.0, f32::INFINITY, 0.0], 0, &o);
+        assert!(l.is_nan() && s == f64::INFINITY);
+        let (_, l, _, g) = one(&[1.0, f32::INFINITY, 0.0], 1, &o.softcap(5.0));
+        let want = (1.0f64 + (5.0 * (0.2f64).tanh() - 5.0).exp() + (-5.0f64).exp()).ln();
+        assert!((l - want).abs() < 1e-5, "{l} vs {want}");
+        assert!(g.iter().all(|v| v.is_finite()));
+        // Masked classes stay masked under the cap.
+        let (_, l, _, g) = one(&[1.0, ninf, 0.0], 0, &o.softcap(5.0));
+        let t1 = 5.0 * (0.2f64).tanh();
+        assert!((l - (1.0 + (-t1).exp()).ln()).abs() < 1e-6);
+        assert_eq!(g[1], 0.0);
+        // Huge magnitudes: no overflow (the loss is exact in f64: 3e38 − (−3e38)).
+        let (_, l, _, _) = one(&[3e38, -3e38, 1e38], 1, &o);
+        assert!((l - 6e38).abs() < 1e33, "{l}");
+        let (_, l, _, _) = one(&[3e38, -3e38, 1e38], 0, &o);
+        assert_eq!(l, 0.0);
+        // Denormal logits behave like zeros.
+        let (_, l, _, _) = one(&[1e-40, -1e-41, 0.0], 0, &o);
+        assert!((l - 3f64.ln()).abs() < 1e-6);
+    }
+    // A single class: loss 0, gradient 0.
+    let (_, l, _, g) = one(&[4.0], 0, &o);
+    assert_eq!((l, g[0]), (0.0, 0.0));
+}
+
+#[test]
+fn all_ignored_and_empty_batches() {
+    let x = [1.0f32, 2.0, 3.0, 4.0];
+    let y = [-100i64, -100];
+    let mut g = vec![1.0f32; 4];
+    let r = cross_entropy(
+        View::rows(&x, 2, 2).unwrap(),
+        Targets::Classes(&y),
+        Some(ViewMut::rows(&mut g, 2, 2).unwrap()),
+        RowOutputs::default(),
+        &CrossEntropy::default().z_loss(1e-4),
+    )
+    .unwrap();
+    assert_eq!((r.loss, r.z_loss, r.valid_rows), (0.0, 0.0, 0));
+    assert!(g.iter().all(|&v| v == 0.0));
+    let r = cross_entropy(
+        View::rows(&x, 2, 2).unwrap(),
+        Targets::Classes(&y),
+        None,
+        RowOutputs::default(),
+        &CrossEntropy::default().all_ignored(AllIgnored::Nan),
+    )
+    .unwrap();
+    assert!(r.loss.is_nan());
+    // No rows at all.
+    let r = cross_entropy(
+        View::rows(&x[..0], 0, 2).unwrap(),
+        Targets::Classes(&[]),
+        None,
+        RowOutputs::default(),
+        &CrossEntropy::default(),
+    )
+    .unwrap();
+    assert_eq!((r.loss, r.valid_rows), (0.0, 0));
+    // Custom ignore index.
+    let r = cross_entropy(
+        View::rows(&x, 2, 2).unwrap(),
+        Targets::Classes(&[1, 7]),
+        None,
+        RowOutputs::default(),
+        &CrossEntropy::default().ignore_index(7),
+    )
+    .unwrap();
+    assert_eq!(r.valid_rows, 1);
+    assert!((r.loss - (1.0f64 + (-1.0f64).exp()).ln()).abs() < 1e-6);
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let x = [0.0f32; 6];
+    let v = || View::rows(&x, 2, 3).unwrap();
+    let ce = |t: Targets<f32>, o: &CrossEntropy| cross_entropy(v(), t, None, RowOutputs::default(), o);
+    let d = CrossEntropy::default();
+    assert!(matches!(
+        ce(Targets::Classes(&[0, 3]), &d),
+        Err(Error::TargetOutOfRange {
+            row: 1,
+            target: 3,
+            classes: 3
+        })
+    ));
+    assert!(matches!(
+        ce(Targets::Classes(&[0, -1]), &d),
+        Err(Error::TargetOutOfRange { .. })
+    ));
+    assert!(matches!(
+        ce(Targets::Classes(&[0]), &d),
+        Err(Error::LengthMismatch { what: "targets", .. })
+    ));
+    let w = [1.0f32; 2];
+    assert!(matches!(
+        ce(Targets::Classes(&[0, 0]), &d.class_weights(&w)),
+        Err(Error::LengthMismatch {
+            what: "class_weights",
+            ..
+        })
+    ));
+    let wn = [1.0f32, -1.0, 1.0];
+    for (o, name) in [
+        (d.class_weights(&wn), "class_weights"),
+        (d.temperature(0.0), "temperature"),
+        (d.temperature(f64::NAN), "temperature"),
+        (d.label_smoothing(1.5), "label_smoothing"),
+        (d.z_loss(-1.0), "z_loss"),
+        (d.softcap(0.0), "softcap"),
+        (d.grad_scale(f64::INFINITY), "grad_scale"),
+    ] {
+        match ce(Targets::Classes(&[0, 0]), &o) {
+            Err(Error::BadParameter { name: n, .. }) => assert_eq!(n, name),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    let q = [0.0f32; 4];
+    assert!(matches!(
+        ce(Targets::Probs(View::rows(&q, 2, 2).unwrap()), &d),
+        Err(Error::ShapeMismatch { what: "targets", .. })
+    ));
+    let mut g = [0.0f32; 4];
+    assert!(matches!(
+        cross_entropy(
+            v(),
+            Targets::Classes(&[0, 0]),
+            Some(ViewMut::rows(&mut g, 2, 2).unwrap()),
+            RowOutputs::default(),
+            &d
+        ),
+        Err(Error::ShapeMismatch { what: "grad", .. })
+    ));
+    let mut l = [0.0f64; 3];
+    assert!(matches!(
+        cross_entropy(
+            v(),
+            Targets::Classes(&[0, 0]),
+            None,
+            RowOutputs {
+                loss: Some(&mut l),
+                ..Default::default()
+            },
+            &d
+        ),
+        Err(Error::RowCountMismatch { what: "loss", .. })
+    ));
+    let e: [f32; 0] = [];
+    assert!(matches!(
+        cross_entropy(
+            View::rows(&e, 2, 0).unwrap(),
+            Targets::Classes(&[0, 0]),
+            None,
+            RowOutputs::default(),
+            &d
+        ),
+        Err(Error::BadParameter { name: "classes", .. })
+    ));
+    let ax = [0.0f32; 8];
+    assert!(matches!(
+        cross_entropy(
+            View::new(&ax, smax::Layout::axis(2, 2, 2)).unwrap(),
+            Targets::Classes(&[0, 0, 0, 0]),
+            None,
+            RowOutputs::default(),
+            &d
+        ),
+        Err(Error::Unsupported { what: "logits", .. })
+    ));
+}
+
+#[test]
+fn strided_views_and_thread_determinism() {
+    let mut rng = Rng(5);
+    let (n, k, stride) = (300, 1000, 1003);
+    let xs: Vec<f32> = rng.vec(n * stride, 10.0).iter().map(|&v| v as f32).collect();
+    let cls = targets_for(&mut rng, n, k, true);
+    let lay = smax::Layout::strided_rows(n, k, stride);
+    let o = CrossEntropy::default().label_smoothing(0.05).z_loss(1e-4).softcap(7.0);
+    let go = |o: &CrossEntropy| {
+        let mut g = vec![0.0f32; n * stride];
+        let r = cross_entropy(
+            View::new(&xs, lay).unwrap(),
+            Targets::Classes(&cls),
+            Some(ViewMut::new(&mut g, lay).unwrap()),
+            RowOutputs::default(),
+            o,
+        )
+        .unwrap();
+        (
+            r.loss.to_bits(),
+            r.z_loss.to_bits(),
+            g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        )
+    };
+    let base = go(&o.par(Par::Seq));
+    for threads in [1, 2, 3, 8] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        assert!(pool.install(|| go(&o)) == base, "{threads} threads");
+    }
+    // The strided result equals the contiguous one.
+    let xc: Vec<f64> = (0..n)
+        .flat_map(|r| xs[r * stride..r * stride + k].iter().map(|&v| v as f64))
+        .collect();
+    let c = Cfg {
+        red: Reduction::Mean,
+        weights: None,
+        eps: 0.05,
+        lambda: 1e-4,
+        cap: Some(7.0),
+        tau: 1.0,
+        ignore: -100,
+    };
+    let got = run::<f32>(&xc, k, &Tg::Cls(&cls), &o);
+    assert_eq!(got.res.loss.to_bits(), base.0);
+    let want = reference(&xc, k, &Tg::Cls(&cls), &c);
+    check(&got, &want, 5e-7, "strided");
+}
+
+#[test]
+fn tanh_sampled_ulp() {
+    let mut xs = Vec::new();
+    let mut b = 1u32;
+    while b < 0x7f80_0000 {
+        xs.push(f32::from_bits(b));
+        xs.push(-f32::from_bits(b));
+        b += 1013;
+    }
+    for level in SimdLevel::available() {
+        let mut y = vec![0.0f32; xs.len()];
+        smax::math::tanh(&xs, &mut y, Some(level)).unwrap();
+        let mut worst = 0.0f64;
+        for (&x, &v) in xs.iter().zip(&y) {
+            let want = (x as f64).tanh();
+            let w32 = want as f32;
+            let ulp = if w32.abs() < f32::MIN_POSITIVE {
+                2f64.powi(-149)
+            } else {
+                let up = f32::from_bits(w32.abs().to_bits() + 1) as f64 - w32.abs() as f64;
+                up.min(w32.abs() as f64 - f32::from_bits(w32.abs().to_bits() - 1) as f64)
+            };
+            worst = worst.max((v as f64 - want).abs() / ulp);
+        }
+        assert!(worst <= 4.0, "{level:?}: {worst} ULP");
+    }
+    let sp = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 0.0, -0.0];
+    let mut y = [0.0f32; 5];
+    smax::math::tanh(&sp, &mut y, None).unwrap();
+    assert_eq!((y[0], y[1]), (1.0, -1.0));
+    assert!(y[2].is_nan());
+    assert_eq!(
+        (y[3].to_bits(), y[4].to_bits()),
+        (0.0f32.to_bits(), (-0.0f32).to_bits())
+    );
+}
