@@ -12,27 +12,39 @@ use smax::{Algorithm, Options, Par, View, ViewMut};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+/// Which family to benchmark.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Suite {
+    /// The normalisers: softmax, log_softmax, logsumexp and their backward passes.
+    Core,
+    /// The losses: cross-entropy over given logits, and the linear cross-entropy.
+    Loss,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// The family to time.
+    #[arg(value_enum, default_value_t = Suite::Core)]
+    pub suite: Suite,
     /// Short run: fewer repetitions, two in-cache shapes and two large ones.
     #[arg(long)]
-    quick: bool,
+    pub quick: bool,
     /// Ops to run (softmax, log_softmax, logsumexp, softmax_backward, log_softmax_backward);
     /// repeatable or comma-separated. Default: all.
     #[arg(long, value_delimiter = ',')]
-    op: Vec<String>,
+    pub op: Vec<String>,
     /// Shapes ROWSxCOLS; repeatable or comma-separated. Default: the list.
     #[arg(long, value_delimiter = ',')]
-    shape: Vec<String>,
+    pub shape: Vec<String>,
     /// Thread counts; default: 1 and all cores.
     #[arg(long, value_delimiter = ',')]
-    threads: Vec<usize>,
+    pub threads: Vec<usize>,
     /// Write the records as a JSON array to this path.
     #[arg(long)]
-    json: Option<String>,
+    pub json: Option<String>,
     /// Seconds of timing per record (default 0.6, quick 0.15).
     #[arg(long)]
-    seconds: Option<f64>,
+    pub seconds: Option<f64>,
 }
 
 const OPS: [&str; 5] = [
@@ -51,17 +63,19 @@ const BIG: [(usize, usize); 5] = [
     (4, 16777216),
 ];
 
-struct Record {
-    op: String,
-    rows: usize,
-    cols: usize,
-    threads: usize,
-    imp: String,
-    median_s: f64,
-    gb_per_s: f64,
+pub(crate) struct Record {
+    pub op: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub threads: usize,
+    pub imp: String,
+    pub median_s: f64,
+    pub gb_per_s: f64,
+    /// Further JSON fields of this record (name, JSON value).
+    pub extra: Vec<(&'static str, String)>,
 }
 
-fn parse_shape(s: &str) -> Result<(usize, usize), String> {
+pub(crate) fn parse_shape(s: &str) -> Result<(usize, usize), String> {
     let (a, b) = s
         .split_once(['x', 'X'])
         .ok_or_else(|| format!("shape {s:?} is not ROWSxCOLS"))?;
@@ -71,7 +85,7 @@ fn parse_shape(s: &str) -> Result<(usize, usize), String> {
 }
 
 /// Deterministic pseudo-random logits: N(0, 1)·4 via a cheap generator (Irwin–Hall of 4).
-fn fill_logits(v: &mut [f32], seed: u64) {
+pub(crate) fn fill_logits(v: &mut [f32], seed: u64) {
     v.par_chunks_mut(1 << 16).enumerate().for_each(|(ci, c)| {
         let mut s = seed ^ (ci as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xdead_beef;
         for x in c.iter_mut() {
@@ -87,7 +101,7 @@ fn fill_logits(v: &mut [f32], seed: u64) {
     });
 }
 
-fn time<F: FnMut()>(mut f: F, budget: f64, max_iters: usize) -> f64 {
+pub(crate) fn time<F: FnMut()>(mut f: F, budget: f64, max_iters: usize) -> f64 {
     f(); // warm-up (page faults, caches)
     let mut ts = Vec::new();
     let start = Instant::now();
@@ -154,14 +168,14 @@ fn naive_bwd(y: &[f32], dy: &[f32], dx: &mut [f32], cols: usize, log: bool) {
 
 const COPY_CHUNK: usize = 1 << 16;
 
-fn par_copy(x: &[f32], y: &mut [f32]) {
+pub(crate) fn par_copy(x: &[f32], y: &mut [f32]) {
     x.par_chunks(COPY_CHUNK)
         .zip(y.par_chunks_mut(COPY_CHUNK))
         .for_each(|(a, b)| b.copy_from_slice(a));
 }
 
 /// A plain sum with 16 independent lanes (vectorises; the read roofline).
-fn par_read(x: &[f32]) -> f32 {
+pub(crate) fn par_read(x: &[f32]) -> f32 {
     x.par_chunks(COPY_CHUNK)
         .map(|c| {
             let mut acc = [0.0f32; 16];
@@ -177,6 +191,9 @@ fn par_read(x: &[f32]) -> f32 {
 }
 
 pub fn run(a: Args) -> Result<(), String> {
+    if a.suite == Suite::Loss {
+        return crate::bench_loss::run(a);
+    }
     let budget = a.seconds.unwrap_or(if a.quick { 0.15 } else { 0.6 });
     let max_iters = if a.quick { 10 } else { 50 };
     let ops: Vec<String> = if a.op.is_empty() {
@@ -267,6 +284,7 @@ pub fn run(a: Args) -> Result<(), String> {
                             imp: imp.to_string(),
                             median_s: secs,
                             gb_per_s: bytes / secs / 1e9,
+                            extra: Vec::new(),
                         });
                     };
                     let algs = [
@@ -374,13 +392,17 @@ pub fn run(a: Args) -> Result<(), String> {
 }
 
 fn roofline<'a>(records: &'a [Record], r: &Record) -> Option<&'a Record> {
-    let want = if r.op == "logsumexp" { "read" } else { "copy" };
+    let want = if r.op == "logsumexp" || r.imp.ends_with("-fwd") {
+        "read"
+    } else {
+        "copy"
+    };
     records
         .iter()
         .find(|c| c.imp == want && c.rows == r.rows && c.cols == r.cols && c.threads == r.threads && c.op == r.op)
 }
 
-fn print_table(records: &[Record]) {
+pub(crate) fn print_table(records: &[Record]) {
     println!(
         "{:<22} {:>16} {:>3} {:<16} {:>11} {:>8} {:>8} {:>8}",
         "op", "shape", "thr", "impl", "median ms", "GB/s", "x roof", "x candle"
@@ -413,12 +435,13 @@ fn print_table(records: &[Record]) {
     }
 }
 
-fn write_json(path: &str, records: &[Record]) -> std::io::Result<()> {
+pub(crate) fn write_json(path: &str, records: &[Record]) -> std::io::Result<()> {
     let mut s = String::from("[\n");
     for (i, r) in records.iter().enumerate() {
+        let extra: String = r.extra.iter().map(|(k, v)| format!(", \"{k}\": {v}")).collect();
         s.push_str(&format!(
-            "  {{\"op\": \"{}\", \"dtype\": \"f32\", \"rows\": {}, \"cols\": {}, \"threads\": {}, \"impl\": \"{}\", \"median_s\": {:e}, \"gb_per_s\": {:.4}}}{}\n",
-            r.op, r.rows, r.cols, r.threads, r.imp, r.median_s, r.gb_per_s, if i + 1 < records.len() { "," } else { "" }
+            "  {{\"op\": \"{}\", \"dtype\": \"f32\", \"rows\": {}, \"cols\": {}, \"threads\": {}, \"impl\": \"{}\", \"median_s\": {:e}, \"gb_per_s\": {:.4}{}}}{}\n",
+            r.op, r.rows, r.cols, r.threads, r.imp, r.median_s, r.gb_per_s, extra, if i + 1 < records.len() { "," } else { "" }
         ));
     }
     s.push_str("]\n");

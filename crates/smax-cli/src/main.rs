@@ -3,6 +3,7 @@
 //! a plain read of the same bytes).
 
 mod bench;
+mod bench_loss;
 mod peers;
 
 use clap::{Parser, Subcommand};

@@ -37,6 +37,29 @@ mod imp {
         Some(Box::new(Candle { x: t }))
     }
 
+    /// candle-nn `loss::cross_entropy` (log_softmax, then nll with mean) and its autograd
+    /// backward, giving the gradient with respect to the logits.
+    pub struct CandleCe {
+        x: candle_core::Var,
+        y: candle_core::Tensor,
+    }
+
+    impl Peer for CandleCe {
+        fn run(&mut self) {
+            let loss = candle_nn::loss::cross_entropy(self.x.as_tensor(), &self.y).expect("candle cross_entropy");
+            let grads = loss.backward().expect("candle backward");
+            std::hint::black_box(grads.get(self.x.as_tensor()).map(|g| g.dims().len()));
+        }
+    }
+
+    pub fn candle_ce(x: &[f32], rows: usize, cols: usize, y: &[i64]) -> Option<Box<dyn Peer>> {
+        let dev = candle_core::Device::Cpu;
+        let v = candle_core::Var::from_slice(x, (rows, cols), &dev).ok()?;
+        let yu: Vec<u32> = y.iter().map(|&t| t as u32).collect();
+        let y = candle_core::Tensor::from_slice(&yu, rows, &dev).ok()?;
+        Some(Box::new(CandleCe { x: v, y }))
+    }
+
     /// rten-vecmath's single-slice `Softmax`/`LogSoftmax`, one call per row; rows spread over
     /// the current rayon pool.
     pub struct Rten<'a> {
@@ -73,7 +96,12 @@ mod imp {
 }
 
 #[cfg(feature = "peers")]
-pub use imp::{candle, rten};
+pub use imp::{candle, candle_ce, rten};
+
+#[cfg(not(feature = "peers"))]
+pub fn candle_ce(_: &[f32], _: usize, _: usize, _: &[i64]) -> Option<Box<dyn Peer>> {
+    None
+}
 
 #[cfg(not(feature = "peers"))]
 pub fn candle(_: &[f32], _: usize, _: usize) -> Option<Box<dyn Peer>> {

@@ -674,3 +674,41 @@ pub(crate) fn ce_grad<S: Isa>(s: S, t: &[f32], g: &mut [f32], m: f32, c1: f32, s
         store_partial::<S>(&mut g[n..t.len()], chain(tv, gv));
     }
 }
+
+/// Finishes a cross-entropy gradient over stored exponentials `e_i = exp((x_i − m)·k)`, in
+/// place: `g_i = (e_i·c1 − sub_i)·k`.
+#[inline(always)]
+pub(crate) fn ce_finish<S: Isa>(s: S, g: &mut [f32], c1: f32, sub: Sub<'_>, k: f32) {
+    let (vc1, vk) = (s.splat_f32s(c1), s.splat_f32s(k));
+    let (gh, gt) = S::as_mut_simd_f32s(g);
+    let nh = gh.len() * S::F32_LANES;
+    match sub {
+        Sub::None => {
+            let c = s.mul_f32s(vc1, vk);
+            for o in gh.iter_mut() {
+                *o = s.mul_f32s(*o, c);
+            }
+        }
+        Sub::Const(b) => {
+            let nb = s.splat_f32s(-b);
+            for o in gh.iter_mut() {
+                *o = s.mul_f32s(s.mul_add_f32s(*o, vc1, nb), vk);
+            }
+        }
+        Sub::Vec(b, v) => {
+            let vb = s.splat_f32s(b);
+            let (vh, _) = S::as_simd_f32s(&v[..nh]);
+            for (o, &w) in gh.iter_mut().zip(vh) {
+                *o = s.mul_f32s(s.negate_mul_add_f32s(vb, w, s.mul_f32s(*o, vc1)), vk);
+            }
+        }
+    }
+    for (i, o) in gt.iter_mut().enumerate() {
+        let sv = match sub {
+            Sub::None => 0.0,
+            Sub::Const(b) => b,
+            Sub::Vec(b, v) => b * v[nh + i],
+        };
+        *o = (*o).mul_add(c1, -sv) * k;
+    }
+}

@@ -166,6 +166,11 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
         Tgt::Probs(_) => (0.0, 0.0, None),
     };
     let smooth = beta != 0.0;
+    if let (Some(y), Some(xs), 0.0) = (y, T::as_f32(x), xf.cap) {
+        // (`T` is f32 here, so the gradient row converts too.)
+        let g = g.and_then(|g| T::as_f32_mut(g));
+        return row_f32_hard(s, c, xs, y, alpha, beta, g, pf);
+    }
 
     // Pass 1: max, and the target mass against the logits.
     let mut m = f32::NEG_INFINITY;
@@ -304,6 +309,76 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
             }
         },
     );
+    out
+}
+
+/// A plain f32 row with a class target and no cap: the three-pass shape of the core softmax.
+/// Pass 1 takes the max (and the smoothing dot) of the raw logits, pass 2 stores
+/// `exp((x − m)·k)` into the gradient row and sums it, pass 3 finishes the gradient in place
+/// while the row is still in cache. The temperature is folded into `k`.
+#[inline(always)]
+fn row_f32_hard<S: Isa>(
+    s: S,
+    c: &Ce<'_>,
+    x: &[f32],
+    y: usize,
+    alpha: f64,
+    beta: f64,
+    g: Option<&mut [f32]>,
+    pf: Ahead,
+) -> RowOut {
+    let kf = c.xf.k;
+    let k64 = kf as f64;
+    let smooth = beta != 0.0;
+    let mut sv = 0.0f64;
+    let m = match (smooth, c.weights) {
+        (true, Some(w)) => {
+            k::dot_guarded(s, w, x, &mut sv);
+            k::max(s, x, Ahead::NONE)
+        }
+        (true, None) => {
+            let mut mx = f32::NEG_INFINITY;
+            k::sum_and_max(s, x, x, &mut sv, &mut mx, Ahead::NONE, Ahead::NONE);
+            mx
+        }
+        _ => k::max(s, x, Ahead::NONE),
+    };
+    // The heavy pass prefetches ahead (into the next rows), as the core's three-pass does.
+    let mut d = 0.0f64;
+    let mut g = g;
+    if m.is_finite() {
+        match g.as_deref_mut() {
+            Some(gf) => k::exp_store_sum(s, x, gf, m, kf, &mut d, pf),
+            None => k::sum_exp(s, x, m, kf, &mut d, pf),
+        }
+    }
+    if !regular(k::Online { m, d }) {
+        return special_row(c, classify(x), g);
+    }
+    let lse = m as f64 * k64 + d.ln();
+    let ty = (x[y] * kf) as f64;
+    let mut loss = alpha * (lse - ty);
+    if smooth {
+        loss += beta * (c.wsum * lse - sv * k64);
+    }
+    let out = RowOut {
+        loss,
+        z: c.lambda * lse * lse,
+        lse,
+    };
+    if let Some(g) = g {
+        let big_u = alpha + beta * c.wsum;
+        let a = c.main_scale * big_u + c.z_scale * 2.0 * c.lambda * lse;
+        let c1 = (a / d) as f32;
+        let b = (c.main_scale * beta) as f32;
+        let sub = match (smooth, c.weights) {
+            (false, _) => Sub::None,
+            (true, Some(w)) => Sub::Vec(b, w),
+            (true, None) => Sub::Const(b),
+        };
+        k::ce_finish(s, g, c1, sub, kf);
+        g[y] -= (c.main_scale * alpha) as f32 * kf;
+    }
     out
 }
 
