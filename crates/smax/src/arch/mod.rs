@@ -16,6 +16,7 @@
 
 pub(crate) mod cols;
 pub(crate) mod exp;
+pub(crate) mod gemm;
 pub(crate) mod rows;
 
 use pulp::Simd;

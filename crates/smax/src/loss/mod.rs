@@ -20,6 +20,12 @@
 //!   for every pool size.
 
 mod ce;
+mod linear;
+
+pub use linear::{
+    LinearCe, LinearCeScratch, LinearGrads, LinearInputs, LinearShape, LinearTiles, linear_cross_entropy,
+    linear_cross_entropy_scratch_bytes,
+};
 
 use crate::arch::SimdLevel;
 use crate::arch::dispatch;

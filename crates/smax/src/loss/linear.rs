@@ -1,0 +1,750 @@
+//! Linear cross-entropy (Cut Cross-Entropy, Wijmans et al. 2024; ALGORITHMS.md L9): the
+//! cross-entropy of `logits = h·Wᵀ + b` without the `N x V` logits.
+//!
+//! Forward: over token tiles × vocabulary tiles (in that order), one product forms a tile of
+//! logits in scratch, and each row's running (max, Σ exp) state absorbs it; the target logit
+//! and the smoothing sum are picked up on the way. Backward (in the same call): over vocabulary
+//! tiles × token tiles, the tile is formed again, turned into the gradient of the logits in
+//! place, and two products accumulate it into `dh` and `dW` (plus a column sum into `db`).
+//! Four products in all, against three for a materialized path; the memory is one tile.
+
+use crate::arch::gemm::{MatRef, matmul};
+use crate::arch::rows::{self as k, Xform};
+use crate::arch::{Ahead, Isa, SimdLevel, Task, dispatch};
+use crate::error::{Error, Result};
+use crate::options::Par;
+use rayon::prelude::*;
+
+use super::{AllIgnored, CeLoss, Reduction, RowOutputs};
+
+/// Tile sizes of [`linear_cross_entropy`]: `tokens x vocab` logits live in scratch at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearTiles {
+    /// Token rows per tile (default 512).
+    pub tokens: usize,
+    /// Vocabulary columns per tile (default 1024).
+    pub vocab: usize,
+}
+
+impl Default for LinearTiles {
+    fn default() -> Self {
+        LinearTiles {
+            tokens: 512,
+            vocab: 1024,
+        }
+    }
+}
+
+/// Options of [`linear_cross_entropy`]; the shared fields mean what they mean for
+/// [`cross_entropy`](super::cross_entropy) (no class weights, no temperature here).
+#[derive(Debug, Clone, Copy)]
+pub struct LinearCe {
+    /// How tokens combine (mean over non-ignored tokens by default).
+    pub reduction: Reduction,
+    /// Tokens whose target equals this contribute 0 (default −100).
+    pub ignore_index: i64,
+    /// Label smoothing ε in `[0, 1]`.
+    pub label_smoothing: f64,
+    /// PaLM z-loss coefficient λ ≥ 0.
+    pub z_loss: f64,
+    /// Logit soft cap `c > 0` (applied after the bias).
+    pub softcap: Option<f64>,
+    /// Upstream gradient of the returned loss.
+    pub grad_scale: f64,
+    /// The mean over zero valid tokens.
+    pub all_ignored: AllIgnored,
+    /// Gradient filtering (CCE §4.3), off by default (exact): skip a tile's two gradient
+    /// products when every entry of its logit gradient is below `filter` times the per-token
+    /// scale of the reduction (i.e. `|p − q| < filter` for a plain mean). CCE's value for
+    /// bf16 accumulation is `2⁻¹²`; for f32, `2⁻²⁸`.
+    pub filter: Option<f32>,
+    /// Tile sizes.
+    pub tiles: LinearTiles,
+    /// Threading (products and tile work).
+    pub par: Par,
+    /// Forces a SIMD level for the tile work.
+    pub simd: Option<SimdLevel>,
+}
+
+impl Default for LinearCe {
+    fn default() -> Self {
+        LinearCe {
+            reduction: Reduction::Mean,
+            ignore_index: -100,
+            label_smoothing: 0.0,
+            z_loss: 0.0,
+            softcap: None,
+            grad_scale: 1.0,
+            all_ignored: AllIgnored::Zero,
+            filter: None,
+            tiles: LinearTiles::default(),
+            par: Par::Rayon,
+            simd: None,
+        }
+    }
+}
+
+/// Sizes of a linear cross-entropy: `n` tokens, hidden size `d`, vocabulary `v`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearShape {
+    /// Tokens (rows of `h`).
+    pub n: usize,
+    /// Hidden size (columns of `h` and `W`).
+    pub d: usize,
+    /// Vocabulary (rows of `W`).
+    pub v: usize,
+}
+
+/// The inputs: `h [n x d]` and `w [v x d]` row-major and contiguous, an optional bias `[v]`,
+/// and one target per token.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearInputs<'a> {
+    /// Hidden states, `n x d`.
+    pub h: &'a [f32],
+    /// Classifier, `v x d`.
+    pub w: &'a [f32],
+    /// Bias, `v` (optional).
+    pub bias: Option<&'a [f32]>,
+    /// Targets, `n`, in `[0, v)` or the ignore index.
+    pub targets: &'a [i64],
+}
+
+/// Gradient outputs (each overwritten when given): `dh [n x d]`, `dw [v x d]`, `dbias [v]`.
+#[derive(Debug, Default)]
+pub struct LinearGrads<'a> {
+    /// `∂loss/∂h`.
+    pub dh: Option<&'a mut [f32]>,
+    /// `∂loss/∂W`.
+    pub dw: Option<&'a mut [f32]>,
+    /// `∂loss/∂b`.
+    pub dbias: Option<&'a mut [f32]>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Tok {
+    m: f32,
+    s: f64,
+    ty: f32,
+    sum_t: f64,
+    nan: bool,
+    lse: f64,
+}
+
+const TOK0: Tok = Tok {
+    m: f32::NEG_INFINITY,
+    s: 0.0,
+    ty: f32::NAN,
+    sum_t: 0.0,
+    nan: false,
+    lse: f64::NAN,
+};
+
+/// Working memory of [`linear_cross_entropy`]: one tile of logits and a few numbers per token.
+/// Build it once with [`LinearCeScratch::new`] and pass it to every call: a call that gets a
+/// scratch large enough allocates nothing of its own beyond what `gemm` packs.
+#[derive(Debug, Default)]
+pub struct LinearCeScratch {
+    tile: Vec<f32>,
+    tok: Vec<Tok>,
+}
+
+impl LinearCeScratch {
+    /// Scratch for `n` tokens with `tiles`.
+    pub fn new(n: usize, tiles: LinearTiles) -> Self {
+        LinearCeScratch {
+            tile: vec![0.0; tiles.tokens * tiles.vocab],
+            tok: vec![TOK0; n],
+        }
+    }
+
+    /// Bytes this scratch holds: [`linear_cross_entropy_scratch_bytes`] of its sizes.
+    pub fn bytes(&self) -> usize {
+        self.tile.len() * 4 + self.tok.len() * core::mem::size_of::<Tok>()
+    }
+
+    fn fit(&mut self, n: usize, tiles: LinearTiles) {
+        if self.tile.len() < tiles.tokens * tiles.vocab {
+            self.tile.resize(tiles.tokens * tiles.vocab, 0.0);
+        }
+        if self.tok.len() < n {
+            self.tok.resize(n, TOK0);
+        }
+    }
+}
+
+/// Bytes of working memory a call with `n` tokens and `tiles` uses (the scratch): the tile of
+/// `tokens·vocab` f32 plus 40 bytes per token. Independent of `v` and `d`.
+pub fn linear_cross_entropy_scratch_bytes(n: usize, tiles: LinearTiles) -> usize {
+    tiles.tokens * tiles.vocab * 4 + n * core::mem::size_of::<Tok>()
+}
+
+/// Cross-entropy of `logits = h·Wᵀ + b` (optionally soft-capped) against `targets`, with the
+/// loss and, in the same call, the gradients with respect to `h`, `W` and `b`, never forming
+/// the `n x v` logits (Cut Cross-Entropy, Wijmans et al. 2024, arXiv 2411.09009).
+///
+/// The loss, reduction, ignore index, label smoothing, z-loss and cap follow
+/// [`cross_entropy`](super::cross_entropy) exactly (same formulas; the tests check the two
+/// agree). Exact by default: every tile enters every gradient; [`LinearCe::filter`] opts into
+/// CCE's gradient filtering.
+///
+/// Algorithm: tiles of `tiles.tokens x tiles.vocab` logits, formed by `gemm` (f32
+/// accumulation over `d`) in scratch; per token, the running (max, Σ exp) state merges tile
+/// by tile in vocabulary order (f64 sums of f32 blocks), so the result is bitwise identical
+/// for any thread count. The backward recomputes each tile. Working memory:
+/// [`linear_cross_entropy_scratch_bytes`], from `scratch` when given.
+///
+/// Accuracy: the logits are f32 dot products of length `d` (error ≈ `d·2⁻²⁴·|h||w|` in the
+/// worst case, far less in practice); past them, as `cross_entropy` on those logits.
+///
+/// Errors: buffers whose lengths disagree with `shape` ([`Error::LengthMismatch`]), `d = 0`
+/// or `v = 0`, targets out of range, a row output of the wrong length, parameters out of
+/// range, tile sizes of 0.
+pub fn linear_cross_entropy(
+    shape: LinearShape,
+    inp: LinearInputs<'_>,
+    grads: LinearGrads<'_>,
+    rows_out: RowOutputs<'_>,
+    scratch: Option<&mut LinearCeScratch>,
+    opts: &LinearCe,
+) -> Result<CeLoss> {
+    let LinearShape { n, d, v } = shape;
+    check(shape, &inp, &grads, &rows_out, opts)?;
+    let mut own;
+    let scratch = match scratch {
+        Some(s) => s,
+        None => {
+            own = LinearCeScratch::default();
+            &mut own
+        }
+    };
+    let tiles = opts.tiles;
+    scratch.fit(n, tiles);
+    let LinearCeScratch { tile, tok } = scratch;
+    let tok = &mut tok[..n];
+    tok.fill(TOK0);
+    let (bn, bv) = (tiles.tokens, tiles.vocab);
+    let level = SimdLevel::resolve(opts.simd);
+    let cap64 = opts.softcap.unwrap_or(0.0);
+    let xf = Xform {
+        k: 1.0,
+        cap: cap64 as f32,
+    };
+    let smooth = opts.label_smoothing != 0.0;
+    let y = inp.targets;
+
+    // Forward sweep: token tiles × vocabulary tiles.
+    for i0 in (0..n).step_by(bn) {
+        let nb = bn.min(n - i0);
+        for j0 in (0..v).step_by(bv) {
+            let vb = bv.min(v - j0);
+            let t = &mut tile[..nb * vb];
+            logits_tile(t, &inp, d, i0, nb, j0, vb, opts.par);
+            let bias = inp.bias.map(|b| &b[j0..j0 + vb]);
+            rows_par(opts.par, t, vb, &mut tok[i0..i0 + nb], |r0, tr, st| {
+                dispatch(
+                    level,
+                    TileFwd {
+                        t: tr,
+                        vb,
+                        bias,
+                        xf,
+                        st,
+                        y: &y[i0 + r0..],
+                        j0,
+                        smooth,
+                    },
+                )
+            });
+        }
+    }
+
+    // Per-token loss and the reduction.
+    let valid_rows = y.iter().filter(|&&t| t != opts.ignore_index).count();
+    let den = if opts.reduction == Reduction::Mean {
+        valid_rows as f64
+    } else {
+        1.0
+    };
+    let scale = if den > 0.0 { opts.grad_scale / den } else { 0.0 };
+    let eps = opts.label_smoothing;
+    let alpha = 1.0 - eps;
+    let beta = eps / v as f64;
+    let (mut lsum, mut zsum) = (0.0f64, 0.0f64);
+    let RowOutputs {
+        loss: mut lrow,
+        z_loss: mut zrow,
+        lse: mut lserow,
+    } = rows_out;
+    for (i, st) in tok.iter_mut().enumerate() {
+        let lse = if st.nan || st.s.is_nan() {
+            f64::NAN
+        } else if st.m == f32::NEG_INFINITY {
+            f64::NEG_INFINITY
+        } else if st.m == f32::INFINITY {
+            f64::INFINITY
+        } else {
+            st.m as f64 + st.s.ln()
+        };
+        st.lse = lse;
+        let (l, z) = if y[i] == opts.ignore_index {
+            (0.0, 0.0)
+        } else if lse.is_nan() || lse == f64::INFINITY {
+            (f64::NAN, if opts.z_loss > 0.0 { f64::INFINITY } else { 0.0 })
+        } else if lse == f64::NEG_INFINITY {
+            (f64::INFINITY, if opts.z_loss > 0.0 { f64::INFINITY } else { 0.0 })
+        } else {
+            let mut l = alpha * (lse - st.ty as f64);
+            if smooth {
+                l += beta * (v as f64 * lse - st.sum_t);
+            }
+            (l, opts.z_loss * lse * lse)
+        };
+        lsum += l;
+        zsum += z;
+        if let Some(b) = lrow.as_deref_mut() {
+            b[i] = l;
+        }
+        if let Some(b) = zrow.as_deref_mut() {
+            b[i] = z;
+        }
+        if let Some(b) = lserow.as_deref_mut() {
+            b[i] = lse;
+        }
+    }
+    let (loss, z_loss) = match opts.reduction {
+        Reduction::Mean if den > 0.0 => (lsum / den, zsum / den),
+        Reduction::Mean => match opts.all_ignored {
+            AllIgnored::Zero => (0.0, 0.0),
+            AllIgnored::Nan => (f64::NAN, f64::NAN),
+        },
+        _ => (lsum, zsum),
+    };
+    let result = CeLoss {
+        loss,
+        z_loss,
+        valid_rows,
+        denominator: den,
+    };
+
+    // Backward sweep: vocabulary tiles × token tiles.
+    let LinearGrads {
+        mut dh,
+        mut dw,
+        mut dbias,
+    } = grads;
+    if dh.is_none() && dw.is_none() && dbias.is_none() {
+        return Ok(result);
+    }
+    for g in [dh.as_deref_mut(), dw.as_deref_mut(), dbias.as_deref_mut()]
+        .into_iter()
+        .flatten()
+    {
+        g.fill(0.0);
+    }
+    let gc = GradConsts {
+        xf,
+        cap64,
+        scale,
+        z_scale: scale,
+        lambda: opts.z_loss,
+        alpha,
+        beta,
+        big_u: alpha + beta * v as f64,
+        ignore: opts.ignore_index,
+    };
+    for j0 in (0..v).step_by(bv) {
+        let vb = bv.min(v - j0);
+        for i0 in (0..n).step_by(bn) {
+            let nb = bn.min(n - i0);
+            let t = &mut tile[..nb * vb];
+            logits_tile(t, &inp, d, i0, nb, j0, vb, opts.par);
+            let bias = inp.bias.map(|b| &b[j0..j0 + vb]);
+            let maxg: f32 = rows_par_max(opts.par, t, vb, &tok[i0..i0 + nb], |r0, tr, st| {
+                dispatch(
+                    level,
+                    TileBwd {
+                        t: tr,
+                        vb,
+                        bias,
+                        st,
+                        y: &y[i0 + r0..],
+                        j0,
+                        c: gc,
+                    },
+                )
+            });
+            if let Some(db) = dbias.as_deref_mut() {
+                let db = &mut db[j0..j0 + vb];
+                for r in t.chunks(vb) {
+                    for (o, &g) in db.iter_mut().zip(r) {
+                        *o += g;
+                    }
+                }
+            }
+            if let Some(f) = opts.filter {
+                if maxg < f * scale as f32 {
+                    continue;
+                }
+            }
+            let g = MatRef {
+                data: t,
+                rows: nb,
+                cols: vb,
+                rs: vb,
+                cs: 1,
+            };
+            if let Some(dh) = dh.as_deref_mut() {
+                let wj = MatRef {
+                    data: &inp.w[j0 * d..(j0 + vb) * d],
+                    rows: vb,
+                    cols: d,
+                    rs: d,
+                    cs: 1,
+                };
+                matmul(&mut dh[i0 * d..(i0 + nb) * d], d, g, wj, true, opts.par);
+            }
+            if let Some(dw) = dw.as_deref_mut() {
+                let gt = MatRef {
+                    data: t,
+                    rows: vb,
+                    cols: nb,
+                    rs: 1,
+                    cs: vb,
+                };
+                let hi = MatRef {
+                    data: &inp.h[i0 * d..(i0 + nb) * d],
+                    rows: nb,
+                    cols: d,
+                    rs: d,
+                    cs: 1,
+                };
+                matmul(&mut dw[j0 * d..(j0 + vb) * d], d, gt, hi, true, opts.par);
+            }
+        }
+    }
+    Ok(result)
+}
+
+fn check(s: LinearShape, inp: &LinearInputs<'_>, g: &LinearGrads<'_>, ro: &RowOutputs<'_>, o: &LinearCe) -> Result<()> {
+    let LinearShape { n, d, v } = s;
+    let prod = |a: usize, b: usize, what: &'static str| {
+        a.checked_mul(b).ok_or(Error::SizeOverflow {
+            what,
+            shape: format!("{a} x {b}"),
+        })
+    };
+    let (nd, vd) = (prod(n, d, "h")?, prod(v, d, "w")?);
+    if d == 0 || v == 0 {
+        return Err(Error::BadParameter {
+            name: if d == 0 { "d" } else { "v" },
+            value: "0".into(),
+            expected: "at least 1 (a hidden size and a vocabulary)",
+        });
+    }
+    let len = |what, got: usize, want: usize| {
+        if got == want {
+            Ok(())
+        } else {
+            Err(Error::LengthMismatch {
+                what,
+                len: got,
+                expected: want,
+            })
+        }
+    };
+    len("h", inp.h.len(), nd)?;
+    len("w", inp.w.len(), vd)?;
+    len("targets", inp.targets.len(), n)?;
+    if let Some(b) = inp.bias {
+        len("bias", b.len(), v)?;
+    }
+    if let Some(x) = &g.dh {
+        len("dh", x.len(), nd)?;
+    }
+    if let Some(x) = &g.dw {
+        len("dw", x.len(), vd)?;
+    }
+    if let Some(x) = &g.dbias {
+        len("dbias", x.len(), v)?;
+    }
+    for (what, b) in [("loss", &ro.loss), ("z_loss", &ro.z_loss), ("lse", &ro.lse)] {
+        if let Some(b) = b {
+            if b.len() != n {
+                return Err(Error::RowCountMismatch {
+                    what,
+                    len: b.len(),
+                    rows: n,
+                });
+            }
+        }
+    }
+    if let Some((row, &target)) = inp
+        .targets
+        .iter()
+        .enumerate()
+        .find(|(_, t)| **t != o.ignore_index && !(0..v as i64).contains(*t))
+    {
+        return Err(Error::TargetOutOfRange {
+            row,
+            target,
+            classes: v,
+        });
+    }
+    let bad = |name, value: String, expected| Err(Error::BadParameter { name, value, expected });
+    if o.tiles.tokens == 0 || o.tiles.vocab == 0 {
+        return bad("tiles", format!("{:?}", o.tiles), "tokens >= 1 and vocab >= 1");
+    }
+    // The shared options, validated as cross_entropy validates them.
+    let ce = super::CrossEntropy {
+        label_smoothing: o.label_smoothing,
+        z_loss: o.z_loss,
+        softcap: o.softcap,
+        grad_scale: o.grad_scale,
+        ..Default::default()
+    };
+    ce.check()?;
+    if let Some(f) = o.filter {
+        if !(f.is_finite() && f >= 0.0) {
+            return bad("filter", format!("{f}"), "finite and >= 0");
+        }
+    }
+    Ok(())
+}
+
+/// `t (nb x vb) = h[i0..i0+nb] · W[j0..j0+vb]ᵀ`.
+fn logits_tile(t: &mut [f32], inp: &LinearInputs<'_>, d: usize, i0: usize, nb: usize, j0: usize, vb: usize, par: Par) {
+    let hi = MatRef {
+        data: &inp.h[i0 * d..(i0 + nb) * d],
+        rows: nb,
+        cols: d,
+        rs: d,
+        cs: 1,
+    };
+    let wt = MatRef {
+        data: &inp.w[j0 * d..(j0 + vb) * d],
+        rows: d,
+        cols: vb,
+        rs: 1,
+        cs: d,
+    };
+    matmul(t, vb, hi, wt, false, par);
+}
+
+/// Rows of a tile per task.
+const ROWS_PER_TASK: usize = 16;
+
+fn rows_par<F>(par: Par, t: &mut [f32], vb: usize, st: &mut [Tok], f: F)
+where
+    F: Fn(usize, &mut [f32], &mut [Tok]) + Sync + Send,
+{
+    let per = ROWS_PER_TASK;
+    match par {
+        Par::Seq => {
+            for (i, (a, b)) in t.chunks_mut(per * vb).zip(st.chunks_mut(per)).enumerate() {
+                f(i * per, a, b);
+            }
+        }
+        Par::Rayon => t
+            .par_chunks_mut(per * vb)
+            .zip(st.par_chunks_mut(per))
+            .enumerate()
+            .for_each(|(i, (a, b))| f(i * per, a, b)),
+    }
+}
+
+fn rows_par_max<F>(par: Par, t: &mut [f32], vb: usize, st: &[Tok], f: F) -> f32
+where
+    F: Fn(usize, &mut [f32], &[Tok]) -> f32 + Sync + Send,
+{
+    let per = ROWS_PER_TASK;
+    match par {
+        Par::Seq => t
+            .chunks_mut(per * vb)
+            .zip(st.chunks(per))
+            .enumerate()
+            .map(|(i, (a, b))| f(i * per, a, b))
+            .fold(0.0, f32::max),
+        Par::Rayon => t
+            .par_chunks_mut(per * vb)
+            .zip(st.par_chunks(per))
+            .enumerate()
+            .map(|(i, (a, b))| f(i * per, a, b))
+            .reduce(|| 0.0, f32::max),
+    }
+}
+
+/// Forward work on some rows of a tile: bias, cap, and the merge into each row's state.
+struct TileFwd<'a> {
+    t: &'a mut [f32],
+    vb: usize,
+    bias: Option<&'a [f32]>,
+    xf: Xform,
+    st: &'a mut [Tok],
+    y: &'a [i64],
+    j0: usize,
+    smooth: bool,
+}
+
+impl Task for TileFwd<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Isa>(self, s: S) {
+        let TileFwd {
+            t,
+            vb,
+            bias,
+            xf,
+            st,
+            y,
+            j0,
+            smooth,
+        } = self;
+        for (r, (row, tok)) in t.chunks_mut(vb).zip(st.iter_mut()).enumerate() {
+            prep_row(s, row, bias, xf);
+            let m = k::max(s, row, Ahead::NONE);
+            let yr = y[r];
+            if yr >= j0 as i64 && yr < (j0 + vb) as i64 {
+                tok.ty = row[yr as usize - j0];
+            }
+            if smooth {
+                let mut acc = 0.0f64;
+                let mut mx = f32::NEG_INFINITY;
+                k::sum_and_max(s, row, row, &mut acc, &mut mx, Ahead::NONE, Ahead::NONE);
+                tok.sum_t += acc;
+            }
+            if m.is_nan() {
+                tok.nan = true;
+                continue;
+            }
+            if m == f32::NEG_INFINITY {
+                continue;
+            }
+            if m == f32::INFINITY {
+                tok.m = f32::INFINITY;
+                continue;
+            }
+            let mut d = 0.0f64;
+            k::sum_exp(s, row, m, 1.0, &mut d, Ahead::NONE);
+            if d.is_nan() {
+                tok.nan = true;
+                continue;
+            }
+            // Merge (m, d) into the running state, guarding −inf − (−inf).
+            if tok.m == f32::INFINITY {
+                continue;
+            }
+            if m > tok.m {
+                tok.s = if tok.m == f32::NEG_INFINITY {
+                    d
+                } else {
+                    tok.s * ((tok.m - m) as f64).exp() + d
+                };
+                tok.m = m;
+            } else {
+                tok.s += d * ((m - tok.m) as f64).exp();
+            }
+        }
+    }
+}
+
+/// `row = cap(row + bias)`.
+#[inline(always)]
+fn prep_row<S: Isa>(s: S, row: &mut [f32], bias: Option<&[f32]>, xf: Xform) {
+    if let Some(b) = bias {
+        for (o, &bv) in row.iter_mut().zip(b) {
+            *o += bv;
+        }
+    }
+    if xf.cap != 0.0 {
+        let mut buf = [0.0f32; super::ce::TILE];
+        for c in row.chunks_mut(super::ce::TILE) {
+            let n = c.len();
+            buf[..n].copy_from_slice(c);
+            k::xform(s, xf, &buf[..n], c);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct GradConsts {
+    xf: Xform,
+    cap64: f64,
+    scale: f64,
+    z_scale: f64,
+    lambda: f64,
+    alpha: f64,
+    beta: f64,
+    big_u: f64,
+    ignore: i64,
+}
+
+/// Backward work on some rows of a tile: the tile becomes `∂loss/∂logits` in place; returns the
+/// largest magnitude (for filtering).
+struct TileBwd<'a> {
+    t: &'a mut [f32],
+    vb: usize,
+    bias: Option<&'a [f32]>,
+    st: &'a [Tok],
+    y: &'a [i64],
+    j0: usize,
+    c: GradConsts,
+}
+
+impl Task for TileBwd<'_> {
+    type Output = f32;
+    #[inline(always)]
+    fn run<S: Isa>(self, s: S) -> f32 {
+        let TileBwd {
+            t,
+            vb,
+            bias,
+            st,
+            y,
+            j0,
+            c,
+        } = self;
+        let mut mx = 0.0f32;
+        for (r, (row, tok)) in t.chunks_mut(vb).zip(st.iter()).enumerate() {
+            let lse = tok.lse;
+            if y[r] == c.ignore || !lse.is_finite() {
+                // Ignored tokens and tokens whose logits are all −inf get a zero gradient;
+                // a NaN or +inf logit (a NaN loss) gets a NaN one, as in `cross_entropy`.
+                let bad = y[r] != c.ignore && (lse.is_nan() || lse == f64::INFINITY);
+                row.fill(if bad { f32::NAN } else { 0.0 });
+                continue;
+            }
+            prep_row(s, row, bias, c.xf);
+            let a = c.scale * c.big_u + c.z_scale * 2.0 * c.lambda * lse;
+            let b = (c.scale * c.beta) as f32;
+            let sub = if c.beta != 0.0 { k::Sub::Const(b) } else { k::Sub::None };
+            // p = exp(t − lse) = exp(t − m)·(1/s): m = lse, c1 = a.
+            let lse32 = lse as f32;
+            let corr = (lse - lse32 as f64).exp();
+            let c1 = (a / corr) as f32;
+            let mut buf = [0.0f32; super::ce::TILE];
+            for (ci, ch) in row.chunks_mut(super::ce::TILE).enumerate() {
+                let n = ch.len();
+                buf[..n].copy_from_slice(ch);
+                // The tile already holds capped logits: the gradient kernel's chain factor
+                // takes the cap from `xf`.
+                k::ce_grad(s, &buf[..n], ch, lse32, c1, sub, c.xf);
+                let yr = y[r] as usize;
+                let off = j0 + ci * super::ce::TILE;
+                if (off..off + n).contains(&yr) {
+                    let ty = buf[yr - off] as f64;
+                    let ch_y = if c.cap64 == 0.0 {
+                        1.0
+                    } else {
+                        let q = ty / c.cap64;
+                        (1.0 - q * q).max(0.0)
+                    };
+                    ch[yr - off] -= (c.scale * c.alpha * ch_y) as f32;
+                }
+                for &g in ch.iter() {
+                    mx = mx.max(g.abs());
+                }
+            }
+        }
+        mx
+    }
+}

@@ -1,0 +1,485 @@
+//! Linear cross-entropy against the materialized path: logits formed in f64, then smax's f64
+//! `cross_entropy` (itself checked against the formulas and finite differences), then the
+//! gradient products in f64.
+
+mod common;
+
+use common::Rng;
+use smax::loss::{
+    AllIgnored, CrossEntropy, LinearCe, LinearCeScratch, LinearGrads, LinearInputs, LinearShape, LinearTiles,
+    Reduction, RowOutputs, Targets, cross_entropy, linear_cross_entropy, linear_cross_entropy_scratch_bytes,
+};
+use smax::{Error, Par, View, ViewMut};
+
+struct Out {
+    loss: f64,
+    z: f64,
+    rows: Vec<f64>,
+    lse: Vec<f64>,
+    dh: Vec<f64>,
+    dw: Vec<f64>,
+    db: Vec<f64>,
+}
+
+struct Problem {
+    n: usize,
+    d: usize,
+    v: usize,
+    h: Vec<f32>,
+    w: Vec<f32>,
+    b: Vec<f32>,
+    y: Vec<i64>,
+}
+
+fn problem(rng: &mut Rng, n: usize, d: usize, v: usize) -> Problem {
+    let f = |x: Vec<f64>| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+    Problem {
+        n,
+        d,
+        v,
+        h: f(rng.vec(n * d, 1.0)),
+        w: f(rng.vec(v * d, 3.0 / (d as f64).sqrt())),
+        b: f(rng.vec(v, 0.5)),
+        y: (0..n)
+            .map(|i| {
+                if i % 5 == 3 {
+                    -100
+                } else {
+                    (rng.next_u64() % v as u64) as i64
+                }
+            })
+            .collect(),
+    }
+}
+
+fn materialized(p: &Problem, bias: bool, o: &LinearCe) -> Out {
+    let (n, d, v) = (p.n, p.d, p.v);
+    let mut z = vec![0.0f64; n * v];
+    for i in 0..n {
+        for j in 0..v {
+            let mut acc = 0.0f64;
+            for kk in 0..d {
+                acc += p.h[i * d + kk] as f64 * p.w[j * d + kk] as f64;
+            }
+            z[i * v + j] = acc + if bias { p.b[j] as f64 } else { 0.0 };
+        }
+    }
+    let mut g = vec![0.0f64; n * v];
+    let (mut rows, mut lse) = (vec![0.0; n], vec![0.0; n]);
+    let mut ce = CrossEntropy::default()
+        .reduction(o.reduction)
+        .label_smoothing(o.label_smoothing)
+        .z_loss(o.z_loss)
+        .grad_scale(o.grad_scale)
+        .ignore_index(o.ignore_index);
+    if let Some(c) = o.softcap {
+        ce = ce.softcap(c);
+    }
+    let r = cross_entropy(
+        View::rows(&z, n, v).unwrap(),
+        Targets::Classes(&p.y),
+        Some(ViewMut::rows(&mut g, n, v).unwrap()),
+        RowOutputs {
+            loss: Some(&mut rows),
+            lse: Some(&mut lse),
+            ..Default::default()
+        },
+        &ce,
+    )
+    .unwrap();
+    let mut dh = vec![0.0f64; n * d];
+    let mut dw = vec![0.0f64; v * d];
+    let mut db = vec![0.0f64; v];
+    for i in 0..n {
+        for j in 0..v {
+            let gij = g[i * v + j];
+            db[j] += gij;
+            for kk in 0..d {
+                dh[i * d + kk] += gij * p.w[j * d + kk] as f64;
+                dw[j * d + kk] += gij * p.h[i * d + kk] as f64;
+            }
+        }
+    }
+    Out {
+        loss: r.loss,
+        z: r.z_loss,
+        rows,
+        lse,
+        dh,
+        dw,
+        db,
+    }
+}
+
+fn fused(p: &Problem, bias: bool, o: &LinearCe) -> Out {
+    let (n, d, v) = (p.n, p.d, p.v);
+    let mut dh = vec![0.0f32; n * d];
+    let mut dw = vec![0.0f32; v * d];
+    let mut db = vec![0.0f32; v];
+    let (mut rows, mut lse) = (vec![0.0; n], vec![0.0; n]);
+    let r = linear_cross_entropy(
+        LinearShape { n, d, v },
+        LinearInputs {
+            h: &p.h,
+            w: &p.w,
+            bias: if bias { Some(&p.b) } else { None },
+            targets: &p.y,
+        },
+        LinearGrads {
+            dh: Some(&mut dh),
+            dw: Some(&mut dw),
+            dbias: Some(&mut db),
+        },
+        RowOutputs {
+            loss: Some(&mut rows),
+            lse: Some(&mut lse),
+            ..Default::default()
+        },
+        None,
+        o,
+    )
+    .unwrap();
+    let f = |x: Vec<f32>| x.iter().map(|&v| v as f64).collect();
+    Out {
+        loss: r.loss,
+        z: r.z_loss,
+        rows,
+        lse,
+        dh: f(dh),
+        dw: f(dw),
+        db: f(db),
+    }
+}
+
+/// f32 logits carry about `d·2⁻²⁴` relative error from the products; everything after them
+/// follows cross_entropy's bounds. Gradients are compared against the largest entry of each.
+fn compare(got: &Out, want: &Out, d: usize, what: &str) {
+    let tol = 4e-7 * (d as f64).sqrt() + 2e-6;
+    let close = |a: f64, b: f64, scale: f64, name: &str| {
+        assert!((a - b).abs() <= tol * (scale + b.abs()), "{what}: {name} {a} vs {b}");
+    };
+    close(got.loss, want.loss, 1.0, "loss");
+    close(got.z, want.z, 1.0, "z");
+    for i in 0..want.rows.len() {
+        close(got.rows[i], want.rows[i], 1.0, "row loss");
+        close(got.lse[i], want.lse[i], 1.0, "lse");
+    }
+    for (name, a, b) in [
+        ("dh", &got.dh, &want.dh),
+        ("dw", &got.dw, &want.dw),
+        ("db", &got.db, &want.db),
+    ] {
+        let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (x, y) in a.iter().zip(b.iter()) {
+            close(*x, *y, scale, name);
+        }
+    }
+}
+
+#[test]
+fn agrees_with_materialized_cross_entropy() {
+    let mut rng = Rng(0x11ea);
+    for &(n, d, v, tiles) in &[
+        (9, 5, 13, LinearTiles { tokens: 4, vocab: 5 }),
+        (33, 32, 70, LinearTiles { tokens: 16, vocab: 32 }),
+        (70, 24, 300, LinearTiles::default()),
+        (20, 8, 1100, LinearTiles { tokens: 7, vocab: 1030 }),
+    ] {
+        let p = problem(&mut rng, n, d, v);
+        for red in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            for eps in [0.0, 0.1] {
+                for lambda in [0.0, 1e-2] {
+                    for cap in [None, Some(2.0)] {
+                        for bias in [false, true] {
+                            let o = LinearCe {
+                                reduction: red,
+                                label_smoothing: eps,
+                                z_loss: lambda,
+                                softcap: cap,
+                                tiles,
+                                ..Default::default()
+                            };
+                            let what =
+                                format!("n={n} d={d} v={v} {red:?} eps={eps} z={lambda} cap={cap:?} bias={bias}");
+                            compare(&fused(&p, bias, &o), &materialized(&p, bias, &o), d, &what);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn worked_example_l9() {
+    let p = Problem {
+        n: 3,
+        d: 2,
+        v: 4,
+        h: vec![1.0, 0.0, 0.5, 0.5, 2.0, -1.0],
+        w: vec![1.0, 1.0, 2.0, 0.0, -1.0, 0.5, 0.0, -2.0],
+        b: vec![0.0; 4],
+        y: vec![1, 0, 2],
+    };
+    let o = LinearCe {
+        tiles: LinearTiles { tokens: 2, vocab: 2 },
+        ..Default::default()
+    };
+    let r = fused(&p, false, &o);
+    let close = |a: f64, b: f64| assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+    close(r.loss, 2.6652770410404996);
+    for (a, b) in r.lse.iter().zip([2.4401896986, 1.8845276149, 4.1711138096]) {
+        close(*a, b);
+    }
+    for (a, b) in r.rows.iter().zip([0.4401896986, 0.8845276149, 6.6711138096]) {
+        close(*a, b);
+    }
+    let de = [
+        -0.1691157551,
+        0.0262078274,
+        0.0401423592,
+        -0.2132343173,
+        0.9087137229,
+        -0.2285035659,
+    ];
+    for (a, b) in r.dh.iter().zip(de) {
+        close(*a, b);
+    }
+    let dc = [
+        0.0090836959,
+        -0.1118340834,
+        0.511940055,
+        -0.212090356,
+        -0.6354190643,
+        0.3526277478,
+        0.1143953134,
+        -0.0287033084,
+    ];
+    for (a, b) in r.dw.iter().zip(dc) {
+        close(*a, b);
+    }
+}
+
+#[test]
+fn thread_count_determinism_and_scratch_reuse() {
+    let mut rng = Rng(3);
+    let p = problem(&mut rng, 300, 48, 2500);
+    let o = LinearCe {
+        label_smoothing: 0.1,
+        z_loss: 1e-4,
+        tiles: LinearTiles { tokens: 64, vocab: 256 },
+        ..Default::default()
+    };
+    let bits = |x: &Out| {
+        let mut v = vec![x.loss.to_bits(), x.z.to_bits()];
+        for s in [&x.dh, &x.dw, &x.db, &x.rows] {
+            v.extend(s.iter().map(|f| f.to_bits()));
+        }
+        v
+    };
+    let base = bits(&fused(&p, true, &LinearCe { par: Par::Seq, ..o }));
+    for t in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+        assert!(pool.install(|| bits(&fused(&p, true, &o))) == base, "{t} threads");
+    }
+    // A caller's scratch gives the same bits, call after call.
+    let mut sc = LinearCeScratch::new(p.n, o.tiles);
+    assert_eq!(sc.bytes(), linear_cross_entropy_scratch_bytes(p.n, o.tiles));
+    for _ in 0..2 {
+        let mut dh = vec![0.0f32; p.n * p.d];
+        let r = linear_cross_entropy(
+            LinearShape { n: p.n, d: p.d, v: p.v },
+            LinearInputs {
+                h: &p.h,
+                w: &p.w,
+                bias: Some(&p.b),
+                targets: &p.y,
+            },
+            LinearGrads {
+                dh: Some(&mut dh),
+                ..Default::default()
+            },
+            RowOutputs::default(),
+            Some(&mut sc),
+            &o,
+        )
+        .unwrap();
+        assert_eq!(r.loss.to_bits(), base[0]);
+        let want: Vec<u64> = base[2..2 + dh.len()].to_vec();
+        assert!(dh.iter().map(|&v| (v as f64).to_bits()).eq(want));
+    }
+}
+
+#[test]
+fn gradient_filtering_is_opt_in() {
+    let mut rng = Rng(8);
+    let p = problem(&mut rng, 64, 16, 600);
+    let o = LinearCe {
+        tiles: LinearTiles { tokens: 16, vocab: 64 },
+        ..Default::default()
+    };
+    let exact = fused(&p, false, &o);
+    // Threshold 0 filters nothing.
+    let zero = fused(&p, false, &LinearCe { filter: Some(0.0), ..o });
+    assert_eq!(exact.dh, zero.dh);
+    // A tiny threshold changes the gradient by less than it drops.
+    let tiny = fused(
+        &p,
+        false,
+        &LinearCe {
+            filter: Some(2f32.powi(-28)),
+            ..o
+        },
+    );
+    compare(&tiny, &materialized(&p, false, &o), p.d, "filter 2^-28");
+    // An enormous threshold skips every product (the loss is untouched).
+    let all = fused(
+        &p,
+        false,
+        &LinearCe {
+            filter: Some(1e30),
+            ..o
+        },
+    );
+    assert_eq!(all.loss, exact.loss);
+    assert!(all.dh.iter().chain(&all.dw).all(|&v| v == 0.0));
+}
+
+#[test]
+fn edge_cases() {
+    let mut rng = Rng(21);
+    let mut p = problem(&mut rng, 6, 4, 10);
+    // Every token ignored: 0 (or NaN on request), zero gradients.
+    p.y = vec![-100; 6];
+    let r = fused(&p, true, &LinearCe::default());
+    assert_eq!((r.loss, r.z), (0.0, 0.0));
+    assert!(r.dh.iter().chain(&r.dw).chain(&r.db).all(|&v| v == 0.0));
+    let r = fused(
+        &p,
+        true,
+        &LinearCe {
+            all_ignored: AllIgnored::Nan,
+            ..Default::default()
+        },
+    );
+    assert!(r.loss.is_nan());
+    // A bias of -inf masks a vocabulary entry: equal to dropping that row of W; a target
+    // there gives +inf.
+    p.y = vec![0, 1, 2, 3, 4, 5];
+    p.b[7] = f32::NEG_INFINITY;
+    let m = materialized(&p, true, &LinearCe::default());
+    let f = fused(&p, true, &LinearCe::default());
+    compare(&f, &m, p.d, "masked vocabulary");
+    assert!(f.dw[7 * 4..8 * 4].iter().all(|&v| v == 0.0));
+    p.y[0] = 7;
+    let f = fused(&p, true, &LinearCe::default());
+    assert_eq!(f.rows[0], f64::INFINITY);
+    // A single class: loss 0.
+    let q = Problem {
+        n: 2,
+        d: 3,
+        v: 1,
+        h: vec![1.0; 6],
+        w: vec![0.5; 3],
+        b: vec![0.0],
+        y: vec![0, 0],
+    };
+    assert_eq!(fused(&q, false, &LinearCe::default()).loss, 0.0);
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let h = [0.0f32; 6];
+    let w = [0.0f32; 8];
+    let shape = LinearShape { n: 3, d: 2, v: 4 };
+    let call = |s: LinearShape, i: LinearInputs, o: &LinearCe| {
+        linear_cross_entropy(s, i, LinearGrads::default(), RowOutputs::default(), None, o)
+    };
+    let inp = LinearInputs {
+        h: &h,
+        w: &w,
+        bias: None,
+        targets: &[0, 1, 2],
+    };
+    let d = LinearCe::default();
+    assert!(call(shape, inp, &d).is_ok());
+    assert!(matches!(
+        call(LinearShape { n: 3, d: 2, v: 5 }, inp, &d),
+        Err(Error::LengthMismatch { what: "w", .. })
+    ));
+    assert!(matches!(
+        call(
+            shape,
+            LinearInputs {
+                targets: &[0, 1],
+                ..inp
+            },
+            &d
+        ),
+        Err(Error::LengthMismatch { what: "targets", .. })
+    ));
+    assert!(matches!(
+        call(
+            shape,
+            LinearInputs {
+                bias: Some(&[0.0; 3]),
+                ..inp
+            },
+            &d
+        ),
+        Err(Error::LengthMismatch { what: "bias", .. })
+    ));
+    assert!(matches!(
+        call(
+            shape,
+            LinearInputs {
+                targets: &[0, 4, 1],
+                ..inp
+            },
+            &d
+        ),
+        Err(Error::TargetOutOfRange { row: 1, target: 4, .. })
+    ));
+    assert!(matches!(
+        call(
+            LinearShape { n: 3, d: 0, v: 4 },
+            LinearInputs { h: &[], w: &[], ..inp },
+            &d
+        ),
+        Err(Error::BadParameter { name: "d", .. })
+    ));
+    let bad_tiles = LinearCe {
+        tiles: LinearTiles { tokens: 0, vocab: 4 },
+        ..d
+    };
+    assert!(matches!(
+        call(shape, inp, &bad_tiles),
+        Err(Error::BadParameter { name: "tiles", .. })
+    ));
+    let bad_eps = LinearCe {
+        label_smoothing: -0.1,
+        ..d
+    };
+    assert!(matches!(
+        call(shape, inp, &bad_eps),
+        Err(Error::BadParameter {
+            name: "label_smoothing",
+            ..
+        })
+    ));
+    let mut dh = [0.0f32; 5];
+    assert!(matches!(
+        linear_cross_entropy(
+            shape,
+            inp,
+            LinearGrads {
+                dh: Some(&mut dh),
+                ..Default::default()
+            },
+            RowOutputs::default(),
+            None,
+            &d
+        ),
+        Err(Error::LengthMismatch { what: "dh", .. })
+    ));
+}
