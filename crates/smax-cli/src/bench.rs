@@ -432,6 +432,10 @@ pub(crate) fn print_table(records: &[Record]) {
             roof.map(|v| format!("{v:.2}")).unwrap_or_default(),
             candle.map(|v| format!("{v:.1}")).unwrap_or_default(),
         );
+        if !r.extra.is_empty() {
+            let e: Vec<String> = r.extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("{:<22}   {}", "", e.join(" "));
+        }
     }
 }
 

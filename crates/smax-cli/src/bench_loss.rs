@@ -102,7 +102,7 @@ pub fn run(a: Args) -> Result<(), String> {
         let shapes: Vec<(usize, usize, usize)> = if a.quick { LCE_QUICK.to_vec() } else { LCE.to_vec() };
         for &(n, d, v) in &shapes {
             for &t in &threads {
-                let _ = (n, d, v, t);
+                crate::bench_linear::bench_lce(n, d, v, t, &mut records)?;
             }
         }
     }

@@ -2,11 +2,16 @@
 //! naive loop, the peers (candle-nn, rten-vecmath) and the memory rooflines (a plain copy and
 //! a plain read of the same bytes).
 
+mod alloc;
 mod bench;
+mod bench_linear;
 mod bench_loss;
 mod peers;
 
 use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static ALLOC: alloc::Counting = alloc::Counting;
 
 #[derive(Parser)]
 #[command(name = "smax", version, about = "The softmax family, exact and at memory speed")]
