@@ -20,7 +20,14 @@
 //!   for every pool size.
 
 mod ce;
+mod family;
 mod linear;
+
+pub use family::{
+    CosineGrads, LossValue, RowLoss, comp_sum_loss, decoupled_softmax_loss, hinton_kd_loss, nkd_loss,
+    normalized_softmax_loss, novel_class_prototype, softmax_collapse_fraction, spherical_z_loss, stablemax,
+    stablemax_cross_entropy, tempnet_loss,
+};
 
 pub use linear::{
     LinearCe, LinearCeScratch, LinearGrads, LinearInputs, LinearShape, LinearTiles, linear_cross_entropy,
