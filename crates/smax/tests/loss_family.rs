@@ -665,3 +665,90 @@ fn reductions_errors_and_threads() {
         Err(Error::LengthMismatch { what: "positives", .. })
     ));
 }
+
+#[test]
+fn uskd_l6b() {
+    use smax::loss::{Uskd, UskdRanking, uskd_loss};
+    let zs = [2.0, 1.0, 0.1, -1.0, 0.2, 0.1, 1.5, 0.3];
+    let w = [1.0, 0.0, 0.5, -0.5, 0.0, 0.3, 0.9, 0.1];
+    let y = [0i64, 2];
+    for (ranking, lnt, total) in [
+        (UskdRanking::PaperProb, 1.1444038150178604, 0.6391546536018141),
+        (UskdRanking::CodeLogProb, 1.129019199633245, 0.6376161920633526),
+    ] {
+        let p = Uskd {
+            ranking,
+            ..Default::default()
+        };
+        let r = uskd_loss(
+            View::rows(&zs, 2, 4).unwrap(),
+            View::rows(&w, 2, 4).unwrap(),
+            &y,
+            &p,
+            None,
+            None,
+        )
+        .unwrap();
+        close(r.target, 0.5202211018651132, 1e-14, "L_t");
+        close(r.non_target, lnt, 1e-14, "L_nt");
+        close(r.weak, 0.004493170234914948, 1e-14, "L_weak");
+        close(r.total, total, 1e-14, "total");
+    }
+    // Gradients by finite differences. Weak head: exact.
+    let p = Uskd::default();
+    let fw = |wv: &[f64], g: Option<&mut [f64]>| {
+        uskd_loss(
+            View::rows(&zs, 2, 4).unwrap(),
+            View::rows(wv, 2, 4).unwrap(),
+            &y,
+            &p,
+            None,
+            g.map(|g| ViewMut::rows(g, 2, 4).unwrap()),
+        )
+        .unwrap()
+        .weak
+    };
+    fd_check(&w, 2, 4, &fw, "uskd weak");
+    // Student, batch of two with α = 0: the non-target term alone (ranks are locally constant,
+    // so its gradient is exact).
+    let p0 = Uskd { alpha: 0.0, ..p };
+    let fs = |z: &[f64], g: Option<&mut [f64]>| {
+        let r = uskd_loss(
+            View::rows(z, 2, 4).unwrap(),
+            View::rows(&w, 2, 4).unwrap(),
+            &y,
+            &p0,
+            g.map(|g| ViewMut::rows(g, 2, 4).unwrap()),
+            None,
+        )
+        .unwrap();
+        r.total - r.weak
+    };
+    fd_check(&zs, 2, 4, &fs, "uskd non-target");
+    // Student, one row with α = 1: there p_t = S_t² + 1 − S_t² = 1 exactly, so the detached
+    // soft target does not hide any dependence and the whole gradient is checkable.
+    let fs1 = |z: &[f64], g: Option<&mut [f64]>| {
+        let r = uskd_loss(
+            View::rows(z, 1, 4).unwrap(),
+            View::rows(&w[..4], 1, 4).unwrap(),
+            &y[..1],
+            &p,
+            g.map(|g| ViewMut::rows(g, 1, 4).unwrap()),
+            None,
+        )
+        .unwrap();
+        r.total - r.weak
+    };
+    fd_check(&zs[..4], 1, 4, &fs1, "uskd one row");
+    assert!(matches!(
+        uskd_loss(
+            View::rows(&zs, 2, 4).unwrap(),
+            View::rows(&w, 2, 4).unwrap(),
+            &[0, 4],
+            &p,
+            None,
+            None
+        ),
+        Err(Error::TargetOutOfRange { .. })
+    ));
+}

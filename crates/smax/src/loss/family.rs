@@ -70,7 +70,8 @@ fn rows_of<T>(v: &View<'_, T>, what: &'static str) -> Result<(usize, usize, usiz
     Ok((v.layout.row_count(), v.layout.row_len(), s))
 }
 
-fn check_targets(t: &[i64], rows: usize, classes: usize, ignore: i64) -> Result<()> {
+fn check_targets(t: &[i64], rows: usize, classes: usize, ignore: impl Into<Option<i64>>) -> Result<()> {
+    let ignore = ignore.into();
     if t.len() != rows {
         return Err(Error::LengthMismatch {
             what: "targets",
@@ -81,7 +82,7 @@ fn check_targets(t: &[i64], rows: usize, classes: usize, ignore: i64) -> Result<
     if let Some((row, &target)) = t
         .iter()
         .enumerate()
-        .find(|(_, v)| **v != ignore && !(0..classes as i64).contains(*v))
+        .find(|(_, v)| Some(**v) != ignore && !(0..classes as i64).contains(*v))
     {
         return Err(Error::TargetOutOfRange { row, target, classes });
     }
@@ -955,4 +956,191 @@ pub fn novel_class_prototype(examples: &[f64], dim: usize, s: f64) -> Result<Vec
         });
     }
     Ok(mean.iter().map(|v| v / nrm).collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// USKD (L6b).
+
+/// How USKD ranks the non-target classes for its Zipf labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UskdRanking {
+    /// The paper's score `W_k/(1 − W_t) + S_k/(1 − S_t)` (probabilities).
+    #[default]
+    PaperProb,
+    /// The released code's score, whose student term uses log-probabilities:
+    /// `W_k/(1 − W_t) + ln S_k/(1 − ln S_t)` (a variable reassigned before the ranking).
+    CodeLogProb,
+}
+
+/// Parameters of [`uskd_loss`]. `Default` is the authors' ImageNet setting (α = 1, β = 0.1,
+/// μ = 0.005); their CIFAR-100 setting is α = 0.1, β = 0.1, μ = 0.1.
+#[derive(Debug, Clone, Copy)]
+pub struct Uskd {
+    /// Weight α of the soft target term.
+    pub alpha: f64,
+    /// Weight β of the Zipf non-target term.
+    pub beta: f64,
+    /// Weight μ of the weak-supervision term.
+    pub mu: f64,
+    /// The ranking score.
+    pub ranking: UskdRanking,
+}
+
+impl Default for Uskd {
+    fn default() -> Self {
+        Uskd {
+            alpha: 1.0,
+            beta: 0.1,
+            mu: 0.005,
+            ranking: UskdRanking::PaperProb,
+        }
+    }
+}
+
+/// The parts of a USKD loss (each a batch mean, before its weight, except `total`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UskdLoss {
+    /// `α·target + β·non_target + weak`.
+    pub total: f64,
+    /// `L_t = −mean(p_t·ln S_t)`.
+    pub target: f64,
+    /// `L_nt = −mean(Σ_{k≠t} ẑ_k ln softmax(z_{¬t})_k)`.
+    pub non_target: f64,
+    /// `L_weak = μ·mean(CE(w, 0.9·onehot + 0.1/C))` (μ included).
+    pub weak: f64,
+}
+
+/// USKD, teacher-free self-distillation (Yang et al. 2023, same paper as NKD; L6b), over a batch
+/// of student logits `z` and weak-head logits `w` (both `[batch x classes]`) with hard labels:
+///
+/// 1. soft target `p_t = S_t² + 1 − mean_batch(S_t²)` (no gradient), `L_t = −mean(p_t ln S_t)`;
+/// 2. weak supervision `L_weak = μ·mean(−Σ_k q_k ln softmax(w)_k)`, `q = 0.9·onehot + 0.1/C`;
+/// 3. Zipf labels: classes ranked by [`UskdRanking`] (rank 0 the largest score, ties to the
+///    lower index) get weight `1/(rank + 1)`; the target is dropped and the rest renormalised to
+///    `ẑ`; `L_nt = −mean(Σ_{k≠t} ẑ_k ln softmax(z_{¬t})_k)`;
+/// 4. `total = α L_t + β L_nt + L_weak` (the trainer adds the ordinary cross-entropy).
+///
+/// Gradients (labels, `p_t` and ranks carry none): `∂/∂z_k = (α p_t (S_k − [k = t]) +
+/// β [k ≠ t](Ŝ_k − ẑ_k))/B` into `dstudent`, `∂/∂w_k = μ (W_k − q_k)/B` into `dweak`. Every row
+/// counts (no ignore index); targets must be in `[0, C)`; `C ≥ 2`.
+pub fn uskd_loss<T: Element>(
+    student: View<'_, T>,
+    weak: View<'_, T>,
+    targets: &[i64],
+    p: &Uskd,
+    dstudent: Option<ViewMut<'_, T>>,
+    dweak: Option<ViewMut<'_, T>>,
+) -> Result<UskdLoss> {
+    for (n, v) in [("alpha", p.alpha), ("beta", p.beta), ("mu", p.mu)] {
+        param(n, v, v.is_finite(), "finite")?;
+    }
+    let (b, c, ss) = rows_of(&student, "student")?;
+    let (_, _, ws) = rows_of(&weak, "weak")?;
+    student.layout.check_same("weak", &weak.layout)?;
+    if c < 2 && b > 0 {
+        return Err(Error::BadParameter {
+            name: "classes",
+            value: format!("{c}"),
+            expected: "at least 2 classes (USKD ranks the non-target classes)",
+        });
+    }
+    check_targets(targets, b, c, None)?;
+    let mut outs = [dstudent, dweak];
+    let mut strides = [0usize; 2];
+    for (i, (o, what)) in outs.iter().zip(["dstudent", "dweak"]).enumerate() {
+        if let Some(g) = o {
+            g.layout.validate(what, g.data.len())?;
+            student.layout.check_same(what, &g.layout)?;
+            strides[i] = g.layout.row_stride().ok_or(Error::Unsupported {
+                what,
+                why: "gradients take row layouts",
+            })?;
+        }
+    }
+    if b == 0 {
+        return Ok(UskdLoss {
+            total: 0.0,
+            target: 0.0,
+            non_target: 0.0,
+            weak: 0.0,
+        });
+    }
+    let row = |v: &View<'_, T>, s: usize, r: usize| -> Vec<f64> {
+        v.data[r * s..r * s + c].iter().map(|x| x.to_f64()).collect()
+    };
+    let softmax = |x: &[f64]| -> Vec<f64> {
+        let l = lse_of(x, 1.0, |_| true);
+        x.iter().map(|v| (v - l).exp()).collect()
+    };
+    // Per row: student logits, weak logits, and their softmaxes.
+    type Row = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+    let rows: Vec<Row> = (0..b)
+        .map(|r| {
+            let (z, w) = (row(&student, ss, r), row(&weak, ws, r));
+            let (s, wp) = (softmax(&z), softmax(&w));
+            (z, w, s, wp)
+        })
+        .collect();
+    let mean_st2 = fsum(rows.iter().zip(targets).map(|((_, _, s, _), &t)| s[t as usize].powi(2))) / b as f64;
+    let (mut lt, mut lnt, mut lw) = (Vec::new(), Vec::new(), Vec::new());
+    let bf = b as f64;
+    for (r, (z, w, s, wp)) in rows.iter().enumerate() {
+        let t = targets[r] as usize;
+        let pt = s[t].powi(2) + 1.0 - mean_st2;
+        let ls = lse_of(z, 1.0, |_| true);
+        lt.push(-pt * (z[t] - ls));
+        // Weak supervision.
+        let lw_ = lse_of(w, 1.0, |_| true);
+        let q = |k: usize| 0.9 * (k == t) as u8 as f64 + 0.1 / c as f64;
+        lw.push(p.mu * fsum((0..c).map(|k| -q(k) * (w[k] - lw_))));
+        // Zipf ranks.
+        let score: Vec<f64> = (0..c)
+            .map(|k| {
+                let a = wp[k] / (1.0 - wp[t]);
+                match p.ranking {
+                    UskdRanking::PaperProb => a + s[k] / (1.0 - s[t]),
+                    UskdRanking::CodeLogProb => a + (z[k] - ls) / (1.0 - (z[t] - ls)),
+                }
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..c).collect();
+        order.sort_by(|&i, &j| {
+            score[j]
+                .partial_cmp(&score[i])
+                .unwrap_or(core::cmp::Ordering::Equal)
+                .then(i.cmp(&j))
+        });
+        let mut zipf = vec![0.0f64; c];
+        for (rank, &k) in order.iter().enumerate() {
+            zipf[k] = 1.0 / (rank as f64 + 1.0);
+        }
+        zipf[t] = 0.0;
+        let zs = fsum(zipf.iter().copied());
+        zipf.iter_mut().for_each(|v| *v /= zs);
+        let lsn = lse_of(z, 1.0, |k| k != t);
+        lnt.push(-fsum((0..c).filter(|&k| k != t).map(|k| zipf[k] * (z[k] - lsn))));
+        if let Some(g) = outs[0].as_mut() {
+            let st = strides[0];
+            for k in 0..c {
+                let mut v = p.alpha * pt * (s[k] - (k == t) as u8 as f64);
+                if k != t {
+                    v += p.beta * ((z[k] - lsn).exp() - zipf[k]);
+                }
+                g.data[r * st + k] = T::from_f64(v / bf);
+            }
+        }
+        if let Some(g) = outs[1].as_mut() {
+            let st = strides[1];
+            for k in 0..c {
+                g.data[r * st + k] = T::from_f64(p.mu * (wp[k] - q(k)) / bf);
+            }
+        }
+    }
+    let (target, non_target, weak_l) = (fsum(lt) / bf, fsum(lnt) / bf, fsum(lw) / bf);
+    Ok(UskdLoss {
+        total: p.alpha * target + p.beta * non_target + weak_l,
+        target,
+        non_target,
+        weak: weak_l,
+    })
 }

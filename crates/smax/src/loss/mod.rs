@@ -1,11 +1,20 @@
-//! Losses of the softmax family, each returning its value and its gradient with respect to
-//! the logits in one call.
+//! Losses of the softmax family, each returning its value and its gradient in one call.
 //!
-//! * [`cross_entropy`]: the fused cross-entropy over given logits (ALGORITHMS.md L1, L2), with
-//!   PyTorch's semantics for reduction, `ignore_index`, class weights, label smoothing and
-//!   probability targets, plus the PaLM z-loss, logit soft-capping and a temperature.
-//! * [`linear_cross_entropy`]: the same loss over `logits = h·Wᵀ + b` without ever forming the
-//!   `N x V` logits (Cut Cross-Entropy, L9).
+//! | function | what | spec |
+//! |---|---|---|
+//! | [`cross_entropy`] | fused softmax cross-entropy over given logits: PyTorch's reduction, `ignore_index`, class weights, label smoothing, probability targets; PaLM z-loss, soft cap, temperature; SIMD, at memory speed | L1, L2 |
+//! | [`linear_cross_entropy`] | the same over `h·Wᵀ + b` without the `N x V` logits (Cut Cross-Entropy), gradients for `h`, `W`, `b` | L9 |
+//! | [`stablemax`], [`stablemax_cross_entropy`], [`softmax_collapse_fraction`] | StableMax and its loss; the Softmax-Collapse diagnostic | N5, N5b |
+//! | [`spherical_z_loss`] | de Brébisson & Vincent's Z-loss (caller sets `a`, `b`) | L3 |
+//! | [`comp_sum_loss`] | the comp-sum τ-family: sum-exponential, CE, GCE, MAE | L5 |
+//! | [`nkd_loss`], [`uskd_loss`], [`hinton_kd_loss`] | normalised, teacher-free and classic knowledge distillation | L6, L6b, L11 |
+//! | [`decoupled_softmax_loss`] | DEXML's multi-positive loss | L7 |
+//! | [`normalized_softmax_loss`], [`novel_class_prototype`] | cosine softmax and its novel-class prototypes | L8 |
+//! | [`tempnet_loss`] | TempNet's DRO loss with a per-sample temperature, with `∂L/∂τ` | L10 |
+//!
+//! `cross_entropy` and `linear_cross_entropy` run the SIMD kernels; the others compute in f64
+//! per row (see [`RowLoss`]). Entries the spec marks `[MEMORY]`, `[SECONDARY]` or `[UNCONFIRMED]`
+//! say so in their docs.
 //!
 //! # Conventions (ALGORITHMS.md §0.1, §2)
 //! * The logits a loss sees are `t = x/τ`, or with a soft cap `c`, `t = c·tanh(x/c)/τ`
@@ -24,9 +33,9 @@ mod family;
 mod linear;
 
 pub use family::{
-    CosineGrads, LossValue, RowLoss, comp_sum_loss, decoupled_softmax_loss, hinton_kd_loss, nkd_loss,
-    normalized_softmax_loss, novel_class_prototype, softmax_collapse_fraction, spherical_z_loss, stablemax,
-    stablemax_cross_entropy, tempnet_loss,
+    CosineGrads, LossValue, RowLoss, Uskd, UskdLoss, UskdRanking, comp_sum_loss, decoupled_softmax_loss,
+    hinton_kd_loss, nkd_loss, normalized_softmax_loss, novel_class_prototype, softmax_collapse_fraction,
+    spherical_z_loss, stablemax, stablemax_cross_entropy, tempnet_loss, uskd_loss,
 };
 
 pub use linear::{
