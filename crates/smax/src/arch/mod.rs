@@ -213,16 +213,33 @@ pub(crate) const PREFETCH_AHEAD: usize = 4096;
 pub(crate) struct Ahead<'a> {
     bytes: &'a [u8],
     elem: usize,
+    /// Prefetch distance in elements ([`PREFETCH_AHEAD`] unless set).
+    dist: usize,
 }
 
 impl<'a> Ahead<'a> {
     /// Prefetch nothing.
-    pub(crate) const NONE: Ahead<'static> = Ahead { bytes: &[], elem: 1 };
+    pub(crate) const NONE: Ahead<'static> = Ahead {
+        bytes: &[],
+        elem: 1,
+        dist: PREFETCH_AHEAD,
+    };
 
     /// The domain `bytes`, made of elements of `elem` bytes.
     #[inline(always)]
     pub(crate) fn new(bytes: &'a [u8], elem: usize) -> Self {
-        Ahead { bytes, elem }
+        Ahead {
+            bytes,
+            elem,
+            dist: PREFETCH_AHEAD,
+        }
+    }
+
+    /// The same domain with another prefetch distance (for example one row stride: each block
+    /// then fetches the same block of the next row).
+    #[inline(always)]
+    pub(crate) fn distance(self, dist: usize) -> Self {
+        Ahead { dist, ..self }
     }
 
     /// The same domain, starting `elems` elements later.
@@ -232,6 +249,7 @@ impl<'a> Ahead<'a> {
         Ahead {
             bytes: &self.bytes[b..],
             elem: self.elem,
+            dist: self.dist,
         }
     }
 
@@ -239,22 +257,29 @@ impl<'a> Ahead<'a> {
     /// [`PREFETCH_AHEAD`] elements after element `at`, as far as the domain reaches.
     #[inline(always)]
     pub(crate) fn block(self, at: usize) {
-        let start = (at + PREFETCH_AHEAD) * self.elem;
+        let start = (at + self.dist) * self.elem;
         if start >= self.bytes.len() {
             return;
         }
         let end = (start + rows::BLOCK * self.elem).min(self.bytes.len());
         #[cfg(target_arch = "x86_64")]
         {
+            use core::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
+            // Far prefetches (a whole row ahead) go to L2 only, so they do not evict the L1
+            // working set of the pass that issues them.
+            let far = self.dist > PREFETCH_AHEAD;
             let mut off = start;
             while off < end {
-                // SAFETY: `prefetcht0` is a hint that never faults and never writes; the
-                // address is inside `self.bytes` (off < end <= len), and SSE, which provides
-                // the instruction, is part of the x86-64 baseline.
+                // SAFETY: `prefetcht0`/`prefetcht1` are hints that never fault and never write;
+                // the address is inside `self.bytes` (off < end <= len), and SSE, which provides
+                // the instructions, is part of the x86-64 baseline.
                 unsafe {
-                    core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                        self.bytes.as_ptr().add(off) as *const i8,
-                    )
+                    let p = self.bytes.as_ptr().add(off) as *const i8;
+                    if far {
+                        _mm_prefetch::<_MM_HINT_T1>(p)
+                    } else {
+                        _mm_prefetch::<_MM_HINT_T0>(p)
+                    }
                 };
                 off += 64;
             }

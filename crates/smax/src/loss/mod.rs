@@ -409,6 +409,7 @@ pub fn cross_entropy<T: Element>(
         weights: opts.class_weights,
         wsum,
         classes: len as f64,
+        row_stride: xs.max(1),
         ignore_index: opts.ignore_index,
         need_lse: rows_out.lse.is_some(),
     };
