@@ -26,8 +26,9 @@ pub enum Algorithm {
     Auto,
     /// Three passes (XNNPACK's "reload" variant): max; `exp(x − max)` stored to the output and
     /// summed; the output scaled by `1/Σ`. Reads the input twice, the output once, writes it
-    /// twice. Best for rows that stay in cache. Log-softmax and logsumexp, which have nothing
-    /// to store, run max; `Σ exp`; write.
+    /// twice. Best for rows that stay in cache. Log-softmax on f32 stores `(x − max)/τ` in
+    /// pass 2 and subtracts `ln Σ` in pass 3 (two roundings, within the documented bound);
+    /// f16/bf16 log-softmax and logsumexp run max; `Σ exp`; write.
     ThreePass,
     /// Two passes (Dukhan & Ablavatski 2020, "The Two-Pass Softmax Algorithm"): pass 1 keeps
     /// each `exp(x)` as a mantissa and an exponent and needs no max pass; pass 2 writes. Rows

@@ -74,15 +74,29 @@ pub(crate) fn max<S: Isa>(s: S, x: &[f32], pf: Ahead) -> f32 {
 }
 
 #[inline(always)]
-fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f32]>) -> f32 {
+/// `Σ exp((x − m)·k)` over one block; with `y`, stores each `exp((x − m)·k)` there, or with
+/// `shifted`, each `(x − m)·k` (the log-softmax form) instead.
+fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f32]>, shifted: bool) -> f32 {
     let vm = s.splat_f32s(m);
     let vk = s.splat_f32s(k);
     let z = s.splat_f32s(0.0);
     let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
     let (head, tail) = S::as_simd_f32s(x);
+    // (t, exp(t)) with t = (x − m)·k; `stored` picks which of the two goes to `y`.
+    let te = inl(
+        #[inline(always)]
+        |v: S::f32s| {
+            let t = s.mul_f32s(s.sub_f32s(v, vm), vk);
+            (t, exp(s, t))
+        },
+    );
     let f = inl(
         #[inline(always)]
-        |v: S::f32s| exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk)),
+        |v: S::f32s| te(v).1,
+    );
+    let stored = inl(
+        #[inline(always)]
+        |(t, e): (S::f32s, S::f32s)| if shifted { t } else { e },
     );
     match y.as_deref_mut() {
         None => {
@@ -102,30 +116,30 @@ fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f3
             let mut it = head.chunks_exact(4);
             let mut yit = yh.chunks_exact_mut(4);
             for (c, d) in (&mut it).zip(&mut yit) {
-                let (e0, e1, e2, e3) = (f(c[0]), f(c[1]), f(c[2]), f(c[3]));
-                d[0] = e0;
-                d[1] = e1;
-                d[2] = e2;
-                d[3] = e3;
-                a0 = s.add_f32s(a0, e0);
-                a1 = s.add_f32s(a1, e1);
-                a2 = s.add_f32s(a2, e2);
-                a3 = s.add_f32s(a3, e3);
+                let (p0, p1, p2, p3) = (te(c[0]), te(c[1]), te(c[2]), te(c[3]));
+                d[0] = stored(p0);
+                d[1] = stored(p1);
+                d[2] = stored(p2);
+                d[3] = stored(p3);
+                a0 = s.add_f32s(a0, p0.1);
+                a1 = s.add_f32s(a1, p1.1);
+                a2 = s.add_f32s(a2, p2.1);
+                a3 = s.add_f32s(a3, p3.1);
             }
             for (&v, d) in it.remainder().iter().zip(yit.into_remainder()) {
-                let e = f(v);
-                *d = e;
-                a0 = s.add_f32s(a0, e);
+                let p = te(v);
+                *d = stored(p);
+                a0 = s.add_f32s(a0, p.1);
             }
         }
     }
     if !tail.is_empty() {
-        let e = f(load_padded::<S>(tail, f32::NEG_INFINITY));
+        let p = te(load_padded::<S>(tail, f32::NEG_INFINITY));
         if let Some(y) = y {
             let n = x.len();
-            store_partial::<S>(&mut y[n - tail.len()..n], e);
+            store_partial::<S>(&mut y[n - tail.len()..n], stored(p));
         }
-        a1 = s.add_f32s(a1, e);
+        a1 = s.add_f32s(a1, p.1);
     }
     s.reduce_sum_f32s(s.add_f32s(s.add_f32s(a0, a1), s.add_f32s(a2, a3)))
 }
@@ -135,7 +149,7 @@ fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f3
 pub(crate) fn sum_exp<S: Isa>(s: S, x: &[f32], m: f32, k: f32, acc: &mut f64, pf: Ahead) {
     for (i, blk) in x.chunks(BLOCK).enumerate() {
         pf.block(i * BLOCK);
-        *acc += sum_exp_block(s, blk, m, k, None) as f64;
+        *acc += sum_exp_block(s, blk, m, k, None, false) as f64;
     }
 }
 
@@ -144,7 +158,30 @@ pub(crate) fn sum_exp<S: Isa>(s: S, x: &[f32], m: f32, k: f32, acc: &mut f64, pf
 pub(crate) fn exp_store_sum<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, acc: &mut f64, pf: Ahead) {
     for (i, (blk, yb)) in x.chunks(BLOCK).zip(y.chunks_mut(BLOCK)).enumerate() {
         pf.block(i * BLOCK);
-        *acc += sum_exp_block(s, blk, m, k, Some(yb)) as f64;
+        *acc += sum_exp_block(s, blk, m, k, Some(yb), false) as f64;
+    }
+}
+
+/// `y_i = (x_i − m)·k` and `acc += Σ exp(y_i)` (log-softmax pass 2: the output row is written
+/// while the exponentials are computed, so its cache misses overlap the arithmetic).
+#[inline(always)]
+pub(crate) fn shift_store_sum<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, acc: &mut f64, pf: Ahead) {
+    for (i, (blk, yb)) in x.chunks(BLOCK).zip(y.chunks_mut(BLOCK)).enumerate() {
+        pf.block(i * BLOCK);
+        *acc += sum_exp_block(s, blk, m, k, Some(yb), true) as f64;
+    }
+}
+
+/// `y_i −= c` in place.
+#[inline(always)]
+pub(crate) fn sub_const<S: Isa>(s: S, y: &mut [f32], c: f32) {
+    let vc = s.splat_f32s(c);
+    let (head, tail) = S::as_mut_simd_f32s(y);
+    for v in head.iter_mut() {
+        *v = s.sub_f32s(*v, vc);
+    }
+    for v in tail.iter_mut() {
+        *v -= c;
     }
 }
 
@@ -219,7 +256,7 @@ pub(crate) fn online<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Online, pf: Ahead
             }
             st.m = bm;
         }
-        st.d += sum_exp_block(s, blk, st.m, k, None) as f64;
+        st.d += sum_exp_block(s, blk, st.m, k, None, false) as f64;
     }
 }
 
