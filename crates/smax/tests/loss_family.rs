@@ -752,3 +752,98 @@ fn uskd_l6b() {
         Err(Error::TargetOutOfRange { .. })
     ));
 }
+
+#[test]
+fn every_family_loss_is_thread_count_deterministic() {
+    let mut rng = Rng(77);
+    let (n, k) = (300, 64);
+    let x = rng.vec(n * k, 3.0);
+    let xt = rng.vec(n * k, 3.0);
+    let t: Vec<i64> = (0..n)
+        .map(|i| if i % 9 == 0 { -100 } else { (i * 7 % k) as i64 })
+        .collect();
+    let taus: Vec<f64> = (0..n).map(|i| 0.5 + (i % 10) as f64 * 0.3).collect();
+    let pos: Vec<bool> = (0..n * k).map(|i| i % 17 == 0).collect();
+    type Run<'a> = Box<dyn Fn(&RowLoss, &mut [f64]) -> f64 + Sync + 'a>;
+    let v = || View::rows(&x, n, k).unwrap();
+    let vt = || View::rows(&xt, n, k).unwrap();
+    let runs: Vec<(&str, Run)> = vec![
+        (
+            "comp_sum",
+            Box::new(|o, gb| {
+                comp_sum_loss(v(), &t, 1.7, Some(ViewMut::rows(gb, n, k).unwrap()), None, o)
+                    .unwrap()
+                    .loss
+            }),
+        ),
+        (
+            "spherical",
+            Box::new(|o, gb| {
+                spherical_z_loss(v(), &t, 1.0, 0.5, Some(ViewMut::rows(gb, n, k).unwrap()), None, o)
+                    .unwrap()
+                    .loss
+            }),
+        ),
+        (
+            "nkd",
+            Box::new(|o, gb| {
+                nkd_loss(v(), vt(), &t, 2.0, 1.5, Some(ViewMut::rows(gb, n, k).unwrap()), None, o)
+                    .unwrap()
+                    .loss
+            }),
+        ),
+        (
+            "hinton",
+            Box::new(|o, gb| {
+                hinton_kd_loss(v(), vt(), 4.0, Some(ViewMut::rows(gb, n, k).unwrap()), None, o)
+                    .unwrap()
+                    .loss
+            }),
+        ),
+        (
+            "decoupled",
+            Box::new(|o, gb| {
+                decoupled_softmax_loss(v(), &pos, 0.05, Some(ViewMut::rows(gb, n, k).unwrap()), None, o)
+                    .unwrap()
+                    .loss
+            }),
+        ),
+        (
+            "tempnet",
+            Box::new(|o, gb| {
+                tempnet_loss(
+                    v(),
+                    &t,
+                    &taus,
+                    1.0,
+                    Some(ViewMut::rows(gb, n, k).unwrap()),
+                    None,
+                    None,
+                    o,
+                )
+                .unwrap()
+                .loss
+            }),
+        ),
+    ];
+    for (name, f) in &runs {
+        let mut gs = vec![0.0; n * k];
+        let base = f(
+            &RowLoss {
+                par: Par::Seq,
+                ..Default::default()
+            },
+            &mut gs,
+        );
+        for threads in [2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut gp = vec![0.0; n * k];
+            let l = pool.install(|| f(&RowLoss::default(), &mut gp));
+            assert_eq!(l.to_bits(), base.to_bits(), "{name} {threads} threads");
+            assert!(
+                gp.iter().zip(&gs).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name} grad {threads} threads"
+            );
+        }
+    }
+}
