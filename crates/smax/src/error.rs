@@ -92,6 +92,22 @@ pub enum Error {
         /// Why, and what is accepted instead.
         why: &'static str,
     },
+    /// A NaN or `+inf` logit where the operation needs finite or masked (`-inf`) values.
+    #[error("logit {value} at row {row}, index {index}: NaN and +inf are not valid logits here")]
+    NonFiniteLogit {
+        /// The row.
+        row: usize,
+        /// The position in the row.
+        index: usize,
+        /// The value found.
+        value: f64,
+    },
+    /// A row with nothing to choose from (empty, or every entry masked with `-inf`).
+    #[error("row {row} has no unmasked entry to choose")]
+    NoValidToken {
+        /// The row.
+        row: usize,
+    },
 }
 
 /// Shorthand for `Result<T, smax::Error>`.

@@ -100,6 +100,7 @@ mod layout;
 pub mod loss;
 mod options;
 mod par;
+pub mod sample;
 mod scalar64;
 mod state;
 

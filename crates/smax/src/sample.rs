@@ -1,0 +1,593 @@
+//! Sampling from a softmax: temperature, top-k, top-p (nucleus) and min-p filtering, exactly as
+//! a full sort would do them but without sorting the vocabulary, plus Gumbel-max
+//! (ALGORITHMS.md D1, D2; NEEDS 17–21).
+//!
+//! # The definition (what "exactly" means)
+//!
+//! For one row of logits `z` (NaN or `+inf` anywhere is an error; `-inf` entries are masked and
+//! never kept), with `t = z/T`:
+//!
+//! 1. **Order.** Tokens are ranked by `t` descending, ties by index ascending (a total order;
+//!    for `T > 0` it is the order of `z` and of the probabilities).
+//! 2. **Top-k** (`k ≥ 1`): keep the tokens whose `t` is at least the k-th largest value (ties
+//!    at the boundary are all kept, as Hugging Face does, so more than k can survive); with
+//!    [`SampleParams::strict_top_k`], exactly the first k in the order. `k ≥` the number of
+//!    unmasked tokens is a no-op.
+//! 3. **Top-p** (`0 < p ≤ 1`) on the survivors, *renormalised over them*: with
+//!    `p_i = exp(t_i − lse)`, `lse` over the survivors, walk the order and keep token j while the
+//!    mass before it is `< p`; the first token is always kept (so is the token that crosses p),
+//!    `p = 1` is a no-op. The masses are f64 sums in that order.
+//! 4. **Min-p** (`0 ≤ p_base ≤ 1`): keep survivors with `exp(t_i − t_max) ≥ p_base` (the max
+//!    always survives).
+//! 5. **Renormalise** over the kept set: `lse_kept = m + ln Σ_{kept, index order} exp(t_i − m)`,
+//!    `p_i = exp(t_i − lse_kept)` (f64 sums in index order).
+//! 6. **Draw** with `u ∈ [0, 1)`: the first kept token (index order) at which the running
+//!    `Σ exp(t_i − m)` exceeds `u·Σ`; the last kept token if rounding leaves none.
+//!
+//! Every step keeps at least one token, so the composition never empties the support. `T = 0`
+//! is greedy: the argmax, lowest index on ties. The tests compare the kept sets and
+//! probabilities against a plain full-sort implementation of this definition, bit for bit.
+//!
+//! # Speed
+//! Top-k selects with `select_nth_unstable` (O(V)); top-p selects a window of the best 256
+//! candidates, sorts only those, and widens the window (×4) when their mass is not enough; min-p
+//! is one pass. Rows run in parallel.
+//!
+//! # Randomness
+//! A draw needs one uniform per row: given by the caller ([`Draw::Uniform`]), or from the
+//! counter-based generator [`counter_uniform`] keyed by a per-row seed and a step
+//! ([`Draw::Counter`]), so a row's draw depends only on its logits, parameters, seed and step —
+//! not on its batch neighbours or the thread count.
+
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::layout::{View, ViewMut};
+use crate::options::Par;
+use crate::par;
+
+/// Filtering and temperature of [`sample`] and [`process`]. `Default`: T = 1, no filter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleParams {
+    /// Temperature `T ≥ 0` (0: greedy argmax); negative or non-finite is an error.
+    pub temperature: f64,
+    /// Top-k (`k ≥ 1`), or none.
+    pub top_k: Option<usize>,
+    /// Keep exactly k (ties broken by index) instead of every token tied with the k-th.
+    pub strict_top_k: bool,
+    /// Top-p in `(0, 1]`, or none.
+    pub top_p: Option<f64>,
+    /// Min-p base in `[0, 1]`, or none.
+    pub min_p: Option<f64>,
+}
+
+impl Default for SampleParams {
+    fn default() -> Self {
+        SampleParams {
+            temperature: 1.0,
+            top_k: None,
+            strict_top_k: false,
+            top_p: None,
+            min_p: None,
+        }
+    }
+}
+
+impl SampleParams {
+    fn check(&self) -> Result<()> {
+        let bad = |name, v: String, expected| {
+            Err(Error::BadParameter {
+                name,
+                value: v,
+                expected,
+            })
+        };
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(
+                "temperature",
+                format!("{}", self.temperature),
+                "finite and >= 0 (0 = greedy)",
+            );
+        }
+        if self.top_k == Some(0) {
+            return bad("top_k", "0".into(), ">= 1 (None disables it)");
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return bad("top_p", format!("{p}"), "in (0, 1] (None disables it)");
+            }
+        }
+        if let Some(p) = self.min_p {
+            if !(0.0..=1.0).contains(&p) {
+                return bad("min_p", format!("{p}"), "in [0, 1]");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the uniform numbers of a draw come from.
+#[derive(Debug, Clone, Copy)]
+pub enum Draw<'a> {
+    /// One uniform in `[0, 1)` per row.
+    Uniform(&'a [f64]),
+    /// [`counter_uniform`]`(seeds[row], step)`: one seed per row (per request).
+    Counter {
+        /// One seed per row.
+        seeds: &'a [u64],
+        /// The decoding step.
+        step: u64,
+    },
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The `i`-th 64-bit output of the counter-based generator keyed by `(seed, step)`: two rounds
+/// of the SplitMix64 finaliser over the key and the counter (a stateless hash, not
+/// cryptographic; passes the uniformity checks of the test suite).
+pub fn counter_u64(seed: u64, step: u64, i: u64) -> u64 {
+    splitmix(splitmix(seed ^ splitmix(step)) ^ i.wrapping_mul(0xd6e8_feb8_6659_fd93))
+}
+
+/// A uniform in the open interval `(0, 1)`: `(k + 0.5)/2^53` with `k` the top 53 bits of
+/// [`counter_u64`]`(seed, step, 0)` (never 0, never 1, so `ln u` and `ln(1 − u)` are finite).
+pub fn counter_uniform(seed: u64, step: u64) -> f64 {
+    open_uniform(counter_u64(seed, step, 0))
+}
+
+fn open_uniform(bits: u64) -> f64 {
+    ((bits >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+}
+
+/// What a sampling call reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SampleStats {
+    /// Rows whose kept set had more than one token.
+    pub rows_sampled: usize,
+    /// Largest kept-set size over the rows.
+    pub max_kept: usize,
+}
+
+/// Total-order key: larger key = earlier in the order (t descending, then index ascending).
+#[inline]
+fn key(t: f64, i: usize) -> u128 {
+    // (+ 0.0 turns −0 into +0, so the two zeros tie.)
+    let b = (t + 0.0).to_bits();
+    let ord = if b >> 63 == 1 { !b } else { b | (1 << 63) };
+    ((ord as u128) << 64) | (u64::MAX - i as u64) as u128
+}
+
+#[inline]
+fn key_index(k: u128) -> usize {
+    (u64::MAX - k as u64) as usize
+}
+
+/// The kept set of one row: tokens with key ≥ `cut` that pass min-p.
+struct Kept {
+    cut: u128,
+    /// `exp(t_i − t_max) ≥ min_p` is required too (None: no min-p).
+    min_p: Option<f64>,
+    t_max: f64,
+}
+
+impl Kept {
+    #[inline]
+    fn has(&self, t: f64, i: usize) -> bool {
+        t != f64::NEG_INFINITY && key(t, i) >= self.cut && self.min_p.is_none_or(|mp| (t - self.t_max).exp() >= mp)
+    }
+}
+
+/// Filters one row (already `t = z/T`, validated) into its kept set.
+fn filter_row(t: &[f64], p: &SampleParams) -> Kept {
+    let n = t.len();
+    let mut t_max = f64::NEG_INFINITY;
+    for &v in t {
+        t_max = t_max.max(v);
+    }
+    let mut kept = Kept {
+        cut: 0,
+        min_p: None,
+        t_max,
+    };
+    let mut keys: Vec<u128> = Vec::new();
+    let finite = || {
+        t.iter()
+            .enumerate()
+            .filter(|(_, v)| **v != f64::NEG_INFINITY)
+            .map(|(i, &v)| key(v, i))
+    };
+    // Top-k.
+    if let Some(k) = p.top_k {
+        keys.extend(finite());
+        if k < keys.len() {
+            keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+            let kth = keys[k - 1];
+            // HF: every token tied in value with the k-th survives. key(v, i) decreases with i,
+            // so the cut at value v with the last index keeps all of them.
+            kept.cut = if p.strict_top_k {
+                kth
+            } else {
+                key(t[key_index(kth)], n - 1)
+            };
+        }
+    }
+    // Top-p on the survivors, renormalised over them.
+    if let Some(pp) = p.top_p {
+        if pp < 1.0 {
+            let m = t_max;
+            let mut s = 0.0f64;
+            for (i, &v) in t.iter().enumerate() {
+                if kept.has(v, i) {
+                    s += (v - m).exp();
+                }
+            }
+            let lse = m + s.ln();
+            keys.clear();
+            keys.extend(
+                t.iter()
+                    .enumerate()
+                    .filter(|(i, v)| kept.has(**v, *i))
+                    .map(|(i, &v)| key(v, i)),
+            );
+            let total = keys.len();
+            let mut c = 256.min(total);
+            loop {
+                if c < total {
+                    keys.select_nth_unstable_by(c - 1, |a, b| b.cmp(a));
+                }
+                let win = &mut keys[..c];
+                win.sort_unstable_by(|a, b| b.cmp(a));
+                let mut before = 0.0f64;
+                let mut last = None;
+                for &kk in win.iter() {
+                    if before >= pp && last.is_some() {
+                        break;
+                    }
+                    last = Some(kk);
+                    before += (t[key_index(kk)] - lse).exp();
+                }
+                let done = before >= pp || c == total;
+                if done {
+                    if let Some(l) = last {
+                        kept.cut = kept.cut.max(l);
+                    }
+                    break;
+                }
+                c = (c * 4).min(total);
+            }
+        }
+    }
+    // Min-p.
+    if let Some(mp) = p.min_p {
+        if mp > 0.0 {
+            kept.min_p = Some(mp);
+        }
+    }
+    kept
+}
+
+/// Row preparation: `t = z/T` in f64; NaN or +inf is an error naming the row and index.
+fn prepare<T: Element>(z: &[T], temp: f64, row: usize) -> Result<Vec<f64>> {
+    let mut t = Vec::with_capacity(z.len());
+    for (i, v) in z.iter().enumerate() {
+        let v = v.to_f64();
+        if v.is_nan() || v == f64::INFINITY {
+            return Err(Error::NonFiniteLogit {
+                row,
+                index: i,
+                value: v,
+            });
+        }
+        t.push(if temp > 0.0 { v / temp } else { v });
+    }
+    if !t.iter().any(|&v| v != f64::NEG_INFINITY) {
+        return Err(Error::NoValidToken { row });
+    }
+    Ok(t)
+}
+
+/// The greedy token: argmax, lowest index on ties.
+fn argmax(t: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, &v) in t.iter().enumerate() {
+        if v > t[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// One row: kept set, processed log-probabilities (optional) and the draw.
+fn run_row(t: &[f64], p: &SampleParams, u: Option<f64>, lp_out: Option<&mut [f64]>) -> (usize, usize) {
+    if p.temperature == 0.0 {
+        let a = argmax(t);
+        if let Some(o) = lp_out {
+            o.fill(f64::NEG_INFINITY);
+            o[a] = 0.0;
+        }
+        return (a, 1);
+    }
+    let kept = filter_row(t, p);
+    let m = kept.t_max;
+    let mut s = 0.0f64;
+    let mut count = 0usize;
+    for (i, &v) in t.iter().enumerate() {
+        if kept.has(v, i) {
+            s += (v - m).exp();
+            count += 1;
+        }
+    }
+    let lse = m + s.ln();
+    if let Some(o) = lp_out {
+        for (i, (o, &v)) in o.iter_mut().zip(t).enumerate() {
+            *o = if kept.has(v, i) { v - lse } else { f64::NEG_INFINITY };
+        }
+    }
+    let Some(u) = u else { return (usize::MAX, count) };
+    let target = u * s;
+    let mut acc = 0.0f64;
+    let mut last = 0;
+    for (i, &v) in t.iter().enumerate() {
+        if kept.has(v, i) {
+            acc += (v - m).exp();
+            last = i;
+            if acc > target {
+                return (i, count);
+            }
+        }
+    }
+    (last, count)
+}
+
+fn rows_of<T>(v: &View<'_, T>) -> Result<(usize, usize, usize)> {
+    v.layout.validate("logits", v.data.len())?;
+    let s = v.layout.row_stride().ok_or(Error::Unsupported {
+        what: "logits",
+        why: "sampling takes row layouts (vocabulary along the last axis)",
+    })?;
+    Ok((v.layout.row_count(), v.layout.row_len(), s))
+}
+
+/// Output of [`process`]: probabilities or log-probabilities of the processed distribution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Processed {
+    /// `p_i` of the kept set, 0 elsewhere.
+    Probs,
+    /// `ln p_i` of the kept set, `-inf` elsewhere.
+    LogProbs,
+}
+
+/// Draws one token per row of `logits` after temperature, top-k, top-p and min-p (the
+/// definition in the [module docs](self)), writing the token ids into `tokens` and, when asked,
+/// the processed (filtered, renormalised) distribution into `processed` (same shape as the
+/// logits; f32 or f64 as `U`).
+///
+/// Errors: NaN or `+inf` logits ([`Error::NonFiniteLogit`], first in row order), a row with no
+/// unmasked token ([`Error::NoValidToken`]), parameters out of range, `tokens` or the draw of
+/// the wrong length, an axis layout.
+pub fn sample<T: Element, U: Element>(
+    logits: View<'_, T>,
+    p: &SampleParams,
+    draw: Draw<'_>,
+    tokens: &mut [u32],
+    processed: Option<(ViewMut<'_, U>, Processed)>,
+    par: Par,
+) -> Result<SampleStats> {
+    let (rows, _, _) = rows_of(&logits)?;
+    if tokens.len() != rows {
+        return Err(Error::RowCountMismatch {
+            what: "tokens",
+            len: tokens.len(),
+            rows,
+        });
+    }
+    let dl = match draw {
+        Draw::Uniform(u) => u.len(),
+        Draw::Counter { seeds, .. } => seeds.len(),
+    };
+    if dl != rows {
+        return Err(Error::LengthMismatch {
+            what: "draw",
+            len: dl,
+            expected: rows,
+        });
+    }
+    if let Draw::Uniform(u) = draw {
+        if let Some(&bad) = u.iter().find(|u| !(**u >= 0.0 && **u < 1.0)) {
+            return Err(Error::BadParameter {
+                name: "uniform",
+                value: format!("{bad}"),
+                expected: "in [0, 1)",
+            });
+        }
+    }
+    let res = run(logits, p, Some(draw), processed, par)?;
+    let mut st = SampleStats::default();
+    for (o, (tok, count)) in tokens.iter_mut().zip(res) {
+        *o = tok as u32;
+        st.rows_sampled += (count > 1) as usize;
+        st.max_kept = st.max_kept.max(count);
+    }
+    Ok(st)
+}
+
+/// The processed distribution alone (no draw): probabilities or log-probabilities of each
+/// row after temperature, top-k, top-p and min-p, renormalised over the kept set. Returns the
+/// kept-set size per row. Same errors as [`sample`].
+pub fn process<T: Element, U: Element>(
+    logits: View<'_, T>,
+    p: &SampleParams,
+    out: ViewMut<'_, U>,
+    what: Processed,
+    par: Par,
+) -> Result<Vec<usize>> {
+    let r = run(logits, p, None, Some((out, what)), par)?;
+    Ok(r.into_iter().map(|(_, c)| c).collect())
+}
+
+fn run<T: Element, U: Element>(
+    logits: View<'_, T>,
+    p: &SampleParams,
+    draw: Option<Draw<'_>>,
+    processed: Option<(ViewMut<'_, U>, Processed)>,
+    par: Par,
+) -> Result<Vec<(usize, usize)>> {
+    p.check()?;
+    let (rows, len, xs) = rows_of(&logits)?;
+    if len == 0 && rows > 0 {
+        return Err(Error::NoValidToken { row: 0 });
+    }
+    let (pdata, ps, what) = match processed {
+        Some((o, w)) => {
+            o.layout.validate("processed", o.data.len())?;
+            logits.layout.check_same("processed", &o.layout)?;
+            let s = o.layout.row_stride().ok_or(Error::Unsupported {
+                what: "processed",
+                why: "takes row layouts",
+            })?;
+            (Some(o.data), s, w)
+        }
+        None => (None, 0, Processed::Probs),
+    };
+    let items: Vec<(usize, usize, Option<&mut [U]>)> = match pdata {
+        Some(d) => par::row_groups(d, rows, len, ps)
+            .into_iter()
+            .map(|(r0, n, g)| (r0, n, Some(g)))
+            .collect(),
+        None => (0..rows).map(|r| (r, 1, None)).collect(),
+    };
+    let out: Vec<Result<Vec<(usize, usize)>>> = par::map(par, items, |(r0, n, mut o)| {
+        let mut res = Vec::with_capacity(n);
+        let mut lp = vec![0.0f64; if o.is_some() { len } else { 0 }];
+        for i in 0..n {
+            let r = r0 + i;
+            let t = prepare(&logits.data[r * xs..r * xs + len], p.temperature, r)?;
+            let u = draw.map(|d| match d {
+                Draw::Uniform(u) => u[r],
+                Draw::Counter { seeds, step } => counter_uniform(seeds[r], step),
+            });
+            let lpo = if o.is_some() { Some(&mut lp[..]) } else { None };
+            let (tok, count) = run_row(&t, p, u, lpo);
+            if let Some(o) = o.as_deref_mut() {
+                for (d, &v) in o[i * ps..i * ps + len].iter_mut().zip(&lp) {
+                    *d = U::from_f64(match what {
+                        Processed::Probs => v.exp(),
+                        Processed::LogProbs => v,
+                    });
+                }
+            }
+            res.push((tok, count));
+        }
+        Ok(res)
+    });
+    let mut all = Vec::with_capacity(rows);
+    for r in out {
+        all.extend(r?);
+    }
+    Ok(all)
+}
+
+/// Where Gumbel-max's uniforms come from.
+#[derive(Debug, Clone, Copy)]
+pub enum GumbelSource<'a> {
+    /// `(k + 0.5)/2^53` with `k` from [`counter_u64`]`(seeds[row], step, i)`.
+    Counter {
+        /// One seed per row.
+        seeds: &'a [u64],
+        /// The decoding step.
+        step: u64,
+    },
+    /// One uniform in the open interval `(0, 1)` per logit (`rows x vocabulary`, row-major).
+    Uniforms(&'a [f64]),
+}
+
+/// Gumbel-max sampling (D2): `argmax_i (z_i/T + g_i)` with `g_i = −ln(−ln u_i)` and `u_i` from
+/// `source` (open uniforms, so both logs are finite). This is exactly a sample from
+/// `softmax(z/T)` and needs no normalisation, so it works on unnormalised or partial logits;
+/// masked (`-inf`) tokens are never chosen. With `k > 1`, the k largest perturbed values give k
+/// distinct tokens (sampling without replacement), best first, into `tokens[row·k..]`. `T > 0`.
+/// Errors as [`sample`], plus uniforms outside `(0, 1)` and rows with fewer than k unmasked
+/// tokens.
+pub fn gumbel_max<T: Element>(
+    logits: View<'_, T>,
+    temperature: f64,
+    source: GumbelSource<'_>,
+    k: usize,
+    tokens: &mut [u32],
+    par: Par,
+) -> Result<()> {
+    let (rows, len, xs) = rows_of(&logits)?;
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(Error::BadParameter {
+            name: "temperature",
+            value: format!("{temperature}"),
+            expected: "finite and > 0",
+        });
+    }
+    if k == 0 || k > len.max(1) {
+        return Err(Error::BadParameter {
+            name: "k",
+            value: format!("{k}"),
+            expected: "in [1, vocabulary]",
+        });
+    }
+    let (sl, want) = match source {
+        GumbelSource::Counter { seeds, .. } => (seeds.len(), rows),
+        GumbelSource::Uniforms(u) => (u.len(), rows * len),
+    };
+    if sl != want {
+        return Err(Error::LengthMismatch {
+            what: "gumbel source",
+            len: sl,
+            expected: want,
+        });
+    }
+    if let GumbelSource::Uniforms(u) = source {
+        if let Some(&bad) = u.iter().find(|u| !(**u > 0.0 && **u < 1.0)) {
+            return Err(Error::BadParameter {
+                name: "uniform",
+                value: format!("{bad}"),
+                expected: "in the open interval (0, 1)",
+            });
+        }
+    }
+    if tokens.len() != rows * k {
+        return Err(Error::LengthMismatch {
+            what: "tokens",
+            len: tokens.len(),
+            expected: rows * k,
+        });
+    }
+    let items: Vec<usize> = (0..rows).collect();
+    let out: Vec<Result<Vec<u32>>> = par::map(par, items, |r| {
+        let t = prepare(&logits.data[r * xs..r * xs + len], temperature, r)?;
+        let mut keys: Vec<u128> = t
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v != f64::NEG_INFINITY)
+            .map(|(i, &v)| {
+                let u = match source {
+                    GumbelSource::Counter { seeds, step } => open_uniform(counter_u64(seeds[r], step, i as u64)),
+                    GumbelSource::Uniforms(u) => u[r * len + i],
+                };
+                key(v - (-u.ln()).ln(), i)
+            })
+            .collect();
+        if keys.len() < k {
+            return Err(Error::NoValidToken { row: r });
+        }
+        if k < keys.len() {
+            keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        }
+        keys[..k].sort_unstable_by(|a, b| b.cmp(a));
+        Ok(keys[..k].iter().map(|&kk| key_index(kk) as u32).collect())
+    });
+    for (r, o) in out.into_iter().enumerate() {
+        tokens[r * k..(r + 1) * k].copy_from_slice(&o?);
+    }
+    Ok(())
+}

@@ -1,0 +1,541 @@
+//! Sampling: the worked example D1, bit-for-bit agreement with a full-sort implementation of
+//! the documented definition (ties and cumsum corners included), chi-square tests of the draws,
+//! Gumbel-max, edge cases and determinism.
+
+#![allow(clippy::collapsible_if)]
+mod common;
+
+use common::Rng;
+use smax::sample::{
+    Draw, GumbelSource, Processed, SampleParams, counter_u64, counter_uniform, gumbel_max, process, sample,
+};
+use smax::{Error, Par, View, ViewMut};
+
+/// The definition, with a full sort: returns the log-probabilities (−inf where removed).
+fn reference(z: &[f64], p: &SampleParams) -> Vec<f64> {
+    let n = z.len();
+    let t: Vec<f64> = z.iter().map(|&v| v / p.temperature).collect();
+    // Order: t descending, index ascending (−0 and +0 tie).
+    let mut order: Vec<usize> = (0..n).filter(|&i| t[i] != f64::NEG_INFINITY).collect();
+    order.sort_by(|&a, &b| (t[b] + 0.0).partial_cmp(&(t[a] + 0.0)).unwrap().then(a.cmp(&b)));
+    let mut keep = vec![false; n];
+    for &i in &order {
+        keep[i] = true;
+    }
+    if let Some(k) = p.top_k {
+        if k < order.len() {
+            let kth = t[order[k - 1]];
+            for (j, &i) in order.iter().enumerate() {
+                keep[i] = if p.strict_top_k { j < k } else { t[i] >= kth };
+            }
+        }
+    }
+    if let Some(pp) = p.top_p {
+        if pp < 1.0 {
+            let m = t.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let mut s = 0.0;
+            for i in 0..n {
+                if keep[i] {
+                    s += (t[i] - m).exp();
+                }
+            }
+            let lse = m + s.ln();
+            let mut before = 0.0;
+            let mut first = true;
+            for &i in &order {
+                if !keep[i] {
+                    continue;
+                }
+                if before >= pp && !first {
+                    keep[i] = false;
+                    continue;
+                }
+                first = false;
+                before += (t[i] - lse).exp();
+            }
+        }
+    }
+    if let Some(mp) = p.min_p {
+        let m = t.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        for i in 0..n {
+            if keep[i] && mp > 0.0 && (t[i] - m).exp() < mp {
+                keep[i] = false;
+            }
+        }
+    }
+    let m = t.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let mut s = 0.0;
+    for i in 0..n {
+        if keep[i] {
+            s += (t[i] - m).exp();
+        }
+    }
+    let lse = m + s.ln();
+    (0..n)
+        .map(|i| if keep[i] { t[i] - lse } else { f64::NEG_INFINITY })
+        .collect()
+}
+
+fn processed(z: &[f64], rows: usize, p: &SampleParams, what: Processed) -> Vec<f64> {
+    let n = z.len() / rows;
+    let mut out = vec![0.0f64; z.len()];
+    process(
+        View::rows(z, rows, n).unwrap(),
+        p,
+        ViewMut::rows(&mut out, rows, n).unwrap(),
+        what,
+        Par::Rayon,
+    )
+    .unwrap();
+    out
+}
+
+#[test]
+fn worked_example_d1() {
+    let z = [2.0, 1.0, 0.5, -1.0, -3.0];
+    let close = |got: &[f64], want: &[f64]| {
+        for (a, b) in got.iter().zip(want) {
+            assert!((a - b).abs() <= 1e-9 * (1.0 + b.abs()), "{got:?} vs {want:?}");
+        }
+    };
+    let p = |f: &dyn Fn(&mut SampleParams)| {
+        let mut s = SampleParams::default();
+        f(&mut s);
+        processed(&z, 1, &s, Processed::Probs)
+    };
+    close(
+        &p(&|s| s.temperature = 0.7),
+        &[
+            0.72911567739,
+            0.17473332777,
+            0.085539243258,
+            0.010035392687,
+            5.7635888741e-04,
+        ],
+    );
+    close(&p(&|s| s.top_k = Some(2)), &[0.7310585786, 0.2689414214, 0.0, 0.0, 0.0]);
+    close(
+        &p(&|s| s.top_p = Some(0.9)),
+        &[0.6285317192, 0.2312238976, 0.1402443832, 0.0, 0.0],
+    );
+    close(
+        &p(&|s| s.top_p = Some(0.8)),
+        &[0.7310585786, 0.2689414214, 0.0, 0.0, 0.0],
+    );
+    close(
+        &p(&|s| s.min_p = Some(0.1)),
+        &[0.6285317192, 0.2312238976, 0.1402443832, 0.0, 0.0],
+    );
+}
+
+#[test]
+fn equals_the_full_sort_reference_bit_for_bit() {
+    let mut rng = Rng(0x5a);
+    for &n in &[1usize, 2, 7, 100, 1000, 5000] {
+        for case in 0..40 {
+            // Quantised logits make many ties; some masked entries.
+            let z: Vec<f64> = (0..n)
+                .map(|i| {
+                    if i % 11 == 5 && n > 1 {
+                        f64::NEG_INFINITY
+                    } else {
+                        (rng.uniform() * 8.0).round() / 2.0
+                    }
+                })
+                .collect();
+            if z.iter().all(|v| *v == f64::NEG_INFINITY) {
+                continue;
+            }
+            let pick = |r: &mut Rng, a: f64, b: f64| a + (b - a) * (r.uniform() + 1.0) / 2.0;
+            let p = SampleParams {
+                temperature: [1.0, 0.7, 1.3][case % 3],
+                top_k: if case % 4 == 0 {
+                    None
+                } else {
+                    Some(1 + (rng.next_u64() % (n as u64 + 2)) as usize)
+                },
+                strict_top_k: case % 5 == 1,
+                top_p: if case % 3 == 0 {
+                    None
+                } else {
+                    Some(pick(&mut rng, 0.05, 1.0))
+                },
+                min_p: if case % 7 < 3 {
+                    Some(pick(&mut rng, 0.0, 0.5))
+                } else {
+                    None
+                },
+            };
+            let want = reference(&z, &p);
+            let got = processed(&z, 1, &p, Processed::LogProbs);
+            for i in 0..n {
+                assert!(
+                    got[i].to_bits() == want[i].to_bits(),
+                    "n={n} case {case} {p:?}: [{i}] {} vs {}",
+                    got[i],
+                    want[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn top_p_boundaries_and_cumsum_corners() {
+    // Probabilities whose cumulative mass lands on p (up to rounding) and a p just below 1.
+    let probs = [0.5f64, 0.4, 0.1];
+    let z: Vec<f64> = probs.iter().map(|p| p.ln()).collect();
+    for pp in [0.5, 0.9, 0.9 + 1e-12, 0.9 - 1e-12, 0.9999999, 1.0, 1e-9] {
+        let p = SampleParams {
+            top_p: Some(pp),
+            ..Default::default()
+        };
+        let got = processed(&z, 1, &p, Processed::LogProbs);
+        let want = reference(&z, &p);
+        assert_eq!(got, want, "p = {pp}");
+        assert!(got[0].is_finite(), "the first token is always kept");
+    }
+    // Top-k then top-p renormalises over the top-k survivors (candle compares the raw mass).
+    // Over the top-2 survivors the masses are 0.5, 0.5, so p = 0.4 keeps one token; against
+    // the unrenormalised mass (0.27 for the first) it would keep two.
+    let z = [1.0f64, 1.0, 0.0, 0.0, 0.0, 0.0];
+    let p = SampleParams {
+        top_k: Some(2),
+        top_p: Some(0.4),
+        ..Default::default()
+    };
+    let got = processed(&z, 1, &p, Processed::Probs);
+    assert_eq!(got, vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    // Ties at the top-k boundary: kept (HF), or exactly k by index (strict).
+    let z = [3.0f64, 2.0, 2.0, 2.0, 1.0];
+    let kept = |strict| {
+        processed(
+            &z,
+            1,
+            &SampleParams {
+                top_k: Some(2),
+                strict_top_k: strict,
+                ..Default::default()
+            },
+            Processed::Probs,
+        )
+        .iter()
+        .filter(|v| **v > 0.0)
+        .count()
+    };
+    assert_eq!((kept(false), kept(true)), (4, 2));
+}
+
+/// Pearson chi-square of `counts` against probabilities `p` (cells with p = 0 must be empty).
+fn chi_square(counts: &[u64], p: &[f64]) -> f64 {
+    let total: u64 = counts.iter().sum();
+    let mut x2 = 0.0;
+    for (c, &pi) in counts.iter().zip(p) {
+        if pi == 0.0 {
+            assert_eq!(*c, 0, "a removed token was drawn");
+            continue;
+        }
+        let e = pi * total as f64;
+        x2 += (*c as f64 - e).powi(2) / e;
+    }
+    x2
+}
+
+#[test]
+fn draws_follow_the_truncated_distribution() {
+    // 8 tokens; 40000 draws with fixed seeds; the 99.9% chi-square critical value for 7
+    // degrees of freedom is 24.3.
+    let z = [1.2f64, 0.3, -0.4, 2.0, 0.9, -1.5, 0.0, 1.7];
+    let n_draws = 40_000usize;
+    for p in [
+        SampleParams::default(),
+        SampleParams {
+            temperature: 0.8,
+            top_k: Some(5),
+            ..Default::default()
+        },
+        SampleParams {
+            top_p: Some(0.8),
+            min_p: Some(0.2),
+            ..Default::default()
+        },
+    ] {
+        let probs = processed(&z, 1, &p, Processed::Probs);
+        let rows: Vec<f64> = z.iter().cycle().take(8 * n_draws).copied().collect();
+        let seeds: Vec<u64> = (0..n_draws as u64).collect();
+        let mut toks = vec![0u32; n_draws];
+        sample::<f64, f64>(
+            View::rows(&rows, n_draws, 8).unwrap(),
+            &p,
+            Draw::Counter { seeds: &seeds, step: 3 },
+            &mut toks,
+            None,
+            Par::Rayon,
+        )
+        .unwrap();
+        let mut counts = [0u64; 8];
+        for &t in &toks {
+            counts[t as usize] += 1;
+        }
+        let dof = probs.iter().filter(|v| **v > 0.0).count() - 1;
+        let crit = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32][dof - 1];
+        let x2 = chi_square(&counts, &probs);
+        assert!(x2 < crit, "{p:?}: chi2 {x2} >= {crit}");
+    }
+    // Gumbel-max follows softmax(z/T).
+    let mut counts = [0u64; 8];
+    let rows: Vec<f64> = z.iter().cycle().take(8 * n_draws).copied().collect();
+    let seeds: Vec<u64> = (0..n_draws as u64).map(|s| s * 7919).collect();
+    let mut toks = vec![0u32; n_draws];
+    gumbel_max(
+        View::rows(&rows, n_draws, 8).unwrap(),
+        1.3,
+        GumbelSource::Counter { seeds: &seeds, step: 0 },
+        1,
+        &mut toks,
+        Par::Rayon,
+    )
+    .unwrap();
+    for &t in &toks {
+        counts[t as usize] += 1;
+    }
+    let probs = processed(
+        &z,
+        1,
+        &SampleParams {
+            temperature: 1.3,
+            ..Default::default()
+        },
+        Processed::Probs,
+    );
+    let x2 = chi_square(&counts, &probs);
+    assert!(x2 < 24.32, "gumbel chi2 {x2}");
+}
+
+#[test]
+fn gumbel_worked_example_d2_and_without_replacement() {
+    // D2 (on D1's logits): u = [0.3, 0.9, 0.5, 0.99, 0.2] gives
+    // g = [−0.1856, 2.2504, 0.3665, 4.6001, −0.4759] and z + g peaks at index 3, then 1, 0.
+    let z1 = [2.0f64, 1.0, 0.5, -1.0, -3.0];
+    let u = [0.3f64, 0.9, 0.5, 0.99, 0.2];
+    let mut t3 = [0u32; 3];
+    gumbel_max(
+        View::rows(&z1, 1, 5).unwrap(),
+        1.0,
+        GumbelSource::Uniforms(&u),
+        3,
+        &mut t3,
+        Par::Seq,
+    )
+    .unwrap();
+    assert_eq!(t3, [3, 1, 0]);
+    assert!(matches!(
+        gumbel_max(
+            View::rows(&z1, 1, 5).unwrap(),
+            1.0,
+            GumbelSource::Uniforms(&[0.0, 0.5, 0.5, 0.5, 0.5]),
+            1,
+            &mut t3[..1],
+            Par::Seq
+        ),
+        Err(Error::BadParameter { name: "uniform", .. })
+    ));
+    // k = 3 distinct tokens, best first; masked tokens never chosen.
+    let z = [0.0f64, f64::NEG_INFINITY, 1.0, 2.0, f64::NEG_INFINITY, 0.5];
+    for seed in 0..200u64 {
+        let mut t = [0u32; 3];
+        let src = GumbelSource::Counter {
+            seeds: &[seed],
+            step: 9,
+        };
+        gumbel_max(View::rows(&z, 1, 6).unwrap(), 1.0, src, 3, &mut t, Par::Seq).unwrap();
+        assert!(t.iter().all(|&i| i != 1 && i != 4));
+        assert!(t[0] != t[1] && t[1] != t[2] && t[0] != t[2]);
+    }
+    let mut t = [0u32; 1];
+    assert!(matches!(
+        gumbel_max(
+            View::rows(&z, 1, 6).unwrap(),
+            1.0,
+            GumbelSource::Counter { seeds: &[1], step: 0 },
+            5,
+            &mut t,
+            Par::Seq
+        ),
+        Err(Error::LengthMismatch { what: "tokens", .. })
+    ));
+}
+
+#[test]
+fn edge_cases_and_errors() {
+    let z = [1.0f64, 3.0, 3.0, -1.0];
+    let one = |z: &[f64], p: &SampleParams| {
+        let mut t = [0u32];
+        sample::<f64, f64>(
+            View::rows(z, 1, z.len()).unwrap(),
+            p,
+            Draw::Uniform(&[0.5]),
+            &mut t,
+            None,
+            Par::Seq,
+        )
+        .map(|_| t[0])
+    };
+    // T = 0: argmax, lowest index on ties.
+    let greedy = SampleParams {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    assert_eq!(one(&z, &greedy).unwrap(), 1);
+    // NaN and +inf are typed errors naming the place; all −inf has no valid token.
+    assert!(matches!(
+        one(&[0.0, f64::NAN], &SampleParams::default()),
+        Err(Error::NonFiniteLogit { row: 0, index: 1, .. })
+    ));
+    assert!(matches!(
+        one(&[f64::INFINITY, 0.0], &greedy),
+        Err(Error::NonFiniteLogit { index: 0, .. })
+    ));
+    assert!(matches!(
+        one(&[f64::NEG_INFINITY; 3], &SampleParams::default()),
+        Err(Error::NoValidToken { row: 0 })
+    ));
+    for (p, name) in [
+        (
+            SampleParams {
+                temperature: -1.0,
+                ..Default::default()
+            },
+            "temperature",
+        ),
+        (
+            SampleParams {
+                temperature: f64::NAN,
+                ..Default::default()
+            },
+            "temperature",
+        ),
+        (
+            SampleParams {
+                top_k: Some(0),
+                ..Default::default()
+            },
+            "top_k",
+        ),
+        (
+            SampleParams {
+                top_p: Some(0.0),
+                ..Default::default()
+            },
+            "top_p",
+        ),
+        (
+            SampleParams {
+                min_p: Some(1.5),
+                ..Default::default()
+            },
+            "min_p",
+        ),
+    ] {
+        match one(&z, &p) {
+            Err(Error::BadParameter { name: n, .. }) => assert_eq!(n, name),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    let mut t = [0u32];
+    assert!(matches!(
+        sample::<f64, f64>(
+            View::rows(&z, 1, 4).unwrap(),
+            &SampleParams::default(),
+            Draw::Uniform(&[1.0]),
+            &mut t,
+            None,
+            Par::Seq
+        ),
+        Err(Error::BadParameter { name: "uniform", .. })
+    ));
+    // k ≥ V and p = 1 are no-ops; min-p = 1 keeps the maxima.
+    let full = processed(&z, 1, &SampleParams::default(), Processed::LogProbs);
+    let noop = SampleParams {
+        top_k: Some(10),
+        top_p: Some(1.0),
+        ..Default::default()
+    };
+    assert_eq!(processed(&z, 1, &noop, Processed::LogProbs), full);
+    let mp1 = processed(
+        &z,
+        1,
+        &SampleParams {
+            min_p: Some(1.0),
+            ..Default::default()
+        },
+        Processed::Probs,
+    );
+    for (a, b) in mp1.iter().zip([0.0, 0.5, 0.5, 0.0]) {
+        assert!((a - b).abs() < 1e-15, "{mp1:?}");
+    }
+    // The counter generator is open and deterministic.
+    for s in 0..1000 {
+        let u = counter_uniform(s, 7);
+        assert!(u > 0.0 && u < 1.0);
+        assert_eq!(u, counter_uniform(s, 7));
+    }
+    assert_ne!(counter_u64(1, 2, 3), counter_u64(1, 2, 4));
+}
+
+#[test]
+fn a_draw_depends_only_on_its_row() {
+    let mut rng = Rng(3);
+    let (rows, n) = (64, 3000);
+    let z: Vec<f32> = rng.vec(rows * n, 5.0).iter().map(|&v| v as f32).collect();
+    let seeds: Vec<u64> = (0..rows as u64).map(|r| r * 31 + 7).collect();
+    let p = SampleParams {
+        temperature: 0.9,
+        top_k: Some(200),
+        top_p: Some(0.9),
+        min_p: Some(0.01),
+        ..Default::default()
+    };
+    let batch = |par: Par| {
+        let mut t = vec![0u32; rows];
+        let mut pr = vec![0.0f32; rows * n];
+        sample(
+            View::rows(&z, rows, n).unwrap(),
+            &p,
+            Draw::Counter {
+                seeds: &seeds,
+                step: 11,
+            },
+            &mut t,
+            Some((ViewMut::rows(&mut pr, rows, n).unwrap(), Processed::Probs)),
+            par,
+        )
+        .unwrap();
+        (t, pr)
+    };
+    let base = batch(Par::Seq);
+    for threads in [2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        assert!(pool.install(|| batch(Par::Rayon)) == base, "{threads} threads");
+    }
+    // Row 17 alone draws the same token.
+    let mut t = [0u32];
+    sample::<f32, f32>(
+        View::rows(&z[17 * n..18 * n], 1, n).unwrap(),
+        &p,
+        Draw::Counter {
+            seeds: &seeds[17..18],
+            step: 11,
+        },
+        &mut t,
+        None,
+        Par::Seq,
+    )
+    .unwrap();
+    assert_eq!(t[0], base.0[17]);
+    // Processed probabilities sum to 1 per row.
+    for r in 0..rows {
+        let s: f64 = base.1[r * n..(r + 1) * n].iter().map(|&v| v as f64).sum();
+        assert!((s - 1.0).abs() < 1e-5, "row {r}: {s}");
+    }
+}
