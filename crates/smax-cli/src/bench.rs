@@ -19,6 +19,8 @@ pub enum Suite {
     Core,
     /// The losses: cross-entropy over given logits, and the linear cross-entropy.
     Loss,
+    /// Decoding: top-k, top-p and min-p sampling.
+    Decode,
 }
 
 #[derive(clap::Args, Debug)]
@@ -191,8 +193,10 @@ pub(crate) fn par_read(x: &[f32]) -> f32 {
 }
 
 pub fn run(a: Args) -> Result<(), String> {
-    if a.suite == Suite::Loss {
-        return crate::bench_loss::run(a);
+    match a.suite {
+        Suite::Loss => return crate::bench_loss::run(a),
+        Suite::Decode => return crate::bench_decode::run(a),
+        Suite::Core => {}
     }
     let budget = a.seconds.unwrap_or(if a.quick { 0.15 } else { 0.6 });
     let max_iters = if a.quick { 10 } else { 50 };

@@ -60,6 +60,46 @@ mod imp {
         Some(Box::new(CandleCe { x: v, y }))
     }
 
+    /// candle-transformers' `LogitsProcessor` (top-k or top-p with temperature 1), one row at a
+    /// time as a decoding loop calls it; rows are prepared as 1-D tensors beforehand.
+    pub struct CandleSampler {
+        rows: Vec<candle_core::Tensor>,
+        lp: candle_transformers::generation::LogitsProcessor,
+    }
+
+    impl Peer for CandleSampler {
+        fn run(&mut self) {
+            for r in &self.rows {
+                std::hint::black_box(self.lp.sample(r).expect("candle sample"));
+            }
+        }
+    }
+
+    /// `top_k` or `top_p` (one of them) for candle's sampler; `None` when neither is set.
+    pub fn candle_sampler(
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        top_k: Option<usize>,
+        top_p: Option<f64>,
+    ) -> Option<Box<dyn Peer>> {
+        use candle_transformers::generation::{LogitsProcessor, Sampling};
+        let sampling = match (top_k, top_p) {
+            (Some(k), None) => Sampling::TopK { k, temperature: 1.0 },
+            (None, Some(p)) => Sampling::TopP { p, temperature: 1.0 },
+            _ => return None,
+        };
+        let dev = candle_core::Device::Cpu;
+        let rows = (0..rows)
+            .map(|r| candle_core::Tensor::from_slice(&x[r * cols..(r + 1) * cols], cols, &dev))
+            .collect::<Result<Vec<_>, _>>()
+            .ok()?;
+        Some(Box::new(CandleSampler {
+            rows,
+            lp: LogitsProcessor::from_sampling(42, sampling),
+        }))
+    }
+
     /// rten-vecmath's single-slice `Softmax`/`LogSoftmax`, one call per row; rows spread over
     /// the current rayon pool.
     pub struct Rten<'a> {
@@ -96,7 +136,12 @@ mod imp {
 }
 
 #[cfg(feature = "peers")]
-pub use imp::{candle, candle_ce, rten};
+pub use imp::{candle, candle_ce, candle_sampler, rten};
+
+#[cfg(not(feature = "peers"))]
+pub fn candle_sampler(_: &[f32], _: usize, _: usize, _: Option<usize>, _: Option<f64>) -> Option<Box<dyn Peer>> {
+    None
+}
 
 #[cfg(not(feature = "peers"))]
 pub fn candle_ce(_: &[f32], _: usize, _: usize, _: &[i64]) -> Option<Box<dyn Peer>> {

@@ -171,13 +171,30 @@ struct Kept {
     cut: u128,
     /// `exp(t_i − t_max) ≥ min_p` is required too (None: no min-p).
     min_p: Option<f64>,
+    /// `ln(min_p)`, for a cheap pre-test far from the boundary.
+    ln_min_p: f64,
     t_max: f64,
 }
 
 impl Kept {
     #[inline]
     fn has(&self, t: f64, i: usize) -> bool {
-        t != f64::NEG_INFINITY && key(t, i) >= self.cut && self.min_p.is_none_or(|mp| (t - self.t_max).exp() >= mp)
+        t != f64::NEG_INFINITY && key(t, i) >= self.cut && self.passes_min_p(t)
+    }
+
+    /// The min-p test `exp(t − t_max) ≥ min_p`, evaluated exactly as written only near its
+    /// boundary (libm's `exp` is within 1 ULP, far below the 1e-9 margin).
+    #[inline]
+    fn passes_min_p(&self, t: f64) -> bool {
+        let Some(mp) = self.min_p else { return true };
+        let d = t - self.t_max;
+        if d < self.ln_min_p - 1e-9 {
+            false
+        } else if d > self.ln_min_p + 1e-9 {
+            true
+        } else {
+            d.exp() >= mp
+        }
     }
 }
 
@@ -191,6 +208,7 @@ fn filter_row(t: &[f64], p: &SampleParams) -> Kept {
     let mut kept = Kept {
         cut: 0,
         min_p: None,
+        ln_min_p: 0.0,
         t_max,
     };
     let mut keys: Vec<u128> = Vec::new();
@@ -202,17 +220,19 @@ fn filter_row(t: &[f64], p: &SampleParams) -> Kept {
     };
     // Top-k.
     if let Some(k) = p.top_k {
-        keys.extend(finite());
-        if k < keys.len() {
-            keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-            let kth = keys[k - 1];
-            // HF: every token tied in value with the k-th survives. key(v, i) decreases with i,
-            // so the cut at value v with the last index keeps all of them.
-            kept.cut = if p.strict_top_k {
-                kth
+        let unmasked = t.iter().filter(|v| **v != f64::NEG_INFINITY).count();
+        if k < unmasked {
+            if p.strict_top_k {
+                keys.extend(finite());
+                keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+                kept.cut = keys[k - 1];
             } else {
-                key(t[key_index(kth)], n - 1)
-            };
+                // HF: every token tied in value with the k-th survives. key(v, i) decreases
+                // with i, so the cut at value v with the last index keeps all of them.
+                let mut vals: Vec<f64> = t.iter().filter(|v| **v != f64::NEG_INFINITY).map(|v| v + 0.0).collect();
+                vals.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+                kept.cut = key(vals[k - 1], n - 1);
+            }
         }
     }
     // Top-p on the survivors, renormalised over them.
@@ -265,6 +285,7 @@ fn filter_row(t: &[f64], p: &SampleParams) -> Kept {
     if let Some(mp) = p.min_p {
         if mp > 0.0 {
             kept.min_p = Some(mp);
+            kept.ln_min_p = mp.ln();
         }
     }
     kept
@@ -313,34 +334,35 @@ fn run_row(t: &[f64], p: &SampleParams, u: Option<f64>, lp_out: Option<&mut [f64
     }
     let kept = filter_row(t, p);
     let m = kept.t_max;
+    // The kept tokens in index order, with exp(t − m): one scan, then only the survivors.
+    let list: Vec<(usize, f64)> = t
+        .iter()
+        .enumerate()
+        .filter(|(i, v)| kept.has(**v, *i))
+        .map(|(i, &v)| (i, (v - m).exp()))
+        .collect();
     let mut s = 0.0f64;
-    let mut count = 0usize;
-    for (i, &v) in t.iter().enumerate() {
-        if kept.has(v, i) {
-            s += (v - m).exp();
-            count += 1;
-        }
+    for &(_, e) in &list {
+        s += e;
     }
     let lse = m + s.ln();
     if let Some(o) = lp_out {
-        for (i, (o, &v)) in o.iter_mut().zip(t).enumerate() {
-            *o = if kept.has(v, i) { v - lse } else { f64::NEG_INFINITY };
+        o.fill(f64::NEG_INFINITY);
+        for &(i, _) in &list {
+            o[i] = t[i] - lse;
         }
     }
+    let count = list.len();
     let Some(u) = u else { return (usize::MAX, count) };
     let target = u * s;
     let mut acc = 0.0f64;
-    let mut last = 0;
-    for (i, &v) in t.iter().enumerate() {
-        if kept.has(v, i) {
-            acc += (v - m).exp();
-            last = i;
-            if acc > target {
-                return (i, count);
-            }
+    for &(i, e) in &list {
+        acc += e;
+        if acc > target {
+            return (i, count);
         }
     }
-    (last, count)
+    (list.last().map_or(0, |l| l.0), count)
 }
 
 fn rows_of<T>(v: &View<'_, T>) -> Result<(usize, usize, usize)> {
