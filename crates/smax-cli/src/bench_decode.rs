@@ -2,7 +2,8 @@
 //! `min_p` (0.05); rows = batch, cols = vocabulary). `smax` is [`smax::sample::sample`];
 //! `sort` the textbook path (softmax, full sort, cut, renormalise, draw) in plain loops, rows
 //! in parallel; `candle` candle-transformers' `LogitsProcessor`, one row after another as a
-//! decoding loop calls it (it has no min-p). Bytes counted: the logits read once.
+//! decoding loop calls it (it has no min-p). `gate` (rows = tokens, cols = experts): smax's
+//! softmax-then-top-k router against a per-token full sort. Bytes counted: the logits read once.
 
 use crate::bench::{Args, Record, fill_logits, parse_shape, print_table, time, write_json};
 use crate::peers;
@@ -11,7 +12,9 @@ use smax::sample::{Draw, SampleParams, sample};
 use smax::{Par, View};
 use std::io::Write;
 
-const OPS: [&str; 3] = ["top_k", "top_p", "min_p"];
+const OPS: [&str; 4] = ["top_k", "top_p", "min_p", "gate"];
+/// (tokens, experts, k) of the gating records.
+const GATES: [(usize, usize, usize); 3] = [(4096, 8, 2), (4096, 64, 8), (4096, 256, 8)];
 const SHAPES: [(usize, usize); 6] = [
     (1, 32000),
     (64, 32000),
@@ -107,7 +110,16 @@ pub fn run(a: Args) -> Result<(), String> {
     };
     let mut records = Vec::new();
     eprintln!("smax bench decode: threads {threads:?}, {budget:.2}s per record");
+    if ops.iter().any(|o| o == "gate") {
+        for &(tokens, e, k) in &GATES {
+            bench_gate(tokens, e, k, &threads, budget, max_iters, &mut records)?;
+        }
+    }
+    let ops: Vec<String> = ops.into_iter().filter(|o| o != "gate").collect();
     for &(rows, cols) in &shapes {
+        if ops.is_empty() {
+            break;
+        }
         let mut x = vec![0.0f32; rows * cols];
         fill_logits(&mut x, 11);
         let seeds: Vec<u64> = (0..rows as u64).collect();
@@ -179,6 +191,85 @@ pub fn run(a: Args) -> Result<(), String> {
     if let Some(path) = a.json {
         write_json(&path, &records).map_err(|e| format!("writing {path}: {e}"))?;
         eprintln!("wrote {path}");
+    }
+    Ok(())
+}
+
+/// Softmax over all experts, then the top k by a full sort (ties to the lower index).
+fn sort_gate(h: &[f32], k: usize, ex: &mut [u32], w: &mut [f32]) {
+    let m = h.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let e: Vec<f32> = h.iter().map(|&v| (v - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    let mut idx: Vec<usize> = (0..h.len()).collect();
+    idx.sort_by(|&a, &b| {
+        e[b].partial_cmp(&e[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    for j in 0..k {
+        ex[j] = idx[j] as u32;
+        w[j] = e[idx[j]] / s;
+    }
+}
+
+fn bench_gate(
+    tokens: usize,
+    e: usize,
+    k: usize,
+    threads: &[usize],
+    budget: f64,
+    max_iters: usize,
+    records: &mut Vec<Record>,
+) -> Result<(), String> {
+    let mut h = vec![0.0f32; tokens * e];
+    fill_logits(&mut h, 21);
+    let mut ex = vec![0u32; tokens * k];
+    let mut w = vec![0.0f32; tokens * k];
+    for &t in threads {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .map_err(|e| e.to_string())?;
+        pool.install(|| {
+            eprint!("\r\x1b[2Kgate {tokens}x{e} k={k} threads={t} ...");
+            let par = if t == 1 { Par::Seq } else { Par::Rayon };
+            let p = smax::gate::GateParams {
+                k,
+                ..Default::default()
+            };
+            let bytes = (tokens * e * 4) as f64;
+            let secs = time(
+                || {
+                    smax::gate::gate(View::rows(&h, tokens, e).expect("view"), None, &p, &mut ex, &mut w, par)
+                        .expect("gate");
+                },
+                budget,
+                max_iters,
+            );
+            let mut push = |imp: &str, secs: f64| {
+                records.push(Record {
+                    op: "gate".into(),
+                    rows: tokens,
+                    cols: e,
+                    threads: t,
+                    imp: imp.into(),
+                    median_s: secs,
+                    gb_per_s: bytes / secs / 1e9,
+                    extra: vec![("k", k.to_string())],
+                })
+            };
+            push("smax", secs);
+            let secs = time(
+                || {
+                    h.par_chunks(e)
+                        .zip(ex.par_chunks_mut(k).zip(w.par_chunks_mut(k)))
+                        .for_each(|(r, (x, y))| sort_gate(r, k, x, y));
+                },
+                budget,
+                max_iters,
+            );
+            push("sort", secs);
+        });
     }
     Ok(())
 }

@@ -95,6 +95,7 @@ mod backward;
 mod element;
 mod error;
 mod forward;
+pub mod gate;
 mod kernel;
 mod layout;
 pub mod loss;

@@ -1,0 +1,322 @@
+//! Mixture-of-experts routing: top-k softmax gates in both orders, the temperature and
+//! activation dense-to-sparse gates, a selection-only correction bias, and the load-balancing
+//! statistics a router needs (ALGORITHMS.md M1–M3; NEEDS 23).
+//!
+//! For one token with router logits `h` (NaN or `+inf` is an error; `-inf` masks an expert):
+//!
+//! 1. **Scores** `s = a(h)/τ`, with `a` the [`Activation`] (identity by default; M3's tanh or
+//!    sigmoid, applied to the logits as given, i.e. with the bias inside) and τ > 0 the
+//!    temperature (M2; 1 by default).
+//! 2. **Selection**: the k experts with the largest `sel_i = v_i + c_i`, ties to the lower index,
+//!    where `v = softmax(s)` for [`GateOrder::SoftmaxThenTopK`] and `v = s` for
+//!    [`GateOrder::TopKThenSoftmax`], and `c` the optional correction bias — used for the
+//!    selection only, never in the weights (DeepSeek-V3's auxiliary-loss-free balancing).
+//! 3. **Weights**: `softmax(s)` of the selected experts (over all experts, then optionally
+//!    renormalised over the selected ones), or the softmax over the selected scores only (the
+//!    other order); then M2's threshold (drop weights below it, renormalise; the largest is never
+//!    dropped), then times `routed_scaling_factor` (independent of the renormalisation).
+//!
+//! `k ≥` the number of experts gives the dense softmax. Every softmax is max-shifted and summed
+//! in f64; weights are written as f32.
+
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::layout::View;
+use crate::options::Par;
+use crate::par;
+
+/// Which comes first, the softmax or the top-k.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateOrder {
+    /// Softmax over every expert, keep the top k (Switch, GShard, Mixtral's reference); with
+    /// `renormalize`, the kept weights are divided by their sum.
+    SoftmaxThenTopK {
+        /// Divide the kept weights by their sum.
+        renormalize: bool,
+    },
+    /// Keep the top k logits, softmax over them (Shazeer et al. 2017's `softmax(TopK(h))`).
+    TopKThenSoftmax,
+}
+
+/// The activation of M3's gate, applied to the router logits before the temperature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// None (M1, M2).
+    #[default]
+    Identity,
+    /// `tanh` (M3).
+    Tanh,
+    /// The logistic sigmoid (M3).
+    Sigmoid,
+}
+
+/// Parameters of [`gate`]. `Default`: k = 2, softmax then top-k without renormalisation,
+/// τ = 1, no activation, no threshold, scaling 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GateParams {
+    /// Experts per token, `k ≥ 1`.
+    pub k: usize,
+    /// Softmax / top-k order.
+    pub order: GateOrder,
+    /// Temperature τ > 0 (M2: the dense-to-sparse gate divides the router logit by τ; whether
+    /// the paper divides the whole affine logit or only its slope is `[UNCONFIRMED]`).
+    pub temperature: f64,
+    /// Activation before the temperature (M3; its placement is `[UNCONFIRMED]`: applied to the
+    /// logits as given, bias inside).
+    pub activation: Activation,
+    /// M2's sparsification: weights below this are dropped and the rest renormalised (the
+    /// largest is always kept). `None`: off.
+    pub threshold: Option<f64>,
+    /// Multiplies the final weights (DeepSeek's `routed_scaling_factor`), after any
+    /// renormalisation.
+    pub routed_scaling_factor: f64,
+}
+
+impl Default for GateParams {
+    fn default() -> Self {
+        GateParams {
+            k: 2,
+            order: GateOrder::SoftmaxThenTopK { renormalize: false },
+            temperature: 1.0,
+            activation: Activation::Identity,
+            threshold: None,
+            routed_scaling_factor: 1.0,
+        }
+    }
+}
+
+/// Load-balancing statistics of one [`gate`] call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateStats {
+    /// Assignments per expert (each token counts once for each of its k experts, when its
+    /// weight is not 0).
+    pub tokens_per_expert: Vec<usize>,
+    /// Mean router probability per expert, `P_i = mean_tokens softmax(s)_i`.
+    pub mean_prob: Vec<f64>,
+    /// The Switch Transformer auxiliary loss without its coefficient:
+    /// `E · Σ_i f_i·P_i` with `f_i` = assignments of expert i / (tokens·k). 1 when balanced.
+    pub aux_loss: f64,
+}
+
+fn softmax_into(s: &[f64], out: &mut [f64]) {
+    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let mut sum = 0.0;
+    for (o, &v) in out.iter_mut().zip(s) {
+        *o = if v == f64::NEG_INFINITY { 0.0 } else { (v - m).exp() };
+        sum += *o;
+    }
+    for o in out.iter_mut() {
+        *o /= sum;
+    }
+}
+
+/// Routes every token (row of `logits`, one column per expert) to `p.k` experts: expert ids
+/// into `experts` and their weights into `weights` (both `tokens x k`, best first), returning
+/// the load-balancing statistics. `bias` is the optional per-expert correction bias
+/// (selection only). When fewer than k experts are unmasked, the extra slots hold masked
+/// experts (lowest indices first) with weight 0.
+///
+/// Errors: NaN or `+inf` logits ([`Error::NonFiniteLogit`]); a token with every expert masked
+/// ([`Error::NoValidToken`]); `k = 0` or `k >` experts, τ ≤ 0, a threshold outside `[0, 1]`, a non-finite
+/// scaling factor or bias; buffers of the wrong length; an axis layout.
+pub fn gate<T: Element>(
+    logits: View<'_, T>,
+    bias: Option<&[f32]>,
+    p: &GateParams,
+    experts: &mut [u32],
+    weights: &mut [f32],
+    par: Par,
+) -> Result<GateStats> {
+    logits.layout.validate("logits", logits.data.len())?;
+    let xs = logits.layout.row_stride().ok_or(Error::Unsupported {
+        what: "logits",
+        why: "gating takes row layouts (experts along the last axis)",
+    })?;
+    let (tokens, e) = (logits.layout.row_count(), logits.layout.row_len());
+    let bad = |name, v: String, expected| {
+        Err(Error::BadParameter {
+            name,
+            value: v,
+            expected,
+        })
+    };
+    if p.k == 0 || (p.k > e && tokens > 0) {
+        return bad(
+            "k",
+            format!("{}", p.k),
+            "in [1, experts] (k = experts is the dense softmax)",
+        );
+    }
+    if !(p.temperature.is_finite() && p.temperature > 0.0) {
+        return bad("temperature", format!("{}", p.temperature), "finite and > 0");
+    }
+    if let Some(t) = p.threshold {
+        if !(0.0..=1.0).contains(&t) {
+            return bad("threshold", format!("{t}"), "in [0, 1]");
+        }
+    }
+    if !p.routed_scaling_factor.is_finite() {
+        return bad(
+            "routed_scaling_factor",
+            format!("{}", p.routed_scaling_factor),
+            "finite",
+        );
+    }
+    if let Some(b) = bias {
+        if b.len() != e {
+            return Err(Error::LengthMismatch {
+                what: "bias",
+                len: b.len(),
+                expected: e,
+            });
+        }
+        if let Some(v) = b.iter().find(|v| !v.is_finite()) {
+            return bad("bias", format!("{v}"), "finite");
+        }
+    }
+    let k = p.k;
+    for (what, len) in [("experts", experts.len()), ("weights", weights.len())] {
+        if len != tokens * p.k {
+            return Err(Error::LengthMismatch {
+                what,
+                len,
+                expected: tokens * p.k,
+            });
+        }
+    }
+    if e == 0 && tokens > 0 {
+        return Err(Error::NoValidToken { row: 0 });
+    }
+    // Groups of tokens (fixed by shape, not by thread count), each with reused buffers and
+    // its own slices of the outputs; partial statistics merge in group order.
+    let per = par::rows_per_task(e);
+    let items: Vec<(usize, &mut [u32], &mut [f32])> = experts
+        .chunks_mut(per * k)
+        .zip(weights.chunks_mut(per * k))
+        .enumerate()
+        .map(|(g, (x, w))| (g * per, x, w))
+        .collect();
+    let parts: Vec<Result<(Vec<usize>, Vec<f64>)>> = par::map(par, items, |(r0, exg, wg)| {
+        let mut counts = vec![0usize; e];
+        let mut psum = vec![0.0f64; e];
+        let mut s = vec![0.0f64; e];
+        let mut prob = vec![0.0f64; e];
+        let mut idx: Vec<usize> = Vec::with_capacity(e);
+        let mut w = vec![0.0f64; k];
+        let mut sk = vec![0.0f64; k];
+        for (j, (exr, wr)) in exg.chunks_mut(k).zip(wg.chunks_mut(k)).enumerate() {
+            let r = r0 + j;
+            let h = &logits.data[r * xs..r * xs + e];
+            for (i, v) in h.iter().enumerate() {
+                let v = v.to_f64();
+                if v.is_nan() || v == f64::INFINITY {
+                    return Err(Error::NonFiniteLogit {
+                        row: r,
+                        index: i,
+                        value: v,
+                    });
+                }
+                let a = match p.activation {
+                    _ if v == f64::NEG_INFINITY => v,
+                    Activation::Identity => v,
+                    Activation::Tanh => v.tanh(),
+                    Activation::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+                };
+                s[i] = a / p.temperature;
+            }
+            if s.iter().all(|&v| v == f64::NEG_INFINITY) {
+                return Err(Error::NoValidToken { row: r });
+            }
+            softmax_into(&s, &mut prob);
+            let base: &[f64] = match p.order {
+                GateOrder::SoftmaxThenTopK { .. } => &prob,
+                GateOrder::TopKThenSoftmax => &s,
+            };
+            // Masked experts are never preferred to unmasked ones, whatever their bias.
+            let sel = |i: usize| {
+                if s[i] == f64::NEG_INFINITY {
+                    f64::NEG_INFINITY
+                } else {
+                    base[i] + bias.map_or(0.0, |b| b[i] as f64)
+                }
+            };
+            // Largest selection score first, ties (and masked experts) to the lower index.
+            let cmp = |a: &usize, b: &usize| {
+                let (x, y) = (sel(*a), sel(*b));
+                y.partial_cmp(&x).unwrap_or(core::cmp::Ordering::Equal).then(a.cmp(b))
+            };
+            idx.clear();
+            idx.extend(0..e);
+            if k < e {
+                idx.select_nth_unstable_by(k - 1, cmp);
+            }
+            let chosen = &mut idx[..k];
+            chosen.sort_unstable_by(cmp);
+            match p.order {
+                GateOrder::SoftmaxThenTopK { renormalize } => {
+                    for (o, &i) in w.iter_mut().zip(chosen.iter()) {
+                        *o = prob[i];
+                    }
+                    if renormalize {
+                        let t: f64 = w.iter().sum();
+                        w.iter_mut().for_each(|v| *v /= t);
+                    }
+                }
+                GateOrder::TopKThenSoftmax => {
+                    for (o, &i) in sk.iter_mut().zip(chosen.iter()) {
+                        *o = s[i];
+                    }
+                    softmax_into(&sk, &mut w);
+                }
+            }
+            if let Some(th) = p.threshold {
+                // The largest weight (first of equals) is never dropped: never route to nothing.
+                let amax = (0..k).fold(0, |a, j| if w[j] > w[a] { j } else { a });
+                for (j, v) in w.iter_mut().enumerate() {
+                    if *v < th && j != amax {
+                        *v = 0.0;
+                    }
+                }
+                let t: f64 = w.iter().sum();
+                w.iter_mut().for_each(|v| *v /= t);
+            }
+            for j in 0..k {
+                exr[j] = chosen[j] as u32;
+                wr[j] = (w[j] * p.routed_scaling_factor) as f32;
+                if wr[j] != 0.0 {
+                    counts[chosen[j]] += 1;
+                }
+            }
+            for (a, b) in psum.iter_mut().zip(&prob) {
+                *a += b;
+            }
+        }
+        Ok((counts, psum))
+    });
+    let mut stats = GateStats {
+        tokens_per_expert: vec![0; e],
+        mean_prob: vec![0.0; e],
+        aux_loss: 0.0,
+    };
+    for part in parts {
+        let (c, ps) = part?;
+        for (a, b) in stats.tokens_per_expert.iter_mut().zip(c) {
+            *a += b;
+        }
+        for (a, b) in stats.mean_prob.iter_mut().zip(ps) {
+            *a += b;
+        }
+    }
+    if tokens > 0 {
+        stats.mean_prob.iter_mut().for_each(|m| *m /= tokens as f64);
+        let assigned = (tokens * k) as f64;
+        stats.aux_loss = e as f64
+            * stats
+                .tokens_per_expert
+                .iter()
+                .zip(&stats.mean_prob)
+                .map(|(&c, &pm)| c as f64 / assigned * pm)
+                .sum::<f64>();
+    }
+    Ok(stats)
+}

@@ -1,0 +1,310 @@
+//! MoE gating: the worked examples M1–M3, every (experts, k) pair up to 64 against a plain
+//! full-sort reference in both orders with and without a correction bias, edge cases, errors.
+
+mod common;
+
+use common::Rng;
+use smax::gate::{Activation, GateOrder, GateParams, gate};
+use smax::{Error, Par, View};
+
+fn route(h: &[f64], e: usize, p: &GateParams, bias: Option<&[f32]>) -> (Vec<u32>, Vec<f32>, smax::gate::GateStats) {
+    let t = h.len() / e;
+    let mut ex = vec![0u32; t * p.k];
+    let mut w = vec![0.0f32; t * p.k];
+    let st = gate(View::rows(h, t, e).unwrap(), bias, p, &mut ex, &mut w, Par::Rayon).unwrap();
+    (ex, w, st)
+}
+
+fn close(a: &[f32], b: &[f64]) {
+    for (x, y) in a.iter().zip(b) {
+        assert!((*x as f64 - y).abs() <= 1e-7 * (1.0 + y.abs()), "{a:?} vs {b:?}");
+    }
+}
+
+#[test]
+fn worked_examples_m1_m2_m3() {
+    let h = [1.0, 3.0, 2.0, -1.0];
+    // M1: softmax(TopK(h)), K = 2.
+    let p = GateParams {
+        k: 2,
+        order: GateOrder::TopKThenSoftmax,
+        ..Default::default()
+    };
+    let (ex, w, _) = route(&h, 4, &p, None);
+    assert_eq!(ex, vec![1, 2]);
+    close(&w, &[0.7310585786, 0.2689414214]);
+    // Tie: [1, 2, 2, 0] with K = 1 selects index 1.
+    let (ex, _, _) = route(&[1.0, 2.0, 2.0, 0.0], 4, &GateParams { k: 1, ..p }, None);
+    assert_eq!(ex, vec![1]);
+    // M2: dense temperature gate (k = E keeps every expert, best first).
+    for (tau, want) in [
+        (2.0, [0.1743714876, 0.4739908463, 0.2874899807, 0.0641476854]),
+        (1.0, [0.0889468173, 0.6572330228, 0.2417825172, 0.0120376427]),
+        (0.5, [0.015871624770, 0.86656135047, 0.11727632581, 2.9069894787e-04]),
+    ] {
+        let p = GateParams {
+            k: 4,
+            temperature: tau,
+            ..Default::default()
+        };
+        let (ex, w, _) = route(&h, 4, &p, None);
+        let mut dense = [0.0f32; 4];
+        for (&x, &v) in ex.iter().zip(&w) {
+            dense[x as usize] = v;
+        }
+        close(&dense, &want);
+    }
+    // M2 with the 0.05 threshold at τ = 0.5: [0, 0.880797078, 0.119202922, 0].
+    let p = GateParams {
+        k: 4,
+        temperature: 0.5,
+        threshold: Some(0.05),
+        ..Default::default()
+    };
+    let (ex, w, _) = route(&h, 4, &p, None);
+    let mut dense = [0.0f32; 4];
+    for (&x, &v) in ex.iter().zip(&w) {
+        dense[x as usize] = v;
+    }
+    close(&dense, &[0.0, 0.880797078, 0.119202922, 0.0]);
+    // M3: tanh activation, bias inside.
+    for (tau, want) in [
+        (1.0, [0.2698795061, 0.3408478477, 0.3304346833, 0.0588379629]),
+        (0.5, [0.2414462002, 0.3851249666, 0.3619526937, 0.0114761395]),
+    ] {
+        let p = GateParams {
+            k: 4,
+            temperature: tau,
+            activation: Activation::Tanh,
+            ..Default::default()
+        };
+        let (ex, w, _) = route(&h, 4, &p, None);
+        let mut dense = [0.0f32; 4];
+        for (&x, &v) in ex.iter().zip(&w) {
+            dense[x as usize] = v;
+        }
+        close(&dense, &want);
+    }
+}
+
+/// Plain reference: full sort by (selection score desc, index asc).
+fn reference(h: &[f64], p: &GateParams, bias: Option<&[f32]>) -> (Vec<u32>, Vec<f64>) {
+    let e = h.len();
+    let m = h.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = h.iter().map(|v| (v - m).exp()).sum();
+    let prob: Vec<f64> = h.iter().map(|v| (v - m).exp() / z).collect();
+    let base = match p.order {
+        GateOrder::TopKThenSoftmax => h.to_vec(),
+        _ => prob.clone(),
+    };
+    let sel: Vec<f64> = (0..e).map(|i| base[i] + bias.map_or(0.0, |b| b[i] as f64)).collect();
+    let mut idx: Vec<usize> = (0..e).collect();
+    idx.sort_by(|&a, &b| sel[b].partial_cmp(&sel[a]).unwrap().then(a.cmp(&b)));
+    let chosen = &idx[..p.k];
+    let w: Vec<f64> = match p.order {
+        GateOrder::SoftmaxThenTopK { renormalize } => {
+            let t: f64 = chosen.iter().map(|&i| prob[i]).sum();
+            chosen
+                .iter()
+                .map(|&i| if renormalize { prob[i] / t } else { prob[i] })
+                .collect()
+        }
+        GateOrder::TopKThenSoftmax => {
+            let mk = chosen.iter().map(|&i| h[i]).fold(f64::NEG_INFINITY, f64::max);
+            let t: f64 = chosen.iter().map(|&i| (h[i] - mk).exp()).sum();
+            chosen.iter().map(|&i| (h[i] - mk).exp() / t).collect()
+        }
+    };
+    (chosen.iter().map(|&i| i as u32).collect(), w)
+}
+
+#[test]
+fn every_experts_k_pair_up_to_64() {
+    let mut rng = Rng(64);
+    for e in 1..=64usize {
+        let tokens = 12;
+        // Quantised logits: ties at the selection boundary are common.
+        let h: Vec<f64> = (0..tokens * e).map(|_| (rng.uniform() * 6.0).round() / 2.0).collect();
+        let bias: Vec<f32> = (0..e).map(|i| ((i * 7) % 5) as f32 * 0.01).collect();
+        for k in 1..=e {
+            for order in [
+                GateOrder::SoftmaxThenTopK { renormalize: false },
+                GateOrder::SoftmaxThenTopK { renormalize: true },
+                GateOrder::TopKThenSoftmax,
+            ] {
+                for b in [None, Some(&bias[..])] {
+                    let p = GateParams {
+                        k,
+                        order,
+                        ..Default::default()
+                    };
+                    let (ex, w, st) = route(&h, e, &p, b);
+                    for r in 0..tokens {
+                        let (rex, rw) = reference(&h[r * e..(r + 1) * e], &p, b);
+                        assert_eq!(
+                            &ex[r * k..(r + 1) * k],
+                            &rex[..],
+                            "e={e} k={k} {order:?} bias={}",
+                            b.is_some()
+                        );
+                        close(&w[r * k..(r + 1) * k], &rw);
+                    }
+                    assert_eq!(
+                        st.tokens_per_expert.iter().sum::<usize>(),
+                        w.iter().filter(|v| **v != 0.0).count()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bias_selects_but_never_weighs_and_balance_statistics() {
+    // The bias moves expert 3 into the top 1; its weight is its unbiased probability.
+    let h = [2.0, 1.0, 0.0, 1.5];
+    let bias = [0.0f32, 0.0, 0.0, 1.0];
+    let p = GateParams {
+        k: 1,
+        ..Default::default()
+    };
+    let (ex, w, _) = route(&h, 4, &p, Some(&bias));
+    assert_eq!(ex, vec![3]);
+    let z: f64 = h.iter().map(|v: &f64| v.exp()).sum();
+    close(&w, &[1.5f64.exp() / z]);
+    // Scaling applies after renormalisation.
+    let p2 = GateParams {
+        k: 2,
+        order: GateOrder::SoftmaxThenTopK { renormalize: true },
+        routed_scaling_factor: 2.5,
+        ..Default::default()
+    };
+    let (_, w, _) = route(&h, 4, &p2, None);
+    assert!(((w[0] + w[1]) as f64 - 2.5).abs() < 1e-6);
+    // Balanced routing gives aux loss 1; all tokens to one expert gives E·P_0.
+    let h = [5.0, 0.0, 0.0, 5.0];
+    let (_, _, st) = route(
+        &h,
+        2,
+        &GateParams {
+            k: 1,
+            ..Default::default()
+        },
+        None,
+    );
+    assert_eq!(st.tokens_per_expert, vec![1, 1]);
+    assert!((st.aux_loss - 1.0).abs() < 1e-12);
+    // Masked experts: gate 0 and never chosen over unmasked ones, whatever their bias.
+    let h = [f64::NEG_INFINITY, 1.0, f64::NEG_INFINITY, 0.0];
+    let (ex, w, _) = route(
+        &h,
+        4,
+        &GateParams {
+            k: 3,
+            ..Default::default()
+        },
+        Some(&[9.0, 0.0, 9.0, 0.0]),
+    );
+    assert_eq!(&ex[..2], &[1, 3]);
+    assert_eq!(w[2], 0.0);
+}
+
+#[test]
+fn errors() {
+    let h = [1.0f64, f64::NAN, 0.0, 2.0];
+    let mut ex = [0u32; 2];
+    let mut w = [0.0f32; 2];
+    let g = |h: &[f64], p: &GateParams, ex: &mut [u32], w: &mut [f32]| {
+        gate(View::rows(h, 1, 4).unwrap(), None, p, ex, w, Par::Seq)
+    };
+    assert!(matches!(
+        g(&h, &GateParams::default(), &mut ex, &mut w),
+        Err(Error::NonFiniteLogit { row: 0, index: 1, .. })
+    ));
+    assert!(matches!(
+        g(&[f64::NEG_INFINITY; 4], &GateParams::default(), &mut ex, &mut w),
+        Err(Error::NoValidToken { row: 0 })
+    ));
+    let ok = [1.0f64, 2.0, 0.0, 2.0];
+    for (p, name) in [
+        (
+            GateParams {
+                k: 0,
+                ..Default::default()
+            },
+            "k",
+        ),
+        (
+            GateParams {
+                k: 5,
+                ..Default::default()
+            },
+            "k",
+        ),
+        (
+            GateParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            "temperature",
+        ),
+        (
+            GateParams {
+                threshold: Some(2.0),
+                ..Default::default()
+            },
+            "threshold",
+        ),
+    ] {
+        let mut ex = vec![0u32; p.k];
+        let mut w = vec![0.0f32; p.k];
+        match g(&ok, &p, &mut ex, &mut w) {
+            Err(Error::BadParameter { name: n, .. }) => assert_eq!(n, name),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        gate(
+            View::rows(&ok, 1, 4).unwrap(),
+            Some(&[0.0; 3]),
+            &GateParams::default(),
+            &mut ex,
+            &mut w,
+            Par::Seq
+        ),
+        Err(Error::LengthMismatch { what: "bias", .. })
+    ));
+    let mut w3 = [0.0f32; 3];
+    assert!(matches!(
+        g(&ok, &GateParams::default(), &mut ex, &mut w3),
+        Err(Error::LengthMismatch { what: "weights", .. })
+    ));
+}
+
+#[test]
+fn thread_count_determinism() {
+    let mut rng = Rng(5);
+    let (t, e, k) = (3000, 64, 8);
+    let h: Vec<f32> = rng.vec(t * e, 3.0).iter().map(|&v| v as f32).collect();
+    let p = GateParams {
+        k,
+        order: GateOrder::SoftmaxThenTopK { renormalize: true },
+        ..Default::default()
+    };
+    let run = |par: Par| {
+        let mut ex = vec![0u32; t * k];
+        let mut w = vec![0.0f32; t * k];
+        let st = gate(View::rows(&h, t, e).unwrap(), None, &p, &mut ex, &mut w, par).unwrap();
+        (
+            ex,
+            w.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            st.aux_loss.to_bits(),
+            st.tokens_per_expert,
+        )
+    };
+    let base = run(Par::Seq);
+    for threads in [2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        assert!(pool.install(|| run(Par::Rayon)) == base, "{threads} threads");
+    }
+}
