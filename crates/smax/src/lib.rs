@@ -92,6 +92,7 @@
 mod arch;
 mod axis;
 mod backward;
+pub mod calibrate;
 mod element;
 mod error;
 mod forward;
@@ -101,6 +102,7 @@ mod layout;
 pub mod loss;
 mod options;
 mod par;
+pub mod quant;
 pub mod sample;
 mod scalar64;
 mod state;

@@ -1,0 +1,538 @@
+//! Calibration and confidence (ALGORITHMS.md D3–D6; NEEDS 24): temperature scaling fitted by
+//! Newton on `β = 1/T`, expected / maximum calibration error with reliability-diagram data,
+//! the Brier score, and out-of-distribution scores (maximum softmax probability, max-logit,
+//! energy, Mahalanobis). Everything is computed in f64 from the given logits, row by row in
+//! row order (deterministic).
+
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::layout::View;
+
+fn rows_of<T>(v: &View<'_, T>, what: &'static str) -> Result<(usize, usize, usize)> {
+    v.layout.validate(what, v.data.len())?;
+    let s = v.layout.row_stride().ok_or(Error::Unsupported {
+        what,
+        why: "takes row layouts (classes along the last axis)",
+    })?;
+    Ok((v.layout.row_count(), v.layout.row_len(), s))
+}
+
+fn row<T: Element>(v: &View<'_, T>, r: usize, s: usize, k: usize) -> Vec<f64> {
+    v.data[r * s..r * s + k].iter().map(|x| x.to_f64()).collect()
+}
+
+fn lse(z: &[f64], b: f64) -> f64 {
+    let m = z.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v * b));
+    if !m.is_finite() {
+        return m;
+    }
+    m + z.iter().map(|&v| (v * b - m).exp()).sum::<f64>().ln()
+}
+
+fn check_labels(labels: &[i64], rows: usize, k: usize) -> Result<()> {
+    if labels.len() != rows {
+        return Err(Error::LengthMismatch {
+            what: "labels",
+            len: labels.len(),
+            expected: rows,
+        });
+    }
+    if let Some((row, &target)) = labels.iter().enumerate().find(|(_, t)| !(0..k as i64).contains(*t)) {
+        return Err(Error::TargetOutOfRange {
+            row,
+            target,
+            classes: k,
+        });
+    }
+    Ok(())
+}
+
+fn check_finite(z: &[f64], row: usize) -> Result<()> {
+    if let Some((index, &v)) = z.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::NonFiniteLogit { row, index, value: v });
+    }
+    Ok(())
+}
+
+/// The result of [`fit_temperature`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TemperatureFit {
+    /// The fitted temperature `T* = 1/β*`.
+    pub temperature: f64,
+    /// Mean negative log-likelihood at T = 1.
+    pub nll_before: f64,
+    /// Mean negative log-likelihood at `T*`.
+    pub nll_after: f64,
+    /// Newton / bisection iterations used.
+    pub iterations: usize,
+    /// Whether `|dNLL/dβ|` or the step fell below the tolerance (1e-12).
+    pub converged: bool,
+    /// Whether the fit hit `t_min` or `t_max` (separable or all-wrong data).
+    pub capped: bool,
+}
+
+/// Temperature scaling (Guo et al. 2017; D3): `T* = argmin_T mean(−log_softmax(z_i/T)_{y_i})`.
+/// The NLL is convex in `β = 1/T` (`dNLL/dβ = mean(E_β[z] − z_y)`,
+/// `d²NLL/dβ² = mean(Var_β[z]) ≥ 0`), so the fit runs Newton on β from β = 1, falling back to
+/// bisection on the bracketing interval whenever a step leaves it or fails to decrease the
+/// NLL; tolerance 1e-12 on the gradient or the step; at most 200 iterations. `T` is confined
+/// to `[t_min, t_max]` (defaults 1e-3 and 1e3 in [`fit_temperature_default`]), which caps
+/// separable (T → 0) and all-wrong (T → ∞) data, reported by `capped`. Accuracy is unchanged
+/// by construction (argmax is invariant to T).
+///
+/// Errors: an empty set, non-finite logits, labels out of range or of the wrong length,
+/// `0 < t_min < t_max` violated.
+pub fn fit_temperature<T: Element>(
+    logits: View<'_, T>,
+    labels: &[i64],
+    t_min: f64,
+    t_max: f64,
+) -> Result<TemperatureFit> {
+    let (n, k, s) = rows_of(&logits, "logits")?;
+    if n == 0 || k == 0 {
+        return Err(Error::BadParameter {
+            name: "validation set",
+            value: "empty".into(),
+            expected: "at least one sample with at least one class",
+        });
+    }
+    if !(t_min > 0.0 && t_min < t_max && t_max.is_finite()) {
+        return Err(Error::BadParameter {
+            name: "t_min/t_max",
+            value: format!("{t_min}/{t_max}"),
+            expected: "0 < t_min < t_max < inf",
+        });
+    }
+    check_labels(labels, n, k)?;
+    let z: Vec<Vec<f64>> = (0..n).map(|r| row(&logits, r, s, k)).collect();
+    for (r, zr) in z.iter().enumerate() {
+        check_finite(zr, r)?;
+    }
+    // (NLL, dNLL/dβ, d²NLL/dβ²) at β.
+    let eval = |b: f64| -> (f64, f64, f64) {
+        let (mut f, mut g, mut h) = (0.0, 0.0, 0.0);
+        for (zr, &y) in z.iter().zip(labels) {
+            let l = lse(zr, b);
+            let (mut e1, mut e2) = (0.0, 0.0);
+            for &v in zr {
+                let p = (v * b - l).exp();
+                e1 += p * v;
+                e2 += p * v * v;
+            }
+            f += l - b * zr[y as usize];
+            g += e1 - zr[y as usize];
+            h += e2 - e1 * e1;
+        }
+        let nf = n as f64;
+        (f / nf, g / nf, h / nf)
+    };
+    let (b_lo0, b_hi0) = (1.0 / t_max, 1.0 / t_min);
+    let (mut lo, mut hi) = (b_lo0, b_hi0);
+    let nll_before = eval(1.0).0;
+    let mut b = 1.0f64.clamp(lo, hi);
+    let (mut f, mut g, mut h) = eval(b);
+    let mut iterations = 0;
+    let mut converged = false;
+    while iterations < 200 {
+        iterations += 1;
+        if g.abs() < 1e-12 {
+            converged = true;
+            break;
+        }
+        // The minimiser lies on the side the gradient points away from.
+        if g > 0.0 {
+            hi = b;
+        } else {
+            lo = b;
+        }
+        let newton = if h > 0.0 { b - g / h } else { f64::NAN };
+        let mut nb = if newton.is_finite() && newton > lo && newton < hi {
+            newton
+        } else {
+            0.5 * (lo + hi)
+        };
+        let (mut nf, mut ng, mut nh) = eval(nb);
+        if nf > f && nb != 0.5 * (lo + hi) {
+            nb = 0.5 * (lo + hi);
+            (nf, ng, nh) = eval(nb);
+        }
+        let step = (nb - b).abs();
+        (b, f, g, h) = (nb, nf, ng, nh);
+        if step <= 1e-12 * b.max(1.0) {
+            converged = true;
+            break;
+        }
+    }
+    // Separable (or all-wrong) data: the NLL keeps falling towards a cap with a gradient that
+    // vanishes exponentially, so a small gradient is not a minimum. The NLL is convex: if it is
+    // still falling and the cap is no worse, the minimiser is the cap.
+    for cap in [b_hi0, b_lo0] {
+        let towards = if cap > b { g < 0.0 } else { g > 0.0 };
+        if towards && b != cap {
+            let fc = eval(cap).0;
+            if fc <= f {
+                (b, f) = (cap, fc);
+            }
+        }
+    }
+    let capped = (b - b_lo0).abs() <= 1e-9 * b_lo0 || (b - b_hi0).abs() <= 1e-9 * b_hi0;
+    Ok(TemperatureFit {
+        temperature: 1.0 / b,
+        nll_before,
+        nll_after: f,
+        iterations,
+        converged,
+        capped,
+    })
+}
+
+/// [`fit_temperature`] with `t_min = 1e-3`, `t_max = 1e3`.
+pub fn fit_temperature_default<T: Element>(logits: View<'_, T>, labels: &[i64]) -> Result<TemperatureFit> {
+    fit_temperature(logits, labels, 1e-3, 1e3)
+}
+
+/// How [`calibration_error`] bins the confidences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binning {
+    /// `M` bins of equal width: `[m/M, (m+1)/M)`, the last closed `[(M−1)/M, 1]`, so 0 and 1
+    /// are both counted (index `min(⌊c·M⌋, M − 1)`).
+    EqualWidth(usize),
+    /// `M` bins of (as nearly as possible) equal count over the confidences sorted ascending
+    /// (ties by sample index): bin m holds samples `⌊m·n/M⌋ .. ⌊(m+1)·n/M⌋`; with fewer samples
+    /// than bins, the empty bins are skipped.
+    EqualMass(usize),
+}
+
+/// One bin of a reliability diagram.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bin {
+    /// Lower edge (equal width) or smallest confidence in the bin (equal mass).
+    pub lo: f64,
+    /// Upper edge or largest confidence.
+    pub hi: f64,
+    /// Samples in the bin.
+    pub count: usize,
+    /// Accuracy of the bin (NaN when empty).
+    pub accuracy: f64,
+    /// Mean confidence of the bin (NaN when empty).
+    pub confidence: f64,
+}
+
+/// [`calibration_error`]'s result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calibration {
+    /// `ECE = Σ_m (|B_m|/n)·|acc_m − conf_m|` (the L1 norm).
+    pub ece: f64,
+    /// The L2 variant `sqrt(Σ_m (|B_m|/n)·(acc_m − conf_m)²)`.
+    pub ece_l2: f64,
+    /// `MCE = max_m |acc_m − conf_m|` over non-empty bins.
+    pub mce: f64,
+    /// The reliability diagram.
+    pub bins: Vec<Bin>,
+}
+
+/// Expected and maximum calibration error of the softmax of `logits` against `labels`
+/// (Guo et al. 2017; D4, with NEEDS 24's binning): confidence `c = max softmax(z)`, correct when
+/// the argmax (lowest index on ties) equals the label. The default of Guo et al. is
+/// `Binning::EqualWidth(15)`. Errors: an empty set, no bins, non-finite logits, bad labels.
+pub fn calibration_error<T: Element>(logits: View<'_, T>, labels: &[i64], binning: Binning) -> Result<Calibration> {
+    let (n, k, s) = rows_of(&logits, "logits")?;
+    let m = match binning {
+        Binning::EqualWidth(m) | Binning::EqualMass(m) => m,
+    };
+    if n == 0 || k == 0 || m == 0 {
+        return Err(Error::BadParameter {
+            name: if m == 0 { "bins" } else { "samples" },
+            value: "0".into(),
+            expected: "at least one",
+        });
+    }
+    check_labels(labels, n, k)?;
+    let mut conf = Vec::with_capacity(n);
+    let mut correct = Vec::with_capacity(n);
+    for r in 0..n {
+        let z = row(&logits, r, s, k);
+        check_finite(&z, r)?;
+        let l = lse(&z, 1.0);
+        let am = (0..k).fold(0, |a, i| if z[i] > z[a] { i } else { a });
+        conf.push((z[am] - l).exp());
+        correct.push(am as i64 == labels[r]);
+    }
+    let mut members: Vec<Vec<usize>> = vec![Vec::new(); m];
+    match binning {
+        Binning::EqualWidth(_) => {
+            for (i, &c) in conf.iter().enumerate() {
+                members[((c * m as f64).floor() as usize).min(m - 1)].push(i);
+            }
+        }
+        Binning::EqualMass(_) => {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| conf[a].total_cmp(&conf[b]).then(a.cmp(&b)));
+            for (b, mem) in members.iter_mut().enumerate() {
+                mem.extend_from_slice(&order[b * n / m..(b + 1) * n / m]);
+            }
+        }
+    }
+    let mut out = Calibration {
+        ece: 0.0,
+        ece_l2: 0.0,
+        mce: 0.0,
+        bins: Vec::with_capacity(m),
+    };
+    for (b, mem) in members.iter().enumerate() {
+        let count = mem.len();
+        let (lo, hi) = match binning {
+            Binning::EqualWidth(_) => (b as f64 / m as f64, (b + 1) as f64 / m as f64),
+            Binning::EqualMass(_) if count > 0 => (conf[mem[0]], conf[mem[count - 1]]),
+            Binning::EqualMass(_) => continue,
+        };
+        let (acc, cf) = if count == 0 {
+            (f64::NAN, f64::NAN)
+        } else {
+            let a = mem.iter().filter(|&&i| correct[i]).count() as f64 / count as f64;
+            let c = mem.iter().map(|&i| conf[i]).sum::<f64>() / count as f64;
+            (a, c)
+        };
+        if count > 0 {
+            let w = count as f64 / n as f64;
+            let gap = (acc - cf).abs();
+            out.ece += w * gap;
+            out.ece_l2 += w * gap * gap;
+            out.mce = out.mce.max(gap);
+        }
+        out.bins.push(Bin {
+            lo,
+            hi,
+            count,
+            accuracy: acc,
+            confidence: cf,
+        });
+    }
+    out.ece_l2 = out.ece_l2.sqrt();
+    Ok(out)
+}
+
+/// The multi-class Brier score `mean_i Σ_k (softmax(z_i)_k − [k = y_i])²` (in `[0, 2]`).
+pub fn brier_score<T: Element>(logits: View<'_, T>, labels: &[i64]) -> Result<f64> {
+    let (n, k, s) = rows_of(&logits, "logits")?;
+    if n == 0 {
+        return Err(Error::BadParameter {
+            name: "samples",
+            value: "0".into(),
+            expected: "at least one",
+        });
+    }
+    check_labels(labels, n, k)?;
+    let mut total = 0.0;
+    for r in 0..n {
+        let z = row(&logits, r, s, k);
+        check_finite(&z, r)?;
+        let l = lse(&z, 1.0);
+        total += (0..k)
+            .map(|i| ((z[i] - l).exp() - (i as i64 == labels[r]) as u8 as f64).powi(2))
+            .sum::<f64>();
+    }
+    Ok(total / n as f64)
+}
+
+/// Which out-of-distribution score [`ood_scores`] computes (higher = more in-distribution).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OodScore {
+    /// Maximum softmax probability (Hendrycks & Gimpel 2017).
+    Msp,
+    /// The largest logit.
+    MaxLogit,
+    /// Negative energy `T·lse(z/T)` (Liu et al. 2020; T = 1 usually).
+    NegEnergy(f64),
+}
+
+/// One OOD score per row into `out`. Special rows: all `-inf` gives MSP NaN, max-logit `-inf`,
+/// negative energy `-inf`; a `+inf` logit gives negative energy `+inf`; NaN propagates.
+pub fn ood_scores<T: Element>(logits: View<'_, T>, score: OodScore, out: &mut [f64]) -> Result<()> {
+    let (n, k, s) = rows_of(&logits, "logits")?;
+    if out.len() != n {
+        return Err(Error::RowCountMismatch {
+            what: "out",
+            len: out.len(),
+            rows: n,
+        });
+    }
+    if let OodScore::NegEnergy(t) = score {
+        if !(t.is_finite() && t > 0.0) {
+            return Err(Error::BadParameter {
+                name: "temperature",
+                value: format!("{t}"),
+                expected: "finite and > 0",
+            });
+        }
+    }
+    for (r, o) in out.iter_mut().enumerate() {
+        let z = row(&logits, r, s, k);
+        let mx = z
+            .iter()
+            .fold(f64::NEG_INFINITY, |a, &v| if v > a || v.is_nan() { v } else { a });
+        *o = match score {
+            OodScore::MaxLogit => mx,
+            OodScore::Msp => (mx - lse(&z, 1.0)).exp(),
+            OodScore::NegEnergy(t) => t * lse(&z, 1.0 / t),
+        };
+        if z.iter().any(|v| v.is_nan()) {
+            *o = f64::NAN;
+        }
+    }
+    Ok(())
+}
+
+/// Class means and the shared covariance's Cholesky factor for [`mahalanobis_scores`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mahalanobis {
+    dim: usize,
+    means: Vec<Vec<f64>>,
+    /// Lower-triangular Cholesky factor of `Σ + ridge·I`, row-major `dim x dim`.
+    chol: Vec<f64>,
+    /// The shared covariance (before the ridge), row-major.
+    pub covariance: Vec<f64>,
+    /// The ridge added to the diagonal.
+    pub ridge: f64,
+}
+
+/// Fits Lee et al. (2018)'s Mahalanobis score (D6) on training features `f` (`n x dim`,
+/// row-major) with class labels in `[0, classes)`: class means and the shared covariance
+/// `Σ = (1/N) Σ_c Σ_{i∈c} (f_i − μ_c)(f_i − μ_c)ᵀ`, factored by Cholesky after adding
+/// `ridge·I` (`None`: `1e-6·tr(Σ)/dim`, added only when the plain factorisation fails).
+/// Errors: no samples, a class without samples, non-finite features, a covariance that
+/// stays singular.
+pub fn mahalanobis_fit(
+    f: &[f64],
+    dim: usize,
+    labels: &[i64],
+    classes: usize,
+    ridge: Option<f64>,
+) -> Result<Mahalanobis> {
+    if dim == 0 || f.is_empty() || !f.len().is_multiple_of(dim) || classes == 0 {
+        return Err(Error::LengthMismatch {
+            what: "features",
+            len: f.len(),
+            expected: dim.max(1) * labels.len().max(1),
+        });
+    }
+    let n = f.len() / dim;
+    check_labels(labels, n, classes)?;
+    check_finite(f, 0)?;
+    let mut means = vec![vec![0.0; dim]; classes];
+    let mut counts = vec![0usize; classes];
+    for (i, &y) in labels.iter().enumerate() {
+        counts[y as usize] += 1;
+        for d in 0..dim {
+            means[y as usize][d] += f[i * dim + d];
+        }
+    }
+    if let Some(c) = counts.iter().position(|&c| c == 0) {
+        return Err(Error::BadParameter {
+            name: "labels",
+            value: format!("class {c} has no sample"),
+            expected: "every class represented",
+        });
+    }
+    for (m, &c) in means.iter_mut().zip(&counts) {
+        m.iter_mut().for_each(|v| *v /= c as f64);
+    }
+    let mut cov = vec![0.0; dim * dim];
+    for (i, &y) in labels.iter().enumerate() {
+        for a in 0..dim {
+            let da = f[i * dim + a] - means[y as usize][a];
+            for b in 0..dim {
+                cov[a * dim + b] += da * (f[i * dim + b] - means[y as usize][b]);
+            }
+        }
+    }
+    cov.iter_mut().for_each(|v| *v /= n as f64);
+    let tr: f64 = (0..dim).map(|d| cov[d * dim + d]).sum();
+    let tries: Vec<f64> = match ridge {
+        Some(r) => vec![r],
+        None => vec![0.0, 1e-6 * tr / dim as f64],
+    };
+    for r in tries {
+        if let Some(chol) = cholesky(&cov, dim, r) {
+            return Ok(Mahalanobis {
+                dim,
+                means,
+                chol,
+                covariance: cov,
+                ridge: r,
+            });
+        }
+    }
+    Err(Error::BadParameter {
+        name: "features",
+        value: "singular covariance".into(),
+        expected: "a covariance that is positive definite after the ridge",
+    })
+}
+
+fn cholesky(a: &[f64], n: usize, ridge: f64) -> Option<Vec<f64>> {
+    let mut l = vec![0.0; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            let mut s = a[i * n + j] + if i == j { ridge } else { 0.0 };
+            for k in 0..j {
+                s -= l[i * n + k] * l[j * n + k];
+            }
+            if i == j {
+                if s <= 0.0 || !s.is_finite() {
+                    return None;
+                }
+                l[i * n + i] = s.sqrt();
+            } else {
+                l[i * n + j] = s / l[j * n + j];
+            }
+        }
+    }
+    Some(l)
+}
+
+impl Mahalanobis {
+    /// `−(x − μ_c)ᵀ Σ⁻¹ (x − μ_c)` for every class `c` (a triangular solve, no inverse).
+    pub fn class_scores(&self, x: &[f64]) -> Result<Vec<f64>> {
+        if x.len() != self.dim {
+            return Err(Error::LengthMismatch {
+                what: "x",
+                len: x.len(),
+                expected: self.dim,
+            });
+        }
+        let n = self.dim;
+        Ok(self
+            .means
+            .iter()
+            .map(|mu| {
+                // Solve L w = (x − μ); the quadratic form is |w|².
+                let mut w = vec![0.0; n];
+                for i in 0..n {
+                    let mut s = x[i] - mu[i];
+                    for k in 0..i {
+                        s -= self.chol[i * n + k] * w[k];
+                    }
+                    w[i] = s / self.chol[i * n + i];
+                }
+                -w.iter().map(|v| v * v).sum::<f64>()
+            })
+            .collect())
+    }
+}
+
+/// The Mahalanobis confidence score `M(x) = max_c −(x − μ_c)ᵀ Σ⁻¹ (x − μ_c)` of each row of
+/// `x` (`rows x dim`, row-major) into `out`.
+pub fn mahalanobis_scores(m: &Mahalanobis, x: &[f64], out: &mut [f64]) -> Result<()> {
+    if !x.len().is_multiple_of(m.dim) || out.len() != x.len() / m.dim {
+        return Err(Error::LengthMismatch {
+            what: "x / out",
+            len: x.len(),
+            expected: out.len() * m.dim,
+        });
+    }
+    for (o, xr) in out.iter_mut().zip(x.chunks(m.dim)) {
+        *o = m.class_scores(xr)?.into_iter().fold(f64::NEG_INFINITY, f64::max);
+    }
+    Ok(())
+}
