@@ -29,8 +29,8 @@
 //! probabilities against a plain full-sort implementation of this definition, bit for bit.
 //!
 //! # Speed
-//! Top-k selects with `select_nth_unstable` (O(V)); top-p selects a window of the best 256
-//! candidates, sorts only those, and widens the window (×4) when their mass is not enough; min-p
+//! Top-k keeps the k best in a size-k heap in one pass (`select_nth_unstable` beyond 4096); top-p
+//! selects a window of the best 256 candidates the same way, sorts only those, and widens the window (×4) when their mass is not enough; min-p
 //! is one pass. Rows run in parallel.
 //!
 //! # Randomness
@@ -198,6 +198,36 @@ impl Kept {
     }
 }
 
+/// The `c` largest keys of `it` (unordered): a min-heap of size `c` for small `c` (one pass,
+/// most keys rejected by one comparison), else collect and select.
+fn top_keys(it: impl Iterator<Item = u128>, c: usize) -> Vec<u128> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    if c == 0 {
+        return Vec::new();
+    }
+    if c <= 4096 {
+        let mut heap: BinaryHeap<Reverse<u128>> = BinaryHeap::with_capacity(c + 1);
+        for kk in it {
+            if heap.len() < c {
+                heap.push(Reverse(kk));
+            } else if let Some(mut top) = heap.peek_mut() {
+                if kk > top.0 {
+                    *top = Reverse(kk);
+                }
+            }
+        }
+        heap.into_iter().map(|r| r.0).collect()
+    } else {
+        let mut all: Vec<u128> = it.collect();
+        if c < all.len() {
+            all.select_nth_unstable_by(c - 1, |a, b| b.cmp(a));
+            all.truncate(c);
+        }
+        all
+    }
+}
+
 /// Filters one row (already `t = z/T`, validated) into its kept set.
 fn filter_row(t: &[f64], p: &SampleParams) -> Kept {
     let n = t.len();
@@ -211,7 +241,6 @@ fn filter_row(t: &[f64], p: &SampleParams) -> Kept {
         ln_min_p: 0.0,
         t_max,
     };
-    let mut keys: Vec<u128> = Vec::new();
     let finite = || {
         t.iter()
             .enumerate()
@@ -222,17 +251,15 @@ fn filter_row(t: &[f64], p: &SampleParams) -> Kept {
     if let Some(k) = p.top_k {
         let unmasked = t.iter().filter(|v| **v != f64::NEG_INFINITY).count();
         if k < unmasked {
-            if p.strict_top_k {
-                keys.extend(finite());
-                keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-                kept.cut = keys[k - 1];
+            let kth = top_keys(finite(), k).into_iter().min().unwrap_or(0);
+            // Strict: exactly the first k. HF: every token tied in value with the k-th
+            // survives; key(v, i) decreases with i, so the cut at value v with the last index
+            // keeps all of them.
+            kept.cut = if p.strict_top_k {
+                kth
             } else {
-                // HF: every token tied in value with the k-th survives. key(v, i) decreases
-                // with i, so the cut at value v with the last index keeps all of them.
-                let mut vals: Vec<f64> = t.iter().filter(|v| **v != f64::NEG_INFINITY).map(|v| v + 0.0).collect();
-                vals.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-                kept.cut = key(vals[k - 1], n - 1);
-            }
+                key(t[key_index(kth)], n - 1)
+            };
         }
     }
     // Top-p on the survivors, renormalised over them.
@@ -240,26 +267,41 @@ fn filter_row(t: &[f64], p: &SampleParams) -> Kept {
         if pp < 1.0 {
             let m = t_max;
             let mut s = 0.0f64;
+            let mut total = 0usize;
             for (i, &v) in t.iter().enumerate() {
                 if kept.has(v, i) {
                     s += (v - m).exp();
+                    total += 1;
                 }
             }
             let lse = m + s.ln();
-            keys.clear();
-            keys.extend(
-                t.iter()
-                    .enumerate()
-                    .filter(|(i, v)| kept.has(**v, *i))
-                    .map(|(i, &v)| key(v, i)),
-            );
-            let total = keys.len();
+            // The first window comes from one heap pass; wider ones (rare: flat distributions)
+            // from the collected survivors, selected in place.
+            let mut keys: Vec<u128> = Vec::new();
             let mut c = 256.min(total);
             loop {
-                if c < total {
-                    keys.select_nth_unstable_by(c - 1, |a, b| b.cmp(a));
-                }
-                let win = &mut keys[..c];
+                let mut win = if keys.is_empty() && c == 256.min(total) {
+                    top_keys(
+                        t.iter()
+                            .enumerate()
+                            .filter(|(i, v)| kept.has(**v, *i))
+                            .map(|(i, &v)| key(v, i)),
+                        c,
+                    )
+                } else {
+                    if keys.is_empty() {
+                        keys.extend(
+                            t.iter()
+                                .enumerate()
+                                .filter(|(i, v)| kept.has(**v, *i))
+                                .map(|(i, &v)| key(v, i)),
+                        );
+                    }
+                    if c < total {
+                        keys.select_nth_unstable_by(c - 1, |a, b| b.cmp(a));
+                    }
+                    keys[..c].to_vec()
+                };
                 win.sort_unstable_by(|a, b| b.cmp(a));
                 let mut before = 0.0f64;
                 let mut last = None;
