@@ -29,7 +29,8 @@
 //! probabilities against a plain full-sort implementation of this definition, bit for bit.
 //!
 //! # Speed
-//! Top-k keeps the k best in a size-k heap in one pass (`select_nth_unstable` beyond 4096); top-p
+//! Top-k keeps the k best in a size-k heap in one pass, rejecting most values with one f64
+//! comparison (`select_nth_unstable` beyond 4096); top-p
 //! selects a window of the best 256 candidates the same way, sorts only those, and widens the window (×4) when their mass is not enough; min-p
 //! is one pass. Rows run in parallel.
 //!
@@ -169,6 +170,9 @@ fn key_index(k: u128) -> usize {
 /// The kept set of one row: tokens with key ≥ `cut` that pass min-p.
 struct Kept {
     cut: u128,
+    /// `cut` decoded: its value and index.
+    cut_v: f64,
+    cut_i: usize,
     /// `exp(t_i − t_max) ≥ min_p` is required too (None: no min-p).
     min_p: Option<f64>,
     /// `ln(min_p)`, for a cheap pre-test far from the boundary.
@@ -176,10 +180,24 @@ struct Kept {
     t_max: f64,
 }
 
+/// The value of a key (inverse of the order-preserving bit map in [`key`]).
+#[inline]
+fn key_value(k: u128) -> f64 {
+    let ord = (k >> 64) as u64;
+    f64::from_bits(if ord >> 63 == 1 { ord & !(1 << 63) } else { !ord })
+}
+
 impl Kept {
+    fn set_cut(&mut self, cut: u128) {
+        self.cut = cut;
+        self.cut_v = key_value(cut);
+        self.cut_i = key_index(cut);
+    }
+
     #[inline]
     fn has(&self, t: f64, i: usize) -> bool {
-        t != f64::NEG_INFINITY && key(t, i) >= self.cut && self.passes_min_p(t)
+        // key(t, i) ≥ cut, compared as (value, index) without building the key.
+        t != f64::NEG_INFINITY && (t > self.cut_v || (t == self.cut_v && i <= self.cut_i)) && self.passes_min_p(t)
     }
 
     /// The min-p test `exp(t − t_max) ≥ min_p`, evaluated exactly as written only near its
@@ -228,6 +246,42 @@ fn top_keys(it: impl Iterator<Item = u128>, c: usize) -> Vec<u128> {
     }
 }
 
+/// The key of the k-th token in the order (`k ≤` the unmasked count): a size-k min-heap over
+/// one pass that rejects most values by one f64 comparison with the heap's smallest value.
+fn top_k_key(t: &[f64], k: usize) -> u128 {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    if k > 4096 {
+        let mut all: Vec<u128> = t
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v != f64::NEG_INFINITY)
+            .map(|(i, &v)| key(v, i))
+            .collect();
+        all.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        return all[k - 1];
+    }
+    let mut heap: BinaryHeap<Reverse<u128>> = BinaryHeap::with_capacity(k + 1);
+    let mut thr = f64::NEG_INFINITY;
+    for (i, &v) in t.iter().enumerate() {
+        if v == f64::NEG_INFINITY || (heap.len() == k && v < thr) {
+            continue;
+        }
+        let kk = key(v, i);
+        if heap.len() < k {
+            heap.push(Reverse(kk));
+        } else if let Some(mut top) = heap.peek_mut() {
+            if kk > top.0 {
+                *top = Reverse(kk);
+            }
+        }
+        if heap.len() == k {
+            thr = heap.peek().map_or(f64::NEG_INFINITY, |r| key_value(r.0));
+        }
+    }
+    heap.peek().map_or(0, |r| r.0)
+}
+
 /// Filters one row (already `t = z/T`, validated) into its kept set.
 fn filter_row(t: &[f64], p: &SampleParams) -> Kept {
     let n = t.len();
@@ -237,29 +291,26 @@ fn filter_row(t: &[f64], p: &SampleParams) -> Kept {
     }
     let mut kept = Kept {
         cut: 0,
+        cut_v: f64::NEG_INFINITY,
+        cut_i: usize::MAX,
         min_p: None,
         ln_min_p: 0.0,
         t_max,
-    };
-    let finite = || {
-        t.iter()
-            .enumerate()
-            .filter(|(_, v)| **v != f64::NEG_INFINITY)
-            .map(|(i, &v)| key(v, i))
     };
     // Top-k.
     if let Some(k) = p.top_k {
         let unmasked = t.iter().filter(|v| **v != f64::NEG_INFINITY).count();
         if k < unmasked {
-            let kth = top_keys(finite(), k).into_iter().min().unwrap_or(0);
+            let kth = top_k_key(t, k);
             // Strict: exactly the first k. HF: every token tied in value with the k-th
             // survives; key(v, i) decreases with i, so the cut at value v with the last index
             // keeps all of them.
-            kept.cut = if p.strict_top_k {
+            let cut = if p.strict_top_k {
                 kth
             } else {
                 key(t[key_index(kth)], n - 1)
             };
+            kept.set_cut(cut);
         }
     }
     // Top-p on the survivors, renormalised over them.
@@ -315,7 +366,7 @@ fn filter_row(t: &[f64], p: &SampleParams) -> Kept {
                 let done = before >= pp || c == total;
                 if done {
                     if let Some(l) = last {
-                        kept.cut = kept.cut.max(l);
+                        kept.set_cut(kept.cut.max(l));
                     }
                     break;
                 }
