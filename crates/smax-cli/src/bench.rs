@@ -77,6 +77,28 @@ pub(crate) struct Record {
     pub extra: Vec<(&'static str, String)>,
 }
 
+/// Seconds of timing per record and the iteration cap, from `--seconds` / `--quick`.
+pub(crate) fn timing(a: &Args) -> (f64, usize) {
+    let budget = a.seconds.unwrap_or(if a.quick { 0.15 } else { 0.6 });
+    (budget, if a.quick { 10 } else { 50 })
+}
+
+/// The ops `--op` asked for (all of `known` when none), each checked against `known`.
+pub(crate) fn pick_ops(asked: &[String], known: &[&str], family: &str) -> Result<Vec<String>, String> {
+    if asked.is_empty() {
+        return Ok(known.iter().map(|s| s.to_string()).collect());
+    }
+    for o in asked {
+        if !known.contains(&o.as_str()) {
+            return Err(format!(
+                "unknown {family} op {o:?}; expected one of {}",
+                known.join(", ")
+            ));
+        }
+    }
+    Ok(asked.to_vec())
+}
+
 pub(crate) fn parse_shape(s: &str) -> Result<(usize, usize), String> {
     let (a, b) = s
         .split_once(['x', 'X'])
@@ -198,18 +220,8 @@ pub fn run(a: Args) -> Result<(), String> {
         Suite::Decode => return crate::bench_decode::run(a),
         Suite::Core => {}
     }
-    let budget = a.seconds.unwrap_or(if a.quick { 0.15 } else { 0.6 });
-    let max_iters = if a.quick { 10 } else { 50 };
-    let ops: Vec<String> = if a.op.is_empty() {
-        OPS.iter().map(|s| s.to_string()).collect()
-    } else {
-        a.op.clone()
-    };
-    for o in &ops {
-        if !OPS.contains(&o.as_str()) {
-            return Err(format!("unknown op {o:?}; expected one of {}", OPS.join(", ")));
-        }
-    }
+    let (budget, max_iters) = timing(&a);
+    let ops = pick_ops(&a.op, &OPS, "core")?;
     let shapes: Vec<(usize, usize)> = if a.shape.is_empty() {
         if a.quick {
             vec![IN_CACHE[0], IN_CACHE[1], BIG[1], BIG[4]]

@@ -5,7 +5,7 @@
 //! decoding loop calls it (it has no min-p). `gate` (rows = tokens, cols = experts): smax's
 //! softmax-then-top-k router against a per-token full sort. Bytes counted: the logits read once.
 
-use crate::bench::{Args, Record, fill_logits, parse_shape, print_table, time, write_json};
+use crate::bench::{Args, Record, fill_logits, parse_shape, pick_ops, print_table, time, timing, write_json};
 use crate::peers;
 use rayon::prelude::*;
 use smax::sample::{Draw, SampleParams, sample};
@@ -85,18 +85,8 @@ fn sort_row(x: &[f32], p: &SampleParams, u: f64) -> u32 {
 }
 
 pub fn run(a: Args) -> Result<(), String> {
-    let budget = a.seconds.unwrap_or(if a.quick { 0.15 } else { 0.6 });
-    let max_iters = if a.quick { 10 } else { 50 };
-    let ops: Vec<String> = if a.op.is_empty() {
-        OPS.iter().map(|s| s.to_string()).collect()
-    } else {
-        a.op.clone()
-    };
-    for o in &ops {
-        if !OPS.contains(&o.as_str()) {
-            return Err(format!("unknown decode op {o:?}; expected one of {}", OPS.join(", ")));
-        }
-    }
+    let (budget, max_iters) = timing(&a);
+    let ops = pick_ops(&a.op, &OPS, "decode")?;
     let shapes: Vec<(usize, usize)> = if a.shape.is_empty() {
         if a.quick { QUICK.to_vec() } else { SHAPES.to_vec() }
     } else {

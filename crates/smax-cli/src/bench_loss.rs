@@ -13,7 +13,9 @@
 //! product: one forward, three forward+backward) and `peak_extra_bytes` (the largest amount
 //! the call allocated beyond its inputs and outputs, from the counting allocator).
 
-use crate::bench::{Args, Record, fill_logits, par_copy, par_read, parse_shape, print_table, time, write_json};
+use crate::bench::{
+    Args, Record, fill_logits, par_copy, par_read, parse_shape, pick_ops, print_table, time, timing, write_json,
+};
 use crate::peers;
 use rayon::prelude::*;
 use smax::loss::{CrossEntropy, RowOutputs, Targets, cross_entropy};
@@ -63,18 +65,8 @@ fn naive_ce(x: &[f32], lp: &mut [f32], g: &mut [f32], y: &[i64], cols: usize) ->
 }
 
 pub fn run(a: Args) -> Result<(), String> {
-    let budget = a.seconds.unwrap_or(if a.quick { 0.15 } else { 0.6 });
-    let max_iters = if a.quick { 10 } else { 50 };
-    let ops: Vec<String> = if a.op.is_empty() {
-        OPS.iter().map(|s| s.to_string()).collect()
-    } else {
-        a.op.clone()
-    };
-    for o in &ops {
-        if !OPS.contains(&o.as_str()) {
-            return Err(format!("unknown loss op {o:?}; expected one of {}", OPS.join(", ")));
-        }
-    }
+    let (budget, max_iters) = timing(&a);
+    let ops = pick_ops(&a.op, &OPS, "loss")?;
     let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads: Vec<usize> = if a.threads.is_empty() {
         vec![ncpu]

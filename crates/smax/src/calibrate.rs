@@ -9,12 +9,7 @@ use crate::error::{Error, Result};
 use crate::layout::View;
 
 fn rows_of<T>(v: &View<'_, T>, what: &'static str) -> Result<(usize, usize, usize)> {
-    v.layout.validate(what, v.data.len())?;
-    let s = v.layout.row_stride().ok_or(Error::Unsupported {
-        what,
-        why: "takes row layouts (classes along the last axis)",
-    })?;
-    Ok((v.layout.row_count(), v.layout.row_len(), s))
+    v.row_geometry(what, "takes row layouts (classes along the last axis)")
 }
 
 fn row<T: Element>(v: &View<'_, T>, r: usize, s: usize, k: usize) -> Vec<f64> {

@@ -127,12 +127,7 @@ pub fn gate<T: Element>(
     weights: &mut [f32],
     par: Par,
 ) -> Result<GateStats> {
-    logits.layout.validate("logits", logits.data.len())?;
-    let xs = logits.layout.row_stride().ok_or(Error::Unsupported {
-        what: "logits",
-        why: "gating takes row layouts (experts along the last axis)",
-    })?;
-    let (tokens, e) = (logits.layout.row_count(), logits.layout.row_len());
+    let (tokens, e, xs) = logits.row_geometry("logits", "gating takes row layouts (experts along the last axis)")?;
     let bad = |name, v: String, expected| {
         Err(Error::BadParameter {
             name,

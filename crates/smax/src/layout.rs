@@ -177,6 +177,27 @@ impl<'a, T> View<'a, T> {
         self.layout.validate(what, self.data.len())?;
         Ok(self)
     }
+
+    /// `(rows, row length, row stride)` of a view that must be a row layout (rows, or an axis
+    /// layout with `inner = 1`), validated under the name `what`; `why` says what the
+    /// operation accepts when it is not.
+    pub(crate) fn row_geometry(&self, what: &'static str, why: &'static str) -> Result<(usize, usize, usize)> {
+        self.layout.row_geometry(what, why, self.data.len())
+    }
+}
+
+impl Layout {
+    /// See [`View::row_geometry`].
+    pub(crate) fn row_geometry(
+        &self,
+        what: &'static str,
+        why: &'static str,
+        len: usize,
+    ) -> Result<(usize, usize, usize)> {
+        self.validate(what, len)?;
+        let s = self.row_stride().ok_or(Error::Unsupported { what, why })?;
+        Ok((self.row_count(), self.row_len(), s))
+    }
 }
 
 /// A writable buffer paired with its validated layout.
@@ -201,6 +222,11 @@ impl<'a, T> ViewMut<'a, T> {
     /// The layout.
     pub fn layout(&self) -> Layout {
         self.layout
+    }
+
+    /// See [`View::row_geometry`].
+    pub(crate) fn row_geometry(&self, what: &'static str, why: &'static str) -> Result<(usize, usize, usize)> {
+        self.layout.row_geometry(what, why, self.data.len())
     }
 
     /// A read-only reborrow.

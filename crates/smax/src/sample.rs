@@ -459,12 +459,7 @@ fn run_row(t: &[f64], p: &SampleParams, u: Option<f64>, lp_out: Option<&mut [f64
 }
 
 fn rows_of<T>(v: &View<'_, T>) -> Result<(usize, usize, usize)> {
-    v.layout.validate("logits", v.data.len())?;
-    let s = v.layout.row_stride().ok_or(Error::Unsupported {
-        what: "logits",
-        why: "sampling takes row layouts (vocabulary along the last axis)",
-    })?;
-    Ok((v.layout.row_count(), v.layout.row_len(), s))
+    v.row_geometry("logits", "sampling takes row layouts (vocabulary along the last axis)")
 }
 
 /// Output of [`process`]: probabilities or log-probabilities of the processed distribution.
@@ -558,12 +553,8 @@ fn run<T: Element, U: Element>(
     }
     let (pdata, ps, what) = match processed {
         Some((o, w)) => {
-            o.layout.validate("processed", o.data.len())?;
             logits.layout.check_same("processed", &o.layout)?;
-            let s = o.layout.row_stride().ok_or(Error::Unsupported {
-                what: "processed",
-                why: "takes row layouts",
-            })?;
+            let (_, _, s) = o.row_geometry("processed", "takes row layouts")?;
             (Some(o.data), s, w)
         }
         None => (None, 0, Processed::Probs),

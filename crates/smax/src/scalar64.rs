@@ -13,13 +13,13 @@ const BLOCK: usize = 256;
 
 /// Neumaier-compensated running sum.
 #[derive(Default, Clone, Copy)]
-struct Sum {
+pub(crate) struct Sum {
     s: f64,
     c: f64,
 }
 
 impl Sum {
-    fn add(&mut self, v: f64) {
+    pub(crate) fn add(&mut self, v: f64) {
         let t = self.s + v;
         if self.s.abs() >= v.abs() {
             self.c += (self.s - t) + v;
@@ -28,7 +28,7 @@ impl Sum {
         }
         self.s = t;
     }
-    fn get(self) -> f64 {
+    pub(crate) fn get(self) -> f64 {
         self.s + self.c
     }
 }

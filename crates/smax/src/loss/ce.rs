@@ -435,26 +435,7 @@ fn lse_only<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], pf: Ahead) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // f64: the same row in scalar f64 arithmetic (libm exp/ln/tanh, Neumaier-compensated sums).
 
-#[derive(Default, Clone, Copy)]
-struct Sum {
-    s: f64,
-    c: f64,
-}
-
-impl Sum {
-    fn add(&mut self, v: f64) {
-        let t = self.s + v;
-        if self.s.abs() >= v.abs() {
-            self.c += (self.s - t) + v;
-        } else {
-            self.c += (v - t) + self.s;
-        }
-        self.s = t;
-    }
-    fn get(self) -> f64 {
-        self.s + self.c
-    }
-}
+use crate::scalar64::Sum;
 
 fn xf64(c: &Ce<'_>, v: f64) -> f64 {
     if c.cap64 == 0.0 || v == f64::NEG_INFINITY {

@@ -62,12 +62,7 @@ type RowResult = Option<(f64, bool)>;
 
 /// Validates a row layout and returns (rows, len, stride).
 fn rows_of<T>(v: &View<'_, T>, what: &'static str) -> Result<(usize, usize, usize)> {
-    v.layout.validate(what, v.data.len())?;
-    let s = v.layout.row_stride().ok_or(Error::Unsupported {
-        what,
-        why: "this loss takes row layouts (classes along the last axis)",
-    })?;
-    Ok((v.layout.row_count(), v.layout.row_len(), s))
+    v.row_geometry(what, "this loss takes row layouts (classes along the last axis)")
 }
 
 fn check_targets(t: &[i64], rows: usize, classes: usize, ignore: impl Into<Option<i64>>) -> Result<()> {
@@ -148,12 +143,8 @@ where
     };
     let (gdata, gs) = match grad {
         Some(g) => {
-            g.layout.validate("grad", g.data.len())?;
             x.layout.check_same("grad", &g.layout)?;
-            let gs = g.layout.row_stride().ok_or(Error::Unsupported {
-                what: "grad",
-                why: "the gradient takes row layouts",
-            })?;
+            let (_, _, gs) = g.row_geometry("grad", "the gradient takes row layouts")?;
             (Some(g.data), gs)
         }
         None => (None, 0),
@@ -222,13 +213,11 @@ where
 
 /// Neumaier-compensated sum.
 fn fsum(it: impl IntoIterator<Item = f64>) -> f64 {
-    let (mut s, mut c) = (0.0f64, 0.0f64);
+    let mut s = crate::scalar64::Sum::default();
     for v in it {
-        let t = s + v;
-        c += if s.abs() >= v.abs() { (s - t) + v } else { (v - t) + s };
-        s = t;
+        s.add(v);
     }
-    s + c
+    s.get()
 }
 
 /// `(max, ln Σ exp(x − max))` of `x·k` over the entries `keep` accepts; `(-inf, -inf)` when
@@ -277,12 +266,8 @@ fn stable_ln_s(x: f64) -> f64 {
 /// only `-inf` gives NaN (0/0, as softmax). `y` has the shape of `x`.
 pub fn stablemax<T: Element>(x: View<'_, T>, y: ViewMut<'_, T>, log: bool, par: Par) -> Result<()> {
     let (rows, len, xs) = rows_of(&x, "input")?;
-    y.layout.validate("output", y.data.len())?;
     x.layout.check_same("output", &y.layout)?;
-    let ys = y.layout.row_stride().ok_or(Error::Unsupported {
-        what: "output",
-        why: "stablemax takes row layouts",
-    })?;
+    let (_, _, ys) = y.row_geometry("output", "stablemax takes row layouts")?;
     if rows == 0 || len == 0 {
         return Ok(());
     }
@@ -1049,12 +1034,8 @@ pub fn uskd_loss<T: Element>(
     let mut strides = [0usize; 2];
     for (i, (o, what)) in outs.iter().zip(["dstudent", "dweak"]).enumerate() {
         if let Some(g) = o {
-            g.layout.validate(what, g.data.len())?;
             student.layout.check_same(what, &g.layout)?;
-            strides[i] = g.layout.row_stride().ok_or(Error::Unsupported {
-                what,
-                why: "gradients take row layouts",
-            })?;
+            strides[i] = g.row_geometry(what, "gradients take row layouts")?.2;
         }
     }
     if b == 0 {

@@ -289,13 +289,11 @@ pub fn cross_entropy<T: Element>(
     opts: &CrossEntropy<'_>,
 ) -> Result<CeLoss> {
     opts.check()?;
-    let x = logits.named("logits")?;
-    let rows = x.layout.row_count();
-    let len = x.layout.row_len();
-    let xs = x.layout.row_stride().ok_or(Error::Unsupported {
-        what: "logits",
-        why: "cross-entropy takes row layouts (classes along the last axis, or an axis layout with inner = 1)",
-    })?;
+    let x = logits;
+    let (rows, len, xs) = x.row_geometry(
+        "logits",
+        "cross-entropy takes row layouts (classes along the last axis, or an axis layout with inner = 1)",
+    )?;
     if len == 0 && rows > 0 {
         return Err(Error::BadParameter {
             name: "classes",
@@ -335,23 +333,15 @@ pub fn cross_entropy<T: Element>(
             (Some(c), None)
         }
         Targets::Probs(q) => {
-            let q = q.named("targets")?;
             x.layout.check_same("targets", &q.layout)?;
-            let qs = q.layout.row_stride().ok_or(Error::Unsupported {
-                what: "targets",
-                why: "probability targets take row layouts",
-            })?;
+            let (_, _, qs) = q.row_geometry("targets", "probability targets take row layouts")?;
             (None, Some((q.data, qs)))
         }
     };
     let grad = match grad {
         Some(g) => {
-            g.layout.validate("grad", g.data.len())?;
             x.layout.check_same("grad", &g.layout)?;
-            let gs = g.layout.row_stride().ok_or(Error::Unsupported {
-                what: "grad",
-                why: "the gradient takes row layouts",
-            })?;
+            let (_, _, gs) = g.row_geometry("grad", "the gradient takes row layouts")?;
             Some((g.data, gs))
         }
         None => None,
