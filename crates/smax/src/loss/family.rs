@@ -211,6 +211,33 @@ where
     })
 }
 
+/// [`drive`] for losses with one class target per row: validates the targets (in range or the
+/// ignore index) and calls `f(row, target, x, g)` for the rows that count.
+fn drive_classes<T: Element, F>(
+    x: View<'_, T>,
+    what: &'static str,
+    targets: &[i64],
+    grad: Option<ViewMut<'_, T>>,
+    rows_out: Option<&mut [f64]>,
+    o: &RowLoss,
+    f: F,
+) -> Result<LossValue>
+where
+    F: Fn(usize, usize, &[f64], Option<&mut [f64]>) -> (f64, bool) + Sync,
+{
+    let (rows, len, _) = rows_of(&x, what)?;
+    check_targets(targets, rows, len, o.ignore_index)?;
+    let ig = o.ignore_index;
+    drive(
+        x,
+        grad,
+        rows_out,
+        o,
+        |r| targets[r] != ig,
+        |r, xr, g| (targets[r] != ig).then(|| f(r, targets[r] as usize, xr, g)),
+    )
+}
+
 /// Neumaier-compensated sum.
 fn fsum(it: impl IntoIterator<Item = f64>) -> f64 {
     let mut s = crate::scalar64::Sum::default();
@@ -301,36 +328,21 @@ pub fn stablemax_cross_entropy<T: Element>(
     rows_out: Option<&mut [f64]>,
     o: &RowLoss,
 ) -> Result<LossValue> {
-    let (rows, len, _) = rows_of(&logits, "logits")?;
-    check_targets(targets, rows, len, o.ignore_index)?;
-    let ig = o.ignore_index;
-    drive(
-        logits,
-        grad,
-        rows_out,
-        o,
-        |r| targets[r] != ig,
-        |r, x, g| {
-            let y = targets[r];
-            if y == ig {
-                return None;
-            }
-            let y = y as usize;
-            let total = fsum(x.iter().map(|&v| stable_s(v)));
-            let loss = total.ln() - stable_ln_s(x[y]);
-            if let Some(g) = g {
-                for (i, (gi, &v)) in g.iter_mut().zip(x).enumerate() {
-                    let sp = if v >= 0.0 { 1.0 } else { stable_s(v).powi(2) };
-                    *gi = sp / total;
-                    if i == y {
-                        // s'/s: 1/(x + 1) above 0, s(x) below.
-                        *gi -= if v >= 0.0 { 1.0 / (v + 1.0) } else { stable_s(v) };
-                    }
+    drive_classes(logits, "logits", targets, grad, rows_out, o, |_, y, x, g| {
+        let total = fsum(x.iter().map(|&v| stable_s(v)));
+        let loss = total.ln() - stable_ln_s(x[y]);
+        if let Some(g) = g {
+            for (i, (gi, &v)) in g.iter_mut().zip(x).enumerate() {
+                let sp = if v >= 0.0 { 1.0 } else { stable_s(v).powi(2) };
+                *gi = sp / total;
+                if i == y {
+                    // s'/s: 1/(x + 1) above 0, s(x) below.
+                    *gi -= if v >= 0.0 { 1.0 / (v + 1.0) } else { stable_s(v) };
                 }
             }
-            Some((loss, false))
-        },
-    )
+        }
+        (loss, false)
+    })
 }
 
 /// Softmax Collapse (N5b, Prieto et al. 2025): the fraction of rows whose
@@ -418,39 +430,25 @@ pub fn spherical_z_loss<T: Element>(
 ) -> Result<LossValue> {
     param("a", a, a.is_finite() && a > 0.0, "finite and > 0")?;
     param("b", b, b.is_finite(), "finite")?;
-    let (rows, len, _) = rows_of(&outputs, "outputs")?;
-    check_targets(targets, rows, len, o.ignore_index)?;
-    let ig = o.ignore_index;
-    drive(
-        outputs,
-        grad,
-        rows_out,
-        o,
-        |r| targets[r] != ig,
-        |r, x, g| {
-            if targets[r] == ig {
-                return None;
+    drive_classes(outputs, "outputs", targets, grad, rows_out, o, |_, c, x, g| {
+        let dn = x.len() as f64;
+        let mu = fsum(x.iter().copied()) / dn;
+        let var = fsum(x.iter().map(|&v| (v - mu) * (v - mu))) / dn;
+        let sd = var.sqrt();
+        if sd == 0.0 {
+            return (softplus(a * b) / a, true);
+        }
+        let zc = (x[c] - mu) / sd;
+        let loss = softplus(a * (b - zc)) / a;
+        if let Some(g) = g {
+            let w = -sigmoid(a * (b - zc)) / sd;
+            for (k, (gk, &v)) in g.iter_mut().zip(x).enumerate() {
+                let zk = (v - mu) / sd;
+                *gk = w * ((k == c) as u8 as f64 - 1.0 / dn - zc * zk / dn);
             }
-            let c = targets[r] as usize;
-            let dn = x.len() as f64;
-            let mu = fsum(x.iter().copied()) / dn;
-            let var = fsum(x.iter().map(|&v| (v - mu) * (v - mu))) / dn;
-            let sd = var.sqrt();
-            if sd == 0.0 {
-                return Some((softplus(a * b) / a, true));
-            }
-            let zc = (x[c] - mu) / sd;
-            let loss = softplus(a * (b - zc)) / a;
-            if let Some(g) = g {
-                let w = -sigmoid(a * (b - zc)) / sd;
-                for (k, (gk, &v)) in g.iter_mut().zip(x).enumerate() {
-                    let zk = (v - mu) / sd;
-                    *gk = w * ((k == c) as u8 as f64 - 1.0 / dn - zc * zk / dn);
-                }
-            }
-            Some((loss, false))
-        },
-    )
+        }
+        (loss, false)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -475,36 +473,22 @@ pub fn comp_sum_loss<T: Element>(
     o: &RowLoss,
 ) -> Result<LossValue> {
     param("tau", tau, tau.is_finite() && tau >= 0.0, "finite and >= 0")?;
-    let (rows, len, _) = rows_of(&logits, "logits")?;
-    check_targets(targets, rows, len, o.ignore_index)?;
-    let ig = o.ignore_index;
-    drive(
-        logits,
-        grad,
-        rows_out,
-        o,
-        |r| targets[r] != ig,
-        |r, x, g| {
-            if targets[r] == ig {
-                return None;
+    drive_classes(logits, "logits", targets, grad, rows_out, o, |_, y, x, g| {
+        let lse = lse_of(x, 1.0, |_| true);
+        let lp = x[y] - lse;
+        let loss = if tau == 1.0 {
+            -lp
+        } else {
+            (((tau - 1.0) * lp).exp() - 1.0) / (1.0 - tau)
+        };
+        if let Some(g) = g {
+            let f = ((tau - 1.0) * lp).exp().min(f64::MAX);
+            for (k, (gk, &v)) in g.iter_mut().zip(x).enumerate() {
+                *gk = f * ((v - lse).exp() - (k == y) as u8 as f64);
             }
-            let y = targets[r] as usize;
-            let lse = lse_of(x, 1.0, |_| true);
-            let lp = x[y] - lse;
-            let loss = if tau == 1.0 {
-                -lp
-            } else {
-                (((tau - 1.0) * lp).exp() - 1.0) / (1.0 - tau)
-            };
-            if let Some(g) = g {
-                let f = ((tau - 1.0) * lp).exp().min(f64::MAX);
-                for (k, (gk, &v)) in g.iter_mut().zip(x).enumerate() {
-                    *gk = f * ((v - lse).exp() - (k == y) as u8 as f64);
-                }
-            }
-            Some((loss, false))
-        },
-    )
+        }
+        (loss, false)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -535,51 +519,37 @@ pub fn nkd_loss<T: Element>(
         "finite and > 0",
     )?;
     param("gamma", gamma, gamma.is_finite(), "finite")?;
-    let (rows, len, _) = rows_of(&student, "student")?;
     let (_, _, ts) = rows_of(&teacher, "teacher")?;
     student.layout.check_same("teacher", &teacher.layout)?;
-    check_targets(targets, rows, len, o.ignore_index)?;
-    let ig = o.ignore_index;
     let lam = temperature;
-    drive(
-        student,
-        grad,
-        rows_out,
-        o,
-        |r| targets[r] != ig,
-        |r, zs, g| {
-            if targets[r] == ig {
-                return None;
-            }
-            let t = targets[r] as usize;
-            let zt: Vec<f64> = teacher.data[r * ts..r * ts + zs.len()]
-                .iter()
-                .map(|v| v.to_f64())
-                .collect();
-            let (ls, lt) = (lse_of(zs, 1.0, |_| true), lse_of(&zt, 1.0, |_| true));
-            let tt = (zt[t] - lt).exp();
-            let mut loss = -tt * (zs[t] - ls);
-            let nt = |k: usize| k != t;
-            let (lsh, lth) = (lse_of(zs, 1.0 / lam, nt), lse_of(&zt, 1.0 / lam, nt));
-            let no_nt = zs.len() == 1 || lth == f64::NEG_INFINITY;
-            if !no_nt {
-                let s = fsum((0..zs.len()).filter(|&k| k != t).map(|k| {
-                    let th = (zt[k] / lam - lth).exp();
-                    if th == 0.0 { 0.0 } else { th * (zs[k] / lam - lsh) }
-                }));
-                loss -= gamma * lam * lam * s;
-            }
-            if let Some(g) = g {
-                for k in 0..zs.len() {
-                    g[k] = tt * ((zs[k] - ls).exp() - (k == t) as u8 as f64);
-                    if k != t && !no_nt {
-                        g[k] += gamma * lam * ((zs[k] / lam - lsh).exp() - (zt[k] / lam - lth).exp());
-                    }
+    drive_classes(student, "student", targets, grad, rows_out, o, |r, t, zs, g| {
+        let zt: Vec<f64> = teacher.data[r * ts..r * ts + zs.len()]
+            .iter()
+            .map(|v| v.to_f64())
+            .collect();
+        let (ls, lt) = (lse_of(zs, 1.0, |_| true), lse_of(&zt, 1.0, |_| true));
+        let tt = (zt[t] - lt).exp();
+        let mut loss = -tt * (zs[t] - ls);
+        let nt = |k: usize| k != t;
+        let (lsh, lth) = (lse_of(zs, 1.0 / lam, nt), lse_of(&zt, 1.0 / lam, nt));
+        let no_nt = zs.len() == 1 || lth == f64::NEG_INFINITY;
+        if !no_nt {
+            let s = fsum((0..zs.len()).filter(|&k| k != t).map(|k| {
+                let th = (zt[k] / lam - lth).exp();
+                if th == 0.0 { 0.0 } else { th * (zs[k] / lam - lsh) }
+            }));
+            loss -= gamma * lam * lam * s;
+        }
+        if let Some(g) = g {
+            for k in 0..zs.len() {
+                g[k] = tt * ((zs[k] - ls).exp() - (k == t) as u8 as f64);
+                if k != t && !no_nt {
+                    g[k] += gamma * lam * ((zs[k] / lam - lsh).exp() - (zt[k] / lam - lth).exp());
                 }
             }
-            Some((loss, no_nt && zs.len() > 1))
-        },
-    )
+        }
+        (loss, no_nt && zs.len() > 1)
+    })
 }
 
 /// Hinton knowledge distillation (L11): `L = T²·KL(softmax(z^t/T) ‖ softmax(z^s/T))` per row,
@@ -746,35 +716,25 @@ pub fn tempnet_loss<T: Element>(
     let lnv = (len as f64).ln();
     // dL/dτ per row (unscaled), collected beside the driver.
     let dt: Vec<std::sync::Mutex<f64>> = (0..rows).map(|_| std::sync::Mutex::new(0.0)).collect();
-    let res = drive(
-        logits,
-        grad,
-        rows_out,
-        o,
-        |r| targets[r] != ig,
-        |r, x, g| {
-            if targets[r] == ig {
-                return None;
+    let res = drive_classes(logits, "logits", targets, grad, rows_out, o, |r, y, x, g| {
+        let t = tau[r];
+        let lse = lse_of(x, 1.0 / t, |_| true);
+        let ce = lse - x[y] / t;
+        let ent = -fsum(x.iter().map(|&v| {
+            let lp = v / t - lse;
+            let p = lp.exp();
+            if p == 0.0 { 0.0 } else { p * lp }
+        }));
+        if let Ok(mut d) = dt[r].lock() {
+            *d = ent + rho - lnv;
+        }
+        if let Some(g) = g {
+            for (k, (gk, &v)) in g.iter_mut().zip(x).enumerate() {
+                *gk = (v / t - lse).exp() - (k == y) as u8 as f64;
             }
-            let (y, t) = (targets[r] as usize, tau[r]);
-            let lse = lse_of(x, 1.0 / t, |_| true);
-            let ce = lse - x[y] / t;
-            let ent = -fsum(x.iter().map(|&v| {
-                let lp = v / t - lse;
-                let p = lp.exp();
-                if p == 0.0 { 0.0 } else { p * lp }
-            }));
-            if let Ok(mut d) = dt[r].lock() {
-                *d = ent + rho - lnv;
-            }
-            if let Some(g) = g {
-                for (k, (gk, &v)) in g.iter_mut().zip(x).enumerate() {
-                    *gk = (v / t - lse).exp() - (k == y) as u8 as f64;
-                }
-            }
-            Some((t * ce + t * (rho - lnv), false))
-        },
-    )?;
+        }
+        (t * ce + t * (rho - lnv), false)
+    })?;
     if let Some(d) = dtau {
         let scale = if res.denominator > 0.0 {
             o.grad_scale / res.denominator
