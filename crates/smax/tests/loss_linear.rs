@@ -283,8 +283,24 @@ fn thread_count_determinism_and_scratch_reuse() {
         assert!(pool.install(|| bits(&fused(&p, true, &o))) == base, "{t} threads");
     }
     // A caller's scratch gives the same bits, call after call.
-    let mut sc = LinearCeScratch::new(p.n, o.tiles);
-    assert_eq!(sc.bytes(), linear_cross_entropy_scratch_bytes(p.n, o.tiles));
+    let shape = LinearShape { n: p.n, d: p.d, v: p.v };
+    let mut sc = LinearCeScratch::new(shape, o.tiles);
+    assert_eq!(sc.bytes(), linear_cross_entropy_scratch_bytes(shape, o.tiles));
+    // Absurd tiles are clamped to the problem, not allocated.
+    let huge = LinearTiles {
+        tokens: usize::MAX,
+        vocab: usize::MAX,
+    };
+    assert_eq!(
+        linear_cross_entropy_scratch_bytes(shape, huge),
+        linear_cross_entropy_scratch_bytes(
+            shape,
+            LinearTiles {
+                tokens: p.n,
+                vocab: p.v
+            }
+        )
+    );
     for _ in 0..2 {
         let mut dh = vec![0.0f32; p.n * p.d];
         let r = linear_cross_entropy(
@@ -448,6 +464,14 @@ fn bad_input_is_a_typed_error() {
         ),
         Err(Error::BadParameter { name: "d", .. })
     ));
+    let huge = LinearCe {
+        tiles: LinearTiles {
+            tokens: usize::MAX,
+            vocab: usize::MAX,
+        },
+        ..d
+    };
+    assert!(call(shape, inp, &huge).is_ok());
     let bad_tiles = LinearCe {
         tiles: LinearTiles { tokens: 0, vocab: 4 },
         ..d

@@ -26,6 +26,16 @@ pub struct LinearTiles {
     pub vocab: usize,
 }
 
+impl LinearTiles {
+    /// The tiles a call of `shape` uses: never larger than the problem.
+    fn clamped(self, shape: LinearShape) -> LinearTiles {
+        LinearTiles {
+            tokens: self.tokens.min(shape.n.max(1)),
+            vocab: self.vocab.min(shape.v.max(1)),
+        }
+    }
+}
+
 impl Default for LinearTiles {
     fn default() -> Self {
         LinearTiles {
@@ -149,11 +159,13 @@ pub struct LinearCeScratch {
 }
 
 impl LinearCeScratch {
-    /// Scratch for `n` tokens with `tiles`.
-    pub fn new(n: usize, tiles: LinearTiles) -> Self {
+    /// Scratch for calls of `shape` with `tiles` (tiles larger than the problem are clamped
+    /// to it, as the call does).
+    pub fn new(shape: LinearShape, tiles: LinearTiles) -> Self {
+        let t = tiles.clamped(shape);
         LinearCeScratch {
-            tile: vec![0.0; tiles.tokens * tiles.vocab],
-            tok: vec![TOK0; n],
+            tile: vec![0.0; t.tokens.saturating_mul(t.vocab)],
+            tok: vec![TOK0; shape.n],
         }
     }
 
@@ -172,10 +184,12 @@ impl LinearCeScratch {
     }
 }
 
-/// Bytes of working memory a call with `n` tokens and `tiles` uses (the scratch): the tile of
-/// `tokens·vocab` f32 plus 40 bytes per token. Independent of `v` and `d`.
-pub fn linear_cross_entropy_scratch_bytes(n: usize, tiles: LinearTiles) -> usize {
-    tiles.tokens * tiles.vocab * 4 + n * core::mem::size_of::<Tok>()
+/// Bytes of working memory a call of `shape` with `tiles` uses (the scratch): one tile of
+/// `tokens·vocab` f32 (each clamped to the problem) plus 40 bytes per token. It does not grow
+/// with `v` once `v ≥ tiles.vocab`, nor with `d`.
+pub fn linear_cross_entropy_scratch_bytes(shape: LinearShape, tiles: LinearTiles) -> usize {
+    let t = tiles.clamped(shape);
+    t.tokens.saturating_mul(t.vocab).saturating_mul(4) + shape.n * core::mem::size_of::<Tok>()
 }
 
 /// Cross-entropy of `logits = h·Wᵀ + b` (optionally soft-capped) against `targets`, with the
@@ -217,7 +231,18 @@ pub fn linear_cross_entropy(
             &mut own
         }
     };
-    let tiles = opts.tiles;
+    // Tiles never larger than the problem (so absurd tile sizes cannot ask for absurd memory).
+    let tiles = opts.tiles.clamped(shape);
+    if tiles
+        .tokens
+        .checked_mul(tiles.vocab)
+        .is_none_or(|t| t > isize::MAX as usize / 4)
+    {
+        return Err(Error::SizeOverflow {
+            what: "tiles",
+            shape: format!("{} x {}", tiles.tokens, tiles.vocab),
+        });
+    }
     scratch.fit(n, tiles);
     let LinearCeScratch { tile, tok } = scratch;
     let tok = &mut tok[..n];
