@@ -14,7 +14,29 @@ pub(crate) struct MatRef<'a> {
     pub cs: usize,
 }
 
-impl MatRef<'_> {
+impl<'a> MatRef<'a> {
+    /// A contiguous row-major `rows x cols` matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose (a view: strides swapped).
+    pub fn t(self) -> Self {
+        MatRef {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
     /// True when every addressed element is inside `data`.
     fn fits(&self, len: usize) -> bool {
         if self.rows == 0 || self.cols == 0 {

@@ -411,39 +411,14 @@ pub fn linear_cross_entropy(
                     continue;
                 }
             }
-            let g = MatRef {
-                data: t,
-                rows: nb,
-                cols: vb,
-                rs: vb,
-                cs: 1,
-            };
+            let g = MatRef::row_major(t, nb, vb);
             if let Some(dh) = dh.as_deref_mut() {
-                let wj = MatRef {
-                    data: &inp.w[j0 * d..(j0 + vb) * d],
-                    rows: vb,
-                    cols: d,
-                    rs: d,
-                    cs: 1,
-                };
+                let wj = MatRef::row_major(&inp.w[j0 * d..(j0 + vb) * d], vb, d);
                 matmul(&mut dh[i0 * d..(i0 + nb) * d], d, g, wj, true, opts.par);
             }
             if let Some(dw) = dw.as_deref_mut() {
-                let gt = MatRef {
-                    data: t,
-                    rows: vb,
-                    cols: nb,
-                    rs: 1,
-                    cs: vb,
-                };
-                let hi = MatRef {
-                    data: &inp.h[i0 * d..(i0 + nb) * d],
-                    rows: nb,
-                    cols: d,
-                    rs: d,
-                    cs: 1,
-                };
-                matmul(&mut dw[j0 * d..(j0 + vb) * d], d, gt, hi, true, opts.par);
+                let hi = MatRef::row_major(&inp.h[i0 * d..(i0 + nb) * d], nb, d);
+                matmul(&mut dw[j0 * d..(j0 + vb) * d], d, g.t(), hi, true, opts.par);
             }
         }
     }
@@ -538,20 +513,8 @@ fn check(s: LinearShape, inp: &LinearInputs<'_>, g: &LinearGrads<'_>, ro: &RowOu
 
 /// `t (nb x vb) = h[i0..i0+nb] · W[j0..j0+vb]ᵀ`.
 fn logits_tile(t: &mut [f32], inp: &LinearInputs<'_>, d: usize, i0: usize, nb: usize, j0: usize, vb: usize, par: Par) {
-    let hi = MatRef {
-        data: &inp.h[i0 * d..(i0 + nb) * d],
-        rows: nb,
-        cols: d,
-        rs: d,
-        cs: 1,
-    };
-    let wt = MatRef {
-        data: &inp.w[j0 * d..(j0 + vb) * d],
-        rows: d,
-        cols: vb,
-        rs: 1,
-        cs: d,
-    };
+    let hi = MatRef::row_major(&inp.h[i0 * d..(i0 + nb) * d], nb, d);
+    let wt = MatRef::row_major(&inp.w[j0 * d..(j0 + vb) * d], vb, d).t();
     matmul(t, vb, hi, wt, false, par);
 }
 
