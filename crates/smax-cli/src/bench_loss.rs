@@ -156,37 +156,21 @@ fn bench_ce(
                 b1,
             );
             let o = CrossEntropy::default().par(par);
-            let secs = time(
-                || {
-                    let r = cross_entropy(
-                        View::rows(&x, rows, cols).expect("view"),
-                        Targets::Classes(&y),
-                        Some(ViewMut::rows(&mut g, rows, cols).expect("view")),
-                        RowOutputs::default(),
-                        &o,
-                    )
-                    .expect("smax");
-                    std::hint::black_box(r);
-                },
-                budget,
-                max_iters,
-            );
-            push("smax", secs, b2);
-            let secs = time(
-                || {
-                    let r = cross_entropy(
-                        View::rows(&x, rows, cols).expect("view"),
-                        Targets::Classes(&y),
-                        None,
-                        RowOutputs::default(),
-                        &o,
-                    )
-                    .expect("smax");
-                    std::hint::black_box(r);
-                },
-                budget,
-                max_iters,
-            );
+            // The fused call with the gradient (`smax`) and without it (`smax-fwd`).
+            let mut ce = |grad: bool| {
+                let g = grad.then(|| ViewMut::rows(&mut g, rows, cols).expect("view"));
+                let r = cross_entropy(
+                    View::rows(&x, rows, cols).expect("view"),
+                    Targets::Classes(&y),
+                    g,
+                    RowOutputs::default(),
+                    &o,
+                )
+                .expect("smax");
+                std::hint::black_box(r);
+            };
+            push("smax", time(|| ce(true), budget, max_iters), b2);
+            let secs = time(|| ce(false), budget, max_iters);
             push("smax-fwd", secs, b1);
             push(
                 "naive",

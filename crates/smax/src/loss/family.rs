@@ -96,6 +96,11 @@ fn param(name: &'static str, v: f64, ok: bool, expected: &'static str) -> Result
     }
 }
 
+/// `v` must be finite and > 0.
+fn positive(name: &'static str, v: f64) -> Result<()> {
+    param(name, v, v.is_finite() && v > 0.0, "finite and > 0")
+}
+
 /// The shared driver: runs `f(row, x, g)` over the rows of `x` (converted to f64) with the
 /// row's unscaled gradient buffer `g` (zeroed; `None` when no gradient is asked for), reduces
 /// in row order, and writes `g · scale` into `grad`. `counts(row)` says up front whether a row
@@ -428,7 +433,7 @@ pub fn spherical_z_loss<T: Element>(
     rows_out: Option<&mut [f64]>,
     o: &RowLoss,
 ) -> Result<LossValue> {
-    param("a", a, a.is_finite() && a > 0.0, "finite and > 0")?;
+    positive("a", a)?;
     param("b", b, b.is_finite(), "finite")?;
     drive_classes(outputs, "outputs", targets, grad, rows_out, o, |_, c, x, g| {
         let dn = x.len() as f64;
@@ -512,12 +517,7 @@ pub fn nkd_loss<T: Element>(
     rows_out: Option<&mut [f64]>,
     o: &RowLoss,
 ) -> Result<LossValue> {
-    param(
-        "temperature",
-        temperature,
-        temperature.is_finite() && temperature > 0.0,
-        "finite and > 0",
-    )?;
+    positive("temperature", temperature)?;
     param("gamma", gamma, gamma.is_finite(), "finite")?;
     let (_, _, ts) = rows_of(&teacher, "teacher")?;
     student.layout.check_same("teacher", &teacher.layout)?;
@@ -564,12 +564,7 @@ pub fn hinton_kd_loss<T: Element>(
     rows_out: Option<&mut [f64]>,
     o: &RowLoss,
 ) -> Result<LossValue> {
-    param(
-        "temperature",
-        temperature,
-        temperature.is_finite() && temperature > 0.0,
-        "finite and > 0",
-    )?;
+    positive("temperature", temperature)?;
     rows_of(&student, "student")?;
     let (_, _, ts) = rows_of(&teacher, "teacher")?;
     student.layout.check_same("teacher", &teacher.layout)?;
@@ -622,7 +617,7 @@ pub fn decoupled_softmax_loss<T: Element>(
     rows_out: Option<&mut [f64]>,
     o: &RowLoss,
 ) -> Result<LossValue> {
-    param("tau", tau, tau.is_finite() && tau > 0.0, "finite and > 0")?;
+    positive("tau", tau)?;
     let (rows, len, _) = rows_of(&sims, "sims")?;
     if positives.len() != rows * len {
         return Err(Error::LengthMismatch {
@@ -779,12 +774,7 @@ pub fn normalized_softmax_loss(
     grads: CosineGrads<'_>,
     o: &RowLoss,
 ) -> Result<LossValue> {
-    param(
-        "temperature",
-        temperature,
-        temperature.is_finite() && temperature > 0.0,
-        "finite and > 0",
-    )?;
+    positive("temperature", temperature)?;
     if dim == 0 || !x.len().is_multiple_of(dim) || !w.len().is_multiple_of(dim) || w.is_empty() {
         return Err(Error::LengthMismatch {
             what: "x / w",
@@ -876,7 +866,7 @@ pub fn normalized_softmax_loss(
 /// method): the ℓ2-normalised mean of the examples' embeddings `s·x/‖x‖`. Errors when there are
 /// no examples or the mean is 0 (the examples cancel out and give no direction).
 pub fn novel_class_prototype(examples: &[f64], dim: usize, s: f64) -> Result<Vec<f64>> {
-    param("s", s, s.is_finite() && s > 0.0, "finite and > 0")?;
+    positive("s", s)?;
     if dim == 0 || examples.is_empty() || !examples.len().is_multiple_of(dim) {
         return Err(Error::LengthMismatch {
             what: "examples",
