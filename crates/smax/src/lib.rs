@@ -90,6 +90,7 @@
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments, clippy::collapsible_if)]
 
 mod arch;
+pub mod attention;
 mod axis;
 mod backward;
 pub mod calibrate;

@@ -749,3 +749,42 @@ pub(crate) fn ce_finish<S: Isa>(s: S, g: &mut [f32], c1: f32, sub: Sub<'_>, k: f
         *o = (*o).mul_add(c1, -sv) * k;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Attention kernels (see `crate::attention`).
+
+/// `x_i = exp(x_i − m)` in place; returns `Σ x_i` (f32 inside blocks of [`BLOCK`], f64 across).
+/// `m` must not be `-inf` (callers skip fully masked rows); entries equal to `-inf` become 0.
+#[inline(always)]
+pub(crate) fn exp_shift_inplace_sum<S: Isa>(s: S, x: &mut [f32], m: f32) -> f64 {
+    let vm = s.splat_f32s(m);
+    let mut total = 0.0f64;
+    for blk in x.chunks_mut(BLOCK) {
+        let (head, tail) = S::as_mut_simd_f32s(blk);
+        let (mut a0, mut a1) = (s.splat_f32s(0.0), s.splat_f32s(0.0));
+        let mut it = head.chunks_exact_mut(2);
+        for c in &mut it {
+            let e0 = exp(s, s.sub_f32s(c[0], vm));
+            let e1 = exp(s, s.sub_f32s(c[1], vm));
+            c[0] = e0;
+            c[1] = e1;
+            a0 = s.add_f32s(a0, e0);
+            a1 = s.add_f32s(a1, e1);
+        }
+        for c in it.into_remainder() {
+            let e = exp(s, s.sub_f32s(*c, vm));
+            *c = e;
+            a0 = s.add_f32s(a0, e);
+        }
+        if !tail.is_empty() {
+            let n = tail.len();
+            let v = load_padded::<S>(tail, f32::NEG_INFINITY);
+            let e = exp(s, s.sub_f32s(v, vm));
+            store_partial::<S>(tail, e);
+            let keep = first_lanes(s, n);
+            a1 = s.add_f32s(a1, s.select_f32s(keep, e, s.splat_f32s(0.0)));
+        }
+        total += s.reduce_sum_f32s(s.add_f32s(a0, a1)) as f64;
+    }
+    total
+}

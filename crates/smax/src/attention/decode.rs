@@ -1,0 +1,546 @@
+//! Decoding: split-K attention over a long key/value cache with the log-sum-exp merge
+//! (Flash-Decoding, A2), and FlashDecoding++'s asynchronous softmax with a unified max (A3).
+
+use super::flash::{Checked, accumulate_pv, all_finite, check, fwd_block, rows_f32};
+use super::{AttentionOptions, AttentionShape, AttnElement, Heads, check_out};
+use crate::arch::gemm::matmul;
+use crate::arch::rows as k;
+use crate::arch::{Isa, Task, dispatch};
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::options::Par;
+use crate::state::LseState;
+use rayon::prelude::*;
+
+/// Options of the split-K decoding calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// Keys per split (≥ 1; default 2048). Splits are the unit of parallel work: the cache of
+    /// every (batch, head) is cut into `ceil(kv_len / split_len)` independent partials.
+    pub split_len: usize,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions { split_len: 2048 }
+    }
+}
+
+/// Merges partial attention results of the same query rows over disjoint key sets
+/// (Flash-Decoding; ALGORITHMS.md A2).
+///
+/// `o_parts` is `[parts, rows, d]` (each part normalised over its own keys), `lse_parts`
+/// `[parts, rows]`. Writes `lse = logsumexp_s lse_s` (through [`LseState`], parts merged in
+/// index order) and `o = Σ_s exp(lse_s − lse)·o_s` (f64 accumulation, one rounding).
+/// A part with `lse_s = -inf` (no keys, or all masked) is the exact identity: it is skipped,
+/// whatever its `o_s` holds. If every part is `-inf` the row is `o = 0`, `lse = -inf`; NaN in
+/// any part's lse gives a NaN row. `exp(lse)` is never formed, so large log-sum-exps do not
+/// overflow (NATTEN#202).
+///
+/// Errors: buffer lengths that disagree with `(parts, rows, d)`.
+pub fn merge_attention_states(
+    parts: usize,
+    rows: usize,
+    d: usize,
+    o_parts: &[f32],
+    lse_parts: &[f32],
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    let n = parts
+        .checked_mul(rows)
+        .and_then(|x| x.checked_mul(d))
+        .ok_or(Error::SizeOverflow {
+            what: "o_parts",
+            shape: format!("parts {parts} rows {rows} d {d}"),
+        })?;
+    check_out("o_parts", o_parts.len(), n)?;
+    check_out("lse_parts", lse_parts.len(), parts * rows)?;
+    check_out("out", out.len(), rows * d)?;
+    check_out("lse", lse.len(), rows)?;
+    let mut acc = vec![0.0f64; d];
+    for r in 0..rows {
+        merge_row(
+            parts,
+            |s| (&o_parts[(s * rows + r) * d..][..d], lse_parts[s * rows + r]),
+            &mut acc,
+        );
+        let (o, l) = (&mut out[r * d..(r + 1) * d], &mut lse[r]);
+        *l = finish_row(parts, |s| lse_parts[s * rows + r], &acc, o);
+    }
+    Ok(())
+}
+
+/// `acc = Σ_s exp(lse_s − L)·o_s` with `L` the merged log-sum-exp.
+fn merge_row<'a>(parts: usize, part: impl Fn(usize) -> (&'a [f32], f32), acc: &mut [f64]) {
+    acc.fill(0.0);
+    let total = (0..parts).fold(LseState::<f32>::EMPTY, |st, s| {
+        st.merge(LseState::<f32>::from_value(part(s).1))
+    });
+    let big_l = total.lse() as f64;
+    if !big_l.is_finite() {
+        return;
+    }
+    for s in 0..parts {
+        let (o, l) = part(s);
+        if l == f32::NEG_INFINITY {
+            continue;
+        }
+        let w = (l as f64 - big_l).exp();
+        for (a, &x) in acc.iter_mut().zip(o) {
+            *a += w * x as f64;
+        }
+    }
+}
+
+/// Rounds the merged row into `o` and returns its log-sum-exp.
+fn finish_row(parts: usize, lse_of: impl Fn(usize) -> f32, acc: &[f64], o: &mut [f32]) -> f32 {
+    let total = (0..parts).fold(LseState::<f32>::EMPTY, |st, s| {
+        st.merge(LseState::<f32>::from_value(lse_of(s)))
+    });
+    let l = total.lse();
+    if l == f32::NEG_INFINITY {
+        o.fill(0.0);
+    } else if l.is_nan() || l == f32::INFINITY {
+        o.fill(f32::NAN);
+    } else {
+        for (x, &a) in o.iter_mut().zip(acc) {
+            *x = a as f32;
+        }
+    }
+    l
+}
+
+/// Split-K decoding attention (Flash-Decoding; A2): the same result as [`attention`]
+/// (within the bound below) for the few-queries, long-cache case, parallel over cache splits.
+///
+/// Each (batch, query head, split) task runs the flash forward over its `split_len` keys and
+/// produces a normalised partial output and log-sum-exp; the partials merge in split order
+/// through [`merge_attention_states`]'s rule. Empty or fully masked splits are the exact
+/// identity. Shapes, masks, options and outputs are those of
+/// [`attention`](super::attention). Results are bitwise identical for any thread count;
+/// they differ from the one-pass result by the merge's rounding, at most a few f32 ULP of the
+/// output scale (tested: `≤ 2e-6·(1 + max|v|)`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode<T: AttnElement>(
+    shape: AttentionShape,
+    q: Heads<'_, T>,
+    k: Heads<'_, T>,
+    v: Heads<'_, T>,
+    out: &mut [T],
+    lse: Option<&mut [f32]>,
+    opts: &AttentionOptions<'_>,
+    dec: &DecodeOptions,
+) -> Result<()> {
+    let cx = check(&shape, q, k, v, opts)?;
+    check_out("out", out.len(), shape.out_len())?;
+    if dec.split_len == 0 {
+        return Err(Error::BadParameter {
+            name: "split_len",
+            value: "0".into(),
+            expected: ">= 1",
+        });
+    }
+    let mut own;
+    let lse = match lse {
+        Some(l) => {
+            check_out("lse", l.len(), shape.lse_len())?;
+            l
+        }
+        None => {
+            own = vec![0.0f32; shape.lse_len()];
+            &mut own[..]
+        }
+    };
+    if shape.out_len() == 0 {
+        lse.fill(f32::NEG_INFINITY);
+        return Ok(());
+    }
+    split_k(&cx, &shape, dec.split_len, out, lse, None);
+    Ok(())
+}
+
+/// Runs split-K for every (batch, head); with `only`, just the rows it flags (one bool per
+/// output row), leaving the others untouched.
+fn split_k<T: Element>(
+    cx: &Checked<'_, T>,
+    s: &AttentionShape,
+    split_len: usize,
+    out: &mut [T],
+    lse: &mut [f32],
+    only: Option<&[bool]>,
+) {
+    let (d, ql, kl) = (s.head_dim, s.q_len, s.kv_len);
+    let parts = kl.div_ceil(split_len).max(1);
+    let heads = s.batch * s.q_heads;
+    // Partials of every (head, split): [heads, parts, q_len, d] and [heads, parts, q_len].
+    let mut po = vec![T::from_f32(0.0); heads * parts * ql * d];
+    let mut pl = vec![0.0f32; heads * parts * ql];
+    let tasks: Vec<(usize, (&mut [T], &mut [f32]))> =
+        po.chunks_mut(ql * d).zip(pl.chunks_mut(ql)).enumerate().collect();
+    let run = |(t, (o, l)): (usize, (&mut [T], &mut [f32]))| {
+        let (bh, sp) = (t / parts, t % parts);
+        if let Some(f) = only
+            && !f[bh * ql..(bh + 1) * ql].iter().any(|&x| x)
+        {
+            return;
+        }
+        let (b, h) = (bh / s.q_heads, bh % s.q_heads);
+        let (lo, hi) = (sp * split_len, ((sp + 1) * split_len).min(kl));
+        for (i0, (ob, lb)) in (0..)
+            .step_by(cx.bq)
+            .zip(o.chunks_mut(cx.bq * d).zip(l.chunks_mut(cx.bq)))
+        {
+            fwd_block(cx, s, b, h, i0, ob, lb, lo, hi);
+        }
+    };
+    match cx.par {
+        Par::Seq => tasks.into_iter().for_each(run),
+        Par::Rayon => tasks.into_par_iter().for_each(run),
+    }
+    let mut acc = vec![0.0f64; d];
+    let mut tmp = vec![0.0f32; d];
+    let mut widened = vec![0.0f32; parts * d];
+    for bh in 0..heads {
+        for i in 0..ql {
+            let row_ix = bh * ql + i;
+            if let Some(f) = only
+                && !f[row_ix]
+            {
+                continue;
+            }
+            for sp in 0..parts {
+                let o = (bh * parts + sp) * ql + i;
+                T::load_f32(&po[o * d..(o + 1) * d], &mut widened[sp * d..(sp + 1) * d]);
+            }
+            let lse_of = |sp: usize| pl[(bh * parts + sp) * ql + i];
+            merge_row(parts, |sp| (&widened[sp * d..(sp + 1) * d], lse_of(sp)), &mut acc);
+            lse[row_ix] = finish_row(parts, lse_of, &acc, &mut tmp);
+            T::store_f32(&tmp, &mut out[row_ix * d..(row_ix + 1) * d]);
+        }
+    }
+}
+
+/// What triggers the synchronised recomputation in [`attention_decode_unified`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnifiedFallback {
+    /// The paper's rule: any visible score with `x − φ ≤ a` or `x − φ ≥ b`.
+    #[default]
+    Paper,
+    /// Library extension: only `x − φ ≥ b` (overflow risk); scores far below φ just underflow.
+    /// A row whose combined denominator is 0 or subnormal also falls back.
+    UpperOnly,
+}
+
+/// FlashDecoding++'s unified max (Hong et al. 2023, arXiv 2311.01282, §3): the fixed φ and the
+/// window `(a, b)` on `x − φ`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UnifiedMax {
+    /// The shared offset φ (the paper: the low end of the profiled score range; see
+    /// [`profile_unified_max`]).
+    pub phi: f32,
+    /// Lower window bound on `x − φ` (default −60: `exp(a)·kv_len` stays far above the
+    /// smallest normal f32).
+    pub a: f32,
+    /// Upper window bound on `x − φ`; `None`: `ln(f32::MAX) − ln(kv_len) − 1`, the largest value
+    /// at which the sum of `kv_len` exponentials cannot overflow.
+    pub b: Option<f32>,
+    /// The fallback rule.
+    pub fallback: UnifiedFallback,
+}
+
+impl UnifiedMax {
+    /// φ with the default window and the paper's fallback rule.
+    pub fn new(phi: f32) -> Self {
+        UnifiedMax {
+            phi,
+            a: -60.0,
+            b: None,
+            fallback: UnifiedFallback::Paper,
+        }
+    }
+}
+
+/// What [`attention_decode_unified`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UnifiedStats {
+    /// Query rows computed.
+    pub rows: usize,
+    /// Rows recomputed with the synchronised (max-tracking) split-K path.
+    pub fallback_rows: usize,
+}
+
+/// φ and the profiled range from calibration scores (FlashDecoding++ §3, Fig. 5): the
+/// `(1 − coverage)/2` and `(1 + coverage)/2` quantiles of the finite scores (nearest rank);
+/// the paper covers 99.99 % and sets φ to the low end. Returns `(lo, hi)`; use
+/// `UnifiedMax::new(lo)`.
+///
+/// Errors: `coverage` outside `(0, 1]`, or no finite score.
+pub fn profile_unified_max(scores: &[f32], coverage: f64) -> Result<(f32, f32)> {
+    if !(coverage > 0.0 && coverage <= 1.0) {
+        return Err(Error::BadParameter {
+            name: "coverage",
+            value: format!("{coverage}"),
+            expected: "in (0, 1]",
+        });
+    }
+    let mut v: Vec<f32> = scores.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return Err(Error::LengthMismatch {
+            what: "scores (finite)",
+            len: 0,
+            expected: 1,
+        });
+    }
+    v.sort_by(f32::total_cmp);
+    let n = v.len();
+    let tail = (1.0 - coverage) / 2.0;
+    let lo = ((tail * n as f64).floor() as usize).min(n - 1);
+    let hi = (((1.0 - tail) * n as f64).ceil() as usize).clamp(1, n) - 1;
+    Ok((v[lo], v[hi.max(lo)]))
+}
+
+/// Decoding attention with FlashDecoding++'s asynchronous softmax (A3): every split
+/// accumulates `num = Σ e^{x−φ}·v` and `den = Σ e^{x−φ}` against the one fixed φ, with no
+/// running max and no rescaling between splits; the output is `Σ num / Σ den` and the
+/// log-sum-exp `φ + ln Σ den`.
+///
+/// A row any of whose visible scores leaves the window (see [`UnifiedFallback`]) is recomputed
+/// with the exact split-K path of [`attention_decode`], so the result always equals exact
+/// attention up to rounding (Eq. 3 holds for any φ); [`UnifiedStats::fallback_rows`] counts
+/// them. Shapes, masks and outputs as [`attention`](super::attention). Errors: as
+/// [`attention_decode`], plus a non-finite φ or window, or `a ≥ b`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode_unified<T: AttnElement>(
+    shape: AttentionShape,
+    q: Heads<'_, T>,
+    k: Heads<'_, T>,
+    v: Heads<'_, T>,
+    out: &mut [T],
+    lse: Option<&mut [f32]>,
+    opts: &AttentionOptions<'_>,
+    dec: &DecodeOptions,
+    um: &UnifiedMax,
+) -> Result<UnifiedStats> {
+    let cx = check(&shape, q, k, v, opts)?;
+    check_out("out", out.len(), shape.out_len())?;
+    if dec.split_len == 0 {
+        return Err(Error::BadParameter {
+            name: "split_len",
+            value: "0".into(),
+            expected: ">= 1",
+        });
+    }
+    let b_auto = (f32::MAX.ln() - (shape.kv_len.max(1) as f32).ln() - 1.0).max(0.0);
+    let (a, b) = (um.a, um.b.unwrap_or(b_auto));
+    if !um.phi.is_finite() || !a.is_finite() || !b.is_finite() || a >= b || b > f32::MAX.ln() {
+        return Err(Error::BadParameter {
+            name: "unified max (phi, a, b)",
+            value: format!("({}, {a}, {b})", um.phi),
+            expected: "finite, a < b <= ln(f32::MAX)",
+        });
+    }
+    let mut own;
+    let lse = match lse {
+        Some(l) => {
+            check_out("lse", l.len(), shape.lse_len())?;
+            l
+        }
+        None => {
+            own = vec![0.0f32; shape.lse_len()];
+            &mut own[..]
+        }
+    };
+    let rows = shape.lse_len();
+    if shape.out_len() == 0 {
+        lse.fill(f32::NEG_INFINITY);
+        return Ok(UnifiedStats { rows, fallback_rows: 0 });
+    }
+    let (d, ql, kl) = (shape.head_dim, shape.q_len, shape.kv_len);
+    let parts = kl.div_ceil(dec.split_len).max(1);
+    let heads = shape.batch * shape.q_heads;
+    let win = Win {
+        phi: um.phi,
+        a,
+        b,
+        upper_only: um.fallback == UnifiedFallback::UpperOnly,
+    };
+    // Per (head, split): numerators [q_len, d], denominators and window flags [q_len].
+    let mut num = vec![0.0f32; heads * parts * ql * d];
+    let mut den = vec![0.0f64; heads * parts * ql];
+    let mut flag = vec![false; heads * parts * ql];
+    let tasks: Vec<(usize, ((&mut [f32], &mut [f64]), &mut [bool]))> = num
+        .chunks_mut(ql * d)
+        .zip(den.chunks_mut(ql))
+        .zip(flag.chunks_mut(ql))
+        .enumerate()
+        .collect();
+    let run = |(t, ((nm, dn), fl)): (usize, ((&mut [f32], &mut [f64]), &mut [bool]))| {
+        let (bh, sp) = (t / parts, t % parts);
+        let (bb, h) = (bh / shape.q_heads, bh % shape.q_heads);
+        let (lo, hi) = (sp * dec.split_len, ((sp + 1) * dec.split_len).min(kl));
+        unified_split(&cx, &shape, bb, h, lo, hi, win, nm, dn, fl);
+    };
+    match cx.par {
+        Par::Seq => tasks.into_iter().for_each(run),
+        Par::Rayon => tasks.into_par_iter().for_each(run),
+    }
+    // Combine: one division per row, after every split is done.
+    let mut fallback = vec![false; rows];
+    let mut tmp = vec![0.0f32; d];
+    let mut acc = vec![0.0f64; d];
+    for bh in 0..heads {
+        for i in 0..ql {
+            let r = bh * ql + i;
+            let mut dsum = 0.0f64;
+            let mut flagged = false;
+            acc.fill(0.0);
+            for sp in 0..parts {
+                let o = (bh * parts + sp) * ql + i;
+                dsum += den[o];
+                flagged |= flag[o];
+                for (x, &y) in acc.iter_mut().zip(&num[o * d..(o + 1) * d]) {
+                    *x += y as f64;
+                }
+            }
+            let underflow = dsum < f32::MIN_POSITIVE as f64;
+            if flagged || (win.upper_only && underflow && !dsum.is_nan()) {
+                fallback[r] = true;
+                continue;
+            }
+            let o = &mut out[r * d..(r + 1) * d];
+            if dsum == 0.0 {
+                // Every key masked (the paper's rule lets a row through only when all visible
+                // scores sit inside the window, so a zero sum means nothing was visible).
+                o.fill(T::from_f32(0.0));
+                lse[r] = f32::NEG_INFINITY;
+                continue;
+            }
+            let inv = 1.0 / dsum;
+            for (t, &x) in tmp.iter_mut().zip(&acc) {
+                *t = (x * inv) as f32;
+            }
+            T::store_f32(&tmp, o);
+            lse[r] = (win.phi as f64 + dsum.ln()) as f32;
+        }
+    }
+    let fallback_rows = fallback.iter().filter(|&&x| x).count();
+    if fallback_rows > 0 {
+        split_k(&cx, &shape, dec.split_len, out, lse, Some(&fallback));
+    }
+    Ok(UnifiedStats { rows, fallback_rows })
+}
+
+#[derive(Clone, Copy)]
+struct Win {
+    phi: f32,
+    a: f32,
+    b: f32,
+    upper_only: bool,
+}
+
+/// One split of the asynchronous softmax: `num`, `den` and the window flags of rows
+/// `0..q_len` of head `(b, h)` over keys `[lo, hi)`.
+#[allow(clippy::too_many_arguments)]
+fn unified_split<T: Element>(
+    cx: &Checked<'_, T>,
+    s: &AttentionShape,
+    b: usize,
+    h: usize,
+    lo: usize,
+    hi: usize,
+    win: Win,
+    num: &mut [f32],
+    den: &mut [f64],
+    flag: &mut [bool],
+) {
+    let (d, ql) = (s.head_dim, s.q_len);
+    let hk = h / s.group();
+    let mut qbuf = Vec::new();
+    let qm = rows_f32(&cx.q, b, h, 0, ql, d, &mut qbuf);
+    let bk = cx.bk;
+    let mut sbuf = vec![0.0f32; ql * bk.min(hi.saturating_sub(lo)).max(1)];
+    let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
+    let mut vis = Vec::new();
+    let mut j0 = lo;
+    while j0 < hi {
+        let kn = bk.min(hi - j0);
+        let km = rows_f32(&cx.k, b, hk, j0, kn, d, &mut kbuf);
+        let vm = rows_f32(&cx.v, b, hk, j0, kn, d, &mut vbuf);
+        let bad = !all_finite(&km) || !all_finite(&vm);
+        let sm = &mut sbuf[..ql * kn];
+        matmul(sm, kn, qm, km.t(), false, Par::Seq);
+        vis.clear();
+        vis.resize(ql * kn, false);
+        dispatch(
+            cx.level,
+            AsyncTile {
+                cx,
+                b,
+                h,
+                j0,
+                kn,
+                t: sm,
+                win,
+                den,
+                flag,
+                vis: &mut vis,
+            },
+        );
+        accumulate_pv(num, sm, &vm, if bad { Some(&vis[..]) } else { None });
+        j0 += kn;
+    }
+}
+
+/// Scores → `e^{x − φ}` in place with the window test (no max, no rescaling).
+struct AsyncTile<'a, 'b, T> {
+    cx: &'a Checked<'b, T>,
+    b: usize,
+    h: usize,
+    j0: usize,
+    kn: usize,
+    t: &'a mut [f32],
+    win: Win,
+    den: &'a mut [f64],
+    flag: &'a mut [bool],
+    vis: &'a mut [bool],
+}
+
+impl<T> Task for AsyncTile<'_, '_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Isa>(self, s: S) {
+        let AsyncTile {
+            cx,
+            b,
+            h,
+            j0,
+            kn,
+            t,
+            win,
+            den,
+            flag,
+            vis,
+        } = self;
+        for (r, row) in t.chunks_mut(kn).enumerate() {
+            cx.sc.prep_row(b, h, r, j0, row);
+            let mut out_of_window = false;
+            for (f, &x) in vis[r * kn..(r + 1) * kn].iter_mut().zip(row.iter()) {
+                *f = x != f32::NEG_INFINITY;
+                let y = x - win.phi;
+                out_of_window |= *f && (y >= win.b || (!win.upper_only && y <= win.a));
+            }
+            if out_of_window {
+                flag[r] = true;
+            }
+            // Out-of-window rows are recomputed; clamp so the exponential stays in range.
+            let cap = win.phi + win.b;
+            for x in row.iter_mut() {
+                if *x > cap {
+                    *x = cap;
+                }
+            }
+            den[r] += k::exp_shift_inplace_sum(s, row, win.phi);
+        }
+    }
+}

@@ -1,0 +1,749 @@
+//! Flash attention (A1): the tiled forward with the online softmax, and the backward that
+//! recomputes the score tiles from the saved log-sum-exp.
+
+use super::{AttentionOptions, AttentionShape, AttnElement, Heads, Op, Scores, check_out, resolve, scores};
+use crate::arch::gemm::{MatRef, matmul};
+use crate::arch::rows as k;
+use crate::arch::{Ahead, Isa, SimdLevel, Task, dispatch};
+use crate::element::Element;
+use crate::error::Result;
+use crate::options::Par;
+use rayon::prelude::*;
+
+/// Rows `t0 .. t0 + n` of head `(b, h)` as an f32 matrix: the caller's buffer itself for f32
+/// (any token stride), else widened into `buf`.
+pub(crate) fn rows_f32<'b, T: Element>(
+    op: &Op<'b, T>,
+    b: usize,
+    h: usize,
+    t0: usize,
+    n: usize,
+    d: usize,
+    buf: &'b mut Vec<f32>,
+) -> MatRef<'b> {
+    if n == 0 {
+        return MatRef::row_major(&[], 0, d);
+    }
+    let start = op.at(b, h, t0);
+    let end = op.at(b, h, t0 + n - 1) + d;
+    if let Some(x) = T::as_f32(&op.data[start..end]) {
+        return MatRef {
+            data: x,
+            rows: n,
+            cols: d,
+            rs: op.st.token,
+            cs: 1,
+        };
+    }
+    buf.clear();
+    buf.resize(n * d, 0.0);
+    for (r, dst) in buf.chunks_mut(d).enumerate() {
+        T::load_f32(op.row(b, h, t0 + r, d), dst);
+    }
+    MatRef::row_major(buf, n, d)
+}
+
+/// True when every element of `m` is finite.
+pub(crate) fn all_finite(m: &MatRef<'_>) -> bool {
+    (0..m.rows).all(|r| m.data[r * m.rs..r * m.rs + m.cols].iter().all(|x| x.is_finite()))
+}
+
+/// Indices of the rows of `m` that hold a NaN or an infinity.
+pub(crate) fn nonfinite_rows(m: &MatRef<'_>) -> Vec<usize> {
+    (0..m.rows)
+        .filter(|&r| !row(m, r).iter().all(|x| x.is_finite()))
+        .collect()
+}
+
+/// A contiguous copy of `m` in `buf` with the listed rows set to zero (or `m` itself when the
+/// list is empty). Products with the copy equal those with `m` bit for bit wherever the zeroed
+/// rows meet a zero weight, which is how masked pairs are kept out of the matrix products
+/// without ever forming `0 · NaN`; the visible pairs of those rows are added back one by one.
+pub(crate) fn zeroed<'b>(m: &MatRef<'b>, rows: &[usize], buf: &'b mut Vec<f32>) -> MatRef<'b> {
+    if rows.is_empty() {
+        return *m;
+    }
+    buf.clear();
+    for r in 0..m.rows {
+        buf.extend_from_slice(row(m, r));
+    }
+    for &r in rows {
+        buf[r * m.cols..(r + 1) * m.cols].fill(0.0);
+    }
+    MatRef::row_major(buf, m.rows, m.cols)
+}
+
+/// The contiguous `[rows, d]` row `r` of a matrix view.
+#[inline]
+pub(crate) fn row<'b>(m: &MatRef<'b>, r: usize) -> &'b [f32] {
+    &m.data[r * m.rs..r * m.rs + m.cols]
+}
+
+/// Validates the shared operands and resolves the options.
+pub(crate) struct Checked<'a, T> {
+    pub q: Op<'a, T>,
+    pub k: Op<'a, T>,
+    pub v: Op<'a, T>,
+    pub sc: Scores<'a>,
+    pub level: SimdLevel,
+    pub bq: usize,
+    pub bk: usize,
+    pub par: Par,
+}
+
+pub(crate) fn check<'a, T>(
+    s: &AttentionShape,
+    q: Heads<'a, T>,
+    kk: Heads<'a, T>,
+    v: Heads<'a, T>,
+    o: &AttentionOptions<'a>,
+) -> Result<Checked<'a, T>> {
+    s.validate()?;
+    let d = s.head_dim;
+    Ok(Checked {
+        q: resolve("q", q, s.batch, s.q_heads, s.q_len, d)?,
+        k: resolve("k", kk, s.batch, s.kv_heads, s.kv_len, d)?,
+        v: resolve("v", v, s.batch, s.kv_heads, s.kv_len, d)?,
+        sc: scores(s, o)?,
+        level: SimdLevel::resolve(o.simd),
+        bq: o.tiles.q.max(1),
+        bk: o.tiles.kv.max(1),
+        par: o.par,
+    })
+}
+
+/// Scaled dot-product attention, forward (FlashAttention's online softmax; ALGORITHMS.md A1).
+///
+/// `out[b, h, i] = Σ_j softmax_j(s_ij) · v[b, h/g, j]` over the visible keys (see the module
+/// docs for scores, masks, layouts and special values), written to `out`, contiguous
+/// `[batch, q_heads, q_len, head_dim]`. With `lse`, also writes the per-row log-sum-exp of
+/// the scores, `[batch, q_heads, q_len]` (`-inf` for a row with no visible key), which
+/// [`attention_backward`] and [`merge_attention_states`](super::merge_attention_states)
+/// take.
+///
+/// Never materialises `q_len × kv_len`: query blocks of `tiles.q` rows stream key blocks of
+/// `tiles.kv` keys through two f32 matrix products (`gemm`) and the SIMD exponential, with
+/// the running `(max, sum, acc)` state per row; key blocks that causal or window masking
+/// hides from a whole query block are skipped.
+///
+/// Errors: a shape that is inconsistent (`q_heads` not a multiple of `kv_heads`,
+/// `head_dim = 0`), an operand shorter than its strides address, an output of the wrong
+/// length, a non-finite scale, `τ ≤ 0`, a bias or mask shorter than the scores.
+pub fn attention<T: AttnElement>(
+    shape: AttentionShape,
+    q: Heads<'_, T>,
+    k: Heads<'_, T>,
+    v: Heads<'_, T>,
+    out: &mut [T],
+    lse: Option<&mut [f32]>,
+    opts: &AttentionOptions<'_>,
+) -> Result<()> {
+    let cx = check(&shape, q, k, v, opts)?;
+    check_out("out", out.len(), shape.out_len())?;
+    let mut own;
+    let lse = match lse {
+        Some(l) => {
+            check_out("lse", l.len(), shape.lse_len())?;
+            l
+        }
+        None => {
+            own = vec![0.0f32; shape.lse_len()];
+            &mut own[..]
+        }
+    };
+    if shape.out_len() == 0 {
+        lse.fill(f32::NEG_INFINITY);
+        return Ok(());
+    }
+    let (d, ql) = (shape.head_dim, shape.q_len);
+    let heads: Vec<(usize, (&mut [T], &mut [f32]))> =
+        out.chunks_mut(ql * d).zip(lse.chunks_mut(ql)).enumerate().collect();
+    let run_head = |(bh, (o, l)): (usize, (&mut [T], &mut [f32]))| {
+        let (b, h) = (bh / shape.q_heads, bh % shape.q_heads);
+        let blocks: Vec<(usize, (&mut [T], &mut [f32]))> =
+            o.chunks_mut(cx.bq * d).zip(l.chunks_mut(cx.bq)).enumerate().collect();
+        let run = |(ib, (ob, lb)): (usize, (&mut [T], &mut [f32]))| {
+            fwd_block(&cx, &shape, b, h, ib * cx.bq, ob, lb, 0, shape.kv_len)
+        };
+        match cx.par {
+            Par::Seq => blocks.into_iter().for_each(run),
+            Par::Rayon => blocks.into_par_iter().for_each(run),
+        }
+    };
+    match cx.par {
+        Par::Seq => heads.into_iter().for_each(run_head),
+        Par::Rayon => heads.into_par_iter().for_each(run_head),
+    }
+    Ok(())
+}
+
+/// Running state of a block of query rows.
+pub(crate) struct RowState {
+    pub m: Vec<f32>,
+    pub l: Vec<f64>,
+    pub acc: Vec<f32>,
+}
+
+impl RowState {
+    pub fn new(nb: usize, d: usize) -> Self {
+        RowState {
+            m: vec![f32::NEG_INFINITY; nb],
+            l: vec![0.0; nb],
+            acc: vec![0.0; nb * d],
+        }
+    }
+}
+
+/// One query block (rows `i0 .. i0 + lse.len()` of head `(b, h)`) over the keys `[k_lo, k_hi)`:
+/// writes the normalised output and the log-sum-exp.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fwd_block<T: Element>(
+    cx: &Checked<'_, T>,
+    s: &AttentionShape,
+    b: usize,
+    h: usize,
+    i0: usize,
+    out: &mut [T],
+    lse: &mut [f32],
+    k_lo: usize,
+    k_hi: usize,
+) {
+    let d = s.head_dim;
+    let nb = lse.len();
+    let mut st = RowState::new(nb, d);
+    fwd_accumulate(cx, s, b, h, i0, nb, k_lo, k_hi, true, &mut st);
+    let mut tmp = vec![0.0f32; d];
+    for r in 0..nb {
+        let (m, l) = (st.m[r], st.l[r]);
+        let a = &st.acc[r * d..(r + 1) * d];
+        let o = &mut out[r * d..(r + 1) * d];
+        if l == 0.0 || m == f32::NEG_INFINITY {
+            o.fill(T::from_f32(0.0));
+            lse[r] = f32::NEG_INFINITY;
+            continue;
+        }
+        let inv = (1.0 / l) as f32;
+        for (t, &x) in tmp.iter_mut().zip(a) {
+            *t = x * inv;
+        }
+        T::store_f32(&tmp, o);
+        lse[r] = (m as f64 + l.ln()) as f32;
+    }
+}
+
+/// Streams keys `[k_lo, k_hi)` into the running state of rows `i0 .. i0 + nb` of head `(b, h)`;
+/// without `values`, only the running max and sum (the log-sum-exp pass of two-pass variants;
+/// `st` then has an empty accumulator).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fwd_accumulate<T: Element>(
+    cx: &Checked<'_, T>,
+    s: &AttentionShape,
+    b: usize,
+    h: usize,
+    i0: usize,
+    nb: usize,
+    k_lo: usize,
+    k_hi: usize,
+    values: bool,
+    st: &mut RowState,
+) {
+    let d = if values { s.head_dim } else { 0 };
+    let hd = s.head_dim;
+    let hk = h / s.group();
+    let sc = &cx.sc;
+    // Keys any row of the block can see (both ends of the visible range grow with i).
+    let lo = sc.range(i0).0.max(k_lo);
+    let hi = sc.range(i0 + nb - 1).1.min(k_hi);
+    if lo >= hi {
+        return;
+    }
+    let bk = cx.bk;
+    let mut qbuf = Vec::new();
+    let qm = rows_f32(&cx.q, b, h, i0, nb, hd, &mut qbuf);
+    // Key blocks are aligned to multiples of `bk` from `k_lo`, so a key's block never depends
+    // on the query block (one row's result is the same in every call that contains it).
+    let mut j0 = k_lo + (lo - k_lo) / bk * bk;
+    let mut sbuf = vec![0.0f32; nb * bk.min(k_hi - j0)];
+    let mut vis = Vec::new();
+    let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
+    while j0 < hi {
+        let kn = bk.min(k_hi - j0);
+        let km = rows_f32(&cx.k, b, hk, j0, kn, hd, &mut kbuf);
+        let vm = rows_f32(&cx.v, b, hk, j0, kn, if values { hd } else { 0 }, &mut vbuf);
+        let bad = values && (!all_finite(&km) || !all_finite(&vm));
+        let sm = &mut sbuf[..nb * kn];
+        matmul(sm, kn, qm, km.t(), false, Par::Seq);
+        if bad {
+            vis.clear();
+            vis.resize(nb * kn, false);
+        }
+        dispatch(
+            cx.level,
+            OnlineTile {
+                sc: Some(sc),
+                b,
+                h,
+                i0,
+                j0,
+                kn,
+                d,
+                t: sm,
+                st,
+                vis: if bad { Some(&mut vis[..]) } else { None },
+            },
+        );
+        if values {
+            accumulate_pv(&mut st.acc, sm, &vm, if bad { Some(&vis[..]) } else { None });
+        }
+        j0 += kn;
+    }
+}
+
+/// `acc[nb × d] += P[nb × kn] · V[kn × d]`. With `vis` (the tile's visible pairs, given when
+/// the tile holds non-finite keys or values), value rows holding NaN or infinity are zeroed for
+/// the matrix product and their visible pairs added one by one, so a masked key contributes
+/// exactly nothing (never `0 · NaN`) and the other products are bit-identical to a clean tile.
+pub(crate) fn accumulate_pv(acc: &mut [f32], p: &[f32], vm: &MatRef<'_>, vis: Option<&[bool]>) {
+    let (kn, d) = (vm.rows, vm.cols);
+    if kn == 0 || d == 0 {
+        return;
+    }
+    let nb = p.len() / kn;
+    let bad = match vis {
+        Some(_) => nonfinite_rows(vm),
+        None => Vec::new(),
+    };
+    let mut buf = Vec::new();
+    let vs = zeroed(vm, &bad, &mut buf);
+    matmul(acc, d, MatRef::row_major(p, nb, kn), vs, true, Par::Seq);
+    if let Some(vis) = vis {
+        for &j in &bad {
+            for r in 0..nb {
+                if vis[r * kn + j] {
+                    let pv = p[r * kn + j];
+                    for (x, &vv) in acc[r * d..(r + 1) * d].iter_mut().zip(row(vm, j)) {
+                        *x += pv * vv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Scores → probabilities relative to the running max, for one tile; rescales each row's
+/// accumulator and sum (steps 1–4 of A1).
+pub(crate) struct OnlineTile<'a, 'b> {
+    /// `Some`: turn raw products into scores first; `None`: the tile already holds scores.
+    pub sc: Option<&'a Scores<'b>>,
+    pub b: usize,
+    pub h: usize,
+    pub i0: usize,
+    pub j0: usize,
+    pub kn: usize,
+    pub d: usize,
+    pub t: &'a mut [f32],
+    pub st: &'a mut RowState,
+    pub vis: Option<&'a mut [bool]>,
+}
+
+impl Task for OnlineTile<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Isa>(self, s: S) {
+        let OnlineTile {
+            sc,
+            b,
+            h,
+            i0,
+            j0,
+            kn,
+            d,
+            t,
+            st,
+            mut vis,
+        } = self;
+        for (r, row) in t.chunks_mut(kn).enumerate() {
+            if let Some(sc) = sc {
+                sc.prep_row(b, h, i0 + r, j0, row);
+            }
+            if let Some(vis) = vis.as_deref_mut() {
+                for (f, &x) in vis[r * kn..(r + 1) * kn].iter_mut().zip(row.iter()) {
+                    *f = x != f32::NEG_INFINITY;
+                }
+            }
+            let mt = k::max(s, row, Ahead::NONE);
+            let mo = st.m[r];
+            let mn = if mt > mo { mt } else { mo };
+            if mn == f32::NEG_INFINITY {
+                row.fill(0.0);
+                continue;
+            }
+            let alpha = if mo == f32::NEG_INFINITY {
+                0.0
+            } else if mo == mn {
+                1.0
+            } else {
+                (mo - mn).exp()
+            };
+            let sum = k::exp_shift_inplace_sum(s, row, mn);
+            st.l[r] = st.l[r] * alpha as f64 + sum;
+            if alpha != 1.0 {
+                k::scale(s, &mut st.acc[r * d..(r + 1) * d], alpha);
+            }
+            st.m[r] = mn;
+        }
+    }
+}
+
+/// Flash attention backward (A1): from the forward's inputs, its output `out`, the upstream
+/// gradient `d_out` (both contiguous `[batch, q_heads, q_len, head_dim]`) and the saved
+/// `lse`, writes `dq` (contiguous like `out`), `dk` and `dv` (contiguous
+/// `[batch, kv_heads, kv_len, head_dim]`; grouped heads' gradients summed).
+///
+/// Recomputes each score tile: `P = exp(s − lse)`, `D_i = Σ dO_i ⊙ O_i`, `dV += Pᵀ dO`,
+/// `dP = dO Vᵀ`, `dS = P ⊙ (dP − D)`, `dQ += dS K · c`, `dK += dSᵀ Q · c` (with
+/// `c = scale/τ`), five f32 matrix products per tile, never `q_len × kv_len` at once.
+/// A row with `lse = -inf` (nothing visible) gets zero gradients; masked (query, key) pairs
+/// contribute exactly nothing, even when the key, value, query or upstream gradient holds
+/// NaN or infinity (those tiles take a guarded path). `opts` must be the forward's options.
+///
+/// Threads split (batch, key/value head) pairs; each runs its key blocks in order and
+/// accumulates `dQ` in f32 for its heads, so results are bitwise identical for any thread
+/// count. Errors: as [`attention`], plus wrong lengths of `out`, `d_out`, `lse` or the
+/// gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<T: AttnElement>(
+    shape: AttentionShape,
+    q: Heads<'_, T>,
+    k: Heads<'_, T>,
+    v: Heads<'_, T>,
+    out: &[T],
+    d_out: &[T],
+    lse: &[f32],
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+    opts: &AttentionOptions<'_>,
+) -> Result<()> {
+    let cx = check(&shape, q, k, v, opts)?;
+    check_out("out", out.len(), shape.out_len())?;
+    check_out("d_out", d_out.len(), shape.out_len())?;
+    check_out("lse", lse.len(), shape.lse_len())?;
+    check_out("dq", dq.len(), shape.out_len())?;
+    check_out("dk", dk.len(), shape.kv_len_elems())?;
+    check_out("dv", dv.len(), shape.kv_len_elems())?;
+    if shape.batch == 0 || shape.kv_heads == 0 {
+        return Ok(());
+    }
+    let (d, ql, kl) = (shape.head_dim, shape.q_len, shape.kv_len);
+    if ql == 0 || kl == 0 {
+        dq.fill(T::from_f32(0.0));
+        dk.fill(T::from_f32(0.0));
+        dv.fill(T::from_f32(0.0));
+        return Ok(());
+    }
+    // D_i = Σ dO_i ⊙ O_i for every query row (f64 dot, one rounding).
+    let mut dd = vec![0.0f32; shape.lse_len()];
+    let (mut t1, mut t2) = (vec![0.0f32; d], vec![0.0f32; d]);
+    for ((x, y), di) in out.chunks(d).zip(d_out.chunks(d)).zip(dd.iter_mut()) {
+        T::load_f32(x, &mut t1);
+        T::load_f32(y, &mut t2);
+        *di = t1.iter().zip(&t2).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
+    }
+    backward_impl(&cx, &shape, d_out, lse, &dd, None, dq, dk, dv);
+    Ok(())
+}
+
+/// The clipped-softmax weights `w = clip((ζ − γ)p + γ, 0, 1)` and their backward rule.
+#[derive(Clone, Copy)]
+pub(crate) struct Clip {
+    pub zeta: f32,
+    pub gamma: f32,
+}
+
+impl Clip {
+    #[inline(always)]
+    pub fn r(&self, p: f32) -> f32 {
+        (self.zeta - self.gamma) * p + self.gamma
+    }
+    #[inline(always)]
+    pub fn w(&self, p: f32) -> f32 {
+        let r = self.r(p);
+        if r.is_nan() { r } else { r.clamp(0.0, 1.0) }
+    }
+    /// `u = g·(ζ − γ)·1[0 ≤ r ≤ 1]` (inclusive, as `torch.clamp`'s backward).
+    #[inline(always)]
+    pub fn u(&self, p: f32, g: f32) -> f32 {
+        let r = self.r(p);
+        if (0.0..=1.0).contains(&r) {
+            g * (self.zeta - self.gamma)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The tiled backward shared by softmax and clipped-softmax attention, given every row's
+/// `D_i` (`Σ dO ⊙ O` for softmax, `Σ_j u_ij p_ij` for clipped softmax).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_impl<T: Element>(
+    cx: &Checked<'_, T>,
+    shape: &AttentionShape,
+    d_out: &[T],
+    lse: &[f32],
+    dd: &[f32],
+    clip: Option<Clip>,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    let (d, ql, kl, g) = (shape.head_dim, shape.q_len, shape.kv_len, shape.group());
+    let do_op = Op {
+        data: d_out,
+        st: super::HeadStrides::bhsd(shape.q_heads, ql, d),
+    };
+    let tasks: Vec<(usize, ((&mut [T], &mut [T]), &mut [T]))> = dq
+        .chunks_mut(g * ql * d)
+        .zip(dk.chunks_mut(kl * d))
+        .zip(dv.chunks_mut(kl * d))
+        .enumerate()
+        .collect();
+    let run = |(bh, ((dqh, dkh), dvh)): (usize, ((&mut [T], &mut [T]), &mut [T]))| {
+        let (b, hk) = (bh / shape.kv_heads, bh % shape.kv_heads);
+        bwd_head(cx, shape, &do_op, lse, dd, clip, b, hk, dqh, dkh, dvh);
+    };
+    match cx.par {
+        Par::Seq => tasks.into_iter().for_each(run),
+        Par::Rayon => tasks.into_par_iter().for_each(run),
+    }
+}
+
+/// The backward of one (batch, key/value head) pair.
+#[allow(clippy::too_many_arguments)]
+fn bwd_head<T: Element>(
+    cx: &Checked<'_, T>,
+    s: &AttentionShape,
+    do_op: &Op<'_, T>,
+    lse: &[f32],
+    dd: &[f32],
+    clip: Option<Clip>,
+    b: usize,
+    hk: usize,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    let (d, ql, kl, g) = (s.head_dim, s.q_len, s.kv_len, s.group());
+    let (bq, bk) = (cx.bq, cx.bk);
+    let sc = &cx.sc;
+    let mut dq_acc = vec![0.0f32; g * ql * d];
+    let mut dk_acc = vec![0.0f32; bk.min(kl) * d];
+    let mut dv_acc = vec![0.0f32; bk.min(kl) * d];
+    let tile = bq.min(ql) * bk.min(kl);
+    let mut p = vec![0.0f32; tile];
+    let mut dp = vec![0.0f32; tile];
+    let mut w = vec![0.0f32; if clip.is_some() { tile } else { 0 }];
+    let mut vis = Vec::new();
+    let (mut kbuf, mut vbuf, mut qbuf, mut dobuf) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut zbuf, mut zbuf2, mut zbuf3) = (Vec::new(), Vec::new(), Vec::new());
+    let mut j0 = 0;
+    while j0 < kl {
+        let kn = bk.min(kl - j0);
+        let km = rows_f32(&cx.k, b, hk, j0, kn, d, &mut kbuf);
+        let vm = rows_f32(&cx.v, b, hk, j0, kn, d, &mut vbuf);
+        let kv_bad = !all_finite(&km) || !all_finite(&vm);
+        let dka = &mut dk_acc[..kn * d];
+        let dva = &mut dv_acc[..kn * d];
+        dka.fill(0.0);
+        dva.fill(0.0);
+        for hh in 0..g {
+            let h = hk * g + hh;
+            let mut i0 = 0;
+            while i0 < ql {
+                let nb = bq.min(ql - i0);
+                let (first, last) = (sc.range(i0), sc.range(i0 + nb - 1));
+                if first.0 >= j0 + kn || last.1 <= j0 {
+                    i0 += nb;
+                    continue;
+                }
+                let qm = rows_f32(&cx.q, b, h, i0, nb, d, &mut qbuf);
+                let dom = rows_f32(do_op, b, h, i0, nb, d, &mut dobuf);
+                let bad = kv_bad || !all_finite(&qm) || !all_finite(&dom);
+                let pm = &mut p[..nb * kn];
+                matmul(pm, kn, qm, km.t(), false, Par::Seq);
+                if bad {
+                    vis.clear();
+                    vis.resize(nb * kn, false);
+                }
+                let row0 = (b * s.q_heads + h) * ql + i0;
+                let lse_rows = &lse[row0..row0 + nb];
+                let d_rows = &dd[row0..row0 + nb];
+                dispatch(
+                    cx.level,
+                    ProbTile {
+                        sc,
+                        b,
+                        h,
+                        i0,
+                        j0,
+                        kn,
+                        t: pm,
+                        lse: lse_rows,
+                        vis: if bad { Some(&mut vis[..]) } else { None },
+                    },
+                );
+                let dqa = &mut dq_acc[(hh * ql + i0) * d..][..nb * d];
+                // dV += Wᵀ dO, with W = P (softmax) or the clipped weights.
+                let wm = match clip {
+                    Some(cl) => {
+                        let wt = &mut w[..nb * kn];
+                        for (x, &pv) in wt.iter_mut().zip(pm.iter()) {
+                            *x = cl.w(pv);
+                        }
+                        MatRef::row_major(wt, nb, kn)
+                    }
+                    None => MatRef::row_major(pm, nb, kn),
+                };
+                // Non-finite rows of dO, K and Q are zeroed for the products that pair them with
+                // masked weights, and their visible pairs added back (see `zeroed`).
+                let (bad_do, bad_k, bad_q) = if bad {
+                    (nonfinite_rows(&dom), nonfinite_rows(&km), nonfinite_rows(&qm))
+                } else {
+                    (Vec::new(), Vec::new(), Vec::new())
+                };
+                let dos = zeroed(&dom, &bad_do, &mut zbuf);
+                matmul(dva, d, wm.t(), dos, true, Par::Seq);
+                for &r in &bad_do {
+                    for j in (0..kn).filter(|&j| vis[r * kn + j]) {
+                        let wv = wm.data[r * kn + j];
+                        for (x, &y) in dva[j * d..(j + 1) * d].iter_mut().zip(row(&dom, r)) {
+                            *x += wv * y;
+                        }
+                    }
+                }
+                let dpm = &mut dp[..nb * kn];
+                matmul(dpm, kn, dom, vm.t(), false, Par::Seq);
+                dispatch(
+                    cx.level,
+                    DsTile {
+                        p: pm,
+                        dp: dpm,
+                        dd: d_rows,
+                        kn,
+                        c: sc.c,
+                        clip,
+                    },
+                );
+                let dsm = MatRef::row_major(dpm, nb, kn);
+                let ks = zeroed(&km, &bad_k, &mut zbuf2);
+                matmul(dqa, d, dsm, ks, true, Par::Seq);
+                for &j in &bad_k {
+                    for r in (0..nb).filter(|&r| vis[r * kn + j]) {
+                        let ds = dsm.data[r * kn + j];
+                        for (x, &y) in dqa[r * d..(r + 1) * d].iter_mut().zip(row(&km, j)) {
+                            *x += ds * y;
+                        }
+                    }
+                }
+                let qs = zeroed(&qm, &bad_q, &mut zbuf3);
+                matmul(dka, d, dsm.t(), qs, true, Par::Seq);
+                for &r in &bad_q {
+                    for j in (0..kn).filter(|&j| vis[r * kn + j]) {
+                        let ds = dsm.data[r * kn + j];
+                        for (x, &y) in dka[j * d..(j + 1) * d].iter_mut().zip(row(&qm, r)) {
+                            *x += ds * y;
+                        }
+                    }
+                }
+                i0 += nb;
+            }
+        }
+        for (r, (dkr, dvr)) in dka.chunks(d).zip(dva.chunks(d)).enumerate() {
+            let o = (j0 + r) * d;
+            T::store_f32(dkr, &mut dk[o..o + d]);
+            T::store_f32(dvr, &mut dv[o..o + d]);
+        }
+        j0 += kn;
+    }
+    T::store_f32(&dq_acc, dq);
+}
+
+/// Products `q·k` → `P = exp(s − lse)` in place (0 where masked or where the row has no
+/// visible key).
+pub(crate) struct ProbTile<'a, 'b> {
+    pub sc: &'a Scores<'b>,
+    pub b: usize,
+    pub h: usize,
+    pub i0: usize,
+    pub j0: usize,
+    pub kn: usize,
+    pub t: &'a mut [f32],
+    pub lse: &'a [f32],
+    pub vis: Option<&'a mut [bool]>,
+}
+
+impl Task for ProbTile<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Isa>(self, s: S) {
+        let ProbTile {
+            sc,
+            b,
+            h,
+            i0,
+            j0,
+            kn,
+            t,
+            lse,
+            mut vis,
+        } = self;
+        for (r, row) in t.chunks_mut(kn).enumerate() {
+            sc.prep_row(b, h, i0 + r, j0, row);
+            if let Some(vis) = vis.as_deref_mut() {
+                for (f, &x) in vis[r * kn..(r + 1) * kn].iter_mut().zip(row.iter()) {
+                    *f = x != f32::NEG_INFINITY;
+                }
+            }
+            let l = lse[r];
+            if l == f32::NEG_INFINITY {
+                row.fill(0.0);
+                continue;
+            }
+            k::exp_shift_inplace_sum(s, row, l);
+        }
+    }
+}
+
+/// `dP ← c · P ⊙ (u − D)` in place (`u = dP`, or the clipped rule's `u`), 0 wherever `P = 0`.
+struct DsTile<'a> {
+    p: &'a [f32],
+    dp: &'a mut [f32],
+    dd: &'a [f32],
+    kn: usize,
+    c: f32,
+    clip: Option<Clip>,
+}
+
+impl Task for DsTile<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Isa>(self, _s: S) {
+        let DsTile { p, dp, dd, kn, c, clip } = self;
+        for ((pr, dr), &di) in p.chunks(kn).zip(dp.chunks_mut(kn)).zip(dd) {
+            match clip {
+                None => {
+                    for (&pv, x) in pr.iter().zip(dr.iter_mut()) {
+                        let v = pv * (*x - di) * c;
+                        *x = if pv == 0.0 { 0.0 } else { v };
+                    }
+                }
+                Some(cl) => {
+                    for (&pv, x) in pr.iter().zip(dr.iter_mut()) {
+                        let v = pv * (cl.u(pv, *x) - di) * c;
+                        *x = if pv == 0.0 { 0.0 } else { v };
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,631 @@
+//! Attention: flash attention forward and backward on the CPU, split-K and unified-max
+//! decoding, and the attention variants of `ALGORITHMS.md` §3 (A1–A7, N6, N7).
+//!
+//! # Shapes and layouts
+//!
+//! An [`AttentionShape`] names `batch`, `q_heads`, `kv_heads`, `q_len`, `kv_len` and
+//! `head_dim`. Queries are `[batch, q_heads, q_len, head_dim]`, keys and values
+//! `[batch, kv_heads, kv_len, head_dim]` (grouped-query attention: `q_heads` a multiple of
+//! `kv_heads`; query head `h` reads key/value head `h / (q_heads / kv_heads)`). Inputs are
+//! [`Heads`] views: a buffer plus [`HeadStrides`] (batch, head and token strides in elements;
+//! `head_dim` is always contiguous), so both `[b, h, s, d]` ([`HeadStrides::bhsd`]) and
+//! `[b, s, h, d]` ([`HeadStrides::bshd`]) buffers are read in place. Outputs (and gradients)
+//! are contiguous `[b, h, s, d]`; the log-sum-exp is contiguous `[batch, q_heads, q_len]`.
+//!
+//! # Scores and masks
+//!
+//! Score `s_ij = (q_i·k_j · scale + bias_ij) / τ`, with `scale = 1/sqrt(head_dim)` by default
+//! and the TempScale temperature `τ` (A7; 1 by default). Query `i` sits at key position
+//! `p_i = i + offset` ([`QueryPositions`]; by default bottom-right aligned,
+//! `offset = kv_len − q_len`, so a chunk of new queries attends to a longer cache). Key `j` is
+//! *visible* to query `i` when every configured mask allows it:
+//!
+//! | mask | visible when |
+//! |---|---|
+//! | `causal` | `j ≤ p_i` |
+//! | [`Window`] `{left, right}` | `p_i − left ≤ j ≤ p_i + right` |
+//! | [`KeepMask`] | `keep[b, h, i, j]` is true |
+//! | [`ScoreBias`] | always (an additive bias of `-inf` acts as a mask) |
+//!
+//! Masking *sets* the score to `-inf` before the maximum (ALGORITHMS.md §0.1); it never adds a
+//! sentinel. So the output and every gradient are independent of whatever keys and values
+//! (finite, infinite or NaN) sit at masked positions (`NEEDS.md` guarantee 2): a tile whose
+//! keys or values hold a non-finite number is computed on a guarded path that skips the
+//! masked products instead of multiplying them by zero.
+//!
+//! # Special values (the attention column of the crate's table)
+//!
+//! | input | output row | log-sum-exp | gradients |
+//! |---|---|---|---|
+//! | every key masked, or `kv_len = 0` | 0 | `-inf` | 0 |
+//! | NaN in a visible score (query, key, value or bias) | NaN | NaN | NaN |
+//! | `+inf` visible score | NaN (IEEE `inf − inf`) | NaN | NaN |
+//!
+//! # Threads and determinism
+//!
+//! The forward splits work over (batch, query head, query block); the backward over
+//! (batch, key/value head), each task running its key blocks in a fixed order. No reduction
+//! is ever split across threads, so results are bitwise identical for every thread count, and a
+//! row's result does not depend on which other rows share the call.
+//!
+//! # Accuracy
+//!
+//! Matrix products run in f32 through the `gemm` crate (f32 accumulation, blocked), the
+//! exponential is the crate's SIMD `exp` (≤ 2 ULP), row sums accumulate in f64 across key
+//! blocks. Against an f64 reference the tests assert `|o − o_ref| ≤ 1e-5·(1 + max|v|)` and
+//! `|lse − lse_ref| ≤ 1e-5·(1 + |lse_ref|)` for scores of magnitude up to 30 and
+//! `head_dim ≤ 128`; f16/bf16 inputs are widened exactly and the result is narrowed once
+//! (one rounding of the narrow type on top).
+
+// Parallel task lists pair each output chunk with its index; spelling those tuples out is clearer
+// than naming them.
+#![allow(clippy::type_complexity)]
+
+mod decode;
+mod flash;
+mod variants;
+
+pub use decode::{
+    DecodeOptions, UnifiedFallback, UnifiedMax, UnifiedStats, attention_decode, attention_decode_unified,
+    merge_attention_states, profile_unified_max,
+};
+pub use flash::{attention, attention_backward};
+pub use variants::{
+    ClippedSoftmax, InlineKernel, InlineLocal, Lssa, LssaStats, attention_clipped, attention_clipped_backward,
+    attention_gate, attention_gate_backward, attention_lssa, gate_bias_init, inline_attention,
+};
+
+use crate::arch::SimdLevel;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::options::Par;
+
+/// Element types attention accepts: `f32`, and [`half::f16`] / [`half::bf16`] widened to f32
+/// on load (every product and sum accumulates in f32 or wider) and narrowed once on store.
+pub trait AttnElement: Element {}
+impl AttnElement for f32 {}
+impl AttnElement for half::f16 {}
+impl AttnElement for half::bf16 {}
+
+/// The sizes of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AttentionShape {
+    /// Batch size.
+    pub batch: usize,
+    /// Query heads (a multiple of `kv_heads`).
+    pub q_heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Queries per head.
+    pub q_len: usize,
+    /// Keys (and values) per head.
+    pub kv_len: usize,
+    /// Head dimension `d` (≥ 1).
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    /// Multi-head attention with `heads` query and key/value heads.
+    pub fn new(batch: usize, heads: usize, q_len: usize, kv_len: usize, head_dim: usize) -> Self {
+        AttentionShape {
+            batch,
+            q_heads: heads,
+            kv_heads: heads,
+            q_len,
+            kv_len,
+            head_dim,
+        }
+    }
+
+    /// Grouped-query attention: sets the number of key/value heads.
+    pub fn kv_heads(mut self, kv_heads: usize) -> Self {
+        self.kv_heads = kv_heads;
+        self
+    }
+
+    /// Elements of the contiguous output `[batch, q_heads, q_len, head_dim]`.
+    pub fn out_len(&self) -> usize {
+        self.batch * self.q_heads * self.q_len * self.head_dim
+    }
+
+    /// Elements of the contiguous `[batch, kv_heads, kv_len, head_dim]` (the key and value
+    /// gradients).
+    pub fn kv_len_elems(&self) -> usize {
+        self.batch * self.kv_heads * self.kv_len * self.head_dim
+    }
+
+    /// Values of the log-sum-exp `[batch, q_heads, q_len]`.
+    pub fn lse_len(&self) -> usize {
+        self.batch * self.q_heads * self.q_len
+    }
+
+    /// Query heads per key/value head.
+    pub(crate) fn group(&self) -> usize {
+        self.q_heads / self.kv_heads.max(1)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "batch {} q_heads {} kv_heads {} q_len {} kv_len {} head_dim {}",
+            self.batch, self.q_heads, self.kv_heads, self.q_len, self.kv_len, self.head_dim
+        )
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.head_dim == 0 {
+            return Err(Error::BadParameter {
+                name: "head_dim",
+                value: "0".into(),
+                expected: ">= 1",
+            });
+        }
+        if self.kv_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
+            return Err(Error::Unsupported {
+                what: "kv_heads",
+                why: "q_heads must be a positive multiple of kv_heads (grouped-query attention)",
+            });
+        }
+        let prod = [
+            self.batch,
+            self.q_heads.max(self.kv_heads),
+            self.q_len.max(self.kv_len),
+            self.head_dim,
+        ]
+        .iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b));
+        if prod.is_none() || self.q_len.checked_mul(self.kv_len).is_none() {
+            return Err(Error::SizeOverflow {
+                what: "attention shape",
+                shape: self.describe(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Element strides of a `[batch, heads, tokens, head_dim]` tensor whose `head_dim` axis is
+/// contiguous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HeadStrides {
+    /// Between batches.
+    pub batch: usize,
+    /// Between heads.
+    pub head: usize,
+    /// Between tokens.
+    pub token: usize,
+}
+
+impl HeadStrides {
+    /// Contiguous `[batch, heads, tokens, d]`.
+    pub fn bhsd(heads: usize, tokens: usize, d: usize) -> Self {
+        HeadStrides {
+            batch: heads * tokens * d,
+            head: tokens * d,
+            token: d,
+        }
+    }
+
+    /// Contiguous `[batch, tokens, heads, d]` (the layout a fused QKV projection produces).
+    pub fn bshd(heads: usize, tokens: usize, d: usize) -> Self {
+        HeadStrides {
+            batch: heads * tokens * d,
+            head: d,
+            token: heads * d,
+        }
+    }
+}
+
+/// A read-only attention operand: a buffer and its strides (`None`: contiguous
+/// `[batch, heads, tokens, head_dim]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Heads<'a, T> {
+    /// The elements.
+    pub data: &'a [T],
+    /// The strides; `None` for contiguous `[b, h, s, d]`.
+    pub strides: Option<HeadStrides>,
+}
+
+impl<'a, T> Heads<'a, T> {
+    /// A contiguous `[batch, heads, tokens, head_dim]` buffer.
+    pub fn new(data: &'a [T]) -> Self {
+        Heads { data, strides: None }
+    }
+    /// A buffer with explicit strides.
+    pub fn strided(data: &'a [T], strides: HeadStrides) -> Self {
+        Heads {
+            data,
+            strides: Some(strides),
+        }
+    }
+}
+
+/// A validated operand: strides resolved.
+#[derive(Clone, Copy)]
+pub(crate) struct Op<'a, T> {
+    pub data: &'a [T],
+    pub st: HeadStrides,
+}
+
+impl<'a, T> Op<'a, T> {
+    /// Start of token `t` of head `h` in batch `b`.
+    #[inline]
+    pub fn at(&self, b: usize, h: usize, t: usize) -> usize {
+        b * self.st.batch + h * self.st.head + t * self.st.token
+    }
+    /// Row `t` of head `(b, h)`, `d` elements.
+    #[inline]
+    pub fn row(&self, b: usize, h: usize, t: usize, d: usize) -> &'a [T] {
+        let o = self.at(b, h, t);
+        &self.data[o..o + d]
+    }
+}
+
+pub(crate) fn resolve<'a, T>(
+    what: &'static str,
+    x: Heads<'a, T>,
+    batch: usize,
+    heads: usize,
+    tokens: usize,
+    d: usize,
+) -> Result<Op<'a, T>> {
+    let st = x.strides.unwrap_or(HeadStrides::bhsd(heads, tokens, d));
+    if batch == 0 || heads == 0 || tokens == 0 {
+        return Ok(Op { data: x.data, st });
+    }
+    if tokens > 1 && st.token < d {
+        return Err(Error::StrideTooSmall {
+            what,
+            stride: st.token,
+            len: d,
+        });
+    }
+    let last = (batch - 1)
+        .checked_mul(st.batch)
+        .and_then(|a| (heads - 1).checked_mul(st.head).and_then(|b| a.checked_add(b)))
+        .and_then(|a| (tokens - 1).checked_mul(st.token).and_then(|b| a.checked_add(b)))
+        .and_then(|a| a.checked_add(d));
+    match last {
+        Some(n) if n <= x.data.len() => Ok(Op { data: x.data, st }),
+        Some(n) => Err(Error::BufferTooShort {
+            what,
+            len: x.data.len(),
+            needed: n,
+        }),
+        None => Err(Error::SizeOverflow {
+            what,
+            shape: format!("batch {batch} heads {heads} tokens {tokens} head_dim {d}"),
+        }),
+    }
+}
+
+/// Where the queries sit among the keys (the causal diagonal and the sliding window are
+/// measured from there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueryPositions {
+    /// Query `i` at key position `i + kv_len − q_len`: the last query sees the last key
+    /// (FlashAttention ≥ 2.1's convention; the right one for a chunk of new tokens attending to
+    /// a cache). With `q_len > kv_len` the first `q_len − kv_len` queries see no key under
+    /// `causal` and return 0.
+    #[default]
+    BottomRight,
+    /// Query `i` at key position `i + offset` (`offset` may be negative).
+    Offset(i64),
+}
+
+/// A sliding window: query at position `p` sees keys `p − left ..= p + right`
+/// (Mistral's window of `w` tokens is `left = w − 1, right = 0` together with `causal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Keys visible before the query position.
+    pub left: usize,
+    /// Keys visible after it.
+    pub right: usize,
+}
+
+/// Element strides of a `[batch, q_heads, q_len, kv_len]` score-shaped tensor whose key axis is
+/// contiguous. A stride of 0 broadcasts that axis (a bias shared by all heads has `head: 0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ScoreStrides {
+    /// Between batches.
+    pub batch: usize,
+    /// Between query heads.
+    pub head: usize,
+    /// Between queries.
+    pub query: usize,
+}
+
+impl ScoreStrides {
+    /// Contiguous `[batch, q_heads, q_len, kv_len]`.
+    pub fn contiguous(q_heads: usize, q_len: usize, kv_len: usize) -> Self {
+        ScoreStrides {
+            batch: q_heads * q_len * kv_len,
+            head: q_len * kv_len,
+            query: kv_len,
+        }
+    }
+    /// One `[q_len, kv_len]` matrix shared by every batch and head.
+    pub fn shared(kv_len: usize) -> Self {
+        ScoreStrides {
+            batch: 0,
+            head: 0,
+            query: kv_len,
+        }
+    }
+    #[inline]
+    pub(crate) fn at(&self, b: usize, h: usize, i: usize) -> usize {
+        b * self.batch + h * self.head + i * self.query
+    }
+}
+
+/// An additive score bias (ALiBi, relative positions, a float mask), f32, added before the
+/// temperature: `s = (q·k·scale + bias)/τ`. `-inf` masks; NaN makes the row NaN.
+#[derive(Debug, Clone, Copy)]
+pub struct ScoreBias<'a> {
+    /// The values.
+    pub data: &'a [f32],
+    /// Their strides.
+    pub strides: ScoreStrides,
+}
+
+/// A boolean mask: `true` = attend, `false` = masked (PyTorch's SDPA convention).
+#[derive(Debug, Clone, Copy)]
+pub struct KeepMask<'a> {
+    /// The flags.
+    pub data: &'a [bool],
+    /// Their strides.
+    pub strides: ScoreStrides,
+}
+
+/// Tile sizes of the blocked kernels: `q` query rows by `kv` keys per score tile. Working memory
+/// per thread is about `4·(q·kv + 2·q·d + 2·kv·d)` bytes; defaults 128 × 256, chosen by
+/// `smax bench attention`. Values are clamped to ≥ 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionTiles {
+    /// Query rows per tile.
+    pub q: usize,
+    /// Keys per tile.
+    pub kv: usize,
+}
+
+impl Default for AttentionTiles {
+    fn default() -> Self {
+        AttentionTiles { q: 128, kv: 256 }
+    }
+}
+
+/// Options of the attention calls. `AttentionOptions::default()` is plain non-causal
+/// softmax attention with scale `1/sqrt(d)`.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionOptions<'a> {
+    /// Multiplies `q·k`; `None` for `1/sqrt(head_dim)`. Must be finite.
+    pub scale: Option<f32>,
+    /// TempScale's τ (A7, Zhou et al. 2024): divides the scores after bias and masks. τ < 1
+    /// sharpens attention. Finite and > 0; default 1.
+    pub temperature: f32,
+    /// Causal mask (`j ≤ p_i`).
+    pub causal: bool,
+    /// Query positions for the causal diagonal and the window.
+    pub positions: QueryPositions,
+    /// Sliding window.
+    pub window: Option<Window>,
+    /// Additive bias.
+    pub bias: Option<ScoreBias<'a>>,
+    /// Boolean mask.
+    pub keep: Option<KeepMask<'a>>,
+    /// Tile sizes.
+    pub tiles: AttentionTiles,
+    /// Threads.
+    pub par: Par,
+    /// Forces a SIMD level for the row kernels.
+    pub simd: Option<SimdLevel>,
+}
+
+impl Default for AttentionOptions<'_> {
+    fn default() -> Self {
+        AttentionOptions {
+            scale: None,
+            temperature: 1.0,
+            causal: false,
+            positions: QueryPositions::BottomRight,
+            window: None,
+            bias: None,
+            keep: None,
+            tiles: AttentionTiles::default(),
+            par: Par::Rayon,
+            simd: None,
+        }
+    }
+}
+
+impl<'a> AttentionOptions<'a> {
+    /// Sets causal masking.
+    pub fn causal(mut self, on: bool) -> Self {
+        self.causal = on;
+        self
+    }
+    /// Sets the score scale.
+    pub fn scale(mut self, s: f32) -> Self {
+        self.scale = Some(s);
+        self
+    }
+    /// Sets TempScale's τ.
+    pub fn temperature(mut self, t: f32) -> Self {
+        self.temperature = t;
+        self
+    }
+    /// Sets the query positions.
+    pub fn positions(mut self, p: QueryPositions) -> Self {
+        self.positions = p;
+        self
+    }
+    /// Sets a sliding window.
+    pub fn window(mut self, left: usize, right: usize) -> Self {
+        self.window = Some(Window { left, right });
+        self
+    }
+    /// Sets an additive bias.
+    pub fn bias(mut self, b: ScoreBias<'a>) -> Self {
+        self.bias = Some(b);
+        self
+    }
+    /// Sets a boolean mask.
+    pub fn keep(mut self, k: KeepMask<'a>) -> Self {
+        self.keep = Some(k);
+        self
+    }
+    /// Sets the tile sizes.
+    pub fn tiles(mut self, q: usize, kv: usize) -> Self {
+        self.tiles = AttentionTiles { q, kv };
+        self
+    }
+    /// Sets the parallelism.
+    pub fn par(mut self, p: Par) -> Self {
+        self.par = p;
+        self
+    }
+    /// Forces a SIMD level.
+    pub fn simd(mut self, l: SimdLevel) -> Self {
+        self.simd = Some(l);
+        self
+    }
+}
+
+/// Validated, resolved masking and scaling: everything the kernels need per score.
+#[derive(Clone, Copy)]
+pub(crate) struct Scores<'a> {
+    /// Multiplier of `q·k`: `scale/τ`.
+    pub c: f32,
+    /// Multiplier of the bias: `1/τ`.
+    pub cb: f32,
+    pub causal: bool,
+    pub offset: i64,
+    pub window: Option<Window>,
+    pub bias: Option<ScoreBias<'a>>,
+    pub keep: Option<KeepMask<'a>>,
+    pub kv_len: usize,
+}
+
+impl Scores<'_> {
+    /// The keys `[lo, hi)` that causal and window allow for query `i`.
+    #[inline]
+    pub fn range(&self, i: usize) -> (usize, usize) {
+        let p = i as i64 + self.offset;
+        let n = self.kv_len as i64;
+        let mut lo = 0i64;
+        let mut hi = n;
+        if self.causal {
+            hi = hi.min(p + 1);
+        }
+        if let Some(w) = self.window {
+            lo = lo.max(p.saturating_sub(w.left as i64));
+            hi = hi.min(p.saturating_add(w.right as i64).saturating_add(1));
+        }
+        let lo = lo.clamp(0, n) as usize;
+        let hi = hi.clamp(0, n) as usize;
+        (lo, hi.max(lo))
+    }
+
+    /// Turns raw products `q_i·k_j` for keys `j0..j0+row.len()` into scores, in place:
+    /// `-inf` outside the visible range or where `keep` is false, `(x·scale + bias)/τ` inside.
+    /// Returns the visible range relative to `j0`.
+    #[inline(always)]
+    pub fn prep_row(&self, b: usize, h: usize, i: usize, j0: usize, row: &mut [f32]) -> (usize, usize) {
+        let n = row.len();
+        let (lo, hi) = self.range(i);
+        let lo = lo.clamp(j0, j0 + n) - j0;
+        let hi = hi.clamp(j0, j0 + n) - j0;
+        let hi = hi.max(lo);
+        row[..lo].fill(f32::NEG_INFINITY);
+        row[hi..].fill(f32::NEG_INFINITY);
+        let c = self.c;
+        for v in &mut row[lo..hi] {
+            *v *= c;
+        }
+        if let Some(bias) = self.bias {
+            let o = bias.strides.at(b, h, i) + j0;
+            let cb = self.cb;
+            for (v, &bv) in row[lo..hi].iter_mut().zip(&bias.data[o + lo..o + hi]) {
+                *v += bv * cb;
+            }
+        }
+        if let Some(keep) = self.keep {
+            let o = keep.strides.at(b, h, i) + j0;
+            for (v, &kp) in row[lo..hi].iter_mut().zip(&keep.data[o + lo..o + hi]) {
+                if !kp {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
+        (lo, hi)
+    }
+}
+
+fn check_score_tensor(what: &'static str, len: usize, st: ScoreStrides, s: &AttentionShape) -> Result<()> {
+    if s.batch == 0 || s.q_heads == 0 || s.q_len == 0 || s.kv_len == 0 {
+        return Ok(());
+    }
+    let last = (s.batch - 1)
+        .checked_mul(st.batch)
+        .and_then(|a| (s.q_heads - 1).checked_mul(st.head).and_then(|b| a.checked_add(b)))
+        .and_then(|a| (s.q_len - 1).checked_mul(st.query).and_then(|b| a.checked_add(b)))
+        .and_then(|a| a.checked_add(s.kv_len));
+    match last {
+        Some(n) if n <= len => Ok(()),
+        Some(n) => Err(Error::BufferTooShort { what, len, needed: n }),
+        None => Err(Error::SizeOverflow {
+            what,
+            shape: s.describe(),
+        }),
+    }
+}
+
+/// Validates the options against a shape and resolves them.
+pub(crate) fn scores<'a>(s: &AttentionShape, o: &AttentionOptions<'a>) -> Result<Scores<'a>> {
+    let scale = o.scale.unwrap_or(1.0 / (s.head_dim.max(1) as f32).sqrt());
+    if !scale.is_finite() {
+        return Err(Error::BadParameter {
+            name: "scale",
+            value: format!("{scale}"),
+            expected: "finite",
+        });
+    }
+    let t = o.temperature;
+    if !(t.is_finite() && t > 0.0 && (1.0 / t).is_finite()) {
+        return Err(Error::BadParameter {
+            name: "temperature",
+            value: format!("{t}"),
+            expected: "finite and > 0, with 1/temperature finite",
+        });
+    }
+    if let Some(b) = o.bias {
+        check_score_tensor("bias", b.data.len(), b.strides, s)?;
+    }
+    if let Some(k) = o.keep {
+        check_score_tensor("keep", k.data.len(), k.strides, s)?;
+    }
+    let offset = match o.positions {
+        QueryPositions::BottomRight => s.kv_len as i64 - s.q_len as i64,
+        QueryPositions::Offset(x) => x,
+    };
+    Ok(Scores {
+        c: scale / t,
+        cb: 1.0 / t,
+        causal: o.causal,
+        offset,
+        window: o.window,
+        bias: o.bias,
+        keep: o.keep,
+        kv_len: s.kv_len,
+    })
+}
+
+pub(crate) fn check_out(what: &'static str, len: usize, needed: usize) -> Result<()> {
+    if len != needed {
+        return Err(Error::LengthMismatch {
+            what,
+            len,
+            expected: needed,
+        });
+    }
+    Ok(())
+}
