@@ -21,6 +21,8 @@ pub enum Suite {
     Loss,
     /// Decoding: top-k, top-p and min-p sampling.
     Decode,
+    /// Attention: flash attention forward, forward+backward, and split-K decoding.
+    Attention,
 }
 
 #[derive(clap::Args, Debug)]
@@ -218,6 +220,7 @@ pub fn run(a: Args) -> Result<(), String> {
     match a.suite {
         Suite::Loss => return crate::bench_loss::run(a),
         Suite::Decode => return crate::bench_decode::run(a),
+        Suite::Attention => return crate::bench_attention::run(a),
         Suite::Core => {}
     }
     let (budget, max_iters) = timing(&a);
@@ -408,14 +411,22 @@ pub fn run(a: Args) -> Result<(), String> {
 }
 
 fn roofline<'a>(records: &'a [Record], r: &Record) -> Option<&'a Record> {
-    let want = if r.op == "logsumexp" || r.imp.ends_with("-fwd") {
+    let want = if r.op == "logsumexp" || r.op == "attention_decode" || r.imp.ends_with("-fwd") {
         "read"
     } else {
         "copy"
     };
-    records
-        .iter()
-        .find(|c| c.imp == want && c.rows == r.rows && c.cols == r.cols && c.threads == r.threads && c.op == r.op)
+    // Records that carry a head count or head dimension (attention) match on those too.
+    let field = |rec: &Record, k: &str| rec.extra.iter().find(|e| e.0 == k).map(|e| e.1.clone());
+    records.iter().find(|c| {
+        c.imp == want
+            && c.rows == r.rows
+            && c.cols == r.cols
+            && c.threads == r.threads
+            && c.op == r.op
+            && field(c, "heads") == field(r, "heads")
+            && field(c, "head_dim") == field(r, "head_dim")
+    })
 }
 
 pub(crate) fn print_table(records: &[Record]) {

@@ -4,6 +4,7 @@
 
 mod alloc;
 mod bench;
+mod bench_attention;
 mod bench_decode;
 mod bench_linear;
 mod bench_loss;

@@ -125,6 +125,54 @@ mod imp {
         }
     }
 
+    /// candle-nn's CPU flash attention (`flash_attn`, batch 1) on `[1, seq, heads, d]` tensors
+    /// built from smax's `[heads, seq, d]` buffers.
+    struct CandleFlash {
+        q: candle_core::Tensor,
+        k: candle_core::Tensor,
+        v: candle_core::Tensor,
+        scale: f32,
+        causal: bool,
+    }
+    impl Peer for CandleFlash {
+        fn run(&mut self) {
+            let mask = if self.causal {
+                candle_nn::attention::AttnMask::causal()
+            } else {
+                candle_nn::attention::AttnMask::None
+            };
+            let o = candle_nn::attention::flash_attn::<f32>(&self.q, &self.k, &self.v, self.scale, mask, None, None)
+                .expect("candle flash_attn");
+            std::hint::black_box(o);
+        }
+    }
+    pub fn candle_flash(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        heads: usize,
+        seq: usize,
+        d: usize,
+        causal: bool,
+    ) -> Option<Box<dyn Peer>> {
+        let dev = candle_core::Device::Cpu;
+        let t = |x: &[f32]| -> Option<candle_core::Tensor> {
+            candle_core::Tensor::from_slice(x, (1, heads, seq, d), &dev)
+                .ok()?
+                .transpose(1, 2)
+                .ok()?
+                .contiguous()
+                .ok()
+        };
+        Some(Box::new(CandleFlash {
+            q: t(q)?,
+            k: t(k)?,
+            v: t(v)?,
+            scale: 1.0 / (d as f32).sqrt(),
+            causal,
+        }))
+    }
+
     pub fn rten(x: &[f32], _rows: usize, cols: usize, log: bool) -> Option<Box<dyn Peer + '_>> {
         Some(Box::new(Rten {
             x,
@@ -136,7 +184,7 @@ mod imp {
 }
 
 #[cfg(feature = "peers")]
-pub use imp::{candle, candle_ce, candle_sampler, rten};
+pub use imp::{candle, candle_ce, candle_flash, candle_sampler, rten};
 
 #[cfg(not(feature = "peers"))]
 pub fn candle_sampler(_: &[f32], _: usize, _: usize, _: Option<usize>, _: Option<f64>) -> Option<Box<dyn Peer>> {
@@ -145,6 +193,11 @@ pub fn candle_sampler(_: &[f32], _: usize, _: usize, _: Option<usize>, _: Option
 
 #[cfg(not(feature = "peers"))]
 pub fn candle_ce(_: &[f32], _: usize, _: usize, _: &[i64]) -> Option<Box<dyn Peer>> {
+    None
+}
+
+#[cfg(not(feature = "peers"))]
+pub fn candle_flash(_: &[f32], _: &[f32], _: &[f32], _: usize, _: usize, _: usize, _: bool) -> Option<Box<dyn Peer>> {
     None
 }
 

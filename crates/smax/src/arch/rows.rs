@@ -788,3 +788,21 @@ pub(crate) fn exp_shift_inplace_sum<S: Isa>(s: S, x: &mut [f32], m: f32) -> f64 
     }
     total
 }
+
+/// True when every element of `x` is finite (no NaN, no ±inf): `Σ x_i·0` stays 0 exactly
+/// unless some `x_i·0` is NaN.
+#[inline(always)]
+pub(crate) fn all_finite<S: Isa>(s: S, x: &[f32]) -> bool {
+    let (h, t) = S::as_simd_f32s(x);
+    let z = s.splat_f32s(0.0);
+    let (mut a0, mut a1) = (z, z);
+    let mut it = h.chunks_exact(2);
+    for c in &mut it {
+        a0 = s.mul_add_f32s(c[0], z, a0);
+        a1 = s.mul_add_f32s(c[1], z, a1);
+    }
+    for &c in it.remainder() {
+        a0 = s.mul_add_f32s(c, z, a0);
+    }
+    s.reduce_sum_f32s(s.add_f32s(a0, a1)) == 0.0 && t.iter().all(|v| v.is_finite())
+}

@@ -467,7 +467,7 @@ fn unified_split<T: Element>(
         let kn = bk.min(hi - j0);
         let km = rows_f32(&cx.k, b, hk, j0, kn, d, &mut kbuf);
         let vm = rows_f32(&cx.v, b, hk, j0, kn, d, &mut vbuf);
-        let bad = !all_finite(&km) || !all_finite(&vm);
+        let bad = !all_finite(cx.level, &km) || !all_finite(cx.level, &vm);
         let sm = &mut sbuf[..ql * kn];
         matmul(sm, kn, qm, km.t(), false, Par::Seq);
         vis.clear();

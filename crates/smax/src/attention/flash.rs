@@ -43,9 +43,21 @@ pub(crate) fn rows_f32<'b, T: Element>(
     MatRef::row_major(buf, n, d)
 }
 
-/// True when every element of `m` is finite.
-pub(crate) fn all_finite(m: &MatRef<'_>) -> bool {
-    (0..m.rows).all(|r| m.data[r * m.rs..r * m.rs + m.cols].iter().all(|x| x.is_finite()))
+/// True when every element of `m` is finite (a SIMD scan).
+pub(crate) fn all_finite(level: SimdLevel, m: &MatRef<'_>) -> bool {
+    struct Scan<'a, 'b>(&'a MatRef<'b>);
+    impl Task for Scan<'_, '_> {
+        type Output = bool;
+        #[inline(always)]
+        fn run<S: Isa>(self, s: S) -> bool {
+            let m = self.0;
+            if m.rs == m.cols {
+                return k::all_finite(s, &m.data[..m.rows * m.cols]);
+            }
+            (0..m.rows).all(|r| k::all_finite(s, row(m, r)))
+        }
+    }
+    dispatch(level, Scan(m))
 }
 
 /// Indices of the rows of `m` that hold a NaN or an infinity.
@@ -270,7 +282,7 @@ pub(crate) fn fwd_accumulate<T: Element>(
         let kn = bk.min(k_hi - j0);
         let km = rows_f32(&cx.k, b, hk, j0, kn, hd, &mut kbuf);
         let vm = rows_f32(&cx.v, b, hk, j0, kn, if values { hd } else { 0 }, &mut vbuf);
-        let bad = values && (!all_finite(&km) || !all_finite(&vm));
+        let bad = values && (!all_finite(cx.level, &km) || !all_finite(cx.level, &vm));
         let sm = &mut sbuf[..nb * kn];
         matmul(sm, kn, qm, km.t(), false, Par::Seq);
         if bad {
@@ -551,7 +563,7 @@ fn bwd_head<T: Element>(
         let kn = bk.min(kl - j0);
         let km = rows_f32(&cx.k, b, hk, j0, kn, d, &mut kbuf);
         let vm = rows_f32(&cx.v, b, hk, j0, kn, d, &mut vbuf);
-        let kv_bad = !all_finite(&km) || !all_finite(&vm);
+        let kv_bad = !all_finite(cx.level, &km) || !all_finite(cx.level, &vm);
         let dka = &mut dk_acc[..kn * d];
         let dva = &mut dv_acc[..kn * d];
         dka.fill(0.0);
@@ -568,7 +580,7 @@ fn bwd_head<T: Element>(
                 }
                 let qm = rows_f32(&cx.q, b, h, i0, nb, d, &mut qbuf);
                 let dom = rows_f32(do_op, b, h, i0, nb, d, &mut dobuf);
-                let bad = kv_bad || !all_finite(&qm) || !all_finite(&dom);
+                let bad = kv_bad || !all_finite(cx.level, &qm) || !all_finite(cx.level, &dom);
                 let pm = &mut p[..nb * kn];
                 matmul(pm, kn, qm, km.t(), false, Par::Seq);
                 if bad {

@@ -168,7 +168,7 @@ fn weighted_pass<T: Element>(
         let kn = bk.min(kl - j0);
         let km = rows_f32(&cx.k, b, hk, j0, kn, d, &mut kbuf);
         let vm = rows_f32(&cx.v, b, hk, j0, kn, d, &mut vbuf);
-        let bad = !all_finite(&km) || !all_finite(&vm);
+        let bad = !all_finite(cx.level, &km) || !all_finite(cx.level, &vm);
         let sm = &mut sbuf[..nb * kn];
         matmul(sm, kn, qm, km.t(), false, Par::Seq);
         vis.clear();
@@ -604,7 +604,7 @@ fn lssa_block<T: Element>(
         }
         if want_lssa {
             let vm = rows_f32(&cx.v, b, hk, j0, kn, d, &mut vbuf);
-            let bad = !all_finite(&vm);
+            let bad = !all_finite(cx.level, &vm);
             accumulate_pv(&mut acc, sm, &vm, if bad { Some(&vis[..]) } else { None });
         }
         j0 += kn;
@@ -652,7 +652,7 @@ fn lssa_block<T: Element>(
             }
         }
         let vm = rows_f32(&cx.v, b, hk, j0, kn, d, &mut vbuf);
-        let bad = !all_finite(&vm);
+        let bad = !all_finite(cx.level, &vm);
         dispatch(
             cx.level,
             OnlineTile {
@@ -683,7 +683,7 @@ fn lssa_block<T: Element>(
             let sm = &mut sbuf[..nb * kn];
             tile(j0, kn, sm, &mut vis);
             let vm = rows_f32(&cx.v, b, hk, j0, kn, d, &mut vbuf);
-            let bad = !all_finite(&vm);
+            let bad = !all_finite(cx.level, &vm);
             accumulate_pv(&mut acc, sm, &vm, if bad { Some(&vis[..]) } else { None });
             j0 += kn;
         }
