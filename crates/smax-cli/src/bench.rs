@@ -416,17 +416,20 @@ fn roofline<'a>(records: &'a [Record], r: &Record) -> Option<&'a Record> {
     } else {
         "copy"
     };
-    // Records that carry a head count or head dimension (attention) match on those too.
+    records.iter().find(|c| c.imp == want && same_config(c, r))
+}
+
+/// Same op, shape, threads and (for records that carry them: attention) heads, head dimension
+/// and causality.
+fn same_config(a: &Record, b: &Record) -> bool {
     let field = |rec: &Record, k: &str| rec.extra.iter().find(|e| e.0 == k).map(|e| e.1.clone());
-    records.iter().find(|c| {
-        c.imp == want
-            && c.rows == r.rows
-            && c.cols == r.cols
-            && c.threads == r.threads
-            && c.op == r.op
-            && field(c, "heads") == field(r, "heads")
-            && field(c, "head_dim") == field(r, "head_dim")
-    })
+    a.op == b.op
+        && a.rows == b.rows
+        && a.cols == b.cols
+        && a.threads == b.threads
+        && ["heads", "head_dim", "causal"]
+            .iter()
+            .all(|k| field(a, k) == field(b, k))
 }
 
 pub(crate) fn print_table(records: &[Record]) {
@@ -444,9 +447,7 @@ pub(crate) fn print_table(records: &[Record]) {
         let roof = roofline(records, r).map(|c| r.gb_per_s / c.gb_per_s);
         let candle = records
             .iter()
-            .find(|c| {
-                c.imp == "candle" && c.op == r.op && c.rows == r.rows && c.cols == r.cols && c.threads == r.threads
-            })
+            .find(|c| c.imp == "candle" && same_config(c, r))
             .map(|c| c.median_s / r.median_s);
         println!(
             "{:<22} {:>16} {:>3} {:<16} {:>11.3} {:>8.2} {:>8} {:>8}",

@@ -1223,3 +1223,50 @@ fn unified_max_equals_exact_and_counts_fallbacks() {
     .unwrap_err();
     assert!(matches!(e, Error::BadParameter { name: "split_len", .. }));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Properties over random shapes, masks and tile sizes
+
+use proptest::prelude::*;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Forward and backward equal the f64 reference for any shape, grouping, mask and tiling.
+    #[test]
+    fn matches_reference_for_random_shapes(
+        batch in 1usize..3, kv_heads in 1usize..3, group in 1usize..3,
+        q_len in 1usize..24, kv_len in 0usize..40, d in 1usize..10,
+        causal: bool, offset in -8i64..40, window in proptest::option::of((0usize..12, 0usize..12)),
+        bq in 1usize..40, bk in 1usize..40, seed: u64,
+    ) {
+        let s = AttentionShape::new(batch, kv_heads * group, q_len, kv_len, d).kv_heads(kv_heads);
+        let mut cfg = Cfg::new(s);
+        cfg.causal = causal;
+        cfg.offset = offset;
+        cfg.window = window;
+        let mut rng = Rng(seed | 1);
+        let (q, k, v) = inputs(&mut rng, s, 3.0);
+        let mut out = vec![0.0f32; s.out_len()];
+        let mut lse = vec![0.0f32; s.lse_len()];
+        let o = cfg.opts().tiles(bq, bk);
+        attention(s, Heads::new(&q), Heads::new(&k), Heads::new(&v), &mut out, Some(&mut lse), &o).unwrap();
+        let (ro, rl) = cfg.forward(&wide(&q), &wide(&k), &wide(&v));
+        close("out", &out, &ro, FWD_TOL, 1.0);
+        for (&g, &w) in lse.iter().zip(&rl) {
+            let ok = if w.is_infinite() { g as f64 == w } else { (g as f64 - w).abs() <= FWD_TOL * (1.0 + w.abs()) };
+            prop_assert!(ok, "lse {} vs {}", g, w);
+        }
+        let d_out: Vec<f32> = rng.vec(s.out_len(), 1.0).into_iter().map(|x| x as f32).collect();
+        let (mut dq, mut dk, mut dv) = (vec![0.0f32; s.out_len()], vec![0.0f32; s.kv_len_elems()], vec![0.0f32; s.kv_len_elems()]);
+        attention_backward(s, Heads::new(&q), Heads::new(&k), Heads::new(&v), &out, &d_out, &lse, &mut dq, &mut dk, &mut dv, &o).unwrap();
+        let (rq, rk, rv) = cfg.backward(&wide(&q), &wide(&k), &wide(&v), &wide(&d_out));
+        close("dq", &dq, &rq, BWD_TOL, max_abs(&rq));
+        close("dk", &dk, &rk, BWD_TOL, max_abs(&rk));
+        close("dv", &dv, &rv, BWD_TOL, max_abs(&rv));
+        // Split-K at a random split equals the reference too.
+        let mut o2 = vec![0.0f32; s.out_len()];
+        attention_decode(s, Heads::new(&q), Heads::new(&k), Heads::new(&v), &mut o2, None, &o, &DecodeOptions { split_len: bk }).unwrap();
+        close("split-k", &o2, &ro, FWD_TOL, 1.0);
+    }
+}

@@ -800,3 +800,86 @@ fn inline_matches_reference_for_every_kernel_and_the_local_term() {
     .unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }), "{e}");
 }
+
+#[test]
+fn variants_are_bitwise_identical_across_thread_counts() {
+    let s = AttentionShape::new(2, 4, 70, 90, 16).kv_heads(2);
+    let mut rng = Rng(123);
+    let (q, k, v) = (
+        f32s(rng.vec(s.out_len(), 2.0)),
+        f32s(rng.vec(s.kv_len_elems(), 1.0)),
+        f32s(rng.vec(s.kv_len_elems(), 1.0)),
+    );
+    let g = f32s(rng.vec(s.out_len(), 1.0));
+    let o = AttentionOptions::default().causal(true).tiles(16, 32);
+    let run = || {
+        let clip = ClippedSoftmax::bert();
+        let mut a = vec![0.0f32; s.out_len()];
+        let mut lse = vec![0.0f32; s.lse_len()];
+        attention_clipped(
+            s,
+            Heads::new(&q),
+            Heads::new(&k),
+            Heads::new(&v),
+            &mut a,
+            Some(&mut lse),
+            &o,
+            &clip,
+        )
+        .unwrap();
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0f32; s.out_len()],
+            vec![0.0f32; s.kv_len_elems()],
+            vec![0.0f32; s.kv_len_elems()],
+        );
+        attention_clipped_backward(
+            s,
+            Heads::new(&q),
+            Heads::new(&k),
+            Heads::new(&v),
+            &g,
+            &lse,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &o,
+            &clip,
+        )
+        .unwrap();
+        let mut b = vec![0.0f32; s.out_len()];
+        attention_lssa(
+            s,
+            Heads::new(&q),
+            Heads::new(&k),
+            Heads::new(&v),
+            &mut b,
+            &o,
+            &Lssa::default(),
+        )
+        .unwrap();
+        let mut c = vec![0.0f32; s.out_len()];
+        inline_attention(
+            s,
+            Heads::new(&q),
+            Heads::new(&k),
+            Heads::new(&v),
+            &mut c,
+            InlineKernel::Identity,
+            None,
+            Par::Rayon,
+        )
+        .unwrap();
+        (a, dq, dk, dv, b, c)
+    };
+    let results: Vec<_> = [1usize, 2, 3]
+        .iter()
+        .map(|&t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+                .install(run)
+        })
+        .collect();
+    assert!(results[1] == results[0] && results[2] == results[0]);
+}

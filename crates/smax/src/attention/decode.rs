@@ -111,7 +111,7 @@ fn finish_row(parts: usize, lse_of: impl Fn(usize) -> f32, acc: &[f64], o: &mut 
     l
 }
 
-/// Split-K decoding attention (Flash-Decoding; A2): the same result as [`attention`]
+/// Split-K decoding attention (Flash-Decoding; A2): the same result as [`attention`](super::attention)
 /// (within the bound below) for the few-queries, long-cache case, parallel over cache splits.
 ///
 /// Each (batch, query head, split) task runs the flash forward over its `split_len` keys and

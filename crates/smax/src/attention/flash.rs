@@ -279,7 +279,9 @@ pub(crate) fn fwd_accumulate<T: Element>(
     let mut vis = Vec::new();
     let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
     while j0 < hi {
-        let kn = bk.min(k_hi - j0);
+        // The last block stops at the block's last visible key: the columns past it would only add
+        // exact zeros (tested bit for bit against other block compositions).
+        let kn = bk.min(hi - j0);
         let km = rows_f32(&cx.k, b, hk, j0, kn, hd, &mut kbuf);
         let vm = rows_f32(&cx.v, b, hk, j0, kn, if values { hd } else { 0 }, &mut vbuf);
         let bad = values && (!all_finite(cx.level, &km) || !all_finite(cx.level, &vm));

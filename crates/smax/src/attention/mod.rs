@@ -1,6 +1,19 @@
 //! Attention: flash attention forward and backward on the CPU, split-K and unified-max
 //! decoding, and the attention variants of `ALGORITHMS.md` §3 (A1–A7, N6, N7).
 //!
+//! ```
+//! use smax::attention::{attention, AttentionOptions, AttentionShape, Heads};
+//! // Worked example A1 (ALGORITHMS.md): one query, four keys, d = 2.
+//! let s = AttentionShape::new(1, 1, 1, 4, 2);
+//! let q = [1.0f32, 0.5];
+//! let k = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0, -1.0, 0.5];
+//! let v = [1.0f32, 2.0, 0.0, 1.0, 3.0, -1.0, 0.5, 0.5];
+//! let (mut out, mut lse) = ([0.0f32; 2], [0.0f32; 1]);
+//! attention(s, Heads::new(&q), Heads::new(&k), Heads::new(&v), &mut out, Some(&mut lse), &AttentionOptions::default())?;
+//! assert!((out[0] - 1.585_694_3).abs() < 1e-6 && (lse[0] - 1.935_704_2).abs() < 1e-6);
+//! # Ok::<(), smax::Error>(())
+//! ```
+//!
 //! # Shapes and layouts
 //!
 //! An [`AttentionShape`] names `batch`, `q_heads`, `kv_heads`, `q_len`, `kv_len` and

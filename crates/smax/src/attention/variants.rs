@@ -407,7 +407,7 @@ fn sigmoid(x: f64) -> f64 {
 
 /// Softplus attention with length scaling (LSSA) and optional re-weighting (LSSAR), from
 /// Gao & Spratling (arXiv 2501.13428, v4/v5; ALGORITHMS.md A4, reconstructed from secondary
-/// sources, the paper's own equations were not read: **[SECONDARY]**).
+/// sources, the paper's own equations were not read: **\[SECONDARY\]**).
 ///
 /// LSSA: `A_ij = softplus(s_i·c_ij) / Σ_j softplus(s_i·c_ij)` over the visible keys, with the
 /// cosine `c_ij = q̂_i·k̂_j` (ℓ2-normalised rows, no `1/√d`) and `s_i = ln d · ln N_i`, `N_i`
