@@ -67,7 +67,7 @@ impl Cfg {
             return false;
         }
         if let Some((l, r)) = self.window
-            && (j < p - l as i64 || j > p + r as i64)
+            && ((j as i128) < p as i128 - l as i128 || j as i128 > p as i128 + r as i128)
         {
             return false;
         }
@@ -321,8 +321,14 @@ fn causal_offsets_windows_bias_keep_and_gqa() {
         cfg.offset = offset;
         check_fwd(&cfg, 3.0, rng.next_u64());
     }
-    // Sliding windows, with and without causal.
-    for (l, r, causal) in [(8usize, 0usize, true), (3, 5, false), (0, 0, false), (100, 100, false)] {
+    // Sliding windows, with and without causal (usize::MAX: unbounded, no overflow).
+    for (l, r, causal) in [
+        (8usize, 0usize, true),
+        (3, 5, false),
+        (0, 0, false),
+        (100, 100, false),
+        (usize::MAX, usize::MAX, true),
+    ] {
         let mut cfg = Cfg::new(base);
         cfg.window = Some((l, r));
         cfg.causal = causal;

@@ -522,16 +522,17 @@ impl Scores<'_> {
     /// The keys `[lo, hi)` that causal and window allow for query `i`.
     #[inline]
     pub fn range(&self, i: usize) -> (usize, usize) {
-        let p = i as i64 + self.offset;
-        let n = self.kv_len as i64;
+        let wide = |x: usize| i64::try_from(x).unwrap_or(i64::MAX);
+        let p = wide(i).saturating_add(self.offset);
+        let n = wide(self.kv_len);
         let mut lo = 0i64;
         let mut hi = n;
         if self.causal {
-            hi = hi.min(p + 1);
+            hi = hi.min(p.saturating_add(1));
         }
         if let Some(w) = self.window {
-            lo = lo.max(p.saturating_sub(w.left as i64));
-            hi = hi.min(p.saturating_add(w.right as i64).saturating_add(1));
+            lo = lo.max(p.saturating_sub(wide(w.left)));
+            hi = hi.min(p.saturating_add(wide(w.right)).saturating_add(1));
         }
         let lo = lo.clamp(0, n) as usize;
         let hi = hi.clamp(0, n) as usize;

@@ -482,15 +482,13 @@ pub fn attention_lssa<T: AttnElement>(
             expected: "finite and > 0",
         });
     }
-    let cx = check(&shape, q, k, v, opts)?;
+    let mut cx = check(&shape, q, k, v, opts)?;
     check_out("out", out.len(), shape.out_len())?;
     if shape.out_len() == 0 {
         return Ok(LssaStats::default());
     }
     // Cosine scores: c = 1 and no bias, so `prep_row` only masks.
-    let mut cx = cx;
     cx.sc.c = 1.0;
-    let cx = cx;
     let mut lse_unused = vec![0.0f32; shape.lse_len()];
     let uniform = std::sync::atomic::AtomicUsize::new(0);
     for_blocks(&cx, &shape, out, &mut lse_unused, |b, h, i0, o, l| {
