@@ -421,9 +421,11 @@ impl Task for OnlineTile<'_, '_> {
 /// contribute exactly nothing, even when the key, value, query or upstream gradient holds
 /// NaN or infinity (those tiles take a guarded path). `opts` must be the forward's options.
 ///
-/// Threads split (batch, key/value head) pairs; each runs its key blocks in order and
-/// accumulates `dQ` in f32 for its heads, so results are bitwise identical for any thread
-/// count. Errors: as [`attention`], plus wrong lengths of `out`, `d_out`, `lse` or the
+/// Threads split (batch, key/value head) pairs, each running its key blocks in order and
+/// accumulating `dQ` in f32 for its heads; below 8 pairs (grouped-query attention at small
+/// batch) the work splits into key blocks for dK/dV, then query blocks for dQ (two more
+/// products per tile, every thread busy, the same bits). Results are bitwise identical for
+/// any thread count. Errors: as [`attention`], plus wrong lengths of `out`, `d_out`, `lse` or the
 /// gradients.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<T: AttnElement>(
@@ -516,23 +518,66 @@ pub(crate) fn backward_impl<T: Element>(
         data: d_out,
         st: super::HeadStrides::bhsd(shape.q_heads, ql, d),
     };
-    let tasks: Vec<(usize, ((&mut [T], &mut [T]), &mut [T]))> = dq
-        .chunks_mut(g * ql * d)
-        .zip(dk.chunks_mut(kl * d))
-        .zip(dv.chunks_mut(kl * d))
-        .enumerate()
-        .collect();
-    let run = |(bh, ((dqh, dkh), dvh)): (usize, ((&mut [T], &mut [T]), &mut [T]))| {
+    if shape.batch * shape.kv_heads >= MIN_HEAD_TASKS {
+        // One task per (batch, key/value head): five products per tile, dQ accumulated in
+        // the task.
+        let tasks: Vec<(usize, ((&mut [T], &mut [T]), &mut [T]))> = dq
+            .chunks_mut(g * ql * d)
+            .zip(dk.chunks_mut(kl * d))
+            .zip(dv.chunks_mut(kl * d))
+            .enumerate()
+            .collect();
+        let run = |(bh, ((dqh, dkh), dvh)): (usize, ((&mut [T], &mut [T]), &mut [T]))| {
+            let (b, hk) = (bh / shape.kv_heads, bh % shape.kv_heads);
+            bwd_head(cx, shape, &do_op, lse, dd, clip, b, hk, 0, kl, Some(dqh), dkh, dvh);
+        };
+        match cx.par {
+            Par::Seq => tasks.into_iter().for_each(run),
+            Par::Rayon => tasks.into_par_iter().for_each(run),
+        }
+        return;
+    }
+    // Few (batch, key/value head) pairs: two passes that each split finer, dK/dV per key
+    // block, then dQ per query block (seven products per tile instead of five, but every
+    // thread busy). Each gradient element sums the same terms in the same order as above.
+    let mut tasks = Vec::new();
+    for (bh, (dkh, dvh)) in dk.chunks_mut(kl * d).zip(dv.chunks_mut(kl * d)).enumerate() {
+        for (jb, (dkb, dvb)) in dkh.chunks_mut(cx.bk * d).zip(dvh.chunks_mut(cx.bk * d)).enumerate() {
+            tasks.push((bh, jb * cx.bk, dkb, dvb));
+        }
+    }
+    let run = |(bh, j0, dkb, dvb): (usize, usize, &mut [T], &mut [T])| {
         let (b, hk) = (bh / shape.kv_heads, bh % shape.kv_heads);
-        bwd_head(cx, shape, &do_op, lse, dd, clip, b, hk, dqh, dkh, dvh);
+        let j1 = j0 + dkb.len() / d;
+        bwd_head(cx, shape, &do_op, lse, dd, clip, b, hk, j0, j1, None, dkb, dvb);
     };
     match cx.par {
         Par::Seq => tasks.into_iter().for_each(run),
         Par::Rayon => tasks.into_par_iter().for_each(run),
     }
+    let mut blocks = Vec::new();
+    for (bh, dqh) in dq.chunks_mut(ql * d).enumerate() {
+        for (ib, dqb) in dqh.chunks_mut(cx.bq * d).enumerate() {
+            blocks.push((bh, ib * cx.bq, dqb));
+        }
+    }
+    let run = |(bh, i0, dqb): (usize, usize, &mut [T])| {
+        let (b, h) = (bh / shape.q_heads, bh % shape.q_heads);
+        dq_block(cx, shape, &do_op, lse, dd, clip, b, h, i0, dqb);
+    };
+    match cx.par {
+        Par::Seq => blocks.into_iter().for_each(run),
+        Par::Rayon => blocks.into_par_iter().for_each(run),
+    }
 }
 
-/// The backward of one (batch, key/value head) pair.
+/// Below this many (batch, key/value head) pairs the backward runs as two finer-grained passes
+/// (a shape rule, never a thread-count rule, so results stay bitwise thread-independent).
+pub(crate) const MIN_HEAD_TASKS: usize = 8;
+
+/// The backward of one (batch, key/value head) pair over the keys `[j_lo, j_hi)` (a multiple of
+/// the key block apart from the end): `dk` and `dv` hold those keys' rows; with `dq` (the
+/// group's query heads), also the query gradient.
 #[allow(clippy::too_many_arguments)]
 fn bwd_head<T: Element>(
     cx: &Checked<'_, T>,
@@ -543,14 +588,16 @@ fn bwd_head<T: Element>(
     clip: Option<Clip>,
     b: usize,
     hk: usize,
-    dq: &mut [T],
+    j_lo: usize,
+    j_hi: usize,
+    dq: Option<&mut [T]>,
     dk: &mut [T],
     dv: &mut [T],
 ) {
     let (d, ql, kl, g) = (s.head_dim, s.q_len, s.kv_len, s.group());
     let (bq, bk) = (cx.bq, cx.bk);
     let sc = &cx.sc;
-    let mut dq_acc = vec![0.0f32; g * ql * d];
+    let mut dq_acc = vec![0.0f32; if dq.is_some() { g * ql * d } else { 0 }];
     let mut dk_acc = vec![0.0f32; bk.min(kl) * d];
     let mut dv_acc = vec![0.0f32; bk.min(kl) * d];
     let tile = bq.min(ql) * bk.min(kl);
@@ -560,9 +607,9 @@ fn bwd_head<T: Element>(
     let mut vis = Vec::new();
     let (mut kbuf, mut vbuf, mut qbuf, mut dobuf) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut zbuf, mut zbuf2, mut zbuf3) = (Vec::new(), Vec::new(), Vec::new());
-    let mut j0 = 0;
-    while j0 < kl {
-        let kn = bk.min(kl - j0);
+    let mut j0 = j_lo;
+    while j0 < j_hi {
+        let kn = bk.min(j_hi - j0);
         let km = rows_f32(&cx.k, b, hk, j0, kn, d, &mut kbuf);
         let vm = rows_f32(&cx.v, b, hk, j0, kn, d, &mut vbuf);
         let kv_bad = !all_finite(cx.level, &km) || !all_finite(cx.level, &vm);
@@ -606,7 +653,6 @@ fn bwd_head<T: Element>(
                         vis: if bad { Some(&mut vis[..]) } else { None },
                     },
                 );
-                let dqa = &mut dq_acc[(hh * ql + i0) * d..][..nb * d];
                 // dV += Wᵀ dO, with W = P (softmax) or the clipped weights.
                 let wm = match clip {
                     Some(cl) => {
@@ -649,15 +695,9 @@ fn bwd_head<T: Element>(
                     },
                 );
                 let dsm = MatRef::row_major(dpm, nb, kn);
-                let ks = zeroed(&km, &bad_k, &mut zbuf2);
-                matmul(dqa, d, dsm, ks, true, Par::Seq);
-                for &j in &bad_k {
-                    for r in (0..nb).filter(|&r| vis[r * kn + j]) {
-                        let ds = dsm.data[r * kn + j];
-                        for (x, &y) in dqa[r * d..(r + 1) * d].iter_mut().zip(row(&km, j)) {
-                            *x += ds * y;
-                        }
-                    }
+                if dq.is_some() {
+                    let dqa = &mut dq_acc[(hh * ql + i0) * d..][..nb * d];
+                    add_ds_k(dqa, &dsm, &km, &bad_k, &vis, &mut zbuf2);
                 }
                 let qs = zeroed(&qm, &bad_q, &mut zbuf3);
                 matmul(dka, d, dsm.t(), qs, true, Par::Seq);
@@ -673,13 +713,112 @@ fn bwd_head<T: Element>(
             }
         }
         for (r, (dkr, dvr)) in dka.chunks(d).zip(dva.chunks(d)).enumerate() {
-            let o = (j0 + r) * d;
+            let o = (j0 - j_lo + r) * d;
             T::store_f32(dkr, &mut dk[o..o + d]);
             T::store_f32(dvr, &mut dv[o..o + d]);
         }
         j0 += kn;
     }
-    T::store_f32(&dq_acc, dq);
+    if let Some(dq) = dq {
+        T::store_f32(&dq_acc, dq);
+    }
+}
+
+/// `dQ += dS·K` for one tile; key rows holding NaN or infinity (`bad_k`) are zeroed for the
+/// product and their visible pairs added back (see [`zeroed`]).
+fn add_ds_k(dqa: &mut [f32], dsm: &MatRef<'_>, km: &MatRef<'_>, bad_k: &[usize], vis: &[bool], zbuf: &mut Vec<f32>) {
+    let (nb, kn, d) = (dsm.rows, km.rows, km.cols);
+    let ks = zeroed(km, bad_k, zbuf);
+    matmul(dqa, d, *dsm, ks, true, Par::Seq);
+    for &j in bad_k {
+        for r in (0..nb).filter(|&r| vis[r * kn + j]) {
+            let ds = dsm.data[r * kn + j];
+            for (x, &y) in dqa[r * d..(r + 1) * d].iter_mut().zip(row(km, j)) {
+                *x += ds * y;
+            }
+        }
+    }
+}
+
+/// The query gradient of one query block (the second pass of the few-heads backward): the
+/// same tiles, probabilities and `dS` as [`bwd_head`], in the same key order.
+#[allow(clippy::too_many_arguments)]
+fn dq_block<T: Element>(
+    cx: &Checked<'_, T>,
+    s: &AttentionShape,
+    do_op: &Op<'_, T>,
+    lse: &[f32],
+    dd: &[f32],
+    clip: Option<Clip>,
+    b: usize,
+    h: usize,
+    i0: usize,
+    dq: &mut [T],
+) {
+    let (d, ql, kl, bk) = (s.head_dim, s.q_len, s.kv_len, cx.bk);
+    let nb = dq.len() / d;
+    let hk = h / s.group();
+    let sc = &cx.sc;
+    let mut acc = vec![0.0f32; nb * d];
+    let (mut qbuf, mut dobuf, mut kbuf, mut vbuf, mut zbuf) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let qm = rows_f32(&cx.q, b, h, i0, nb, d, &mut qbuf);
+    let dom = rows_f32(do_op, b, h, i0, nb, d, &mut dobuf);
+    let q_bad = !all_finite(cx.level, &qm) || !all_finite(cx.level, &dom);
+    let row0 = (b * s.q_heads + h) * ql + i0;
+    let (lse_rows, d_rows) = (&lse[row0..row0 + nb], &dd[row0..row0 + nb]);
+    let tile = nb * bk.min(kl);
+    let (mut p, mut dp, mut vis) = (vec![0.0f32; tile], vec![0.0f32; tile], Vec::new());
+    let (first, last) = (sc.range(i0), sc.range(i0 + nb - 1));
+    let mut j0 = 0;
+    while j0 < kl {
+        let kn = bk.min(kl - j0);
+        // The key blocks `bwd_head` visits for this query block, and only those.
+        if first.0 >= j0 + kn || last.1 <= j0 {
+            j0 += kn;
+            continue;
+        }
+        let km = rows_f32(&cx.k, b, hk, j0, kn, d, &mut kbuf);
+        let vm = rows_f32(&cx.v, b, hk, j0, kn, d, &mut vbuf);
+        let bad = q_bad || !all_finite(cx.level, &km) || !all_finite(cx.level, &vm);
+        let pm = &mut p[..nb * kn];
+        matmul(pm, kn, qm, km.t(), false, Par::Seq);
+        if bad {
+            vis.clear();
+            vis.resize(nb * kn, false);
+        }
+        dispatch(
+            cx.level,
+            ProbTile {
+                sc,
+                b,
+                h,
+                i0,
+                j0,
+                kn,
+                t: pm,
+                lse: lse_rows,
+                vis: if bad { Some(&mut vis[..]) } else { None },
+            },
+        );
+        let dpm = &mut dp[..nb * kn];
+        matmul(dpm, kn, dom, vm.t(), false, Par::Seq);
+        dispatch(
+            cx.level,
+            DsTile {
+                p: pm,
+                dp: dpm,
+                dd: d_rows,
+                kn,
+                c: sc.c,
+                clip,
+            },
+        );
+        let bad_k = if bad { nonfinite_rows(&km) } else { Vec::new() };
+        add_ds_k(&mut acc, &MatRef::row_major(dpm, nb, kn), &km, &bad_k, &vis, &mut zbuf);
+        j0 += kn;
+    }
+    T::store_f32(&acc, dq);
 }
 
 /// Products `q·k` → `P = exp(s − lse)` in place (0 where masked or where the row has no
