@@ -49,6 +49,10 @@ pub struct Args {
     /// Seconds of timing per record (default 0.6, quick 0.15).
     #[arg(long)]
     pub seconds: Option<f64>,
+    /// attention only: key/value heads of the 8 query heads (grouped-query attention; default
+    /// 8). candle is skipped unless 8.
+    #[arg(long, default_value_t = 8)]
+    pub kv_heads: usize,
 }
 
 const OPS: [&str; 5] = [

@@ -97,6 +97,7 @@ impl Naive {
         &mut self,
         seq: usize,
         d: usize,
+        kvh: usize,
         causal: bool,
         q: &[f32],
         k: &[f32],
@@ -106,12 +107,16 @@ impl Naive {
     ) {
         let scale = 1.0 / (d as f32).sqrt();
         let n = seq * seq;
+        let g = HEADS / kvh;
         let mut grads = grads;
         for h in 0..HEADS {
+            let hk = h / g;
+            // Grouped heads sum their key/value gradients.
+            let acc = h % g != 0;
             let (qh, kh, vh) = (
                 &q[h * seq * d..][..seq * d],
-                &k[h * seq * d..][..seq * d],
-                &v[h * seq * d..][..seq * d],
+                &k[hk * seq * d..][..seq * d],
+                &v[hk * seq * d..][..seq * d],
             );
             mm(&mut self.s, qh, d, 1, kh, 1, d, seq, d, seq, false);
             for (i, r) in self.s.chunks_mut(seq).enumerate() {
@@ -146,7 +151,7 @@ impl Naive {
                 let doh = &dout[h * seq * d..][..seq * d];
                 // dV = Pᵀ dO; dP = dO Vᵀ; dS = softmax_backward(P, dP); dQ = dS K·c; dK = dSᵀ Q·c.
                 mm(
-                    &mut dv[h * seq * d..][..seq * d],
+                    &mut dv[hk * seq * d..][..seq * d],
                     &self.p,
                     1,
                     seq,
@@ -156,7 +161,7 @@ impl Naive {
                     seq,
                     seq,
                     d,
-                    false,
+                    acc,
                 );
                 mm(&mut self.dp, doh, d, 1, vh, 1, d, seq, d, seq, false);
                 smax::softmax_backward(
@@ -183,7 +188,7 @@ impl Naive {
                     false,
                 );
                 mm(
-                    &mut dk[h * seq * d..][..seq * d],
+                    &mut dk[hk * seq * d..][..seq * d],
                     &self.s,
                     1,
                     seq,
@@ -193,7 +198,7 @@ impl Naive {
                     seq,
                     seq,
                     d,
-                    false,
+                    acc,
                 );
             }
         }
@@ -268,8 +273,12 @@ pub fn run(a: Args) -> Result<(), String> {
     } else {
         a.shape.iter().map(|s| parse_shape(s)).collect::<Result<_, _>>()?
     };
+    let kvh = a.kv_heads;
+    if kvh == 0 || !HEADS.is_multiple_of(kvh) {
+        return Err(format!("--kv-heads {kvh}: must divide the {HEADS} query heads"));
+    }
     eprintln!(
-        "smax bench attention: simd {}, threads {:?}, batch 1, {HEADS} heads, shapes SEQxHEAD_DIM {:?}",
+        "smax bench attention: simd {}, threads {:?}, batch 1, {HEADS} query heads, {kvh} key/value heads, shapes SEQxHEAD_DIM {:?}",
         smax::SimdLevel::default_level().name(),
         threads,
         shapes
@@ -283,17 +292,18 @@ pub fn run(a: Args) -> Result<(), String> {
         pool.install(|| -> Result<(), String> {
             for &(seq, d) in &shapes {
                 let n = HEADS * seq * d;
+                let nk = kvh * seq * d;
                 let mut q = vec![0.0f32; n];
-                let mut k = vec![0.0f32; n];
-                let mut v = vec![0.0f32; n];
+                let mut k = vec![0.0f32; nk];
+                let mut v = vec![0.0f32; nk];
                 fill_logits(&mut q, 1);
                 fill_logits(&mut k, 2);
                 fill_logits(&mut v, 3);
                 for x in q.iter_mut().chain(k.iter_mut()) {
                     *x *= 0.1;
                 }
-                let shape = AttentionShape::new(1, HEADS, seq, seq, d);
-                let bytes = 4.0 * 4.0 * n as f64;
+                let shape = AttentionShape::new(1, HEADS, seq, seq, d).kv_heads(kvh);
+                let bytes = 4.0 * (2 * n + 2 * nk) as f64;
                 for causal in [false, true] {
                     let opts = AttentionOptions::default().causal(causal);
                     if ops.iter().any(|o| o == "attention_fwd") {
@@ -346,9 +356,9 @@ pub fn run(a: Args) -> Result<(), String> {
                         let mut nv = Naive::new(seq, false);
                         let mut out2 = vec![0.0f32; n];
                         let (_, npeak) =
-                            peak_extra(|| Naive::new(seq, false).run(seq, d, causal, &q, &k, &v, &mut out2, None));
+                            peak_extra(|| Naive::new(seq, false).run(seq, d, kvh, causal, &q, &k, &v, &mut out2, None));
                         let s = timed(
-                            || nv.run(seq, d, causal, &q, &k, &v, &mut out2, None),
+                            || nv.run(seq, d, kvh, causal, &q, &k, &v, &mut out2, None),
                             budget,
                             max_iters,
                         );
@@ -372,7 +382,12 @@ pub fn run(a: Args) -> Result<(), String> {
                         }
                         // candle reads [b, s, h, d]: the same numbers re-laid out; smax reads that
                         // layout in place too (strided heads), timed beside it.
-                        if let Some(mut peer) = peers::candle_flash(&q, &k, &v, HEADS, seq, d, causal) {
+                        let peer = if kvh == HEADS {
+                            peers::candle_flash(&q, &k, &v, HEADS, seq, d, causal)
+                        } else {
+                            None
+                        };
+                        if let Some(mut peer) = peer {
                             let s = timed(|| peer.run(), budget, max_iters);
                             push(
                                 &mut records,
@@ -429,7 +444,7 @@ pub fn run(a: Args) -> Result<(), String> {
                         let mut dout = vec![0.0f32; n];
                         fill_logits(&mut dout, 4);
                         let (mut out, mut lse) = (vec![0.0f32; n], vec![0.0f32; HEADS * seq]);
-                        let (mut dq, mut dk, mut dv) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+                        let (mut dq, mut dk, mut dv) = (vec![0.0f32; n], vec![0.0f32; nk], vec![0.0f32; nk]);
                         let mut step = || {
                             attention(
                                 shape,
@@ -474,11 +489,12 @@ pub fn run(a: Args) -> Result<(), String> {
                         );
                         let mut nv = Naive::new(seq, true);
                         let (mut o2, mut dq2, mut dk2, mut dv2) =
-                            (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+                            (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; nk], vec![0.0f32; nk]);
                         let (_, npeak) = peak_extra(|| {
                             Naive::new(seq, true).run(
                                 seq,
                                 d,
+                                kvh,
                                 causal,
                                 &q,
                                 &k,
@@ -492,6 +508,7 @@ pub fn run(a: Args) -> Result<(), String> {
                                 nv.run(
                                     seq,
                                     d,
+                                    kvh,
                                     causal,
                                     &q,
                                     &k,
@@ -530,7 +547,7 @@ pub fn run(a: Args) -> Result<(), String> {
                     }
                 }
             }
-            if ops.iter().any(|o| o == "attention_decode") {
+            if ops.iter().any(|o| o == "attention_decode") && kvh == HEADS {
                 for (heads, d) in [(HEADS, 64usize), (HEADS, 128), (1, 128)] {
                     bench_decode(heads, d, t, budget, max_iters, &mut records);
                 }
