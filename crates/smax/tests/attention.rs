@@ -1279,8 +1279,9 @@ proptest! {
 
 #[test]
 fn backward_modes_agree_bit_for_bit() {
-    // 8 (batch, kv head) pairs run the one-pass backward; each batch alone (1 pair) runs the
-    // two-pass one (dK/dV per key block, then dQ per query block). Same sums, same order.
+    // 8 (batch, kv head) pairs run the one-pass backward on ≤ 8 threads; each batch alone
+    // (1 pair) on 2 threads runs the two-pass one (dK/dV per key block, then dQ per query
+    // block). Same sums, same order.
     let s = AttentionShape::new(8, 2, 45, 300, 16).kv_heads(1);
     let mut rng = Rng(88);
     let (q, mut k, v) = inputs(&mut rng, s, 3.0);
@@ -1322,7 +1323,8 @@ fn backward_modes_agree_bit_for_bit() {
         .unwrap();
         (dq, dk, dv)
     };
-    let all = grads(s, &q, &k, &v, &d_out);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let all = pool.install(|| grads(s, &q, &k, &v, &d_out));
     let s1 = AttentionShape::new(1, 2, 45, 300, 16).kv_heads(1);
     let (nq, nk) = (s1.out_len(), s1.kv_len_elems());
     for b in 0..8 {

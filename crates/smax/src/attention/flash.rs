@@ -422,10 +422,10 @@ impl Task for OnlineTile<'_, '_> {
 /// NaN or infinity (those tiles take a guarded path). `opts` must be the forward's options.
 ///
 /// Threads split (batch, key/value head) pairs, each running its key blocks in order and
-/// accumulating `dQ` in f32 for its heads; below 8 pairs (grouped-query attention at small
-/// batch) the work splits into key blocks for dK/dV, then query blocks for dQ (two more
-/// products per tile, every thread busy, the same bits). Results are bitwise identical for
-/// any thread count. Errors: as [`attention`], plus wrong lengths of `out`, `d_out`, `lse` or the
+/// accumulating `dQ` in f32 for its heads; with fewer pairs than threads (grouped-query
+/// attention at small batch) the work splits into key blocks for dK/dV, then query blocks for
+/// dQ (two more products per tile, every thread busy, the same bits). Results are bitwise
+/// identical for any thread count. Errors: as [`attention`], plus wrong lengths of `out`, `d_out`, `lse` or the
 /// gradients.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<T: AttnElement>(
@@ -518,7 +518,8 @@ pub(crate) fn backward_impl<T: Element>(
         data: d_out,
         st: super::HeadStrides::bhsd(shape.q_heads, ql, d),
     };
-    if shape.batch * shape.kv_heads >= MIN_HEAD_TASKS {
+    let pairs = shape.batch * shape.kv_heads;
+    if cx.par == Par::Seq || pairs >= rayon::current_num_threads() {
         // One task per (batch, key/value head): five products per tile, dQ accumulated in
         // the task.
         let tasks: Vec<(usize, ((&mut [T], &mut [T]), &mut [T]))> = dq
@@ -537,9 +538,11 @@ pub(crate) fn backward_impl<T: Element>(
         }
         return;
     }
-    // Few (batch, key/value head) pairs: two passes that each split finer, dK/dV per key
-    // block, then dQ per query block (seven products per tile instead of five, but every
-    // thread busy). Each gradient element sums the same terms in the same order as above.
+    // Fewer (batch, key/value head) pairs than threads: two passes that each split finer,
+    // dK/dV per key block, then dQ per query block (seven products per tile instead of five,
+    // but every thread busy). Each gradient element sums the same terms in the same order as
+    // above, so the choice, although it depends on the thread count, never changes a bit
+    // (tested).
     let mut tasks = Vec::new();
     for (bh, (dkh, dvh)) in dk.chunks_mut(kl * d).zip(dv.chunks_mut(kl * d)).enumerate() {
         for (jb, (dkb, dvb)) in dkh.chunks_mut(cx.bk * d).zip(dvh.chunks_mut(cx.bk * d)).enumerate() {
@@ -570,10 +573,6 @@ pub(crate) fn backward_impl<T: Element>(
         Par::Rayon => blocks.into_par_iter().for_each(run),
     }
 }
-
-/// Below this many (batch, key/value head) pairs the backward runs as two finer-grained passes
-/// (a shape rule, never a thread-count rule, so results stay bitwise thread-independent).
-pub(crate) const MIN_HEAD_TASKS: usize = 8;
 
 /// The backward of one (batch, key/value head) pair over the keys `[j_lo, j_hi)` (a multiple of
 /// the key block apart from the end): `dk` and `dv` hold those keys' rows; with `dq` (the

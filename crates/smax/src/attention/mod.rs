@@ -57,12 +57,11 @@
 //! # Threads and determinism
 //!
 //! The forward splits work over (batch, query head, query block). The backward splits over
-//! (batch, key/value head) when there are at least 8 such pairs; with fewer it runs two finer
-//! passes (dK/dV per key block, then dQ per query block), which sum the same terms in the same
-//! order (tested bit for bit), so both are one result. No reduction is ever split across
-//! threads and the split depends on the shape alone, so results are bitwise identical for every
-//! thread count, and a row's result does not depend on which other rows or batches share the
-//! call.
+//! (batch, key/value head) when there are at least as many such pairs as threads; with fewer
+//! it runs two finer passes (dK/dV per key block, then dQ per query block), which sum the same
+//! terms in the same order (tested bit for bit), so both give one result. No reduction is ever
+//! split across threads, so results are bitwise identical for every thread count, and a row's
+//! result does not depend on which other rows or batches share the call.
 //!
 //! # Accuracy
 //!
