@@ -423,15 +423,15 @@ fn roofline<'a>(records: &'a [Record], r: &Record) -> Option<&'a Record> {
     records.iter().find(|c| c.imp == want && same_config(c, r))
 }
 
-/// Same op, shape, threads and (for records that carry them: attention) heads, head dimension
-/// and causality.
+/// Same op, shape, threads and (for records that carry them: attention) heads, key/value heads,
+/// head dimension and causality.
 fn same_config(a: &Record, b: &Record) -> bool {
     let field = |rec: &Record, k: &str| rec.extra.iter().find(|e| e.0 == k).map(|e| e.1.clone());
     a.op == b.op
         && a.rows == b.rows
         && a.cols == b.cols
         && a.threads == b.threads
-        && ["heads", "head_dim", "causal"]
+        && ["heads", "kv_heads", "head_dim", "causal"]
             .iter()
             .all(|k| field(a, k) == field(b, k))
 }

@@ -548,8 +548,15 @@ pub fn run(a: Args) -> Result<(), String> {
                 }
             }
             if ops.iter().any(|o| o == "attention_decode") && kvh == HEADS {
-                for (heads, d) in [(HEADS, 64usize), (HEADS, 128), (1, 128)] {
-                    bench_decode(heads, d, t, budget, max_iters, &mut records);
+                // (query heads, key/value heads, head_dim); the grouped case shows the packing of a
+                // group's query heads (the cache read once per group).
+                for (heads, kvh, d) in [
+                    (HEADS, HEADS, 64usize),
+                    (HEADS, HEADS, 128),
+                    (HEADS, 2, 128),
+                    (1, 1, 128),
+                ] {
+                    bench_decode(heads, kvh, d, t, budget, max_iters, &mut records);
                 }
             }
             Ok(())
@@ -575,24 +582,33 @@ fn to_bshd(x: &[f32], seq: usize, d: usize) -> Vec<f32> {
     y
 }
 
-/// One query per head against a 32k cache: split-K (2048 keys per split), the one-pass forward
-/// (which can only spread the heads over the threads), the unified max, and `read`, a plain
-/// parallel sum over the same K and V bytes (the memory roofline: decoding reads the cache once).
-fn bench_decode(heads: usize, d: usize, t: usize, budget: f64, max_iters: usize, records: &mut Vec<Record>) {
-    eprint!("\r\x1b[2Kattention_decode heads={heads} kv={DECODE_KV} d={d} t={t}");
+/// One query per head against a 32k cache: split-K (2048 keys per split, a group's query heads
+/// packed), the one-pass forward (which can only spread the heads over the threads, and reads
+/// a shared key/value head once per query head), the unified max, and `read`, a plain parallel
+/// sum over the same K and V bytes (the memory roofline: decoding reads the cache once).
+fn bench_decode(
+    heads: usize,
+    kvh: usize,
+    d: usize,
+    t: usize,
+    budget: f64,
+    max_iters: usize,
+    records: &mut Vec<Record>,
+) {
+    eprint!("\r\x1b[2Kattention_decode heads={heads}/{kvh} kv={DECODE_KV} d={d} t={t}");
     let _ = std::io::stderr().flush();
     let kv = DECODE_KV;
-    let shape = AttentionShape::new(1, heads, 1, kv, d);
+    let shape = AttentionShape::new(1, heads, 1, kv, d).kv_heads(kvh);
     let mut q = vec![0.0f32; heads * d];
-    let mut k = vec![0.0f32; heads * kv * d];
-    let mut v = vec![0.0f32; heads * kv * d];
+    let mut k = vec![0.0f32; kvh * kv * d];
+    let mut v = vec![0.0f32; kvh * kv * d];
     fill_logits(&mut q, 5);
     fill_logits(&mut k, 6);
     fill_logits(&mut v, 7);
     for x in q.iter_mut().chain(k.iter_mut()) {
         *x *= 0.1;
     }
-    let bytes = 4.0 * (2 * heads * kv * d) as f64;
+    let bytes = 4.0 * (2 * kvh * kv * d) as f64;
     let gf = 4.0 * kv as f64 * d as f64 * heads as f64 / 1e9;
     let rec = |records: &mut Vec<Record>, imp: &str, s: f64| {
         records.push(Record {
@@ -606,6 +622,7 @@ fn bench_decode(heads: usize, d: usize, t: usize, budget: f64, max_iters: usize,
             extra: vec![
                 ("batch", "1".to_string()),
                 ("heads", heads.to_string()),
+                ("kv_heads", kvh.to_string()),
                 ("seq", "1".to_string()),
                 ("head_dim", d.to_string()),
                 ("causal", "false".to_string()),

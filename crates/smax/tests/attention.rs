@@ -1359,3 +1359,53 @@ fn backward_modes_agree_bit_for_bit() {
         "rows that see the NaN key get NaN gradients"
     );
 }
+
+#[test]
+fn grouped_decoding_with_per_head_masks() {
+    // Grouped heads are packed into one block per key/value head: per-head bias and masks
+    // must still apply to the right rows, in split-K and in the unified-max path.
+    let s = AttentionShape::new(2, 6, 3, 500, 16).kv_heads(2);
+    let n = s.batch * s.q_heads * s.q_len * s.kv_len;
+    let mut rng = Rng(404);
+    let (q, k, v) = inputs(&mut rng, s, 2.0);
+    let mut cfg = Cfg::new(s);
+    cfg.causal = true;
+    cfg.bias = Some(
+        (0..n)
+            .map(|i| ((i / s.kv_len) % 5) as f32 * 0.3 - (i % 3) as f32 * 0.1)
+            .collect(),
+    );
+    cfg.keep = Some((0..n).map(|i| (i * 31) % 11 != 4).collect());
+    let (ro, rl) = cfg.forward(&wide(&q), &wide(&k), &wide(&v));
+    let mut out = vec![0.0f32; s.out_len()];
+    let mut lse = vec![0.0f32; s.lse_len()];
+    let dec = DecodeOptions { split_len: 96 };
+    attention_decode(
+        s,
+        Heads::new(&q),
+        Heads::new(&k),
+        Heads::new(&v),
+        &mut out,
+        Some(&mut lse),
+        &cfg.opts(),
+        &dec,
+    )
+    .unwrap();
+    close("grouped split-k", &out, &ro, FWD_TOL, 1.0);
+    close("grouped split-k lse", &lse, &rl, FWD_TOL, 10.0);
+    let st = attention_decode_unified(
+        s,
+        Heads::new(&q),
+        Heads::new(&k),
+        Heads::new(&v),
+        &mut out,
+        Some(&mut lse),
+        &cfg.opts(),
+        &dec,
+        &UnifiedMax::new(-3.0),
+    )
+    .unwrap();
+    assert_eq!(st.fallback_rows, 0);
+    close("grouped unified", &out, &ro, FWD_TOL, 1.0);
+    close("grouped unified lse", &lse, &rl, FWD_TOL, 10.0);
+}

@@ -1,9 +1,9 @@
 //! Decoding: split-K attention over a long key/value cache with the log-sum-exp merge
 //! (Flash-Decoding, A2), and FlashDecoding++'s asynchronous softmax with a unified max (A3).
 
-use super::flash::{Checked, accumulate_pv, all_finite, check, fwd_block, rows_f32};
+use super::flash::{Checked, RowState, Rows, accumulate_pv, all_finite, check, finish_rows, fwd_accumulate, rows_f32};
 use super::{AttentionOptions, AttentionShape, AttnElement, Heads, check_out};
-use crate::arch::gemm::matmul;
+use crate::arch::gemm::{MatRef, matmul};
 use crate::arch::rows as k;
 use crate::arch::{Isa, Task, dispatch};
 use crate::element::Element;
@@ -114,8 +114,10 @@ fn finish_row(parts: usize, lse_of: impl Fn(usize) -> f32, acc: &[f64], o: &mut 
 /// Split-K decoding attention (Flash-Decoding; A2): the same result as [`attention`](super::attention)
 /// (within the bound below) for the few-queries, long-cache case, parallel over cache splits.
 ///
-/// Each (batch, query head, split) task runs the flash forward over its `split_len` keys and
-/// produces a normalised partial output and log-sum-exp; the partials merge in split order
+/// Each (batch, key/value head, split) task runs the flash forward over its `split_len` keys
+/// for all the query heads that share that key/value head (grouped-query attention: their
+/// queries packed into one block, so the cache is read once per group, not once per query
+/// head) and produces f32 partial outputs and log-sum-exps; the partials merge in split order
 /// through [`merge_attention_states`]'s rule. Empty or fully masked splits are the exact
 /// identity. Shapes, masks, options and outputs are those of
 /// [`attention`](super::attention). Results are bitwise identical for any thread count;
@@ -160,8 +162,24 @@ pub fn attention_decode<T: AttnElement>(
     Ok(())
 }
 
-/// Runs split-K for every (batch, head); with `only`, just the rows it flags (one bool per
-/// output row), leaving the others untouched.
+/// `(query head, query)` of every row of key/value head `hk`'s group: the group's query heads
+/// are packed into one block, so each split reads its keys and values once for all of them.
+fn group_rows(s: &AttentionShape, hk: usize) -> Vec<(usize, usize)> {
+    let (g, ql) = (s.group(), s.q_len);
+    (0..g).flat_map(|hh| (0..ql).map(move |i| (hk * g + hh, i))).collect()
+}
+
+/// The queries of `rows` as a contiguous f32 matrix.
+fn gather_q<T: Element>(cx: &Checked<'_, T>, b: usize, rows: &[(usize, usize)], d: usize, buf: &mut Vec<f32>) {
+    buf.clear();
+    buf.resize(rows.len() * d, 0.0);
+    for (dst, &(h, i)) in buf.chunks_mut(d).zip(rows) {
+        T::load_f32(cx.q.row(b, h, i, d), dst);
+    }
+}
+
+/// Runs split-K for every (batch, key/value head group); with `only`, just the rows it flags
+/// (one bool per output row), leaving the others untouched.
 fn split_k<T: Element>(
     cx: &Checked<'_, T>,
     s: &AttentionShape,
@@ -170,28 +188,32 @@ fn split_k<T: Element>(
     lse: &mut [f32],
     only: Option<&[bool]>,
 ) {
-    let (d, ql, kl) = (s.head_dim, s.q_len, s.kv_len);
+    let (d, ql, kl, g) = (s.head_dim, s.q_len, s.kv_len, s.group());
     let parts = kl.div_ceil(split_len).max(1);
-    let heads = s.batch * s.q_heads;
-    // Partials of every (head, split): [heads, parts, q_len, d] and [heads, parts, q_len].
-    let mut po = vec![T::from_f32(0.0); heads * parts * ql * d];
-    let mut pl = vec![0.0f32; heads * parts * ql];
-    let tasks: Vec<(usize, (&mut [T], &mut [f32]))> =
-        po.chunks_mut(ql * d).zip(pl.chunks_mut(ql)).enumerate().collect();
-    let run = |(t, (o, l)): (usize, (&mut [T], &mut [f32]))| {
-        let (bh, sp) = (t / parts, t % parts);
+    let groups = s.batch * s.kv_heads;
+    let gr = g * ql;
+    // f32 partials of every (group, split): [groups, parts, g·q_len, d] and [.., g·q_len].
+    let mut po = vec![0.0f32; groups * parts * gr * d];
+    let mut pl = vec![0.0f32; groups * parts * gr];
+    let tasks: Vec<(usize, (&mut [f32], &mut [f32]))> =
+        po.chunks_mut(gr * d).zip(pl.chunks_mut(gr)).enumerate().collect();
+    let run = |(t, (o, l)): (usize, (&mut [f32], &mut [f32]))| {
+        let (grp, sp) = (t / parts, t % parts);
+        let (b, hk) = (grp / s.kv_heads, grp % s.kv_heads);
+        let rows = group_rows(s, hk);
         if let Some(f) = only
-            && !f[bh * ql..(bh + 1) * ql].iter().any(|&x| x)
+            && !rows.iter().any(|&(h, i)| f[(b * s.q_heads + h) * ql + i])
         {
             return;
         }
-        let (b, h) = (bh / s.q_heads, bh % s.q_heads);
         let (lo, hi) = (sp * split_len, ((sp + 1) * split_len).min(kl));
-        for (i0, (ob, lb)) in (0..)
-            .step_by(cx.bq)
-            .zip(o.chunks_mut(cx.bq * d).zip(l.chunks_mut(cx.bq)))
-        {
-            fwd_block(cx, s, b, h, i0, ob, lb, lo, hi);
+        let mut qbuf = Vec::new();
+        for ((rc, ob), lb) in rows.chunks(cx.bq).zip(o.chunks_mut(cx.bq * d)).zip(l.chunks_mut(cx.bq)) {
+            gather_q(cx, b, rc, d, &mut qbuf);
+            let qm = MatRef::row_major(&qbuf, rc.len(), d);
+            let mut st = RowState::new(rc.len(), d);
+            fwd_accumulate(cx, s, b, hk, Rows::Packed(rc), &qm, lo, hi, true, &mut st);
+            finish_rows(&st, d, ob, lb);
         }
     };
     match cx.par {
@@ -200,23 +222,22 @@ fn split_k<T: Element>(
     }
     let mut acc = vec![0.0f64; d];
     let mut tmp = vec![0.0f32; d];
-    let mut widened = vec![0.0f32; parts * d];
-    for bh in 0..heads {
-        for i in 0..ql {
-            let row_ix = bh * ql + i;
-            if let Some(f) = only
-                && !f[row_ix]
-            {
-                continue;
+    for b in 0..s.batch {
+        for h in 0..s.q_heads {
+            let grp = b * s.kv_heads + h / g;
+            for i in 0..ql {
+                let row_ix = (b * s.q_heads + h) * ql + i;
+                if let Some(f) = only
+                    && !f[row_ix]
+                {
+                    continue;
+                }
+                let at = |sp: usize| (grp * parts + sp) * gr + (h % g) * ql + i;
+                let lse_of = |sp: usize| pl[at(sp)];
+                merge_row(parts, |sp| (&po[at(sp) * d..(at(sp) + 1) * d], lse_of(sp)), &mut acc);
+                lse[row_ix] = finish_row(parts, lse_of, &acc, &mut tmp);
+                T::store_f32(&tmp, &mut out[row_ix * d..(row_ix + 1) * d]);
             }
-            for sp in 0..parts {
-                let o = (bh * parts + sp) * ql + i;
-                T::load_f32(&po[o * d..(o + 1) * d], &mut widened[sp * d..(sp + 1) * d]);
-            }
-            let lse_of = |sp: usize| pl[(bh * parts + sp) * ql + i];
-            merge_row(parts, |sp| (&widened[sp * d..(sp + 1) * d], lse_of(sp)), &mut acc);
-            lse[row_ix] = finish_row(parts, lse_of, &acc, &mut tmp);
-            T::store_f32(&tmp, &mut out[row_ix * d..(row_ix + 1) * d]);
         }
     }
 }
@@ -356,30 +377,32 @@ pub fn attention_decode_unified<T: AttnElement>(
         lse.fill(f32::NEG_INFINITY);
         return Ok(UnifiedStats { rows, fallback_rows: 0 });
     }
-    let (d, ql, kl) = (shape.head_dim, shape.q_len, shape.kv_len);
+    let (d, ql, kl, g) = (shape.head_dim, shape.q_len, shape.kv_len, shape.group());
     let parts = kl.div_ceil(dec.split_len).max(1);
-    let heads = shape.batch * shape.q_heads;
+    let groups = shape.batch * shape.kv_heads;
+    let gr = g * ql;
     let win = Win {
         phi: um.phi,
         a,
         b,
         upper_only: um.fallback == UnifiedFallback::UpperOnly,
     };
-    // Per (head, split): numerators [q_len, d], denominators and window flags [q_len].
-    let mut num = vec![0.0f32; heads * parts * ql * d];
-    let mut den = vec![0.0f64; heads * parts * ql];
-    let mut flag = vec![false; heads * parts * ql];
+    // Per (batch·kv head group, split): numerators [g·q_len, d], denominators and window
+    // flags [g·q_len] (the group's query heads packed, as in split-K).
+    let mut num = vec![0.0f32; groups * parts * gr * d];
+    let mut den = vec![0.0f64; groups * parts * gr];
+    let mut flag = vec![false; groups * parts * gr];
     let tasks: Vec<(usize, ((&mut [f32], &mut [f64]), &mut [bool]))> = num
-        .chunks_mut(ql * d)
-        .zip(den.chunks_mut(ql))
-        .zip(flag.chunks_mut(ql))
+        .chunks_mut(gr * d)
+        .zip(den.chunks_mut(gr))
+        .zip(flag.chunks_mut(gr))
         .enumerate()
         .collect();
     let run = |(t, ((nm, dn), fl)): (usize, ((&mut [f32], &mut [f64]), &mut [bool]))| {
-        let (bh, sp) = (t / parts, t % parts);
-        let (bb, h) = (bh / shape.q_heads, bh % shape.q_heads);
+        let (grp, sp) = (t / parts, t % parts);
+        let (bb, hk) = (grp / shape.kv_heads, grp % shape.kv_heads);
         let (lo, hi) = (sp * dec.split_len, ((sp + 1) * dec.split_len).min(kl));
-        unified_split(&cx, &shape, bb, h, lo, hi, win, nm, dn, fl);
+        unified_split(&cx, &shape, bb, hk, lo, hi, win, nm, dn, fl);
     };
     match cx.par {
         Par::Seq => tasks.into_iter().for_each(run),
@@ -389,14 +412,16 @@ pub fn attention_decode_unified<T: AttnElement>(
     let mut fallback = vec![false; rows];
     let mut tmp = vec![0.0f32; d];
     let mut acc = vec![0.0f64; d];
-    for bh in 0..heads {
+    for bh in 0..shape.batch * shape.q_heads {
+        let (bb, h) = (bh / shape.q_heads, bh % shape.q_heads);
+        let grp = bb * shape.kv_heads + h / g;
         for i in 0..ql {
             let r = bh * ql + i;
             let mut dsum = 0.0f64;
             let mut flagged = false;
             acc.fill(0.0);
             for sp in 0..parts {
-                let o = (bh * parts + sp) * ql + i;
+                let o = (grp * parts + sp) * gr + (h % g) * ql + i;
                 dsum += den[o];
                 flagged |= flag[o];
                 for (x, &y) in acc.iter_mut().zip(&num[o * d..(o + 1) * d]) {
@@ -439,14 +464,14 @@ struct Win {
     upper_only: bool,
 }
 
-/// One split of the asynchronous softmax: `num`, `den` and the window flags of rows
-/// `0..q_len` of head `(b, h)` over keys `[lo, hi)`.
+/// One split of the asynchronous softmax: `num`, `den` and the window flags of the rows of
+/// key/value head `(b, hk)`'s group (see `group_rows`) over keys `[lo, hi)`.
 #[allow(clippy::too_many_arguments)]
 fn unified_split<T: Element>(
     cx: &Checked<'_, T>,
     s: &AttentionShape,
     b: usize,
-    h: usize,
+    hk: usize,
     lo: usize,
     hi: usize,
     win: Win,
@@ -454,10 +479,12 @@ fn unified_split<T: Element>(
     den: &mut [f64],
     flag: &mut [bool],
 ) {
-    let (d, ql) = (s.head_dim, s.q_len);
-    let hk = h / s.group();
+    let d = s.head_dim;
+    let rows = group_rows(s, hk);
+    let ql = rows.len();
     let mut qbuf = Vec::new();
-    let qm = rows_f32(&cx.q, b, h, 0, ql, d, &mut qbuf);
+    gather_q(cx, b, &rows, d, &mut qbuf);
+    let qm = MatRef::row_major(&qbuf, ql, d);
     let bk = cx.bk;
     let mut sbuf = vec![0.0f32; ql * bk.min(hi.saturating_sub(lo)).max(1)];
     let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
@@ -477,7 +504,7 @@ fn unified_split<T: Element>(
             AsyncTile {
                 cx,
                 b,
-                h,
+                rows: &rows,
                 j0,
                 kn,
                 t: sm,
@@ -496,7 +523,7 @@ fn unified_split<T: Element>(
 struct AsyncTile<'a, 'b, T> {
     cx: &'a Checked<'b, T>,
     b: usize,
-    h: usize,
+    rows: &'a [(usize, usize)],
     j0: usize,
     kn: usize,
     t: &'a mut [f32],
@@ -513,7 +540,7 @@ impl<T> Task for AsyncTile<'_, '_, T> {
         let AsyncTile {
             cx,
             b,
-            h,
+            rows,
             j0,
             kn,
             t,
@@ -523,7 +550,8 @@ impl<T> Task for AsyncTile<'_, '_, T> {
             vis,
         } = self;
         for (r, row) in t.chunks_mut(kn).enumerate() {
-            cx.sc.prep_row(b, h, r, j0, row);
+            let (h, i) = rows[r];
+            cx.sc.prep_row(b, h, i, j0, row);
             let mut out_of_window = false;
             for (f, &x) in vis[r * kn..(r + 1) * kn].iter_mut().zip(row.iter()) {
                 *f = x != f32::NEG_INFINITY;

@@ -206,6 +206,46 @@ impl RowState {
     }
 }
 
+/// The query rows of one block: consecutive queries of one head, or (decoding with grouped
+/// heads) any `(head, query)` pairs that share a key/value head, packed so each key and value
+/// row is read once for all of them.
+#[derive(Clone, Copy)]
+pub(crate) enum Rows<'a> {
+    /// Queries `i0 .. i0 + n` of query head `h`.
+    Block { h: usize, i0: usize, n: usize },
+    /// `(query head, query)` pairs.
+    Packed(&'a [(usize, usize)]),
+}
+
+impl Rows<'_> {
+    #[inline]
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::Block { n, .. } => *n,
+            Rows::Packed(p) => p.len(),
+        }
+    }
+    /// `(query head, query)` of row `r`.
+    #[inline(always)]
+    pub fn get(&self, r: usize) -> (usize, usize) {
+        match self {
+            Rows::Block { h, i0, .. } => (*h, i0 + r),
+            Rows::Packed(p) => p[r],
+        }
+    }
+    /// The keys `[lo, hi)` any row can see (causal and window only).
+    fn key_span(&self, sc: &Scores<'_>) -> (usize, usize) {
+        match self {
+            // Both ends of the visible range grow with the query index.
+            Rows::Block { i0, n, .. } => (sc.range(*i0).0, sc.range(i0 + n - 1).1),
+            Rows::Packed(p) => p.iter().fold((usize::MAX, 0), |(lo, hi), &(_, i)| {
+                let (a, b) = sc.range(i);
+                (lo.min(a), hi.max(b))
+            }),
+        }
+    }
+}
+
 /// One query block (rows `i0 .. i0 + lse.len()` of head `(b, h)`) over the keys `[k_lo, k_hi)`:
 /// writes the normalised output and the log-sum-exp.
 #[allow(clippy::too_many_arguments)]
@@ -223,9 +263,27 @@ pub(crate) fn fwd_block<T: Element>(
     let d = s.head_dim;
     let nb = lse.len();
     let mut st = RowState::new(nb, d);
-    fwd_accumulate(cx, s, b, h, i0, nb, k_lo, k_hi, true, &mut st);
+    let mut qbuf = Vec::new();
+    let qm = rows_f32(&cx.q, b, h, i0, nb, d, &mut qbuf);
+    fwd_accumulate(
+        cx,
+        s,
+        b,
+        h / s.group(),
+        Rows::Block { h, i0, n: nb },
+        &qm,
+        k_lo,
+        k_hi,
+        true,
+        &mut st,
+    );
+    finish_rows(&st, d, out, lse);
+}
+
+/// `out = acc / l` and `lse = m + ln l` per row (0 and `-inf` for a row that saw nothing).
+pub(crate) fn finish_rows<T: Element>(st: &RowState, d: usize, out: &mut [T], lse: &mut [f32]) {
     let mut tmp = vec![0.0f32; d];
-    for r in 0..nb {
+    for r in 0..lse.len() {
         let (m, l) = (st.m[r], st.l[r]);
         let a = &st.acc[r * d..(r + 1) * d];
         let o = &mut out[r * d..(r + 1) * d];
@@ -243,17 +301,17 @@ pub(crate) fn fwd_block<T: Element>(
     }
 }
 
-/// Streams keys `[k_lo, k_hi)` into the running state of rows `i0 .. i0 + nb` of head `(b, h)`;
-/// without `values`, only the running max and sum (the log-sum-exp pass of two-pass variants;
-/// `st` then has an empty accumulator).
+/// Streams keys `[k_lo, k_hi)` of key/value head `(b, hk)` into the running state of `rows`
+/// (their queries in `qm`); without `values`, only the running max and sum (the log-sum-exp
+/// pass of two-pass variants; `st` then has an empty accumulator).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn fwd_accumulate<T: Element>(
     cx: &Checked<'_, T>,
     s: &AttentionShape,
     b: usize,
-    h: usize,
-    i0: usize,
-    nb: usize,
+    hk: usize,
+    rows: Rows<'_>,
+    qm: &MatRef<'_>,
     k_lo: usize,
     k_hi: usize,
     values: bool,
@@ -261,17 +319,17 @@ pub(crate) fn fwd_accumulate<T: Element>(
 ) {
     let d = if values { s.head_dim } else { 0 };
     let hd = s.head_dim;
-    let hk = h / s.group();
+    let nb = rows.len();
     let sc = &cx.sc;
-    // Keys any row of the block can see (both ends of the visible range grow with i).
-    let lo = sc.range(i0).0.max(k_lo);
-    let hi = sc.range(i0 + nb - 1).1.min(k_hi);
+    if nb == 0 {
+        return;
+    }
+    let (lo, hi) = rows.key_span(sc);
+    let (lo, hi) = (lo.max(k_lo), hi.min(k_hi));
     if lo >= hi {
         return;
     }
     let bk = cx.bk;
-    let mut qbuf = Vec::new();
-    let qm = rows_f32(&cx.q, b, h, i0, nb, hd, &mut qbuf);
     // Key blocks are aligned to multiples of `bk` from `k_lo`, so a key's block never depends
     // on the query block (one row's result is the same in every call that contains it).
     let mut j0 = k_lo + (lo - k_lo) / bk * bk;
@@ -286,7 +344,7 @@ pub(crate) fn fwd_accumulate<T: Element>(
         let vm = rows_f32(&cx.v, b, hk, j0, kn, if values { hd } else { 0 }, &mut vbuf);
         let bad = values && (!all_finite(cx.level, &km) || !all_finite(cx.level, &vm));
         let sm = &mut sbuf[..nb * kn];
-        matmul(sm, kn, qm, km.t(), false, Par::Seq);
+        matmul(sm, kn, *qm, km.t(), false, Par::Seq);
         if bad {
             vis.clear();
             vis.resize(nb * kn, false);
@@ -296,8 +354,7 @@ pub(crate) fn fwd_accumulate<T: Element>(
             OnlineTile {
                 sc: Some(sc),
                 b,
-                h,
-                i0,
+                rows,
                 j0,
                 kn,
                 d,
@@ -350,8 +407,7 @@ pub(crate) struct OnlineTile<'a, 'b> {
     /// `Some`: turn raw products into scores first; `None`: the tile already holds scores.
     pub sc: Option<&'a Scores<'b>>,
     pub b: usize,
-    pub h: usize,
-    pub i0: usize,
+    pub rows: Rows<'a>,
     pub j0: usize,
     pub kn: usize,
     pub d: usize,
@@ -367,8 +423,7 @@ impl Task for OnlineTile<'_, '_> {
         let OnlineTile {
             sc,
             b,
-            h,
-            i0,
+            rows,
             j0,
             kn,
             d,
@@ -378,7 +433,8 @@ impl Task for OnlineTile<'_, '_> {
         } = self;
         for (r, row) in t.chunks_mut(kn).enumerate() {
             if let Some(sc) = sc {
-                sc.prep_row(b, h, i0 + r, j0, row);
+                let (h, i) = rows.get(r);
+                sc.prep_row(b, h, i, j0, row);
             }
             if let Some(vis) = vis.as_deref_mut() {
                 for (f, &x) in vis[r * kn..(r + 1) * kn].iter_mut().zip(row.iter()) {

@@ -4,7 +4,8 @@
 //! the `temperature` of [`AttentionOptions`].
 
 use super::flash::{
-    Checked, Clip, OnlineTile, ProbTile, RowState, accumulate_pv, all_finite, backward_impl, check, rows_f32,
+    Checked, Clip, OnlineTile, ProbTile, RowState, Rows, accumulate_pv, all_finite, backward_impl, check,
+    fwd_accumulate, rows_f32,
 };
 use super::{AttentionOptions, AttentionShape, AttnElement, Heads, Scores, check_out, resolve};
 use crate::arch::dispatch;
@@ -105,7 +106,21 @@ pub fn attention_clipped<T: AttnElement>(
     for_blocks(&cx, &shape, out, lse, |b, h, i0, o, l| {
         let nb = l.len();
         let mut st = RowState::new(nb, 0);
-        super::flash::fwd_accumulate(&cx, &shape, b, h, i0, nb, 0, shape.kv_len, false, &mut st);
+        let mut qbuf = Vec::new();
+        let qm = rows_f32(&cx.q, b, h, i0, nb, shape.head_dim, &mut qbuf);
+        let rows = Rows::Block { h, i0, n: nb };
+        fwd_accumulate(
+            &cx,
+            &shape,
+            b,
+            h / shape.group(),
+            rows,
+            &qm,
+            0,
+            shape.kv_len,
+            false,
+            &mut st,
+        );
         for (r, x) in l.iter_mut().enumerate() {
             *x = if st.l[r] == 0.0 || st.m[r] == f32::NEG_INFINITY {
                 f32::NEG_INFINITY
@@ -656,8 +671,7 @@ fn lssa_block<T: Element>(
             OnlineTile {
                 sc: None,
                 b,
-                h,
-                i0,
+                rows: Rows::Block { h, i0, n: nb },
                 j0,
                 kn,
                 d,
