@@ -12,8 +12,8 @@ use crate::alloc::peak_extra;
 use crate::bench::{Args, Record, fill_logits, parse_shape, pick_ops, print_table, time, timing, write_json};
 use crate::peers;
 use smax::attention::{
-    AttentionOptions, AttentionShape, DecodeOptions, HeadStrides, Heads, UnifiedMax, attention, attention_backward,
-    attention_decode, attention_decode_unified,
+    AttentionGrads, AttentionOptions, AttentionShape, DecodeOptions, HeadStrides, Heads, UnifiedMax, attention,
+    attention_backward, attention_decode, attention_decode_unified,
 };
 use smax::{MaskedRow, Options, View, ViewMut};
 use std::io::Write;
@@ -464,9 +464,7 @@ pub fn run(a: Args) -> Result<(), String> {
                                 &out,
                                 &dout,
                                 &lse,
-                                &mut dq,
-                                &mut dk,
-                                &mut dv,
+                                AttentionGrads::new(&mut dq, &mut dk, &mut dv),
                                 &opts,
                             )
                             .expect("backward");

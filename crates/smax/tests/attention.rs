@@ -9,8 +9,8 @@ mod common;
 
 use common::Rng;
 use smax::attention::{
-    AttentionOptions, AttentionShape, DecodeOptions, HeadStrides, Heads, KeepMask, QueryPositions, ScoreBias,
-    ScoreStrides, UnifiedFallback, UnifiedMax, attention, attention_backward, attention_decode,
+    AttentionGrads, AttentionOptions, AttentionShape, DecodeOptions, HeadStrides, Heads, KeepMask, QueryPositions,
+    ScoreBias, ScoreStrides, UnifiedFallback, UnifiedMax, attention, attention_backward, attention_decode,
     attention_decode_unified, merge_attention_states, profile_unified_max,
 };
 use smax::{Error, Par, bf16, f16};
@@ -425,9 +425,7 @@ fn fully_masked_rows_give_zero_and_neg_inf_lse() {
         &out,
         &d_out,
         &lse,
-        &mut dq,
-        &mut dk,
-        &mut dv,
+        AttentionGrads::new(&mut dq, &mut dk, &mut dv),
         &cfg.opts(),
     )
     .unwrap();
@@ -466,9 +464,7 @@ fn masked_positions_never_leak_nan_or_inf() {
             &out,
             &d_out,
             &lse,
-            &mut dq,
-            &mut dk,
-            &mut dv,
+            AttentionGrads::new(&mut dq, &mut dk, &mut dv),
             &cfg.opts(),
         )
         .unwrap();
@@ -530,9 +526,7 @@ fn partially_masked_nan_key_reaches_only_the_rows_that_see_it() {
             &out,
             &d_out,
             &lse,
-            &mut dq,
-            &mut dk,
-            &mut dv,
+            AttentionGrads::new(&mut dq, &mut dk, &mut dv),
             &cfg.opts(),
         )
         .unwrap();
@@ -593,9 +587,7 @@ fn thread_count_and_call_composition_do_not_change_bits() {
                 &out,
                 &d_out,
                 &lse,
-                &mut dq,
-                &mut dk,
-                &mut dv,
+                AttentionGrads::new(&mut dq, &mut dk, &mut dv),
                 &cfg.opts(),
             )
             .unwrap();
@@ -782,9 +774,7 @@ fn backward_matches_reference() {
                 &out,
                 &d_out,
                 &lse,
-                &mut dq,
-                &mut dk,
-                &mut dv,
+                AttentionGrads::new(&mut dq, &mut dk, &mut dv),
                 &cfg.opts(),
             )
             .unwrap();
@@ -821,9 +811,7 @@ fn backward_with_bias_keep_and_temperature() {
         &out,
         &d_out,
         &lse,
-        &mut dq,
-        &mut dk,
-        &mut dv,
+        AttentionGrads::new(&mut dq, &mut dk, &mut dv),
         &cfg.opts().tiles(16, 16),
     )
     .unwrap();
@@ -1265,7 +1253,7 @@ proptest! {
         }
         let d_out: Vec<f32> = rng.vec(s.out_len(), 1.0).into_iter().map(|x| x as f32).collect();
         let (mut dq, mut dk, mut dv) = (vec![0.0f32; s.out_len()], vec![0.0f32; s.kv_len_elems()], vec![0.0f32; s.kv_len_elems()]);
-        attention_backward(s, Heads::new(&q), Heads::new(&k), Heads::new(&v), &out, &d_out, &lse, &mut dq, &mut dk, &mut dv, &o).unwrap();
+        attention_backward(s, Heads::new(&q), Heads::new(&k), Heads::new(&v), &out, &d_out, &lse, AttentionGrads::new(&mut dq, &mut dk, &mut dv), &o).unwrap();
         let (rq, rk, rv) = cfg.backward(&wide(&q), &wide(&k), &wide(&v), &wide(&d_out));
         close("dq", &dq, &rq, BWD_TOL, max_abs(&rq));
         close("dk", &dk, &rk, BWD_TOL, max_abs(&rk));
@@ -1315,9 +1303,7 @@ fn backward_modes_agree_bit_for_bit() {
             &out,
             d_out,
             &lse,
-            &mut dq,
-            &mut dk,
-            &mut dv,
+            AttentionGrads::new(&mut dq, &mut dk, &mut dv),
             &o,
         )
         .unwrap();
@@ -1408,4 +1394,94 @@ fn grouped_decoding_with_per_head_masks() {
     assert_eq!(st.fallback_rows, 0);
     close("grouped unified", &out, &ro, FWD_TOL, 1.0);
     close("grouped unified lse", &lse, &rl, FWD_TOL, 10.0);
+}
+
+#[test]
+fn bias_gradient_matches_reference_and_finite_differences() {
+    let s = AttentionShape::new(2, 4, 9, 13, 8).kv_heads(2);
+    let n = s.batch * s.q_heads * s.q_len * s.kv_len;
+    let mut rng = Rng(515);
+    let mut cfg = Cfg::new(s);
+    cfg.causal = true;
+    cfg.offset = 6;
+    cfg.tau = 0.9;
+    cfg.bias = Some((0..n).map(|_| rng.uniform() as f32).collect());
+    cfg.keep = Some((0..n).map(|i| i % 7 != 2).collect());
+    let (q, k, v) = inputs(&mut rng, s, 2.0);
+    let d_out: Vec<f32> = rng.vec(s.out_len(), 1.0).into_iter().map(|x| x as f32).collect();
+    // Reference: ∂(Σ dO ⊙ out)/∂bias by central differences on the f64 reference.
+    let (qw, kw, vw, gw) = (wide(&q), wide(&k), wide(&v), wide(&d_out));
+    let bias0 = cfg.bias.clone().unwrap();
+    let mut want = vec![0.0f64; n];
+    for (i, w) in want.iter_mut().enumerate() {
+        let f = |delta: f32| {
+            let mut c = cfg.clone();
+            let mut b = bias0.clone();
+            b[i] += delta;
+            c.bias = Some(b);
+            c.forward(&qw, &kw, &vw)
+                .0
+                .iter()
+                .zip(&gw)
+                .map(|(a, b)| a * b)
+                .sum::<f64>()
+        };
+        *w = (f(1e-3) - f(-1e-3)) / 2e-3;
+    }
+    for threads in [1usize, 2, 8] {
+        // 4 (batch, kv head) pairs: one pass on 1 and 2 threads, two passes on 8.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let db = pool.install(|| {
+            let (out, lse) = run_fwd(&cfg, &q, &k, &v);
+            let (mut dq, mut dk, mut dv) = (
+                vec![0.0f32; s.out_len()],
+                vec![0.0f32; s.kv_len_elems()],
+                vec![0.0f32; s.kv_len_elems()],
+            );
+            let mut db = vec![f32::NAN; n];
+            let g = AttentionGrads::new(&mut dq, &mut dk, &mut dv).with_bias_grad(&mut db);
+            attention_backward(
+                s,
+                Heads::new(&q),
+                Heads::new(&k),
+                Heads::new(&v),
+                &out,
+                &d_out,
+                &lse,
+                g,
+                &cfg.opts().tiles(4, 5),
+            )
+            .unwrap();
+            db
+        });
+        // f32 bias perturbation of 1e-3 limits the difference quotient to ~1e-4.
+        close("d_bias", &db, &want, 2e-4, 1.0);
+        for (i, &x) in db.iter().enumerate() {
+            let (b, h, qi, j) = (i / (4 * 9 * 13), (i / (9 * 13)) % 4, (i / 13) % 9, i % 13);
+            if !cfg.visible(b, h, qi, j) {
+                assert_eq!(x, 0.0, "masked pair ({b},{h},{qi},{j})");
+            }
+        }
+    }
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0f32; s.out_len()],
+        vec![0.0f32; s.kv_len_elems()],
+        vec![0.0f32; s.kv_len_elems()],
+    );
+    let mut short = vec![0.0f32; n - 1];
+    let g = AttentionGrads::new(&mut dq, &mut dk, &mut dv).with_bias_grad(&mut short);
+    let (out, lse) = run_fwd(&cfg, &q, &k, &v);
+    let e = attention_backward(
+        s,
+        Heads::new(&q),
+        Heads::new(&k),
+        Heads::new(&v),
+        &out,
+        &d_out,
+        &lse,
+        g,
+        &cfg.opts(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::LengthMismatch { what: "d_bias", .. }), "{e}");
 }

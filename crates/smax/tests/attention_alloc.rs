@@ -2,7 +2,7 @@
 //! allocator records the high-water mark of live heap bytes during forward and backward calls.
 
 use smax::Par;
-use smax::attention::{AttentionOptions, AttentionShape, Heads, attention, attention_backward};
+use smax::attention::{AttentionGrads, AttentionOptions, AttentionShape, Heads, attention, attention_backward};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -75,9 +75,7 @@ fn peaks(q_len: usize, kv_len: usize) -> (usize, usize) {
         &out,
         &d_out,
         &lse,
-        &mut dq,
-        &mut dk,
-        &mut dv,
+        AttentionGrads::new(&mut dq, &mut dk, &mut dv),
         &o,
     )
     .unwrap();

@@ -9,9 +9,9 @@ mod common;
 
 use common::Rng;
 use smax::attention::{
-    AttentionOptions, AttentionShape, ClippedSoftmax, Heads, InlineKernel, InlineLocal, KeepMask, Lssa, QueryPositions,
-    ScoreStrides, attention_clipped, attention_clipped_backward, attention_gate, attention_gate_backward,
-    attention_lssa, gate_bias_init, inline_attention,
+    AttentionGrads, AttentionOptions, AttentionShape, ClippedSoftmax, Heads, InlineKernel, InlineLocal, KeepMask, Lssa,
+    QueryPositions, ScoreStrides, attention_clipped, attention_clipped_backward, attention_gate,
+    attention_gate_backward, attention_lssa, gate_bias_init, inline_attention,
 };
 use smax::{Error, Par};
 
@@ -131,9 +131,7 @@ fn clipped_worked_examples_n6() {
         Heads::new(&v),
         &g,
         &lse,
-        &mut dq,
-        &mut dk,
-        &mut dv,
+        AttentionGrads::new(&mut dq, &mut dk, &mut dv),
         &o,
         &clip,
     )
@@ -223,9 +221,7 @@ fn clipped_forward_and_backward_match_reference() {
             Heads::new(&v),
             &g,
             &lse,
-            &mut dq,
-            &mut dk,
-            &mut dv,
+            AttentionGrads::new(&mut dq, &mut dk, &mut dv),
             &o,
             &clip,
         )
@@ -839,9 +835,7 @@ fn variants_are_bitwise_identical_across_thread_counts() {
             Heads::new(&v),
             &g,
             &lse,
-            &mut dq,
-            &mut dk,
-            &mut dv,
+            AttentionGrads::new(&mut dq, &mut dk, &mut dv),
             &o,
             &clip,
         )

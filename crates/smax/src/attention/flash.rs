@@ -6,7 +6,7 @@ use crate::arch::gemm::{MatRef, matmul};
 use crate::arch::rows as k;
 use crate::arch::{Ahead, Isa, SimdLevel, Task, dispatch};
 use crate::element::Element;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::options::Par;
 use rayon::prelude::*;
 
@@ -492,23 +492,23 @@ pub fn attention_backward<T: AttnElement>(
     out: &[T],
     d_out: &[T],
     lse: &[f32],
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
+    grads: AttentionGrads<'_, T>,
     opts: &AttentionOptions<'_>,
 ) -> Result<()> {
     let cx = check(&shape, q, k, v, opts)?;
     check_out("out", out.len(), shape.out_len())?;
     check_out("d_out", d_out.len(), shape.out_len())?;
     check_out("lse", lse.len(), shape.lse_len())?;
-    check_out("dq", dq.len(), shape.out_len())?;
-    check_out("dk", dk.len(), shape.kv_len_elems())?;
-    check_out("dv", dv.len(), shape.kv_len_elems())?;
+    let AttentionGrads { dq, dk, dv, mut d_bias } = grads;
+    grads_check(&shape, dq, dk, dv, d_bias.as_deref())?;
+    if let Some(db) = d_bias.as_deref_mut() {
+        db.fill(0.0);
+    }
     if shape.batch == 0 || shape.kv_heads == 0 {
         return Ok(());
     }
-    let (d, ql, kl) = (shape.head_dim, shape.q_len, shape.kv_len);
-    if ql == 0 || kl == 0 {
+    let d = shape.head_dim;
+    if shape.q_len == 0 || shape.kv_len == 0 {
         dq.fill(T::from_f32(0.0));
         dk.fill(T::from_f32(0.0));
         dv.fill(T::from_f32(0.0));
@@ -522,7 +522,57 @@ pub fn attention_backward<T: AttnElement>(
         T::load_f32(y, &mut t2);
         *di = t1.iter().zip(&t2).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
     }
-    backward_impl(&cx, &shape, d_out, lse, &dd, None, dq, dk, dv);
+    backward_impl(&cx, &shape, d_out, lse, &dd, None, dq, dk, dv, d_bias);
+    Ok(())
+}
+
+/// The gradient outputs of [`attention_backward`]: `dq` contiguous
+/// `[batch, q_heads, q_len, head_dim]`, `dk` and `dv` contiguous
+/// `[batch, kv_heads, kv_len, head_dim]` (grouped heads' gradients summed), and optionally
+/// `d_bias`, the gradient of the additive score bias, contiguous f32
+/// `[batch, q_heads, q_len, kv_len]` (`∂L/∂s / τ`, 0 at masked pairs; a broadcast bias is the
+/// sum of this over its broadcast axes). `d_bias` is the one output as large as the scores; it
+/// is written only when asked for.
+pub struct AttentionGrads<'a, T> {
+    /// Query gradient.
+    pub dq: &'a mut [T],
+    /// Key gradient.
+    pub dk: &'a mut [T],
+    /// Value gradient.
+    pub dv: &'a mut [T],
+    /// Score-bias gradient, if wanted.
+    pub d_bias: Option<&'a mut [f32]>,
+}
+
+impl<'a, T> AttentionGrads<'a, T> {
+    /// `dq`, `dk`, `dv`; no bias gradient.
+    pub fn new(dq: &'a mut [T], dk: &'a mut [T], dv: &'a mut [T]) -> Self {
+        AttentionGrads {
+            dq,
+            dk,
+            dv,
+            d_bias: None,
+        }
+    }
+    /// Also writes the score-bias gradient into `d_bias`.
+    pub fn with_bias_grad(mut self, d_bias: &'a mut [f32]) -> Self {
+        self.d_bias = Some(d_bias);
+        self
+    }
+}
+
+/// Lengths of the gradient outputs.
+pub(crate) fn grads_check<T>(s: &AttentionShape, dq: &[T], dk: &[T], dv: &[T], d_bias: Option<&[f32]>) -> Result<()> {
+    check_out("dq", dq.len(), s.out_len())?;
+    check_out("dk", dk.len(), s.kv_len_elems())?;
+    check_out("dv", dv.len(), s.kv_len_elems())?;
+    if let Some(db) = d_bias {
+        let n = s.lse_len().checked_mul(s.kv_len).ok_or(Error::SizeOverflow {
+            what: "d_bias",
+            shape: format!("{} rows x {} keys", s.lse_len(), s.kv_len),
+        })?;
+        check_out("d_bias", db.len(), n)?;
+    }
     Ok(())
 }
 
@@ -568,6 +618,7 @@ pub(crate) fn backward_impl<T: Element>(
     dq: &mut [T],
     dk: &mut [T],
     dv: &mut [T],
+    d_bias: Option<&mut [f32]>,
 ) {
     let (d, ql, kl, g) = (shape.head_dim, shape.q_len, shape.kv_len, shape.group());
     let do_op = Op {
@@ -578,15 +629,34 @@ pub(crate) fn backward_impl<T: Element>(
     if cx.par == Par::Seq || pairs >= rayon::current_num_threads() {
         // One task per (batch, key/value head): five products per tile, dQ accumulated in
         // the task.
-        let tasks: Vec<(usize, ((&mut [T], &mut [T]), &mut [T]))> = dq
+        let dbs: Vec<Option<&mut [f32]>> = match d_bias {
+            Some(db) => db.chunks_mut(g * ql * kl).map(Some).collect(),
+            None => (0..pairs).map(|_| None).collect(),
+        };
+        let tasks: Vec<(usize, (((&mut [T], &mut [T]), &mut [T]), Option<&mut [f32]>))> = dq
             .chunks_mut(g * ql * d)
             .zip(dk.chunks_mut(kl * d))
             .zip(dv.chunks_mut(kl * d))
+            .zip(dbs)
             .enumerate()
             .collect();
-        let run = |(bh, ((dqh, dkh), dvh)): (usize, ((&mut [T], &mut [T]), &mut [T]))| {
+        let run = |(bh, (((dqh, dkh), dvh), dbh)): (usize, (((&mut [T], &mut [T]), &mut [T]), Option<&mut [f32]>))| {
             let (b, hk) = (bh / shape.kv_heads, bh % shape.kv_heads);
-            bwd_head(cx, shape, &do_op, lse, dd, clip, b, hk, 0, kl, Some(dqh), dkh, dvh);
+            bwd_head(
+                cx,
+                shape,
+                &do_op,
+                lse,
+                dd,
+                clip,
+                b,
+                hk,
+                0,
+                kl,
+                Some((dqh, dbh)),
+                dkh,
+                dvh,
+            );
         };
         match cx.par {
             Par::Seq => tasks.into_iter().for_each(run),
@@ -614,15 +684,17 @@ pub(crate) fn backward_impl<T: Element>(
         Par::Seq => tasks.into_iter().for_each(run),
         Par::Rayon => tasks.into_par_iter().for_each(run),
     }
+    let mut dbs = d_bias.map(|db| db.chunks_mut(ql * kl).flat_map(|h| h.chunks_mut(cx.bq * kl)));
     let mut blocks = Vec::new();
     for (bh, dqh) in dq.chunks_mut(ql * d).enumerate() {
         for (ib, dqb) in dqh.chunks_mut(cx.bq * d).enumerate() {
-            blocks.push((bh, ib * cx.bq, dqb));
+            let db = dbs.as_mut().and_then(|it| it.next());
+            blocks.push((bh, ib * cx.bq, dqb, db));
         }
     }
-    let run = |(bh, i0, dqb): (usize, usize, &mut [T])| {
+    let run = |(bh, i0, dqb, db): (usize, usize, &mut [T], Option<&mut [f32]>)| {
         let (b, h) = (bh / shape.q_heads, bh % shape.q_heads);
-        dq_block(cx, shape, &do_op, lse, dd, clip, b, h, i0, dqb);
+        dq_block(cx, shape, &do_op, lse, dd, clip, b, h, i0, dqb, db);
     };
     match cx.par {
         Par::Seq => blocks.into_iter().for_each(run),
@@ -632,7 +704,8 @@ pub(crate) fn backward_impl<T: Element>(
 
 /// The backward of one (batch, key/value head) pair over the keys `[j_lo, j_hi)` (a multiple of
 /// the key block apart from the end): `dk` and `dv` hold those keys' rows; with `dq` (the
-/// group's query heads), also the query gradient.
+/// group's query heads), also the query gradient and, if given, the rows of the score-bias
+/// gradient of those heads.
 #[allow(clippy::too_many_arguments)]
 fn bwd_head<T: Element>(
     cx: &Checked<'_, T>,
@@ -645,11 +718,15 @@ fn bwd_head<T: Element>(
     hk: usize,
     j_lo: usize,
     j_hi: usize,
-    dq: Option<&mut [T]>,
+    dq: Option<(&mut [T], Option<&mut [f32]>)>,
     dk: &mut [T],
     dv: &mut [T],
 ) {
     let (d, ql, kl, g) = (s.head_dim, s.q_len, s.kv_len, s.group());
+    let (dq, mut d_bias) = match dq {
+        Some((q, b)) => (Some(q), b),
+        None => (None, None),
+    };
     let (bq, bk) = (cx.bq, cx.bk);
     let sc = &cx.sc;
     let mut dq_acc = vec![0.0f32; if dq.is_some() { g * ql * d } else { 0 }];
@@ -738,6 +815,9 @@ fn bwd_head<T: Element>(
                 }
                 let dpm = &mut dp[..nb * kn];
                 matmul(dpm, kn, dom, vm.t(), false, Par::Seq);
+                let db = d_bias
+                    .as_deref_mut()
+                    .map(|db| &mut db[(hh * ql + i0) * kl..][..nb * kl]);
                 dispatch(
                     cx.level,
                     DsTile {
@@ -747,6 +827,7 @@ fn bwd_head<T: Element>(
                         kn,
                         c: sc.c,
                         clip,
+                        db: db.map(|x| (x, kl, j0, sc.cb)),
                     },
                 );
                 let dsm = MatRef::row_major(dpm, nb, kn);
@@ -809,6 +890,7 @@ fn dq_block<T: Element>(
     h: usize,
     i0: usize,
     dq: &mut [T],
+    mut d_bias: Option<&mut [f32]>,
 ) {
     let (d, ql, kl, bk) = (s.head_dim, s.q_len, s.kv_len, cx.bk);
     let nb = dq.len() / d;
@@ -867,6 +949,7 @@ fn dq_block<T: Element>(
                 kn,
                 c: sc.c,
                 clip,
+                db: d_bias.as_deref_mut().map(|x| (x, kl, j0, sc.cb)),
             },
         );
         let bad_k = if bad { nonfinite_rows(&km) } else { Vec::new() };
@@ -922,7 +1005,9 @@ impl Task for ProbTile<'_, '_> {
     }
 }
 
-/// `dP ← c · P ⊙ (u − D)` in place (`u = dP`, or the clipped rule's `u`), 0 wherever `P = 0`.
+/// `dP ← c · P ⊙ (u − D)` in place (`u = dP`, or the clipped rule's `u`), 0 wherever `P = 0`;
+/// with `db = (rows, row stride, first column, 1/τ)`, also the score-bias gradient
+/// `P ⊙ (u − D) / τ` of the tile.
 struct DsTile<'a> {
     p: &'a [f32],
     dp: &'a mut [f32],
@@ -930,26 +1015,35 @@ struct DsTile<'a> {
     kn: usize,
     c: f32,
     clip: Option<Clip>,
+    db: Option<(&'a mut [f32], usize, usize, f32)>,
 }
 
 impl Task for DsTile<'_> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, _s: S) {
-        let DsTile { p, dp, dd, kn, c, clip } = self;
-        for ((pr, dr), &di) in p.chunks(kn).zip(dp.chunks_mut(kn)).zip(dd) {
-            match clip {
-                None => {
-                    for (&pv, x) in pr.iter().zip(dr.iter_mut()) {
-                        let v = pv * (*x - di) * c;
-                        *x = if pv == 0.0 { 0.0 } else { v };
-                    }
-                }
-                Some(cl) => {
-                    for (&pv, x) in pr.iter().zip(dr.iter_mut()) {
-                        let v = pv * (cl.u(pv, *x) - di) * c;
-                        *x = if pv == 0.0 { 0.0 } else { v };
-                    }
+        let DsTile {
+            p,
+            dp,
+            dd,
+            kn,
+            c,
+            clip,
+            mut db,
+        } = self;
+        for (r, ((pr, dr), &di)) in p.chunks(kn).zip(dp.chunks_mut(kn)).zip(dd).enumerate() {
+            let mut brow = db
+                .as_mut()
+                .map(|(rows, stride, j0, cb)| (&mut rows[r * *stride + *j0..][..kn], *cb));
+            for (j, (&pv, x)) in pr.iter().zip(dr.iter_mut()).enumerate() {
+                let u = match clip {
+                    None => *x,
+                    Some(cl) => cl.u(pv, *x),
+                };
+                let raw = pv * (u - di);
+                *x = if pv == 0.0 { 0.0 } else { raw * c };
+                if let Some((bb, cb)) = brow.as_mut() {
+                    bb[j] = if pv == 0.0 { 0.0 } else { raw * *cb };
                 }
             }
         }

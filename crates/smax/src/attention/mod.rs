@@ -84,7 +84,7 @@ pub use decode::{
     DecodeOptions, UnifiedFallback, UnifiedMax, UnifiedStats, attention_decode, attention_decode_unified,
     merge_attention_states, profile_unified_max,
 };
-pub use flash::{attention, attention_backward};
+pub use flash::{AttentionGrads, attention, attention_backward};
 pub use variants::{
     ClippedSoftmax, InlineKernel, InlineLocal, Lssa, LssaStats, attention_clipped, attention_clipped_backward,
     attention_gate, attention_gate_backward, attention_lssa, gate_bias_init, inline_attention,

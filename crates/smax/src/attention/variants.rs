@@ -4,8 +4,8 @@
 //! the `temperature` of [`AttentionOptions`].
 
 use super::flash::{
-    Checked, Clip, OnlineTile, ProbTile, RowState, Rows, accumulate_pv, all_finite, backward_impl, check,
-    fwd_accumulate, rows_f32,
+    AttentionGrads, Checked, Clip, OnlineTile, ProbTile, RowState, Rows, accumulate_pv, all_finite, backward_impl,
+    check, fwd_accumulate, grads_check, rows_f32,
 };
 use super::{AttentionOptions, AttentionShape, AttnElement, Heads, Scores, check_out, resolve};
 use crate::arch::dispatch;
@@ -212,9 +212,10 @@ fn weighted_pass<T: Element>(
 
 /// Backward of [`attention_clipped`] (N6): `dV = Wᵀ dO`; with `u = (dO Vᵀ)·(ζ − γ)·1[0 ≤ r ≤ 1]`
 /// (inclusive, as `torch.clamp`'s backward) and `D_i = Σ_j u_ij p_ij`, `dS = P ⊙ (u − D)`,
-/// then `dQ`, `dK` as [`attention_backward`](super::attention_backward). One extra tiled pass
-/// computes `D`. `lse` is the one the forward wrote; the rest as
-/// [`attention_backward`](super::attention_backward) (no `out` needed).
+/// then `dQ`, `dK` (and the score-bias gradient `dS/τ` if asked) as
+/// [`attention_backward`](super::attention_backward). One extra tiled pass computes `D`. `lse`
+/// is the one the forward wrote; the rest as [`attention_backward`](super::attention_backward)
+/// (no `out` needed).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_clipped_backward<T: AttnElement>(
     shape: AttentionShape,
@@ -223,9 +224,7 @@ pub fn attention_clipped_backward<T: AttnElement>(
     v: Heads<'_, T>,
     d_out: &[T],
     lse: &[f32],
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
+    grads: AttentionGrads<'_, T>,
     opts: &AttentionOptions<'_>,
     clip: &ClippedSoftmax,
 ) -> Result<()> {
@@ -233,9 +232,11 @@ pub fn attention_clipped_backward<T: AttnElement>(
     let cx = check(&shape, q, k, v, opts)?;
     check_out("d_out", d_out.len(), shape.out_len())?;
     check_out("lse", lse.len(), shape.lse_len())?;
-    check_out("dq", dq.len(), shape.out_len())?;
-    check_out("dk", dk.len(), shape.kv_len_elems())?;
-    check_out("dv", dv.len(), shape.kv_len_elems())?;
+    let AttentionGrads { dq, dk, dv, mut d_bias } = grads;
+    grads_check(&shape, dq, dk, dv, d_bias.as_deref())?;
+    if let Some(db) = d_bias.as_deref_mut() {
+        db.fill(0.0);
+    }
     let (d, ql) = (shape.head_dim, shape.q_len);
     if shape.batch == 0 || shape.q_heads == 0 || ql == 0 || shape.kv_len == 0 {
         dq.fill(T::from_f32(0.0));
@@ -264,7 +265,7 @@ pub fn attention_clipped_backward<T: AttnElement>(
         Par::Seq => blocks.into_iter().for_each(run),
         Par::Rayon => blocks.into_par_iter().for_each(run),
     }
-    backward_impl(&cx, &shape, d_out, lse, &dd, Some(cl), dq, dk, dv);
+    backward_impl(&cx, &shape, d_out, lse, &dd, Some(cl), dq, dk, dv, d_bias);
     Ok(())
 }
 
