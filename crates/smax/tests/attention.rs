@@ -21,6 +21,7 @@ struct Cfg {
     s: AttentionShape,
     scale: f64,
     tau: f64,
+    softcap: Option<f64>,
     causal: bool,
     offset: i64,
     window: Option<(usize, usize)>,
@@ -34,6 +35,7 @@ impl Cfg {
             s,
             scale: 1.0 / (s.head_dim as f64).sqrt(),
             tau: 1.0,
+            softcap: None,
             causal: false,
             offset: s.kv_len as i64 - s.q_len as i64,
             window: None,
@@ -49,6 +51,9 @@ impl Cfg {
             .scale(self.scale as f32)
             .temperature(self.tau as f32)
             .positions(QueryPositions::Offset(self.offset));
+        if let Some(c) = self.softcap {
+            o = o.softcap(c as f32);
+        }
         if let Some((l, r)) = self.window {
             o = o.window(l, r);
         }
@@ -98,7 +103,11 @@ impl Cfg {
                 let kr = &k[self.ki(b, h, j)..][..d];
                 let dot: f64 = qr.iter().zip(kr).map(|(a, b)| a * b).sum();
                 let bias = self.bias.as_ref().map_or(0.0, |bb| bb[self.sidx(b, h, i) + j] as f64);
-                (dot * self.scale + bias) / self.tau
+                let t = match self.softcap {
+                    None => dot * self.scale,
+                    Some(c) => c * (dot * self.scale / c).tanh(),
+                };
+                (t + bias) / self.tau
             })
             .collect()
     }
@@ -157,7 +166,12 @@ impl Cfg {
                         }
                         let kj = self.ki(b, h, j);
                         let dp: f64 = (0..d).map(|t| dout[qi + t] * v[kj + t]).sum();
-                        let ds = pj * (dp - dd) * c;
+                        let mut ds = pj * (dp - dd) * c;
+                        if let Some(cap) = self.softcap {
+                            let dot: f64 = (0..d).map(|t| q[qi + t] * k[kj + t]).sum();
+                            let u = (dot * self.scale / cap).tanh();
+                            ds *= 1.0 - u * u;
+                        }
                         for t in 0..d {
                             dv[kj + t] += pj * dout[qi + t];
                             dq[qi + t] += ds * k[kj + t];
@@ -351,6 +365,9 @@ fn causal_offsets_windows_bias_keep_and_gqa() {
     cfg.keep = Some((0..n).map(|i| i % 7 != 3).collect());
     cfg.tau = 0.7;
     cfg.causal = true;
+    check_fwd(&cfg, 3.0, rng.next_u64());
+    // Gemma-2-style soft cap, small enough to bend the scores.
+    cfg.softcap = Some(1.5);
     check_fwd(&cfg, 3.0, rng.next_u64());
 }
 
@@ -710,30 +727,33 @@ fn backward_reference_agrees_with_finite_differences() {
     let mut cfg = Cfg::new(s);
     cfg.causal = true;
     cfg.tau = 0.8;
-    let mut rng = Rng(12);
-    let (q, k, v) = (
-        rng.vec(s.out_len(), 1.0),
-        rng.vec(s.kv_len_elems(), 1.0),
-        rng.vec(s.kv_len_elems(), 1.0),
-    );
-    let dout = rng.vec(s.out_len(), 1.0);
-    let (dq, dk, dv) = cfg.backward(&q, &k, &v, &dout);
-    let f = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
-        let (o, _) = cfg.forward(q, k, v);
-        o.iter().zip(&dout).map(|(a, b)| a * b).sum()
-    };
-    let hstep = 1e-6;
-    for (which, grad) in [(0, &dq), (1, &dk), (2, &dv)] {
-        for i in 0..grad.len() {
-            let (mut a, mut b) = ([q.clone(), k.clone(), v.clone()], [q.clone(), k.clone(), v.clone()]);
-            a[which][i] += hstep;
-            b[which][i] -= hstep;
-            let fd = (f(&a[0], &a[1], &a[2]) - f(&b[0], &b[1], &b[2])) / (2.0 * hstep);
-            assert!(
-                (fd - grad[i]).abs() < 1e-7 * (1.0 + fd.abs()),
-                "input {which}[{i}]: fd {fd} vs {}",
-                grad[i]
-            );
+    for cap in [None, Some(0.7)] {
+        cfg.softcap = cap;
+        let mut rng = Rng(12);
+        let (q, k, v) = (
+            rng.vec(s.out_len(), 1.0),
+            rng.vec(s.kv_len_elems(), 1.0),
+            rng.vec(s.kv_len_elems(), 1.0),
+        );
+        let dout = rng.vec(s.out_len(), 1.0);
+        let (dq, dk, dv) = cfg.backward(&q, &k, &v, &dout);
+        let f = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+            let (o, _) = cfg.forward(q, k, v);
+            o.iter().zip(&dout).map(|(a, b)| a * b).sum()
+        };
+        let hstep = 1e-6;
+        for (which, grad) in [(0, &dq), (1, &dk), (2, &dv)] {
+            for i in 0..grad.len() {
+                let (mut a, mut b) = ([q.clone(), k.clone(), v.clone()], [q.clone(), k.clone(), v.clone()]);
+                a[which][i] += hstep;
+                b[which][i] -= hstep;
+                let fd = (f(&a[0], &a[1], &a[2]) - f(&b[0], &b[1], &b[2])) / (2.0 * hstep);
+                assert!(
+                    (fd - grad[i]).abs() < 1e-7 * (1.0 + fd.abs()),
+                    "input {which}[{i}]: fd {fd} vs {}",
+                    grad[i]
+                );
+            }
         }
     }
 }
@@ -795,30 +815,33 @@ fn backward_with_bias_keep_and_temperature() {
     cfg.bias = Some((0..n).map(|_| rng.uniform() as f32).collect());
     cfg.keep = Some((0..n).map(|i| (i * 7) % 5 != 0).collect());
     cfg.tau = 1.3;
-    let (q, k, v) = inputs(&mut rng, s, 2.0);
-    let d_out: Vec<f32> = rng.vec(s.out_len(), 1.0).into_iter().map(|x| x as f32).collect();
-    let (out, lse) = run_fwd(&cfg, &q, &k, &v);
-    let (mut dq, mut dk, mut dv) = (
-        vec![0.0f32; s.out_len()],
-        vec![0.0f32; s.kv_len_elems()],
-        vec![0.0f32; s.kv_len_elems()],
-    );
-    attention_backward(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
-        &out,
-        &d_out,
-        &lse,
-        AttentionGrads::new(&mut dq, &mut dk, &mut dv),
-        &cfg.opts().tiles(16, 16),
-    )
-    .unwrap();
-    let (rq, rk, rv) = cfg.backward(&wide(&q), &wide(&k), &wide(&v), &wide(&d_out));
-    close("dq", &dq, &rq, BWD_TOL, max_abs(&rq));
-    close("dk", &dk, &rk, BWD_TOL, max_abs(&rk));
-    close("dv", &dv, &rv, BWD_TOL, max_abs(&rv));
+    for cap in [None, Some(1.5)] {
+        cfg.softcap = cap;
+        let (q, k, v) = inputs(&mut rng, s, 2.0);
+        let d_out: Vec<f32> = rng.vec(s.out_len(), 1.0).into_iter().map(|x| x as f32).collect();
+        let (out, lse) = run_fwd(&cfg, &q, &k, &v);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0f32; s.out_len()],
+            vec![0.0f32; s.kv_len_elems()],
+            vec![0.0f32; s.kv_len_elems()],
+        );
+        attention_backward(
+            s,
+            Heads::new(&q),
+            Heads::new(&k),
+            Heads::new(&v),
+            &out,
+            &d_out,
+            &lse,
+            AttentionGrads::new(&mut dq, &mut dk, &mut dv),
+            &cfg.opts().tiles(16, 16),
+        )
+        .unwrap();
+        let (rq, rk, rv) = cfg.backward(&wide(&q), &wide(&k), &wide(&v), &wide(&d_out));
+        close("dq", &dq, &rq, BWD_TOL, max_abs(&rq));
+        close("dk", &dk, &rk, BWD_TOL, max_abs(&rk));
+        close("dv", &dv, &rv, BWD_TOL, max_abs(&rv));
+    }
 }
 
 #[test]
@@ -887,6 +910,19 @@ fn bad_input_is_a_typed_error() {
     )
     .unwrap_err();
     assert!(matches!(e, Error::BadParameter { name: "scale", .. }), "{e}");
+    for c in [0.0f32, -2.0, f32::NAN, f32::INFINITY] {
+        let e = attention(
+            s,
+            Heads::new(&x),
+            Heads::new(&x),
+            Heads::new(&x),
+            &mut out,
+            None,
+            &o.softcap(c),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::BadParameter { name: "softcap", .. }), "{e}");
+    }
     let bias = vec![0.0f32; 3];
     let ob = o.bias(ScoreBias {
         data: &bias,
@@ -1232,13 +1268,14 @@ proptest! {
         batch in 1usize..3, kv_heads in 1usize..3, group in 1usize..3,
         q_len in 1usize..24, kv_len in 0usize..40, d in 1usize..10,
         causal: bool, offset in -8i64..40, window in proptest::option::of((0usize..12, 0usize..12)),
-        bq in 1usize..40, bk in 1usize..40, seed: u64,
+        bq in 1usize..40, bk in 1usize..40, softcap in proptest::option::of(0.5f64..5.0), seed: u64,
     ) {
         let s = AttentionShape::new(batch, kv_heads * group, q_len, kv_len, d).kv_heads(kv_heads);
         let mut cfg = Cfg::new(s);
         cfg.causal = causal;
         cfg.offset = offset;
         cfg.window = window;
+        cfg.softcap = softcap.map(|c| c as f32 as f64);
         let mut rng = Rng(seed | 1);
         let (q, k, v) = inputs(&mut rng, s, 3.0);
         let mut out = vec![0.0f32; s.out_len()];

@@ -806,3 +806,46 @@ pub(crate) fn all_finite<S: Isa>(s: S, x: &[f32]) -> bool {
     }
     s.reduce_sum_f32s(s.add_f32s(a0, a1)) == 0.0 && t.iter().all(|v| v.is_finite())
 }
+
+/// Logit soft-capping in place (Gemma 2's attention): `x ← cap·tanh(x·k/cap)`; with `g`, also
+/// `g ← 1 − tanh²(x·k/cap)`, the derivative of `cap·tanh(t/cap)` with respect to `t`.
+#[inline(always)]
+pub(crate) fn softcap_inplace<S: Isa>(s: S, k: f32, cap: f32, x: &mut [f32], g: Option<&mut [f32]>) {
+    let (vk, vc, vic, one) = (
+        s.splat_f32s(k),
+        s.splat_f32s(cap),
+        s.splat_f32s(1.0 / cap),
+        s.splat_f32s(1.0),
+    );
+    let one_lane = |v: S::f32s| -> (S::f32s, S::f32s) {
+        let u = super::exp::tanh(s, s.mul_f32s(s.mul_f32s(v, vk), vic));
+        (s.mul_f32s(u, vc), s.sub_f32s(one, s.mul_f32s(u, u)))
+    };
+    let n = x.len();
+    let full = n / S::F32_LANES * S::F32_LANES;
+    let (xh, _) = S::as_mut_simd_f32s(&mut x[..full]);
+    match g {
+        Some(g) => {
+            let (gh, _) = S::as_mut_simd_f32s(&mut g[..full]);
+            for (xv, gv) in xh.iter_mut().zip(gh.iter_mut()) {
+                let (y, d) = one_lane(*xv);
+                *xv = y;
+                *gv = d;
+            }
+            if full < n {
+                let (y, d) = one_lane(load_padded::<S>(&x[full..], 0.0));
+                store_partial::<S>(&mut x[full..], y);
+                store_partial::<S>(&mut g[full..n], d);
+            }
+        }
+        None => {
+            for xv in xh.iter_mut() {
+                *xv = one_lane(*xv).0;
+            }
+            if full < n {
+                let y = one_lane(load_padded::<S>(&x[full..], 0.0)).0;
+                store_partial::<S>(&mut x[full..], y);
+            }
+        }
+    }
+}

@@ -551,7 +551,7 @@ impl<T> Task for AsyncTile<'_, '_, T> {
         } = self;
         for (r, row) in t.chunks_mut(kn).enumerate() {
             let (h, i) = rows[r];
-            cx.sc.prep_row(b, h, i, j0, row);
+            cx.sc.prep_row(s, (b, h, i), j0, row, None);
             let mut out_of_window = false;
             for (f, &x) in vis[r * kn..(r + 1) * kn].iter_mut().zip(row.iter()) {
                 *f = x != f32::NEG_INFINITY;

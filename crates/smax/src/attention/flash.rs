@@ -434,7 +434,7 @@ impl Task for OnlineTile<'_, '_> {
         for (r, row) in t.chunks_mut(kn).enumerate() {
             if let Some(sc) = sc {
                 let (h, i) = rows.get(r);
-                sc.prep_row(b, h, i, j0, row);
+                sc.prep_row(s, (b, h, i), j0, row, None);
             }
             if let Some(vis) = vis.as_deref_mut() {
                 for (f, &x) in vis[r * kn..(r + 1) * kn].iter_mut().zip(row.iter()) {
@@ -736,6 +736,8 @@ fn bwd_head<T: Element>(
     let mut p = vec![0.0f32; tile];
     let mut dp = vec![0.0f32; tile];
     let mut w = vec![0.0f32; if clip.is_some() { tile } else { 0 }];
+    let capped = sc.cap != 0.0;
+    let mut gcap = vec![0.0f32; if capped { tile } else { 0 }];
     let mut vis = Vec::new();
     let (mut kbuf, mut vbuf, mut qbuf, mut dobuf) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut zbuf, mut zbuf2, mut zbuf3) = (Vec::new(), Vec::new(), Vec::new());
@@ -783,6 +785,7 @@ fn bwd_head<T: Element>(
                         t: pm,
                         lse: lse_rows,
                         vis: if bad { Some(&mut vis[..]) } else { None },
+                        dcap: capped.then(|| &mut gcap[..nb * kn]),
                     },
                 );
                 // dV += Wᵀ dO, with W = P (softmax) or the clipped weights.
@@ -828,6 +831,7 @@ fn bwd_head<T: Element>(
                         c: sc.c,
                         clip,
                         db: db.map(|x| (x, kl, j0, sc.cb)),
+                        dcap: capped.then(|| &gcap[..nb * kn]),
                     },
                 );
                 let dsm = MatRef::row_major(dpm, nb, kn);
@@ -906,6 +910,8 @@ fn dq_block<T: Element>(
     let (lse_rows, d_rows) = (&lse[row0..row0 + nb], &dd[row0..row0 + nb]);
     let tile = nb * bk.min(kl);
     let (mut p, mut dp, mut vis) = (vec![0.0f32; tile], vec![0.0f32; tile], Vec::new());
+    let capped = sc.cap != 0.0;
+    let mut gcap = vec![0.0f32; if capped { tile } else { 0 }];
     let (first, last) = (sc.range(i0), sc.range(i0 + nb - 1));
     let mut j0 = 0;
     while j0 < kl {
@@ -936,6 +942,7 @@ fn dq_block<T: Element>(
                 t: pm,
                 lse: lse_rows,
                 vis: if bad { Some(&mut vis[..]) } else { None },
+                dcap: capped.then(|| &mut gcap[..nb * kn]),
             },
         );
         let dpm = &mut dp[..nb * kn];
@@ -950,6 +957,7 @@ fn dq_block<T: Element>(
                 c: sc.c,
                 clip,
                 db: d_bias.as_deref_mut().map(|x| (x, kl, j0, sc.cb)),
+                dcap: capped.then(|| &gcap[..nb * kn]),
             },
         );
         let bad_k = if bad { nonfinite_rows(&km) } else { Vec::new() };
@@ -971,6 +979,8 @@ pub(crate) struct ProbTile<'a, 'b> {
     pub t: &'a mut [f32],
     pub lse: &'a [f32],
     pub vis: Option<&'a mut [bool]>,
+    /// With a soft cap: receives each score's `1 − tanh²` (the backward's chain factor).
+    pub dcap: Option<&'a mut [f32]>,
 }
 
 impl Task for ProbTile<'_, '_> {
@@ -987,9 +997,11 @@ impl Task for ProbTile<'_, '_> {
             t,
             lse,
             mut vis,
+            mut dcap,
         } = self;
         for (r, row) in t.chunks_mut(kn).enumerate() {
-            sc.prep_row(b, h, i0 + r, j0, row);
+            let g = dcap.as_deref_mut().map(|g| &mut g[r * kn..(r + 1) * kn]);
+            sc.prep_row(s, (b, h, i0 + r), j0, row, g);
             if let Some(vis) = vis.as_deref_mut() {
                 for (f, &x) in vis[r * kn..(r + 1) * kn].iter_mut().zip(row.iter()) {
                     *f = x != f32::NEG_INFINITY;
@@ -1016,6 +1028,8 @@ struct DsTile<'a> {
     c: f32,
     clip: Option<Clip>,
     db: Option<(&'a mut [f32], usize, usize, f32)>,
+    /// With a soft cap, each score's `1 − tanh²`.
+    dcap: Option<&'a [f32]>,
 }
 
 impl Task for DsTile<'_> {
@@ -1030,6 +1044,7 @@ impl Task for DsTile<'_> {
             c,
             clip,
             mut db,
+            dcap,
         } = self;
         for (r, ((pr, dr), &di)) in p.chunks(kn).zip(dp.chunks_mut(kn)).zip(dd).enumerate() {
             let mut brow = db
@@ -1041,7 +1056,11 @@ impl Task for DsTile<'_> {
                     Some(cl) => cl.u(pv, *x),
                 };
                 let raw = pv * (u - di);
-                *x = if pv == 0.0 { 0.0 } else { raw * c };
+                let ds = match dcap {
+                    None => raw * c,
+                    Some(g) => raw * c * g[r * kn + j],
+                };
+                *x = if pv == 0.0 { 0.0 } else { ds };
                 if let Some((bb, cb)) = brow.as_mut() {
                     bb[j] = if pv == 0.0 { 0.0 } else { raw * *cb };
                 }

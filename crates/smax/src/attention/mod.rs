@@ -28,7 +28,9 @@
 //! # Scores and masks
 //!
 //! Score `s_ij = (q_i·k_j · scale + bias_ij) / τ`, with `scale = 1/sqrt(head_dim)` by default
-//! and the TempScale temperature `τ` (A7; 1 by default). Query `i` sits at key position
+//! and the TempScale temperature `τ` (A7; 1 by default); with a soft cap `c` (Gemma 2),
+//! `q_i·k_j · scale` is replaced by `c·tanh(q_i·k_j · scale / c)` (the crate's SIMD `tanh`,
+//! ≤ 4 ULP). Query `i` sits at key position
 //! `p_i = i + offset` ([`QueryPositions`]; by default bottom-right aligned,
 //! `offset = kv_len − q_len`, so a chunk of new queries attends to a longer cache). Key `j` is
 //! *visible* to query `i` when every configured mask allows it:
@@ -417,6 +419,9 @@ pub struct AttentionOptions<'a> {
     /// TempScale's τ (A7, Zhou et al. 2024): divides the scores after bias and masks. τ < 1
     /// sharpens attention. Finite and > 0; default 1.
     pub temperature: f32,
+    /// Logit soft cap `c` (Gemma 2): `q·k·scale` becomes `c·tanh(q·k·scale/c)` before the bias
+    /// and τ. Finite and > 0; `None` (default) for none. The backward includes its derivative.
+    pub softcap: Option<f32>,
     /// Causal mask (`j ≤ p_i`).
     pub causal: bool,
     /// Query positions for the causal diagonal and the window.
@@ -440,6 +445,7 @@ impl Default for AttentionOptions<'_> {
         AttentionOptions {
             scale: None,
             temperature: 1.0,
+            softcap: None,
             causal: false,
             positions: QueryPositions::BottomRight,
             window: None,
@@ -466,6 +472,11 @@ impl<'a> AttentionOptions<'a> {
     /// Sets TempScale's τ.
     pub fn temperature(mut self, t: f32) -> Self {
         self.temperature = t;
+        self
+    }
+    /// Sets a logit soft cap.
+    pub fn softcap(mut self, c: f32) -> Self {
+        self.softcap = Some(c);
         self
     }
     /// Sets the query positions.
@@ -508,8 +519,12 @@ impl<'a> AttentionOptions<'a> {
 /// Validated, resolved masking and scaling: everything the kernels need per score.
 #[derive(Clone, Copy)]
 pub(crate) struct Scores<'a> {
-    /// Multiplier of `q·k`: `scale/τ`.
+    /// Multiplier of `q·k`: `scale/τ` (the chain-rule factor of `q·k` without a soft cap).
     pub c: f32,
+    /// The score scale.
+    pub scale: f32,
+    /// Soft cap (0 for none).
+    pub cap: f32,
     /// Multiplier of the bias: `1/τ`.
     pub cb: f32,
     pub causal: bool,
@@ -542,10 +557,19 @@ impl Scores<'_> {
     }
 
     /// Turns raw products `q_i·k_j` for keys `j0..j0+row.len()` into scores, in place:
-    /// `-inf` outside the visible range or where `keep` is false, `(x·scale + bias)/τ` inside.
-    /// Returns the visible range relative to `j0`.
+    /// `-inf` outside the visible range or where `keep` is false, `(cap(x·scale) + bias)/τ`
+    /// inside (`cap(t) = t` without a soft cap). With a soft cap and `dcap`, also writes
+    /// `1 − tanh²(x·scale/cap)` there (the backward's chain factor). Returns the visible range
+    /// relative to `j0`.
     #[inline(always)]
-    pub fn prep_row(&self, b: usize, h: usize, i: usize, j0: usize, row: &mut [f32]) -> (usize, usize) {
+    pub fn prep_row<S: crate::arch::Isa>(
+        &self,
+        s: S,
+        (b, h, i): (usize, usize, usize),
+        j0: usize,
+        row: &mut [f32],
+        dcap: Option<&mut [f32]>,
+    ) -> (usize, usize) {
         let n = row.len();
         let (lo, hi) = self.range(i);
         let lo = lo.clamp(j0, j0 + n) - j0;
@@ -553,9 +577,20 @@ impl Scores<'_> {
         let hi = hi.max(lo);
         row[..lo].fill(f32::NEG_INFINITY);
         row[hi..].fill(f32::NEG_INFINITY);
-        let c = self.c;
-        for v in &mut row[lo..hi] {
-            *v *= c;
+        if self.cap != 0.0 {
+            let g = dcap.map(|g| &mut g[lo..hi]);
+            crate::arch::rows::softcap_inplace(s, self.scale, self.cap, &mut row[lo..hi], g);
+            let cb = self.cb;
+            if cb != 1.0 {
+                for v in &mut row[lo..hi] {
+                    *v *= cb;
+                }
+            }
+        } else {
+            let c = self.c;
+            for v in &mut row[lo..hi] {
+                *v *= c;
+            }
         }
         if let Some(bias) = self.bias {
             let o = bias.strides.at(b, h, i) + j0;
@@ -613,6 +648,17 @@ pub(crate) fn scores<'a>(s: &AttentionShape, o: &AttentionOptions<'a>) -> Result
             expected: "finite and > 0, with 1/temperature finite",
         });
     }
+    let cap = match o.softcap {
+        None => 0.0,
+        Some(c) if c.is_finite() && c > 0.0 => c,
+        Some(c) => {
+            return Err(Error::BadParameter {
+                name: "softcap",
+                value: format!("{c}"),
+                expected: "finite and > 0",
+            });
+        }
+    };
     if let Some(b) = o.bias {
         check_score_tensor("bias", b.data.len(), b.strides, s)?;
     }
@@ -625,6 +671,8 @@ pub(crate) fn scores<'a>(s: &AttentionShape, o: &AttentionOptions<'a>) -> Result
     };
     Ok(Scores {
         c: scale / t,
+        scale,
+        cap,
         cb: 1.0 / t,
         causal: o.causal,
         offset,

@@ -200,6 +200,7 @@ fn weighted_pass<T: Element>(
                 t: sm,
                 lse,
                 vis: Some(&mut vis[..]),
+                dcap: None,
             },
         );
         for (x, &f) in sm.iter_mut().zip(&vis) {
@@ -315,6 +316,7 @@ fn clipped_d<T: Element>(
                 t: pm,
                 lse,
                 vis: Some(&mut vis[..]),
+                dcap: None,
             },
         );
         // dW = dO Vᵀ; a non-finite value only reaches its own column, which masked pairs skip.
@@ -476,10 +478,10 @@ pub fn attention_lssa<T: AttnElement>(
     opts: &AttentionOptions<'_>,
     lssa: &Lssa,
 ) -> Result<LssaStats> {
-    if opts.scale.is_some() || opts.temperature != 1.0 || opts.bias.is_some() {
+    if opts.scale.is_some() || opts.temperature != 1.0 || opts.bias.is_some() || opts.softcap.is_some() {
         return Err(Error::Unsupported {
             what: "attention_lssa options",
-            why: "scale, temperature and bias do not apply to softplus attention (use causal, window or keep)",
+            why: "scale, temperature, softcap and bias do not apply to softplus attention (use causal, window or keep)",
         });
     }
     if shape.head_dim < 2 {
@@ -596,7 +598,7 @@ fn lssa_block<T: Element>(
         vis.clear();
         vis.resize(nb * kn, false);
         for (r, rw) in sm.chunks_mut(kn).enumerate() {
-            sc.prep_row(b, h, i0 + r, j0, rw);
+            sc.prep_row(pulp::Scalar::new(), (b, h, i0 + r), j0, rw, None);
             for (j, x) in rw.iter_mut().enumerate() {
                 let visible = *x != f32::NEG_INFINITY;
                 vis[r * kn + j] = visible;
