@@ -215,6 +215,28 @@ fn run_fwd(cfg: &Cfg, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
     (out, lse)
 }
 
+/// The backward of a forward result with `o`: `(dq, dk, dv)`.
+#[allow(clippy::too_many_arguments)]
+fn bwd(
+    s: AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    d_out: &[f32],
+    lse: &[f32],
+    o: &AttentionOptions<'_>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0f32; s.out_len()],
+        vec![0.0f32; s.kv_len_elems()],
+        vec![0.0f32; s.kv_len_elems()],
+    );
+    let g = AttentionGrads::new(&mut dq, &mut dk, &mut dv);
+    attention_backward(s, Heads::new(q), Heads::new(k), Heads::new(v), out, d_out, lse, g, o).unwrap();
+    (dq, dk, dv)
+}
+
 /// `|got − want| ≤ tol·(1 + scale)` elementwise, NaN only where NaN, equal infinities.
 fn close(what: &str, got: &[f32], want: &[f64], tol: f64, scale: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
@@ -429,23 +451,7 @@ fn fully_masked_rows_give_zero_and_neg_inf_lse() {
     assert!(lse0.iter().all(|&x| x == f32::NEG_INFINITY));
     // Gradients of empty rows are zero.
     let d_out = vec![1.0f32; s.out_len()];
-    let (mut dq, mut dk, mut dv) = (
-        vec![0.0f32; s.out_len()],
-        vec![0.0f32; s.kv_len_elems()],
-        vec![0.0f32; s.kv_len_elems()],
-    );
-    attention_backward(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
-        &out,
-        &d_out,
-        &lse,
-        AttentionGrads::new(&mut dq, &mut dk, &mut dv),
-        &cfg.opts(),
-    )
-    .unwrap();
+    let (dq, _, _) = bwd(s, &q, &k, &v, &out, &d_out, &lse, &cfg.opts());
     for h in 0..2 {
         for i in 0..2 {
             assert!(dq[(h * 6 + i) * 8..][..8].iter().all(|&x| x == 0.0));
@@ -468,23 +474,7 @@ fn masked_positions_never_leak_nan_or_inf() {
     let d_out: Vec<f32> = rng.vec(s.out_len(), 1.0).into_iter().map(|x| x as f32).collect();
     let run = |k: &[f32], v: &[f32]| {
         let (out, lse) = run_fwd(&cfg, &q, k, v);
-        let (mut dq, mut dk, mut dv) = (
-            vec![0.0f32; s.out_len()],
-            vec![0.0f32; s.kv_len_elems()],
-            vec![0.0f32; s.kv_len_elems()],
-        );
-        attention_backward(
-            s,
-            Heads::new(&q),
-            Heads::new(k),
-            Heads::new(v),
-            &out,
-            &d_out,
-            &lse,
-            AttentionGrads::new(&mut dq, &mut dk, &mut dv),
-            &cfg.opts(),
-        )
-        .unwrap();
+        let (dq, dk, dv) = bwd(s, &q, k, v, &out, &d_out, &lse, &cfg.opts());
         (out, lse, dq, dk, dv)
     };
     let clean = run(&k, &v);
@@ -530,23 +520,7 @@ fn partially_masked_nan_key_reaches_only_the_rows_that_see_it() {
     let d_out: Vec<f32> = rng.vec(s.out_len(), 1.0).into_iter().map(|x| x as f32).collect();
     let run = |k: &[f32], v: &[f32]| {
         let (out, lse) = run_fwd(&cfg, &q, k, v);
-        let (mut dq, mut dk, mut dv) = (
-            vec![0.0f32; s.out_len()],
-            vec![0.0f32; s.kv_len_elems()],
-            vec![0.0f32; s.kv_len_elems()],
-        );
-        attention_backward(
-            s,
-            Heads::new(&q),
-            Heads::new(k),
-            Heads::new(v),
-            &out,
-            &d_out,
-            &lse,
-            AttentionGrads::new(&mut dq, &mut dk, &mut dv),
-            &cfg.opts(),
-        )
-        .unwrap();
+        let (dq, _, _) = bwd(s, &q, k, v, &out, &d_out, &lse, &cfg.opts());
         (out, dq)
     };
     let clean = run(&k, &v);
@@ -591,23 +565,7 @@ fn thread_count_and_call_composition_do_not_change_bits() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         results.push(pool.install(|| {
             let (out, lse) = run_fwd(&cfg, &q, &k, &v);
-            let (mut dq, mut dk, mut dv) = (
-                vec![0.0f32; s.out_len()],
-                vec![0.0f32; s.kv_len_elems()],
-                vec![0.0f32; s.kv_len_elems()],
-            );
-            attention_backward(
-                s,
-                Heads::new(&q),
-                Heads::new(&k),
-                Heads::new(&v),
-                &out,
-                &d_out,
-                &lse,
-                AttentionGrads::new(&mut dq, &mut dk, &mut dv),
-                &cfg.opts(),
-            )
-            .unwrap();
+            let (dq, dk, dv) = bwd(s, &q, &k, &v, &out, &d_out, &lse, &cfg.opts());
             (out, lse, dq, dk, dv)
         }));
     }
@@ -781,23 +739,7 @@ fn backward_matches_reference() {
             let (q, k, v) = inputs(&mut rng, s, 3.0);
             let d_out: Vec<f32> = rng.vec(s.out_len(), 1.0).into_iter().map(|x| x as f32).collect();
             let (out, lse) = run_fwd(&cfg, &q, &k, &v);
-            let (mut dq, mut dk, mut dv) = (
-                vec![0.0f32; s.out_len()],
-                vec![0.0f32; s.kv_len_elems()],
-                vec![0.0f32; s.kv_len_elems()],
-            );
-            attention_backward(
-                s,
-                Heads::new(&q),
-                Heads::new(&k),
-                Heads::new(&v),
-                &out,
-                &d_out,
-                &lse,
-                AttentionGrads::new(&mut dq, &mut dk, &mut dv),
-                &cfg.opts(),
-            )
-            .unwrap();
+            let (dq, dk, dv) = bwd(s, &q, &k, &v, &out, &d_out, &lse, &cfg.opts());
             let (rq, rk, rv) = cfg.backward(&wide(&q), &wide(&k), &wide(&v), &wide(&d_out));
             close("dq", &dq, &rq, BWD_TOL, max_abs(&rq));
             close("dk", &dk, &rk, BWD_TOL, max_abs(&rk));
@@ -820,23 +762,7 @@ fn backward_with_bias_keep_and_temperature() {
         let (q, k, v) = inputs(&mut rng, s, 2.0);
         let d_out: Vec<f32> = rng.vec(s.out_len(), 1.0).into_iter().map(|x| x as f32).collect();
         let (out, lse) = run_fwd(&cfg, &q, &k, &v);
-        let (mut dq, mut dk, mut dv) = (
-            vec![0.0f32; s.out_len()],
-            vec![0.0f32; s.kv_len_elems()],
-            vec![0.0f32; s.kv_len_elems()],
-        );
-        attention_backward(
-            s,
-            Heads::new(&q),
-            Heads::new(&k),
-            Heads::new(&v),
-            &out,
-            &d_out,
-            &lse,
-            AttentionGrads::new(&mut dq, &mut dk, &mut dv),
-            &cfg.opts().tiles(16, 16),
-        )
-        .unwrap();
+        let (dq, dk, dv) = bwd(s, &q, &k, &v, &out, &d_out, &lse, &cfg.opts().tiles(16, 16));
         let (rq, rk, rv) = cfg.backward(&wide(&q), &wide(&k), &wide(&v), &wide(&d_out));
         close("dq", &dq, &rq, BWD_TOL, max_abs(&rq));
         close("dk", &dk, &rk, BWD_TOL, max_abs(&rk));
@@ -1289,8 +1215,7 @@ proptest! {
             prop_assert!(ok, "lse {} vs {}", g, w);
         }
         let d_out: Vec<f32> = rng.vec(s.out_len(), 1.0).into_iter().map(|x| x as f32).collect();
-        let (mut dq, mut dk, mut dv) = (vec![0.0f32; s.out_len()], vec![0.0f32; s.kv_len_elems()], vec![0.0f32; s.kv_len_elems()]);
-        attention_backward(s, Heads::new(&q), Heads::new(&k), Heads::new(&v), &out, &d_out, &lse, AttentionGrads::new(&mut dq, &mut dk, &mut dv), &o).unwrap();
+        let (dq, dk, dv) = bwd(s, &q, &k, &v, &out, &d_out, &lse, &o);
         let (rq, rk, rv) = cfg.backward(&wide(&q), &wide(&k), &wide(&v), &wide(&d_out));
         close("dq", &dq, &rq, BWD_TOL, max_abs(&rq));
         close("dk", &dk, &rk, BWD_TOL, max_abs(&rk));
@@ -1327,23 +1252,7 @@ fn backward_modes_agree_bit_for_bit() {
             &o,
         )
         .unwrap();
-        let (mut dq, mut dk, mut dv) = (
-            vec![0.0f32; s.out_len()],
-            vec![0.0f32; s.kv_len_elems()],
-            vec![0.0f32; s.kv_len_elems()],
-        );
-        attention_backward(
-            s,
-            Heads::new(q),
-            Heads::new(k),
-            Heads::new(v),
-            &out,
-            d_out,
-            &lse,
-            AttentionGrads::new(&mut dq, &mut dk, &mut dv),
-            &o,
-        )
-        .unwrap();
+        let (dq, dk, dv) = bwd(s, q, k, v, &out, d_out, &lse, &o);
         (dq, dk, dv)
     };
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();

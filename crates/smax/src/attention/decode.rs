@@ -1,8 +1,8 @@
 //! Decoding: split-K attention over a long key/value cache with the log-sum-exp merge
 //! (Flash-Decoding, A2), and FlashDecoding++'s asynchronous softmax with a unified max (A3).
 
-use super::flash::{Checked, RowState, Rows, accumulate_pv, all_finite, check, finish_rows, fwd_accumulate, rows_f32};
-use super::{AttentionOptions, AttentionShape, AttnElement, Heads, check_out};
+use super::flash::{Checked, RowState, Rows, accumulate_pv, check, finish_rows, fwd_accumulate, kv_tile};
+use super::{AttentionOptions, AttentionShape, AttnElement, Heads, check_out, lse_or_own};
 use crate::arch::gemm::{MatRef, matmul};
 use crate::arch::rows as k;
 use crate::arch::{Isa, Task, dispatch};
@@ -18,6 +18,19 @@ pub struct DecodeOptions {
     /// Keys per split (≥ 1; default 2048). Splits are the unit of parallel work: the cache of
     /// every (batch, head) is cut into `ceil(kv_len / split_len)` independent partials.
     pub split_len: usize,
+}
+
+impl DecodeOptions {
+    fn check(&self) -> Result<()> {
+        if self.split_len == 0 {
+            return Err(Error::BadParameter {
+                name: "split_len",
+                value: "0".into(),
+                expected: ">= 1",
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Default for DecodeOptions {
@@ -136,24 +149,9 @@ pub fn attention_decode<T: AttnElement>(
 ) -> Result<()> {
     let cx = check(&shape, q, k, v, opts)?;
     check_out("out", out.len(), shape.out_len())?;
-    if dec.split_len == 0 {
-        return Err(Error::BadParameter {
-            name: "split_len",
-            value: "0".into(),
-            expected: ">= 1",
-        });
-    }
-    let mut own;
-    let lse = match lse {
-        Some(l) => {
-            check_out("lse", l.len(), shape.lse_len())?;
-            l
-        }
-        None => {
-            own = vec![0.0f32; shape.lse_len()];
-            &mut own[..]
-        }
-    };
+    dec.check()?;
+    let mut own = Vec::new();
+    let lse = lse_or_own(lse, &mut own, shape.lse_len())?;
     if shape.out_len() == 0 {
         lse.fill(f32::NEG_INFINITY);
         return Ok(());
@@ -345,13 +343,7 @@ pub fn attention_decode_unified<T: AttnElement>(
 ) -> Result<UnifiedStats> {
     let cx = check(&shape, q, k, v, opts)?;
     check_out("out", out.len(), shape.out_len())?;
-    if dec.split_len == 0 {
-        return Err(Error::BadParameter {
-            name: "split_len",
-            value: "0".into(),
-            expected: ">= 1",
-        });
-    }
+    dec.check()?;
     let b_auto = (f32::MAX.ln() - (shape.kv_len.max(1) as f32).ln() - 1.0).max(0.0);
     let (a, b) = (um.a, um.b.unwrap_or(b_auto));
     if !um.phi.is_finite() || !a.is_finite() || !b.is_finite() || a >= b || b > f32::MAX.ln() {
@@ -361,17 +353,8 @@ pub fn attention_decode_unified<T: AttnElement>(
             expected: "finite, a < b <= ln(f32::MAX)",
         });
     }
-    let mut own;
-    let lse = match lse {
-        Some(l) => {
-            check_out("lse", l.len(), shape.lse_len())?;
-            l
-        }
-        None => {
-            own = vec![0.0f32; shape.lse_len()];
-            &mut own[..]
-        }
-    };
+    let mut own = Vec::new();
+    let lse = lse_or_own(lse, &mut own, shape.lse_len())?;
     let rows = shape.lse_len();
     if shape.out_len() == 0 {
         lse.fill(f32::NEG_INFINITY);
@@ -492,9 +475,7 @@ fn unified_split<T: Element>(
     let mut j0 = lo;
     while j0 < hi {
         let kn = bk.min(hi - j0);
-        let km = rows_f32(&cx.k, b, hk, j0, kn, d, &mut kbuf);
-        let vm = rows_f32(&cx.v, b, hk, j0, kn, d, &mut vbuf);
-        let bad = !all_finite(cx.level, &km) || !all_finite(cx.level, &vm);
+        let (km, vm, bad) = kv_tile(cx, b, hk, j0, kn, d, &mut kbuf, &mut vbuf);
         let sm = &mut sbuf[..ql * kn];
         matmul(sm, kn, qm, km.t(), false, Par::Seq);
         vis.clear();

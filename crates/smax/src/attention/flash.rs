@@ -1,7 +1,7 @@
 //! Flash attention (A1): the tiled forward with the online softmax, and the backward that
 //! recomputes the score tiles from the saved log-sum-exp.
 
-use super::{AttentionOptions, AttentionShape, AttnElement, Heads, Op, Scores, check_out, resolve, scores};
+use super::{AttentionOptions, AttentionShape, AttnElement, Heads, Op, Scores, check_out, lse_or_own, resolve, scores};
 use crate::arch::gemm::{MatRef, matmul};
 use crate::arch::rows as k;
 use crate::arch::{Ahead, Isa, SimdLevel, Task, dispatch};
@@ -41,6 +41,25 @@ pub(crate) fn rows_f32<'b, T: Element>(
         T::load_f32(op.row(b, h, t0 + r, d), dst);
     }
     MatRef::row_major(buf, n, d)
+}
+
+/// Key and value rows `j0 .. j0 + kn` of key/value head `(b, hk)` as f32 matrices (value rows
+/// of `dv` columns: 0 skips them), and whether either holds a NaN or an infinity.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn kv_tile<'b, T: Element>(
+    cx: &Checked<'b, T>,
+    b: usize,
+    hk: usize,
+    j0: usize,
+    kn: usize,
+    dv: usize,
+    kbuf: &'b mut Vec<f32>,
+    vbuf: &'b mut Vec<f32>,
+) -> (MatRef<'b>, MatRef<'b>, bool) {
+    let km = rows_f32(&cx.k, b, hk, j0, kn, cx.k_d, kbuf);
+    let vm = rows_f32(&cx.v, b, hk, j0, kn, dv, vbuf);
+    let bad = !all_finite(cx.level, &km) || !all_finite(cx.level, &vm);
+    (km, vm, bad)
 }
 
 /// True when every element of `m` is finite (a SIMD scan).
@@ -98,6 +117,8 @@ pub(crate) struct Checked<'a, T> {
     pub v: Op<'a, T>,
     pub sc: Scores<'a>,
     pub level: SimdLevel,
+    /// The head dimension.
+    pub k_d: usize,
     pub bq: usize,
     pub bk: usize,
     pub par: Par,
@@ -118,6 +139,7 @@ pub(crate) fn check<'a, T>(
         v: resolve("v", v, s.batch, s.kv_heads, s.kv_len, d)?,
         sc: scores(s, o)?,
         level: SimdLevel::resolve(o.simd),
+        k_d: d,
         bq: o.tiles.q.max(1),
         bk: o.tiles.kv.max(1),
         par: o.par,
@@ -152,17 +174,8 @@ pub fn attention<T: AttnElement>(
 ) -> Result<()> {
     let cx = check(&shape, q, k, v, opts)?;
     check_out("out", out.len(), shape.out_len())?;
-    let mut own;
-    let lse = match lse {
-        Some(l) => {
-            check_out("lse", l.len(), shape.lse_len())?;
-            l
-        }
-        None => {
-            own = vec![0.0f32; shape.lse_len()];
-            &mut own[..]
-        }
-    };
+    let mut own = Vec::new();
+    let lse = lse_or_own(lse, &mut own, shape.lse_len())?;
     if shape.out_len() == 0 {
         lse.fill(f32::NEG_INFINITY);
         return Ok(());
@@ -340,9 +353,8 @@ pub(crate) fn fwd_accumulate<T: Element>(
         // The last block stops at the block's last visible key: the columns past it would only add
         // exact zeros (tested bit for bit against other block compositions).
         let kn = bk.min(hi - j0);
-        let km = rows_f32(&cx.k, b, hk, j0, kn, hd, &mut kbuf);
-        let vm = rows_f32(&cx.v, b, hk, j0, kn, if values { hd } else { 0 }, &mut vbuf);
-        let bad = values && (!all_finite(cx.level, &km) || !all_finite(cx.level, &vm));
+        let (km, vm, bad) = kv_tile(cx, b, hk, j0, kn, if values { hd } else { 0 }, &mut kbuf, &mut vbuf);
+        let bad = values && bad;
         let sm = &mut sbuf[..nb * kn];
         matmul(sm, kn, *qm, km.t(), false, Par::Seq);
         if bad {
@@ -744,9 +756,7 @@ fn bwd_head<T: Element>(
     let mut j0 = j_lo;
     while j0 < j_hi {
         let kn = bk.min(j_hi - j0);
-        let km = rows_f32(&cx.k, b, hk, j0, kn, d, &mut kbuf);
-        let vm = rows_f32(&cx.v, b, hk, j0, kn, d, &mut vbuf);
-        let kv_bad = !all_finite(cx.level, &km) || !all_finite(cx.level, &vm);
+        let (km, vm, kv_bad) = kv_tile(cx, b, hk, j0, kn, d, &mut kbuf, &mut vbuf);
         let dka = &mut dk_acc[..kn * d];
         let dva = &mut dv_acc[..kn * d];
         dka.fill(0.0);
@@ -921,9 +931,8 @@ fn dq_block<T: Element>(
             j0 += kn;
             continue;
         }
-        let km = rows_f32(&cx.k, b, hk, j0, kn, d, &mut kbuf);
-        let vm = rows_f32(&cx.v, b, hk, j0, kn, d, &mut vbuf);
-        let bad = q_bad || !all_finite(cx.level, &km) || !all_finite(cx.level, &vm);
+        let (km, vm, kv_bad) = kv_tile(cx, b, hk, j0, kn, d, &mut kbuf, &mut vbuf);
+        let bad = q_bad || kv_bad;
         let pm = &mut p[..nb * kn];
         matmul(pm, kn, qm, km.t(), false, Par::Seq);
         if bad {

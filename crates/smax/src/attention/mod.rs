@@ -683,6 +683,21 @@ pub(crate) fn scores<'a>(s: &AttentionShape, o: &AttentionOptions<'a>) -> Result
     })
 }
 
+/// The caller's log-sum-exp buffer (length-checked), or `own` sized for it when the caller
+/// wants none.
+pub(crate) fn lse_or_own<'a>(lse: Option<&'a mut [f32]>, own: &'a mut Vec<f32>, n: usize) -> Result<&'a mut [f32]> {
+    match lse {
+        Some(l) => {
+            check_out("lse", l.len(), n)?;
+            Ok(l)
+        }
+        None => {
+            own.resize(n, 0.0);
+            Ok(&mut own[..])
+        }
+    }
+}
+
 pub(crate) fn check_out(what: &'static str, len: usize, needed: usize) -> Result<()> {
     if len != needed {
         return Err(Error::LengthMismatch {

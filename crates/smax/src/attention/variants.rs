@@ -5,9 +5,9 @@
 
 use super::flash::{
     AttentionGrads, Checked, Clip, OnlineTile, ProbTile, RowState, Rows, accumulate_pv, all_finite, backward_impl,
-    check, fwd_accumulate, grads_check, rows_f32,
+    check, fwd_accumulate, grads_check, kv_tile, rows_f32,
 };
-use super::{AttentionOptions, AttentionShape, AttnElement, Heads, Scores, check_out, resolve};
+use super::{AttentionOptions, AttentionShape, AttnElement, Heads, Scores, check_out, lse_or_own, resolve};
 use crate::arch::dispatch;
 use crate::arch::gemm::{MatRef, matmul};
 use crate::element::Element;
@@ -87,17 +87,8 @@ pub fn attention_clipped<T: AttnElement>(
     let cl = clip.validate()?;
     let cx = check(&shape, q, k, v, opts)?;
     check_out("out", out.len(), shape.out_len())?;
-    let mut own;
-    let lse = match lse {
-        Some(l) => {
-            check_out("lse", l.len(), shape.lse_len())?;
-            l
-        }
-        None => {
-            own = vec![0.0f32; shape.lse_len()];
-            &mut own[..]
-        }
-    };
+    let mut own = Vec::new();
+    let lse = lse_or_own(lse, &mut own, shape.lse_len())?;
     if shape.out_len() == 0 {
         lse.fill(f32::NEG_INFINITY);
         return Ok(());
@@ -181,9 +172,7 @@ fn weighted_pass<T: Element>(
     let mut j0 = lo / bk * bk;
     while j0 < hi {
         let kn = bk.min(kl - j0);
-        let km = rows_f32(&cx.k, b, hk, j0, kn, d, &mut kbuf);
-        let vm = rows_f32(&cx.v, b, hk, j0, kn, d, &mut vbuf);
-        let bad = !all_finite(cx.level, &km) || !all_finite(cx.level, &vm);
+        let (km, vm, bad) = kv_tile(cx, b, hk, j0, kn, d, &mut kbuf, &mut vbuf);
         let sm = &mut sbuf[..nb * kn];
         matmul(sm, kn, qm, km.t(), false, Par::Seq);
         vis.clear();
@@ -297,8 +286,9 @@ fn clipped_d<T: Element>(
     let mut j0 = lo / bk * bk;
     while j0 < hi {
         let kn = bk.min(kl - j0);
-        let km = rows_f32(&cx.k, b, hk, j0, kn, d, &mut kbuf);
-        let vm = rows_f32(&cx.v, b, hk, j0, kn, d, &mut vbuf);
+        // dW = dO Vᵀ below: a non-finite value only reaches its own column, which masked pairs
+        // skip, so the tile needs no guarded path here.
+        let (km, vm, _) = kv_tile(cx, b, hk, j0, kn, d, &mut kbuf, &mut vbuf);
         let pm = &mut pbuf[..nb * kn];
         let gm = &mut gbuf[..nb * kn];
         matmul(pm, kn, qm, km.t(), false, Par::Seq);
