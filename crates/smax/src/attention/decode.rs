@@ -46,8 +46,8 @@ impl Default for DecodeOptions {
 /// `[parts, rows]`. Writes `lse = logsumexp_s lse_s` (through [`LseState`], parts merged in
 /// index order) and `o = Σ_s exp(lse_s − lse)·o_s` (f64 accumulation, one rounding).
 /// A part with `lse_s = -inf` (no keys, or all masked) is the exact identity: it is skipped,
-/// whatever its `o_s` holds. If every part is `-inf` the row is `o = 0`, `lse = -inf`; NaN in
-/// any part's lse gives a NaN row. `exp(lse)` is never formed, so large log-sum-exps do not
+/// whatever its `o_s` holds. If every part is `-inf` the row is `o = 0`, `lse = -inf`; NaN (or
+/// `+inf`) in any part's lse gives a NaN row (lse NaN or `+inf`). `exp(lse)` is never formed, so large log-sum-exps do not
 /// overflow (NATTEN#202).
 ///
 /// Errors: buffer lengths that disagree with `(parts, rows, d)`.
@@ -68,8 +68,8 @@ pub fn merge_attention_states(
             shape: format!("parts {parts} rows {rows} d {d}"),
         })?;
     check_out("o_parts", o_parts.len(), n)?;
-    check_out("lse_parts", lse_parts.len(), parts * rows)?;
-    check_out("out", out.len(), rows * d)?;
+    check_out("lse_parts", lse_parts.len(), parts.saturating_mul(rows))?;
+    check_out("out", out.len(), rows.saturating_mul(d))?;
     check_out("lse", lse.len(), rows)?;
     let mut acc = vec![0.0f64; d];
     for r in 0..rows {

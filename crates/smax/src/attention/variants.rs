@@ -453,8 +453,8 @@ pub struct LssaStats {
 ///
 /// Masks: `causal`, `window` and `keep` of `opts` decide the visible keys (masked keys get
 /// weight exactly 0, the spec's multiplicative mask); a row with no visible key outputs 0.
-/// `scale`, `temperature` and `bias` do not apply (cosine scores are scaled by `s_i`) and are
-/// rejected. A zero query or key has cosine 0 (`x / max(‖x‖, 1e-12)`, PyTorch's
+/// `scale`, `temperature`, `softcap` and `bias` do not apply (cosine scores are scaled by
+/// `s_i`) and are rejected. A zero query or key has cosine 0 (`x / max(‖x‖, 1e-12)`, PyTorch's
 /// `F.normalize`). Requires `head_dim ≥ 2` (`ln 1 = 0` would make every row uniform).
 /// Bound: the softplus arguments are at most `ln d · ln kv_len` in magnitude (40 at d = 64,
 /// 16k keys), so no exponential overflows; tested within `1e-5` relative to an f64 reference.
