@@ -417,13 +417,15 @@ impl<T: Element> Task for RowsFwd<'_, T> {
         // consecutive groups, so the next group's rows are usually this thread's next work.
         // In place: none (the output borrows the input).
         for r in 0..rows {
+            let wr = crate::arch::write_range(&y[r * ys..]);
             let yr = &mut y[r * ys..r * ys + len];
             let (io, pf) = match x {
                 // Rows up to NEXT_ROW_PREFETCH_MAX fetch the next row into L2 during their heavy
                 // pass (the row, its output and the next row fit there).
-                Some(x) if len <= NEXT_ROW_PREFETCH_MAX => {
-                    (Io::Sep(&x[r * xs..r * xs + len], yr), ahead(&x[r * xs..]).distance(xs))
-                }
+                Some(x) if len <= NEXT_ROW_PREFETCH_MAX => (
+                    Io::Sep(&x[r * xs..r * xs + len], yr),
+                    ahead(&x[r * xs..]).distance(xs).with_write(wr),
+                ),
                 Some(x) => (Io::Sep(&x[r * xs..r * xs + len], yr), ahead(&x[r * xs..])),
                 None => (Io::Same(yr), Ahead::NONE),
             };

@@ -203,6 +203,12 @@ pub(crate) fn inl_mut<F>(f: F) -> F {
 /// Distance, in elements, that the streaming loops prefetch ahead of the block they work on.
 pub(crate) const PREFETCH_AHEAD: usize = 4096;
 
+/// The `(address, bytes)` of a slice, for [`Ahead::with_write`].
+#[inline(always)]
+pub(crate) fn write_range<T>(out: &[T]) -> (usize, usize) {
+    (out.as_ptr() as usize, core::mem::size_of_val(out))
+}
+
 /// Where a kernel may prefetch: the bytes from the start of the slice it works on to the end
 /// of what its task reads next (the rest of a group of short rows, or the rest of a chunk).
 ///
@@ -215,6 +221,9 @@ pub(crate) struct Ahead<'a> {
     elem: usize,
     /// Prefetch distance in elements ([`PREFETCH_AHEAD`] unless set).
     dist: usize,
+    /// An output range `(address, bytes)` prefetched for writing at the same offsets (0 bytes:
+    /// none). Kept as an address: the output is mutably borrowed while the hints run.
+    write: (usize, usize),
 }
 
 impl<'a> Ahead<'a> {
@@ -223,6 +232,7 @@ impl<'a> Ahead<'a> {
         bytes: &[],
         elem: 1,
         dist: PREFETCH_AHEAD,
+        write: (0, 0),
     };
 
     /// The domain `bytes`, made of elements of `elem` bytes.
@@ -232,7 +242,15 @@ impl<'a> Ahead<'a> {
             bytes,
             elem,
             dist: PREFETCH_AHEAD,
+            write: (0, 0),
         }
+    }
+
+    /// Also prefetches, for writing, the same offsets of an output range `(address, bytes)`
+    /// (see [`write_range`]): the next row's output lines are owned before its stores arrive.
+    #[inline(always)]
+    pub(crate) fn with_write(self, range: (usize, usize)) -> Self {
+        Ahead { write: range, ..self }
     }
 
     /// The same domain with another prefetch distance (for example one row stride: each block
@@ -246,10 +264,12 @@ impl<'a> Ahead<'a> {
     #[inline(always)]
     pub(crate) fn skip(self, elems: usize) -> Self {
         let b = (elems * self.elem).min(self.bytes.len());
+        let wb = b.min(self.write.1);
         Ahead {
             bytes: &self.bytes[b..],
             elem: self.elem,
             dist: self.dist,
+            write: (self.write.0 + wb, self.write.1 - wb),
         }
     }
 
@@ -281,6 +301,16 @@ impl<'a> Ahead<'a> {
                         _mm_prefetch::<_MM_HINT_T0>(p)
                     }
                 };
+                off += 64;
+            }
+            let (wbase, wlen) = self.write;
+            let mut off = start;
+            while off < end.min(wlen) {
+                // SAFETY: `prefetchw` is a hint that never faults and never changes memory; the
+                // address lies inside the output range recorded by `with_write`.
+                unsafe {
+                    _mm_prefetch::<{ core::arch::x86_64::_MM_HINT_ET0 }>((wbase + off) as *const i8);
+                }
                 off += 64;
             }
         }
