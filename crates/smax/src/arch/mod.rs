@@ -221,8 +221,9 @@ pub(crate) struct Ahead<'a> {
     elem: usize,
     /// Prefetch distance in elements ([`PREFETCH_AHEAD`] unless set).
     dist: usize,
-    /// An output range `(address, bytes)` prefetched for writing at the same offsets (0 bytes:
-    /// none). Kept as an address: the output is mutably borrowed while the hints run.
+    /// An output range `(address, bytes)` prefetched at the same offsets (0 bytes: none), so
+    /// its lines are cached before the stores that will own them. Kept as an address: the
+    /// output is mutably borrowed while the hints run.
     write: (usize, usize),
 }
 
@@ -246,8 +247,9 @@ impl<'a> Ahead<'a> {
         }
     }
 
-    /// Also prefetches, for writing, the same offsets of an output range `(address, bytes)`
-    /// (see [`write_range`]): the next row's output lines are owned before its stores arrive.
+    /// Also prefetches the same offsets of an output range `(address, bytes)` (see
+    /// [`write_range`]): the next row's output lines are in cache before its stores arrive, so
+    /// their read-for-ownership does not stall the pass.
     #[inline(always)]
     pub(crate) fn with_write(self, range: (usize, usize)) -> Self {
         Ahead { write: range, ..self }
@@ -306,10 +308,12 @@ impl<'a> Ahead<'a> {
             let (wbase, wlen) = self.write;
             let mut off = start;
             while off < end.min(wlen) {
-                // SAFETY: `prefetchw` is a hint that never faults and never changes memory; the
-                // address lies inside the output range recorded by `with_write`.
+                // SAFETY: `prefetcht0` is a hint that never faults and never changes memory; the
+                // address lies inside the output range recorded by `with_write`. (A
+                // write-intent `prefetchw` needs the `prfchw` target feature, which the
+                // dispatch levels do not enable; the plain prefetch is what was measured.)
                 unsafe {
-                    _mm_prefetch::<{ core::arch::x86_64::_MM_HINT_ET0 }>((wbase + off) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>((wbase + off) as *const i8);
                 }
                 off += 64;
             }
