@@ -10,7 +10,6 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::options::Par;
 use crate::state::LseState;
-use rayon::prelude::*;
 
 /// Options of the split-K decoding calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,10 +213,7 @@ fn split_k<T: Element>(
             finish_rows(&st, d, ob, lb);
         }
     };
-    match cx.par {
-        Par::Seq => tasks.into_iter().for_each(run),
-        Par::Rayon => tasks.into_par_iter().for_each(run),
-    }
+    crate::par::for_each(cx.par, tasks, |_, t| run(t));
     let mut acc = vec![0.0f64; d];
     let mut tmp = vec![0.0f32; d];
     for b in 0..s.batch {
@@ -387,10 +383,7 @@ pub fn attention_decode_unified<T: AttnElement>(
         let (lo, hi) = (sp * dec.split_len, ((sp + 1) * dec.split_len).min(kl));
         unified_split(&cx, &shape, bb, hk, lo, hi, win, nm, dn, fl);
     };
-    match cx.par {
-        Par::Seq => tasks.into_iter().for_each(run),
-        Par::Rayon => tasks.into_par_iter().for_each(run),
-    }
+    crate::par::for_each(cx.par, tasks, |_, t| run(t));
     // Combine: one division per row, after every split is done.
     let mut fallback = vec![false; rows];
     let mut tmp = vec![0.0f32; d];

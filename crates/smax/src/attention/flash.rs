@@ -8,7 +8,6 @@ use crate::arch::{Ahead, Isa, SimdLevel, Task, dispatch};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::options::Par;
-use rayon::prelude::*;
 
 /// Rows `t0 .. t0 + n` of head `(b, h)` as an f32 matrix: the caller's buffer itself for f32
 /// (any token stride), else widened into `buf`.
@@ -190,15 +189,9 @@ pub fn attention<T: AttnElement>(
         let run = |(ib, (ob, lb)): (usize, (&mut [T], &mut [f32]))| {
             fwd_block(&cx, &shape, b, h, ib * cx.bq, ob, lb, 0, shape.kv_len)
         };
-        match cx.par {
-            Par::Seq => blocks.into_iter().for_each(run),
-            Par::Rayon => blocks.into_par_iter().for_each(run),
-        }
+        crate::par::for_each(cx.par, blocks, |_, t| run(t));
     };
-    match cx.par {
-        Par::Seq => heads.into_iter().for_each(run_head),
-        Par::Rayon => heads.into_par_iter().for_each(run_head),
-    }
+    crate::par::for_each(cx.par, heads, |_, t| run_head(t));
     Ok(())
 }
 
@@ -670,10 +663,7 @@ pub(crate) fn backward_impl<T: Element>(
                 dvh,
             );
         };
-        match cx.par {
-            Par::Seq => tasks.into_iter().for_each(run),
-            Par::Rayon => tasks.into_par_iter().for_each(run),
-        }
+        crate::par::for_each(cx.par, tasks, |_, t| run(t));
         return;
     }
     // Fewer (batch, key/value head) pairs than threads: two passes that each split finer,
@@ -692,10 +682,7 @@ pub(crate) fn backward_impl<T: Element>(
         let j1 = j0 + dkb.len() / d;
         bwd_head(cx, shape, &do_op, lse, dd, clip, b, hk, j0, j1, None, dkb, dvb);
     };
-    match cx.par {
-        Par::Seq => tasks.into_iter().for_each(run),
-        Par::Rayon => tasks.into_par_iter().for_each(run),
-    }
+    crate::par::for_each(cx.par, tasks, |_, t| run(t));
     let mut dbs = d_bias.map(|db| db.chunks_mut(ql * kl).flat_map(|h| h.chunks_mut(cx.bq * kl)));
     let mut blocks = Vec::new();
     for (bh, dqh) in dq.chunks_mut(ql * d).enumerate() {
@@ -708,10 +695,7 @@ pub(crate) fn backward_impl<T: Element>(
         let (b, h) = (bh / shape.q_heads, bh % shape.q_heads);
         dq_block(cx, shape, &do_op, lse, dd, clip, b, h, i0, dqb, db);
     };
-    match cx.par {
-        Par::Seq => blocks.into_iter().for_each(run),
-        Par::Rayon => blocks.into_par_iter().for_each(run),
-    }
+    crate::par::for_each(cx.par, blocks, |_, t| run(t));
 }
 
 /// The backward of one (batch, key/value head) pair over the keys `[j_lo, j_hi)` (a multiple of

@@ -13,7 +13,6 @@ use crate::arch::gemm::{MatRef, matmul};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::options::Par;
-use rayon::prelude::*;
 
 // ---------------------------------------------------------------------------------------------
 // Clipped softmax (N6)
@@ -139,10 +138,7 @@ where
         }
     }
     let run = |(b, h, i0, o, l): (usize, usize, usize, &mut [T], &mut [f32])| f(b, h, i0, o, l);
-    match cx.par {
-        Par::Seq => blocks.into_iter().for_each(run),
-        Par::Rayon => blocks.into_par_iter().for_each(run),
-    }
+    crate::par::for_each(cx.par, blocks, |_, t| run(t));
 }
 
 /// `acc += W·V` over every key tile, with `W = wf(exp(s − lse))` (masked keys: `p = 0`).
@@ -251,10 +247,7 @@ pub fn attention_clipped_backward<T: AttnElement>(
         let row0 = bh * ql + i0;
         clipped_d(&cx, &shape, &do_op, b, h, i0, &lse[row0..row0 + db.len()], cl, db);
     };
-    match cx.par {
-        Par::Seq => blocks.into_iter().for_each(run),
-        Par::Rayon => blocks.into_par_iter().for_each(run),
-    }
+    crate::par::for_each(cx.par, blocks, |_, t| run(t));
     backward_impl(&cx, &shape, d_out, lse, &dd, Some(cl), dq, dk, dv, d_bias);
     Ok(())
 }
@@ -897,9 +890,6 @@ pub fn inline_attention<T: AttnElement>(
         }
         T::store_f32(&o32, o);
     };
-    match par {
-        Par::Seq => heads.into_iter().for_each(run),
-        Par::Rayon => heads.into_par_iter().for_each(run),
-    }
+    crate::par::for_each(par, heads, |_, t| run(t));
     Ok(())
 }
