@@ -51,11 +51,11 @@ pub(crate) fn row_geom(x: &Layout, y: &Layout) -> Option<RowGeom> {
     })
 }
 
-fn fwd_params(op: FwdOp, p: &Plan, opts: &Options, out_bytes: usize) -> Fwd {
+fn fwd_params(op: FwdOp, p: &Plan, opts: &Options, len: usize, out_bytes: usize) -> Fwd {
     Fwd {
         op,
         k: p.k,
-        alg: opts.algorithm,
+        alg: opts.algorithm.resolve_forward(len, out_bytes),
         masked: opts.masked_row,
         stream: out_bytes >= STREAM_MIN_BYTES,
     }
@@ -67,7 +67,31 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
     if rows == 0 || len == 0 {
         return;
     }
+    // The online algorithm on f32 with a separate output runs as a software pipeline across
+    // rows (bit for bit the unpipelined results: in place, it runs row by row).
+    let pipe = match x {
+        Some(x) if T::REPR == Repr::F32 && f.alg.resolve(len) == Algorithm::Online => Some(x),
+        _ => None,
+    };
     if len <= CHUNK {
+        if let Some(x) = pipe {
+            let items = par::row_groups_per(y, rows, len, ys, par::pipe_rows_per_task(rows, len));
+            par::for_each(opts.par, items, |_, (r0, cnt, yg)| {
+                dispatch(
+                    level,
+                    kernel::RowsPipe {
+                        f,
+                        x: &x[r0 * xs..],
+                        y: yg,
+                        rows: cnt,
+                        len,
+                        xs,
+                        ys,
+                    },
+                );
+            });
+            return;
+        }
         let items = par::row_groups(y, rows, len, ys);
         par::for_each(opts.par, items, |_, (r0, cnt, yg)| {
             let xg = x.map(|x| &x[r0 * xs..]);
@@ -84,6 +108,39 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
                 },
             );
         });
+        return;
+    }
+    if let Some(x) = pipe {
+        // Long rows, pipelined: the write pass of row r and the online pass of row r + 1 share
+        // one parallel loop over chunks; the next row's chunk states merge in chunk order, as
+        // `long_row_stats` merges them.
+        let row = |r: usize| &x[r * xs..r * xs + len];
+        let mut st = long_row_stats(level, opts, Algorithm::Online, row(0), f.k);
+        for r in 0..rows {
+            let yr = &mut y[r * ys..r * ys + len];
+            if r + 1 == rows || !kernel::regular(st) {
+                long_row_write(f, level, opts, Some(row(r)), yr, st);
+                if r + 1 < rows {
+                    st = long_row_stats(level, opts, Algorithm::Online, row(r + 1), f.k);
+                }
+                continue;
+            }
+            let items: Vec<_> = row(r)
+                .chunks(CHUNK)
+                .zip(yr.chunks_mut(CHUNK))
+                .zip(row(r + 1).chunks(CHUNK))
+                .collect();
+            let outs = par::map(opts.par, items, |((a, b), n)| {
+                dispatch(level, Seg::WriteNext(f, a, b, st, n))
+            });
+            let mut next = Online::EMPTY;
+            for o in outs {
+                if let SegOut::Online(v) = o {
+                    next.merge(v, f.k);
+                }
+            }
+            st = next;
+        }
         return;
     }
     // Long rows: one at a time, chunks in parallel, partial states merged in chunk order.
@@ -189,6 +246,11 @@ fn long_row_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, x: Option<
         return;
     }
     let st = long_row_stats(level, opts, alg, xr, f.k);
+    long_row_write(f, level, opts, x, y, st);
+}
+
+/// The write pass of a long row from its statistics (or the fill of a special row).
+fn long_row_write<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, x: Option<&[T]>, y: &mut [T], st: Online) {
     if kernel::regular(st) {
         par::for_each(opts.par, chunks_io(x, y), |_, io| {
             dispatch(level, Seg::Write(f, io, st));
@@ -212,7 +274,7 @@ pub(crate) fn forward<T: Element>(op: FwdOp, x: Option<View<'_, T>>, y: ViewMut<
         None => y.layout,
     };
     let out_bytes = y.layout.required_len().unwrap_or(0) * core::mem::size_of::<T>();
-    let f = fwd_params(op, &p, opts, out_bytes);
+    let f = fwd_params(op, &p, opts, xl.row_len(), out_bytes);
     if let Some(g) = row_geom(&xl, &y.layout) {
         if T::REPR == Repr::F64 {
             scalar64::rows_fwd(f, p.k64, opts, g, x.map(|x| x.data), &mut *y.data);
@@ -273,16 +335,34 @@ pub(crate) fn logsumexp<T: Element>(x: View<'_, T>, out: &mut [T], opts: &Option
                 );
             });
         } else {
-            for (r, o) in out.iter_mut().enumerate() {
-                let xr = &x.data[r * xs..r * xs + len];
-                let alg = opts.algorithm.resolve(len);
-                let st = long_row_stats(p.level, opts, alg, xr, p.k);
-                let v = if kernel::regular(st) {
+            let alg = opts.algorithm.resolve(len);
+            let row = |r: usize| &x.data[r * xs..r * xs + len];
+            let finish = |st: Online, xr: &[T]| {
+                T::from_f64(if kernel::regular(st) {
                     st.m as f64 * p.k64 + st.d.ln()
                 } else {
                     kernel::special_lse(kernel::classify(xr))
-                };
-                *o = T::from_f64(v);
+                })
+            };
+            if alg == Algorithm::Online {
+                // One parallel pass over every chunk of every row (no per-row barrier); each
+                // row's chunk states merge in chunk order, as `long_row_stats` merges them.
+                let per_row = len.div_ceil(CHUNK);
+                let chunks: Vec<&[T]> = (0..rows).flat_map(|r| row(r).chunks(CHUNK)).collect();
+                let states = par::map(opts.par, chunks, |c| dispatch(p.level, Seg::Online(c, p.k)));
+                for (r, (o, sts)) in out.iter_mut().zip(states.chunks(per_row)).enumerate() {
+                    let mut st = Online::EMPTY;
+                    for v in sts {
+                        if let SegOut::Online(v) = v {
+                            st.merge(*v, p.k);
+                        }
+                    }
+                    *o = finish(st, row(r));
+                }
+            } else {
+                for (r, o) in out.iter_mut().enumerate() {
+                    *o = finish(long_row_stats(p.level, opts, alg, row(r), p.k), row(r));
+                }
             }
         }
         return Ok(());

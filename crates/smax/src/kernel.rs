@@ -244,7 +244,7 @@ pub(crate) fn seg_write<S: Isa, T: Element>(s: S, f: &Fwd, io: &mut Io<'_, T>, s
                 io,
                 pf,
                 #[inline(always)]
-                |x, y, p| k::write_softmax(s, x, y, st.m, f.k, c, f.stream, p),
+                |x, y, p| k::write_softmax(s, x, y, st.m, f.k, c, f.stream, p, None),
             );
         }
         FwdOp::LogSoftmax => {
@@ -253,9 +253,75 @@ pub(crate) fn seg_write<S: Isa, T: Element>(s: S, f: &Fwd, io: &mut Io<'_, T>, s
                 io,
                 pf,
                 #[inline(always)]
-                |x, y, p| k::write_log_softmax(s, x, y, st.m, f.k, ls, f.stream, p),
+                |x, y, p| k::write_log_softmax(s, x, y, st.m, f.k, ls, f.stream, p, None),
             );
         }
+    }
+}
+
+/// Writes a regular f32 row (or chunk) `x → y` from its statistics `st` while computing the
+/// online statistics of `next`, the same segment of the next row (software pipelining across
+/// rows; see `rows::write_map_next`). `None` (nothing done) unless all three are f32 slices
+/// of one length. The output and the returned state are bit for bit those of [`seg_write`]
+/// and [`seg_online`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn seg_write_next<S: Isa, T: Element>(
+    s: S,
+    f: &Fwd,
+    x: &[T],
+    y: &mut [T],
+    st: Online,
+    pf: Ahead,
+    next: &[T],
+    npf: Ahead,
+) -> Option<Online> {
+    let (xf, nf) = (T::as_f32(x)?, T::as_f32(next)?);
+    let yf = T::as_f32_mut(y)?;
+    if xf.len() != nf.len() || xf.len() != yf.len() {
+        return None;
+    }
+    let mut ns = Online::EMPTY;
+    let n = k::Next {
+        x: nf,
+        k: f.k,
+        st: &mut ns,
+        pf: npf,
+    };
+    match f.op {
+        FwdOp::Softmax => k::write_softmax(s, xf, yf, st.m, f.k, (1.0 / st.d) as f32, f.stream, pf, Some(n)),
+        FwdOp::LogSoftmax => k::write_log_softmax(s, xf, yf, st.m, f.k, st.d.ln() as f32, f.stream, pf, Some(n)),
+    }
+    Some(ns)
+}
+
+/// One row of a pipelined run: writes row `x → y` from its online statistics `st` (or fills a
+/// special row) and returns the online statistics of `next` (the next row, with its prefetch
+/// domain), computed in the same loop when possible. Every output and state is bit for bit
+/// what [`row_fwd`] with [`Algorithm::Online`] computes.
+#[inline(always)]
+pub(crate) fn pipe_row<S: Isa, T: Element>(
+    s: S,
+    f: &Fwd,
+    x: &[T],
+    y: &mut [T],
+    st: Online,
+    pf: Ahead,
+    next: Option<(&[T], Ahead)>,
+) -> Online {
+    if regular(st) {
+        if let Some((nx, npf)) = next {
+            if let Some(ns) = seg_write_next(s, f, x, y, st, pf, nx, npf) {
+                return ns;
+            }
+        }
+        seg_write(s, f, &mut Io::Sep(x, y), st, pf);
+    } else if !x.is_empty() {
+        fill(y, special_fill(classify(x), f.op, f.masked));
+    }
+    match next {
+        Some((nx, npf)) => seg_online(s, nx, f.k, npf),
+        None => Online::EMPTY,
     }
 }
 
@@ -434,6 +500,53 @@ impl<T: Element> Task for RowsFwd<'_, T> {
     }
 }
 
+/// A group of short rows of a forward call run as a software pipeline (f32, separate output,
+/// [`Algorithm::Online`]): the online pass over row `r + 1` runs inside the write pass of row
+/// `r` (see [`pipe_row`]).
+pub(crate) struct RowsPipe<'a, T> {
+    pub f: Fwd,
+    pub x: &'a [T],
+    pub y: &'a mut [T],
+    pub rows: usize,
+    pub len: usize,
+    pub xs: usize,
+    pub ys: usize,
+}
+
+impl<T: Element> Task for RowsPipe<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Isa>(self, s: S) {
+        let RowsPipe {
+            f,
+            x,
+            y,
+            rows,
+            len,
+            xs,
+            ys,
+        } = self;
+        if rows == 0 || len == 0 {
+            return;
+        }
+        // Each row's input was read (as the "next" row) one row earlier, so it is in L2 when its
+        // write pass re-reads it; only the next row is prefetched.
+        let mut st = seg_online(s, &x[..len], f.k, ahead(x));
+        for r in 0..rows {
+            let next = (r + 1 < rows).then(|| (&x[(r + 1) * xs..(r + 1) * xs + len], ahead(&x[(r + 1) * xs..])));
+            st = pipe_row(
+                s,
+                &f,
+                &x[r * xs..r * xs + len],
+                &mut y[r * ys..r * ys + len],
+                st,
+                Ahead::NONE,
+                next,
+            );
+        }
+    }
+}
+
 /// A group of short rows of a logsumexp call.
 pub(crate) struct RowsLse<'a, T> {
     pub x: &'a [T],
@@ -467,6 +580,9 @@ pub(crate) enum Seg<'a, T> {
     ExpStoreSum(Io<'a, T>, f32, f32),
     Scale(&'a mut [T], f32),
     Write(Fwd, Io<'a, T>, Online),
+    /// A chunk written from its row's statistics while the same chunk of the next row is
+    /// read (see [`pipe_row`]); returns the next chunk's online state.
+    WriteNext(Fwd, &'a [T], &'a mut [T], Online, &'a [T]),
 }
 
 pub(crate) enum SegOut {
@@ -502,6 +618,9 @@ impl<T: Element> Task for Seg<'_, T> {
                 let pf = io.sep_ahead();
                 seg_write(s, &f, &mut io, st, pf);
                 SegOut::None
+            }
+            Seg::WriteNext(f, x, y, st, next) => {
+                SegOut::Online(pipe_row(s, &f, x, y, st, ahead(x), Some((next, ahead(next)))))
             }
         }
     }

@@ -41,12 +41,14 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    /// The algorithm `Auto` resolves to for rows of `len` elements: [`Algorithm::ThreePass`]
-    /// for rows that one core processes whole (≤ 256 Ki elements, one chunk: its second and
-    /// third passes read from that core's L2), the one-read-less [`Algorithm::Online`] for
-    /// longer rows, whose chunks are spread over threads. Measured with `smax bench` on an
-    /// AVX-512 machine (three-pass 0.67 vs online 0.59 of the copy roofline at 512x131072;
-    /// online 0.47 vs three-pass 0.35 at 64x1048576, 2 threads).
+    /// The algorithm `Auto` resolves to for rows of `len` elements when nothing else is known
+    /// (logsumexp, and softmax/log-softmax calls whose output fits in cache):
+    /// [`Algorithm::ThreePass`] for rows that one core processes whole (≤ 256 Ki elements, one
+    /// chunk: its second and third passes read from that core's L2), the one-read-less
+    /// [`Algorithm::Online`] for longer rows, whose chunks are spread over threads. Measured
+    /// with `smax bench` on an AVX-512 machine (three-pass 0.67 vs online 0.59 of the copy
+    /// roofline at 512x131072; online 0.47 vs three-pass 0.35 at 64x1048576, 2 threads,
+    /// before the online pass was pipelined across rows).
     pub fn resolve(self, len: usize) -> Algorithm {
         match self {
             Algorithm::Auto => {
@@ -59,7 +61,28 @@ impl Algorithm {
             a => a,
         }
     }
+
+    /// The algorithm `Auto` resolves to for a softmax or log-softmax call with rows of `len`
+    /// elements and an output of `out_bytes`: when the output is too large to stay in cache
+    /// (≥ 32 MiB, where it is written with non-temporal stores) and rows are longer than
+    /// 64 Ki elements, [`Algorithm::Online`], whose f32 write pass over each row also runs the
+    /// online pass over the next row (software pipelining: two reads and a write overlap in
+    /// one loop, as in a triad); otherwise [`Algorithm::resolve`]. Measured with `smax bench`,
+    /// 2 threads, AVX-512: pipelined online 0.71 vs three-pass 0.65 of the copy roofline at
+    /// 512x131072, level at 2048x32768, three-pass ahead by 0-3 % at 16384x4096 and
+    /// 65536x1024 (where three-pass prefetches the next row and its output instead).
+    pub fn resolve_forward(self, len: usize, out_bytes: usize) -> Algorithm {
+        match self {
+            Algorithm::Auto if out_bytes >= crate::forward::STREAM_MIN_BYTES && len > PIPELINE_MIN_LEN => {
+                Algorithm::Online
+            }
+            a => a.resolve(len),
+        }
+    }
 }
+
+/// Rows longer than this go through the pipelined online algorithm in large calls.
+pub(crate) const PIPELINE_MIN_LEN: usize = 64 * 1024;
 
 pub(crate) const AUTO_THREE_PASS_MAX: usize = crate::par::CHUNK;
 

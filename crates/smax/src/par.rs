@@ -20,7 +20,31 @@ pub(crate) fn rows_per_task(len: usize) -> usize {
 /// Splits the output of `rows` rows (row `r` at `r * stride`, `len` elements) into disjoint
 /// groups of [`rows_per_task`] rows: `(first row, row count, the group's slice)`.
 pub(crate) fn row_groups<T>(y: &mut [T], rows: usize, len: usize, stride: usize) -> Vec<(usize, usize, &mut [T])> {
-    let per = rows_per_task(len);
+    row_groups_per(y, rows, len, stride, rows_per_task(len))
+}
+
+/// Target elements per task of a software-pipelined forward call (each task pays one
+/// unpipelined first row).
+pub(crate) const PIPE_GRAIN: usize = 1024 * 1024;
+
+/// Rows per task of a software-pipelined forward call: about [`PIPE_GRAIN`] elements, and at
+/// least eight tasks per thread of the current pool when there are rows enough. Grouping never
+/// changes a row's result, so this may depend on the pool.
+pub(crate) fn pipe_rows_per_task(rows: usize, len: usize) -> usize {
+    let by_size = (PIPE_GRAIN / len.max(1)).max(1);
+    let by_threads = rows / (8 * rayon::current_num_threads()).max(1);
+    by_size.min(by_threads).max(1)
+}
+
+/// [`row_groups`] with `per` rows per group.
+pub(crate) fn row_groups_per<T>(
+    y: &mut [T],
+    rows: usize,
+    len: usize,
+    stride: usize,
+    per: usize,
+) -> Vec<(usize, usize, &mut [T])> {
+    let per = per.max(1);
     let mut items = Vec::with_capacity(rows.div_ceil(per));
     let mut rest = y;
     let mut r0 = 0;

@@ -529,3 +529,160 @@ pub fn ulp_err(x: f32, got: f32) -> f64 {
     };
     (got as f64 - want).abs() / ulp
 }
+
+/// Out of place, the online algorithm runs as a software pipeline (the write pass of a row
+/// carries the online pass of the next one); in place, and for a row alone, it runs row by
+/// row. The three must agree bit for bit, at every SIMD level, for short rows of every tail
+/// length, for long (chunked) rows, with special rows anywhere in the batch and with strided
+/// input and output.
+#[test]
+fn pipelined_online_is_bitwise_the_row_by_row_result() {
+    let mut rng = Rng(0xb17e);
+    let chunk = 256 * 1024;
+    let mut lens: Vec<usize> = (1..=40).collect();
+    lens.extend([255, 256, 257, 1000, 4097, chunk + 1, 2 * chunk + 300]);
+    let specials: [(usize, f32); 3] = [(1, f32::NAN), (2, f32::NEG_INFINITY), (3, f32::INFINITY)];
+    for &n in &lens {
+        let rows = if n > chunk { 3 } else { 6 };
+        let (xs, ys) = (n + 3, n + 5);
+        let mut x: Vec<f32> = rng.vec(rows * xs, 20.0).iter().map(|&v| v as f32).collect();
+        // Row 1 holds a NaN, row 2 is fully masked, row 3 holds +inf; long batches keep row 1.
+        for &(r, v) in &specials {
+            if r < rows {
+                if v == f32::NEG_INFINITY {
+                    x[r * xs..r * xs + n].fill(v);
+                } else {
+                    x[r * xs + n / 2] = v;
+                }
+            }
+        }
+        for level in SimdLevel::available() {
+            for masked in [MaskedRow::Nan, MaskedRow::Zero] {
+                let o = Options::default()
+                    .simd(level)
+                    .algorithm(Algorithm::Online)
+                    .masked_row(masked);
+                let xl = Layout::strided_rows(rows, n, xs);
+                let mut y = vec![0f32; rows * ys];
+                let mut l = vec![0f32; rows * ys];
+                softmax(
+                    View::new(&x, xl).unwrap(),
+                    ViewMut::new(&mut y, Layout::strided_rows(rows, n, ys)).unwrap(),
+                    &o,
+                )
+                .unwrap();
+                log_softmax(
+                    View::new(&x, xl).unwrap(),
+                    ViewMut::new(&mut l, Layout::strided_rows(rows, n, ys)).unwrap(),
+                    &o,
+                )
+                .unwrap();
+                let mut yi = x.clone();
+                softmax_inplace(ViewMut::new(&mut yi, xl).unwrap(), &o).unwrap();
+                let mut li = x.clone();
+                log_softmax_inplace(ViewMut::new(&mut li, xl).unwrap(), &o).unwrap();
+                for r in 0..rows {
+                    let row = &x[r * xs..r * xs + n];
+                    let alone = softmax_to_vec(View::rows(row, 1, n).unwrap(), &o).unwrap();
+                    let lalone = log_softmax_to_vec(View::rows(row, 1, n).unwrap(), &o).unwrap();
+                    let (got, lgot) = (&y[r * ys..r * ys + n], &l[r * ys..r * ys + n]);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(got),
+                        bits(&yi[r * xs..r * xs + n]),
+                        "softmax n={n} row {r} {level:?} {masked:?}"
+                    );
+                    assert_eq!(bits(got), bits(&alone), "softmax alone n={n} row {r} {level:?}");
+                    assert_eq!(
+                        bits(lgot),
+                        bits(&li[r * xs..r * xs + n]),
+                        "log_softmax n={n} row {r} {level:?}"
+                    );
+                    assert_eq!(bits(lgot), bits(&lalone), "log_softmax alone n={n} row {r} {level:?}");
+                }
+                // And the pipelined rows are right, not merely consistent.
+                let r0: Vec<f64> = x[..n].iter().map(|&v| v as f64).collect();
+                let want = ref_softmax(&r0, 1.0);
+                let m0 = r0.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                for i in 0..n {
+                    let d = (r0[i] - m0).abs();
+                    assert!(
+                        close(y[i] as f64, want[i], softmax_bound::<f32>(want[i], d, n)),
+                        "n={n} i={i}"
+                    );
+                }
+                if rows > 2 {
+                    let expect = if masked == MaskedRow::Zero { 0.0 } else { f32::NAN };
+                    assert!(
+                        y[2 * ys..2 * ys + n].iter().all(|&v| v.to_bits() == expect.to_bits()),
+                        "masked row n={n}"
+                    );
+                    assert!(y[ys..ys + n].iter().all(|v| v.is_nan()), "NaN row n={n}");
+                }
+            }
+        }
+    }
+}
+
+/// `Auto` picks the pipelined online algorithm for long rows in calls whose output cannot stay
+/// in cache, and the three-pass algorithm otherwise; a real call of that size agrees with the
+/// unpipelined online result bit for bit and with the reference.
+#[test]
+fn auto_pipelines_large_calls_with_long_rows() {
+    let big = 256usize << 20;
+    assert_eq!(Algorithm::Auto.resolve_forward(128 * 1024, big), Algorithm::Online);
+    assert_eq!(Algorithm::Auto.resolve_forward(1 << 24, big), Algorithm::Online);
+    assert_eq!(Algorithm::Auto.resolve_forward(64 * 1024, big), Algorithm::ThreePass);
+    assert_eq!(
+        Algorithm::Auto.resolve_forward(128 * 1024, 1 << 20),
+        Algorithm::ThreePass
+    );
+    assert_eq!(
+        Algorithm::ThreePass.resolve_forward(128 * 1024, big),
+        Algorithm::ThreePass
+    );
+    assert_eq!(Algorithm::TwoPass.resolve_forward(1 << 24, big), Algorithm::TwoPass);
+
+    // 64 rows of 128 Ki f32: a 32 MiB output, written with non-temporal stores.
+    let (rows, n) = (64, 128 * 1024);
+    let mut rng = Rng(0x1a29e);
+    let x: Vec<f32> = rng.vec(rows * n, 8.0).iter().map(|&v| v as f32).collect();
+    let y = softmax_to_vec(View::rows(&x, rows, n).unwrap(), &Options::default()).unwrap();
+    let mut yi = x.clone();
+    let online = Options::default().algorithm(Algorithm::Online);
+    softmax_inplace(ViewMut::rows(&mut yi, rows, n).unwrap(), &online).unwrap();
+    assert!(y.iter().zip(&yi).all(|(a, b)| a.to_bits() == b.to_bits()));
+    for r in [0, 31, 63] {
+        let row: Vec<f64> = x[r * n..(r + 1) * n].iter().map(|&v| v as f64).collect();
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let want = ref_softmax(&row, 1.0);
+        for i in (0..n).step_by(97) {
+            let d = (row[i] - m).abs();
+            assert!(close(y[r * n + i] as f64, want[i], softmax_bound::<f32>(want[i], d, n)));
+        }
+    }
+}
+
+/// Logsumexp of a batch of long (chunked) rows, computed in one parallel pass over every chunk
+/// of every row, equals each row computed alone bit for bit, special rows included.
+#[test]
+fn long_row_logsumexp_batch_matches_rows_alone() {
+    let mut rng = Rng(0x15e);
+    let n = 2 * 256 * 1024 + 77;
+    let rows = 4;
+    let mut x: Vec<f32> = rng.vec(rows * n, 30.0).iter().map(|&v| v as f32).collect();
+    x[n + 5] = f32::NAN;
+    x[2 * n..3 * n].fill(f32::NEG_INFINITY);
+    for alg in ALGS {
+        let o = Options::default().algorithm(alg);
+        let s = logsumexp_to_vec(View::rows(&x, rows, n).unwrap(), &o).unwrap();
+        for r in 0..rows {
+            let alone = logsumexp_to_vec(View::rows(&x[r * n..(r + 1) * n], 1, n).unwrap(), &o).unwrap();
+            assert_eq!(s[r].to_bits(), alone[0].to_bits(), "{alg:?} row {r}");
+        }
+        assert!(s[1].is_nan() && s[2] == f32::NEG_INFINITY, "{alg:?}");
+        let row: Vec<f64> = x[3 * n..].iter().map(|&v| v as f64).collect();
+        let want = ref_lse(&row, 1.0);
+        assert!(close(s[3] as f64, want, lse_bound::<f32>(want, n)), "{alg:?}");
+    }
+}

@@ -239,25 +239,31 @@ impl Online {
 pub(crate) fn online<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Online, pf: Ahead) {
     for (i, blk) in x.chunks(BLOCK).enumerate() {
         pf.block(i * BLOCK);
-        let bm = max(s, blk, Ahead::NONE);
-        if bm == f32::NEG_INFINITY {
-            if blk.iter().any(|v| v.is_nan()) {
-                st.d = f64::NAN;
-            }
-            continue;
-        }
-        if bm.is_nan() {
-            st.d = f64::NAN;
-            continue;
-        }
-        if bm > st.m {
-            if st.m != f32::NEG_INFINITY {
-                st.d *= ((st.m as f64 - bm as f64) * k as f64).exp();
-            }
-            st.m = bm;
-        }
-        st.d += sum_exp_block(s, blk, st.m, k, None, false) as f64;
+        online_block(s, blk, k, st);
     }
+}
+
+/// One block of [`online`].
+#[inline(always)]
+fn online_block<S: Isa>(s: S, blk: &[f32], k: f32, st: &mut Online) {
+    let bm = max(s, blk, Ahead::NONE);
+    if bm == f32::NEG_INFINITY {
+        if blk.iter().any(|v| v.is_nan()) {
+            st.d = f64::NAN;
+        }
+        return;
+    }
+    if bm.is_nan() {
+        st.d = f64::NAN;
+        return;
+    }
+    if bm > st.m {
+        if st.m != f32::NEG_INFINITY {
+            st.d *= ((st.m as f64 - bm as f64) * k as f64).exp();
+        }
+        st.m = bm;
+    }
+    st.d += sum_exp_block(s, blk, st.m, k, None, false) as f64;
 }
 
 /// The running state of the two-pass (extended exponent) pass: `Σ exp(x_i·k) = v · 2^e`
@@ -394,48 +400,108 @@ fn write_map<S: Isa>(
     pf: Ahead,
     f: impl Fn(S::f32s) -> S::f32s,
 ) {
-    let (xh, xt) = S::as_simd_f32s(x);
-    let n = xh.len() * S::F32_LANES;
-    let (yh, _) = S::as_mut_simd_f32s(&mut y[..n]);
-    let per = BLOCK / S::F32_LANES;
-    for (i, (xb, yb)) in xh.chunks(per).zip(yh.chunks_mut(per)).enumerate() {
+    for (i, (xb, yb)) in x.chunks(BLOCK).zip(y.chunks_mut(BLOCK)).enumerate() {
         pf.block(i * BLOCK);
-        if stream {
-            for (d, &v) in yb.iter_mut().zip(xb) {
-                s.stream_f32s(d, f(v));
-            }
-        } else {
-            for (d, &v) in yb.iter_mut().zip(xb) {
-                *d = f(v);
-            }
-        }
+        write_block(s, xb, yb, stream, fill, &f);
     }
     if stream {
         s.stream_fence();
+    }
+}
+
+/// One block of [`write_map`] (no fence).
+#[inline(always)]
+fn write_block<S: Isa>(s: S, x: &[f32], y: &mut [f32], stream: bool, fill: f32, f: &impl Fn(S::f32s) -> S::f32s) {
+    let (xh, xt) = S::as_simd_f32s(x);
+    let n = xh.len() * S::F32_LANES;
+    let (yh, _) = S::as_mut_simd_f32s(&mut y[..n]);
+    if stream {
+        for (d, &v) in yh.iter_mut().zip(xh) {
+            s.stream_f32s(d, f(v));
+        }
+    } else {
+        for (d, &v) in yh.iter_mut().zip(xh) {
+            *d = f(v);
+        }
     }
     if !xt.is_empty() {
         store_partial::<S>(&mut y[n..x.len()], f(load_padded::<S>(xt, fill)));
     }
 }
 
-/// `y_i = exp((x_i − m)·k) · c`; with `stream`, aligned full vectors bypass the cache.
+/// The next row of a software-pipelined pair (see [`write_map_next`]): its f32 data (the same
+/// length as the row being written), the inverse temperature, its online state and its
+/// prefetch domain.
+pub(crate) struct Next<'a, 'p> {
+    pub x: &'a [f32],
+    pub k: f32,
+    pub st: &'a mut Online,
+    pub pf: Ahead<'p>,
+}
+
+/// [`write_map`] over one row fused with [`online`] over the next (software pipelining across
+/// rows): block by block, the next row's online step, then this row's block written. The two
+/// reads and the write overlap in one loop, the way a triad does, where a write pass followed
+/// by a read pass would leave the write bandwidth idle half the time. Bit for bit the same as
+/// the two calls made separately: the same blocks, in the same order, through the same code.
 #[inline(always)]
-pub(crate) fn write_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, c: f32, stream: bool, pf: Ahead) {
+fn write_map_next<S: Isa>(
+    s: S,
+    x: &[f32],
+    y: &mut [f32],
+    stream: bool,
+    fill: f32,
+    pf: Ahead,
+    next: Next<'_, '_>,
+    f: impl Fn(S::f32s) -> S::f32s,
+) {
+    let Next { x: nx, k, st, pf: npf } = next;
+    for (i, ((xb, yb), nb)) in x
+        .chunks(BLOCK)
+        .zip(y.chunks_mut(BLOCK))
+        .zip(nx.chunks(BLOCK))
+        .enumerate()
+    {
+        pf.block(i * BLOCK);
+        npf.block(i * BLOCK);
+        online_block(s, nb, k, st);
+        write_block(s, xb, yb, stream, fill, &f);
+    }
+    if stream {
+        s.stream_fence();
+    }
+}
+
+/// `y_i = exp((x_i − m)·k) · c`; with `stream`, aligned full vectors bypass the cache. With
+/// `next`, the online pass over the next row runs in the same loop (see [`write_map_next`]).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_softmax<S: Isa>(
+    s: S,
+    x: &[f32],
+    y: &mut [f32],
+    m: f32,
+    k: f32,
+    c: f32,
+    stream: bool,
+    pf: Ahead,
+    next: Option<Next<'_, '_>>,
+) {
     let (vm, vk, vc) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(c));
-    write_map(
-        s,
-        x,
-        y,
-        stream,
-        f32::NEG_INFINITY,
-        pf,
+    let f = inl(
         #[inline(always)]
         |v: S::f32s| s.mul_f32s(exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk)), vc),
     );
+    match next {
+        None => write_map(s, x, y, stream, f32::NEG_INFINITY, pf, f),
+        Some(n) => write_map_next(s, x, y, stream, f32::NEG_INFINITY, pf, n, f),
+    }
 }
 
-/// `y_i = (x_i − m)·k − ls` (one rounding: fused multiply-add).
+/// `y_i = (x_i − m)·k − ls` (one rounding: fused multiply-add). `next` as in
+/// [`write_softmax`].
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn write_log_softmax<S: Isa>(
     s: S,
     x: &[f32],
@@ -445,18 +511,17 @@ pub(crate) fn write_log_softmax<S: Isa>(
     ls: f32,
     stream: bool,
     pf: Ahead,
+    next: Option<Next<'_, '_>>,
 ) {
     let (vm, vk, vl) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(-ls));
-    write_map(
-        s,
-        x,
-        y,
-        stream,
-        0.0,
-        pf,
+    let f = inl(
         #[inline(always)]
         |v: S::f32s| s.mul_add_f32s(s.sub_f32s(v, vm), vk, vl),
     );
+    match next {
+        None => write_map(s, x, y, stream, 0.0, pf, f),
+        Some(n) => write_map_next(s, x, y, stream, 0.0, pf, n, f),
+    }
 }
 
 #[inline(always)]
