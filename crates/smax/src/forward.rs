@@ -55,7 +55,7 @@ fn fwd_params(op: FwdOp, p: &Plan, opts: &Options, len: usize, out_bytes: usize)
     Fwd {
         op,
         k: p.k,
-        alg: opts.algorithm.resolve_forward(len, out_bytes),
+        alg: opts.algorithm.resolve(len),
         masked: opts.masked_row,
         stream: out_bytes >= STREAM_MIN_BYTES,
     }
@@ -335,7 +335,7 @@ pub(crate) fn logsumexp<T: Element>(x: View<'_, T>, out: &mut [T], opts: &Option
                 );
             });
         } else {
-            let alg = opts.algorithm.resolve(len);
+            let alg = opts.algorithm.resolve_logsumexp(len);
             let row = |r: usize| &x.data[r * xs..r * xs + len];
             let finish = |st: Online, xr: &[T]| {
                 T::from_f64(if kernel::regular(st) {

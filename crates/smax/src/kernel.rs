@@ -444,7 +444,7 @@ pub(crate) fn row_lse<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f32
     if x.is_empty() {
         return f64::NEG_INFINITY;
     }
-    let st = row_stats(s, x, alg.resolve(x.len()), kk, pf);
+    let st = row_stats(s, x, alg.resolve_logsumexp(x.len()), kk, pf);
     if regular(st) {
         st.m as f64 * k64 + st.d.ln()
     } else {

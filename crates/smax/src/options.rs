@@ -20,8 +20,8 @@ pub enum MaskedRow {
 /// the same documented bounds; they differ in memory traffic and arithmetic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Algorithm {
-    /// Chosen by row length from measurements on AVX2/AVX-512 machines (see
-    /// [`Algorithm::resolve`]).
+    /// Chosen by row length alone from measurements on AVX2/AVX-512 machines (see
+    /// [`Algorithm::resolve`] for softmax and log-softmax, [`Algorithm::resolve_logsumexp`]).
     #[default]
     Auto,
     /// Three passes (XNNPACK's "reload" variant): max; `exp(x − max)` stored to the output and
@@ -36,20 +36,46 @@ pub enum Algorithm {
     /// redo pass 1 with [`Algorithm::Online`].
     TwoPass,
     /// The online normaliser (Milakov & Gimelshein 2018), blocked: a running `(max, Σ)` state
-    /// updated once per block of 256 elements, then the write pass. Two reads, one write.
+    /// updated once per block of 256 elements, then the write pass. Two reads, one write. On
+    /// f32 with a separate output, rows run as a software pipeline: the write pass of row `r`
+    /// carries the online pass of row `r + 1` in the same loop (bit for bit the row-by-row
+    /// result, which is what in-place calls compute).
     Online,
 }
 
 impl Algorithm {
-    /// The algorithm `Auto` resolves to for rows of `len` elements when nothing else is known
-    /// (logsumexp, and softmax/log-softmax calls whose output fits in cache):
-    /// [`Algorithm::ThreePass`] for rows that one core processes whole (≤ 256 Ki elements, one
-    /// chunk: its second and third passes read from that core's L2), the one-read-less
-    /// [`Algorithm::Online`] for longer rows, whose chunks are spread over threads. Measured
-    /// with `smax bench` on an AVX-512 machine (three-pass 0.67 vs online 0.59 of the copy
-    /// roofline at 512x131072; online 0.47 vs three-pass 0.35 at 64x1048576, 2 threads,
-    /// before the online pass was pipelined across rows).
+    /// The algorithm `Auto` resolves to for softmax and log-softmax rows of `len` elements:
+    /// [`Algorithm::ThreePass`] up to 64 Ki elements, [`Algorithm::Online`] above. The choice
+    /// depends on the row length alone, so a row's result never depends on the rest of the
+    /// call. On f32 with a separate output, the online write pass over each row also runs the
+    /// online pass over the next row (software pipelining: two reads and a write overlap in
+    /// one loop, as in a triad), which beats the three-pass algorithm once rows no longer
+    /// stay in L2 alongside the next row and the output. Measured with `smax bench`, 2
+    /// threads, AVX-512, out of cache: online 0.72 vs three-pass 0.66 of the copy roofline at
+    /// 512x131072, 0.60 vs 0.35 at 64x1048576, 0.59 vs 0.35 at 4x16777216; at or below 64 Ki,
+    /// three-pass is level or ahead (16384x4096, 65536x1024: it prefetches the next row and
+    /// its output). In cache, a single row of 64 Ki–256 Ki elements pays for the online
+    /// algorithm's second exponential (about 25 % slower than three-pass there).
     pub fn resolve(self, len: usize) -> Algorithm {
+        match self {
+            Algorithm::Auto => {
+                if len <= PIPELINE_MIN_LEN {
+                    Algorithm::ThreePass
+                } else {
+                    Algorithm::Online
+                }
+            }
+            a => a,
+        }
+    }
+
+    /// The algorithm `Auto` resolves to for logsumexp over rows of `len` elements, which has no
+    /// write pass to pipeline: [`Algorithm::ThreePass`] for rows that one core processes whole
+    /// (≤ 256 Ki elements, one chunk: the sum pass re-reads the row from that core's L2),
+    /// [`Algorithm::Online`] (one read) for longer rows, whose chunks are spread over threads.
+    /// Measured with `smax bench`, 2 threads, AVX-512: three-pass 0.83 vs online 0.74 of the
+    /// read roofline at 512x131072; online 0.75 vs three-pass 0.68 at 64x1048576.
+    pub fn resolve_logsumexp(self, len: usize) -> Algorithm {
         match self {
             Algorithm::Auto => {
                 if len <= AUTO_THREE_PASS_MAX {
@@ -61,27 +87,9 @@ impl Algorithm {
             a => a,
         }
     }
-
-    /// The algorithm `Auto` resolves to for a softmax or log-softmax call with rows of `len`
-    /// elements and an output of `out_bytes`: when the output is too large to stay in cache
-    /// (≥ 32 MiB, where it is written with non-temporal stores) and rows are longer than
-    /// 64 Ki elements, [`Algorithm::Online`], whose f32 write pass over each row also runs the
-    /// online pass over the next row (software pipelining: two reads and a write overlap in
-    /// one loop, as in a triad); otherwise [`Algorithm::resolve`]. Measured with `smax bench`,
-    /// 2 threads, AVX-512: pipelined online 0.71 vs three-pass 0.65 of the copy roofline at
-    /// 512x131072, level at 2048x32768, three-pass ahead by 0-3 % at 16384x4096 and
-    /// 65536x1024 (where three-pass prefetches the next row and its output instead).
-    pub fn resolve_forward(self, len: usize, out_bytes: usize) -> Algorithm {
-        match self {
-            Algorithm::Auto if out_bytes >= crate::forward::STREAM_MIN_BYTES && len > PIPELINE_MIN_LEN => {
-                Algorithm::Online
-            }
-            a => a.resolve(len),
-        }
-    }
 }
 
-/// Rows longer than this go through the pipelined online algorithm in large calls.
+/// Softmax and log-softmax rows longer than this go through the (pipelined) online algorithm.
 pub(crate) const PIPELINE_MIN_LEN: usize = 64 * 1024;
 
 pub(crate) const AUTO_THREE_PASS_MAX: usize = crate::par::CHUNK;

@@ -28,12 +28,10 @@ pub(crate) fn row_groups<T>(y: &mut [T], rows: usize, len: usize, stride: usize)
 pub(crate) const PIPE_GRAIN: usize = 1024 * 1024;
 
 /// Rows per task of a software-pipelined forward call: about [`PIPE_GRAIN`] elements, and at
-/// least eight tasks per thread of the current pool when there are rows enough. Grouping never
-/// changes a row's result, so this may depend on the pool.
+/// least 16 tasks when there are rows enough (for load balance).
 pub(crate) fn pipe_rows_per_task(rows: usize, len: usize) -> usize {
     let by_size = (PIPE_GRAIN / len.max(1)).max(1);
-    let by_threads = rows / (8 * rayon::current_num_threads()).max(1);
-    by_size.min(by_threads).max(1)
+    by_size.min(rows / 16).max(1)
 }
 
 /// [`row_groups`] with `per` rows per group.

@@ -624,24 +624,19 @@ fn pipelined_online_is_bitwise_the_row_by_row_result() {
     }
 }
 
-/// `Auto` picks the pipelined online algorithm for long rows in calls whose output cannot stay
-/// in cache, and the three-pass algorithm otherwise; a real call of that size agrees with the
-/// unpipelined online result bit for bit and with the reference.
+/// `Auto` picks by row length alone: three-pass up to 64 Ki elements, the pipelined online
+/// algorithm above (logsumexp: three-pass up to 256 Ki). A large call (its output streamed)
+/// agrees bit for bit with the unpipelined online result, with each row computed alone, and
+/// with the reference.
 #[test]
-fn auto_pipelines_large_calls_with_long_rows() {
-    let big = 256usize << 20;
-    assert_eq!(Algorithm::Auto.resolve_forward(128 * 1024, big), Algorithm::Online);
-    assert_eq!(Algorithm::Auto.resolve_forward(1 << 24, big), Algorithm::Online);
-    assert_eq!(Algorithm::Auto.resolve_forward(64 * 1024, big), Algorithm::ThreePass);
-    assert_eq!(
-        Algorithm::Auto.resolve_forward(128 * 1024, 1 << 20),
-        Algorithm::ThreePass
-    );
-    assert_eq!(
-        Algorithm::ThreePass.resolve_forward(128 * 1024, big),
-        Algorithm::ThreePass
-    );
-    assert_eq!(Algorithm::TwoPass.resolve_forward(1 << 24, big), Algorithm::TwoPass);
+fn auto_picks_by_row_length_and_pipelines_long_rows() {
+    assert_eq!(Algorithm::Auto.resolve(64 * 1024), Algorithm::ThreePass);
+    assert_eq!(Algorithm::Auto.resolve(64 * 1024 + 1), Algorithm::Online);
+    assert_eq!(Algorithm::Auto.resolve(1 << 24), Algorithm::Online);
+    assert_eq!(Algorithm::Auto.resolve_logsumexp(256 * 1024), Algorithm::ThreePass);
+    assert_eq!(Algorithm::Auto.resolve_logsumexp(256 * 1024 + 1), Algorithm::Online);
+    assert_eq!(Algorithm::ThreePass.resolve(1 << 24), Algorithm::ThreePass);
+    assert_eq!(Algorithm::TwoPass.resolve_logsumexp(7), Algorithm::TwoPass);
 
     // 64 rows of 128 Ki f32: a 32 MiB output, written with non-temporal stores.
     let (rows, n) = (64, 128 * 1024);
@@ -653,6 +648,11 @@ fn auto_pipelines_large_calls_with_long_rows() {
     softmax_inplace(ViewMut::rows(&mut yi, rows, n).unwrap(), &online).unwrap();
     assert!(y.iter().zip(&yi).all(|(a, b)| a.to_bits() == b.to_bits()));
     for r in [0, 31, 63] {
+        let alone = softmax_to_vec(View::rows(&x[r * n..(r + 1) * n], 1, n).unwrap(), &Options::default()).unwrap();
+        assert!(
+            alone.iter().zip(&y[r * n..]).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "row {r} alone"
+        );
         let row: Vec<f64> = x[r * n..(r + 1) * n].iter().map(|&v| v as f64).collect();
         let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let want = ref_softmax(&row, 1.0);
