@@ -16,6 +16,11 @@ use crate::scalar64;
 /// read-for-ownership of every output line.
 pub(crate) const STREAM_MIN_BYTES: usize = 32 << 20;
 
+/// Calls with at least this many long rows pipeline them in groups of consecutive rows, one
+/// thread per group, instead of one row at a time with its chunks spread over threads (no
+/// barrier per row: 0.57 -> 0.64 of copy at 64x1048576, level at 32x2097152, 2 threads).
+const LONG_ROWS_GROUPED_MIN: usize = 32;
+
 pub(crate) struct Plan {
     pub level: SimdLevel,
     pub k: f32,
@@ -100,6 +105,27 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
                 RowsFwd {
                     f,
                     x: xg,
+                    y: yg,
+                    rows: cnt,
+                    len,
+                    xs,
+                    ys,
+                },
+            );
+        });
+        return;
+    }
+    if let (Some(x), true) = (pipe, rows >= LONG_ROWS_GROUPED_MIN) {
+        // Many long rows, pipelined: groups of at least 4 consecutive rows (each group pays one
+        // unpipelined first row), one thread each, at least 8 groups.
+        let per = 4usize.max(rows / 16);
+        let items = par::row_groups_per(y, rows, len, ys, per);
+        par::for_each(opts.par, items, |_, (r0, cnt, yg)| {
+            dispatch(
+                level,
+                kernel::RowsPipe {
+                    f,
+                    x: &x[r0 * xs..],
                     y: yg,
                     rows: cnt,
                     len,

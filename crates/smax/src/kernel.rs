@@ -529,6 +529,10 @@ impl<T: Element> Task for RowsPipe<'_, T> {
         if rows == 0 || len == 0 {
             return;
         }
+        if len > crate::par::CHUNK {
+            long_rows_pipe(s, &f, x, y, rows, len, xs, ys);
+            return;
+        }
         // Each row's input was read (as the "next" row) one row earlier, so it is in L2 when its
         // write pass re-reads it; only the next row is prefetched.
         let mut st = seg_online(s, &x[..len], f.k, ahead(x));
@@ -544,6 +548,62 @@ impl<T: Element> Task for RowsPipe<'_, T> {
                 next,
             );
         }
+    }
+}
+
+/// [`RowsPipe`] over long rows, chunk by chunk: each chunk of row `r` is written while the same
+/// chunk of row `r + 1` is read, and row `r + 1`'s chunk states merge in chunk order, so every
+/// row is bit for bit what the chunk-parallel path computes; the rows of a group run on one
+/// thread with no barrier between them.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn long_rows_pipe<S: Isa, T: Element>(
+    s: S,
+    f: &Fwd,
+    x: &[T],
+    y: &mut [T],
+    rows: usize,
+    len: usize,
+    xs: usize,
+    ys: usize,
+) {
+    use crate::par::CHUNK;
+    let row = |r: usize| &x[r * xs..r * xs + len];
+    let stats = crate::arch::inl(
+        #[inline(always)]
+        |xr: &[T]| {
+            let mut st = Online::EMPTY;
+            for c in xr.chunks(CHUNK) {
+                st.merge(seg_online(s, c, f.k, ahead(c)), f.k);
+            }
+            st
+        },
+    );
+    let mut st = stats(row(0));
+    for r in 0..rows {
+        let yr = &mut y[r * ys..r * ys + len];
+        if r + 1 == rows || !regular(st) {
+            if regular(st) {
+                for (a, b) in row(r).chunks(CHUNK).zip(yr.chunks_mut(CHUNK)) {
+                    seg_write(s, f, &mut Io::Sep(a, b), st, ahead(a));
+                }
+            } else {
+                fill(yr, special_fill(classify(row(r)), f.op, f.masked));
+            }
+            if r + 1 < rows {
+                st = stats(row(r + 1));
+            }
+            continue;
+        }
+        let mut next = Online::EMPTY;
+        for ((a, b), n) in row(r)
+            .chunks(CHUNK)
+            .zip(yr.chunks_mut(CHUNK))
+            .zip(row(r + 1).chunks(CHUNK))
+        {
+            next.merge(pipe_row(s, f, a, b, st, ahead(a), Some((n, ahead(n)))), f.k);
+        }
+        st = next;
     }
 }
 

@@ -686,3 +686,43 @@ fn long_row_logsumexp_batch_matches_rows_alone() {
         assert!(close(s[3] as f64, want, lse_bound::<f32>(want, n)), "{alg:?}");
     }
 }
+
+/// Calls with many long rows pipeline groups of consecutive rows on one thread each (the chunk
+/// states of each row still merge in chunk order): bit for bit the in-place (row by row,
+/// chunks in parallel) result and each row alone, special rows included, at every SIMD level.
+#[test]
+fn grouped_long_rows_match_rows_alone() {
+    let (rows, n) = (32, 256 * 1024 + 3);
+    let mut rng = Rng(0x9a0);
+    let mut x: Vec<f32> = rng.vec(rows * n, 12.0).iter().map(|&v| v as f32).collect();
+    x[5 * n + 7] = f32::NAN;
+    x[9 * n..10 * n].fill(f32::NEG_INFINITY);
+    x[31 * n + n - 1] = f32::INFINITY;
+    for level in SimdLevel::available() {
+        let o = Options::default().simd(level);
+        let y = softmax_to_vec(View::rows(&x, rows, n).unwrap(), &o).unwrap();
+        let l = log_softmax_to_vec(View::rows(&x, rows, n).unwrap(), &o).unwrap();
+        let mut yi = x.clone();
+        softmax_inplace(ViewMut::rows(&mut yi, rows, n).unwrap(), &o).unwrap();
+        assert!(y.iter().zip(&yi).all(|(a, b)| a.to_bits() == b.to_bits()), "{level:?}");
+        for r in [0, 5, 9, 10, 31] {
+            let row = &x[r * n..(r + 1) * n];
+            let alone = log_softmax_to_vec(View::rows(row, 1, n).unwrap(), &o).unwrap();
+            assert!(
+                alone.iter().zip(&l[r * n..]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{level:?} row {r}"
+            );
+        }
+        assert!(y[5 * n..6 * n].iter().all(|v| v.is_nan()) && y[9 * n..10 * n].iter().all(|v| v.is_nan()));
+        let r0: Vec<f64> = x[..n].iter().map(|&v| v as f64).collect();
+        let want = ref_log_softmax(&r0, 1.0);
+        let m0 = r0.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        for i in (0..n).step_by(101) {
+            assert!(close(
+                l[i] as f64,
+                want[i],
+                log_softmax_bound::<f32>(want[i], (r0[i] - m0).abs(), n)
+            ));
+        }
+    }
+}
