@@ -78,9 +78,17 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
         Some(x) if T::REPR == Repr::F32 && f.alg.resolve(len) == Algorithm::Online => Some(x),
         _ => None,
     };
-    if len <= CHUNK {
-        if let Some(x) = pipe {
-            let items = par::row_groups_per(y, rows, len, ys, par::pipe_rows_per_task(rows, len));
+    if let Some(x) = pipe {
+        // Short rows in groups of about 1 Mi elements; many long rows in groups of at least 4
+        // consecutive rows (each group pays one unpipelined first row), one thread each, at
+        // least 8 groups. Fewer long rows go one at a time, chunks over threads (below).
+        let per = if len <= CHUNK {
+            Some(par::pipe_rows_per_task(rows, len))
+        } else {
+            (rows >= LONG_ROWS_GROUPED_MIN).then(|| 4usize.max(rows / 16))
+        };
+        if let Some(per) = per {
+            let items = par::row_groups_per(y, rows, len, ys, per);
             par::for_each(opts.par, items, |_, (r0, cnt, yg)| {
                 dispatch(
                     level,
@@ -97,6 +105,8 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
             });
             return;
         }
+    }
+    if len <= CHUNK {
         let items = par::row_groups(y, rows, len, ys);
         par::for_each(opts.par, items, |_, (r0, cnt, yg)| {
             let xg = x.map(|x| &x[r0 * xs..]);
@@ -105,27 +115,6 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
                 RowsFwd {
                     f,
                     x: xg,
-                    y: yg,
-                    rows: cnt,
-                    len,
-                    xs,
-                    ys,
-                },
-            );
-        });
-        return;
-    }
-    if let (Some(x), true) = (pipe, rows >= LONG_ROWS_GROUPED_MIN) {
-        // Many long rows, pipelined: groups of at least 4 consecutive rows (each group pays one
-        // unpipelined first row), one thread each, at least 8 groups.
-        let per = 4usize.max(rows / 16);
-        let items = par::row_groups_per(y, rows, len, ys, per);
-        par::for_each(opts.par, items, |_, (r0, cnt, yg)| {
-            dispatch(
-                level,
-                kernel::RowsPipe {
-                    f,
-                    x: &x[r0 * xs..],
                     y: yg,
                     rows: cnt,
                     len,
