@@ -83,13 +83,19 @@ fn read_tiles<'p, T: Element>(x: &[T], pf: Ahead<'p>, mut f: impl FnMut(&[f32], 
     }
 }
 
-/// Calls `f(x_tile, y_tile)` over the f32 views of a row's input and output.
+/// Calls `f(x_tile, y_tile, pf, direct)` over the f32 views of a row's input and output;
+/// `direct` is false when `y_tile` is a stack tile copied to the output afterwards (streaming
+/// stores must not go there: they would evict the tile just before it is read back).
 #[inline(always)]
-fn write_tiles<'p, T: Element>(io: &mut Io<'_, T>, pf: Ahead<'p>, mut f: impl FnMut(&[f32], &mut [f32], Ahead<'p>)) {
+fn write_tiles<'p, T: Element>(
+    io: &mut Io<'_, T>,
+    pf: Ahead<'p>,
+    mut f: impl FnMut(&[f32], &mut [f32], Ahead<'p>, bool),
+) {
     match io {
         Io::Sep(x, y) => {
             if let (Some(xf), Some(yf)) = (T::as_f32(x), T::as_f32_mut(y)) {
-                f(xf, yf, pf);
+                f(xf, yf, pf, true);
                 return;
             }
             let mut bx = [0.0f32; TILE];
@@ -97,7 +103,7 @@ fn write_tiles<'p, T: Element>(io: &mut Io<'_, T>, pf: Ahead<'p>, mut f: impl Fn
             for (i, (cx, cy)) in x.chunks(TILE).zip(y.chunks_mut(TILE)).enumerate() {
                 let n = cx.len();
                 T::load_f32(cx, &mut bx[..n]);
-                f(&bx[..n], &mut by[..n], pf.skip(i * TILE));
+                f(&bx[..n], &mut by[..n], pf.skip(i * TILE), false);
                 T::store_f32(&by[..n], cy);
             }
         }
@@ -107,7 +113,7 @@ fn write_tiles<'p, T: Element>(io: &mut Io<'_, T>, pf: Ahead<'p>, mut f: impl Fn
             for (i, c) in xy.chunks_mut(TILE).enumerate() {
                 let n = c.len();
                 T::load_f32(c, &mut bx[..n]);
-                f(&bx[..n], &mut by[..n], pf.skip(i * TILE));
+                f(&bx[..n], &mut by[..n], pf.skip(i * TILE), false);
                 T::store_f32(&by[..n], c);
             }
         }
@@ -244,7 +250,7 @@ pub(crate) fn seg_write<S: Isa, T: Element>(s: S, f: &Fwd, io: &mut Io<'_, T>, s
                 io,
                 pf,
                 #[inline(always)]
-                |x, y, p| k::write_softmax(s, x, y, st.m, f.k, c, f.stream, p, None),
+                |x, y, p, direct| k::write_softmax(s, x, y, st.m, f.k, c, f.stream && direct, p, None),
             );
         }
         FwdOp::LogSoftmax => {
@@ -253,7 +259,7 @@ pub(crate) fn seg_write<S: Isa, T: Element>(s: S, f: &Fwd, io: &mut Io<'_, T>, s
                 io,
                 pf,
                 #[inline(always)]
-                |x, y, p| k::write_log_softmax(s, x, y, st.m, f.k, ls, f.stream, p, None),
+                |x, y, p, direct| k::write_log_softmax(s, x, y, st.m, f.k, ls, f.stream && direct, p, None),
             );
         }
     }
