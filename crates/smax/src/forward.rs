@@ -74,58 +74,36 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
     }
     // The online algorithm on f32 with a separate output runs as a software pipeline across
     // rows (bit for bit the unpipelined results: in place, it runs row by row).
-    let pipe = match x {
-        Some(x) if T::REPR == Repr::F32 && f.alg.resolve(len) == Algorithm::Online => Some(x),
-        _ => None,
+    let pipe = x.is_some() && T::REPR == Repr::F32 && f.alg.resolve(len) == Algorithm::Online;
+    // Short rows in groups (pipelined: about 1 Mi elements each); many long rows pipelined in
+    // groups of at least 4 consecutive rows (each group pays one unpipelined first row), one
+    // thread each, at least 8 groups. Other long rows go one at a time, chunks over threads.
+    let per = match (len <= CHUNK, pipe) {
+        (true, true) => Some(par::pipe_rows_per_task(rows, len)),
+        (true, false) => Some(par::rows_per_task(len)),
+        (false, true) => (rows >= LONG_ROWS_GROUPED_MIN).then(|| 4usize.max(rows / 16)),
+        (false, false) => None,
     };
-    if let Some(x) = pipe {
-        // Short rows in groups of about 1 Mi elements; many long rows in groups of at least 4
-        // consecutive rows (each group pays one unpipelined first row), one thread each, at
-        // least 8 groups. Fewer long rows go one at a time, chunks over threads (below).
-        let per = if len <= CHUNK {
-            Some(par::pipe_rows_per_task(rows, len))
-        } else {
-            (rows >= LONG_ROWS_GROUPED_MIN).then(|| 4usize.max(rows / 16))
-        };
-        if let Some(per) = per {
-            let items = par::row_groups_per(y, rows, len, ys, per);
-            par::for_each(opts.par, items, |_, (r0, cnt, yg)| {
-                dispatch(
-                    level,
-                    kernel::RowsPipe {
-                        f,
-                        x: &x[r0 * xs..],
-                        y: yg,
-                        rows: cnt,
-                        len,
-                        xs,
-                        ys,
-                    },
-                );
-            });
-            return;
-        }
-    }
-    if len <= CHUNK {
-        let items = par::row_groups(y, rows, len, ys);
+    if let Some(per) = per {
+        let items = par::row_groups_per(y, rows, len, ys, per);
         par::for_each(opts.par, items, |_, (r0, cnt, yg)| {
-            let xg = x.map(|x| &x[r0 * xs..]);
             dispatch(
                 level,
                 RowsFwd {
                     f,
-                    x: xg,
+                    x: x.map(|x| &x[r0 * xs..]),
                     y: yg,
                     rows: cnt,
                     len,
                     xs,
                     ys,
+                    pipe,
                 },
             );
         });
         return;
     }
-    if let Some(x) = pipe {
+    if let (true, Some(x)) = (pipe, x) {
         // Long rows, pipelined: the write pass of row r and the online pass of row r + 1 share
         // one parallel loop over chunks; the next row's chunk states merge in chunk order, as
         // `long_row_stats` merges them.
@@ -148,13 +126,7 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
             let outs = par::map(opts.par, items, |((a, b), n)| {
                 dispatch(level, Seg::WriteNext(f, a, b, st, n))
             });
-            let mut next = Online::EMPTY;
-            for o in outs {
-                if let SegOut::Online(v) = o {
-                    next.merge(v, f.k);
-                }
-            }
-            st = next;
+            st = kernel::merge_online(&outs, f.k);
         }
         return;
     }
@@ -217,13 +189,7 @@ fn long_row_stats<T: Element>(level: SimdLevel, opts: &Options, alg: Algorithm, 
         }
         _ => {
             let os = par::map(opts.par, chunks, |c| dispatch(level, Seg::Online(c, k)));
-            let mut st = Online::EMPTY;
-            for o in os {
-                if let SegOut::Online(v) = o {
-                    st.merge(v, k);
-                }
-            }
-            st
+            kernel::merge_online(&os, k)
         }
     }
 }
@@ -366,13 +332,7 @@ pub(crate) fn logsumexp<T: Element>(x: View<'_, T>, out: &mut [T], opts: &Option
                 let chunks: Vec<&[T]> = (0..rows).flat_map(|r| row(r).chunks(CHUNK)).collect();
                 let states = par::map(opts.par, chunks, |c| dispatch(p.level, Seg::Online(c, p.k)));
                 for (r, (o, sts)) in out.iter_mut().zip(states.chunks(per_row)).enumerate() {
-                    let mut st = Online::EMPTY;
-                    for v in sts {
-                        if let SegOut::Online(v) = v {
-                            st.merge(*v, p.k);
-                        }
-                    }
-                    *o = finish(st, row(r));
+                    *o = finish(kernel::merge_online(sts, p.k), row(r));
                 }
             } else {
                 for (r, o) in out.iter_mut().enumerate() {

@@ -250,7 +250,7 @@ pub(crate) fn seg_write<S: Isa, T: Element>(s: S, f: &Fwd, io: &mut Io<'_, T>, s
                 io,
                 pf,
                 #[inline(always)]
-                |x, y, p, direct| k::write_softmax(s, x, y, st.m, f.k, c, f.stream && direct, p, None),
+                |x, y, p, direct| k::write_softmax(s, x, y, st.m, f.k, c, f.stream && direct, p),
             );
         }
         FwdOp::LogSoftmax => {
@@ -259,7 +259,7 @@ pub(crate) fn seg_write<S: Isa, T: Element>(s: S, f: &Fwd, io: &mut Io<'_, T>, s
                 io,
                 pf,
                 #[inline(always)]
-                |x, y, p, direct| k::write_log_softmax(s, x, y, st.m, f.k, ls, f.stream && direct, p, None),
+                |x, y, p, direct| k::write_log_softmax(s, x, y, st.m, f.k, ls, f.stream && direct, p),
             );
         }
     }
@@ -295,8 +295,8 @@ pub(crate) fn seg_write_next<S: Isa, T: Element>(
         pf: npf,
     };
     match f.op {
-        FwdOp::Softmax => k::write_softmax(s, xf, yf, st.m, f.k, (1.0 / st.d) as f32, f.stream, pf, Some(n)),
-        FwdOp::LogSoftmax => k::write_log_softmax(s, xf, yf, st.m, f.k, st.d.ln() as f32, f.stream, pf, Some(n)),
+        FwdOp::Softmax => k::write_softmax_next(s, xf, yf, st.m, f.k, (1.0 / st.d) as f32, f.stream, pf, n),
+        FwdOp::LogSoftmax => k::write_log_softmax_next(s, xf, yf, st.m, f.k, st.d.ln() as f32, f.stream, pf, n),
     }
     Some(ns)
 }
@@ -461,7 +461,10 @@ pub(crate) fn row_lse<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f32
 // ---------------------------------------------------------------------------------------------
 // Tasks.
 
-/// A group of short rows of a forward call (softmax / log-softmax).
+/// A group of rows of a forward call (softmax / log-softmax). With `pipe` (f32, separate
+/// output, [`Algorithm::Online`]) the rows run as a software pipeline: the online pass over row
+/// `r + 1` runs inside the write pass of row `r` (see [`pipe_row`]), and long rows go chunk by
+/// chunk ([`long_rows_pipe`]). Without it, each row is a short row on its own ([`row_fwd`]).
 pub(crate) struct RowsFwd<'a, T> {
     pub f: Fwd,
     pub x: Option<&'a [T]>,
@@ -470,6 +473,7 @@ pub(crate) struct RowsFwd<'a, T> {
     pub len: usize,
     pub xs: usize,
     pub ys: usize,
+    pub pipe: bool,
 }
 
 impl<T: Element> Task for RowsFwd<'_, T> {
@@ -484,7 +488,15 @@ impl<T: Element> Task for RowsFwd<'_, T> {
             len,
             xs,
             ys,
+            pipe,
         } = self;
+        if rows == 0 || len == 0 {
+            return;
+        }
+        if let (true, Some(x)) = (pipe, x) {
+            rows_pipe(s, &f, x, y, rows, len, xs, ys);
+            return;
+        }
         // The prefetch domain of a row runs to the end of the input: rayon hands a thread
         // consecutive groups, so the next group's rows are usually this thread's next work.
         // In place: none (the output borrows the input).
@@ -506,58 +518,41 @@ impl<T: Element> Task for RowsFwd<'_, T> {
     }
 }
 
-/// A group of short rows of a forward call run as a software pipeline (f32, separate output,
-/// [`Algorithm::Online`]): the online pass over row `r + 1` runs inside the write pass of row
-/// `r` (see [`pipe_row`]).
-pub(crate) struct RowsPipe<'a, T> {
-    pub f: Fwd,
-    pub x: &'a [T],
-    pub y: &'a mut [T],
-    pub rows: usize,
-    pub len: usize,
-    pub xs: usize,
-    pub ys: usize,
-}
-
-impl<T: Element> Task for RowsPipe<'_, T> {
-    type Output = ();
-    #[inline(always)]
-    fn run<S: Isa>(self, s: S) {
-        let RowsPipe {
+/// The pipelined form of [`RowsFwd`] (`rows ≥ 1`, `len ≥ 1`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_pipe<S: Isa, T: Element>(
+    s: S,
+    f: &Fwd,
+    x: &[T],
+    y: &mut [T],
+    rows: usize,
+    len: usize,
+    xs: usize,
+    ys: usize,
+) {
+    if len > crate::par::CHUNK {
+        long_rows_pipe(s, f, x, y, rows, len, xs, ys);
+        return;
+    }
+    // Each row's input was read (as the "next" row) one row earlier, so it is in L2 when its
+    // write pass re-reads it; only the next row is prefetched.
+    let mut st = seg_online(s, &x[..len], f.k, ahead(x));
+    for r in 0..rows {
+        let next = (r + 1 < rows).then(|| (&x[(r + 1) * xs..(r + 1) * xs + len], ahead(&x[(r + 1) * xs..])));
+        st = pipe_row(
+            s,
             f,
-            x,
-            y,
-            rows,
-            len,
-            xs,
-            ys,
-        } = self;
-        if rows == 0 || len == 0 {
-            return;
-        }
-        if len > crate::par::CHUNK {
-            long_rows_pipe(s, &f, x, y, rows, len, xs, ys);
-            return;
-        }
-        // Each row's input was read (as the "next" row) one row earlier, so it is in L2 when its
-        // write pass re-reads it; only the next row is prefetched.
-        let mut st = seg_online(s, &x[..len], f.k, ahead(x));
-        for r in 0..rows {
-            let next = (r + 1 < rows).then(|| (&x[(r + 1) * xs..(r + 1) * xs + len], ahead(&x[(r + 1) * xs..])));
-            st = pipe_row(
-                s,
-                &f,
-                &x[r * xs..r * xs + len],
-                &mut y[r * ys..r * ys + len],
-                st,
-                Ahead::NONE,
-                next,
-            );
-        }
+            &x[r * xs..r * xs + len],
+            &mut y[r * ys..r * ys + len],
+            st,
+            Ahead::NONE,
+            next,
+        );
     }
 }
 
-/// [`RowsPipe`] over long rows, chunk by chunk: each chunk of row `r` is written while the same
+/// [`rows_pipe`] over long rows, chunk by chunk: each chunk of row `r` is written while the same
 /// chunk of row `r + 1` is read, and row `r + 1`'s chunk states merge in chunk order, so every
 /// row is bit for bit what the chunk-parallel path computes; the rows of a group run on one
 /// thread with no barrier between them.
@@ -657,6 +652,18 @@ pub(crate) enum SegOut {
     Sum(f64),
     Online(Online),
     Ext(Ext),
+}
+
+/// Merges the online states among `outs` in their order (the chunk order of a long row, so the
+/// result is the same bits for any thread count).
+pub(crate) fn merge_online(outs: &[SegOut], k: f32) -> Online {
+    let mut st = Online::EMPTY;
+    for o in outs {
+        if let SegOut::Online(v) = o {
+            st.merge(*v, k);
+        }
+    }
+    st
 }
 
 impl<T: Element> Task for Seg<'_, T> {

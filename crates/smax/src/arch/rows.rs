@@ -472,11 +472,19 @@ fn write_map_next<S: Isa>(
     }
 }
 
-/// `y_i = exp((x_i − m)·k) · c`; with `stream`, aligned full vectors bypass the cache. With
-/// `next`, the online pass over the next row runs in the same loop (see [`write_map_next`]).
+/// `y_i = exp((x_i − m)·k) · c`; with `stream`, aligned full vectors bypass the cache.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn write_softmax<S: Isa>(
+pub(crate) fn write_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, c: f32, stream: bool, pf: Ahead) {
+    write_map(s, x, y, stream, f32::NEG_INFINITY, pf, softmax_map(s, m, k, c));
+}
+
+/// [`write_softmax`] with the online pass over the next row in the same loop (see
+/// [`write_map_next`]). A separate function so the plain write sites do not compile the fused
+/// loop.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_softmax_next<S: Isa>(
     s: S,
     x: &[f32],
     y: &mut [f32],
@@ -485,24 +493,31 @@ pub(crate) fn write_softmax<S: Isa>(
     c: f32,
     stream: bool,
     pf: Ahead,
-    next: Option<Next<'_, '_>>,
+    next: Next<'_, '_>,
 ) {
-    let (vm, vk, vc) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(c));
-    let f = inl(
-        #[inline(always)]
-        |v: S::f32s| s.mul_f32s(exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk)), vc),
-    );
-    match next {
-        None => write_map(s, x, y, stream, f32::NEG_INFINITY, pf, f),
-        Some(n) => write_map_next(s, x, y, stream, f32::NEG_INFINITY, pf, n, f),
-    }
+    write_map_next(s, x, y, stream, f32::NEG_INFINITY, pf, next, softmax_map(s, m, k, c));
 }
 
-/// `y_i = (x_i − m)·k − ls` (one rounding: fused multiply-add). `next` as in
-/// [`write_softmax`].
+#[inline(always)]
+fn softmax_map<S: Isa>(s: S, m: f32, k: f32, c: f32) -> impl Fn(S::f32s) -> S::f32s {
+    let (vm, vk, vc) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(c));
+    inl(
+        #[inline(always)]
+        move |v: S::f32s| s.mul_f32s(exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk)), vc),
+    )
+}
+
+/// `y_i = (x_i − m)·k − ls` (one rounding: fused multiply-add).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn write_log_softmax<S: Isa>(
+pub(crate) fn write_log_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, ls: f32, stream: bool, pf: Ahead) {
+    write_map(s, x, y, stream, 0.0, pf, log_softmax_map(s, m, k, ls));
+}
+
+/// [`write_log_softmax`] with the online pass over the next row in the same loop.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_log_softmax_next<S: Isa>(
     s: S,
     x: &[f32],
     y: &mut [f32],
@@ -511,17 +526,18 @@ pub(crate) fn write_log_softmax<S: Isa>(
     ls: f32,
     stream: bool,
     pf: Ahead,
-    next: Option<Next<'_, '_>>,
+    next: Next<'_, '_>,
 ) {
+    write_map_next(s, x, y, stream, 0.0, pf, next, log_softmax_map(s, m, k, ls));
+}
+
+#[inline(always)]
+fn log_softmax_map<S: Isa>(s: S, m: f32, k: f32, ls: f32) -> impl Fn(S::f32s) -> S::f32s {
     let (vm, vk, vl) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(-ls));
-    let f = inl(
+    inl(
         #[inline(always)]
-        |v: S::f32s| s.mul_add_f32s(s.sub_f32s(v, vm), vk, vl),
-    );
-    match next {
-        None => write_map(s, x, y, stream, 0.0, pf, f),
-        Some(n) => write_map_next(s, x, y, stream, 0.0, pf, n, f),
-    }
+        move |v: S::f32s| s.mul_add_f32s(s.sub_f32s(v, vm), vk, vl),
+    )
 }
 
 #[inline(always)]
