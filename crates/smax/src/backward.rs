@@ -272,7 +272,19 @@ fn rows_bwd<T: Element>(
 }
 
 /// Validates and runs a backward op. `dy = None`: in place (the gradient is read from `dx`).
+/// Runs the compiled instance for `T` (see [`crate::mono`]).
 pub(crate) fn backward<T: Element>(
+    log: bool,
+    y: View<'_, T>,
+    dy: Option<View<'_, T>>,
+    dx: ViewMut<'_, T>,
+    opts: &Options,
+) -> Result<()> {
+    (T::kernels().backward)(log, y, dy, dx, opts)
+}
+
+/// The body of [`backward`].
+pub(crate) fn backward_impl<T: Element>(
     log: bool,
     y: View<'_, T>,
     dy: Option<View<'_, T>>,

@@ -3,11 +3,32 @@
 use half::{bf16, f16};
 
 mod sealed {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for f64 {}
-    impl Sealed for half::f16 {}
-    impl Sealed for half::bf16 {}
+    use crate::mono::{self, Kernels};
+
+    /// Sealing, and the table of compiled kernels for the type (see [`crate::mono`]).
+    pub trait Sealed: Sized + 'static {
+        fn kernels() -> &'static Kernels<Self>;
+    }
+    impl Sealed for f32 {
+        fn kernels() -> &'static Kernels<Self> {
+            &mono::F32
+        }
+    }
+    impl Sealed for f64 {
+        fn kernels() -> &'static Kernels<Self> {
+            &mono::F64
+        }
+    }
+    impl Sealed for half::f16 {
+        fn kernels() -> &'static Kernels<Self> {
+            &mono::F16
+        }
+    }
+    impl Sealed for half::bf16 {
+        fn kernels() -> &'static Kernels<Self> {
+            &mono::BF16
+        }
+    }
 }
 
 /// How an element type is computed.

@@ -242,8 +242,19 @@ fn long_row_write<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, x: Optio
     }
 }
 
-/// Validates and runs a forward op into `y` (or in place when `x` is `None`).
+/// Validates and runs a forward op into `y` (or in place when `x` is `None`), through the
+/// compiled instance for `T` (see [`crate::mono`]).
 pub(crate) fn forward<T: Element>(op: FwdOp, x: Option<View<'_, T>>, y: ViewMut<'_, T>, opts: &Options) -> Result<()> {
+    (T::kernels().forward)(op, x, y, opts)
+}
+
+/// The body of [`forward`].
+pub(crate) fn forward_impl<T: Element>(
+    op: FwdOp,
+    x: Option<View<'_, T>>,
+    y: ViewMut<'_, T>,
+    opts: &Options,
+) -> Result<()> {
     let p = plan::<T>(opts)?;
     y.layout.validate("output", y.data.len())?;
     let xl = match &x {
@@ -275,8 +286,14 @@ pub(crate) fn forward<T: Element>(op: FwdOp, x: Option<View<'_, T>>, y: ViewMut<
     })
 }
 
-/// Validates and runs logsumexp into `out` (one value per row).
+/// Validates and runs logsumexp into `out` (one value per row), through the compiled instance
+/// for `T` (see [`crate::mono`]).
 pub(crate) fn logsumexp<T: Element>(x: View<'_, T>, out: &mut [T], opts: &Options) -> Result<()> {
+    (T::kernels().logsumexp)(x, out, opts)
+}
+
+/// The body of [`logsumexp`].
+pub(crate) fn logsumexp_impl<T: Element>(x: View<'_, T>, out: &mut [T], opts: &Options) -> Result<()> {
     let p = plan::<T>(opts)?;
     let x = x.named("input")?;
     let rows = x.layout.row_count();

@@ -100,6 +100,7 @@ mod forward;
 pub mod gate;
 mod kernel;
 mod layout;
+mod mono;
 pub mod loss;
 mod options;
 mod par;

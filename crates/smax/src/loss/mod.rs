@@ -288,6 +288,18 @@ pub fn cross_entropy<T: Element>(
     rows_out: RowOutputs<'_>,
     opts: &CrossEntropy<'_>,
 ) -> Result<CeLoss> {
+    // Through the instance compiled in this crate (see `crate::mono`).
+    (T::kernels().cross_entropy)(logits, targets, grad, rows_out, opts)
+}
+
+/// The body of [`cross_entropy`].
+pub(crate) fn cross_entropy_impl<T: Element>(
+    logits: View<'_, T>,
+    targets: Targets<'_, T>,
+    grad: Option<ViewMut<'_, T>>,
+    rows_out: RowOutputs<'_>,
+    opts: &CrossEntropy<'_>,
+) -> Result<CeLoss> {
     opts.check()?;
     let x = logits;
     let (rows, len, xs) = x.row_geometry(
