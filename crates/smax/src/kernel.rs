@@ -521,16 +521,7 @@ impl<T: Element> Task for RowsFwd<'_, T> {
 /// The pipelined form of [`RowsFwd`] (`rows ≥ 1`, `len ≥ 1`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn rows_pipe<S: Isa, T: Element>(
-    s: S,
-    f: &Fwd,
-    x: &[T],
-    y: &mut [T],
-    rows: usize,
-    len: usize,
-    xs: usize,
-    ys: usize,
-) {
+fn rows_pipe<S: Isa, T: Element>(s: S, f: &Fwd, x: &[T], y: &mut [T], rows: usize, len: usize, xs: usize, ys: usize) {
     if len > crate::par::CHUNK {
         long_rows_pipe(s, f, x, y, rows, len, xs, ys);
         return;

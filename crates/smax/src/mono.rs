@@ -20,11 +20,11 @@ use crate::loss::{CeLoss, CrossEntropy, RowOutputs, Targets};
 use crate::options::Options;
 
 /// The heavy generic entry points, instantiated for one element type.
+#[allow(clippy::type_complexity)]
 pub struct Kernels<T: 'static> {
     pub(crate) forward: fn(FwdOp, Option<View<'_, T>>, ViewMut<'_, T>, &Options) -> Result<()>,
     pub(crate) logsumexp: fn(View<'_, T>, &mut [T], &Options) -> Result<()>,
     pub(crate) backward: fn(bool, View<'_, T>, Option<View<'_, T>>, ViewMut<'_, T>, &Options) -> Result<()>,
-    #[allow(clippy::type_complexity)]
     pub(crate) cross_entropy:
         fn(View<'_, T>, Targets<'_, T>, Option<ViewMut<'_, T>>, RowOutputs<'_>, &CrossEntropy<'_>) -> Result<CeLoss>,
 }

@@ -510,7 +510,16 @@ fn softmax_map<S: Isa>(s: S, m: f32, k: f32, c: f32) -> impl Fn(S::f32s) -> S::f
 /// `y_i = (x_i − m)·k − ls` (one rounding: fused multiply-add).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn write_log_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, ls: f32, stream: bool, pf: Ahead) {
+pub(crate) fn write_log_softmax<S: Isa>(
+    s: S,
+    x: &[f32],
+    y: &mut [f32],
+    m: f32,
+    k: f32,
+    ls: f32,
+    stream: bool,
+    pf: Ahead,
+) {
     write_map(s, x, y, stream, 0.0, pf, log_softmax_map(s, m, k, ls));
 }
 
