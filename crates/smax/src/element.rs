@@ -161,7 +161,7 @@ impl Element for f64 {
 }
 
 macro_rules! narrow {
-    ($t:ty, $name:literal) => {
+    ($t:ty, $name:literal, $load:ident, $store:ident) => {
         impl Element for $t {
             const NAME: &'static str = $name;
             const REPR: Repr = Repr::Narrow;
@@ -192,16 +192,209 @@ macro_rules! narrow {
             fn as_bytes(s: &[Self]) -> &[u8] {
                 bytemuck::cast_slice(s)
             }
+            #[inline(always)]
             fn load_f32(src: &[Self], dst: &mut [f32]) {
-                use half::slice::HalfFloatSliceExt;
-                src.convert_to_f32_slice(dst)
+                $load(src, dst)
             }
+            #[inline(always)]
             fn store_f32(src: &[f32], dst: &mut [Self]) {
-                use half::slice::HalfFloatSliceExt;
-                dst.convert_from_f32_slice(src)
+                $store(src, dst)
             }
         }
     };
 }
-narrow!(f16, "f16");
-narrow!(bf16, "bf16");
+narrow!(f16, "f16", f16_load, f16_store);
+narrow!(bf16, "bf16", bf16_load, bf16_store);
+
+/// f16 → f32, exact (a NaN is quieted, as `f16::to_f32` does). Branch-free, so it vectorizes
+/// inside the caller's SIMD region; `half`'s slice conversion is an outlined call per tile.
+/// Subnormals go through one exact f32 subtraction (Giesen's method).
+#[inline(always)]
+fn f16_load(src: &[f16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits(f16_to_f32_bits(s.to_bits()));
+    }
+}
+
+#[inline(always)]
+fn f16_to_f32_bits(h: u16) -> u32 {
+    let h = h as u32;
+    let sign = (h & 0x8000) << 16;
+    let em = (h & 0x7FFF) << 13; // exponent and mantissa, in f32 position
+    let exp = em & 0x0F80_0000;
+    let normal = em + ((127 - 15) << 23);
+    let quiet = if em & 0x007F_E000 != 0 { 0x0040_0000 } else { 0 };
+    let inf_nan = (em + ((255 - 31) << 23)) | quiet;
+    // m · 2⁻²⁴ = (2⁻¹⁴ + m · 2⁻²⁴) − 2⁻¹⁴, both exact in f32.
+    let magic = f32::from_bits(113 << 23);
+    let sub = (f32::from_bits(em + (113 << 23)) - magic).to_bits();
+    let v = if exp == 0x0F80_0000 {
+        inf_nan
+    } else if exp == 0 {
+        sub
+    } else {
+        normal
+    };
+    v | sign
+}
+
+/// f32 → f16, round to nearest, ties to even; overflow to ±inf; NaN stays NaN (quiet bit set,
+/// the high payload bits kept). Bit for bit `f16::from_f32` (tested on every rounding boundary),
+/// branch-free as [`f16_load`]. Subnormal results round through one f32 addition of 0.5, whose
+/// ulp is the f16 subnormal step 2⁻²⁴ (Giesen's method).
+#[inline(always)]
+fn f16_store(src: &[f32], dst: &mut [f16]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f16::from_bits(f32_to_f16_bits(*s));
+    }
+}
+
+#[inline(always)]
+fn f32_to_f16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    let sign = (x >> 16) & 0x8000;
+    let a = x & 0x7FFF_FFFF;
+    let nan = 0x7E00 | ((a & 0x007F_FFFF) >> 13);
+    const HALF: u32 = 126 << 23; // 0.5f
+    let sub = (f32::from_bits(a) + f32::from_bits(HALF)).to_bits().wrapping_sub(HALF);
+    // Rebias 127 → 15 and round to nearest even at bit 13.
+    let norm = a
+        .wrapping_add(((15 - 127) << 23) as u32)
+        .wrapping_add(0xFFF + ((a >> 13) & 1))
+        >> 13;
+    let h = if a > 0x7F80_0000 {
+        nan
+    } else if a >= 0x4780_0000 {
+        0x7C00 // ≥ 65536 (and inf); 65520 ≤ |v| < 65536 rounds there through `norm`
+    } else if a < 0x3880_0000 {
+        sub // below 2⁻¹⁴: subnormal or zero
+    } else {
+        norm
+    };
+    (h | sign) as u16
+}
+
+/// bf16 → f32 is exact: the bf16 bits are the high half of the f32 (a NaN is quieted, as
+/// `bf16::to_f32` does). A plain loop, inlined into the caller's SIMD region, where it
+/// vectorizes (`half`'s slice conversion is a scalar call).
+#[inline(always)]
+fn bf16_load(src: &[bf16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        let b = s.to_bits();
+        let b = if (b & 0x7FFF) > 0x7F80 { b | 0x0040 } else { b };
+        *d = f32::from_bits((b as u32) << 16);
+    }
+}
+
+/// f32 → bf16, round to nearest, ties to even; NaN stays NaN (quieted, sign and high payload
+/// kept), overflow rounds to ±inf. Bit for bit `bf16::from_f32` (tested over every rounding
+/// boundary), written branch-free so it vectorizes inside the caller's SIMD region.
+#[inline(always)]
+fn bf16_store(src: &[f32], dst: &mut [bf16]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = bf16::from_bits(bf16_bits_rne(*s));
+    }
+}
+
+#[inline(always)]
+fn bf16_bits_rne(v: f32) -> u16 {
+    let x = v.to_bits();
+    let rounded = (x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16) as u16;
+    let nan = ((x >> 16) as u16) | 0x0040;
+    if (x & 0x7FFF_FFFF) > 0x7F80_0000 { nan } else { rounded }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every bf16 value, and every f32 on and around each rounding boundary between two of
+    /// them (the tie, one below, one above, the ends of the interval), against `half`.
+    #[test]
+    fn f16_conversions_match_half_at_every_boundary() {
+        // Every f16 value, the f32s just around it, the ties between it and the next value
+        // and one f32 ulp either side of each tie; f32 subnormals; specials; a random sweep.
+        let mut src = Vec::new();
+        for h in 0..=0x7FFFu16 {
+            let a = f16::from_bits(h).to_f32();
+            let b = f16::from_bits(h + 1).to_f32();
+            let mid = ((a as f64 + b as f64) / 2.0) as f32;
+            for v in [a, b, mid] {
+                if v.is_finite() {
+                    let u = v.to_bits();
+                    for w in [u.wrapping_sub(1), u, u + 1] {
+                        src.push(f32::from_bits(w));
+                        src.push(-f32::from_bits(w));
+                    }
+                }
+            }
+        }
+        for u in (0..0x0080_0000u32).step_by(997).chain([1, 0x7F_FFFF]) {
+            src.push(f32::from_bits(u));
+        }
+        src.extend([
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MAX,
+            f32::MIN,
+        ]);
+        src.extend([
+            f32::from_bits(0x7F80_0001),
+            f32::from_bits(0xFFBF_FFFF),
+            65519.0,
+            65520.0,
+            65535.9,
+        ]);
+        let mut r = 0x9E37_79B9u32;
+        for _ in 0..1 << 20 {
+            r ^= r << 13;
+            r ^= r >> 17;
+            r ^= r << 5;
+            src.push(f32::from_bits(r));
+        }
+        let mut got = vec![f16::ZERO; src.len()];
+        f16_store(&src, &mut got);
+        for (v, g) in src.iter().zip(&got) {
+            assert_eq!(
+                g.to_bits(),
+                f16::from_f32(*v).to_bits(),
+                "f32 bits {:#010x}",
+                v.to_bits()
+            );
+        }
+        let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let mut wide = vec![0.0f32; all.len()];
+        f16_load(&all, &mut wide);
+        for (h, w) in all.iter().zip(&wide) {
+            assert_eq!(w.to_bits(), h.to_f32().to_bits(), "f16 bits {:#06x}", h.to_bits());
+        }
+    }
+
+    #[test]
+    fn bf16_conversions_match_half_at_every_boundary() {
+        let mut src = Vec::new();
+        for hi in 0..=u16::MAX as u32 {
+            for lo in [0u32, 1, 0x3FFF, 0x7FFE, 0x7FFF, 0x8000, 0x8001, 0xC000, 0xFFFE, 0xFFFF] {
+                src.push(f32::from_bits(hi << 16 | lo));
+            }
+        }
+        let mut got = vec![bf16::ZERO; src.len()];
+        bf16_store(&src, &mut got);
+        for (v, g) in src.iter().zip(&got) {
+            assert_eq!(
+                g.to_bits(),
+                bf16::from_f32(*v).to_bits(),
+                "f32 bits {:#010x}",
+                v.to_bits()
+            );
+        }
+        let all: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+        let mut wide = vec![0.0f32; all.len()];
+        bf16_load(&all, &mut wide);
+        for (b, w) in all.iter().zip(&wide) {
+            assert_eq!(w.to_bits(), b.to_f32().to_bits(), "bf16 bits {:#06x}", b.to_bits());
+        }
+    }
+}
