@@ -493,6 +493,108 @@ fn worked_example_l1_and_l2() {
     }
 }
 
+/// Rows longer than 64 Ki (plain f32, class targets, no smoothing or cap, with a gradient)
+/// take the pipelined online path: checked against the reference with weights, z-loss, a
+/// temperature and ignored rows, at every SIMD level and two tail lengths.
+#[test]
+fn long_rows_pipelined_match_the_reference() {
+    let mut rng = Rng(0x5eed_0071);
+    for &k in &[65537usize, 70013] {
+        let n = 7;
+        let x: Vec<f64> = rng.vec(n * k, 20.0).iter().map(|&v| v as f32 as f64).collect();
+        let cls = targets_for(&mut rng, n, k, true);
+        let w: Vec<f32> = (0..k).map(|_| (1.0 + 0.5 * rng.uniform()) as f32).collect();
+        let plain = Cfg {
+            red: Reduction::Sum,
+            weights: None,
+            eps: 0.0,
+            lambda: 0.0,
+            cap: None,
+            tau: 1.0,
+            ignore: -100,
+        };
+        let full = Cfg {
+            red: Reduction::Mean,
+            weights: Some(&w),
+            lambda: 1e-3,
+            tau: 0.7,
+            ..plain
+        };
+        for (name, c) in [("plain", plain), ("weights+z+tau+mean", full)] {
+            let want = reference(&x, k, &Tg::Cls(&cls), &c);
+            for level in SimdLevel::available() {
+                let o = opts(&c).simd(level);
+                check(
+                    &run::<f32>(&x, k, &Tg::Cls(&cls), &o),
+                    &want,
+                    5e-7,
+                    &format!("{level:?} k={k} {name}"),
+                );
+            }
+        }
+    }
+}
+
+/// The pipelined path gives every row the bits it gets alone, whatever sits beside it:
+/// special rows (NaN, +inf, all −inf) and ignored rows in the middle of the batch break the
+/// pipeline and restart it; the row results, the gradient and the lse all match bit for bit.
+#[test]
+fn long_rows_pipelined_are_each_row_alone() {
+    let mut rng = Rng(0x5eed_0072);
+    let k = 65536 + 300;
+    let n = 9;
+    let mut x: Vec<f32> = rng.vec(n * k, 8.0).iter().map(|&v| v as f32).collect();
+    x[2 * k + 17] = f32::NAN;
+    for v in &mut x[4 * k..5 * k] {
+        *v = f32::NEG_INFINITY;
+    }
+    x[6 * k + 5] = f32::INFINITY;
+    let mut cls = targets_for(&mut rng, n, k, false);
+    cls[7] = -100;
+    let o = CrossEntropy::default().reduction(Reduction::None).z_loss(1e-4);
+    let call = |x: &[f32], cls: &[i64], o: &CrossEntropy| {
+        let n = cls.len();
+        let mut g = vec![0.0f32; n * k];
+        let (mut l, mut z, mut s) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        cross_entropy(
+            View::rows(x, n, k).unwrap(),
+            Targets::Classes(cls),
+            Some(ViewMut::rows(&mut g, n, k).unwrap()),
+            RowOutputs {
+                loss: Some(&mut l),
+                z_loss: Some(&mut z),
+                lse: Some(&mut s),
+            },
+            o,
+        )
+        .unwrap();
+        (g, l, z, s)
+    };
+    for level in SimdLevel::available() {
+        let o = o.simd(level);
+        let (g, l, z, s) = call(&x, &cls, &o);
+        for r in 0..n {
+            let (g1, l1, z1, s1) = call(&x[r * k..(r + 1) * k], &cls[r..r + 1], &o);
+            let what = format!("{level:?} row {r}");
+            assert_eq!(l[r].to_bits(), l1[0].to_bits(), "{what}: loss");
+            assert_eq!(z[r].to_bits(), z1[0].to_bits(), "{what}: z");
+            assert_eq!(s[r].to_bits(), s1[0].to_bits(), "{what}: lse");
+            let same = g[r * k..(r + 1) * k]
+                .iter()
+                .zip(&g1)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{what}: gradient");
+        }
+        // The special rows follow the rules of the short path.
+        assert!(l[2].is_nan() && s[2].is_nan(), "NaN row");
+        assert!(l[4] == f64::INFINITY && s[4] == f64::NEG_INFINITY, "all -inf row");
+        assert!(g[4 * k..5 * k].iter().all(|&v| v == 0.0));
+        assert!(s[6] == f64::INFINITY, "+inf row");
+        assert!(l[7] == 0.0 && g[7 * k..8 * k].iter().all(|&v| v == 0.0), "ignored row");
+        assert!(s[7].is_finite(), "ignored row keeps its lse");
+    }
+}
+
 #[test]
 fn edge_cases() {
     let o = CrossEntropy::default().reduction(Reduction::None);

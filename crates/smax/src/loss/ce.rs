@@ -8,7 +8,7 @@
 use crate::arch::rows::{self as k, Sub, Xform};
 use crate::arch::{Ahead, Isa, Task, inl_mut};
 use crate::element::Element;
-use crate::kernel::{Special, ahead, classify, regular};
+use crate::kernel::{Special, ahead, classify, regular, seg_online};
 
 use super::RowOut;
 
@@ -38,6 +38,23 @@ pub(crate) struct Ce<'a> {
     pub row_stride: usize,
     pub ignore_index: i64,
     pub need_lse: bool,
+    /// Whether gradient writes bypass the cache (a gradient of at least
+    /// [`STREAM_MIN_BYTES`](crate::forward::STREAM_MIN_BYTES)); used by the pipelined path.
+    pub stream: bool,
+}
+
+/// Rows longer than this run the pipelined path ([`rows_pipe`]) when [`pipelined`] allows:
+/// the same threshold as the core's `Algorithm::resolve` (three-pass up to 64 Ki, online
+/// above), measured there.
+pub(crate) const PIPE_MIN_LEN: usize = 64 * 1024;
+
+/// Whether rows of `len` logits run the pipelined online path: plain logits (no cap), class
+/// targets without label smoothing, a gradient asked for, rows longer than [`PIPE_MIN_LEN`].
+/// The choice depends on the options and the row length only, never on the batch, so a row's
+/// result does not depend on the rows beside it. (The element type is checked by the task:
+/// f32 only.)
+pub(crate) fn pipelined(c: &Ce<'_>, len: usize, class_targets: bool, grad: bool) -> bool {
+    len > PIPE_MIN_LEN && c.cap64 == 0.0 && c.eps == 0.0 && class_targets && grad
 }
 
 /// The target of one row.
@@ -73,6 +90,17 @@ impl<T: Element> Task for CeRows<'_, T> {
             mut g,
             rows,
         } = self;
+        if let (true, Some(xf), Some(cl), None, Some((gg, gs))) = (
+            pipelined(&c, len, classes.is_some(), g.is_some()),
+            T::as_f32(x),
+            classes,
+            probs,
+            g.as_mut(),
+        ) {
+            if let Some(gf) = T::as_f32_mut(gg) {
+                return rows_pipe(s, &c, xf, xs, len, &cl[..rows], gf, *gs);
+            }
+        }
         let mut out = Vec::with_capacity(rows);
         for r in 0..rows {
             let xr = &x[r * xs..r * xs + len];
@@ -147,6 +175,87 @@ fn special_row<T: Element>(c: &Ce<'_>, sp: Special, g: Option<&mut [T]>) -> RowO
     }
     let z = if c.lambda > 0.0 { c.lambda * lse * lse } else { 0.0 };
     RowOut { loss, z, lse }
+}
+
+/// Long plain f32 rows with class targets, no smoothing and a gradient (see [`pipelined`]): the
+/// online algorithm run as a software pipeline across rows, as the core softmax runs it
+/// (`kernel::pipe_row`). The gradient write of row `r`, `g = exp((x − m)·k)·k·A/Σ` (then the
+/// target's `−s·α·k`), carries the online (max, Σ) pass over row `r + 1` in the same loop, so
+/// the logits are read from memory once and the gradient streams out: two passes' work,
+/// one pass's traffic. Bit for bit what each row computes alone through this path.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_pipe<S: Isa>(
+    s: S,
+    c: &Ce<'_>,
+    x: &[f32],
+    xs: usize,
+    len: usize,
+    classes: &[i64],
+    g: &mut [f32],
+    gs: usize,
+) -> Vec<RowOut> {
+    let rows = classes.len();
+    let mut out = Vec::with_capacity(rows);
+    if rows == 0 {
+        return out;
+    }
+    let (kf, k64) = (c.xf.k, c.xf.k as f64);
+    let row = |r: usize| &x[r * xs..r * xs + len];
+    let mut st = seg_online(s, row(0), kf, ahead(row(0)));
+    for (r, &y) in classes.iter().enumerate() {
+        let xr = row(r);
+        let gr = &mut g[r * gs..r * gs + len];
+        let next = (r + 1 < rows).then(|| row(r + 1));
+        let mut fused = None;
+        let o = if y == c.ignore_index {
+            crate::kernel::fill(gr, 0.0);
+            let lse = match (c.need_lse, regular(st)) {
+                (false, _) => f64::NAN,
+                (true, true) => st.m as f64 * k64 + st.d.ln(),
+                (true, false) => crate::kernel::special_lse(classify(xr)),
+            };
+            RowOut { loss: 0.0, z: 0.0, lse }
+        } else if !regular(st) {
+            special_row(c, classify(xr), Some(gr))
+        } else {
+            let yi = y as usize;
+            let alpha = c.weights.map_or(1.0, |w| w[yi] as f64);
+            let lse = st.m as f64 * k64 + st.d.ln();
+            let ty = (xr[yi] * kf) as f64;
+            let a = c.main_scale * alpha + c.z_scale * 2.0 * c.lambda * lse;
+            // The chain factor ∂t/∂x = k folds into the constant (one rounding).
+            let c1 = (a / st.d * k64) as f32;
+            match next {
+                Some(nx) => {
+                    let mut ns = k::Online::EMPTY;
+                    let n = k::Next {
+                        x: nx,
+                        k: kf,
+                        st: &mut ns,
+                        pf: ahead(nx),
+                    };
+                    k::write_softmax_next(s, xr, gr, st.m, kf, c1, c.stream, Ahead::NONE, n);
+                    fused = Some(ns);
+                }
+                None => k::write_softmax(s, xr, gr, st.m, kf, c1, c.stream, Ahead::NONE),
+            }
+            gr[yi] -= (c.main_scale * alpha) as f32 * kf;
+            RowOut {
+                loss: alpha * (lse - ty),
+                z: c.lambda * lse * lse,
+                lse,
+            }
+        };
+        out.push(o);
+        if let Some(nx) = next {
+            st = match fused {
+                Some(ns) => ns,
+                None => seg_online(s, nx, kf, ahead(nx)),
+            };
+        }
+    }
+    out
 }
 
 /// One row on the f32 compute path.

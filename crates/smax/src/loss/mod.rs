@@ -414,11 +414,21 @@ pub(crate) fn cross_entropy_impl<T: Element>(
         row_stride: xs.max(1),
         ignore_index: opts.ignore_index,
         need_lse: rows_out.lse.is_some(),
+        stream: grad
+            .as_ref()
+            .is_some_and(|g| core::mem::size_of_val(&*g.0) >= crate::forward::STREAM_MIN_BYTES),
     };
 
     let level = SimdLevel::resolve(opts.simd);
     let gstride = grad.as_ref().map_or(0, |g| g.1);
     let items: Vec<(usize, usize, Option<&mut [T]>)> = match grad {
+        // Pipelined rows go in groups (each group pays one unpipelined first row).
+        Some((g, gs)) if ce::pipelined(&c, len, classes.is_some(), true) => {
+            par::row_groups_per(g, rows, len, gs, par::pipe_rows_per_task(rows, len))
+                .into_iter()
+                .map(|(r0, n, g)| (r0, n, Some(g)))
+                .collect()
+        }
         Some((g, gs)) => par::row_groups(g, rows, len, gs)
             .into_iter()
             .map(|(r0, n, g)| (r0, n, Some(g)))
