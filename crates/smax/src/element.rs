@@ -308,8 +308,6 @@ fn bf16_bits_rne(v: f32) -> u16 {
 mod tests {
     use super::*;
 
-    /// Every bf16 value, and every f32 on and around each rounding boundary between two of
-    /// them (the tie, one below, one above, the ends of the interval), against `half`.
     #[test]
     fn f16_conversions_match_half_at_every_boundary() {
         // Every f16 value, the f32s just around it, the ties between it and the next value
@@ -372,6 +370,8 @@ mod tests {
         }
     }
 
+    /// Every bf16 value, and every f32 on and around each rounding boundary between two of
+    /// them (the tie, one below, one above, the ends of the interval), against `half`.
     #[test]
     fn bf16_conversions_match_half_at_every_boundary() {
         let mut src = Vec::new();

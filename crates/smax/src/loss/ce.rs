@@ -1,6 +1,8 @@
 //! The fused cross-entropy row kernel: statistics, loss and gradient of one row in three
 //! passes (max and target dot; `Σ exp`; gradient write), the last two over a row that is
-//! still in cache. f32, f16 and bf16 run the SIMD body (f16/bf16 and transformed logits go
+//! still in cache. Rows longer than [`PIPE_MIN_LEN`] with plain f32 logits, class targets, no
+//! smoothing and a gradient run the online algorithm pipelined across rows instead
+//! ([`rows_pipe`]). f32, f16 and bf16 run the SIMD body (f16/bf16 and transformed logits go
 //! through f32 tiles of [`TILE`] elements, a multiple of the reduction block, so the tiling
 //! never changes a result; plain f32 is cut into the same tiles without a copy); f64 runs the
 //! scalar body in [`row_f64`].

@@ -277,6 +277,13 @@ pub(crate) struct RowOut {
 /// and carries a relative error of a few `2⁻²⁴/(1 − tanh²)`. The test suite asserts all of
 /// this against an f64 reference for every option combination (5e-7 of each term's size).
 ///
+/// Algorithm: three passes per row (max; `Σ exp` with the exponentials stored in the gradient
+/// row; finish in cache). Rows longer than 64 Ki plain f32 logits with class targets, no
+/// smoothing and a gradient take the core's pipelined online algorithm instead (the gradient
+/// write of one row carries the (max, Σ) pass of the next; the gradient streams out); the
+/// choice depends on the options and the row length only, so a row's bits never depend on the
+/// other rows of the call, and the bounds above hold for both.
+///
 /// Errors: an axis layout other than `inner = 1` ([`Error::Unsupported`]); rows of length 0
 /// ([`Error::BadParameter`]: no classes); targets of the wrong length or out of range; weights
 /// of the wrong length; a gradient or probability view of another shape; a row output of the
