@@ -206,11 +206,20 @@ macro_rules! narrow {
 narrow!(f16, "f16", f16_load, f16_store);
 narrow!(bf16, "bf16", bf16_load, bf16_store);
 
-/// f16 → f32, exact (a NaN is quieted, as `f16::to_f32` does). Branch-free, so it vectorizes
-/// inside the caller's SIMD region; `half`'s slice conversion is an outlined call per tile.
-/// Subnormals go through one exact f32 subtraction (Giesen's method).
+/// f16 → f32, exact (a NaN is quieted, as `f16::to_f32` does). With F16C (`arch::half_conv`,
+/// eight lanes per instruction); otherwise branch-free software that vectorizes inside the
+/// caller's SIMD region, subnormals through one exact f32 subtraction (Giesen's method).
+/// (`half`'s slice conversion, used before, is an outlined call of 4-lane steps per tile.)
 #[inline(always)]
 fn f16_load(src: &[f16], dst: &mut [f32]) {
+    if !crate::arch::half_conv::f16_to_f32(src, dst) {
+        f16_load_soft(src, dst);
+    }
+}
+
+/// [`f16_load`] in software (CPUs without F16C).
+#[inline(always)]
+fn f16_load_soft(src: &[f16], dst: &mut [f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d = f32::from_bits(f16_to_f32_bits(s.to_bits()));
     }
@@ -239,11 +248,20 @@ fn f16_to_f32_bits(h: u16) -> u32 {
 }
 
 /// f32 → f16, round to nearest, ties to even; overflow to ±inf; NaN stays NaN (quiet bit set,
-/// the high payload bits kept). Bit for bit `f16::from_f32` (tested on every rounding boundary),
-/// branch-free as [`f16_load`]. Subnormal results round through one f32 addition of 0.5, whose
-/// ulp is the f16 subnormal step 2⁻²⁴ (Giesen's method).
+/// the high payload bits kept). Bit for bit `f16::from_f32` (tested on every rounding boundary,
+/// both paths). With F16C as [`f16_load`]; otherwise branch-free software, subnormal results
+/// rounded through one f32 addition of 0.5, whose ulp is the f16 subnormal step 2⁻²⁴
+/// (Giesen's method).
 #[inline(always)]
 fn f16_store(src: &[f32], dst: &mut [f16]) {
+    if !crate::arch::half_conv::f32_to_f16(src, dst) {
+        f16_store_soft(src, dst);
+    }
+}
+
+/// [`f16_store`] in software (CPUs without F16C).
+#[inline(always)]
+fn f16_store_soft(src: &[f32], dst: &mut [f16]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d = f16::from_bits(f32_to_f16_bits(*s));
     }
@@ -352,21 +370,41 @@ mod tests {
             r ^= r << 5;
             src.push(f32::from_bits(r));
         }
-        let mut got = vec![f16::ZERO; src.len()];
-        f16_store(&src, &mut got);
-        for (v, g) in src.iter().zip(&got) {
-            assert_eq!(
-                g.to_bits(),
-                f16::from_f32(*v).to_bits(),
-                "f32 bits {:#010x}",
-                v.to_bits()
-            );
+        // Both paths: the dispatching one (F16C where the CPU has it) and the software one.
+        // Odd lengths exercise the F16C tail.
+        type Store = fn(&[f32], &mut [f16]);
+        let stores: [(&str, Store); 2] = [("dispatch", f16_store), ("software", f16_store_soft)];
+        for (name, store) in stores {
+            let mut got = vec![f16::ZERO; src.len()];
+            store(&src, &mut got);
+            let mut tail = vec![f16::ZERO; 13];
+            store(&src[..13], &mut tail);
+            for (v, g) in src.iter().zip(&got).chain(src.iter().zip(&tail)) {
+                assert_eq!(
+                    g.to_bits(),
+                    f16::from_f32(*v).to_bits(),
+                    "{name}: f32 bits {:#010x}",
+                    v.to_bits()
+                );
+            }
         }
         let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
-        let mut wide = vec![0.0f32; all.len()];
-        f16_load(&all, &mut wide);
-        for (h, w) in all.iter().zip(&wide) {
-            assert_eq!(w.to_bits(), h.to_f32().to_bits(), "f16 bits {:#06x}", h.to_bits());
+        type Load = fn(&[f16], &mut [f32]);
+        let loads: [(&str, Load); 2] = [("dispatch", f16_load), ("software", f16_load_soft)];
+        for (name, load) in loads {
+            let mut wide = vec![0.0f32; all.len()];
+            load(&all, &mut wide);
+            let mut tail = vec![0.0f32; 13];
+            load(&all[0x7BF0..0x7BF0 + 13], &mut tail);
+            let pairs = all.iter().zip(&wide).chain(all[0x7BF0..].iter().zip(&tail));
+            for (h, w) in pairs {
+                assert_eq!(
+                    w.to_bits(),
+                    h.to_f32().to_bits(),
+                    "{name}: f16 bits {:#06x}",
+                    h.to_bits()
+                );
+            }
         }
     }
 

@@ -17,6 +17,7 @@
 pub(crate) mod cols;
 pub(crate) mod exp;
 pub(crate) mod gemm;
+pub(crate) mod half_conv;
 pub(crate) mod rows;
 
 use pulp::Simd;
