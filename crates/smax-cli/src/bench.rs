@@ -49,6 +49,11 @@ pub struct Args {
     /// Seconds of timing per record (default 0.6, quick 0.15).
     #[arg(long)]
     pub seconds: Option<f64>,
+    /// core only: element types to time, of f32, bf16 and f16 (default f32). bf16 and f16 run
+    /// smax's algorithms against a copy / read of the same bytes; the peers and the naive loop
+    /// are f32 only.
+    #[arg(long, value_delimiter = ',')]
+    pub dtype: Vec<String>,
     /// attention only: key/value heads of the 8 query heads (grouped-query attention; default
     /// 8). candle is skipped unless 8.
     #[arg(long, default_value_t = 8)]
@@ -72,6 +77,8 @@ const BIG: [(usize, usize); 5] = [
 ];
 
 pub(crate) struct Record {
+    /// Element type of the timed buffers (`f32` unless `--dtype` asks for `bf16` / `f16`).
+    pub dtype: &'static str,
     pub op: String,
     pub rows: usize,
     pub cols: usize,
@@ -221,6 +228,9 @@ pub(crate) fn par_read(x: &[f32]) -> f32 {
 }
 
 pub fn run(a: Args) -> Result<(), String> {
+    if !a.dtype.is_empty() && a.suite != Suite::Core {
+        return Err("--dtype applies to the core suite only".into());
+    }
     match a.suite {
         Suite::Loss => return crate::bench_loss::run(a),
         Suite::Decode => return crate::bench_decode::run(a),
@@ -229,6 +239,19 @@ pub fn run(a: Args) -> Result<(), String> {
     }
     let (budget, max_iters) = timing(&a);
     let ops = pick_ops(&a.op, &OPS, "core")?;
+    let dtypes: Vec<&'static str> = if a.dtype.is_empty() {
+        vec!["f32"]
+    } else {
+        a.dtype
+            .iter()
+            .map(|d| match d.as_str() {
+                "f32" => Ok("f32"),
+                "bf16" => Ok("bf16"),
+                "f16" => Ok("f16"),
+                _ => Err(format!("unknown dtype {d:?} (known: f32, bf16, f16)")),
+            })
+            .collect::<Result<_, _>>()?
+    };
     let shapes: Vec<(usize, usize)> = if a.shape.is_empty() {
         if a.quick {
             vec![IN_CACHE[0], IN_CACHE[1], BIG[1], BIG[4]]
@@ -294,12 +317,13 @@ pub fn run(a: Args) -> Result<(), String> {
                     budget,
                     max_iters,
                 );
-                for op in &ops {
+                for op in ops.iter().filter(|_| dtypes.contains(&"f32")) {
                     done += 1;
                     eprint!("\r\x1b[2K[{done}/{total_cfg}] {op} {rows}x{cols} threads={t} ...");
                     let _ = std::io::stderr().flush();
                     let mut push = |imp: &str, secs: f64, bytes: f64| {
                         records.push(Record {
+                            dtype: "f32",
                             op: op.clone(),
                             rows,
                             cols,
@@ -401,6 +425,35 @@ pub fn run(a: Args) -> Result<(), String> {
                         }
                     }
                 }
+                for d in &dtypes {
+                    match *d {
+                        "bf16" => narrow::<smax::bf16>(
+                            d,
+                            &x,
+                            &dy,
+                            rows,
+                            cols,
+                            &ops,
+                            t,
+                            par,
+                            (budget, max_iters),
+                            &mut records,
+                        )?,
+                        "f16" => narrow::<smax::f16>(
+                            d,
+                            &x,
+                            &dy,
+                            rows,
+                            cols,
+                            &ops,
+                            t,
+                            par,
+                            (budget, max_iters),
+                            &mut records,
+                        )?,
+                        _ => {}
+                    }
+                }
                 Ok(())
             })?;
         }
@@ -410,6 +463,128 @@ pub fn run(a: Args) -> Result<(), String> {
     if let Some(path) = a.json {
         write_json(&path, &records).map_err(|e| format!("writing {path}: {e}"))?;
         eprintln!("wrote {path}");
+    }
+    Ok(())
+}
+
+/// `--dtype bf16` / `f16`: smax's algorithms on buffers of `T` (converted from the f32
+/// inputs), against a copy and a read of the same number of bytes.
+#[allow(clippy::too_many_arguments)]
+fn narrow<T: smax::Element>(
+    dtype: &'static str,
+    x32: &[f32],
+    dy32: &[f32],
+    rows: usize,
+    cols: usize,
+    ops: &[String],
+    threads: usize,
+    par: Par,
+    (budget, max_iters): (f64, usize),
+    records: &mut Vec<Record>,
+) -> Result<(), String> {
+    let n = rows * cols;
+    let sz = std::mem::size_of::<T>();
+    let conv = |v: &[f32]| v.iter().map(|&a| T::from_f32(a)).collect::<Vec<T>>();
+    let (x, dy) = (conv(x32), conv(dy32));
+    let (mut y, mut yl, mut dx) = (vec![T::default(); n], vec![T::default(); n], vec![T::default(); n]);
+    let mut out = vec![T::default(); rows];
+    let e = |e: smax::Error| e.to_string();
+    let xv = View::rows(&x, rows, cols).map_err(e)?;
+    smax::softmax(xv, ViewMut::rows(&mut y, rows, cols).map_err(e)?, &Options::default()).map_err(e)?;
+    let xv = View::rows(&x, rows, cols).map_err(e)?;
+    smax::log_softmax(xv, ViewMut::rows(&mut yl, rows, cols).map_err(e)?, &Options::default()).map_err(e)?;
+    // The rooflines move the same bytes as f32 buffers of n·size/4 elements.
+    let same = n * sz / 4;
+    let mut tmp = vec![0.0f32; same];
+    let t_copy = time(|| par_copy(&x32[..same], &mut tmp), budget, max_iters);
+    let t_read = time(
+        || {
+            std::hint::black_box(par_read(&x32[..same]));
+        },
+        budget,
+        max_iters,
+    );
+    let (bytes2, bytes3) = ((2 * n * sz) as f64, (3 * n * sz) as f64);
+    for op in ops {
+        let mut push = |imp: &str, secs: f64, bytes: f64| {
+            records.push(Record {
+                dtype,
+                op: op.clone(),
+                rows,
+                cols,
+                threads,
+                imp: imp.to_string(),
+                median_s: secs,
+                gb_per_s: bytes / secs / 1e9,
+                extra: Vec::new(),
+            });
+        };
+        let algs = [
+            ("smax", Algorithm::Auto),
+            ("smax-three-pass", Algorithm::ThreePass),
+            ("smax-two-pass", Algorithm::TwoPass),
+            ("smax-online", Algorithm::Online),
+        ];
+        match op.as_str() {
+            "softmax" | "log_softmax" => {
+                let log = op == "log_softmax";
+                push("copy", t_copy, bytes2);
+                for (name, alg) in algs {
+                    let o = Options::default().algorithm(alg).par(par);
+                    let secs = time(
+                        || {
+                            let xv = View::rows(&x, rows, cols).expect("view");
+                            let yv = ViewMut::rows(&mut dx, rows, cols).expect("view");
+                            let r = if log {
+                                smax::log_softmax(xv, yv, &o)
+                            } else {
+                                smax::softmax(xv, yv, &o)
+                            };
+                            r.expect("smax");
+                        },
+                        budget,
+                        max_iters,
+                    );
+                    push(name, secs, bytes2);
+                }
+            }
+            "logsumexp" => {
+                push("read", t_read, (n * sz) as f64);
+                for (name, alg) in algs {
+                    let o = Options::default().algorithm(alg).par(par);
+                    let secs = time(
+                        || {
+                            smax::logsumexp(View::rows(&x, rows, cols).expect("view"), &mut out, &o).expect("smax");
+                        },
+                        budget,
+                        max_iters,
+                    );
+                    push(name, secs, (n * sz + rows * sz) as f64);
+                }
+            }
+            _ => {
+                let log = op == "log_softmax_backward";
+                let yy = if log { &yl } else { &y };
+                push("copy", t_copy, bytes2);
+                let o = Options::default().par(par);
+                let secs = time(
+                    || {
+                        let yv = View::rows(yy, rows, cols).expect("view");
+                        let gv = View::rows(&dy, rows, cols).expect("view");
+                        let dv = ViewMut::rows(&mut dx, rows, cols).expect("view");
+                        let r = if log {
+                            smax::log_softmax_backward(yv, gv, dv, &o)
+                        } else {
+                            smax::softmax_backward(yv, gv, dv, &o)
+                        };
+                        r.expect("smax");
+                    },
+                    budget,
+                    max_iters,
+                );
+                push("smax", secs, bytes3);
+            }
+        }
     }
     Ok(())
 }
@@ -428,6 +603,7 @@ fn roofline<'a>(records: &'a [Record], r: &Record) -> Option<&'a Record> {
 fn same_config(a: &Record, b: &Record) -> bool {
     let field = |rec: &Record, k: &str| rec.extra.iter().find(|e| e.0 == k).map(|e| e.1.clone());
     a.op == b.op
+        && a.dtype == b.dtype
         && a.rows == b.rows
         && a.cols == b.cols
         && a.threads == b.threads
@@ -438,12 +614,12 @@ fn same_config(a: &Record, b: &Record) -> bool {
 
 pub(crate) fn print_table(records: &[Record]) {
     println!(
-        "{:<22} {:>16} {:>3} {:<16} {:>11} {:>8} {:>8} {:>8}",
-        "op", "shape", "thr", "impl", "median ms", "GB/s", "x roof", "x candle"
+        "{:<22} {:<4} {:>16} {:>3} {:<16} {:>11} {:>8} {:>8} {:>8}",
+        "op", "type", "shape", "thr", "impl", "median ms", "GB/s", "x roof", "x candle"
     );
     let mut last = String::new();
     for r in records {
-        let key = format!("{} {}x{} {}", r.op, r.rows, r.cols, r.threads);
+        let key = format!("{} {} {}x{} {}", r.op, r.dtype, r.rows, r.cols, r.threads);
         if key != last && !last.is_empty() {
             println!();
         }
@@ -454,8 +630,9 @@ pub(crate) fn print_table(records: &[Record]) {
             .find(|c| c.imp == "candle" && same_config(c, r))
             .map(|c| c.median_s / r.median_s);
         println!(
-            "{:<22} {:>16} {:>3} {:<16} {:>11.3} {:>8.2} {:>8} {:>8}",
+            "{:<22} {:<4} {:>16} {:>3} {:<16} {:>11.3} {:>8.2} {:>8} {:>8}",
             r.op,
+            r.dtype,
             format!("{}x{}", r.rows, r.cols),
             r.threads,
             r.imp,
@@ -466,7 +643,7 @@ pub(crate) fn print_table(records: &[Record]) {
         );
         if !r.extra.is_empty() {
             let e: Vec<String> = r.extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            println!("{:<22}   {}", "", e.join(" "));
+            println!("{:<22}        {}", "", e.join(" "));
         }
     }
 }
@@ -476,8 +653,8 @@ pub(crate) fn write_json(path: &str, records: &[Record]) -> std::io::Result<()> 
     for (i, r) in records.iter().enumerate() {
         let extra: String = r.extra.iter().map(|(k, v)| format!(", \"{k}\": {v}")).collect();
         s.push_str(&format!(
-            "  {{\"op\": \"{}\", \"dtype\": \"f32\", \"rows\": {}, \"cols\": {}, \"threads\": {}, \"impl\": \"{}\", \"median_s\": {:e}, \"gb_per_s\": {:.4}{}}}{}\n",
-            r.op, r.rows, r.cols, r.threads, r.imp, r.median_s, r.gb_per_s, extra, if i + 1 < records.len() { "," } else { "" }
+            "  {{\"op\": \"{}\", \"dtype\": \"{}\", \"rows\": {}, \"cols\": {}, \"threads\": {}, \"impl\": \"{}\", \"median_s\": {:e}, \"gb_per_s\": {:.4}{}}}{}\n",
+            r.op, r.dtype, r.rows, r.cols, r.threads, r.imp, r.median_s, r.gb_per_s, extra, if i + 1 < records.len() { "," } else { "" }
         ));
     }
     s.push_str("]\n");

@@ -248,6 +248,7 @@ fn push(
         extra.push(("peak_extra_bytes", p.to_string()));
     }
     records.push(Record {
+        dtype: "f32",
         op: op.into(),
         rows: seq,
         cols: kv,
@@ -610,6 +611,7 @@ fn bench_decode(
     let gf = 4.0 * kv as f64 * d as f64 * heads as f64 / 1e9;
     let rec = |records: &mut Vec<Record>, imp: &str, s: f64| {
         records.push(Record {
+            dtype: "f32",
             op: "attention_decode".into(),
             rows: 1,
             cols: kv,

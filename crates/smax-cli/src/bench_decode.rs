@@ -129,6 +129,7 @@ pub fn run(a: Args) -> Result<(), String> {
                     let bytes = (rows * cols * 4) as f64;
                     let mut push = |imp: &str, secs: f64| {
                         records.push(Record {
+                            dtype: "f32",
                             op: op.clone(),
                             rows,
                             cols,
@@ -238,6 +239,7 @@ fn bench_gate(
             );
             let mut push = |imp: &str, secs: f64| {
                 records.push(Record {
+                    dtype: "f32",
                     op: "gate".into(),
                     rows: tokens,
                     cols: e,

@@ -158,6 +158,7 @@ pub fn bench_lce(n: usize, d: usize, v: usize, threads: usize, records: &mut Vec
     let grad_rel = max_rel(&dh, &dh2).max(max_rel(&dw, &dw2));
     for (imp, secs, peak, _) in results {
         records.push(Record {
+            dtype: "f32",
             op: "linear_cross_entropy".into(),
             rows: n,
             cols: v,

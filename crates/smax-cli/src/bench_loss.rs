@@ -132,6 +132,7 @@ fn bench_ce(
             let par = if t == 1 { Par::Seq } else { Par::Rayon };
             let mut push = |imp: &str, secs: f64, bytes: f64| {
                 records.push(Record {
+                    dtype: "f32",
                     op: "cross_entropy".into(),
                     rows,
                     cols,
