@@ -282,24 +282,10 @@ pub fn run(a: Args) -> Result<(), String> {
         let n = rows.checked_mul(cols).ok_or("shape too large")?;
         let mut x = vec![0.0f32; n];
         fill_logits(&mut x, 1);
-        let mut y = vec![0.0f32; n];
         let mut dy = vec![0.0f32; n];
         fill_logits(&mut dy, 2);
-        let mut dx = vec![0.0f32; n];
-        let mut out = vec![0.0f32; rows];
-        let mut yl = vec![0.0f32; n];
-        smax::softmax(
-            View::rows(&x, rows, cols).map_err(|e| e.to_string())?,
-            ViewMut::rows(&mut y, rows, cols).map_err(|e| e.to_string())?,
-            &Options::default(),
-        )
-        .map_err(|e| e.to_string())?;
-        smax::log_softmax(
-            View::rows(&x, rows, cols).map_err(|e| e.to_string())?,
-            ViewMut::rows(&mut yl, rows, cols).map_err(|e| e.to_string())?,
-            &Options::default(),
-        )
-        .map_err(|e| e.to_string())?;
+        let mut b = Bufs::<f32>::new(&x, &dy, rows, cols)?;
+        drop((x, dy));
         for &t in &threads {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(t)
@@ -307,12 +293,11 @@ pub fn run(a: Args) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             pool.install(|| -> Result<(), String> {
                 let par = if t == 1 { Par::Seq } else { Par::Rayon };
-                let bytes2 = (2 * n * 4) as f64;
                 // Rooflines for this shape and thread count.
-                let t_copy = time(|| par_copy(&x, &mut dx), budget, max_iters);
+                let t_copy = time(|| par_copy(&b.x, &mut b.dx), budget, max_iters);
                 let t_read = time(
                     || {
-                        std::hint::black_box(par_read(&x));
+                        std::hint::black_box(par_read(&b.x));
                     },
                     budget,
                     max_iters,
@@ -321,7 +306,7 @@ pub fn run(a: Args) -> Result<(), String> {
                     done += 1;
                     eprint!("\r\x1b[2K[{done}/{total_cfg}] {op} {rows}x{cols} threads={t} ...");
                     let _ = std::io::stderr().flush();
-                    let mut push = |imp: &str, secs: f64, bytes: f64| {
+                    let mut push = |imp: &str, secs: f64, bytes: usize| {
                         records.push(Record {
                             dtype: "f32",
                             op: op.clone(),
@@ -330,97 +315,47 @@ pub fn run(a: Args) -> Result<(), String> {
                             threads: t,
                             imp: imp.to_string(),
                             median_s: secs,
-                            gb_per_s: bytes / secs / 1e9,
+                            gb_per_s: bytes as f64 / secs / 1e9,
                             extra: Vec::new(),
                         });
                     };
-                    let algs = [
-                        ("smax", Algorithm::Auto),
-                        ("smax-three-pass", Algorithm::ThreePass),
-                        ("smax-two-pass", Algorithm::TwoPass),
-                        ("smax-online", Algorithm::Online),
-                    ];
+                    let bytes = match op.as_str() {
+                        "softmax" | "log_softmax" => 2 * n * 4,
+                        "logsumexp" => n * 4 + rows * 4,
+                        _ => 3 * n * 4,
+                    };
+                    if op == "logsumexp" {
+                        push("read", t_read, n * 4);
+                    } else {
+                        push("copy", t_copy, 2 * n * 4);
+                    }
+                    time_smax(op, &mut b, (rows, cols), par, (budget, max_iters), |imp, secs| {
+                        push(imp, secs, bytes)
+                    });
+                    let Bufs { x, dy, y, yl, dx, out } = &mut b;
                     match op.as_str() {
                         "softmax" | "log_softmax" => {
                             let log = op == "log_softmax";
-                            push("copy", t_copy, bytes2);
-                            for (name, alg) in algs {
-                                let o = Options::default().algorithm(alg).par(par);
-                                let secs = time(
-                                    || {
-                                        let xv = View::rows(&x, rows, cols).expect("view");
-                                        let yv = ViewMut::rows(&mut dx, rows, cols).expect("view");
-                                        let r = if log {
-                                            smax::log_softmax(xv, yv, &o)
-                                        } else {
-                                            smax::softmax(xv, yv, &o)
-                                        };
-                                        r.expect("smax");
-                                    },
-                                    budget,
-                                    max_iters,
-                                );
-                                push(name, secs, bytes2);
-                            }
                             push(
                                 "naive",
-                                time(|| naive_softmax(&x, &mut dx, cols, log), budget, max_iters),
-                                bytes2,
-                            );
-                            if let (false, Some(mut p)) = (log, peers::candle(&x, rows, cols)) {
-                                push("candle", time(|| p.run(), budget, max_iters.min(10)), bytes2);
-                            }
-                            if let Some(mut p) = peers::rten(&x, rows, cols, log) {
-                                push("rten", time(|| p.run(), budget, max_iters), bytes2);
-                            }
-                        }
-                        "logsumexp" => {
-                            let bytes = (n * 4 + rows * 4) as f64;
-                            push("read", t_read, (n * 4) as f64);
-                            for (name, alg) in algs {
-                                let o = Options::default().algorithm(alg).par(par);
-                                let secs = time(
-                                    || {
-                                        smax::logsumexp(View::rows(&x, rows, cols).expect("view"), &mut out, &o)
-                                            .expect("smax");
-                                    },
-                                    budget,
-                                    max_iters,
-                                );
-                                push(name, secs, bytes);
-                            }
-                            push(
-                                "naive",
-                                time(|| naive_lse(&x, &mut out, cols), budget, max_iters),
+                                time(|| naive_softmax(x, dx, cols, log), budget, max_iters),
                                 bytes,
                             );
+                            if let (false, Some(mut p)) = (log, peers::candle(x, rows, cols)) {
+                                push("candle", time(|| p.run(), budget, max_iters.min(10)), bytes);
+                            }
+                            if let Some(mut p) = peers::rten(x, rows, cols, log) {
+                                push("rten", time(|| p.run(), budget, max_iters), bytes);
+                            }
                         }
+                        "logsumexp" => push("naive", time(|| naive_lse(x, out, cols), budget, max_iters), bytes),
                         _ => {
                             let log = op == "log_softmax_backward";
-                            let yy = if log { &yl } else { &y };
-                            let bytes3 = (3 * n * 4) as f64;
-                            push("copy", t_copy, bytes2);
-                            let o = Options::default().par(par);
-                            let secs = time(
-                                || {
-                                    let yv = View::rows(yy, rows, cols).expect("view");
-                                    let gv = View::rows(&dy, rows, cols).expect("view");
-                                    let dv = ViewMut::rows(&mut dx, rows, cols).expect("view");
-                                    let r = if log {
-                                        smax::log_softmax_backward(yv, gv, dv, &o)
-                                    } else {
-                                        smax::softmax_backward(yv, gv, dv, &o)
-                                    };
-                                    r.expect("smax");
-                                },
-                                budget,
-                                max_iters,
-                            );
-                            push("smax", secs, bytes3);
+                            let yy: &[f32] = if log { yl } else { y };
                             push(
                                 "naive",
-                                time(|| naive_bwd(yy, &dy, &mut dx, cols, log), budget, max_iters),
-                                bytes3,
+                                time(|| naive_bwd(yy, dy, dx, cols, log), budget, max_iters),
+                                bytes,
                             );
                         }
                     }
@@ -429,8 +364,8 @@ pub fn run(a: Args) -> Result<(), String> {
                     match *d {
                         "bf16" => narrow::<smax::bf16>(
                             d,
-                            &x,
-                            &dy,
+                            &b.x,
+                            &b.dy,
                             rows,
                             cols,
                             &ops,
@@ -441,8 +376,8 @@ pub fn run(a: Args) -> Result<(), String> {
                         )?,
                         "f16" => narrow::<smax::f16>(
                             d,
-                            &x,
-                            &dy,
+                            &b.x,
+                            &b.dy,
                             rows,
                             cols,
                             &ops,
@@ -467,6 +402,108 @@ pub fn run(a: Args) -> Result<(), String> {
     Ok(())
 }
 
+/// The buffers smax's algorithms are timed on, of one element type: `x` and `dy` the inputs,
+/// `y` / `yl` the softmax / log-softmax of `x` (the backward inputs), `dx` and `out` outputs.
+struct Bufs<T> {
+    x: Vec<T>,
+    dy: Vec<T>,
+    y: Vec<T>,
+    yl: Vec<T>,
+    dx: Vec<T>,
+    out: Vec<T>,
+}
+
+impl<T: smax::Element> Bufs<T> {
+    fn new(x32: &[f32], dy32: &[f32], rows: usize, cols: usize) -> Result<Self, String> {
+        let conv = |v: &[f32]| v.iter().map(|&a| T::from_f32(a)).collect::<Vec<T>>();
+        let n = rows * cols;
+        let mut b = Bufs {
+            x: conv(x32),
+            dy: conv(dy32),
+            y: vec![T::default(); n],
+            yl: vec![T::default(); n],
+            dx: vec![T::default(); n],
+            out: vec![T::default(); rows],
+        };
+        let e = |e: smax::Error| e.to_string();
+        let o = Options::default();
+        smax::softmax(
+            View::rows(&b.x, rows, cols).map_err(e)?,
+            ViewMut::rows(&mut b.y, rows, cols).map_err(e)?,
+            &o,
+        )
+        .map_err(e)?;
+        smax::log_softmax(
+            View::rows(&b.x, rows, cols).map_err(e)?,
+            ViewMut::rows(&mut b.yl, rows, cols).map_err(e)?,
+            &o,
+        )
+        .map_err(e)?;
+        Ok(b)
+    }
+}
+
+/// Times smax on `op` over `b` and pushes `(impl, seconds)`: every algorithm for the forward ops,
+/// the one backward pass for the backward ops.
+fn time_smax<T: smax::Element>(
+    op: &str,
+    b: &mut Bufs<T>,
+    (rows, cols): (usize, usize),
+    par: Par,
+    (budget, max_iters): (f64, usize),
+    mut push: impl FnMut(&str, f64),
+) {
+    let algs = [
+        ("smax", Algorithm::Auto),
+        ("smax-three-pass", Algorithm::ThreePass),
+        ("smax-two-pass", Algorithm::TwoPass),
+        ("smax-online", Algorithm::Online),
+    ];
+    let Bufs { x, dy, y, yl, dx, out } = b;
+    match op {
+        "softmax" | "log_softmax" | "logsumexp" => {
+            for (name, alg) in algs {
+                let o = Options::default().algorithm(alg).par(par);
+                let secs = time(
+                    || {
+                        let xv = View::rows(x, rows, cols).expect("view");
+                        let r = match op {
+                            "logsumexp" => smax::logsumexp(xv, out, &o),
+                            "log_softmax" => smax::log_softmax(xv, ViewMut::rows(dx, rows, cols).expect("view"), &o),
+                            _ => smax::softmax(xv, ViewMut::rows(dx, rows, cols).expect("view"), &o),
+                        };
+                        r.expect("smax");
+                    },
+                    budget,
+                    max_iters,
+                );
+                push(name, secs);
+            }
+        }
+        _ => {
+            let log = op == "log_softmax_backward";
+            let yy: &[T] = if log { yl } else { y };
+            let o = Options::default().par(par);
+            let secs = time(
+                || {
+                    let yv = View::rows(yy, rows, cols).expect("view");
+                    let gv = View::rows(dy, rows, cols).expect("view");
+                    let dv = ViewMut::rows(dx, rows, cols).expect("view");
+                    let r = if log {
+                        smax::log_softmax_backward(yv, gv, dv, &o)
+                    } else {
+                        smax::softmax_backward(yv, gv, dv, &o)
+                    };
+                    r.expect("smax");
+                },
+                budget,
+                max_iters,
+            );
+            push("smax", secs);
+        }
+    }
+}
+
 /// `--dtype bf16` / `f16`: smax's algorithms on buffers of `T` (converted from the f32
 /// inputs), against a copy and a read of the same number of bytes.
 #[allow(clippy::too_many_arguments)]
@@ -479,20 +516,13 @@ fn narrow<T: smax::Element>(
     ops: &[String],
     threads: usize,
     par: Par,
-    (budget, max_iters): (f64, usize),
+    timing: (f64, usize),
     records: &mut Vec<Record>,
 ) -> Result<(), String> {
+    let (budget, max_iters) = timing;
     let n = rows * cols;
     let sz = std::mem::size_of::<T>();
-    let conv = |v: &[f32]| v.iter().map(|&a| T::from_f32(a)).collect::<Vec<T>>();
-    let (x, dy) = (conv(x32), conv(dy32));
-    let (mut y, mut yl, mut dx) = (vec![T::default(); n], vec![T::default(); n], vec![T::default(); n]);
-    let mut out = vec![T::default(); rows];
-    let e = |e: smax::Error| e.to_string();
-    let xv = View::rows(&x, rows, cols).map_err(e)?;
-    smax::softmax(xv, ViewMut::rows(&mut y, rows, cols).map_err(e)?, &Options::default()).map_err(e)?;
-    let xv = View::rows(&x, rows, cols).map_err(e)?;
-    smax::log_softmax(xv, ViewMut::rows(&mut yl, rows, cols).map_err(e)?, &Options::default()).map_err(e)?;
+    let mut b = Bufs::<T>::new(x32, dy32, rows, cols)?;
     // The rooflines move the same bytes as f32 buffers of n·size/4 elements.
     let same = n * sz / 4;
     let mut tmp = vec![0.0f32; same];
@@ -504,9 +534,8 @@ fn narrow<T: smax::Element>(
         budget,
         max_iters,
     );
-    let (bytes2, bytes3) = ((2 * n * sz) as f64, (3 * n * sz) as f64);
     for op in ops {
-        let mut push = |imp: &str, secs: f64, bytes: f64| {
+        let mut push = |imp: &str, secs: f64, bytes: usize| {
             records.push(Record {
                 dtype,
                 op: op.clone(),
@@ -515,76 +544,23 @@ fn narrow<T: smax::Element>(
                 threads,
                 imp: imp.to_string(),
                 median_s: secs,
-                gb_per_s: bytes / secs / 1e9,
+                gb_per_s: bytes as f64 / secs / 1e9,
                 extra: Vec::new(),
             });
         };
-        let algs = [
-            ("smax", Algorithm::Auto),
-            ("smax-three-pass", Algorithm::ThreePass),
-            ("smax-two-pass", Algorithm::TwoPass),
-            ("smax-online", Algorithm::Online),
-        ];
-        match op.as_str() {
-            "softmax" | "log_softmax" => {
-                let log = op == "log_softmax";
-                push("copy", t_copy, bytes2);
-                for (name, alg) in algs {
-                    let o = Options::default().algorithm(alg).par(par);
-                    let secs = time(
-                        || {
-                            let xv = View::rows(&x, rows, cols).expect("view");
-                            let yv = ViewMut::rows(&mut dx, rows, cols).expect("view");
-                            let r = if log {
-                                smax::log_softmax(xv, yv, &o)
-                            } else {
-                                smax::softmax(xv, yv, &o)
-                            };
-                            r.expect("smax");
-                        },
-                        budget,
-                        max_iters,
-                    );
-                    push(name, secs, bytes2);
-                }
-            }
-            "logsumexp" => {
-                push("read", t_read, (n * sz) as f64);
-                for (name, alg) in algs {
-                    let o = Options::default().algorithm(alg).par(par);
-                    let secs = time(
-                        || {
-                            smax::logsumexp(View::rows(&x, rows, cols).expect("view"), &mut out, &o).expect("smax");
-                        },
-                        budget,
-                        max_iters,
-                    );
-                    push(name, secs, (n * sz + rows * sz) as f64);
-                }
-            }
-            _ => {
-                let log = op == "log_softmax_backward";
-                let yy = if log { &yl } else { &y };
-                push("copy", t_copy, bytes2);
-                let o = Options::default().par(par);
-                let secs = time(
-                    || {
-                        let yv = View::rows(yy, rows, cols).expect("view");
-                        let gv = View::rows(&dy, rows, cols).expect("view");
-                        let dv = ViewMut::rows(&mut dx, rows, cols).expect("view");
-                        let r = if log {
-                            smax::log_softmax_backward(yv, gv, dv, &o)
-                        } else {
-                            smax::softmax_backward(yv, gv, dv, &o)
-                        };
-                        r.expect("smax");
-                    },
-                    budget,
-                    max_iters,
-                );
-                push("smax", secs, bytes3);
-            }
+        let bytes = match op.as_str() {
+            "softmax" | "log_softmax" => 2 * n * sz,
+            "logsumexp" => n * sz + rows * sz,
+            _ => 3 * n * sz,
+        };
+        if op == "logsumexp" {
+            push("read", t_read, n * sz);
+        } else {
+            push("copy", t_copy, 2 * n * sz);
         }
+        time_smax(op, &mut b, (rows, cols), par, timing, |imp, secs| {
+            push(imp, secs, bytes)
+        });
     }
     Ok(())
 }
