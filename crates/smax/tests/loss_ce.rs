@@ -543,48 +543,37 @@ fn long_rows_pipelined_are_each_row_alone() {
     let mut rng = Rng(0x5eed_0072);
     let k = 65536 + 300;
     let n = 9;
-    let mut x: Vec<f32> = rng.vec(n * k, 8.0).iter().map(|&v| v as f32).collect();
-    x[2 * k + 17] = f32::NAN;
+    // f32 values (f64 holds them exactly; `run` converts back).
+    let mut x: Vec<f64> = rng.vec(n * k, 8.0).iter().map(|&v| v as f32 as f64).collect();
+    x[2 * k + 17] = f64::NAN;
     for v in &mut x[4 * k..5 * k] {
-        *v = f32::NEG_INFINITY;
+        *v = f64::NEG_INFINITY;
     }
-    x[6 * k + 5] = f32::INFINITY;
+    x[6 * k + 5] = f64::INFINITY;
     let mut cls = targets_for(&mut rng, n, k, false);
     cls[7] = -100;
     let o = CrossEntropy::default().reduction(Reduction::None).z_loss(1e-4);
-    let call = |x: &[f32], cls: &[i64], o: &CrossEntropy| {
-        let n = cls.len();
-        let mut g = vec![0.0f32; n * k];
-        let (mut l, mut z, mut s) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-        cross_entropy(
-            View::rows(x, n, k).unwrap(),
-            Targets::Classes(cls),
-            Some(ViewMut::rows(&mut g, n, k).unwrap()),
-            RowOutputs {
-                loss: Some(&mut l),
-                z_loss: Some(&mut z),
-                lse: Some(&mut s),
-            },
-            o,
-        )
-        .unwrap();
-        (g, l, z, s)
-    };
     for level in SimdLevel::available() {
         let o = o.simd(level);
-        let (g, l, z, s) = call(&x, &cls, &o);
+        let all = run::<f32>(&x, k, &Tg::Cls(&cls), &o);
         for r in 0..n {
-            let (g1, l1, z1, s1) = call(&x[r * k..(r + 1) * k], &cls[r..r + 1], &o);
+            let one = run::<f32>(&x[r * k..(r + 1) * k], k, &Tg::Cls(&cls[r..r + 1]), &o);
             let what = format!("{level:?} row {r}");
-            assert_eq!(l[r].to_bits(), l1[0].to_bits(), "{what}: loss");
-            assert_eq!(z[r].to_bits(), z1[0].to_bits(), "{what}: z");
-            assert_eq!(s[r].to_bits(), s1[0].to_bits(), "{what}: lse");
-            let same = g[r * k..(r + 1) * k]
+            let (a, b) = (all.rows[r], one.rows[0]);
+            assert_eq!(a.0.to_bits(), b.0.to_bits(), "{what}: loss");
+            assert_eq!(a.1.to_bits(), b.1.to_bits(), "{what}: z");
+            assert_eq!(a.2.to_bits(), b.2.to_bits(), "{what}: lse");
+            let same = all.grad[r * k..(r + 1) * k]
                 .iter()
-                .zip(&g1)
+                .zip(&one.grad)
                 .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{what}: gradient");
         }
+        let (g, l, s): (&[f64], Vec<f64>, Vec<f64>) = (
+            &all.grad,
+            all.rows.iter().map(|r| r.0).collect(),
+            all.rows.iter().map(|r| r.2).collect(),
+        );
         // The special rows follow the rules of the short path.
         assert!(l[2].is_nan() && s[2].is_nan(), "NaN row");
         assert!(l[4] == f64::INFINITY && s[4] == f64::NEG_INFINITY, "all -inf row");
