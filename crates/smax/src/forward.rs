@@ -74,7 +74,7 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
     }
     // The online algorithm on f32 with a separate output runs as a software pipeline across
     // rows (bit for bit the unpipelined results: in place, it runs row by row).
-    let pipe = x.is_some() && T::REPR == Repr::F32 && f.alg.resolve(len) == Algorithm::Online;
+    let pipe = x.is_some() && T::REPR == Repr::F32 && f.alg == Algorithm::Online; // `f.alg` is resolved
     // Short rows in groups (pipelined: about 1 Mi elements each); many long rows pipelined in
     // groups of at least 4 consecutive rows (each group pays one unpipelined first row), one
     // thread each, at least 8 groups. Other long rows go one at a time, chunks over threads.
