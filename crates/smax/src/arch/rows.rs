@@ -400,13 +400,33 @@ fn write_map<S: Isa>(
     pf: Ahead,
     f: impl Fn(S::f32s) -> S::f32s,
 ) {
-    for (i, (xb, yb)) in x.chunks(BLOCK).zip(y.chunks_mut(BLOCK)).enumerate() {
+    let h = stream_peel::<S>(y, stream);
+    if h > 0 {
+        write_block(s, &x[..h], &mut y[..h], false, fill, &f);
+    }
+    for (i, (xb, yb)) in x[h..].chunks(BLOCK).zip(y[h..].chunks_mut(BLOCK)).enumerate() {
         pf.block(i * BLOCK);
         write_block(s, xb, yb, stream, fill, &f);
     }
     if stream {
         s.stream_fence();
     }
+}
+
+/// How many leading elements of `y` come before its first vector-aligned element (0 without
+/// `stream`). The streaming writers store these few with plain stores and start their vector
+/// grid after them, so that every full vector lands aligned, as a non-temporal store requires:
+/// a buffer from the system allocator is usually 16 bytes past a page boundary, and a grid
+/// counted from the row start would then never stream at all. The map is elementwise, so
+/// where the grid starts does not change a single output bit.
+#[inline(always)]
+fn stream_peel<S: Isa>(y: &[f32], stream: bool) -> usize {
+    let align = S::F32_LANES * core::mem::size_of::<f32>();
+    let mis = y.as_ptr() as usize % align;
+    if !stream || mis == 0 {
+        return 0;
+    }
+    ((align - mis) / core::mem::size_of::<f32>()).min(y.len())
 }
 
 /// One block of [`write_map`] (no fence).
@@ -456,16 +476,22 @@ fn write_map_next<S: Isa>(
     f: impl Fn(S::f32s) -> S::f32s,
 ) {
     let Next { x: nx, k, st, pf: npf } = next;
-    for (i, ((xb, yb), nb)) in x
-        .chunks(BLOCK)
-        .zip(y.chunks_mut(BLOCK))
-        .zip(nx.chunks(BLOCK))
-        .enumerate()
-    {
+    // The next row's blocks count from its start (its state depends on them); this row's
+    // write grid starts after the peeled head (see `stream_peel`), so it has at most as many
+    // blocks.
+    let h = stream_peel::<S>(y, stream);
+    if h > 0 {
+        write_block(s, &x[..h], &mut y[..h], false, fill, &f);
+    }
+    let mut wx = x[h..].chunks(BLOCK);
+    let mut wy = y[h..].chunks_mut(BLOCK);
+    for (i, nb) in nx.chunks(BLOCK).enumerate() {
         pf.block(i * BLOCK);
         npf.block(i * BLOCK);
         online_block(s, nb, k, st);
-        write_block(s, xb, yb, stream, fill, &f);
+        if let (Some(xb), Some(yb)) = (wx.next(), wy.next()) {
+            write_block(s, xb, yb, stream, fill, &f);
+        }
     }
     if stream {
         s.stream_fence();
@@ -937,5 +963,124 @@ pub(crate) fn softcap_inplace<S: Isa>(s: S, k: f32, cap: f32, x: &mut [f32], g: 
                 store_partial::<S>(&mut x[full..], y);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::{SimdLevel, Task, dispatch};
+
+    /// One write pass over `x → y` (softmax or log-softmax form), fused with the online pass
+    /// over `next` when given; returns `next`'s state.
+    struct WritePass<'a> {
+        x: &'a [f32],
+        y: &'a mut [f32],
+        next: Option<&'a [f32]>,
+        log: bool,
+        stream: bool,
+    }
+
+    impl Task for WritePass<'_> {
+        type Output = (f32, f64);
+        #[inline(always)]
+        fn run<S: Isa>(self, s: S) -> (f32, f64) {
+            let (m, k, c) = (0.75f32, 1.25f32, 0.3f32);
+            let mut st = Online::EMPTY;
+            match (self.next, self.log) {
+                (None, false) => write_softmax(s, self.x, self.y, m, k, c, self.stream, Ahead::NONE),
+                (None, true) => write_log_softmax(s, self.x, self.y, m, k, c, self.stream, Ahead::NONE),
+                (Some(nx), log) => {
+                    let n = Next {
+                        x: nx,
+                        k,
+                        st: &mut st,
+                        pf: Ahead::NONE,
+                    };
+                    if log {
+                        write_log_softmax_next(s, self.x, self.y, m, k, c, self.stream, Ahead::NONE, n);
+                    } else {
+                        write_softmax_next(s, self.x, self.y, m, k, c, self.stream, Ahead::NONE, n);
+                    }
+                }
+            }
+            (st.m, st.d)
+        }
+    }
+
+    /// The streaming writers peel the output's unaligned head (see `stream_peel`), so they
+    /// reach aligned vectors wherever the output starts: at every offset from a 64-byte
+    /// boundary and every length (tails, and rows shorter than the peel), the streamed output
+    /// and the fused next-row state are bit for bit the plain (cached) ones, at every level.
+    #[test]
+    fn streamed_writes_match_plain_writes_at_every_alignment() {
+        let len_max = 3 * BLOCK + 40;
+        let x: Vec<f32> = (0..len_max).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.07).collect();
+        let nx: Vec<f32> = (0..len_max).map(|i| ((i * 53 % 89) as f32 - 44.0) * 0.11).collect();
+        // 64-byte aligned backing store, so `off` is the output's exact misalignment in f32s.
+        let mut back = vec![[0.0f32; 16]; len_max / 16 + 2];
+        for level in SimdLevel::available() {
+            for log in [false, true] {
+                for fused in [false, true] {
+                    for len in (0..70).chain([BLOCK - 1, BLOCK + 17, len_max - 16]) {
+                        for off in 0..16 {
+                            let mut want = vec![0.0f32; len];
+                            let next = fused.then(|| &nx[..len]);
+                            let xr = &x[..len];
+                            let run = |y: &mut [f32], stream| {
+                                dispatch(
+                                    level,
+                                    WritePass {
+                                        x: xr,
+                                        y,
+                                        next,
+                                        log,
+                                        stream,
+                                    },
+                                )
+                            };
+                            let sw = run(&mut want, false);
+                            let flat = back.as_flattened_mut();
+                            let y = &mut flat[off..off + len];
+                            let sg = run(y, true);
+                            let same = y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(same, "{level:?} log={log} fused={fused} len={len} off={off}");
+                            assert_eq!(sg.0.to_bits(), sw.0.to_bits());
+                            assert_eq!(sg.1.to_bits(), sw.1.to_bits());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `stream_peel` stops exactly at the first vector-aligned element (or the end of a short
+    /// row), and peels nothing when not streaming.
+    #[test]
+    fn stream_peel_reaches_the_first_aligned_vector() {
+        fn check<S: Isa>() {
+            let align = S::F32_LANES * 4;
+            let mut back = vec![[0.0f32; 16]; 4];
+            let flat = back.as_flattened_mut();
+            for off in 0..16 {
+                for len in [0, 1, 5, 15, 16, 40] {
+                    let y = &flat[off..off + len];
+                    let h = stream_peel::<S>(y, true);
+                    assert_eq!(stream_peel::<S>(y, false), 0);
+                    assert!(h < S::F32_LANES.max(1) && h <= len, "off={off} len={len} h={h}");
+                    if h < len {
+                        assert_eq!(y[h..].as_ptr() as usize % align, 0, "off={off} len={len}");
+                    }
+                }
+            }
+        }
+        check::<pulp::Scalar>();
+        #[cfg(target_arch = "x86_64")]
+        {
+            check::<pulp::x86::V3>();
+            check::<pulp::x86::V4>();
+        }
+        #[cfg(target_arch = "aarch64")]
+        check::<pulp::aarch64::Neon>();
     }
 }
