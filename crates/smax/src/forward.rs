@@ -60,7 +60,10 @@ fn fwd_params(op: FwdOp, p: &Plan, opts: &Options, len: usize, out_bytes: usize)
     Fwd {
         op,
         k: p.k,
-        alg: opts.algorithm.resolve(len),
+        alg: match op {
+            FwdOp::Softmax => opts.algorithm.resolve(len),
+            FwdOp::LogSoftmax => opts.algorithm.resolve_log_softmax(len),
+        },
         masked: opts.masked_row,
         stream: out_bytes >= STREAM_MIN_BYTES,
     }
@@ -195,7 +198,7 @@ fn long_row_stats<T: Element>(level: SimdLevel, opts: &Options, alg: Algorithm, 
 }
 
 fn long_row_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, x: Option<&[T]>, y: &mut [T]) {
-    let alg = f.alg.resolve(y.len());
+    let alg = f.alg; // resolved by `fwd_params`
     let xr: &[T] = match x {
         Some(x) => x,
         None => y,

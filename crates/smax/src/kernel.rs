@@ -411,7 +411,7 @@ pub(crate) fn row_fwd<S: Isa, T: Element>(s: S, f: &Fwd, mut io: Io<'_, T>, pf: 
     if n == 0 {
         return;
     }
-    let alg = f.alg.resolve(n);
+    let alg = f.alg; // resolved by `fwd_params` for this row length
     // Three-pass on f32 writes the output in pass 2 (so its cache misses overlap the exp
     // arithmetic) and finishes it in cache in pass 3: softmax stores exp and rescales,
     // log-softmax stores (x − m)·k and subtracts ln Σ.

@@ -44,22 +44,44 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    /// The algorithm `Auto` resolves to for softmax and log-softmax rows of `len` elements:
-    /// [`Algorithm::ThreePass`] up to 64 Ki elements, [`Algorithm::Online`] above. The choice
+    /// The algorithm `Auto` resolves to for softmax rows of `len` elements:
+    /// [`Algorithm::ThreePass`] up to 4 Ki elements, [`Algorithm::Online`] above. The choice
     /// depends on the row length alone, so a row's result never depends on the rest of the
     /// call. On f32 with a separate output, the online write pass over each row also runs the
     /// online pass over the next row (software pipelining: two reads and a write overlap in
-    /// one loop, as in a triad), which beats the three-pass algorithm once rows no longer
-    /// stay in L2 alongside the next row and the output. Measured with `smax bench`, 2
-    /// threads, AVX-512, out of cache: online 0.72 vs three-pass 0.66 of the copy roofline at
-    /// 512x131072, 0.60 vs 0.35 at 64x1048576, 0.59 vs 0.35 at 4x16777216; at or below 64 Ki,
-    /// three-pass is level or ahead (16384x4096, 65536x1024: it prefetches the next row and
-    /// its output). In cache, a single row of 64 Ki–256 Ki elements pays for the online
-    /// algorithm's second exponential (about 25 % slower than three-pass there).
+    /// one loop, as in a triad) and streams its output past the cache when the output is
+    /// large; three-pass computes each exponential once but writes through the cache.
+    /// Measured with `smax bench`, 2 threads, AVX-512, as fractions of the copy roofline, out
+    /// of cache: online 0.84–0.88 vs three-pass 0.72–0.76 at 2048x32768, 0.89 vs 0.62 at
+    /// 512x131072, 0.73–0.80 vs 0.36 at 64x1048576, 0.77–0.81 vs 0.72–0.76 at 16384x4096;
+    /// three-pass ahead at 65536x1024 (0.75–0.78 vs 0.72). In cache, three-pass is ahead up
+    /// to 4 Ki (256x4096: 0.18–0.21 vs 0.21–0.30 ms) and online from 8 Ki (128x8192).
     pub fn resolve(self, len: usize) -> Algorithm {
         match self {
             Algorithm::Auto => {
-                if len <= PIPELINE_MIN_LEN {
+                if len <= AUTO_SOFTMAX_THREE_PASS_MAX {
+                    Algorithm::ThreePass
+                } else {
+                    Algorithm::Online
+                }
+            }
+            a => a,
+        }
+    }
+
+    /// The algorithm `Auto` resolves to for log-softmax rows of `len` elements:
+    /// [`Algorithm::ThreePass`] up to 512 elements, [`Algorithm::Online`] above (see
+    /// [`Algorithm::resolve`]). Log-softmax's write pass is a subtraction, so the pipelined
+    /// online algorithm pays less for its second exponential than softmax does. Measured
+    /// with `smax bench` (AVX-512, fractions of the copy roofline), 2 threads out of cache:
+    /// online 0.80–0.82 vs three-pass 0.71–0.77 at 65536x1024, 0.87–0.89 vs 0.72–0.76 at
+    /// 16384x4096, 0.93–1.01 vs 0.62 at 512x131072; three-pass ahead at 131072x512 (22–25 vs
+    /// 32–34 ms). 1 thread at 32768x2048: 44 vs 49 ms. In cache at 1 Ki, online is ahead
+    /// with 2 threads (1024x1024: 0.16–0.18 vs 0.18–0.21 ms), three-pass with 1 (10 %).
+    pub fn resolve_log_softmax(self, len: usize) -> Algorithm {
+        match self {
+            Algorithm::Auto => {
+                if len <= AUTO_LOG_SOFTMAX_THREE_PASS_MAX {
                     Algorithm::ThreePass
                 } else {
                     Algorithm::Online
@@ -89,8 +111,11 @@ impl Algorithm {
     }
 }
 
-/// Softmax and log-softmax rows longer than this go through the (pipelined) online algorithm.
-pub(crate) const PIPELINE_MIN_LEN: usize = 64 * 1024;
+/// Softmax rows longer than this go through the (pipelined) online algorithm under `Auto`.
+pub(crate) const AUTO_SOFTMAX_THREE_PASS_MAX: usize = 4 * 1024;
+
+/// Log-softmax rows longer than this go through the (pipelined) online algorithm under `Auto`.
+pub(crate) const AUTO_LOG_SOFTMAX_THREE_PASS_MAX: usize = 512;
 
 pub(crate) const AUTO_THREE_PASS_MAX: usize = crate::par::CHUNK;
 
