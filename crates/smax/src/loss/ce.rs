@@ -45,10 +45,12 @@ pub(crate) struct Ce<'a> {
     pub stream: bool,
 }
 
-/// Rows longer than this run the pipelined path ([`rows_pipe`]) when [`pipelined`] allows:
-/// the same threshold as the core's `Algorithm::resolve` (three-pass up to 64 Ki, online
-/// above), measured there.
-pub(crate) const PIPE_MIN_LEN: usize = 64 * 1024;
+/// Rows longer than this run the pipelined path ([`rows_pipe`]) when [`pipelined`] allows.
+/// Measured with `smax bench loss`, 2 threads, AVX-512, fractions of the copy roofline: out of
+/// cache the pipelined path reaches 0.78–0.81 against 0.70–0.72 at 2048x32768 and 0.70–0.71
+/// against 0.67–0.68 at 8192x8192; in cache it is 15–20 % slower (64x8192, 32x65536). So rows
+/// of 32 Ki and up, where vocabularies live, pipeline; 8 Ki rows stay three-pass.
+pub(crate) const PIPE_MIN_LEN: usize = 16 * 1024;
 
 /// Whether rows of `len` logits run the pipelined online path: plain logits (no cap), class
 /// targets without label smoothing, a gradient asked for, rows longer than [`PIPE_MIN_LEN`].

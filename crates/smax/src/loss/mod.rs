@@ -278,7 +278,7 @@ pub(crate) struct RowOut {
 /// this against an f64 reference for every option combination (5e-7 of each term's size).
 ///
 /// Algorithm: three passes per row (max; `Σ exp` with the exponentials stored in the gradient
-/// row; finish in cache). Rows longer than 64 Ki plain f32 logits with class targets, no
+/// row; finish in cache). Rows longer than 16 Ki plain f32 logits with class targets, no
 /// smoothing and a gradient take the core's pipelined online algorithm instead (the gradient
 /// write of one row carries the (max, Σ) pass of the next; the gradient streams out); the
 /// choice depends on the options and the row length only, so a row's bits never depend on the
