@@ -64,29 +64,38 @@ fn reduce<S: Isa, T: Element>(s: S, log: bool, y: &[T], dy: &[T], py: Ahead, pg:
     (acc, mx)
 }
 
-/// The map of one segment. `dy = None`: read the gradient from `dx` (in place).
+/// The map of one segment. `dy = None`: read the gradient from `dx` (in place). With
+/// `stream` (a large f32 gradient), `dx` is written past the cache.
 #[inline(always)]
-fn map<S: Isa, T: Element>(s: S, log: bool, kk: f32, r: f32, zero: bool, y: &[T], dy: Option<&[T]>, dx: &mut [T]) {
+#[allow(clippy::too_many_arguments)]
+fn map<S: Isa, T: Element>(
+    s: S,
+    log: bool,
+    kk: f32,
+    r: f32,
+    zero: bool,
+    y: &[T],
+    dy: Option<&[T]>,
+    dx: &mut [T],
+    stream: bool,
+) {
     if zero {
         dx.iter_mut().for_each(|v| *v = T::from_f32(0.0));
         return;
     }
     let run = inl(
         #[inline(always)]
-        |yy: &[f32], g: &[f32], o: &mut [f32]| {
+        |yy: &[f32], g: &[f32], o: &mut [f32], stream: bool| {
             if log {
-                k::log_softmax_bwd(s, yy, g, o, r);
+                k::log_softmax_bwd(s, yy, g, o, r, kk, stream);
             } else {
-                k::softmax_bwd(s, yy, g, o, r);
-            }
-            if kk != 1.0 {
-                k::scale(s, o, kk);
+                k::softmax_bwd(s, yy, g, o, r, kk, stream);
             }
         },
     );
     if let (Some(yf), Some(Some(gf))) = (T::as_f32(y), dy.map(T::as_f32)) {
         if let Some(of) = T::as_f32_mut(dx) {
-            run(yf, gf, of);
+            run(yf, gf, of, stream);
             return;
         }
     }
@@ -100,7 +109,7 @@ fn map<S: Isa, T: Element>(s: S, log: bool, kk: f32, r: f32, zero: bool, y: &[T]
             Some(d) => T::load_f32(&d[i * TILE..i * TILE + n], &mut bg[..n]),
             None => T::load_f32(co, &mut bg[..n]),
         }
-        run(&by[..n], &bg[..n], &mut bo[..n]);
+        run(&by[..n], &bg[..n], &mut bo[..n], false);
         T::store_f32(&bo[..n], co);
     }
 }
@@ -114,12 +123,23 @@ fn row_bwd<S: Isa, T: Element>(
     dy: Option<&[T]>,
     dx: &mut [T],
     (py, pg): (Ahead, Ahead),
+    stream: bool,
 ) {
     let (acc, mx) = match dy {
         Some(d) => reduce(s, log, y, d, py, pg),
         None => reduce(s, log, y, dx, py, Ahead::NONE),
     };
-    map(s, log, kk, acc as f32, log && mx == f32::NEG_INFINITY, y, dy, dx);
+    map(
+        s,
+        log,
+        kk,
+        acc as f32,
+        log && mx == f32::NEG_INFINITY,
+        y,
+        dy,
+        dx,
+        stream,
+    );
 }
 
 struct RowsBwd<'a, T> {
@@ -131,6 +151,7 @@ struct RowsBwd<'a, T> {
     rows: usize,
     g: RowGeom,
     gs: usize,
+    stream: bool,
 }
 
 impl<T: Element> Task for RowsBwd<'_, T> {
@@ -146,6 +167,7 @@ impl<T: Element> Task for RowsBwd<'_, T> {
             rows,
             g,
             gs,
+            stream,
         } = self;
         // Prefetch domains run to the end of the inputs, as in the forward tasks (the in-place
         // gradient: none, it is borrowed mutably).
@@ -154,7 +176,7 @@ impl<T: Element> Task for RowsBwd<'_, T> {
             let dr = &mut dx[r * g.ys..r * g.ys + g.len];
             let gr = dy.map(|d| &d[r * gs..r * gs + g.len]);
             let pg = dy.map_or(Ahead::NONE, |d| ahead(&d[r * gs..]));
-            row_bwd(s, log, kk, yr, gr, dr, (ahead(&y[r * g.xs..]), pg));
+            row_bwd(s, log, kk, yr, gr, dr, (ahead(&y[r * g.xs..]), pg), stream);
         }
     }
 }
@@ -169,6 +191,7 @@ enum SegBwd<'a, T> {
         y: &'a [T],
         dy: Option<&'a [T]>,
         dx: &'a mut [T],
+        stream: bool,
     },
 }
 
@@ -186,8 +209,9 @@ impl<T: Element> Task for SegBwd<'_, T> {
                 y,
                 dy,
                 dx,
+                stream,
             } => {
-                map(s, log, kk, r, zero, y, dy, dx);
+                map(s, log, kk, r, zero, y, dy, dx, stream);
                 (0.0, 0.0)
             }
         }
@@ -210,6 +234,9 @@ fn rows_bwd<T: Element>(
     if rows == 0 || len == 0 {
         return;
     }
+    // A large gradient with a separate upstream gradient is written with streaming stores, as
+    // the forward output is (it cannot stay in cache anyway).
+    let stream = dy.is_some() && rows * len * core::mem::size_of::<T>() >= crate::forward::STREAM_MIN_BYTES;
     if len <= CHUNK {
         let items = par::row_groups(dx, rows, len, ys);
         par::for_each(opts.par, items, |_, (r0, cnt, dg)| {
@@ -226,6 +253,7 @@ fn rows_bwd<T: Element>(
                     rows: cnt,
                     g,
                     gs,
+                    stream,
                 },
             );
         });
@@ -265,6 +293,7 @@ fn rows_bwd<T: Element>(
                     y: yc,
                     dy: gc,
                     dx: dc,
+                    stream,
                 },
             );
         });

@@ -638,40 +638,60 @@ pub(crate) fn sum_and_max<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, mx:
     }
 }
 
-/// Softmax backward map: `dx_i = y_i·(dy_i − dot)`.
+/// Softmax backward map: `dx_i = (y_i·(dy_i − dot))·k` (`k = 1/τ`; multiplying by 1 is exact).
+/// With `stream`, aligned full vectors of `dx` bypass the cache.
 #[inline(always)]
-pub(crate) fn softmax_bwd<S: Isa>(s: S, y: &[f32], dy: &[f32], dx: &mut [f32], dot: f32) {
-    let vd = s.splat_f32s(dot);
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn softmax_bwd<S: Isa>(s: S, y: &[f32], dy: &[f32], dx: &mut [f32], dot: f32, k: f32, stream: bool) {
+    let (vd, vk) = (s.splat_f32s(dot), s.splat_f32s(k));
     let f = inl(
         #[inline(always)]
-        |a: S::f32s, g: S::f32s| s.mul_f32s(a, s.sub_f32s(g, vd)),
+        |a: S::f32s, g: S::f32s| s.mul_f32s(s.mul_f32s(a, s.sub_f32s(g, vd)), vk),
     );
-    map2::<S>(y, dy, dx, f);
+    map2::<S>(s, y, dy, dx, stream, f);
 }
 
-/// Log-softmax backward map: `dx_i = dy_i − exp(y_i)·sum`.
+/// Log-softmax backward map: `dx_i = (dy_i − exp(y_i)·sum)·k`, as [`softmax_bwd`].
 #[inline(always)]
-pub(crate) fn log_softmax_bwd<S: Isa>(s: S, y: &[f32], dy: &[f32], dx: &mut [f32], sum: f32) {
-    let vs = s.splat_f32s(-sum);
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn log_softmax_bwd<S: Isa>(s: S, y: &[f32], dy: &[f32], dx: &mut [f32], sum: f32, k: f32, stream: bool) {
+    let (vs, vk) = (s.splat_f32s(-sum), s.splat_f32s(k));
     let f = inl(
         #[inline(always)]
-        |a: S::f32s, g: S::f32s| s.mul_add_f32s(exp(s, a), vs, g),
+        |a: S::f32s, g: S::f32s| s.mul_f32s(s.mul_add_f32s(exp(s, a), vs, g), vk),
     );
-    map2::<S>(y, dy, dx, f);
+    map2::<S>(s, y, dy, dx, stream, f);
 }
 
+/// `out_i = f(a_i, b_i)`; with `stream`, the unaligned head of `out` is peeled (see
+/// [`stream_peel`]) and the aligned full vectors bypass the cache.
 #[inline(always)]
-fn map2<S: Isa>(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(S::f32s, S::f32s) -> S::f32s) {
+fn map2<S: Isa>(s: S, a: &[f32], b: &[f32], out: &mut [f32], stream: bool, f: impl Fn(S::f32s, S::f32s) -> S::f32s) {
+    let h = stream_peel::<S>(out, stream);
+    if h > 0 {
+        let v = f(load_padded::<S>(&a[..h], 0.0), load_padded::<S>(&b[..h], 0.0));
+        store_partial::<S>(&mut out[..h], v);
+    }
+    let (a, b, out) = (&a[h..], &b[h..], &mut out[h..]);
     let (ah, at) = S::as_simd_f32s(a);
     let (bh, bt) = S::as_simd_f32s(b);
     let n = ah.len() * S::F32_LANES;
     let (oh, _) = S::as_mut_simd_f32s(&mut out[..n]);
-    for ((o, &x), &y) in oh.iter_mut().zip(ah).zip(bh) {
-        *o = f(x, y);
+    if stream {
+        for ((o, &x), &y) in oh.iter_mut().zip(ah).zip(bh) {
+            s.stream_f32s(o, f(x, y));
+        }
+    } else {
+        for ((o, &x), &y) in oh.iter_mut().zip(ah).zip(bh) {
+            *o = f(x, y);
+        }
     }
     if !at.is_empty() {
         let v = f(load_padded::<S>(at, 0.0), load_padded::<S>(bt, 0.0));
         store_partial::<S>(&mut out[n..a.len()], v);
+    }
+    if stream {
+        s.stream_fence();
     }
 }
 
@@ -971,12 +991,24 @@ mod tests {
     use super::*;
     use crate::arch::{SimdLevel, Task, dispatch};
 
-    /// One write pass over `x → y` (softmax or log-softmax form), fused with the online pass
-    /// over `next` when given; returns `next`'s state.
+    /// What [`WritePass`] runs.
+    #[derive(Clone, Copy, Debug)]
+    enum Kind {
+        /// `write_softmax` / `write_log_softmax`.
+        Write,
+        /// The same fused with the online pass over the second input.
+        WriteNext,
+        /// `softmax_bwd` / `log_softmax_bwd`, the second input as the upstream gradient.
+        Backward,
+    }
+
+    /// One write pass over `x → y` (the softmax or the log-softmax form); returns the fused
+    /// next-row state (`WriteNext`; empty otherwise).
     struct WritePass<'a> {
         x: &'a [f32],
         y: &'a mut [f32],
-        next: Option<&'a [f32]>,
+        other: &'a [f32],
+        kind: Kind,
         log: bool,
         stream: bool,
     }
@@ -986,23 +1018,33 @@ mod tests {
         #[inline(always)]
         fn run<S: Isa>(self, s: S) -> (f32, f64) {
             let (m, k, c) = (0.75f32, 1.25f32, 0.3f32);
+            let WritePass {
+                x,
+                y,
+                other,
+                kind,
+                log,
+                stream,
+            } = self;
             let mut st = Online::EMPTY;
-            match (self.next, self.log) {
-                (None, false) => write_softmax(s, self.x, self.y, m, k, c, self.stream, Ahead::NONE),
-                (None, true) => write_log_softmax(s, self.x, self.y, m, k, c, self.stream, Ahead::NONE),
-                (Some(nx), log) => {
+            match (kind, log) {
+                (Kind::Write, false) => write_softmax(s, x, y, m, k, c, stream, Ahead::NONE),
+                (Kind::Write, true) => write_log_softmax(s, x, y, m, k, c, stream, Ahead::NONE),
+                (Kind::WriteNext, log) => {
                     let n = Next {
-                        x: nx,
+                        x: other,
                         k,
                         st: &mut st,
                         pf: Ahead::NONE,
                     };
                     if log {
-                        write_log_softmax_next(s, self.x, self.y, m, k, c, self.stream, Ahead::NONE, n);
+                        write_log_softmax_next(s, x, y, m, k, c, stream, Ahead::NONE, n);
                     } else {
-                        write_softmax_next(s, self.x, self.y, m, k, c, self.stream, Ahead::NONE, n);
+                        write_softmax_next(s, x, y, m, k, c, stream, Ahead::NONE, n);
                     }
                 }
+                (Kind::Backward, false) => softmax_bwd(s, x, other, y, c, k, stream),
+                (Kind::Backward, true) => log_softmax_bwd(s, x, other, y, c, k, stream),
             }
             (st.m, st.d)
         }
@@ -1011,7 +1053,8 @@ mod tests {
     /// The streaming writers peel the output's unaligned head (see `stream_peel`), so they
     /// reach aligned vectors wherever the output starts: at every offset from a 64-byte
     /// boundary and every length (tails, and rows shorter than the peel), the streamed output
-    /// and the fused next-row state are bit for bit the plain (cached) ones, at every level.
+    /// and the fused next-row state are bit for bit the plain (cached) ones, at every level,
+    /// for the forward writes and the backward maps.
     #[test]
     fn streamed_writes_match_plain_writes_at_every_alignment() {
         let len_max = 3 * BLOCK + 40;
@@ -1021,19 +1064,19 @@ mod tests {
         let mut back = vec![[0.0f32; 16]; len_max / 16 + 2];
         for level in SimdLevel::available() {
             for log in [false, true] {
-                for fused in [false, true] {
+                for kind in [Kind::Write, Kind::WriteNext, Kind::Backward] {
                     for len in (0..70).chain([BLOCK - 1, BLOCK + 17, len_max - 16]) {
                         for off in 0..16 {
                             let mut want = vec![0.0f32; len];
-                            let next = fused.then(|| &nx[..len]);
-                            let xr = &x[..len];
+                            let (xr, other) = (&x[..len], &nx[..len]);
                             let run = |y: &mut [f32], stream| {
                                 dispatch(
                                     level,
                                     WritePass {
                                         x: xr,
                                         y,
-                                        next,
+                                        other,
+                                        kind,
                                         log,
                                         stream,
                                     },
@@ -1044,7 +1087,7 @@ mod tests {
                             let y = &mut flat[off..off + len];
                             let sg = run(y, true);
                             let same = y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
-                            assert!(same, "{level:?} log={log} fused={fused} len={len} off={off}");
+                            assert!(same, "{level:?} log={log} {kind:?} len={len} off={off}");
                             assert_eq!(sg.0.to_bits(), sw.0.to_bits());
                             assert_eq!(sg.1.to_bits(), sw.1.to_bits());
                         }
