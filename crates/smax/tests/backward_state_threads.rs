@@ -300,7 +300,11 @@ fn bitwise_identical_for_any_thread_count_and_batch() {
 fn streamed_backward_is_each_row_alone() {
     let mut rng = Rng(0xbac4);
     for (rows, n) in [(64usize, 128 * 1024 + 3), (16, 512 * 1024 + 5)] {
-        let y32: Vec<f32> = rng.vec(rows * n, 1.0).iter().map(|&v| (v.abs() * 1e-5) as f32).collect();
+        let y32: Vec<f32> = rng
+            .vec(rows * n, 1.0)
+            .iter()
+            .map(|&v| (v.abs() * 1e-5) as f32)
+            .collect();
         let g32: Vec<f32> = rng.vec(rows * n, 1.0).iter().map(|&v| v as f32).collect();
         for log in [false, true] {
             let o = Options::default().temperature(0.8);

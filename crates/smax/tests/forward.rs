@@ -666,6 +666,63 @@ fn auto_picks_by_row_length_and_pipelines_long_rows() {
     }
 }
 
+/// Three-pass calls with a streamed output and rows of at least 4 Ki run as a pipeline (the
+/// finish of row r carries the max pass of row r + 1): bit for bit each row computed alone
+/// (a small call, unpipelined), for softmax and log-softmax, with special rows in the batch,
+/// strided rows, and a temperature; and within the bound of the reference.
+#[test]
+fn pipelined_three_pass_is_each_row_alone() {
+    let mut rng = Rng(0x3a55);
+    // 2100 rows of 4109: a 33 MB output (streamed from 32 MiB).
+    let (rows, n, xs) = (2100, 4096 + 13, 4096 + 20);
+    let mut x: Vec<f32> = rng.vec(rows * xs, 9.0).iter().map(|&v| v as f32).collect();
+    x[3 * xs + 17] = f32::NAN;
+    x[4 * xs..4 * xs + n].fill(f32::NEG_INFINITY);
+    x[5 * xs + n - 1] = f32::INFINITY;
+    for log in [false, true] {
+        let o = Options::default().algorithm(Algorithm::ThreePass).temperature(1.3);
+        let xv = View::new(&x, Layout::strided_rows(rows, n, xs)).unwrap();
+        let y = if log {
+            log_softmax_to_vec(xv, &o)
+        } else {
+            softmax_to_vec(xv, &o)
+        }
+        .unwrap();
+        for r in [0, 2, 3, 4, 5, 6, 700, rows - 1] {
+            let xr = &x[r * xs..r * xs + n];
+            let v = View::rows(xr, 1, n).unwrap();
+            let alone = if log {
+                log_softmax_to_vec(v, &o)
+            } else {
+                softmax_to_vec(v, &o)
+            }
+            .unwrap();
+            let same = alone.iter().zip(&y[r * n..]).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "log={log} row {r}");
+        }
+        assert!(y[3 * n..4 * n].iter().all(|v| v.is_nan()), "log={log} NaN row");
+        let row: Vec<f64> = x[700 * xs..700 * xs + n].iter().map(|&v| v as f64).collect();
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let (want, got) = (
+            if log {
+                ref_log_softmax(&row, 1.3)
+            } else {
+                ref_softmax(&row, 1.3)
+            },
+            &y[700 * n..701 * n],
+        );
+        for i in 0..n {
+            let d = (row[i] - m).abs() / 1.3;
+            let tol = if log {
+                log_softmax_bound::<f32>(want[i], d, n)
+            } else {
+                softmax_bound::<f32>(want[i], d, n)
+            };
+            assert!(close(got[i] as f64, want[i], tol), "log={log} i={i}");
+        }
+    }
+}
+
 /// Logsumexp of a batch of long (chunked) rows, computed in one parallel pass over every chunk
 /// of every row, equals each row computed alone bit for bit, special rows included.
 #[test]

@@ -172,6 +172,51 @@ pub(crate) fn shift_store_sum<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k:
     }
 }
 
+/// Three-pass pass 3 of one row fused with pass 1 of the next (software pipelining across
+/// rows): `y_i = buf_i · c` (softmax) or `y_i = buf_i − c` (`log`), streamed past the cache
+/// when `stream`, while the max of `next` is taken in the same loop, block by block. Returns
+/// that max (the same value [`max`] returns; NaN handling unspecified likewise). No fence:
+/// the caller orders the streaming stores of a whole task with one `stream_fence`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finish_max_next<S: Isa>(
+    s: S,
+    buf: &[f32],
+    y: &mut [f32],
+    c: f32,
+    log: bool,
+    stream: bool,
+    next: &[f32],
+    npf: Ahead,
+) -> f32 {
+    let vc = s.splat_f32s(c);
+    let f = inl(
+        #[inline(always)]
+        move |v: S::f32s| if log { s.sub_f32s(v, vc) } else { s.mul_f32s(v, vc) },
+    );
+    let h = stream_peel::<S>(y, stream);
+    if h > 0 {
+        write_block(s, &buf[..h], &mut y[..h], false, 0.0, &f);
+    }
+    let mut wx = buf[h..].chunks(BLOCK);
+    let mut wy = y[h..].chunks_mut(BLOCK);
+    let mut m = f32::NEG_INFINITY;
+    let blocks = next.len().max(buf.len()).div_ceil(BLOCK);
+    for i in 0..blocks {
+        npf.block(i * BLOCK);
+        if let Some(nb) = next.get(i * BLOCK..((i + 1) * BLOCK).min(next.len())) {
+            let bm = max(s, nb, Ahead::NONE);
+            if bm > m || bm.is_nan() {
+                m = bm;
+            }
+        }
+        if let (Some(xb), Some(yb)) = (wx.next(), wy.next()) {
+            write_block(s, xb, yb, stream, 0.0, &f);
+        }
+    }
+    m
+}
+
 /// `y_i −= c` in place.
 #[inline(always)]
 pub(crate) fn sub_const<S: Isa>(s: S, y: &mut [f32], c: f32) {
@@ -1000,6 +1045,8 @@ mod tests {
         WriteNext,
         /// `softmax_bwd` / `log_softmax_bwd`, the second input as the upstream gradient.
         Backward,
+        /// `finish_max_next`, the max of the second input returned.
+        FinishMaxNext,
     }
 
     /// One write pass over `x → y` (the softmax or the log-softmax form); returns the fused
@@ -1045,6 +1092,11 @@ mod tests {
                 }
                 (Kind::Backward, false) => softmax_bwd(s, x, other, y, c, k, stream),
                 (Kind::Backward, true) => log_softmax_bwd(s, x, other, y, c, k, stream),
+                (Kind::FinishMaxNext, log) => {
+                    st.m = finish_max_next(s, x, y, c, log, stream, other, Ahead::NONE);
+                    s.stream_fence();
+                    assert_eq!(st.m.to_bits(), max(s, other, Ahead::NONE).to_bits());
+                }
             }
             (st.m, st.d)
         }
@@ -1054,7 +1106,8 @@ mod tests {
     /// reach aligned vectors wherever the output starts: at every offset from a 64-byte
     /// boundary and every length (tails, and rows shorter than the peel), the streamed output
     /// and the fused next-row state are bit for bit the plain (cached) ones, at every level,
-    /// for the forward writes and the backward maps.
+    /// for the forward writes, the backward maps and the pipelined three-pass finish (whose
+    /// fused max must also be the plain max).
     #[test]
     fn streamed_writes_match_plain_writes_at_every_alignment() {
         let len_max = 3 * BLOCK + 40;
@@ -1064,7 +1117,7 @@ mod tests {
         let mut back = vec![[0.0f32; 16]; len_max / 16 + 2];
         for level in SimdLevel::available() {
             for log in [false, true] {
-                for kind in [Kind::Write, Kind::WriteNext, Kind::Backward] {
+                for kind in [Kind::Write, Kind::WriteNext, Kind::Backward, Kind::FinishMaxNext] {
                     for len in (0..70).chain([BLOCK - 1, BLOCK + 17, len_max - 16]) {
                         for off in 0..16 {
                             let mut want = vec![0.0f32; len];
