@@ -923,7 +923,12 @@ pub(crate) fn ce_finish<S: Isa>(s: S, g: &mut [f32], c1: f32, sub: Sub<'_>, k: f
     }
     for (i, o) in gt.iter_mut().enumerate() {
         let sv = match sub {
-            Sub::None => 0.0,
+            // The vector body's form (one product `c1·k`), so that a streamed finish from a
+            // scratch row, whose vector grid starts elsewhere, gives the same bits.
+            Sub::None => {
+                *o *= c1 * k;
+                continue;
+            }
             Sub::Const(b) => b,
             Sub::Vec(b, v) => b * v[nh + i],
         };

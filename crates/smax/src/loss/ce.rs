@@ -61,6 +61,19 @@ pub(crate) fn pipelined(c: &Ce<'_>, len: usize, class_targets: bool, grad: bool)
     len > PIPE_MIN_LEN && c.cap64 == 0.0 && c.eps == 0.0 && class_targets && grad
 }
 
+/// Whether rows of `len` logits run the pipelined three-pass path ([`rows_three_pass_pipe`]):
+/// the options of [`pipelined`], rows of at least
+/// [`THREE_PASS_PIPE_MIN_LEN`](crate::kernel::THREE_PASS_PIPE_MIN_LEN) up to [`PIPE_MIN_LEN`],
+/// and a streamed gradient. Bit for bit the unpipelined row, so the call's size may decide.
+pub(crate) fn three_pass_pipelined(c: &Ce<'_>, len: usize, class_targets: bool, grad: bool) -> bool {
+    c.stream
+        && (crate::kernel::THREE_PASS_PIPE_MIN_LEN..=PIPE_MIN_LEN).contains(&len)
+        && c.cap64 == 0.0
+        && c.eps == 0.0
+        && class_targets
+        && grad
+}
+
 /// The target of one row.
 #[derive(Clone, Copy)]
 pub(crate) enum Tgt<'a, T> {
@@ -103,6 +116,17 @@ impl<T: Element> Task for CeRows<'_, T> {
         ) {
             if let Some(gf) = T::as_f32_mut(gg) {
                 return rows_pipe(s, &c, xf, xs, len, &cl[..rows], gf, *gs);
+            }
+        }
+        if let (true, Some(xf), Some(cl), None, Some((gg, gs))) = (
+            three_pass_pipelined(&c, len, classes.is_some(), g.is_some()),
+            T::as_f32(x),
+            classes,
+            probs,
+            g.as_mut(),
+        ) {
+            if let Some(gf) = T::as_f32_mut(gg) {
+                return rows_three_pass_pipe(s, &c, xf, xs, len, &cl[..rows], gf, *gs);
             }
         }
         let mut out = Vec::with_capacity(rows);
@@ -506,6 +530,81 @@ fn row_f32_hard<S: Isa>(
         k::ce_finish(s, g, c1, sub, kf);
         g[y] -= (c.main_scale * alpha) as f32 * kf;
     }
+    out
+}
+
+std::thread_local! {
+    /// The exponentials of one row for [`rows_three_pass_pipe`] (grown to the longest row).
+    static SCRATCH: core::cell::Cell<Vec<f32>> = const { core::cell::Cell::new(Vec::new()) };
+}
+
+/// Plain f32 rows of 4–16 Ki logits with class targets, no smoothing or cap, and a streamed
+/// gradient (see [`three_pass_pipelined`]): [`row_f32_hard`] run as a software pipeline across
+/// rows, as the core runs its three-pass (`kernel::rows_three_pass_pipe`). Pass 2 of row `r`
+/// stores its exponentials in a cached scratch row; pass 3 streams the gradient out of it
+/// while pass 1 (the max) of row `r + 1` runs in the same loop. Ignored and special rows go
+/// through [`row_f32_hard`]'s own code. Bit for bit what each row computes alone.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_three_pass_pipe<S: Isa>(
+    s: S,
+    c: &Ce<'_>,
+    x: &[f32],
+    xs: usize,
+    len: usize,
+    classes: &[i64],
+    g: &mut [f32],
+    gs: usize,
+) -> Vec<RowOut> {
+    let rows = classes.len();
+    let mut out = Vec::with_capacity(rows);
+    if rows == 0 {
+        return out;
+    }
+    let (kf, k64) = (c.xf.k, c.xf.k as f64);
+    let mut buf = SCRATCH.with(|b| b.take());
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let b = &mut buf[..len];
+    let row = |r: usize| &x[r * xs..r * xs + len];
+    let mut m = k::max(s, row(0), Ahead::NONE);
+    for (r, &y) in classes.iter().enumerate() {
+        let xr = row(r);
+        let gr = &mut g[r * gs..r * gs + len];
+        let (next, npf): (&[f32], Ahead) = if r + 1 < rows {
+            (row(r + 1), ahead(&x[(r + 1) * xs..]))
+        } else {
+            (&[], Ahead::NONE)
+        };
+        let pf = ahead(&x[r * xs..]).distance(xs);
+        let mut d = 0.0f64;
+        if y != c.ignore_index && m.is_finite() {
+            k::exp_store_sum(s, xr, b, m, kf, &mut d, pf);
+        }
+        if y == c.ignore_index || !regular(k::Online { m, d }) {
+            // The row as it runs alone (it redoes its max; rare rows).
+            out.push(row_f32(s, c, xr, Tgt::Class(y), Some(gr), pf));
+            m = k::max(s, next, npf);
+            continue;
+        }
+        let yi = y as usize;
+        let alpha = c.weights.map_or(1.0, |w| w[yi] as f64);
+        let lse = m as f64 * k64 + d.ln();
+        let ty = (xr[yi] * kf) as f64;
+        let a = c.main_scale * alpha + c.z_scale * 2.0 * c.lambda * lse;
+        let c1 = (a / d) as f32;
+        // `ce_finish` with no smoothing: g = e·(c1·k) in one product.
+        m = k::finish_max_next(s, b, gr, c1 * kf, false, true, next, npf);
+        gr[yi] -= (c.main_scale * alpha) as f32 * kf;
+        out.push(RowOut {
+            loss: alpha * (lse - ty),
+            z: c.lambda * lse * lse,
+            lse,
+        });
+    }
+    s.stream_fence();
+    SCRATCH.with(|c| c.set(buf));
     out
 }
 
