@@ -493,13 +493,13 @@ fn worked_example_l1_and_l2() {
     }
 }
 
-/// Rows longer than 64 Ki (plain f32, class targets, no smoothing or cap, with a gradient)
+/// Rows longer than 128 Ki (plain f32, class targets, no smoothing or cap, with a gradient)
 /// take the pipelined online path: checked against the reference with weights, z-loss, a
 /// temperature and ignored rows, at every SIMD level and two tail lengths.
 #[test]
 fn long_rows_pipelined_match_the_reference() {
     let mut rng = Rng(0x5eed_0071);
-    for &k in &[65537usize, 70013] {
+    for &k in &[131073usize, 140013] {
         let n = 7;
         let x: Vec<f64> = rng.vec(n * k, 20.0).iter().map(|&v| v as f32 as f64).collect();
         let cls = targets_for(&mut rng, n, k, true);
@@ -538,12 +538,12 @@ fn long_rows_pipelined_match_the_reference() {
 /// The pipelined paths give every row the bits it gets alone, whatever sits beside it:
 /// special rows (NaN, +inf, all −inf) and ignored rows in the middle of the batch break the
 /// pipeline and restart it; the row results, the gradient and the lse all match bit for bit.
-/// Rows of 64 Ki + 300 take the online pipeline; 1030 rows of 8 Ki + 5 (a 33 MB gradient,
+/// Rows of 128 Ki + 300 take the online pipeline; 1030 rows of 8 Ki + 5 (a 33 MB gradient,
 /// streamed) take the pipelined three-pass. Plain (z-loss) and with class weights, a
 /// temperature and a gradient scale.
 #[test]
 fn pipelined_rows_are_each_row_alone() {
-    rows_alone_case(65536 + 300, 9, 0x5eed_0072);
+    rows_alone_case(131072 + 300, 9, 0x5eed_0072);
     rows_alone_case(8192 + 5, 1030, 0x5eed_0073);
 }
 

@@ -48,10 +48,12 @@ pub(crate) struct Ce<'a> {
 /// Rows longer than this run the pipelined online path ([`rows_pipe`]) when [`pipelined`]
 /// allows; shorter ones the three-pass shape, pipelined across rows when the gradient streams
 /// ([`three_pass_pipelined`]). Measured with `smax bench loss`, 2 threads, AVX-512, fractions
-/// of the copy roofline at 2048x32768: pipelined three-pass 0.84–0.89, pipelined online
-/// 0.71–0.81, plain three-pass 0.70–0.72; in cache the online pipeline is 15–20 % slower
-/// than the plain three-pass (64x8192, 32x65536).
-pub(crate) const PIPE_MIN_LEN: usize = 64 * 1024;
+/// of the copy roofline: at 2048x32768 pipelined three-pass 0.84–0.89, pipelined online
+/// 0.71–0.81, plain three-pass 0.70–0.72; at 512x131072 pipelined three-pass 0.82, online
+/// 0.72–0.73; at 256x262144 online 0.74–0.76, pipelined three-pass 0.58–0.63 (a 1 MiB row,
+/// its scratch row and the next row crowd the 4 MiB L2). In cache the online pipeline is
+/// 15–20 % slower than the plain three-pass (64x8192, 32x65536).
+pub(crate) const PIPE_MIN_LEN: usize = 128 * 1024;
 
 /// Whether rows of `len` logits run the pipelined online path: plain logits (no cap), class
 /// targets without label smoothing, a gradient asked for, rows longer than [`PIPE_MIN_LEN`].
@@ -539,7 +541,7 @@ std::thread_local! {
     static SCRATCH: core::cell::Cell<Vec<f32>> = const { core::cell::Cell::new(Vec::new()) };
 }
 
-/// Plain f32 rows of 4–64 Ki logits with class targets, no smoothing or cap, and a streamed
+/// Plain f32 rows of 4–128 Ki logits with class targets, no smoothing or cap, and a streamed
 /// gradient (see [`three_pass_pipelined`]): [`row_f32_hard`] run as a software pipeline across
 /// rows, as the core runs its three-pass (`kernel::rows_three_pass_pipe`). Pass 2 of row `r`
 /// stores its exponentials in a cached scratch row; pass 3 streams the gradient out of it
