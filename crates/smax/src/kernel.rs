@@ -533,8 +533,22 @@ impl<T: Element> Task for RowsFwd<'_, T> {
 pub(crate) const THREE_PASS_PIPE_MIN_LEN: usize = 4096;
 
 std::thread_local! {
-    /// The exponentials of one row for [`rows_three_pass_pipe`] (grown to the longest row).
+    /// The scratch row of [`with_scratch`] (grown to the longest row the thread has seen).
     static SCRATCH: core::cell::Cell<Vec<f32>> = const { core::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on a scratch row of `len` f32s owned by the calling thread (allocated on its first
+/// use, grown when a longer row comes, and kept for the thread's next call), for the
+/// pipelined three-pass paths here and in the cross-entropy. The contents are unspecified.
+#[inline(always)]
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.with(|c| c.take());
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let r = f(&mut buf[..len]);
+    SCRATCH.with(|c| c.set(buf));
+    r
 }
 
 /// Three-pass over f32 rows whose output streams, as a software pipeline across rows: pass 2
@@ -556,12 +570,28 @@ fn rows_three_pass_pipe<S: Isa>(
     xs: usize,
     ys: usize,
 ) {
+    with_scratch(
+        len,
+        #[inline(always)]
+        |b| rows_three_pass_pipe_in(s, f, x, y, rows, len, xs, ys, b),
+    );
+}
+
+/// The body of [`rows_three_pass_pipe`], with its scratch row `b` (`len` elements).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_three_pass_pipe_in<S: Isa>(
+    s: S,
+    f: &Fwd,
+    x: &[f32],
+    y: &mut [f32],
+    rows: usize,
+    len: usize,
+    xs: usize,
+    ys: usize,
+    b: &mut [f32],
+) {
     let log = f.op == FwdOp::LogSoftmax;
-    let mut buf = SCRATCH.with(|c| c.take());
-    if buf.len() < len {
-        buf.resize(len, 0.0);
-    }
-    let b = &mut buf[..len];
     let mut m = k::max(s, &x[..len], Ahead::NONE);
     for r in 0..rows {
         let xr = &x[r * xs..r * xs + len];
@@ -595,7 +625,6 @@ fn rows_three_pass_pipe<S: Isa>(
         }
     }
     s.stream_fence();
-    SCRATCH.with(|c| c.set(buf));
 }
 
 /// The pipelined form of [`RowsFwd`] (`rows ≥ 1`, `len ≥ 1`).

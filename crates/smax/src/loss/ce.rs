@@ -536,11 +536,6 @@ fn row_f32_hard<S: Isa>(
     out
 }
 
-std::thread_local! {
-    /// The exponentials of one row for [`rows_three_pass_pipe`] (grown to the longest row).
-    static SCRATCH: core::cell::Cell<Vec<f32>> = const { core::cell::Cell::new(Vec::new()) };
-}
-
 /// Plain f32 rows of 4–128 Ki logits with class targets, no smoothing or cap, and a streamed
 /// gradient (see [`three_pass_pipelined`]): [`row_f32_hard`] run as a software pipeline across
 /// rows, as the core runs its three-pass (`kernel::rows_three_pass_pipe`). Pass 2 of row `r`
@@ -565,49 +560,49 @@ fn rows_three_pass_pipe<S: Isa>(
         return out;
     }
     let (kf, k64) = (c.xf.k, c.xf.k as f64);
-    let mut buf = SCRATCH.with(|b| b.take());
-    if buf.len() < len {
-        buf.resize(len, 0.0);
-    }
-    let b = &mut buf[..len];
     let row = |r: usize| &x[r * xs..r * xs + len];
-    let mut m = k::max(s, row(0), Ahead::NONE);
-    for (r, &y) in classes.iter().enumerate() {
-        let xr = row(r);
-        let gr = &mut g[r * gs..r * gs + len];
-        let (next, npf): (&[f32], Ahead) = if r + 1 < rows {
-            (row(r + 1), ahead(&x[(r + 1) * xs..]))
-        } else {
-            (&[], Ahead::NONE)
-        };
-        let pf = ahead(&x[r * xs..]).distance(xs);
-        let mut d = 0.0f64;
-        if y != c.ignore_index && m.is_finite() {
-            k::exp_store_sum(s, xr, b, m, kf, &mut d, pf);
-        }
-        if y == c.ignore_index || !regular(k::Online { m, d }) {
-            // The row as it runs alone (it redoes its max; rare rows).
-            out.push(row_f32(s, c, xr, Tgt::Class(y), Some(gr), pf));
-            m = k::max(s, next, npf);
-            continue;
-        }
-        let yi = y as usize;
-        let alpha = c.weights.map_or(1.0, |w| w[yi] as f64);
-        let lse = m as f64 * k64 + d.ln();
-        let ty = (xr[yi] * kf) as f64;
-        let a = c.main_scale * alpha + c.z_scale * 2.0 * c.lambda * lse;
-        let c1 = (a / d) as f32;
-        // `ce_finish` with no smoothing: g = e·(c1·k) in one product.
-        m = k::finish_max_next(s, b, gr, c1 * kf, false, true, next, npf);
-        gr[yi] -= (c.main_scale * alpha) as f32 * kf;
-        out.push(RowOut {
-            loss: alpha * (lse - ty),
-            z: c.lambda * lse * lse,
-            lse,
-        });
-    }
-    s.stream_fence();
-    SCRATCH.with(|c| c.set(buf));
+    crate::kernel::with_scratch(
+        len,
+        #[inline(always)]
+        |b| {
+            let mut m = k::max(s, row(0), Ahead::NONE);
+            for (r, &y) in classes.iter().enumerate() {
+                let xr = row(r);
+                let gr = &mut g[r * gs..r * gs + len];
+                let (next, npf): (&[f32], Ahead) = if r + 1 < rows {
+                    (row(r + 1), ahead(&x[(r + 1) * xs..]))
+                } else {
+                    (&[], Ahead::NONE)
+                };
+                let pf = ahead(&x[r * xs..]).distance(xs);
+                let mut d = 0.0f64;
+                if y != c.ignore_index && m.is_finite() {
+                    k::exp_store_sum(s, xr, b, m, kf, &mut d, pf);
+                }
+                if y == c.ignore_index || !regular(k::Online { m, d }) {
+                    // The row as it runs alone (it redoes its max; rare rows).
+                    out.push(row_f32(s, c, xr, Tgt::Class(y), Some(gr), pf));
+                    m = k::max(s, next, npf);
+                    continue;
+                }
+                let yi = y as usize;
+                let alpha = c.weights.map_or(1.0, |w| w[yi] as f64);
+                let lse = m as f64 * k64 + d.ln();
+                let ty = (xr[yi] * kf) as f64;
+                let a = c.main_scale * alpha + c.z_scale * 2.0 * c.lambda * lse;
+                let c1 = (a / d) as f32;
+                // `ce_finish` with no smoothing: g = e·(c1·k) in one product.
+                m = k::finish_max_next(s, b, gr, c1 * kf, false, true, next, npf);
+                gr[yi] -= (c.main_scale * alpha) as f32 * kf;
+                out.push(RowOut {
+                    loss: alpha * (lse - ty),
+                    z: c.lambda * lse * lse,
+                    lse,
+                });
+            }
+            s.stream_fence();
+        },
+    );
     out
 }
 
