@@ -496,8 +496,9 @@ fn row_f32_hard<S: Isa>(
         _ => k::max(s, x, Ahead::NONE),
     };
     // The heavy pass prefetches ahead (into the next rows), as the core's three-pass does.
-    // The exponentials are stored into the gradient row (a per-task scratch row written back
-    // with streaming stores measured 1.4x slower on the development VM).
+    // The exponentials are stored into the gradient row; a streamed gradient of 4–128 Ki rows
+    // goes through a scratch row instead (`rows_three_pass_pipe`; an earlier "1.4x slower"
+    // for that was measured while the streaming stores were silently not happening).
     let mut d = 0.0f64;
     let mut g = g;
     if m.is_finite() {
