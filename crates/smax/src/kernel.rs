@@ -573,60 +573,45 @@ fn rows_three_pass_pipe<S: Isa>(
     xs: usize,
     ys: usize,
 ) {
+    let log = f.op == FwdOp::LogSoftmax;
     with_scratch(
         len,
         #[inline(always)]
-        |b| rows_three_pass_pipe_in(s, f, x, y, rows, len, xs, ys, b),
-    );
-}
-
-/// The body of [`rows_three_pass_pipe`], with its scratch row `b` (`len` elements).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn rows_three_pass_pipe_in<S: Isa>(
-    s: S,
-    f: &Fwd,
-    x: &[f32],
-    y: &mut [f32],
-    rows: usize,
-    len: usize,
-    xs: usize,
-    ys: usize,
-    b: &mut [f32],
-) {
-    let log = f.op == FwdOp::LogSoftmax;
-    let mut m = k::max(s, &x[..len], Ahead::NONE);
-    for r in 0..rows {
-        let xr = &x[r * xs..r * xs + len];
-        let yr = &mut y[r * ys..r * ys + len];
-        let next: &[f32] = if r + 1 < rows {
-            &x[(r + 1) * xs..(r + 1) * xs + len]
-        } else {
-            &[]
-        };
-        let mut d = f64::NAN;
-        if m.is_finite() {
-            d = 0.0;
-            let pf = ahead(&x[r * xs..]).distance(xs);
-            if log {
-                k::shift_store_sum(s, xr, b, m, f.k, &mut d, pf);
-            } else {
-                k::exp_store_sum(s, xr, b, m, f.k, &mut d, pf);
+        |b| {
+            let mut m = k::max(s, &x[..len], Ahead::NONE);
+            for r in 0..rows {
+                let xr = &x[r * xs..r * xs + len];
+                let yr = &mut y[r * ys..r * ys + len];
+                let next: &[f32] = if r + 1 < rows {
+                    &x[(r + 1) * xs..(r + 1) * xs + len]
+                } else {
+                    &[]
+                };
+                let mut d = f64::NAN;
+                if m.is_finite() {
+                    d = 0.0;
+                    let pf = ahead(&x[r * xs..]).distance(xs);
+                    if log {
+                        k::shift_store_sum(s, xr, b, m, f.k, &mut d, pf);
+                    } else {
+                        k::exp_store_sum(s, xr, b, m, f.k, &mut d, pf);
+                    }
+                }
+                let npf = if r + 1 < rows {
+                    ahead(&x[(r + 1) * xs..])
+                } else {
+                    Ahead::NONE
+                };
+                if regular(Online { m, d }) {
+                    let c = if log { d.ln() as f32 } else { (1.0 / d) as f32 };
+                    m = k::finish_max_next(s, b, yr, c, log, true, next, npf);
+                } else {
+                    fill(yr, special_fill(classify(xr), f.op, f.masked));
+                    m = k::max(s, next, npf);
+                }
             }
-        }
-        let npf = if r + 1 < rows {
-            ahead(&x[(r + 1) * xs..])
-        } else {
-            Ahead::NONE
-        };
-        if regular(Online { m, d }) {
-            let c = if log { d.ln() as f32 } else { (1.0 / d) as f32 };
-            m = k::finish_max_next(s, b, yr, c, log, true, next, npf);
-        } else {
-            fill(yr, special_fill(classify(xr), f.op, f.masked));
-            m = k::max(s, next, npf);
-        }
-    }
+        },
+    );
     s.stream_fence();
 }
 
