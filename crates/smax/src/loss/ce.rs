@@ -208,6 +208,27 @@ fn special_row<T: Element>(c: &Ce<'_>, sp: Special, g: Option<&mut [T]>) -> RowO
     RowOut { loss, z, lse }
 }
 
+/// The outputs of a regular plain f32 row with class target `yi` (no smoothing or cap) from
+/// its statistics, `m` and `d = Σ exp((x − m)·k)`: the row's (loss, z-loss, lse), the gradient
+/// constant `A = s·α + s_z·2λ·lse` (the gradient is `A·p` before the chain factor `k`), and
+/// the target's correction `s·α·k` subtracted from its gradient entry. The two pipelined
+/// paths share it, so they agree with each other and with [`row_f32_hard`] term by term.
+#[inline(always)]
+fn class_row(c: &Ce<'_>, xr: &[f32], yi: usize, m: f32, d: f64) -> (RowOut, f64, f32) {
+    let kf = c.xf.k;
+    let k64 = kf as f64;
+    let alpha = c.weights.map_or(1.0, |w| w[yi] as f64);
+    let lse = m as f64 * k64 + d.ln();
+    let ty = (xr[yi] * kf) as f64;
+    let a = c.main_scale * alpha + c.z_scale * 2.0 * c.lambda * lse;
+    let out = RowOut {
+        loss: alpha * (lse - ty),
+        z: c.lambda * lse * lse,
+        lse,
+    };
+    (out, a, (c.main_scale * alpha) as f32 * kf)
+}
+
 /// Long plain f32 rows with class targets, no smoothing and a gradient (see [`pipelined`]): the
 /// online algorithm run as a software pipeline across rows, as the core softmax runs it
 /// (`kernel::pipe_row`). The gradient write of row `r`, `g = exp((x − m)·k)·k·A/Σ` (then the
@@ -251,10 +272,7 @@ fn rows_pipe<S: Isa>(
             special_row(c, classify(xr), Some(gr))
         } else {
             let yi = y as usize;
-            let alpha = c.weights.map_or(1.0, |w| w[yi] as f64);
-            let lse = st.m as f64 * k64 + st.d.ln();
-            let ty = (xr[yi] * kf) as f64;
-            let a = c.main_scale * alpha + c.z_scale * 2.0 * c.lambda * lse;
+            let (o, a, fix) = class_row(c, xr, yi, st.m, st.d);
             // The chain factor ∂t/∂x = k folds into the constant (one rounding).
             let c1 = (a / st.d * k64) as f32;
             match next {
@@ -271,12 +289,8 @@ fn rows_pipe<S: Isa>(
                 }
                 None => k::write_softmax(s, xr, gr, st.m, kf, c1, c.stream, Ahead::NONE),
             }
-            gr[yi] -= (c.main_scale * alpha) as f32 * kf;
-            RowOut {
-                loss: alpha * (lse - ty),
-                z: c.lambda * lse * lse,
-                lse,
-            }
+            gr[yi] -= fix;
+            o
         };
         out.push(o);
         if let Some(nx) = next {
@@ -560,7 +574,7 @@ fn rows_three_pass_pipe<S: Isa>(
     if rows == 0 {
         return out;
     }
-    let (kf, k64) = (c.xf.k, c.xf.k as f64);
+    let kf = c.xf.k;
     let row = |r: usize| &x[r * xs..r * xs + len];
     crate::kernel::with_scratch(
         len,
@@ -587,19 +601,12 @@ fn rows_three_pass_pipe<S: Isa>(
                     continue;
                 }
                 let yi = y as usize;
-                let alpha = c.weights.map_or(1.0, |w| w[yi] as f64);
-                let lse = m as f64 * k64 + d.ln();
-                let ty = (xr[yi] * kf) as f64;
-                let a = c.main_scale * alpha + c.z_scale * 2.0 * c.lambda * lse;
+                let (o, a, fix) = class_row(c, xr, yi, m, d);
                 let c1 = (a / d) as f32;
                 // `ce_finish` with no smoothing: g = e·(c1·k) in one product.
                 m = k::finish_max_next(s, b, gr, c1 * kf, false, true, next, npf);
-                gr[yi] -= (c.main_scale * alpha) as f32 * kf;
-                out.push(RowOut {
-                    loss: alpha * (lse - ty),
-                    z: c.lambda * lse * lse,
-                    lse,
-                });
+                gr[yi] -= fix;
+                out.push(o);
             }
             s.stream_fence();
         },
