@@ -361,33 +361,35 @@ pub fn run(a: Args) -> Result<(), String> {
                     }
                 }
                 for d in &dtypes {
-                    match *d {
-                        "bf16" => narrow::<smax::bf16>(
-                            d,
-                            &b.x,
-                            &b.dy,
-                            rows,
-                            cols,
-                            &ops,
-                            t,
-                            par,
-                            (budget, max_iters),
-                            &mut records,
-                        )?,
-                        "f16" => narrow::<smax::f16>(
-                            d,
-                            &b.x,
-                            &b.dy,
-                            rows,
-                            cols,
-                            &ops,
-                            t,
-                            par,
-                            (budget, max_iters),
-                            &mut records,
-                        )?,
-                        _ => {}
-                    }
+                    type Narrow = fn(
+                        &'static str,
+                        &[f32],
+                        &[f32],
+                        usize,
+                        usize,
+                        &[String],
+                        usize,
+                        Par,
+                        (f64, usize),
+                        &mut Vec<Record>,
+                    ) -> Result<(), String>;
+                    let run: Narrow = match *d {
+                        "bf16" => narrow::<smax::bf16>,
+                        "f16" => narrow::<smax::f16>,
+                        _ => continue,
+                    };
+                    run(
+                        d,
+                        &b.x,
+                        &b.dy,
+                        rows,
+                        cols,
+                        &ops,
+                        t,
+                        par,
+                        (budget, max_iters),
+                        &mut records,
+                    )?;
                 }
                 Ok(())
             })?;
