@@ -527,10 +527,12 @@ impl<T: Element> Task for RowsFwd<'_, T> {
 /// Three-pass rows at least this long whose output streams run as a software pipeline
 /// ([`rows_three_pass_pipe`]). Measured with `smax bench`, 2 threads, AVX-512, fractions of the
 /// copy roofline, three-pass before and after: 16384x4096 0.75–0.78 → 0.81–0.87, 8192x8192
-/// 0.65–0.73 → 0.81–1.00; at 32768x2048 level (0.78–0.80 → 0.74–0.78), at 65536x1024 and
-/// 131072x512 slower (0.74–0.93 → 0.57–0.76), so shorter rows keep the plain three-pass (the
-/// output written through the cache, its lines prefetched one row ahead).
-pub(crate) const THREE_PASS_PIPE_MIN_LEN: usize = 4096;
+/// 0.65–0.73 → 0.81–1.00. With the prefetch hints spread over the loops (`Ahead::span`),
+/// 32768x2048 gained too (median of 4 alternated runs 0.81 → 0.87 softmax, 0.80 → 0.83
+/// log-softmax), while 65536x1024 did not (0.81 → 0.79, 0.84 → 0.76), so rows under 2 Ki keep
+/// the plain three-pass (the output written through the cache, its lines prefetched one row
+/// ahead).
+pub(crate) const THREE_PASS_PIPE_MIN_LEN: usize = 2048;
 
 std::thread_local! {
     /// The scratch row of [`with_scratch`] (grown to the longest row the thread has seen).

@@ -53,11 +53,8 @@ pub(crate) fn max<S: Isa>(s: S, x: &[f32], pf: Ahead) -> f32 {
     let ninf = s.splat_f32s(f32::NEG_INFINITY);
     let (mut a0, mut a1, mut a2, mut a3) = (ninf, ninf, ninf, ninf);
     let mut it = head.chunks_exact(4);
-    let per = BLOCK / (4 * S::F32_LANES);
     for (i, c) in (&mut it).enumerate() {
-        if i % per == 0 {
-            pf.block(i * 4 * S::F32_LANES);
-        }
+        pf.span(i * 4 * S::F32_LANES, 4 * S::F32_LANES);
         a0 = s.max_f32s(a0, c[0]);
         a1 = s.max_f32s(a1, c[1]);
         a2 = s.max_f32s(a2, c[2]);
@@ -76,7 +73,8 @@ pub(crate) fn max<S: Isa>(s: S, x: &[f32], pf: Ahead) -> f32 {
 #[inline(always)]
 /// `Σ exp((x − m)·k)` over one block; with `y`, stores each `exp((x − m)·k)` there, or with
 /// `shifted`, each `(x − m)·k` (the log-softmax form) instead.
-fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f32]>, shifted: bool) -> f32 {
+fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f32]>, shifted: bool, pf: Ahead) -> f32 {
+    let step = 4 * S::F32_LANES;
     let vm = s.splat_f32s(m);
     let vk = s.splat_f32s(k);
     let z = s.splat_f32s(0.0);
@@ -101,7 +99,8 @@ fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f3
     match y.as_deref_mut() {
         None => {
             let mut it = head.chunks_exact(4);
-            for c in &mut it {
+            for (j, c) in (&mut it).enumerate() {
+                pf.span(j * step, step);
                 a0 = s.add_f32s(a0, f(c[0]));
                 a1 = s.add_f32s(a1, f(c[1]));
                 a2 = s.add_f32s(a2, f(c[2]));
@@ -115,7 +114,8 @@ fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f3
             let (yh, _) = S::as_mut_simd_f32s(&mut y[..head.len() * S::F32_LANES]);
             let mut it = head.chunks_exact(4);
             let mut yit = yh.chunks_exact_mut(4);
-            for (c, d) in (&mut it).zip(&mut yit) {
+            for (j, (c, d)) in (&mut it).zip(&mut yit).enumerate() {
+                pf.span(j * step, step);
                 let (p0, p1, p2, p3) = (te(c[0]), te(c[1]), te(c[2]), te(c[3]));
                 d[0] = stored(p0);
                 d[1] = stored(p1);
@@ -148,8 +148,7 @@ fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f3
 #[inline(always)]
 pub(crate) fn sum_exp<S: Isa>(s: S, x: &[f32], m: f32, k: f32, acc: &mut f64, pf: Ahead) {
     for (i, blk) in x.chunks(BLOCK).enumerate() {
-        pf.block(i * BLOCK);
-        *acc += sum_exp_block(s, blk, m, k, None, false) as f64;
+        *acc += sum_exp_block(s, blk, m, k, None, false, pf.skip(i * BLOCK)) as f64;
     }
 }
 
@@ -157,8 +156,7 @@ pub(crate) fn sum_exp<S: Isa>(s: S, x: &[f32], m: f32, k: f32, acc: &mut f64, pf
 #[inline(always)]
 pub(crate) fn exp_store_sum<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, acc: &mut f64, pf: Ahead) {
     for (i, (blk, yb)) in x.chunks(BLOCK).zip(y.chunks_mut(BLOCK)).enumerate() {
-        pf.block(i * BLOCK);
-        *acc += sum_exp_block(s, blk, m, k, Some(yb), false) as f64;
+        *acc += sum_exp_block(s, blk, m, k, Some(yb), false, pf.skip(i * BLOCK)) as f64;
     }
 }
 
@@ -167,8 +165,7 @@ pub(crate) fn exp_store_sum<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f
 #[inline(always)]
 pub(crate) fn shift_store_sum<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, acc: &mut f64, pf: Ahead) {
     for (i, (blk, yb)) in x.chunks(BLOCK).zip(y.chunks_mut(BLOCK)).enumerate() {
-        pf.block(i * BLOCK);
-        *acc += sum_exp_block(s, blk, m, k, Some(yb), true) as f64;
+        *acc += sum_exp_block(s, blk, m, k, Some(yb), true, pf.skip(i * BLOCK)) as f64;
     }
 }
 
@@ -196,22 +193,21 @@ pub(crate) fn finish_max_next<S: Isa>(
     );
     let h = stream_peel::<S>(y, stream);
     if h > 0 {
-        write_block(s, &buf[..h], &mut y[..h], false, 0.0, &f);
+        write_block(s, &buf[..h], &mut y[..h], false, 0.0, Ahead::NONE, &f);
     }
     let mut wx = buf[h..].chunks(BLOCK);
     let mut wy = y[h..].chunks_mut(BLOCK);
     let mut m = f32::NEG_INFINITY;
     let blocks = next.len().max(buf.len()).div_ceil(BLOCK);
     for i in 0..blocks {
-        npf.block(i * BLOCK);
         if let Some(nb) = next.get(i * BLOCK..((i + 1) * BLOCK).min(next.len())) {
-            let bm = max(s, nb, Ahead::NONE);
+            let bm = max(s, nb, npf.skip(i * BLOCK));
             if bm > m || bm.is_nan() {
                 m = bm;
             }
         }
         if let (Some(xb), Some(yb)) = (wx.next(), wy.next()) {
-            write_block(s, xb, yb, stream, 0.0, &f);
+            write_block(s, xb, yb, stream, 0.0, Ahead::NONE, &f);
         }
     }
     m
@@ -283,14 +279,13 @@ impl Online {
 #[inline(always)]
 pub(crate) fn online<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Online, pf: Ahead) {
     for (i, blk) in x.chunks(BLOCK).enumerate() {
-        pf.block(i * BLOCK);
-        online_block(s, blk, k, st);
+        online_block(s, blk, k, st, pf.skip(i * BLOCK));
     }
 }
 
 /// One block of [`online`].
 #[inline(always)]
-fn online_block<S: Isa>(s: S, blk: &[f32], k: f32, st: &mut Online) {
+fn online_block<S: Isa>(s: S, blk: &[f32], k: f32, st: &mut Online, pf: Ahead) {
     let bm = max(s, blk, Ahead::NONE);
     if bm == f32::NEG_INFINITY {
         if blk.iter().any(|v| v.is_nan()) {
@@ -308,7 +303,7 @@ fn online_block<S: Isa>(s: S, blk: &[f32], k: f32, st: &mut Online) {
         }
         st.m = bm;
     }
-    st.d += sum_exp_block(s, blk, st.m, k, None, false) as f64;
+    st.d += sum_exp_block(s, blk, st.m, k, None, false, pf) as f64;
 }
 
 /// The running state of the two-pass (extended exponent) pass: `Σ exp(x_i·k) = v · 2^e`
@@ -367,7 +362,7 @@ pub(crate) fn ext<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Ext, pf: Ahead) {
     let zero = s.splat_f32s(0.0);
     let far = s.splat_f32s(-1.0e9);
     for (bi, blk) in x.chunks(BLOCK).enumerate() {
-        pf.block(bi * BLOCK);
+        let bpf = pf.skip(bi * BLOCK);
         let (head, tail) = S::as_simd_f32s(blk);
         let (mut v0, mut v1) = (zero, zero);
         let (mut e0, mut e1) = (far, far);
@@ -397,7 +392,8 @@ pub(crate) fn ext<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Ext, pf: Ahead) {
             },
         );
         let mut it = head.chunks_exact(2);
-        for c in &mut it {
+        for (j, c) in (&mut it).enumerate() {
+            bpf.span(j * 2 * S::F32_LANES, 2 * S::F32_LANES);
             step(c[0], None, &mut v0, &mut e0);
             step(c[1], None, &mut v1, &mut e1);
         }
@@ -447,11 +443,10 @@ fn write_map<S: Isa>(
 ) {
     let h = stream_peel::<S>(y, stream);
     if h > 0 {
-        write_block(s, &x[..h], &mut y[..h], false, fill, &f);
+        write_block(s, &x[..h], &mut y[..h], false, fill, Ahead::NONE, &f);
     }
     for (i, (xb, yb)) in x[h..].chunks(BLOCK).zip(y[h..].chunks_mut(BLOCK)).enumerate() {
-        pf.block(i * BLOCK);
-        write_block(s, xb, yb, stream, fill, &f);
+        write_block(s, xb, yb, stream, fill, pf.skip(h + i * BLOCK), &f);
     }
     if stream {
         s.stream_fence();
@@ -476,16 +471,31 @@ fn stream_peel<S: Isa>(y: &[f32], stream: bool) -> usize {
 
 /// One block of [`write_map`] (no fence).
 #[inline(always)]
-fn write_block<S: Isa>(s: S, x: &[f32], y: &mut [f32], stream: bool, fill: f32, f: &impl Fn(S::f32s) -> S::f32s) {
+fn write_block<S: Isa>(
+    s: S,
+    x: &[f32],
+    y: &mut [f32],
+    stream: bool,
+    fill: f32,
+    pf: Ahead,
+    f: &impl Fn(S::f32s) -> S::f32s,
+) {
     let (xh, xt) = S::as_simd_f32s(x);
     let n = xh.len() * S::F32_LANES;
     let (yh, _) = S::as_mut_simd_f32s(&mut y[..n]);
+    let l = S::F32_LANES;
     if stream {
-        for (d, &v) in yh.iter_mut().zip(xh) {
+        for (j, (d, &v)) in yh.iter_mut().zip(xh).enumerate() {
+            if j % 4 == 0 {
+                pf.span(j * l, 4 * l);
+            }
             s.stream_f32s(d, f(v));
         }
     } else {
-        for (d, &v) in yh.iter_mut().zip(xh) {
+        for (j, (d, &v)) in yh.iter_mut().zip(xh).enumerate() {
+            if j % 4 == 0 {
+                pf.span(j * l, 4 * l);
+            }
             *d = f(v);
         }
     }
@@ -526,16 +536,14 @@ fn write_map_next<S: Isa>(
     // blocks.
     let h = stream_peel::<S>(y, stream);
     if h > 0 {
-        write_block(s, &x[..h], &mut y[..h], false, fill, &f);
+        write_block(s, &x[..h], &mut y[..h], false, fill, Ahead::NONE, &f);
     }
     let mut wx = x[h..].chunks(BLOCK);
     let mut wy = y[h..].chunks_mut(BLOCK);
     for (i, nb) in nx.chunks(BLOCK).enumerate() {
-        pf.block(i * BLOCK);
-        npf.block(i * BLOCK);
-        online_block(s, nb, k, st);
+        online_block(s, nb, k, st, npf.skip(i * BLOCK));
         if let (Some(xb), Some(yb)) = (wx.next(), wy.next()) {
-            write_block(s, xb, yb, stream, fill, &f);
+            write_block(s, xb, yb, stream, fill, pf.skip(h + i * BLOCK), &f);
         }
     }
     if stream {
@@ -621,14 +629,17 @@ fn log_softmax_map<S: Isa>(s: S, m: f32, k: f32, ls: f32) -> impl Fn(S::f32s) ->
 }
 
 #[inline(always)]
-fn dot_block<S: Isa>(s: S, a: &[f32], b: &[f32]) -> f32 {
+fn dot_block<S: Isa>(s: S, a: &[f32], b: &[f32], pa: Ahead, pb: Ahead) -> f32 {
     let z = s.splat_f32s(0.0);
     let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
     let (ah, at) = S::as_simd_f32s(a);
     let (bh, bt) = S::as_simd_f32s(b);
     let mut ia = ah.chunks_exact(4);
     let mut ib = bh.chunks_exact(4);
-    for (c, d) in (&mut ia).zip(&mut ib) {
+    let step = 4 * S::F32_LANES;
+    for (j, (c, d)) in (&mut ia).zip(&mut ib).enumerate() {
+        pa.span(j * step, step);
+        pb.span(j * step, step);
         a0 = s.mul_add_f32s(c[0], d[0], a0);
         a1 = s.mul_add_f32s(c[1], d[1], a1);
         a2 = s.mul_add_f32s(c[2], d[2], a2);
@@ -647,9 +658,7 @@ fn dot_block<S: Isa>(s: S, a: &[f32], b: &[f32]) -> f32 {
 #[inline(always)]
 pub(crate) fn dot<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, pa: Ahead, pb: Ahead) {
     for (i, (x, y)) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).enumerate() {
-        pa.block(i * BLOCK);
-        pb.block(i * BLOCK);
-        *acc += dot_block(s, x, y) as f64;
+        *acc += dot_block(s, x, y, pa.skip(i * BLOCK), pb.skip(i * BLOCK)) as f64;
     }
 }
 
@@ -657,13 +666,13 @@ pub(crate) fn dot<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, pa: Ahead, 
 #[inline(always)]
 pub(crate) fn sum_and_max<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, mx: &mut f32, pa: Ahead, pb: Ahead) {
     for (i, (x, y)) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).enumerate() {
-        pa.block(i * BLOCK);
-        pb.block(i * BLOCK);
+        let (pa, pb) = (pa.skip(i * BLOCK), pb.skip(i * BLOCK));
         let z = s.splat_f32s(0.0);
         let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
         let (h, t) = S::as_simd_f32s(x);
         let mut it = h.chunks_exact(4);
-        for c in &mut it {
+        for (j, c) in (&mut it).enumerate() {
+            pa.span(j * 4 * S::F32_LANES, 4 * S::F32_LANES);
             a0 = s.add_f32s(a0, c[0]);
             a1 = s.add_f32s(a1, c[1]);
             a2 = s.add_f32s(a2, c[2]);
@@ -676,7 +685,7 @@ pub(crate) fn sum_and_max<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, mx:
             a1 = s.add_f32s(a1, load_padded::<S>(t, 0.0));
         }
         *acc += s.reduce_sum_f32s(s.add_f32s(s.add_f32s(a0, a1), s.add_f32s(a2, a3))) as f64;
-        let bm = max(s, y, Ahead::NONE);
+        let bm = max(s, y, pb);
         if bm > *mx {
             *mx = bm;
         }
