@@ -92,15 +92,16 @@ impl Algorithm {
     }
 
     /// The algorithm `Auto` resolves to for logsumexp over rows of `len` elements, which has no
-    /// write pass to pipeline: [`Algorithm::ThreePass`] for rows that one core processes whole
-    /// (≤ 256 Ki elements, one chunk: the sum pass re-reads the row from that core's L2),
-    /// [`Algorithm::Online`] (one read) for longer rows, whose chunks are spread over threads.
-    /// Measured with `smax bench`, 2 threads, AVX-512: three-pass 0.83 vs online 0.74 of the
-    /// read roofline at 512x131072; online 0.75 vs three-pass 0.68 at 64x1048576.
+    /// write pass: [`Algorithm::ThreePass`] up to 4 Ki elements (the sum pass re-reads the row
+    /// from L1), [`Algorithm::Online`] (one read, its exponentials overlapping the next
+    /// lines' fetch) above. Measured with `smax bench`, 2 threads, AVX-512, fractions of the
+    /// read roofline, medians of 4 runs, three-pass vs online: 65536x1024 0.84 vs 0.78,
+    /// 16384x4096 0.85–0.92 vs 0.85–0.90, 8192x8192 0.83 vs 0.85, 4096x16384 0.78 vs 0.87,
+    /// 2048x32768 0.83 vs 0.94, 512x131072 0.82 vs 0.88, 256x262144 0.81 vs 0.92.
     pub fn resolve_logsumexp(self, len: usize) -> Algorithm {
         match self {
             Algorithm::Auto => {
-                if len <= AUTO_THREE_PASS_MAX {
+                if len <= AUTO_LOGSUMEXP_THREE_PASS_MAX {
                     Algorithm::ThreePass
                 } else {
                     Algorithm::Online
@@ -117,7 +118,8 @@ pub(crate) const AUTO_SOFTMAX_THREE_PASS_MAX: usize = 4 * 1024;
 /// Log-softmax rows longer than this go through the (pipelined) online algorithm under `Auto`.
 pub(crate) const AUTO_LOG_SOFTMAX_THREE_PASS_MAX: usize = 512;
 
-pub(crate) const AUTO_THREE_PASS_MAX: usize = crate::par::CHUNK;
+/// Logsumexp rows longer than this go through the online algorithm under `Auto`.
+pub(crate) const AUTO_LOGSUMEXP_THREE_PASS_MAX: usize = 4 * 1024;
 
 /// How a call may use threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -636,8 +636,8 @@ fn auto_picks_by_row_length_and_pipelines_long_rows() {
     assert_eq!(Algorithm::Auto.resolve_log_softmax(512), Algorithm::ThreePass);
     assert_eq!(Algorithm::Auto.resolve_log_softmax(513), Algorithm::Online);
     assert_eq!(Algorithm::Online.resolve_log_softmax(7), Algorithm::Online);
-    assert_eq!(Algorithm::Auto.resolve_logsumexp(256 * 1024), Algorithm::ThreePass);
-    assert_eq!(Algorithm::Auto.resolve_logsumexp(256 * 1024 + 1), Algorithm::Online);
+    assert_eq!(Algorithm::Auto.resolve_logsumexp(4 * 1024), Algorithm::ThreePass);
+    assert_eq!(Algorithm::Auto.resolve_logsumexp(4 * 1024 + 1), Algorithm::Online);
     assert_eq!(Algorithm::ThreePass.resolve(1 << 24), Algorithm::ThreePass);
     assert_eq!(Algorithm::TwoPass.resolve_logsumexp(7), Algorithm::TwoPass);
 
