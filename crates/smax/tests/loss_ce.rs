@@ -493,7 +493,7 @@ fn worked_example_l1_and_l2() {
     }
 }
 
-/// Rows longer than 128 Ki (plain f32, class targets, no smoothing or cap, with a gradient)
+/// Rows longer than 64 Ki (plain f32, class targets, no smoothing or cap, with a gradient)
 /// take the pipelined online path: checked against the reference with weights, z-loss, a
 /// temperature and ignored rows, at every SIMD level and two tail lengths.
 #[test]

@@ -48,12 +48,12 @@ pub(crate) struct Ce<'a> {
 /// Rows longer than this run the pipelined online path ([`rows_pipe`]) when [`pipelined`]
 /// allows; shorter ones the three-pass shape, pipelined across rows when the gradient streams
 /// ([`three_pass_pipelined`]). Measured with `smax bench loss`, 2 threads, AVX-512, fractions
-/// of the copy roofline: at 2048x32768 pipelined three-pass 0.84–0.89, pipelined online
-/// 0.71–0.81, plain three-pass 0.70–0.72; at 512x131072 pipelined three-pass 0.82, online
-/// 0.72–0.73; at 256x262144 online 0.74–0.76, pipelined three-pass 0.58–0.63 (a 1 MiB row,
-/// its scratch row and the next row crowd the 4 MiB L2). In cache the online pipeline is
+/// of the copy roofline, medians of 5 alternated runs, pipelined three-pass vs online: at
+/// 2048x32768 0.79 vs 0.80 (earlier, with other prefetch hints, 0.84–0.89 vs 0.71–0.81), at
+/// 512x131072 0.75 vs 0.79; at 256x262144 online 0.74–0.79, pipelined three-pass 0.58–0.63
+/// (a 1 MiB row, its scratch row and the next row crowd L2). In cache the online pipeline is
 /// 15–20 % slower than the plain three-pass (64x8192, 32x65536).
-pub(crate) const PIPE_MIN_LEN: usize = 128 * 1024;
+pub(crate) const PIPE_MIN_LEN: usize = 64 * 1024;
 
 /// Whether rows of `len` logits run the pipelined online path: plain logits (no cap), class
 /// targets without label smoothing, a gradient asked for, rows longer than [`PIPE_MIN_LEN`].
@@ -510,7 +510,7 @@ fn row_f32_hard<S: Isa>(
         _ => k::max(s, x, Ahead::NONE),
     };
     // The heavy pass prefetches ahead (into the next rows), as the core's three-pass does.
-    // The exponentials are stored into the gradient row; a streamed gradient of 4–128 Ki rows
+    // The exponentials are stored into the gradient row; a streamed gradient of 2–64 Ki rows
     // goes through a scratch row instead (`rows_three_pass_pipe`; an earlier "1.4x slower"
     // for that was measured while the streaming stores were silently not happening).
     let mut d = 0.0f64;
@@ -551,7 +551,7 @@ fn row_f32_hard<S: Isa>(
     out
 }
 
-/// Plain f32 rows of 4–128 Ki logits with class targets, no smoothing or cap, and a streamed
+/// Plain f32 rows of 2–64 Ki logits with class targets, no smoothing or cap, and a streamed
 /// gradient (see [`three_pass_pipelined`]): [`row_f32_hard`] run as a software pipeline across
 /// rows, as the core runs its three-pass (`kernel::rows_three_pass_pipe`). Pass 2 of row `r`
 /// stores its exponentials in a cached scratch row; pass 3 streams the gradient out of it

@@ -279,10 +279,10 @@ pub(crate) struct RowOut {
 ///
 /// Algorithm: three passes per row (max; `Σ exp` with the exponentials stored in the gradient
 /// row; finish in cache). With plain f32 logits, class targets, no smoothing or cap and a
-/// gradient of at least 32 MiB, rows of 4–128 Ki run this as a software pipeline (the
+/// gradient of at least 32 MiB, rows of 2–64 Ki run this as a software pipeline (the
 /// exponentials go to a cached scratch row, the gradient streams out of it while the next
-/// row's max is taken in the same loop; bit for bit the same row). Rows longer than 128 Ki plain f32 logits with class targets, no
-/// smoothing and a gradient take the core's pipelined online algorithm instead (the gradient
+/// row's max is taken in the same loop; bit for bit the same row). Rows longer than 64 Ki of
+/// plain f32 logits with class targets, no smoothing and a gradient take the core's pipelined online algorithm instead (the gradient
 /// write of one row carries the (max, Σ) pass of the next; the gradient streams out); the
 /// choice depends on the options and the row length only, so a row's bits never depend on the
 /// other rows of the call, and the bounds above hold for both.
