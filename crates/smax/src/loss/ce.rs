@@ -61,7 +61,13 @@ pub(crate) const PIPE_MIN_LEN: usize = 64 * 1024;
 /// result does not depend on the rows beside it. (The element type is checked by the task:
 /// f32 only.)
 pub(crate) fn pipelined(c: &Ce<'_>, len: usize, class_targets: bool, grad: bool) -> bool {
-    len > PIPE_MIN_LEN && c.cap64 == 0.0 && c.eps == 0.0 && class_targets && grad
+    len > PIPE_MIN_LEN && plain_class_grad(c, class_targets, grad)
+}
+
+/// The options both pipelined paths need: plain logits (no cap), class targets without label
+/// smoothing, and a gradient.
+fn plain_class_grad(c: &Ce<'_>, class_targets: bool, grad: bool) -> bool {
+    c.cap64 == 0.0 && c.eps == 0.0 && class_targets && grad
 }
 
 /// Whether rows of `len` logits run the pipelined three-pass path ([`rows_three_pass_pipe`]):
@@ -71,10 +77,18 @@ pub(crate) fn pipelined(c: &Ce<'_>, len: usize, class_targets: bool, grad: bool)
 pub(crate) fn three_pass_pipelined(c: &Ce<'_>, len: usize, class_targets: bool, grad: bool) -> bool {
     c.stream
         && (crate::kernel::THREE_PASS_PIPE_MIN_LEN..=PIPE_MIN_LEN).contains(&len)
-        && c.cap64 == 0.0
-        && c.eps == 0.0
-        && class_targets
-        && grad
+        && plain_class_grad(c, class_targets, grad)
+}
+
+/// The rows both pipelined paths take (at least one): plain f32 logits with their stride and
+/// length, the class targets, and the f32 gradient with its stride.
+struct PlainRows<'a> {
+    x: &'a [f32],
+    xs: usize,
+    len: usize,
+    classes: &'a [i64],
+    g: &'a mut [f32],
+    gs: usize,
 }
 
 /// The target of one row.
@@ -110,26 +124,29 @@ impl<T: Element> Task for CeRows<'_, T> {
             mut g,
             rows,
         } = self;
+        let online = pipelined(&c, len, classes.is_some(), g.is_some());
+        let three_pass = three_pass_pipelined(&c, len, classes.is_some(), g.is_some());
         if let (true, Some(xf), Some(cl), None, Some((gg, gs))) = (
-            pipelined(&c, len, classes.is_some(), g.is_some()),
+            (online || three_pass) && rows > 0,
             T::as_f32(x),
             classes,
             probs,
             g.as_mut(),
         ) {
             if let Some(gf) = T::as_f32_mut(gg) {
-                return rows_pipe(s, &c, xf, xs, len, &cl[..rows], gf, *gs);
-            }
-        }
-        if let (true, Some(xf), Some(cl), None, Some((gg, gs))) = (
-            three_pass_pipelined(&c, len, classes.is_some(), g.is_some()),
-            T::as_f32(x),
-            classes,
-            probs,
-            g.as_mut(),
-        ) {
-            if let Some(gf) = T::as_f32_mut(gg) {
-                return rows_three_pass_pipe(s, &c, xf, xs, len, &cl[..rows], gf, *gs);
+                let p = PlainRows {
+                    x: xf,
+                    xs,
+                    len,
+                    classes: &cl[..rows],
+                    g: gf,
+                    gs: *gs,
+                };
+                return if online {
+                    rows_pipe(s, &c, p)
+                } else {
+                    rows_three_pass_pipe(s, &c, p)
+                };
             }
         }
         let mut out = Vec::with_capacity(rows);
@@ -236,22 +253,17 @@ fn class_row(c: &Ce<'_>, xr: &[f32], yi: usize, m: f32, d: f64) -> (RowOut, f64,
 /// the logits are read from memory once and the gradient streams out: two passes' work,
 /// one pass's traffic. Bit for bit what each row computes alone through this path.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn rows_pipe<S: Isa>(
-    s: S,
-    c: &Ce<'_>,
-    x: &[f32],
-    xs: usize,
-    len: usize,
-    classes: &[i64],
-    g: &mut [f32],
-    gs: usize,
-) -> Vec<RowOut> {
+fn rows_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOut> {
+    let PlainRows {
+        x,
+        xs,
+        len,
+        classes,
+        g,
+        gs,
+    } = p;
     let rows = classes.len();
     let mut out = Vec::with_capacity(rows);
-    if rows == 0 {
-        return out;
-    }
     let (kf, k64) = (c.xf.k, c.xf.k as f64);
     let row = |r: usize| &x[r * xs..r * xs + len];
     let mut st = seg_online(s, row(0), kf, ahead(row(0)));
@@ -558,22 +570,17 @@ fn row_f32_hard<S: Isa>(
 /// while pass 1 (the max) of row `r + 1` runs in the same loop. Ignored and special rows go
 /// through [`row_f32_hard`]'s own code. Bit for bit what each row computes alone.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn rows_three_pass_pipe<S: Isa>(
-    s: S,
-    c: &Ce<'_>,
-    x: &[f32],
-    xs: usize,
-    len: usize,
-    classes: &[i64],
-    g: &mut [f32],
-    gs: usize,
-) -> Vec<RowOut> {
+fn rows_three_pass_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOut> {
+    let PlainRows {
+        x,
+        xs,
+        len,
+        classes,
+        g,
+        gs,
+    } = p;
     let rows = classes.len();
     let mut out = Vec::with_capacity(rows);
-    if rows == 0 {
-        return out;
-    }
     let kf = c.xf.k;
     let row = |r: usize| &x[r * xs..r * xs + len];
     crate::kernel::with_scratch(
