@@ -334,10 +334,10 @@ impl Ext {
             self.v = v;
             self.e = e;
         } else if e > self.e {
-            self.v = self.v * 2f64.powf(self.e - e) + v;
+            self.v = self.v * pow2_f64(self.e - e) + v;
             self.e = e;
         } else {
-            self.v += v * 2f64.powf(e - self.e);
+            self.v += v * pow2_f64(e - self.e);
         }
     }
 
@@ -354,18 +354,35 @@ impl Ext {
 /// resolution; rows whose max exceeds it are redone with the online pass.
 pub(crate) const EXT_LIMIT: f32 = 4_194_000.0;
 
+/// `2^d` for an integer-valued `d <= 0`, exactly (built from the bits); `0` below `2^-1022`,
+/// where the scaled term is below `2^-1000` of the one it is added to (an [`Ext`] block value
+/// is at least `2^-0.5`: its largest lane contributes `p·2^0`).
+#[inline(always)]
+fn pow2_f64(d: f64) -> f64 {
+    if d < -1022.0 {
+        0.0
+    } else {
+        f64::from_bits(((d as i64 + 1023) as u64) << 52)
+    }
+}
+
 /// The two-pass algorithm's first pass (Dukhan & Ablavatski): no max pass; every `exp(x·k)` is
-/// kept as `p · 2^n` and accumulated against a running per-lane exponent.
+/// kept as `p · 2^n` and accumulated against a running per-lane exponent. Four independent
+/// (value, exponent) vector chains per block hide the latency of the rescaling; at the end of
+/// each block the lanes are brought to the block's largest exponent in registers (exact
+/// powers of two), summed in f32 like every other block reduction here, and the block's one
+/// `(value, exponent)` pair is merged into `st` in f64.
 #[inline(always)]
 pub(crate) fn ext<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Ext, pf: Ahead) {
     let vk = s.splat_f32s(k);
     let zero = s.splat_f32s(0.0);
     let far = s.splat_f32s(-1.0e9);
+    let step4 = 4 * S::F32_LANES;
     for (bi, blk) in x.chunks(BLOCK).enumerate() {
         let bpf = pf.skip(bi * BLOCK);
         let (head, tail) = S::as_simd_f32s(blk);
-        let (mut v0, mut v1) = (zero, zero);
-        let (mut e0, mut e1) = (far, far);
+        let mut v = [zero; 4];
+        let mut e = [far; 4];
         let mut mx = s.splat_f32s(f32::NEG_INFINITY);
         let mut bad = zero;
         let mut step = inl_mut(
@@ -391,27 +408,35 @@ pub(crate) fn ext<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Ext, pf: Ahead) {
                 *e = ne;
             },
         );
-        let mut it = head.chunks_exact(2);
+        let mut it = head.chunks_exact(4);
         for (j, c) in (&mut it).enumerate() {
-            bpf.span(j * 2 * S::F32_LANES, 2 * S::F32_LANES);
-            step(c[0], None, &mut v0, &mut e0);
-            step(c[1], None, &mut v1, &mut e1);
+            bpf.span(j * step4, step4);
+            let [v0, v1, v2, v3] = &mut v;
+            let [e0, e1, e2, e3] = &mut e;
+            step(c[0], None, v0, e0);
+            step(c[1], None, v1, e1);
+            step(c[2], None, v2, e2);
+            step(c[3], None, v3, e3);
         }
-        for &xv in it.remainder() {
-            step(xv, None, &mut v0, &mut e0);
+        for ((&xv, vi), ei) in it.remainder().iter().zip(&mut v).zip(&mut e) {
+            step(xv, None, vi, ei);
         }
         if !tail.is_empty() {
             let xv = load_padded::<S>(tail, 0.0);
-            step(xv, Some(first_lanes(s, tail.len())), &mut v1, &mut e1);
+            step(xv, Some(first_lanes(s, tail.len())), &mut v[3], &mut e[3]);
         }
         if lanes::<S>(bad)[..S::F32_LANES].iter().any(|b| !b.is_finite()) {
             st.nonfinite = true;
         }
-        let (lv0, le0, lv1, le1) = (lanes::<S>(v0), lanes::<S>(e0), lanes::<S>(v1), lanes::<S>(e1));
-        for i in 0..S::F32_LANES {
-            st.add_scaled(lv0[i] as f64, le0[i] as f64);
-            st.add_scaled(lv1[i] as f64, le1[i] as f64);
+        // Lanes to the largest exponent of the block (unused lanes: v = 0 at e = −1e9).
+        let em = s.max_f32s(s.max_f32s(e[0], e[1]), s.max_f32s(e[2], e[3]));
+        let top = s.reduce_max_f32s(em);
+        let emv = s.splat_f32s(top);
+        let mut acc = zero;
+        for (&vi, &ei) in v.iter().zip(&e) {
+            acc = s.mul_add_f32s(vi, pow2_nonpositive(s, s.sub_f32s(ei, emv)), acc);
         }
+        st.add_scaled(s.reduce_sum_f32s(acc) as f64, top as f64);
         let bm = s.reduce_max_f32s(mx);
         if bm > st.m {
             st.m = bm;
