@@ -529,10 +529,13 @@ impl<T: Element> Task for RowsFwd<'_, T> {
 /// copy roofline, three-pass before and after: 16384x4096 0.75–0.78 → 0.81–0.87, 8192x8192
 /// 0.65–0.73 → 0.81–1.00. With the prefetch hints spread over the loops (`Ahead::span`),
 /// 32768x2048 gained too (median of 4 alternated runs 0.81 → 0.87 softmax, 0.80 → 0.83
-/// log-softmax), while 65536x1024 did not (0.81 → 0.79, 0.84 → 0.76), so rows under 2 Ki keep
-/// the plain three-pass (the output written through the cache, its lines prefetched one row
-/// ahead).
-pub(crate) const THREE_PASS_PIPE_MIN_LEN: usize = 2048;
+/// log-softmax). 65536x1024 gained once the fused loop stopped prefetching on its own (pass 2
+/// already fetches the next row; the extra hints, 4 Ki elements past it, measured 0.70 against
+/// 0.87 of copy there): medians of 5 alternated `smax bench` runs, softmax 0.79 → 0.97,
+/// three-pass log-softmax 0.81 → 0.90. Rows under 1 Ki keep the plain three-pass (the output
+/// written through the cache, its lines prefetched one row ahead): at 131072x512 it measured
+/// 0.89 against 0.86 pipelined, at 262144x256 1.00 against 0.83.
+pub(crate) const THREE_PASS_PIPE_MIN_LEN: usize = 1024;
 
 std::thread_local! {
     /// The scratch row of [`with_scratch`] (grown to the longest row the thread has seen).
@@ -599,16 +602,18 @@ fn rows_three_pass_pipe<S: Isa>(
                         k::exp_store_sum(s, xr, b, m, f.k, &mut d, pf);
                     }
                 }
-                let npf = if r + 1 < rows {
-                    ahead(&x[(r + 1) * xs..])
-                } else {
-                    Ahead::NONE
-                };
                 if regular(Online { m, d }) {
+                    // No prefetch in this loop: pass 2 above fetched row r + 1 into L2 (hints
+                    // further ahead here cost 0.87 -> 0.70 of copy at 65536x1024).
                     let c = if log { d.ln() as f32 } else { (1.0 / d) as f32 };
-                    m = k::finish_max_next(s, b, yr, c, log, true, next, npf);
+                    m = k::finish_max_next(s, b, yr, c, log, true, next, Ahead::NONE);
                 } else {
                     fill(yr, special_fill(classify(xr), f.op, f.masked));
+                    let npf = if r + 1 < rows {
+                        ahead(&x[(r + 1) * xs..])
+                    } else {
+                        Ahead::NONE
+                    };
                     m = k::max(s, next, npf);
                 }
             }

@@ -666,15 +666,21 @@ fn auto_picks_by_row_length_and_pipelines_long_rows() {
     }
 }
 
-/// Three-pass calls with a streamed output and rows of at least 4 Ki run as a pipeline (the
+/// Three-pass calls with a streamed output and rows of at least 1 Ki run as a pipeline (the
 /// finish of row r carries the max pass of row r + 1): bit for bit each row computed alone
 /// (a small call, unpipelined), for softmax and log-softmax, with special rows in the batch,
-/// strided rows, and a temperature; and within the bound of the reference.
+/// strided rows, and a temperature; and within the bound of the reference. Two row lengths:
+/// one just above the threshold and one past the 4 Ki prefetch distance.
 #[test]
 fn pipelined_three_pass_is_each_row_alone() {
     let mut rng = Rng(0x3a55);
-    // 2100 rows of 4109: a 33 MB output (streamed from 32 MiB).
-    let (rows, n, xs) = (2100, 4096 + 13, 4096 + 20);
+    // 2100 rows of 4109 or 8200 rows of 1030: a 33 MB output (streamed from 32 MiB).
+    for (rows, n, xs) in [(2100, 4096 + 13, 4096 + 20), (8200, 1024 + 6, 1024 + 13)] {
+        pipelined_three_pass_case(&mut rng, rows, n, xs);
+    }
+}
+
+fn pipelined_three_pass_case(rng: &mut Rng, rows: usize, n: usize, xs: usize) {
     let mut x: Vec<f32> = rng.vec(rows * xs, 9.0).iter().map(|&v| v as f32).collect();
     x[3 * xs + 17] = f32::NAN;
     x[4 * xs..4 * xs + n].fill(f32::NEG_INFINITY);

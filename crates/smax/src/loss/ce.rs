@@ -591,10 +591,13 @@ fn rows_three_pass_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOu
             for (r, &y) in classes.iter().enumerate() {
                 let xr = row(r);
                 let gr = &mut g[r * gs..r * gs + len];
-                let (next, npf): (&[f32], Ahead) = if r + 1 < rows {
-                    (row(r + 1), ahead(&x[(r + 1) * xs..]))
+                let next: &[f32] = if r + 1 < rows { row(r + 1) } else { &[] };
+                // Only a row that skipped pass 2 (which fetches row r + 1 into L2) prefetches
+                // in its max of row r + 1 (see `kernel::rows_three_pass_pipe`).
+                let npf = if r + 1 < rows {
+                    ahead(&x[(r + 1) * xs..])
                 } else {
-                    (&[], Ahead::NONE)
+                    Ahead::NONE
                 };
                 let pf = ahead(&x[r * xs..]).distance(xs);
                 let mut d = 0.0f64;
@@ -611,7 +614,7 @@ fn rows_three_pass_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOu
                 let (o, a, fix) = class_row(c, xr, yi, m, d);
                 let c1 = (a / d) as f32;
                 // `ce_finish` with no smoothing: g = e·(c1·k) in one product.
-                m = k::finish_max_next(s, b, gr, c1 * kf, false, true, next, npf);
+                m = k::finish_max_next(s, b, gr, c1 * kf, false, true, next, Ahead::NONE);
                 gr[yi] -= fix;
                 out.push(o);
             }
