@@ -522,7 +522,7 @@ fn row_f32_hard<S: Isa>(
         _ => k::max(s, x, Ahead::NONE),
     };
     // The heavy pass prefetches ahead (into the next rows), as the core's three-pass does.
-    // The exponentials are stored into the gradient row; a streamed gradient of 2–64 Ki rows
+    // The exponentials are stored into the gradient row; a streamed gradient of 1–64 Ki rows
     // goes through a scratch row instead (`rows_three_pass_pipe`; an earlier "1.4x slower"
     // for that was measured while the streaming stores were silently not happening).
     let mut d = 0.0f64;
@@ -563,7 +563,7 @@ fn row_f32_hard<S: Isa>(
     out
 }
 
-/// Plain f32 rows of 2–64 Ki logits with class targets, no smoothing or cap, and a streamed
+/// Plain f32 rows of 1–64 Ki logits with class targets, no smoothing or cap, and a streamed
 /// gradient (see [`three_pass_pipelined`]): [`row_f32_hard`] run as a software pipeline across
 /// rows, as the core runs its three-pass (`kernel::rows_three_pass_pipe`). Pass 2 of row `r`
 /// stores its exponentials in a cached scratch row; pass 3 streams the gradient out of it

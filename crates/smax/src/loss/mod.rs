@@ -279,7 +279,7 @@ pub(crate) struct RowOut {
 ///
 /// Algorithm: three passes per row (max; `Σ exp` with the exponentials stored in the gradient
 /// row; finish in cache). With plain f32 logits, class targets, no smoothing or cap and a
-/// gradient of at least 32 MiB, rows of 2–64 Ki run this as a software pipeline (the
+/// gradient of at least 32 MiB, rows of 1–64 Ki run this as a software pipeline (the
 /// exponentials go to a cached scratch row, the gradient streams out of it while the next
 /// row's max is taken in the same loop; bit for bit the same row). Rows longer than 64 Ki of
 /// plain f32 logits with class targets, no smoothing and a gradient take the core's pipelined online algorithm instead (the gradient
