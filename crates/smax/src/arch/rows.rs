@@ -14,19 +14,22 @@ pub(crate) const BLOCK: usize = 256;
 /// Widest vector in f32 lanes (AVX-512).
 const MAX_LANES: usize = 16;
 
+/// The `tail.len() < S::F32_LANES` elements of `tail` in the first lanes, `fill` in the rest
+/// (a masked load where the ISA has one: no call to `memcpy` per row end).
 #[inline(always)]
-fn load_padded<S: Isa>(tail: &[f32], fill: f32) -> S::f32s {
-    let mut buf = [fill; MAX_LANES];
-    buf[..tail.len()].copy_from_slice(tail);
-    S::as_simd_f32s(&buf[..S::F32_LANES]).0[0]
+fn load_padded<S: Isa>(s: S, tail: &[f32], fill: f32) -> S::f32s {
+    s.select_f32s(
+        first_lanes(s, tail.len()),
+        s.partial_load_f32s(tail),
+        s.splat_f32s(fill),
+    )
 }
 
+/// Stores the first `dst.len() < S::F32_LANES` lanes of `v` (a masked store where the ISA has
+/// one).
 #[inline(always)]
-fn store_partial<S: Isa>(dst: &mut [f32], v: S::f32s) {
-    let mut buf = [0.0f32; MAX_LANES];
-    S::as_mut_simd_f32s(&mut buf[..S::F32_LANES]).0[0] = v;
-    let n = dst.len();
-    dst.copy_from_slice(&buf[..n]);
+fn store_partial<S: Isa>(s: S, dst: &mut [f32], v: S::f32s) {
+    s.partial_store_f32s(dst, v);
 }
 
 /// Lanes of `v` as an array (first `S::F32_LANES` entries meaningful).
@@ -64,7 +67,7 @@ pub(crate) fn max<S: Isa>(s: S, x: &[f32], pf: Ahead) -> f32 {
         a0 = s.max_f32s(a0, v);
     }
     if !tail.is_empty() {
-        a1 = s.max_f32s(a1, load_padded::<S>(tail, f32::NEG_INFINITY));
+        a1 = s.max_f32s(a1, load_padded(s, tail, f32::NEG_INFINITY));
     }
     let a = s.max_f32s(s.max_f32s(a0, a1), s.max_f32s(a2, a3));
     s.reduce_max_f32s(a)
@@ -134,10 +137,10 @@ fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f3
         }
     }
     if !tail.is_empty() {
-        let p = te(load_padded::<S>(tail, f32::NEG_INFINITY));
+        let p = te(load_padded(s, tail, f32::NEG_INFINITY));
         if let Some(y) = y {
             let n = x.len();
-            store_partial::<S>(&mut y[n - tail.len()..n], stored(p));
+            store_partial(s, &mut y[n - tail.len()..n], stored(p));
         }
         a1 = s.add_f32s(a1, p.1);
     }
@@ -422,7 +425,7 @@ pub(crate) fn ext<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Ext, pf: Ahead) {
             step(xv, None, vi, ei);
         }
         if !tail.is_empty() {
-            let xv = load_padded::<S>(tail, 0.0);
+            let xv = load_padded(s, tail, 0.0);
             step(xv, Some(first_lanes(s, tail.len())), &mut v[3], &mut e[3]);
         }
         if lanes::<S>(bad)[..S::F32_LANES].iter().any(|b| !b.is_finite()) {
@@ -525,7 +528,7 @@ fn write_block<S: Isa>(
         }
     }
     if !xt.is_empty() {
-        store_partial::<S>(&mut y[n..x.len()], f(load_padded::<S>(xt, fill)));
+        store_partial(s, &mut y[n..x.len()], f(load_padded(s, xt, fill)));
     }
 }
 
@@ -674,7 +677,7 @@ fn dot_block<S: Isa>(s: S, a: &[f32], b: &[f32], pa: Ahead, pb: Ahead) -> f32 {
         a0 = s.mul_add_f32s(c, d, a0);
     }
     if !at.is_empty() {
-        a1 = s.mul_add_f32s(load_padded::<S>(at, 0.0), load_padded::<S>(bt, 0.0), a1);
+        a1 = s.mul_add_f32s(load_padded(s, at, 0.0), load_padded(s, bt, 0.0), a1);
     }
     s.reduce_sum_f32s(s.add_f32s(s.add_f32s(a0, a1), s.add_f32s(a2, a3)))
 }
@@ -707,7 +710,7 @@ pub(crate) fn sum_and_max<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, mx:
             a0 = s.add_f32s(a0, v);
         }
         if !t.is_empty() {
-            a1 = s.add_f32s(a1, load_padded::<S>(t, 0.0));
+            a1 = s.add_f32s(a1, load_padded(s, t, 0.0));
         }
         *acc += s.reduce_sum_f32s(s.add_f32s(s.add_f32s(a0, a1), s.add_f32s(a2, a3))) as f64;
         let bm = max(s, y, pb);
@@ -748,8 +751,8 @@ pub(crate) fn log_softmax_bwd<S: Isa>(s: S, y: &[f32], dy: &[f32], dx: &mut [f32
 fn map2<S: Isa>(s: S, a: &[f32], b: &[f32], out: &mut [f32], stream: bool, f: impl Fn(S::f32s, S::f32s) -> S::f32s) {
     let h = stream_peel::<S>(out, stream);
     if h > 0 {
-        let v = f(load_padded::<S>(&a[..h], 0.0), load_padded::<S>(&b[..h], 0.0));
-        store_partial::<S>(&mut out[..h], v);
+        let v = f(load_padded(s, &a[..h], 0.0), load_padded(s, &b[..h], 0.0));
+        store_partial(s, &mut out[..h], v);
     }
     let (a, b, out) = (&a[h..], &b[h..], &mut out[h..]);
     let (ah, at) = S::as_simd_f32s(a);
@@ -766,8 +769,8 @@ fn map2<S: Isa>(s: S, a: &[f32], b: &[f32], out: &mut [f32], stream: bool, f: im
         }
     }
     if !at.is_empty() {
-        let v = f(load_padded::<S>(at, 0.0), load_padded::<S>(bt, 0.0));
-        store_partial::<S>(&mut out[n..a.len()], v);
+        let v = f(load_padded(s, at, 0.0), load_padded(s, bt, 0.0));
+        store_partial(s, &mut out[n..a.len()], v);
     }
     if stream {
         s.stream_fence();
@@ -820,7 +823,7 @@ pub(crate) fn xform<S: Isa>(s: S, xf: Xform, x: &[f32], t: &mut [f32]) {
         *o = xf.apply(s, v);
     }
     if !xt.is_empty() {
-        store_partial::<S>(&mut t[n..x.len()], xf.apply(s, load_padded::<S>(xt, 0.0)));
+        store_partial(s, &mut t[n..x.len()], xf.apply(s, load_padded(s, xt, 0.0)));
     }
 }
 
@@ -847,7 +850,7 @@ pub(crate) fn dot_guarded<S: Isa>(s: S, v: &[f32], t: &[f32], acc: &mut f64) {
             a0 = s.add_f32s(a0, f(c, d));
         }
         if !vt.is_empty() {
-            a1 = s.add_f32s(a1, f(load_padded::<S>(vt, 0.0), load_padded::<S>(tt, 0.0)));
+            a1 = s.add_f32s(a1, f(load_padded(s, vt, 0.0), load_padded(s, tt, 0.0)));
         }
         *acc += s.reduce_sum_f32s(s.add_f32s(a0, a1)) as f64;
     }
@@ -916,14 +919,14 @@ pub(crate) fn ce_grad<S: Isa>(s: S, t: &[f32], g: &mut [f32], m: f32, c1: f32, s
         }
     }
     if !tt.is_empty() {
-        let tv = load_padded::<S>(tt, f32::NEG_INFINITY);
+        let tv = load_padded(s, tt, f32::NEG_INFINITY);
         let pv = p(tv);
         let gv = match sub {
             Sub::None => pv,
             Sub::Const(b) => s.sub_f32s(pv, s.splat_f32s(b)),
-            Sub::Vec(b, v) => s.negate_mul_add_f32s(s.splat_f32s(b), load_padded::<S>(&v[n..], 0.0), pv),
+            Sub::Vec(b, v) => s.negate_mul_add_f32s(s.splat_f32s(b), load_padded(s, &v[n..], 0.0), pv),
         };
-        store_partial::<S>(&mut g[n..t.len()], chain(tv, gv));
+        store_partial(s, &mut g[n..t.len()], chain(tv, gv));
     }
 }
 
@@ -998,9 +1001,9 @@ pub(crate) fn exp_shift_inplace_sum<S: Isa>(s: S, x: &mut [f32], m: f32) -> f64 
         }
         if !tail.is_empty() {
             let n = tail.len();
-            let v = load_padded::<S>(tail, f32::NEG_INFINITY);
+            let v = load_padded(s, tail, f32::NEG_INFINITY);
             let e = exp(s, s.sub_f32s(v, vm));
-            store_partial::<S>(tail, e);
+            store_partial(s, tail, e);
             let keep = first_lanes(s, n);
             a1 = s.add_f32s(a1, s.select_f32s(keep, e, s.splat_f32s(0.0)));
         }
@@ -1053,9 +1056,9 @@ pub(crate) fn softcap_inplace<S: Isa>(s: S, k: f32, cap: f32, x: &mut [f32], g: 
                 *gv = d;
             }
             if full < n {
-                let (y, d) = one_lane(load_padded::<S>(&x[full..], 0.0));
-                store_partial::<S>(&mut x[full..], y);
-                store_partial::<S>(&mut g[full..n], d);
+                let (y, d) = one_lane(load_padded(s, &x[full..], 0.0));
+                store_partial(s, &mut x[full..], y);
+                store_partial(s, &mut g[full..n], d);
             }
         }
         None => {
@@ -1063,8 +1066,8 @@ pub(crate) fn softcap_inplace<S: Isa>(s: S, k: f32, cap: f32, x: &mut [f32], g: 
                 *xv = one_lane(*xv).0;
             }
             if full < n {
-                let y = one_lane(load_padded::<S>(&x[full..], 0.0)).0;
-                store_partial::<S>(&mut x[full..], y);
+                let y = one_lane(load_padded(s, &x[full..], 0.0)).0;
+                store_partial(s, &mut x[full..], y);
             }
         }
     }
