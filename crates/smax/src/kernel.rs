@@ -606,7 +606,7 @@ fn rows_three_pass_pipe<S: Isa>(
                     // No prefetch in this loop: pass 2 above fetched row r + 1 into L2 (hints
                     // further ahead here cost 0.87 -> 0.70 of copy at 65536x1024).
                     let c = if log { d.ln() as f32 } else { (1.0 / d) as f32 };
-                    m = k::finish_max_next(s, b, yr, c, log, true, next, Ahead::NONE);
+                    m = k::finish_max_next(s, b, yr, c, log, true, next, None);
                 } else {
                     fill(yr, special_fill(classify(xr), f.op, f.masked));
                     let npf = if r + 1 < rows {

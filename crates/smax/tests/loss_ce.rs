@@ -538,13 +538,14 @@ fn long_rows_pipelined_match_the_reference() {
 /// The pipelined paths give every row the bits it gets alone, whatever sits beside it:
 /// special rows (NaN, +inf, all −inf) and ignored rows in the middle of the batch break the
 /// pipeline and restart it; the row results, the gradient and the lse all match bit for bit.
-/// Rows of 128 Ki + 300 take the online pipeline; 1030 rows of 8 Ki + 5 (a 33 MB gradient,
-/// streamed) take the pipelined three-pass. Plain (z-loss) and with class weights, a
+/// Rows of 128 Ki + 300 take the online pipeline; 1030 rows of 8 Ki + 5 and 8200 rows of
+/// 1 Ki + 3 (33 MB gradients, streamed) take the pipelined three-pass. Plain (z-loss) and with class weights, a
 /// temperature and a gradient scale.
 #[test]
 fn pipelined_rows_are_each_row_alone() {
     rows_alone_case(131072 + 300, 9, 0x5eed_0072);
     rows_alone_case(8192 + 5, 1030, 0x5eed_0073);
+    rows_alone_case(1024 + 3, 8200, 0x5eed_0074);
 }
 
 fn rows_alone_case(k: usize, n: usize, seed: u64) {
@@ -558,6 +559,12 @@ fn rows_alone_case(k: usize, n: usize, seed: u64) {
     x[6 * k + 5] = f64::INFINITY;
     let mut cls = targets_for(&mut rng, n, k, false);
     cls[7] = -100;
+    // Targets at the ends of their rows: in the plain-stored head or tail of a streamed
+    // gradient row, as well as inside its streamed vectors.
+    cls[0] = 0;
+    cls[1] = (k - 1) as i64;
+    cls[3] = 1;
+    cls[8] = (k - 2) as i64;
     let w: Vec<f32> = (0..k).map(|_| (1.0 + 0.5 * rng.uniform()) as f32).collect();
     let plain = CrossEntropy::default().reduction(Reduction::None).z_loss(1e-4);
     // (A sum, not a mean: a mean's per-row scale depends on the rows in the call.)

@@ -175,7 +175,9 @@ pub(crate) fn shift_store_sum<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k:
 /// Three-pass pass 3 of one row fused with pass 1 of the next (software pipelining across
 /// rows): `y_i = buf_i · c` (softmax) or `y_i = buf_i − c` (`log`), streamed past the cache
 /// when `stream`, while the max of `next` is taken in the same loop, block by block. Returns
-/// that max (the same value [`max`] returns; NaN handling unspecified likewise). No fence:
+/// that max (the same value [`max`] returns; NaN handling unspecified likewise). With
+/// `patch = Some((i, v))`, `y_i` is `v` instead (the cross-entropy's target entry), placed
+/// before the store. No prefetch: the callers' pass 2 has fetched `next` into L2. No fence:
 /// the caller orders the streaming stores of a whole task with one `stream_fence`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -187,16 +189,18 @@ pub(crate) fn finish_max_next<S: Isa>(
     log: bool,
     stream: bool,
     next: &[f32],
-    npf: Ahead,
+    patch: Option<(usize, f32)>,
 ) -> f32 {
     let vc = s.splat_f32s(c);
     let f = inl(
         #[inline(always)]
         move |v: S::f32s| if log { s.sub_f32s(v, vc) } else { s.mul_f32s(v, vc) },
     );
+    // `patch` relative to the part of `y` that starts at `at` and runs `len` elements.
+    let within = |at: usize, len: usize| patch.filter(|p| p.0 >= at && p.0 < at + len).map(|(i, v)| (i - at, v));
     let h = stream_peel::<S>(y, stream);
     if h > 0 {
-        write_block(s, &buf[..h], &mut y[..h], false, 0.0, Ahead::NONE, &f);
+        write_block(s, &buf[..h], &mut y[..h], false, 0.0, Ahead::NONE, &f, within(0, h));
     }
     let mut wx = buf[h..].chunks(BLOCK);
     let mut wy = y[h..].chunks_mut(BLOCK);
@@ -204,13 +208,14 @@ pub(crate) fn finish_max_next<S: Isa>(
     let blocks = next.len().max(buf.len()).div_ceil(BLOCK);
     for i in 0..blocks {
         if let Some(nb) = next.get(i * BLOCK..((i + 1) * BLOCK).min(next.len())) {
-            let bm = max(s, nb, npf.skip(i * BLOCK));
+            let bm = max(s, nb, Ahead::NONE);
             if bm > m || bm.is_nan() {
                 m = bm;
             }
         }
         if let (Some(xb), Some(yb)) = (wx.next(), wy.next()) {
-            write_block(s, xb, yb, stream, 0.0, Ahead::NONE, &f);
+            let p = within(h + i * BLOCK, xb.len());
+            write_block(s, xb, yb, stream, 0.0, Ahead::NONE, &f, p);
         }
     }
     m
@@ -471,10 +476,10 @@ fn write_map<S: Isa>(
 ) {
     let h = stream_peel::<S>(y, stream);
     if h > 0 {
-        write_block(s, &x[..h], &mut y[..h], false, fill, Ahead::NONE, &f);
+        write_block(s, &x[..h], &mut y[..h], false, fill, Ahead::NONE, &f, None);
     }
     for (i, (xb, yb)) in x[h..].chunks(BLOCK).zip(y[h..].chunks_mut(BLOCK)).enumerate() {
-        write_block(s, xb, yb, stream, fill, pf.skip(h + i * BLOCK), &f);
+        write_block(s, xb, yb, stream, fill, pf.skip(h + i * BLOCK), &f, None);
     }
     if stream {
         s.stream_fence();
@@ -507,28 +512,50 @@ fn write_block<S: Isa>(
     fill: f32,
     pf: Ahead,
     f: &impl Fn(S::f32s) -> S::f32s,
+    patch: Option<(usize, f32)>,
 ) {
     let (xh, xt) = S::as_simd_f32s(x);
     let n = xh.len() * S::F32_LANES;
     let (yh, _) = S::as_mut_simd_f32s(&mut y[..n]);
     let l = S::F32_LANES;
+    // The element `patch.0` of the block gets `patch.1` instead of its mapped value, chosen in
+    // the register before the vector is stored (a plain store after a streaming store to the
+    // same line would read the line back and stall every later store behind it).
+    let pj = patch.filter(|p| p.0 < n).map(|(i, _)| i / l);
+    let fp = inl(
+        #[inline(always)]
+        |j: usize, v: S::f32s| {
+            let v = f(v);
+            match patch {
+                Some((i, pv)) if pj == Some(j) => {
+                    let iota: [f32; MAX_LANES] = core::array::from_fn(|i| i as f32);
+                    let lane = s.equal_f32s(S::as_simd_f32s(&iota[..l]).0[0], s.splat_f32s((i % l) as f32));
+                    s.select_f32s(lane, s.splat_f32s(pv), v)
+                }
+                _ => v,
+            }
+        },
+    );
     if stream {
         for (j, (d, &v)) in yh.iter_mut().zip(xh).enumerate() {
             if j % 4 == 0 {
                 pf.span(j * l, 4 * l);
             }
-            s.stream_f32s(d, f(v));
+            s.stream_f32s(d, fp(j, v));
         }
     } else {
         for (j, (d, &v)) in yh.iter_mut().zip(xh).enumerate() {
             if j % 4 == 0 {
                 pf.span(j * l, 4 * l);
             }
-            *d = f(v);
+            *d = fp(j, v);
         }
     }
     if !xt.is_empty() {
         store_partial(s, &mut y[n..x.len()], f(load_padded(s, xt, fill)));
+        if let Some((i, pv)) = patch.filter(|p| p.0 >= n) {
+            y[i] = pv;
+        }
     }
 }
 
@@ -564,14 +591,14 @@ fn write_map_next<S: Isa>(
     // blocks.
     let h = stream_peel::<S>(y, stream);
     if h > 0 {
-        write_block(s, &x[..h], &mut y[..h], false, fill, Ahead::NONE, &f);
+        write_block(s, &x[..h], &mut y[..h], false, fill, Ahead::NONE, &f, None);
     }
     let mut wx = x[h..].chunks(BLOCK);
     let mut wy = y[h..].chunks_mut(BLOCK);
     for (i, nb) in nx.chunks(BLOCK).enumerate() {
         online_block(s, nb, k, st, npf.skip(i * BLOCK));
         if let (Some(xb), Some(yb)) = (wx.next(), wy.next()) {
-            write_block(s, xb, yb, stream, fill, pf.skip(h + i * BLOCK), &f);
+            write_block(s, xb, yb, stream, fill, pf.skip(h + i * BLOCK), &f, None);
         }
     }
     if stream {
@@ -1135,7 +1162,7 @@ mod tests {
                 (Kind::Backward, false) => softmax_bwd(s, x, other, y, c, k, stream),
                 (Kind::Backward, true) => log_softmax_bwd(s, x, other, y, c, k, stream),
                 (Kind::FinishMaxNext, log) => {
-                    st.m = finish_max_next(s, x, y, c, log, stream, other, Ahead::NONE);
+                    st.m = finish_max_next(s, x, y, c, log, stream, other, None);
                     s.stream_fence();
                     assert_eq!(st.m.to_bits(), max(s, other, Ahead::NONE).to_bits());
                 }

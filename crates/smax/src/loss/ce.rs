@@ -613,9 +613,12 @@ fn rows_three_pass_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOu
                 let yi = y as usize;
                 let (o, a, fix) = class_row(c, xr, yi, m, d);
                 let c1 = (a / d) as f32;
-                // `ce_finish` with no smoothing: g = e·(c1·k) in one product.
-                m = k::finish_max_next(s, b, gr, c1 * kf, false, true, next, Ahead::NONE);
-                gr[yi] -= fix;
+                // `ce_finish` with no smoothing: g = e·(c1·k) in one product, then the target's
+                // `− fix`, computed here with the same two roundings and placed in the register
+                // before the streaming store (see `k::finish_max_next`).
+                let c1k = c1 * kf;
+                let target = (yi, b[yi] * c1k - fix);
+                m = k::finish_max_next(s, b, gr, c1k, false, true, next, Some(target));
                 out.push(o);
             }
             s.stream_fence();
