@@ -592,13 +592,6 @@ fn rows_three_pass_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOu
                 let xr = row(r);
                 let gr = &mut g[r * gs..r * gs + len];
                 let next: &[f32] = if r + 1 < rows { row(r + 1) } else { &[] };
-                // Only a row that skipped pass 2 (which fetches row r + 1 into L2) prefetches
-                // in its max of row r + 1 (see `kernel::rows_three_pass_pipe`).
-                let npf = if r + 1 < rows {
-                    ahead(&x[(r + 1) * xs..])
-                } else {
-                    Ahead::NONE
-                };
                 let pf = ahead(&x[r * xs..]).distance(xs);
                 let mut d = 0.0f64;
                 if y != c.ignore_index && m.is_finite() {
@@ -607,6 +600,13 @@ fn rows_three_pass_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOu
                 if y == c.ignore_index || !regular(k::Online { m, d }) {
                     // The row as it runs alone (it redoes its max; rare rows).
                     out.push(row_f32(s, c, xr, Tgt::Class(y), Some(gr), pf));
+                    // Only a row that skipped pass 2 (which fetches row r + 1 into L2)
+                    // prefetches in its max of row r + 1 (see `kernel::rows_three_pass_pipe`).
+                    let npf = if r + 1 < rows {
+                        ahead(&x[(r + 1) * xs..])
+                    } else {
+                        Ahead::NONE
+                    };
                     m = k::max(s, next, npf);
                     continue;
                 }
