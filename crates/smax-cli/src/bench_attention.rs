@@ -12,7 +12,7 @@ use crate::alloc::peak_extra;
 use crate::bench::{Args, Record, fill_logits, parse_shape, pick_ops, print_table, time, timing, write_json};
 use crate::peers;
 use smax::attention::{
-    AttentionGrads, AttentionOptions, AttentionShape, DecodeOptions, HeadStrides, Heads, UnifiedMax, attention,
+    AttentionGrads, AttentionOptions, AttentionShape, HeadStrides, Heads, SplitK, UnifiedMax, attention,
     attention_backward, attention_decode, attention_decode_unified,
 };
 use smax::{MaskedRow, Options, View, ViewMut};
@@ -315,24 +315,26 @@ pub fn run(a: Args) -> Result<(), String> {
                         let mut lse = vec![0.0f32; HEADS * seq];
                         let (_, peak) = peak_extra(|| {
                             attention(
-                                shape,
-                                Heads::new(&q),
-                                Heads::new(&k),
-                                Heads::new(&v),
-                                &mut out,
-                                Some(&mut lse),
+                                smax::attention::AttentionInputs::new(
+                                    shape,
+                                    Heads::new(&q),
+                                    Heads::new(&k),
+                                    Heads::new(&v),
+                                ),
+                                smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
                                 &opts,
                             )
                         });
                         let s = timed(
                             || {
                                 attention(
-                                    shape,
-                                    Heads::new(&q),
-                                    Heads::new(&k),
-                                    Heads::new(&v),
-                                    &mut out,
-                                    Some(&mut lse),
+                                    smax::attention::AttentionInputs::new(
+                                        shape,
+                                        Heads::new(&q),
+                                        Heads::new(&k),
+                                        Heads::new(&v),
+                                    ),
+                                    smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
                                     &opts,
                                 )
                                 .expect("attention");
@@ -409,12 +411,13 @@ pub fn run(a: Args) -> Result<(), String> {
                             let s = timed(
                                 || {
                                     attention(
-                                        shape,
-                                        Heads::strided(&qb, st),
-                                        Heads::strided(&kb, st),
-                                        Heads::strided(&vb, st),
-                                        &mut out,
-                                        None,
+                                        smax::attention::AttentionInputs::new(
+                                            shape,
+                                            Heads::strided(&qb, st),
+                                            Heads::strided(&kb, st),
+                                            Heads::strided(&vb, st),
+                                        ),
+                                        smax::attention::AttentionOutputs::new(&mut out, None),
                                         &opts,
                                     )
                                     .expect("attention");
@@ -448,23 +451,26 @@ pub fn run(a: Args) -> Result<(), String> {
                         let (mut dq, mut dk, mut dv) = (vec![0.0f32; n], vec![0.0f32; nk], vec![0.0f32; nk]);
                         let mut step = || {
                             attention(
-                                shape,
-                                Heads::new(&q),
-                                Heads::new(&k),
-                                Heads::new(&v),
-                                &mut out,
-                                Some(&mut lse),
+                                smax::attention::AttentionInputs::new(
+                                    shape,
+                                    Heads::new(&q),
+                                    Heads::new(&k),
+                                    Heads::new(&v),
+                                ),
+                                smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
                                 &opts,
                             )
                             .expect("attention");
                             attention_backward(
-                                shape,
-                                Heads::new(&q),
-                                Heads::new(&k),
-                                Heads::new(&v),
+                                smax::attention::AttentionInputs::new(
+                                    shape,
+                                    Heads::new(&q),
+                                    Heads::new(&k),
+                                    Heads::new(&v),
+                                ),
                                 &out,
-                                &dout,
                                 &lse,
+                                &dout,
                                 AttentionGrads::new(&mut dq, &mut dk, &mut dv),
                                 &opts,
                             )
@@ -643,14 +649,9 @@ fn bench_decode(
     let s = time(
         || {
             attention_decode(
-                shape,
-                Heads::new(&q),
-                Heads::new(&k),
-                Heads::new(&v),
-                &mut out,
-                None,
-                &opts,
-                &DecodeOptions::default(),
+                smax::attention::AttentionInputs::new(shape, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+                smax::attention::AttentionOutputs::new(&mut out, None),
+                &opts.with_variant(SplitK::default()),
             )
             .expect("decode")
         },
@@ -661,12 +662,8 @@ fn bench_decode(
     let s = time(
         || {
             attention(
-                shape,
-                Heads::new(&q),
-                Heads::new(&k),
-                Heads::new(&v),
-                &mut out,
-                None,
+                smax::attention::AttentionInputs::new(shape, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+                smax::attention::AttentionOutputs::new(&mut out, None),
                 &opts,
             )
             .expect("attention")
@@ -681,15 +678,12 @@ fn bench_decode(
     let s = time(
         || {
             fallbacks = attention_decode_unified(
-                shape,
-                Heads::new(&q),
-                Heads::new(&k),
-                Heads::new(&v),
-                &mut out,
-                None,
-                &opts,
-                &DecodeOptions::default(),
-                &um,
+                smax::attention::AttentionInputs::new(shape, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+                smax::attention::AttentionOutputs::new(&mut out, None),
+                &opts.with_variant(smax::attention::UnifiedDecode {
+                    split: SplitK::default(),
+                    max: um,
+                }),
             )
             .expect("unified")
             .fallback_rows;

@@ -8,7 +8,7 @@
 use crate::bench::{Args, Record, fill_logits, parse_shape, pick_ops, print_table, time, timing, write_json};
 use crate::peers;
 use rayon::prelude::*;
-use smax::sample::{Draw, SampleParams, sample};
+use smax::sample::{Draw, SampleOptions, sample};
 use smax::{Par, View};
 use std::io::Write;
 
@@ -25,17 +25,17 @@ const SHAPES: [(usize, usize); 6] = [
 ];
 const QUICK: [(usize, usize); 2] = [(1, 131072), (64, 131072)];
 
-fn params(op: &str) -> SampleParams {
+fn params(op: &str) -> SampleOptions {
     match op {
-        "top_k" => SampleParams {
+        "top_k" => SampleOptions {
             top_k: Some(50),
             ..Default::default()
         },
-        "top_p" => SampleParams {
+        "top_p" => SampleOptions {
             top_p: Some(0.9),
             ..Default::default()
         },
-        _ => SampleParams {
+        _ => SampleOptions {
             min_p: Some(0.05),
             ..Default::default()
         },
@@ -43,7 +43,7 @@ fn params(op: &str) -> SampleParams {
 }
 
 /// The sort-based path for one row.
-fn sort_row(x: &[f32], p: &SampleParams, u: f64) -> u32 {
+fn sort_row(x: &[f32], p: &SampleOptions, u: f64) -> u32 {
     let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let mut pr: Vec<(f32, u32)> = x.iter().enumerate().map(|(i, &v)| ((v - m).exp(), i as u32)).collect();
     let s: f32 = pr.iter().map(|v| v.0).sum();
@@ -144,11 +144,10 @@ pub fn run(a: Args) -> Result<(), String> {
                         || {
                             sample::<f32, f32>(
                                 View::rows(&x, rows, cols).expect("view"),
-                                &p,
                                 Draw::Counter { seeds: &seeds, step: 0 },
                                 &mut toks,
                                 None,
-                                par,
+                                &p.par(par),
                             )
                             .expect("sample");
                         },
@@ -224,15 +223,21 @@ fn bench_gate(
         pool.install(|| {
             eprint!("\r\x1b[2Kgate {tokens}x{e} k={k} threads={t} ...");
             let par = if t == 1 { Par::Seq } else { Par::Rayon };
-            let p = smax::gate::GateParams {
+            let p = smax::gate::GateOptions {
                 k,
                 ..Default::default()
             };
             let bytes = (tokens * e * 4) as f64;
             let secs = time(
                 || {
-                    smax::gate::gate(View::rows(&h, tokens, e).expect("view"), None, &p, &mut ex, &mut w, par)
-                        .expect("gate");
+                    smax::gate::gate(
+                        View::rows(&h, tokens, e).expect("view"),
+                        None,
+                        &mut ex,
+                        &mut w,
+                        &p.par(par),
+                    )
+                    .expect("gate");
                 },
                 budget,
                 max_iters,

@@ -7,8 +7,8 @@
 use crate::alloc::peak_extra;
 use crate::bench::{Record, fill_logits};
 use smax::loss::{
-    CrossEntropy, LinearCe, LinearGrads, LinearInputs, LinearShape, RowOutputs, Targets, cross_entropy,
-    linear_cross_entropy,
+    CrossEntropyOptions, LinearCrossEntropyOptions, LinearGrads, LinearInputs, LinearShape, RowOutputs, Targets,
+    cross_entropy, linear_cross_entropy,
 };
 use smax::{View, ViewMut};
 use std::io::Write;
@@ -69,7 +69,7 @@ fn materialized(h: &[f32], w: &[f32], y: &[i64], n: usize, d: usize, v: usize, d
         Targets::Classes(y),
         Some(ViewMut::rows(&mut g, n, v).expect("view")),
         RowOutputs::default(),
-        &CrossEntropy::default(),
+        &CrossEntropyOptions::default(),
     )
     .expect("cross_entropy");
     drop(z);
@@ -94,7 +94,7 @@ fn fused(h: &[f32], w: &[f32], y: &[i64], n: usize, d: usize, v: usize, dh: &mut
         },
         RowOutputs::default(),
         None,
-        &LinearCe::default(),
+        &LinearCrossEntropyOptions::default(),
     )
     .expect("linear_cross_entropy")
     .loss

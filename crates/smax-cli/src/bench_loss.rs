@@ -18,7 +18,7 @@ use crate::bench::{
 };
 use crate::peers;
 use rayon::prelude::*;
-use smax::loss::{CrossEntropy, RowOutputs, Targets, cross_entropy};
+use smax::loss::{CrossEntropyOptions, RowOutputs, Targets, cross_entropy};
 use smax::{Par, View, ViewMut};
 use std::io::Write;
 
@@ -156,7 +156,7 @@ fn bench_ce(
                 ),
                 b1,
             );
-            let o = CrossEntropy::default().par(par);
+            let o = CrossEntropyOptions::default().par(par);
             // The fused call with the gradient (`smax`) and without it (`smax-fwd`).
             let mut ce = |grad: bool| {
                 let g = grad.then(|| ViewMut::rows(&mut g, rows, cols).expect("view"));

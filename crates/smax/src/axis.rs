@@ -231,7 +231,7 @@ pub(crate) fn forward<T: Element>(
         }
     }
     let level = p.level;
-    par::for_each(opts.par, items, |_, (o, j0, pieces)| {
+    par::for_each(opts.exec.par, items, |_, (o, j0, pieces)| {
         let xs = x.map(|x| &x[o * slab..(o + 1) * slab]);
         dispatch(
             level,
@@ -279,7 +279,7 @@ pub(crate) fn logsumexp<T: Element>(
         }
     }
     let (level, kk, k64) = (p.level, p.k, p.k64);
-    par::for_each(opts.par, items, |_, (o, j0, ob)| {
+    par::for_each(opts.exec.par, items, |_, (o, j0, ob)| {
         let xs = &x[o * slab..(o + 1) * slab];
         dispatch(
             level,
@@ -433,7 +433,7 @@ pub(crate) fn backward<T: Element>(
         }
     }
     let (level, kk) = (p.level, p.k);
-    par::for_each(opts.par, items, |_, (o, j0, pieces)| {
+    par::for_each(opts.exec.par, items, |_, (o, j0, pieces)| {
         let ys = &y[o * slab..(o + 1) * slab];
         let gs = dy.map(|d| &d[o * slab..(o + 1) * slab]);
         dispatch(

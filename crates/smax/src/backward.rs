@@ -115,6 +115,7 @@ fn map<S: Isa, T: Element>(
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn row_bwd<S: Isa, T: Element>(
     s: S,
     log: bool,
@@ -239,7 +240,7 @@ fn rows_bwd<T: Element>(
     let stream = dy.is_some() && rows * len * core::mem::size_of::<T>() >= crate::forward::STREAM_MIN_BYTES;
     if len <= CHUNK {
         let items = par::row_groups(dx, rows, len, ys);
-        par::for_each(opts.par, items, |_, (r0, cnt, dg)| {
+        par::for_each(opts.exec.par, items, |_, (r0, cnt, dg)| {
             let yg = &y[r0 * xs..];
             let gg = dy.map(|d| &d[r0 * gs..]);
             dispatch(
@@ -267,7 +268,9 @@ fn rows_bwd<T: Element>(
             Some(gr) => yr.chunks(CHUNK).zip(gr.chunks(CHUNK)).collect(),
             None => yr.chunks(CHUNK).zip(dr.chunks(CHUNK)).collect(),
         };
-        let red = par::map(opts.par, parts, |(a, b)| dispatch(level, SegBwd::Reduce(log, a, b)));
+        let red = par::map(opts.exec.par, parts, |(a, b)| {
+            dispatch(level, SegBwd::Reduce(log, a, b))
+        });
         let mut acc = 0.0f64;
         let mut mx = f32::NEG_INFINITY;
         for (a, m) in red {
@@ -279,7 +282,7 @@ fn rows_bwd<T: Element>(
         let zero = log && mx == f32::NEG_INFINITY;
         let r32 = acc as f32;
         let items: Vec<(usize, &mut [T])> = dr.chunks_mut(CHUNK).enumerate().collect();
-        par::for_each(opts.par, items, |_, (i, dc)| {
+        par::for_each(opts.exec.par, items, |_, (i, dc)| {
             let n = dc.len();
             let yc = &yr[i * CHUNK..i * CHUNK + n];
             let gc = gr.map(|g| &g[i * CHUNK..i * CHUNK + n]);

@@ -7,6 +7,7 @@
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::View;
+use crate::options::{Exec, setters};
 
 fn rows_of<T>(v: &View<'_, T>, what: &'static str) -> Result<(usize, usize, usize)> {
     v.row_geometry(what, "takes row layouts (classes along the last axis)")
@@ -66,23 +67,45 @@ pub struct TemperatureFit {
     pub capped: bool,
 }
 
+/// Options of [`fit_temperature`]: the interval `[t_min, t_max]` the fitted temperature is
+/// confined to (`0 < t_min < t_max`, finite). `Default`: `[1e-3, 1e3]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FitOptions {
+    /// Smallest temperature.
+    pub t_min: f64,
+    /// Largest temperature.
+    pub t_max: f64,
+    /// Execution settings (the fit runs on the calling thread in scalar f64: neither field
+    /// changes anything; kept for the one options shape).
+    pub exec: Exec,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        FitOptions {
+            t_min: 1e-3,
+            t_max: 1e3,
+            exec: Exec::default(),
+        }
+    }
+}
+
+setters!(FitOptions { t_min: f64, t_max: f64 });
+
 /// Temperature scaling (Guo et al. 2017; D3): `T* = argmin_T mean(−log_softmax(z_i/T)_{y_i})`.
 /// The NLL is convex in `β = 1/T` (`dNLL/dβ = mean(E_β[z] − z_y)`,
 /// `d²NLL/dβ² = mean(Var_β[z]) ≥ 0`), so the fit runs Newton on β from β = 1, falling back to
 /// bisection on the bracketing interval whenever a step leaves it or fails to decrease the
 /// NLL; tolerance 1e-12 on the gradient or the step; at most 200 iterations. `T` is confined
-/// to `[t_min, t_max]` (defaults 1e-3 and 1e3 in [`fit_temperature_default`]), which caps
+/// to `[t_min, t_max]` of [`FitOptions`] (defaults 1e-3 and 1e3), which caps
 /// separable (T → 0) and all-wrong (T → ∞) data, reported by `capped`. Accuracy is unchanged
 /// by construction (argmax is invariant to T).
 ///
 /// Errors: an empty set, non-finite logits, labels out of range or of the wrong length,
 /// `0 < t_min < t_max` violated.
-pub fn fit_temperature<T: Element>(
-    logits: View<'_, T>,
-    labels: &[i64],
-    t_min: f64,
-    t_max: f64,
-) -> Result<TemperatureFit> {
+pub fn fit_temperature<T: Element>(logits: View<'_, T>, targets: &[i64], opts: &FitOptions) -> Result<TemperatureFit> {
+    let FitOptions { t_min, t_max, .. } = *opts;
+    let labels = targets;
     let (n, k, s) = rows_of(&logits, "logits")?;
     if n == 0 || k == 0 {
         return Err(Error::BadParameter {
@@ -181,11 +204,6 @@ pub fn fit_temperature<T: Element>(
     })
 }
 
-/// [`fit_temperature`] with `t_min = 1e-3`, `t_max = 1e3`.
-pub fn fit_temperature_default<T: Element>(logits: View<'_, T>, labels: &[i64]) -> Result<TemperatureFit> {
-    fit_temperature(logits, labels, 1e-3, 1e3)
-}
-
 /// How [`calibration_error`] bins the confidences.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Binning {
@@ -197,6 +215,27 @@ pub enum Binning {
     /// than bins, the empty bins are skipped.
     EqualMass(usize),
 }
+
+/// Options of [`calibration_error`]. `Default`: 15 equal-width bins (Guo et al.).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CalibrationOptions {
+    /// The binning.
+    pub binning: Binning,
+    /// Execution settings (computed on the calling thread in scalar f64: neither field
+    /// changes anything; kept for the one options shape).
+    pub exec: Exec,
+}
+
+impl Default for CalibrationOptions {
+    fn default() -> Self {
+        CalibrationOptions {
+            binning: Binning::EqualWidth(15),
+            exec: Exec::default(),
+        }
+    }
+}
+
+setters!(CalibrationOptions { binning: Binning });
 
 /// One bin of a reliability diagram.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -226,11 +265,16 @@ pub struct Calibration {
     pub bins: Vec<Bin>,
 }
 
-/// Expected and maximum calibration error of the softmax of `logits` against `labels`
+/// Expected and maximum calibration error of the softmax of `logits` against `targets`
 /// (Guo et al. 2017; D4, with NEEDS 24's binning): confidence `c = max softmax(z)`, correct when
 /// the argmax (lowest index on ties) equals the label. The default of Guo et al. is
 /// `Binning::EqualWidth(15)`. Errors: an empty set, no bins, non-finite logits, bad labels.
-pub fn calibration_error<T: Element>(logits: View<'_, T>, labels: &[i64], binning: Binning) -> Result<Calibration> {
+pub fn calibration_error<T: Element>(
+    logits: View<'_, T>,
+    targets: &[i64],
+    opts: &CalibrationOptions,
+) -> Result<Calibration> {
+    let (labels, binning) = (targets, opts.binning);
     let (n, k, s) = rows_of(&logits, "logits")?;
     let m = match binning {
         Binning::EqualWidth(m) | Binning::EqualMass(m) => m,
@@ -308,7 +352,8 @@ pub fn calibration_error<T: Element>(logits: View<'_, T>, labels: &[i64], binnin
 }
 
 /// The multi-class Brier score `mean_i Σ_k (softmax(z_i)_k − [k = y_i])²` (in `[0, 2]`).
-pub fn brier_score<T: Element>(logits: View<'_, T>, labels: &[i64]) -> Result<f64> {
+pub fn brier_score<T: Element>(logits: View<'_, T>, targets: &[i64]) -> Result<f64> {
+    let labels = targets;
     let (n, k, s) = rows_of(&logits, "logits")?;
     if n == 0 {
         return Err(Error::BadParameter {
@@ -341,9 +386,31 @@ pub enum OodScore {
     NegEnergy(f64),
 }
 
+/// Options of [`ood_scores`]. `Default`: the maximum softmax probability.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OodOptions {
+    /// Which score.
+    pub score: OodScore,
+    /// Execution settings (computed on the calling thread in scalar f64: neither field
+    /// changes anything; kept for the one options shape).
+    pub exec: Exec,
+}
+
+impl Default for OodOptions {
+    fn default() -> Self {
+        OodOptions {
+            score: OodScore::Msp,
+            exec: Exec::default(),
+        }
+    }
+}
+
+setters!(OodOptions { score: OodScore });
+
 /// One OOD score per row into `out`. Special rows: all `-inf` gives MSP NaN, max-logit `-inf`,
 /// negative energy `-inf`; a `+inf` logit gives negative energy `+inf`; NaN propagates.
-pub fn ood_scores<T: Element>(logits: View<'_, T>, score: OodScore, out: &mut [f64]) -> Result<()> {
+pub fn ood_scores<T: Element>(logits: View<'_, T>, out: &mut [f64], opts: &OodOptions) -> Result<()> {
+    let score = opts.score;
     let (n, k, s) = rows_of(&logits, "logits")?;
     if out.len() != n {
         return Err(Error::RowCountMismatch {
@@ -391,8 +458,21 @@ pub struct Mahalanobis {
     pub ridge: f64,
 }
 
+/// Options of [`mahalanobis_fit`]. `Default`: the automatic ridge.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct MahalanobisOptions {
+    /// The ridge added to the covariance's diagonal; `None`: `1e-6·tr(Σ)/dim`, added only
+    /// when the plain factorisation fails.
+    pub ridge: Option<f64>,
+    /// Execution settings (computed on the calling thread in scalar f64: neither field
+    /// changes anything; kept for the one options shape).
+    pub exec: Exec,
+}
+
+setters!(MahalanobisOptions {} some { ridge: f64 });
+
 /// Fits Lee et al. (2018)'s Mahalanobis score (D6) on training features `f` (`n x dim`,
-/// row-major) with class labels in `[0, classes)`: class means and the shared covariance
+/// row-major) with class targets in `[0, classes)`: class means and the shared covariance
 /// `Σ = (1/N) Σ_c Σ_{i∈c} (f_i − μ_c)(f_i − μ_c)ᵀ`, factored by Cholesky after adding
 /// `ridge·I` (`None`: `1e-6·tr(Σ)/dim`, added only when the plain factorisation fails).
 /// Errors: no samples, a class without samples, non-finite features, a covariance that
@@ -400,10 +480,11 @@ pub struct Mahalanobis {
 pub fn mahalanobis_fit(
     f: &[f64],
     dim: usize,
-    labels: &[i64],
+    targets: &[i64],
     classes: usize,
-    ridge: Option<f64>,
+    opts: &MahalanobisOptions,
 ) -> Result<Mahalanobis> {
+    let (labels, ridge) = (targets, opts.ridge);
     if dim == 0 || f.is_empty() || !f.len().is_multiple_of(dim) || classes == 0 {
         return Err(Error::LengthMismatch {
             what: "features",

@@ -17,8 +17,8 @@ use crate::scalar64;
 pub(crate) const STREAM_MIN_BYTES: usize = 32 << 20;
 
 /// Calls with at least this many long rows pipeline them in groups of consecutive rows, one
-/// thread per group, instead of one row at a time with its chunks spread over threads (no
-/// barrier per row: 0.57 -> 0.64 of copy at 64x1048576, level at 32x2097152, 2 threads).
+/// thread per group, instead of one row at a time with its chunks spread over threads: no
+/// barrier per row (PERF.md, "The pipelined three-pass").
 const LONG_ROWS_GROUPED_MIN: usize = 32;
 
 pub(crate) struct Plan {
@@ -30,7 +30,7 @@ pub(crate) struct Plan {
 pub(crate) fn plan<T: Element>(opts: &Options) -> Result<Plan> {
     let (k, k64) = opts.inv_temperature(T::REPR != Repr::F64)?;
     Ok(Plan {
-        level: SimdLevel::resolve(opts.simd),
+        level: SimdLevel::resolve(opts.exec.simd),
         k,
         k64,
     })
@@ -89,7 +89,7 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
     };
     if let Some(per) = per {
         let items = par::row_groups_per(y, rows, len, ys, per);
-        par::for_each(opts.par, items, |_, (r0, cnt, yg)| {
+        par::for_each(opts.exec.par, items, |_, (r0, cnt, yg)| {
             dispatch(
                 level,
                 RowsFwd {
@@ -126,7 +126,7 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
                 .zip(yr.chunks_mut(CHUNK))
                 .zip(row(r + 1).chunks(CHUNK))
                 .collect();
-            let outs = par::map(opts.par, items, |((a, b), n)| {
+            let outs = par::map(opts.exec.par, items, |((a, b), n)| {
                 dispatch(level, Seg::WriteNext(f, a, b, st, n))
             });
             st = kernel::merge_online(&outs, f.k);
@@ -157,7 +157,7 @@ fn long_row_stats<T: Element>(level: SimdLevel, opts: &Options, alg: Algorithm, 
     let chunks: Vec<&[T]> = x.chunks(CHUNK).collect();
     match alg {
         Algorithm::ThreePass => {
-            let ms = par::map(opts.par, chunks.clone(), |c| dispatch(level, Seg::Max(c)));
+            let ms = par::map(opts.exec.par, chunks.clone(), |c| dispatch(level, Seg::Max(c)));
             let mut m = f32::NEG_INFINITY;
             for o in ms {
                 if let SegOut::Max(v) = o {
@@ -169,7 +169,7 @@ fn long_row_stats<T: Element>(level: SimdLevel, opts: &Options, alg: Algorithm, 
             if !m.is_finite() {
                 return Online { m, d: f64::NAN };
             }
-            let ds = par::map(opts.par, chunks, |c| dispatch(level, Seg::Sum(c, m, k)));
+            let ds = par::map(opts.exec.par, chunks, |c| dispatch(level, Seg::Sum(c, m, k)));
             let d = ds
                 .into_iter()
                 .map(|o| if let SegOut::Sum(v) = o { v } else { 0.0 })
@@ -177,7 +177,7 @@ fn long_row_stats<T: Element>(level: SimdLevel, opts: &Options, alg: Algorithm, 
             Online { m, d }
         }
         Algorithm::TwoPass => {
-            let es = par::map(opts.par, chunks, |c| dispatch(level, Seg::Ext(c, k)));
+            let es = par::map(opts.exec.par, chunks, |c| dispatch(level, Seg::Ext(c, k)));
             let mut e = crate::arch::rows::Ext::EMPTY;
             for o in es {
                 if let SegOut::Ext(v) = o {
@@ -191,7 +191,7 @@ fn long_row_stats<T: Element>(level: SimdLevel, opts: &Options, alg: Algorithm, 
             }
         }
         _ => {
-            let os = par::map(opts.par, chunks, |c| dispatch(level, Seg::Online(c, k)));
+            let os = par::map(opts.exec.par, chunks, |c| dispatch(level, Seg::Online(c, k)));
             kernel::merge_online(&os, k)
         }
     }
@@ -209,7 +209,7 @@ fn long_row_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, x: Option<
         let st = long_row_stats(level, opts, Algorithm::ThreePass, xr, f.k);
         if st.m.is_finite() {
             let m = st.m;
-            let ds = par::map(opts.par, chunks_io(x, y), |io| {
+            let ds = par::map(opts.exec.par, chunks_io(x, y), |io| {
                 dispatch(level, Seg::ExpStoreSum(io, m, f.k))
             });
             let d: f64 = ds
@@ -219,7 +219,7 @@ fn long_row_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, x: Option<
             let st = Online { m, d };
             if kernel::regular(st) {
                 let c = (1.0 / d) as f32;
-                par::for_each(opts.par, y.chunks_mut(CHUNK).collect(), |_, c2| {
+                par::for_each(opts.exec.par, y.chunks_mut(CHUNK).collect(), |_, c2| {
                     dispatch(level, Seg::Scale(c2, c));
                 });
                 return;
@@ -236,7 +236,7 @@ fn long_row_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, x: Option<
 /// The write pass of a long row from its statistics (or the fill of a special row).
 fn long_row_write<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, x: Option<&[T]>, y: &mut [T], st: Online) {
     if kernel::regular(st) {
-        par::for_each(opts.par, chunks_io(x, y), |_, io| {
+        par::for_each(opts.exec.par, chunks_io(x, y), |_, io| {
             dispatch(level, Seg::Write(f, io, st));
         });
     } else {
@@ -320,7 +320,7 @@ pub(crate) fn logsumexp_impl<T: Element>(x: View<'_, T>, out: &mut [T], opts: &O
             let per = par::rows_per_task(len);
             let items: Vec<(usize, &mut [T])> = out.chunks_mut(per).enumerate().collect();
             let alg = opts.algorithm;
-            par::for_each(opts.par, items, |_, (i, o)| {
+            par::for_each(opts.exec.par, items, |_, (i, o)| {
                 let r0 = i * per;
                 dispatch(
                     p.level,
@@ -350,7 +350,7 @@ pub(crate) fn logsumexp_impl<T: Element>(x: View<'_, T>, out: &mut [T], opts: &O
                 // row's chunk states merge in chunk order, as `long_row_stats` merges them.
                 let per_row = len.div_ceil(CHUNK);
                 let chunks: Vec<&[T]> = (0..rows).flat_map(|r| row(r).chunks(CHUNK)).collect();
-                let states = par::map(opts.par, chunks, |c| dispatch(p.level, Seg::Online(c, p.k)));
+                let states = par::map(opts.exec.par, chunks, |c| dispatch(p.level, Seg::Online(c, p.k)));
                 for (r, (o, sts)) in out.iter_mut().zip(states.chunks(per_row)).enumerate() {
                     *o = finish(kernel::merge_online(sts, p.k), row(r));
                 }

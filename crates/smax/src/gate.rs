@@ -22,7 +22,7 @@
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::View;
-use crate::options::Par;
+use crate::options::{Exec, setters};
 use crate::par;
 
 /// Which comes first, the softmax or the top-k.
@@ -53,7 +53,7 @@ pub enum Activation {
 /// Parameters of [`gate`]. `Default`: k = 2, softmax then top-k without renormalisation,
 /// τ = 1, no activation, no threshold, scaling 1.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GateParams {
+pub struct GateOptions {
     /// Experts per token, `k ≥ 1`.
     pub k: usize,
     /// Softmax / top-k order.
@@ -70,20 +70,25 @@ pub struct GateParams {
     /// Multiplies the final weights (DeepSeek's `routed_scaling_factor`), after any
     /// renormalisation.
     pub routed_scaling_factor: f64,
+    /// Threads (token groups run in parallel in scalar f64; `exec.simd` has no effect).
+    pub exec: Exec,
 }
 
-impl Default for GateParams {
+impl Default for GateOptions {
     fn default() -> Self {
-        GateParams {
+        GateOptions {
             k: 2,
             order: GateOrder::SoftmaxThenTopK { renormalize: false },
             temperature: 1.0,
             activation: Activation::Identity,
             threshold: None,
             routed_scaling_factor: 1.0,
+            exec: Exec::default(),
         }
     }
 }
+
+setters!(GateOptions { k: usize, order: GateOrder, temperature: f64, activation: Activation, routed_scaling_factor: f64 } some { threshold: f64 });
 
 /// Load-balancing statistics of one [`gate`] call.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,11 +127,11 @@ fn softmax_into(s: &[f64], out: &mut [f64]) {
 pub fn gate<T: Element>(
     logits: View<'_, T>,
     bias: Option<&[f32]>,
-    p: &GateParams,
     experts: &mut [u32],
     weights: &mut [f32],
-    par: Par,
+    p: &GateOptions,
 ) -> Result<GateStats> {
+    let par = p.exec.par;
     let (tokens, e, xs) = logits.row_geometry("logits", "gating takes row layouts (experts along the last axis)")?;
     let bad = |name, v: String, expected| {
         Err(Error::BadParameter {

@@ -19,8 +19,8 @@ pub(crate) fn ahead<T: Element>(data: &[T]) -> Ahead<'_> {
 pub(crate) const TILE: usize = 4 * BLOCK;
 
 /// Rows up to this many elements prefetch the next row, one row stride ahead, into L2 during
-/// their heavy pass (measured +3-5% out of cache on the development VM); longer rows use the
-/// usual distance.
+/// their heavy pass, so the whole next row arrives while this one computes (PERF.md); longer
+/// rows use the usual distance.
 pub(crate) const NEXT_ROW_PREFETCH_MAX: usize = 64 * 1024;
 
 /// The forward ops that write a row.
@@ -525,16 +525,10 @@ impl<T: Element> Task for RowsFwd<'_, T> {
 }
 
 /// Three-pass rows at least this long whose output streams run as a software pipeline
-/// ([`rows_three_pass_pipe`]). Measured with `smax bench`, 2 threads, AVX-512, fractions of the
-/// copy roofline, three-pass before and after: 16384x4096 0.75–0.78 → 0.81–0.87, 8192x8192
-/// 0.65–0.73 → 0.81–1.00. With the prefetch hints spread over the loops (`Ahead::span`),
-/// 32768x2048 gained too (median of 4 alternated runs 0.81 → 0.87 softmax, 0.80 → 0.83
-/// log-softmax). 65536x1024 gained once the fused loop stopped prefetching on its own (pass 2
-/// already fetches the next row; the extra hints, 4 Ki elements past it, measured 0.70 against
-/// 0.87 of copy there): medians of 5 alternated `smax bench` runs, softmax 0.79 → 0.97,
-/// three-pass log-softmax 0.81 → 0.90. Rows under 1 Ki keep the plain three-pass (the output
-/// written through the cache, its lines prefetched one row ahead): at 131072x512 it measured
-/// 0.89 against 0.86 pipelined, at 262144x256 1.00 against 0.83.
+/// ([`rows_three_pass_pipe`]): each exponential is computed once and only the roofline's bytes
+/// move. Shorter rows keep the plain three-pass, whose output is written through the cache with
+/// its lines prefetched one row ahead; the crossover is measured in PERF.md ("The pipelined
+/// three-pass").
 pub(crate) const THREE_PASS_PIPE_MIN_LEN: usize = 1024;
 
 std::thread_local! {
@@ -563,9 +557,8 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
 /// [`row_fwd`] computes for each row (the same max, the same stored values, the same
 /// scaling), so the choice may depend on the size of the call. Rows `1 ≤ len ≤ CHUNK`; one
 /// fence at the end orders the task's streaming stores. Tasks hold `par::rows_per_task` rows
-/// (16 Ki elements: one row from 16 Ki up), so on longer rows the gain measured is the write
-/// streamed from a cached row rather than the overlap; grouping rows as the online pipeline
-/// does (≈1 Mi elements a task) measured no better (16384x4096, 2048x32768).
+/// (16 Ki elements: one row from 16 Ki up), so on longer rows the gain is the write streamed
+/// from a cached row rather than the overlap (PERF.md).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn rows_three_pass_pipe<S: Isa>(
@@ -603,8 +596,8 @@ fn rows_three_pass_pipe<S: Isa>(
                     }
                 }
                 if regular(Online { m, d }) {
-                    // No prefetch in this loop: pass 2 above fetched row r + 1 into L2 (hints
-                    // further ahead here cost 0.87 -> 0.70 of copy at 65536x1024).
+                    // No prefetch in this loop: pass 2 above fetched row r + 1 into L2, and
+                    // hints further ahead only compete with it (PERF.md).
                     let c = if log { d.ln() as f32 } else { (1.0 / d) as f32 };
                     m = k::finish_max_next(s, b, yr, c, log, true, next, None);
                 } else {

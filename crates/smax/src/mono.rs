@@ -16,7 +16,7 @@ use crate::element::Element;
 use crate::error::Result;
 use crate::kernel::FwdOp;
 use crate::layout::{View, ViewMut};
-use crate::loss::{CeLoss, CrossEntropy, RowOutputs, Targets};
+use crate::loss::{CrossEntropyOptions, LossReport, RowOutputs, Targets};
 use crate::options::Options;
 
 /// The heavy generic entry points, instantiated for one element type.
@@ -25,8 +25,13 @@ pub struct Kernels<T: 'static> {
     pub(crate) forward: fn(FwdOp, Option<View<'_, T>>, ViewMut<'_, T>, &Options) -> Result<()>,
     pub(crate) logsumexp: fn(View<'_, T>, &mut [T], &Options) -> Result<()>,
     pub(crate) backward: fn(bool, View<'_, T>, Option<View<'_, T>>, ViewMut<'_, T>, &Options) -> Result<()>,
-    pub(crate) cross_entropy:
-        fn(View<'_, T>, Targets<'_, T>, Option<ViewMut<'_, T>>, RowOutputs<'_>, &CrossEntropy<'_>) -> Result<CeLoss>,
+    pub(crate) cross_entropy: fn(
+        View<'_, T>,
+        Targets<'_, T>,
+        Option<ViewMut<'_, T>>,
+        RowOutputs<'_>,
+        &CrossEntropyOptions<'_>,
+    ) -> Result<LossReport>,
 }
 
 impl<T: Element> Kernels<T> {

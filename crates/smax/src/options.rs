@@ -35,9 +35,8 @@ pub enum Algorithm {
     /// holding a non-finite value or an entry of magnitude ≥ 2^22 (after the temperature)
     /// redo pass 1 with [`Algorithm::Online`]. It costs about 30 vector operations per input
     /// vector against about 18 for the online pass (whose second read of each 256-element
-    /// block hits L1), so `Auto` does not pick it on the machines measured: `smax bench`,
-    /// AVX-512, 2 threads, 4x16777216, two-pass 0.56 of copy (logsumexp 0.71 of read) against
-    /// online 0.70 (0.83); in L1, 1 thread, logsumexp 12 against 18 GB/s.
+    /// block hits L1), so `Auto` does not pick it: on the machines measured it is slower both
+    /// out of cache and in L1.
     TwoPass,
     /// The online normaliser (Milakov & Gimelshein 2018), blocked: a running `(max, Σ)` state
     /// updated once per block of 256 elements, then the write pass. Two reads, one write. On
@@ -54,12 +53,9 @@ impl Algorithm {
     /// call. On f32 with a separate output, the online write pass over each row also runs the
     /// online pass over the next row (software pipelining: two reads and a write overlap in
     /// one loop, as in a triad) and streams its output past the cache when the output is
-    /// large; three-pass computes each exponential once but writes through the cache.
-    /// Measured with `smax bench`, 2 threads, AVX-512, as fractions of the copy roofline, out
-    /// of cache: online 0.84–0.88 vs three-pass 0.72–0.76 at 2048x32768, 0.89 vs 0.62 at
-    /// 512x131072, 0.73–0.80 vs 0.36 at 64x1048576, 0.77–0.81 vs 0.72–0.76 at 16384x4096;
-    /// three-pass ahead at 65536x1024 (0.75–0.78 vs 0.72). In cache, three-pass is ahead up
-    /// to 4 Ki (256x4096: 0.18–0.21 vs 0.21–0.30 ms) and online from 8 Ki (128x8192).
+    /// large; three-pass computes each exponential once but writes through the cache. The
+    /// crossover was measured with `smax bench` (in cache, three-pass is ahead up to 4 Ki and
+    /// online from 8 Ki).
     pub fn resolve(self, len: usize) -> Algorithm {
         match self {
             Algorithm::Auto => {
@@ -76,12 +72,8 @@ impl Algorithm {
     /// The algorithm `Auto` resolves to for log-softmax rows of `len` elements:
     /// [`Algorithm::ThreePass`] up to 512 elements, [`Algorithm::Online`] above (see
     /// [`Algorithm::resolve`]). Log-softmax's write pass is a subtraction, so the pipelined
-    /// online algorithm pays less for its second exponential than softmax does. Measured
-    /// with `smax bench` (AVX-512, fractions of the copy roofline), 2 threads out of cache:
-    /// online 0.80–0.82 vs three-pass 0.71–0.77 at 65536x1024, 0.87–0.89 vs 0.72–0.76 at
-    /// 16384x4096, 0.93–1.01 vs 0.62 at 512x131072; three-pass ahead at 131072x512 (22–25 vs
-    /// 32–34 ms). 1 thread at 32768x2048: 44 vs 49 ms. In cache at 1 Ki, online is ahead
-    /// with 2 threads (1024x1024: 0.16–0.18 vs 0.18–0.21 ms), three-pass with 1 (10 %).
+    /// online algorithm pays less for its second exponential than softmax does (crossover
+    /// measured with `smax bench`).
     pub fn resolve_log_softmax(self, len: usize) -> Algorithm {
         match self {
             Algorithm::Auto => {
@@ -98,10 +90,7 @@ impl Algorithm {
     /// The algorithm `Auto` resolves to for logsumexp over rows of `len` elements, which has no
     /// write pass: [`Algorithm::ThreePass`] up to 4 Ki elements (the sum pass re-reads the row
     /// from L1), [`Algorithm::Online`] (one read, its exponentials overlapping the next
-    /// lines' fetch) above. Measured with `smax bench`, 2 threads, AVX-512, fractions of the
-    /// read roofline, medians of 4 runs, three-pass vs online: 65536x1024 0.84 vs 0.78,
-    /// 16384x4096 0.85–0.92 vs 0.85–0.90, 8192x8192 0.83 vs 0.85, 4096x16384 0.78 vs 0.87,
-    /// 2048x32768 0.83 vs 0.94, 512x131072 0.82 vs 0.88, 256x262144 0.81 vs 0.92.
+    /// lines' fetch) above (crossover measured with `smax bench`).
     pub fn resolve_logsumexp(self, len: usize) -> Algorithm {
         match self {
             Algorithm::Auto => {
@@ -137,8 +126,65 @@ pub enum Par {
     Rayon,
 }
 
-/// Options shared by every normaliser. `Options::default()` is plain softmax: temperature 1,
-/// NaN for fully masked rows, automatic algorithm, rayon, best SIMD level.
+/// The execution settings every options struct of the crate carries as its `exec` field:
+/// threads and the SIMD level. Neither changes a result bit for a given SIMD level: work is
+/// split by fixed shapes, never by thread count. `Exec::default()` is rayon and the best SIMD
+/// level the CPU has (or `SMAX_SIMD`). Ops computed in scalar f64 (the `calibrate` metrics,
+/// `quant`, the f64 losses) read only `par`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Exec {
+    /// Threads.
+    pub par: Par,
+    /// Forces a SIMD level (clamped to what the CPU has). `None`: `SMAX_SIMD` or the best.
+    pub simd: Option<SimdLevel>,
+}
+
+impl Exec {
+    /// The calling thread only, best SIMD level.
+    pub const SEQ: Exec = Exec {
+        par: Par::Seq,
+        simd: None,
+    };
+}
+
+/// Generates the builder setters of an options struct, the one way every options struct of the
+/// crate gets them: `field(v)` for each plain field listed, `field(v)` setting `Some(v)` for
+/// each field listed under `some`, and `par(p)` / `simd(level)` writing into `exec`.
+macro_rules! setters {
+    ($ty:ident $(<$($g:tt),*>)? { $($f:ident: $t:ty),* $(,)? } $(some { $($of:ident: $ot:ty),* $(,)? })?) => {
+        impl$(<$($g),*>)? $ty$(<$($g),*>)? {
+            $(
+                #[doc = concat!("Sets `", stringify!($f), "` (see the field).")]
+                pub fn $f(mut self, v: $t) -> Self {
+                    self.$f = v;
+                    self
+                }
+            )*
+            $($(
+                #[doc = concat!("Sets `", stringify!($of), "` to `Some(v)` (see the field).")]
+                pub fn $of(mut self, v: $ot) -> Self {
+                    self.$of = Some(v);
+                    self
+                }
+            )*)?
+            /// Sets the threads (`exec.par`).
+            pub fn par(mut self, p: $crate::Par) -> Self {
+                self.exec.par = p;
+                self
+            }
+            /// Forces a SIMD level (`exec.simd`).
+            pub fn simd(mut self, l: $crate::SimdLevel) -> Self {
+                self.exec.simd = Some(l);
+                self
+            }
+        }
+    };
+}
+pub(crate) use setters;
+
+/// Options of the core normalisers (`softmax`, `log_softmax`, `logsumexp` and their backward
+/// passes). `Options::default()` is plain softmax: temperature 1, NaN for fully masked rows,
+/// automatic algorithm, rayon, best SIMD level.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Options {
     /// Divides the inputs: `softmax(x / τ)`. Must be finite and `> 0` with `1/τ` finite in the
@@ -149,10 +195,8 @@ pub struct Options {
     pub masked_row: MaskedRow,
     /// Algorithm for row layouts (axis layouts always run three passes over column blocks).
     pub algorithm: Algorithm,
-    /// Threads.
-    pub par: Par,
-    /// Forces a SIMD level (clamped to what the CPU has). `None`: `SMAX_SIMD` or the best.
-    pub simd: Option<SimdLevel>,
+    /// Threads and SIMD level.
+    pub exec: Exec,
 }
 
 impl Default for Options {
@@ -161,39 +205,18 @@ impl Default for Options {
             temperature: 1.0,
             masked_row: MaskedRow::Nan,
             algorithm: Algorithm::Auto,
-            par: Par::Rayon,
-            simd: None,
+            exec: Exec::default(),
         }
     }
 }
 
-impl Options {
-    /// Sets the temperature.
-    pub fn temperature(mut self, t: f64) -> Self {
-        self.temperature = t;
-        self
-    }
-    /// Sets the masked-row policy.
-    pub fn masked_row(mut self, m: MaskedRow) -> Self {
-        self.masked_row = m;
-        self
-    }
-    /// Sets the algorithm.
-    pub fn algorithm(mut self, a: Algorithm) -> Self {
-        self.algorithm = a;
-        self
-    }
-    /// Sets the parallelism.
-    pub fn par(mut self, p: Par) -> Self {
-        self.par = p;
-        self
-    }
-    /// Forces a SIMD level.
-    pub fn simd(mut self, l: SimdLevel) -> Self {
-        self.simd = Some(l);
-        self
-    }
+setters!(Options {
+    temperature: f64,
+    masked_row: MaskedRow,
+    algorithm: Algorithm
+});
 
+impl Options {
     /// `1/τ` in f32 and f64, validated.
     pub(crate) fn inv_temperature(&self, f32_compute: bool) -> Result<(f32, f64)> {
         let t = self.temperature;

@@ -19,6 +19,28 @@ pub enum ZeroMode {
     ClampToMin,
 }
 
+/// How [`Quantizer::Sulq`] reconstructs: `x̂ = 2^e − η` with the exponent `e = q·δ + y_min`
+/// rounded (the released code's behaviour) or as computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SulqExponent {
+    /// `2^{round(q·δ + y_min)}` (round half to even), as the released code does.
+    #[default]
+    Rounded,
+    /// `2^{q·δ + y_min}`.
+    Exact,
+}
+
+/// How many levels [`Quantizer::Sulq`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SulqLevels {
+    /// `2^b` levels, `δ = (y_max − y_min)/(2^b − 1)`.
+    #[default]
+    Bits,
+    /// The released forward pass: `δ = (y_max − y_min)/2^b` and codes up to `2^b` (`2^b + 1`
+    /// levels, one more than b bits hold).
+    ReleasedCode,
+}
+
 /// A quantizer with its parameters (calibrated or given).
 #[derive(Clone, Copy)]
 pub enum Quantizer {
@@ -60,9 +82,10 @@ pub enum Quantizer {
     },
     /// Shift-uniform-log2 (Q3, I&S-ViT's released code): `y = log2(x + η)`,
     /// `δ = (y_max − y_min)/(2^b − 1)`, `q = clamp(round((y − y_min)/δ), 0, 2^b − 1)`,
-    /// `x̂ = 2^{round(q·δ + y_min)} − η` (with `round_exponent`; reconstructions can be
-    /// negative). `code_compat` uses the released forward pass instead: `δ = (y_max − y_min)/2^b`
-    /// and codes up to `2^b` (`2^b + 1` levels, one more than b bits hold). Whether the paper
+    /// `x̂ = 2^{round(q·δ + y_min)} − η` (with [`SulqExponent::Rounded`]; reconstructions can be
+    /// negative). [`SulqLevels::ReleasedCode`] uses the released forward pass instead:
+    /// `δ = (y_max − y_min)/2^b` and codes up to `2^b` (`2^b + 1` levels, one more than b bits
+    /// hold). Whether the paper
     /// rounds the exponent is `[UNCONFIRMED]`; the default follows the code.
     Sulq {
         /// Bits (1–15).
@@ -73,10 +96,10 @@ pub enum Quantizer {
         y_min: f64,
         /// `max log2(x + η)` over the calibration set.
         y_max: f64,
-        /// Round the reconstruction exponent (the code's behaviour).
-        round_exponent: bool,
-        /// The released forward pass's `2^b + 1` levels.
-        code_compat: bool,
+        /// Whether the reconstruction exponent is rounded.
+        exponent: SulqExponent,
+        /// The paper's `2^b` levels or the released forward pass's `2^b + 1`.
+        levels: SulqLevels,
     },
     /// A companding quantizer: `q = round(f(x)·(2^b − 1))`, `x̂ = f⁻¹(q/(2^b − 1))`, for a
     /// monotone `f: [0, 1] → [0, 1]` and its inverse (the interface TanQ will use).
@@ -130,7 +153,13 @@ impl Quantizer {
 
     fn check(&self) -> Result<()> {
         let b = self.bits();
-        let max_bits = if matches!(self, Quantizer::Sulq { code_compat: true, .. }) {
+        let max_bits = if matches!(
+            self,
+            Quantizer::Sulq {
+                levels: SulqLevels::ReleasedCode,
+                ..
+            }
+        ) {
             15
         } else {
             16
@@ -195,10 +224,14 @@ impl Quantizer {
                 eta,
                 y_min,
                 y_max,
-                code_compat,
+                levels,
                 ..
             } => {
-                let levels = if code_compat { top + 1 } else { top };
+                let levels = if levels == SulqLevels::ReleasedCode {
+                    top + 1
+                } else {
+                    top
+                };
                 let d = (y_max - y_min) / levels as f64;
                 if d == 0.0 {
                     return (0, false);
@@ -241,14 +274,22 @@ impl Quantizer {
                 eta,
                 y_min,
                 y_max,
-                round_exponent,
-                code_compat,
+                exponent,
+                levels,
                 ..
             } => {
-                let levels = if code_compat { top + 1 } else { top };
+                let levels = if levels == SulqLevels::ReleasedCode {
+                    top + 1
+                } else {
+                    top
+                };
                 let d = (y_max - y_min) / levels as f64;
                 let e = q as f64 * d + y_min;
-                let e = if round_exponent { e.round_ties_even() } else { e };
+                let e = if exponent == SulqExponent::Rounded {
+                    e.round_ties_even()
+                } else {
+                    e
+                };
                 e.exp2() - eta
             }
             Quantizer::Companding { f_inv, .. } => f_inv(q as f64 / top as f64),
@@ -354,7 +395,13 @@ pub fn dequantize(codes: &[u16], zero: Option<&[bool]>, q: &Quantizer, out: &mut
         }
     }
     let top = (1u64 << q.bits()) - 1;
-    let levels = if matches!(q, Quantizer::Sulq { code_compat: true, .. }) {
+    let levels = if matches!(
+        q,
+        Quantizer::Sulq {
+            levels: SulqLevels::ReleasedCode,
+            ..
+        }
+    ) {
         top + 1
     } else {
         top
@@ -429,7 +476,7 @@ pub fn calibrate_log_sqrt2(calib: &[f32], bits: u32) -> Result<Quantizer> {
 /// I&S-ViT's SULQ calibration (Q3): for each η in {0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05,
 /// 0.1, 0.2, 0.5, 1.0}, `y_min`/`y_max` of `log2(x + η)` over the calibration values, keeping
 /// the η with the smallest mean squared reconstruction error (earlier wins ties).
-pub fn calibrate_sulq(calib: &[f32], bits: u32, round_exponent: bool, code_compat: bool) -> Result<Quantizer> {
+pub fn calibrate_sulq(calib: &[f32], bits: u32, exponent: SulqExponent, levels: SulqLevels) -> Result<Quantizer> {
     let s = nonempty_finite(calib)?;
     let mut best: Option<(Quantizer, f64)> = None;
     for eta in [0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1.0] {
@@ -438,8 +485,8 @@ pub fn calibrate_sulq(calib: &[f32], bits: u32, round_exponent: bool, code_compa
             eta,
             y_min: (s[0] + eta).log2(),
             y_max: (s[s.len() - 1] + eta).log2(),
-            round_exponent,
-            code_compat,
+            exponent,
+            levels,
         };
         let e = mse_of(calib, &q)?;
         if best.as_ref().is_none_or(|b| e < b.1) {

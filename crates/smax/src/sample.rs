@@ -11,7 +11,7 @@
 //!    for `T > 0` it is the order of `z` and of the probabilities).
 //! 2. **Top-k** (`k ≥ 1`): keep the tokens whose `t` is at least the k-th largest value (ties
 //!    at the boundary are all kept, as Hugging Face does, so more than k can survive); with
-//!    [`SampleParams::strict_top_k`], exactly the first k in the order. `k ≥` the number of
+//!    [`SampleOptions::strict_top_k`], exactly the first k in the order. `k ≥` the number of
 //!    unmasked tokens is a no-op.
 //! 3. **Top-p** (`0 < p ≤ 1`) on the survivors, *renormalised over them*: with
 //!    `p_i = exp(t_i − lse)`, `lse` over the survivors, walk the order and keep token j while the
@@ -43,12 +43,12 @@
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{View, ViewMut};
-use crate::options::Par;
+use crate::options::{Exec, setters};
 use crate::par;
 
 /// Filtering and temperature of [`sample`] and [`process`]. `Default`: T = 1, no filter.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SampleParams {
+pub struct SampleOptions {
     /// Temperature `T ≥ 0` (0: greedy argmax); negative or non-finite is an error.
     pub temperature: f64,
     /// Top-k (`k ≥ 1`), or none.
@@ -59,21 +59,27 @@ pub struct SampleParams {
     pub top_p: Option<f64>,
     /// Min-p base in `[0, 1]`, or none.
     pub min_p: Option<f64>,
+    /// Threads (rows run in parallel; each row computes in scalar f64, `exec.simd` has no
+    /// effect).
+    pub exec: Exec,
 }
 
-impl Default for SampleParams {
+impl Default for SampleOptions {
     fn default() -> Self {
-        SampleParams {
+        SampleOptions {
             temperature: 1.0,
             top_k: None,
             strict_top_k: false,
             top_p: None,
             min_p: None,
+            exec: Exec::default(),
         }
     }
 }
 
-impl SampleParams {
+setters!(SampleOptions { temperature: f64, strict_top_k: bool } some { top_k: usize, top_p: f64, min_p: f64 });
+
+impl SampleOptions {
     fn check(&self) -> Result<()> {
         let bad = |name, v: String, expected| {
             Err(Error::BadParameter {
@@ -283,7 +289,7 @@ fn top_k_key(t: &[f64], k: usize) -> u128 {
 }
 
 /// Filters one row (already `t = z/T`, validated) into its kept set.
-fn filter_row(t: &[f64], p: &SampleParams) -> Kept {
+fn filter_row(t: &[f64], p: &SampleOptions) -> Kept {
     let n = t.len();
     let mut t_max = f64::NEG_INFINITY;
     for &v in t {
@@ -416,7 +422,7 @@ fn argmax(t: &[f64]) -> usize {
 }
 
 /// One row: kept set, processed log-probabilities (optional) and the draw.
-fn run_row(t: &[f64], p: &SampleParams, u: Option<f64>, lp_out: Option<&mut [f64]>) -> (usize, usize) {
+fn run_row(t: &[f64], p: &SampleOptions, u: Option<f64>, lp_out: Option<&mut [f64]>) -> (usize, usize) {
     if p.temperature == 0.0 {
         let a = argmax(t);
         if let Some(o) = lp_out {
@@ -481,11 +487,10 @@ pub enum Processed {
 /// the wrong length, an axis layout.
 pub fn sample<T: Element, U: Element>(
     logits: View<'_, T>,
-    p: &SampleParams,
     draw: Draw<'_>,
     tokens: &mut [u32],
     processed: Option<(ViewMut<'_, U>, Processed)>,
-    par: Par,
+    p: &SampleOptions,
 ) -> Result<SampleStats> {
     let (rows, _, _) = rows_of(&logits)?;
     if tokens.len() != rows {
@@ -515,7 +520,7 @@ pub fn sample<T: Element, U: Element>(
             });
         }
     }
-    let res = run(logits, p, Some(draw), processed, par)?;
+    let res = run(logits, p, Some(draw), processed)?;
     let mut st = SampleStats::default();
     for (o, (tok, count)) in tokens.iter_mut().zip(res) {
         *o = tok as u32;
@@ -530,21 +535,19 @@ pub fn sample<T: Element, U: Element>(
 /// kept-set size per row. Same errors as [`sample`].
 pub fn process<T: Element, U: Element>(
     logits: View<'_, T>,
-    p: &SampleParams,
     out: ViewMut<'_, U>,
     what: Processed,
-    par: Par,
+    p: &SampleOptions,
 ) -> Result<Vec<usize>> {
-    let r = run(logits, p, None, Some((out, what)), par)?;
+    let r = run(logits, p, None, Some((out, what)))?;
     Ok(r.into_iter().map(|(_, c)| c).collect())
 }
 
 fn run<T: Element, U: Element>(
     logits: View<'_, T>,
-    p: &SampleParams,
+    p: &SampleOptions,
     draw: Option<Draw<'_>>,
     processed: Option<(ViewMut<'_, U>, Processed)>,
-    par: Par,
 ) -> Result<Vec<(usize, usize)>> {
     p.check()?;
     let (rows, len, xs) = rows_of(&logits)?;
@@ -566,7 +569,7 @@ fn run<T: Element, U: Element>(
             .collect(),
         None => (0..rows).map(|r| (r, 1, None)).collect(),
     };
-    let out: Vec<Result<Vec<(usize, usize)>>> = par::map(par, items, |(r0, n, mut o)| {
+    let out: Vec<Result<Vec<(usize, usize)>>> = par::map(p.exec.par, items, |(r0, n, mut o)| {
         let mut res = Vec::with_capacity(n);
         let mut lp = vec![0.0f64; if o.is_some() { len } else { 0 }];
         for i in 0..n {
@@ -611,6 +614,32 @@ pub enum GumbelSource<'a> {
     Uniforms(&'a [f64]),
 }
 
+/// Options of [`gumbel_max`]. `Default`: T = 1, one token per row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GumbelOptions {
+    /// Temperature `T`, finite and > 0.
+    pub temperature: f64,
+    /// Tokens drawn per row without replacement, `1 ≤ k ≤` vocabulary.
+    pub k: usize,
+    /// Threads (rows run in parallel in scalar f64; `exec.simd` has no effect).
+    pub exec: Exec,
+}
+
+impl Default for GumbelOptions {
+    fn default() -> Self {
+        GumbelOptions {
+            temperature: 1.0,
+            k: 1,
+            exec: Exec::default(),
+        }
+    }
+}
+
+setters!(GumbelOptions {
+    temperature: f64,
+    k: usize
+});
+
 /// Gumbel-max sampling (D2): `argmax_i (z_i/T + g_i)` with `g_i = −ln(−ln u_i)` and `u_i` from
 /// `source` (open uniforms, so both logs are finite). This is exactly a sample from
 /// `softmax(z/T)` and needs no normalisation, so it works on unnormalised or partial logits;
@@ -620,12 +649,11 @@ pub enum GumbelSource<'a> {
 /// tokens.
 pub fn gumbel_max<T: Element>(
     logits: View<'_, T>,
-    temperature: f64,
     source: GumbelSource<'_>,
-    k: usize,
     tokens: &mut [u32],
-    par: Par,
+    opts: &GumbelOptions,
 ) -> Result<()> {
+    let GumbelOptions { temperature, k, exec } = *opts;
     let (rows, len, xs) = rows_of(&logits)?;
     if !(temperature.is_finite() && temperature > 0.0) {
         return Err(Error::BadParameter {
@@ -669,7 +697,7 @@ pub fn gumbel_max<T: Element>(
         });
     }
     let items: Vec<usize> = (0..rows).collect();
-    let out: Vec<Result<Vec<u32>>> = par::map(par, items, |r| {
+    let out: Vec<Result<Vec<u32>>> = par::map(exec.par, items, |r| {
         let t = prepare(&logits.data[r * xs..r * xs + len], temperature, r)?;
         let mut keys: Vec<u128> = t
             .iter()

@@ -157,16 +157,20 @@ pub(crate) fn rows_fwd<T: Element>(f: Fwd, k: f64, opts: &Options, g: RowGeom, x
     }
     let x = x.map(f64s);
     let y = f64s_mut(y);
-    par::for_each(opts.par, par::row_groups(y, g.rows, g.len, g.ys), |_, (r0, cnt, yg)| {
-        let mut tmp = Vec::new();
-        for i in 0..cnt {
-            let yr = &mut yg[i * g.ys..i * g.ys + g.len];
-            match x {
-                Some(x) => row_fwd(&f, k, &x[(r0 + i) * g.xs..(r0 + i) * g.xs + g.len], yr),
-                None => row_fwd_inplace(&f, k, yr, &mut tmp),
+    par::for_each(
+        opts.exec.par,
+        par::row_groups(y, g.rows, g.len, g.ys),
+        |_, (r0, cnt, yg)| {
+            let mut tmp = Vec::new();
+            for i in 0..cnt {
+                let yr = &mut yg[i * g.ys..i * g.ys + g.len];
+                match x {
+                    Some(x) => row_fwd(&f, k, &x[(r0 + i) * g.xs..(r0 + i) * g.xs + g.len], yr),
+                    None => row_fwd_inplace(&f, k, yr, &mut tmp),
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 pub(crate) fn rows_lse<T: Element>(k: f64, opts: &Options, g: RowGeom, x: &[T], out: &mut [T]) {
@@ -174,7 +178,7 @@ pub(crate) fn rows_lse<T: Element>(k: f64, opts: &Options, g: RowGeom, x: &[T], 
     let out = f64s_mut(out);
     let per = par::rows_per_task(g.len);
     let items: Vec<(usize, &mut [f64])> = out.chunks_mut(per).enumerate().collect();
-    par::for_each(opts.par, items, |_, (i, o)| {
+    par::for_each(opts.exec.par, items, |_, (i, o)| {
         for (j, v) in o.iter_mut().enumerate() {
             let r = i * per + j;
             *v = row_lse(k, &x[r * g.xs..r * g.xs + g.len]);
@@ -201,7 +205,7 @@ pub(crate) fn rows_bwd<T: Element>(
     let dy = dy.map(f64s);
     let dx = f64s_mut(dx);
     par::for_each(
-        opts.par,
+        opts.exec.par,
         par::row_groups(dx, g.rows, g.len, g.ys),
         |_, (r0, cnt, dg)| {
             let mut tmp = Vec::new();

@@ -9,8 +9,8 @@ mod common;
 
 use common::Rng;
 use smax::attention::{
-    AttentionGrads, AttentionOptions, AttentionShape, DecodeOptions, HeadStrides, Heads, KeepMask, QueryPositions,
-    ScoreBias, ScoreStrides, UnifiedFallback, UnifiedMax, attention, attention_backward, attention_decode,
+    AttentionGrads, AttentionOptions, AttentionShape, HeadStrides, Heads, KeepMask, QueryPositions, ScoreBias,
+    ScoreStrides, SplitK, UnifiedFallback, UnifiedMax, attention, attention_backward, attention_decode,
     attention_decode_unified, merge_attention_states, profile_unified_max,
 };
 use smax::{Error, Par, bf16, f16};
@@ -49,13 +49,13 @@ impl Cfg {
         let mut o = AttentionOptions::default()
             .causal(self.causal)
             .scale(self.scale as f32)
-            .temperature(self.tau as f32)
+            .temperature(self.tau)
             .positions(QueryPositions::Offset(self.offset));
         if let Some(c) = self.softcap {
             o = o.softcap(c as f32);
         }
         if let Some((l, r)) = self.window {
-            o = o.window(l, r);
+            o = o.window(smax::attention::Window { left: l, right: r });
         }
         if let Some(b) = &self.bias {
             o = o.bias(ScoreBias { data: b, strides: st });
@@ -203,12 +203,8 @@ fn run_fwd(cfg: &Cfg, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let mut out = vec![0.0f32; cfg.s.out_len()];
     let mut lse = vec![0.0f32; cfg.s.lse_len()];
     attention(
-        cfg.s,
-        Heads::new(q),
-        Heads::new(k),
-        Heads::new(v),
-        &mut out,
-        Some(&mut lse),
+        smax::attention::AttentionInputs::new(cfg.s, Heads::new(q), Heads::new(k), Heads::new(v)),
+        smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
         &cfg.opts(),
     )
     .unwrap();
@@ -233,7 +229,15 @@ fn bwd(
         vec![0.0f32; s.kv_len_elems()],
     );
     let g = AttentionGrads::new(&mut dq, &mut dk, &mut dv);
-    attention_backward(s, Heads::new(q), Heads::new(k), Heads::new(v), out, d_out, lse, g, o).unwrap();
+    attention_backward(
+        smax::attention::AttentionInputs::new(s, Heads::new(q), Heads::new(k), Heads::new(v)),
+        out,
+        lse,
+        d_out,
+        g,
+        o,
+    )
+    .unwrap();
     (dq, dk, dv)
 }
 
@@ -288,14 +292,13 @@ fn worked_example_a1() {
     for tiles in [(1, 2), (4, 1), (128, 256)] {
         let mut out = [0.0f32; 2];
         let mut lse = [0.0f32; 1];
-        let o = AttentionOptions::default().tiles(tiles.0, tiles.1);
+        let o = AttentionOptions::default().tiles(smax::attention::AttentionTiles {
+            q: tiles.0,
+            kv: tiles.1,
+        });
         attention(
-            s,
-            Heads::new(&q),
-            Heads::new(&k),
-            Heads::new(&v),
-            &mut out,
-            Some(&mut lse),
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+            smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
             &o,
         )
         .unwrap();
@@ -330,14 +333,10 @@ fn small_tiles_exercise_every_boundary() {
         let (q, k, v) = inputs(&mut rng, cfg.s, 4.0);
         let mut out = vec![0.0f32; cfg.s.out_len()];
         let mut lse = vec![0.0f32; cfg.s.lse_len()];
-        let o = cfg.opts().tiles(bq, bk);
+        let o = cfg.opts().tiles(smax::attention::AttentionTiles { q: bq, kv: bk });
         attention(
-            cfg.s,
-            Heads::new(&q),
-            Heads::new(&k),
-            Heads::new(&v),
-            &mut out,
-            Some(&mut lse),
+            smax::attention::AttentionInputs::new(cfg.s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+            smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
             &o,
         )
         .unwrap();
@@ -408,8 +407,15 @@ fn temperature_worked_example_a7() {
         (0.8, [0.293131237, 0.1884209731, 0.4560316226, 0.0624161673]),
     ] {
         let mut out = [0.0f32; 4];
-        let o = AttentionOptions::default().scale(1.0 / 2f32.sqrt()).temperature(tau);
-        attention(s, Heads::new(&q), Heads::new(&k), Heads::new(&v), &mut out, None, &o).unwrap();
+        let o = AttentionOptions::default()
+            .scale(1.0 / 2f32.sqrt())
+            .temperature(tau as f64);
+        attention(
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+            smax::attention::AttentionOutputs::new(&mut out, None),
+            &o,
+        )
+        .unwrap();
         for (g, w) in out.iter().zip(want) {
             assert!((*g as f64 - w).abs() < 1e-6, "tau {tau}: {out:?}");
         }
@@ -438,12 +444,8 @@ fn fully_masked_rows_give_zero_and_neg_inf_lse() {
     let mut lse0 = vec![0.0f32; 3];
     let o = AttentionOptions::default();
     attention(
-        s0,
-        Heads::new(&[0.0f32; 12]),
-        Heads::new(&[]),
-        Heads::new(&[]),
-        &mut out0,
-        Some(&mut lse0),
+        smax::attention::AttentionInputs::new(s0, Heads::new(&[0.0f32; 12]), Heads::new(&[]), Heads::new(&[])),
+        smax::attention::AttentionOutputs::new(&mut out0, Some(&mut lse0)),
         &o,
     )
     .unwrap();
@@ -572,12 +574,8 @@ fn thread_count_and_call_composition_do_not_change_bits() {
     let seq = {
         let (mut out, mut lse) = (vec![0.0f32; s.out_len()], vec![0.0f32; s.lse_len()]);
         attention(
-            s,
-            Heads::new(&q),
-            Heads::new(&k),
-            Heads::new(&v),
-            &mut out,
-            Some(&mut lse),
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+            smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
             &cfg.opts().par(Par::Seq),
         )
         .unwrap();
@@ -623,14 +621,20 @@ fn strided_bshd_inputs_equal_contiguous() {
     let o = AttentionOptions::default().causal(true);
     let mut a = vec![0.0f32; s.out_len()];
     let mut b = vec![0.0f32; s.out_len()];
-    attention(s, Heads::new(&q), Heads::new(&k), Heads::new(&v), &mut a, None, &o).unwrap();
     attention(
-        s,
-        Heads::strided(&qb, HeadStrides::bshd(3, 17, 8)),
-        Heads::strided(&kb, HeadStrides::bshd(3, 29, 8)),
-        Heads::strided(&vb, HeadStrides::bshd(3, 29, 8)),
-        &mut b,
-        None,
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+        smax::attention::AttentionOutputs::new(&mut a, None),
+        &o,
+    )
+    .unwrap();
+    attention(
+        smax::attention::AttentionInputs::new(
+            s,
+            Heads::strided(&qb, HeadStrides::bshd(3, 17, 8)),
+            Heads::strided(&kb, HeadStrides::bshd(3, 29, 8)),
+            Heads::strided(&vb, HeadStrides::bshd(3, 29, 8)),
+        ),
+        smax::attention::AttentionOutputs::new(&mut b, None),
         &o,
     )
     .unwrap();
@@ -654,12 +658,8 @@ fn half_inputs_are_widened_and_narrowed_once() {
         let (qn, kn, vn) = (n(q), n(k), n(v));
         let mut out = vec![T::from_f32(0.0); cfg.s.out_len()];
         attention(
-            cfg.s,
-            Heads::new(&qn),
-            Heads::new(&kn),
-            Heads::new(&vn),
-            &mut out,
-            None,
+            smax::attention::AttentionInputs::new(cfg.s, Heads::new(&qn), Heads::new(&kn), Heads::new(&vn)),
+            smax::attention::AttentionOutputs::new(&mut out, None),
             &cfg.opts(),
         )
         .unwrap();
@@ -762,7 +762,16 @@ fn backward_with_bias_keep_and_temperature() {
         let (q, k, v) = inputs(&mut rng, s, 2.0);
         let d_out: Vec<f32> = rng.vec(s.out_len(), 1.0).into_iter().map(|x| x as f32).collect();
         let (out, lse) = run_fwd(&cfg, &q, &k, &v);
-        let (dq, dk, dv) = bwd(s, &q, &k, &v, &out, &d_out, &lse, &cfg.opts().tiles(16, 16));
+        let (dq, dk, dv) = bwd(
+            s,
+            &q,
+            &k,
+            &v,
+            &out,
+            &d_out,
+            &lse,
+            &cfg.opts().tiles(smax::attention::AttentionTiles { q: 16, kv: 16 }),
+        );
         let (rq, rk, rv) = cfg.backward(&wide(&q), &wide(&k), &wide(&v), &wide(&d_out));
         close("dq", &dq, &rq, BWD_TOL, max_abs(&rq));
         close("dk", &dk, &rk, BWD_TOL, max_abs(&rk));
@@ -776,42 +785,35 @@ fn bad_input_is_a_typed_error() {
     let x = vec![0.0f32; 1000];
     let mut out = vec![0.0f32; s.out_len()];
     let o = AttentionOptions::default();
-    let e = attention(s, Heads::new(&x), Heads::new(&x), Heads::new(&x), &mut out, None, &o).unwrap_err();
+    let e = attention(
+        smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
+        smax::attention::AttentionOutputs::new(&mut out, None),
+        &o,
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::Unsupported { what: "kv_heads", .. }), "{e}");
     let s = AttentionShape::new(1, 2, 4, 4, 8);
     let mut out = vec![0.0f32; s.out_len()];
     let short = vec![0.0f32; 10];
     let e = attention(
-        s,
-        Heads::new(&short),
-        Heads::new(&x),
-        Heads::new(&x),
-        &mut out,
-        None,
+        smax::attention::AttentionInputs::new(s, Heads::new(&short), Heads::new(&x), Heads::new(&x)),
+        smax::attention::AttentionOutputs::new(&mut out, None),
         &o,
     )
     .unwrap_err();
     assert!(matches!(e, Error::BufferTooShort { what: "q", .. }), "{e}");
     let e = attention(
-        s,
-        Heads::new(&x),
-        Heads::new(&x),
-        Heads::new(&x),
-        &mut out[..5],
-        None,
+        smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
+        smax::attention::AttentionOutputs::new(&mut out[..5], None),
         &o,
     )
     .unwrap_err();
     assert!(matches!(e, Error::LengthMismatch { what: "out", .. }), "{e}");
     for t in [0.0f32, -1.0, f32::NAN] {
         let e = attention(
-            s,
-            Heads::new(&x),
-            Heads::new(&x),
-            Heads::new(&x),
-            &mut out,
-            None,
-            &o.temperature(t),
+            smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
+            smax::attention::AttentionOutputs::new(&mut out, None),
+            &o.temperature(t as f64),
         )
         .unwrap_err();
         assert!(
@@ -826,24 +828,16 @@ fn bad_input_is_a_typed_error() {
         );
     }
     let e = attention(
-        s,
-        Heads::new(&x),
-        Heads::new(&x),
-        Heads::new(&x),
-        &mut out,
-        None,
+        smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
+        smax::attention::AttentionOutputs::new(&mut out, None),
         &o.scale(f32::INFINITY),
     )
     .unwrap_err();
     assert!(matches!(e, Error::BadParameter { name: "scale", .. }), "{e}");
     for c in [0.0f32, -2.0, f32::NAN, f32::INFINITY] {
         let e = attention(
-            s,
-            Heads::new(&x),
-            Heads::new(&x),
-            Heads::new(&x),
-            &mut out,
-            None,
+            smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
+            smax::attention::AttentionOutputs::new(&mut out, None),
             &o.softcap(c),
         )
         .unwrap_err();
@@ -854,28 +848,39 @@ fn bad_input_is_a_typed_error() {
         data: &bias,
         strides: ScoreStrides::shared(4),
     });
-    let e = attention(s, Heads::new(&x), Heads::new(&x), Heads::new(&x), &mut out, None, &ob).unwrap_err();
+    let e = attention(
+        smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
+        smax::attention::AttentionOutputs::new(&mut out, None),
+        &ob,
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::BufferTooShort { what: "bias", .. }), "{e}");
     let e = attention(
-        s,
-        Heads::strided(
-            &x,
-            HeadStrides {
-                batch: 64,
-                head: 32,
-                token: 4,
-            },
+        smax::attention::AttentionInputs::new(
+            s,
+            Heads::strided(
+                &x,
+                HeadStrides {
+                    batch: 64,
+                    head: 32,
+                    token: 4,
+                },
+            ),
+            Heads::new(&x),
+            Heads::new(&x),
         ),
-        Heads::new(&x),
-        Heads::new(&x),
-        &mut out,
-        None,
+        smax::attention::AttentionOutputs::new(&mut out, None),
         &o,
     )
     .unwrap_err();
     assert!(matches!(e, Error::StrideTooSmall { what: "q", .. }), "{e}");
     let s0 = AttentionShape::new(1, 1, 1, 1, 0);
-    let e = attention(s0, Heads::new(&x), Heads::new(&x), Heads::new(&x), &mut [], None, &o).unwrap_err();
+    let e = attention(
+        smax::attention::AttentionInputs::new(s0, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
+        smax::attention::AttentionOutputs::new(&mut [], None),
+        &o,
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::BadParameter { name: "head_dim", .. }), "{e}");
 }
 
@@ -887,7 +892,18 @@ fn worked_example_a2_merge() {
     let o = [0.5874790008f32, 1.5874790008, 2.5768884494, -0.7461330697];
     let l = [1.2390215580409039f32, 1.2460800677481865];
     let (mut out, mut lse) = ([0.0f32; 2], [0.0f32; 1]);
-    merge_attention_states(2, 1, 2, &o, &l, &mut out, &mut lse).unwrap();
+    merge_attention_states(
+        smax::attention::PartialStates {
+            parts: 2,
+            rows: 1,
+            head_dim: 2,
+            out: &o,
+            lse: &l,
+        },
+        &mut out,
+        &mut lse,
+    )
+    .unwrap();
     assert!((lse[0] as f64 - 1.935704221261473).abs() < 1e-6);
     assert!((out[0] as f64 - 1.585694277).abs() < 1e-6 && (out[1] as f64 - 0.4165550268).abs() < 1e-6);
 }
@@ -906,18 +922,42 @@ fn merge_identity_and_grouping() {
     l_empty.extend(std::iter::repeat_n(f32::NEG_INFINITY, rows));
     let (mut a, mut la) = (vec![0.0f32; rows * d], vec![0.0f32; rows]);
     let (mut b, mut lb) = (vec![0.0f32; rows * d], vec![0.0f32; rows]);
-    merge_attention_states(parts, rows, d, &o, &l, &mut a, &mut la).unwrap();
-    merge_attention_states(parts + 1, rows, d, &with_empty, &l_empty, &mut b, &mut lb).unwrap();
+    merge_attention_states(
+        smax::attention::PartialStates {
+            parts,
+            rows,
+            head_dim: d,
+            out: &o,
+            lse: &l,
+        },
+        &mut a,
+        &mut la,
+    )
+    .unwrap();
+    merge_attention_states(
+        smax::attention::PartialStates {
+            parts: parts + 1,
+            rows,
+            head_dim: d,
+            out: &with_empty,
+            lse: &l_empty,
+        },
+        &mut b,
+        &mut lb,
+    )
+    .unwrap();
     assert_eq!(a, b);
     assert_eq!(la, lb);
     // empty ⊕ empty stays empty: output 0, lse -inf, never NaN.
     let (mut e, mut le) = (vec![9.0f32; d], vec![0.0f32; 1]);
     merge_attention_states(
-        2,
-        1,
-        d,
-        &vec![f32::NAN; 2 * d],
-        &[f32::NEG_INFINITY; 2],
+        smax::attention::PartialStates {
+            parts: 2,
+            rows: 1,
+            head_dim: d,
+            out: &vec![f32::NAN; 2 * d],
+            lse: &[f32::NEG_INFINITY; 2],
+        },
         &mut e,
         &mut le,
     )
@@ -927,10 +967,43 @@ fn merge_identity_and_grouping() {
     let half = 3 * rows;
     let (mut g1, mut lg1) = (vec![0.0f32; rows * d], vec![0.0f32; rows]);
     let (mut g2, mut lg2) = (vec![0.0f32; rows * d], vec![0.0f32; rows]);
-    merge_attention_states(3, rows, d, &o[..half * d], &l[..half], &mut g1, &mut lg1).unwrap();
-    merge_attention_states(3, rows, d, &o[half * d..], &l[half..], &mut g2, &mut lg2).unwrap();
+    merge_attention_states(
+        smax::attention::PartialStates {
+            parts: 3,
+            rows,
+            head_dim: d,
+            out: &o[..half * d],
+            lse: &l[..half],
+        },
+        &mut g1,
+        &mut lg1,
+    )
+    .unwrap();
+    merge_attention_states(
+        smax::attention::PartialStates {
+            parts: 3,
+            rows,
+            head_dim: d,
+            out: &o[half * d..],
+            lse: &l[half..],
+        },
+        &mut g2,
+        &mut lg2,
+    )
+    .unwrap();
     let (mut c, mut lc) = (vec![0.0f32; rows * d], vec![0.0f32; rows]);
-    merge_attention_states(2, rows, d, &[g1, g2].concat(), &[lg1, lg2].concat(), &mut c, &mut lc).unwrap();
+    merge_attention_states(
+        smax::attention::PartialStates {
+            parts: 2,
+            rows,
+            head_dim: d,
+            out: &[g1, g2].concat(),
+            lse: &[lg1, lg2].concat(),
+        },
+        &mut c,
+        &mut lc,
+    )
+    .unwrap();
     for (x, y) in a.iter().zip(&c) {
         assert!((x - y).abs() <= 4.0 * f32::EPSILON * (1.0 + x.abs()), "{x} vs {y}");
     }
@@ -940,7 +1013,18 @@ fn merge_identity_and_grouping() {
     // NaN in a part's lse makes the row NaN.
     let mut ln = l.clone();
     ln[0] = f32::NAN;
-    merge_attention_states(parts, rows, d, &o, &ln, &mut a, &mut la).unwrap();
+    merge_attention_states(
+        smax::attention::PartialStates {
+            parts,
+            rows,
+            head_dim: d,
+            out: &o,
+            lse: &ln,
+        },
+        &mut a,
+        &mut la,
+    )
+    .unwrap();
     assert!(la[0].is_nan() && a[0].is_nan());
 }
 
@@ -961,14 +1045,9 @@ fn split_k_equals_one_pass() {
         let mut out = vec![0.0f32; s.out_len()];
         let mut lse = vec![0.0f32; s.lse_len()];
         attention_decode(
-            s,
-            Heads::new(&q),
-            Heads::new(&k),
-            Heads::new(&v),
-            &mut out,
-            Some(&mut lse),
-            &cfg.opts(),
-            &DecodeOptions { split_len: split },
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+            smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
+            &cfg.opts().with_variant(SplitK { split_len: split }),
         )
         .unwrap();
         close("split-k out", &out, &wide(&one), 2e-6, 1.0);
@@ -989,15 +1068,12 @@ fn worked_examples_a3_unified_max() {
     let mut lse = [0.0f32; 1];
     let o = AttentionOptions::default();
     let st = attention_decode_unified(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
-        &mut out,
-        Some(&mut lse),
-        &o,
-        &DecodeOptions { split_len: 2 },
-        &UnifiedMax::new(1.0),
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+        smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
+        &o.with_variant(smax::attention::UnifiedDecode {
+            split: SplitK { split_len: 2 },
+            max: UnifiedMax::new(1.0),
+        }),
     )
     .unwrap();
     assert_eq!(st.fallback_rows, 0);
@@ -1024,15 +1100,12 @@ fn worked_examples_a3_unified_max() {
         let mut out = [0.0f32; 4];
         let o = AttentionOptions::default().scale(1.0);
         let st = attention_decode_unified(
-            s,
-            Heads::new(&q),
-            Heads::new(&k),
-            Heads::new(&v),
-            &mut out,
-            None,
-            &o,
-            &DecodeOptions { split_len: 2 },
-            &um,
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+            smax::attention::AttentionOutputs::new(&mut out, None),
+            &o.with_variant(smax::attention::UnifiedDecode {
+                split: SplitK { split_len: 2 },
+                max: um,
+            }),
         )
         .unwrap();
         assert_eq!(st.fallback_rows, fb, "{xs:?}");
@@ -1045,18 +1118,17 @@ fn worked_examples_a3_unified_max() {
         .collect();
     let mut out = [0.0f32; 4];
     let st = attention_decode_unified(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
-        &mut out,
-        None,
-        &AttentionOptions::default().scale(1.0),
-        &DecodeOptions { split_len: 2 },
-        &UnifiedMax {
-            fallback: UnifiedFallback::UpperOnly,
-            ..um
-        },
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+        smax::attention::AttentionOutputs::new(&mut out, None),
+        &AttentionOptions::default()
+            .scale(1.0)
+            .with_variant(smax::attention::UnifiedDecode {
+                split: SplitK { split_len: 2 },
+                max: UnifiedMax {
+                    fallback: UnifiedFallback::UpperOnly,
+                    ..um
+                },
+            }),
     )
     .unwrap();
     assert_eq!(st.fallback_rows, 0);
@@ -1082,17 +1154,14 @@ fn unified_max_equals_exact_and_counts_fallbacks() {
     assert!(lo < hi);
     let mut out = vec![0.0f32; s.out_len()];
     let mut lse = vec![0.0f32; s.lse_len()];
-    let dec = DecodeOptions { split_len: 128 };
+    let dec = SplitK { split_len: 128 };
     let st = attention_decode_unified(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
-        &mut out,
-        Some(&mut lse),
-        &cfg.opts(),
-        &dec,
-        &UnifiedMax::new(lo),
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+        smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
+        &cfg.opts().with_variant(smax::attention::UnifiedDecode {
+            split: dec,
+            max: UnifiedMax::new(lo),
+        }),
     )
     .unwrap();
     assert_eq!(
@@ -1112,15 +1181,12 @@ fn unified_max_equals_exact_and_counts_fallbacks() {
         fallback: UnifiedFallback::Paper,
     };
     let st = attention_decode_unified(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
-        &mut out,
-        Some(&mut lse),
-        &cfg.opts(),
-        &dec,
-        &narrow,
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+        smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
+        &cfg.opts().with_variant(smax::attention::UnifiedDecode {
+            split: dec,
+            max: narrow,
+        }),
     )
     .unwrap();
     assert_eq!(st.fallback_rows, 8);
@@ -1133,15 +1199,10 @@ fn unified_max_equals_exact_and_counts_fallbacks() {
         fallback: UnifiedFallback::UpperOnly,
     };
     let st = attention_decode_unified(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
-        &mut out,
-        None,
-        &cfg.opts(),
-        &dec,
-        &high,
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+        smax::attention::AttentionOutputs::new(&mut out, None),
+        &cfg.opts()
+            .with_variant(smax::attention::UnifiedDecode { split: dec, max: high }),
     )
     .unwrap();
     assert_eq!(st.fallback_rows, 8);
@@ -1154,27 +1215,17 @@ fn unified_max_equals_exact_and_counts_fallbacks() {
         fallback: UnifiedFallback::Paper,
     };
     let e = attention_decode_unified(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
-        &mut out,
-        None,
-        &cfg.opts(),
-        &dec,
-        &bad,
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+        smax::attention::AttentionOutputs::new(&mut out, None),
+        &cfg.opts()
+            .with_variant(smax::attention::UnifiedDecode { split: dec, max: bad }),
     )
     .unwrap_err();
     assert!(matches!(e, Error::BadParameter { .. }));
     let e = attention_decode(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
-        &mut out,
-        None,
-        &cfg.opts(),
-        &DecodeOptions { split_len: 0 },
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+        smax::attention::AttentionOutputs::new(&mut out, None),
+        &cfg.opts().with_variant(SplitK { split_len: 0 }),
     )
     .unwrap_err();
     assert!(matches!(e, Error::BadParameter { name: "split_len", .. }));
@@ -1206,8 +1257,8 @@ proptest! {
         let (q, k, v) = inputs(&mut rng, s, 3.0);
         let mut out = vec![0.0f32; s.out_len()];
         let mut lse = vec![0.0f32; s.lse_len()];
-        let o = cfg.opts().tiles(bq, bk);
-        attention(s, Heads::new(&q), Heads::new(&k), Heads::new(&v), &mut out, Some(&mut lse), &o).unwrap();
+        let o = cfg.opts().tiles(smax::attention::AttentionTiles { q: bq, kv: bk });
+        attention(smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)), smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)), &o).unwrap();
         let (ro, rl) = cfg.forward(&wide(&q), &wide(&k), &wide(&v));
         close("out", &out, &ro, FWD_TOL, 1.0);
         for (&g, &w) in lse.iter().zip(&rl) {
@@ -1222,7 +1273,7 @@ proptest! {
         close("dv", &dv, &rv, BWD_TOL, max_abs(&rv));
         // Split-K at a random split equals the reference too.
         let mut o2 = vec![0.0f32; s.out_len()];
-        attention_decode(s, Heads::new(&q), Heads::new(&k), Heads::new(&v), &mut o2, None, &o, &DecodeOptions { split_len: bk }).unwrap();
+        attention_decode(smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)), smax::attention::AttentionOutputs::new(&mut o2, None), &o.with_variant(SplitK { split_len: bk })).unwrap();
         close("split-k", &o2, &ro, FWD_TOL, 1.0);
     }
 }
@@ -1240,15 +1291,11 @@ fn backward_modes_agree_bit_for_bit() {
     let grads = |s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], d_out: &[f32]| {
         let mut c = Cfg::new(s);
         c.causal = true;
-        let o = c.opts().tiles(16, 64);
+        let o = c.opts().tiles(smax::attention::AttentionTiles { q: 16, kv: 64 });
         let (mut out, mut lse) = (vec![0.0f32; s.out_len()], vec![0.0f32; s.lse_len()]);
         attention(
-            s,
-            Heads::new(q),
-            Heads::new(k),
-            Heads::new(v),
-            &mut out,
-            Some(&mut lse),
+            smax::attention::AttentionInputs::new(s, Heads::new(q), Heads::new(k), Heads::new(v)),
+            smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
             &o,
         )
         .unwrap();
@@ -1311,30 +1358,22 @@ fn grouped_decoding_with_per_head_masks() {
     let (ro, rl) = cfg.forward(&wide(&q), &wide(&k), &wide(&v));
     let mut out = vec![0.0f32; s.out_len()];
     let mut lse = vec![0.0f32; s.lse_len()];
-    let dec = DecodeOptions { split_len: 96 };
+    let dec = SplitK { split_len: 96 };
     attention_decode(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
-        &mut out,
-        Some(&mut lse),
-        &cfg.opts(),
-        &dec,
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+        smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
+        &cfg.opts().with_variant(dec),
     )
     .unwrap();
     close("grouped split-k", &out, &ro, FWD_TOL, 1.0);
     close("grouped split-k lse", &lse, &rl, FWD_TOL, 10.0);
     let st = attention_decode_unified(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
-        &mut out,
-        Some(&mut lse),
-        &cfg.opts(),
-        &dec,
-        &UnifiedMax::new(-3.0),
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+        smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
+        &cfg.opts().with_variant(smax::attention::UnifiedDecode {
+            split: dec,
+            max: UnifiedMax::new(-3.0),
+        }),
     )
     .unwrap();
     assert_eq!(st.fallback_rows, 0);
@@ -1387,15 +1426,12 @@ fn bias_gradient_matches_reference_and_finite_differences() {
             let mut db = vec![f32::NAN; n];
             let g = AttentionGrads::new(&mut dq, &mut dk, &mut dv).with_bias_grad(&mut db);
             attention_backward(
-                s,
-                Heads::new(&q),
-                Heads::new(&k),
-                Heads::new(&v),
+                smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
                 &out,
-                &d_out,
                 &lse,
+                &d_out,
                 g,
-                &cfg.opts().tiles(4, 5),
+                &cfg.opts().tiles(smax::attention::AttentionTiles { q: 4, kv: 5 }),
             )
             .unwrap();
             db
@@ -1418,13 +1454,10 @@ fn bias_gradient_matches_reference_and_finite_differences() {
     let g = AttentionGrads::new(&mut dq, &mut dk, &mut dv).with_bias_grad(&mut short);
     let (out, lse) = run_fwd(&cfg, &q, &k, &v);
     let e = attention_backward(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
         &out,
-        &d_out,
         &lse,
+        &d_out,
         g,
         &cfg.opts(),
     )

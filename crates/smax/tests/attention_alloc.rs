@@ -56,25 +56,18 @@ fn peaks(q_len: usize, kv_len: usize) -> (usize, usize) {
     let before = LIVE.load(Ordering::SeqCst);
     PEAK.store(before, Ordering::SeqCst);
     attention(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
-        &mut out,
-        Some(&mut lse),
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+        smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
         &o,
     )
     .unwrap();
     let fwd = PEAK.load(Ordering::SeqCst) - before;
     PEAK.store(before, Ordering::SeqCst);
     attention_backward(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
         &out,
-        &d_out,
         &lse,
+        &d_out,
         AttentionGrads::new(&mut dq, &mut dk, &mut dv),
         &o,
     )

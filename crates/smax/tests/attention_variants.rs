@@ -78,14 +78,9 @@ fn clipped_worked_examples_n6() {
     ] {
         let mut out = vec![0.0f32; 4];
         attention_clipped(
-            s,
-            Heads::new(&q),
-            Heads::new(&k),
-            Heads::new(&v),
-            &mut out,
-            None,
-            &o,
-            &clip,
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+            smax::attention::AttentionOutputs::new(&mut out, None),
+            &o.with_variant(clip),
         )
         .unwrap();
         close("clipped", &out, &want, 1e-6);
@@ -94,14 +89,9 @@ fn clipped_worked_examples_n6() {
     let (s2, q2, k2, v2) = one_row(&[0.0, 5.0]);
     let mut out = vec![0.0f32; 2];
     attention_clipped(
-        s2,
-        Heads::new(&q2),
-        Heads::new(&k2),
-        Heads::new(&v2),
-        &mut out,
-        None,
-        &o,
-        &ClippedSoftmax::bert(),
+        smax::attention::AttentionInputs::new(s2, Heads::new(&q2), Heads::new(&k2), Heads::new(&v2)),
+        smax::attention::AttentionOutputs::new(&mut out, None),
+        &o.with_variant(ClippedSoftmax::bert()),
     )
     .unwrap();
     assert_eq!(out[0], 0.0);
@@ -112,28 +102,19 @@ fn clipped_worked_examples_n6() {
     let mut out = vec![0.0f32; 4];
     let clip = ClippedSoftmax::bert();
     attention_clipped(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
-        &mut out,
-        Some(&mut lse),
-        &o,
-        &clip,
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+        smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
+        &o.with_variant(clip),
     )
     .unwrap();
     let g = [0.1f32, -0.2, 0.3, 0.0];
     let (mut dq, mut dk, mut dv) = (vec![0.0f32; 4], vec![0.0f32; 16], vec![0.0f32; 16]);
     attention_clipped_backward(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
-        &g,
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
         &lse,
+        &g,
         AttentionGrads::new(&mut dq, &mut dk, &mut dv),
-        &o,
-        &clip,
+        &o.with_variant(clip),
     )
     .unwrap();
     let want = [0.00141818, -0.022941865, 0.0590399894, -0.0375163044];
@@ -191,18 +172,15 @@ fn clipped_forward_and_backward_match_reference() {
             zeta: 1.05,
             gamma: -0.03,
         };
-        let o = AttentionOptions::default().causal(causal).tiles(8, 16);
+        let o = AttentionOptions::default()
+            .causal(causal)
+            .tiles(smax::attention::AttentionTiles { q: 8, kv: 16 });
         let mut out = vec![0.0f32; ql * d];
         let mut lse = vec![0.0f32; ql];
         attention_clipped(
-            s,
-            Heads::new(&q),
-            Heads::new(&k),
-            Heads::new(&v),
-            &mut out,
-            Some(&mut lse),
-            &o,
-            &clip,
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+            smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
+            &o.with_variant(clip),
         )
         .unwrap();
         let zg = (clip.zeta as f64, clip.gamma as f64);
@@ -215,15 +193,11 @@ fn clipped_forward_and_backward_match_reference() {
         );
         let (mut dq, mut dk, mut dv) = (vec![0.0f32; ql * d], vec![0.0f32; kl * d], vec![0.0f32; kl * d]);
         attention_clipped_backward(
-            s,
-            Heads::new(&q),
-            Heads::new(&k),
-            Heads::new(&v),
-            &g,
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
             &lse,
+            &g,
             AttentionGrads::new(&mut dq, &mut dk, &mut dv),
-            &o,
-            &clip,
+            &o.with_variant(clip),
         )
         .unwrap();
         // Central differences of the f64 reference (the clip kinks are measure-zero for these
@@ -266,14 +240,9 @@ fn clipped_parameters_are_validated() {
         },
     ] {
         let e = attention_clipped(
-            s,
-            Heads::new(&q),
-            Heads::new(&k),
-            Heads::new(&v),
-            &mut out,
-            None,
-            &AttentionOptions::default(),
-            &clip,
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+            smax::attention::AttentionOutputs::new(&mut out, None),
+            &AttentionOptions::default().with_variant(clip),
         )
         .unwrap_err();
         assert!(matches!(e, Error::BadParameter { .. }), "{e}");
@@ -409,7 +378,12 @@ fn lssa_worked_example_single_row() {
         ),
     ] {
         let mut out = vec![0.0f32; d];
-        let st = attention_lssa(s, Heads::new(&q), Heads::new(&k), Heads::new(&v), &mut out, &o, &lssa).unwrap();
+        let st = attention_lssa(
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+            &mut out,
+            &o.with_variant(lssa),
+        )
+        .unwrap();
         assert_eq!(st.uniform_rows, 0);
         for j in 0..4 {
             assert!(
@@ -456,7 +430,9 @@ fn lssa_worked_example_causal_block() {
     let k: Vec<f32> = kv.iter().flatten().copied().collect();
     let mut rng = Rng(5);
     let v = f32s(rng.vec(20, 1.0));
-    let o = AttentionOptions::default().causal(true).tiles(2, 2);
+    let o = AttentionOptions::default()
+        .causal(true)
+        .tiles(smax::attention::AttentionTiles { q: 2, kv: 2 });
     for (lssa, want) in [
         (
             Lssa {
@@ -468,7 +444,12 @@ fn lssa_worked_example_causal_block() {
         (Lssa::default(), &r_want),
     ] {
         let mut out = vec![0.0f32; 20];
-        attention_lssa(s, Heads::new(&q), Heads::new(&k), Heads::new(&v), &mut out, &o, &lssa).unwrap();
+        attention_lssa(
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+            &mut out,
+            &o.with_variant(lssa),
+        )
+        .unwrap();
         let mut expect = vec![0.0f64; 20];
         for (i, w) in want.iter().enumerate() {
             for (j, &wj) in w.iter().enumerate() {
@@ -500,10 +481,10 @@ fn lssa_matches_reference_with_masks_and_gqa() {
     ] {
         let mut o = AttentionOptions::default()
             .causal(causal)
-            .tiles(16, 16)
+            .tiles(smax::attention::AttentionTiles { q: 16, kv: 16 })
             .positions(QueryPositions::Offset(16));
         if let Some((l, r)) = window {
-            o = o.window(l, r);
+            o = o.window(smax::attention::Window { left: l, right: r });
         }
         if use_keep {
             o = o.keep(KeepMask {
@@ -523,7 +504,12 @@ fn lssa_matches_reference_with_masks_and_gqa() {
             },
         ] {
             let mut out = vec![0.0f32; s.out_len()];
-            attention_lssa(s, Heads::new(&q), Heads::new(&k), Heads::new(&v), &mut out, &o, &lssa).unwrap();
+            attention_lssa(
+                smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+                &mut out,
+                &o.with_variant(lssa),
+            )
+            .unwrap();
             let (qw, kw, vw) = (wide(&q), wide(&k), wide(&v));
             let mut want = vec![0.0f64; s.out_len()];
             let d = s.head_dim;
@@ -570,16 +556,12 @@ fn lssar_uniform_rows_fall_back_and_are_counted() {
     let v: Vec<f32> = (0..48).map(|i| i as f32 * 0.01).collect();
     let mut out = vec![0.0f32; 24];
     let st = attention_lssa(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
         &mut out,
-        &AttentionOptions::default(),
-        &Lssa {
+        &AttentionOptions::default().with_variant(Lssa {
             reweight: Some(15.0),
             offset_rows: 0,
-        },
+        }),
     )
     .unwrap();
     assert_eq!(st.uniform_rows, 3);
@@ -601,32 +583,29 @@ fn lssa_rejects_options_that_do_not_apply() {
         AttentionOptions::default().scale(0.5),
         AttentionOptions::default().temperature(2.0),
     ] {
-        let e = attention_lssa(s, Heads::new(&x), Heads::new(&x), Heads::new(&x), &mut out, &o, &l).unwrap_err();
+        let e = attention_lssa(
+            smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
+            &mut out,
+            &o.with_variant(l),
+        )
+        .unwrap_err();
         assert!(matches!(e, Error::Unsupported { .. }), "{e}");
     }
     let s1 = AttentionShape::new(1, 1, 2, 2, 1);
     let e = attention_lssa(
-        s1,
-        Heads::new(&x),
-        Heads::new(&x),
-        Heads::new(&x),
+        smax::attention::AttentionInputs::new(s1, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
         &mut out[..2],
-        &AttentionOptions::default(),
-        &l,
+        &AttentionOptions::default().with_variant(l),
     )
     .unwrap_err();
     assert!(matches!(e, Error::BadParameter { name: "head_dim", .. }), "{e}");
     let e = attention_lssa(
-        s,
-        Heads::new(&x),
-        Heads::new(&x),
-        Heads::new(&x),
+        smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
         &mut out,
-        &AttentionOptions::default(),
-        &Lssa {
+        &AttentionOptions::default().with_variant(Lssa {
             reweight: Some(-1.0),
             offset_rows: 3,
-        },
+        }),
     )
     .unwrap_err();
     assert!(matches!(e, Error::BadParameter { .. }), "{e}");
@@ -643,14 +622,14 @@ fn inline_worked_example_a6() {
     let v = [1.0f32, 2.0, 0.0, 1.0, 3.0, -1.0, 0.5, 0.5];
     let mut out = [0.0f32; 4];
     inline_attention(
-        s,
-        Heads::new(&q),
-        Heads::new(&k),
-        Heads::new(&v),
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
         &mut out,
-        InlineKernel::Identity,
-        None,
-        Par::Rayon,
+        &smax::attention::AttentionOptions::default()
+            .with_variant(smax::attention::Inline {
+                kernel: InlineKernel::Identity,
+                local: None,
+            })
+            .par(Par::Rayon),
     )
     .unwrap();
     let want = [1.5835145534, 0.4868932068, 2.0420291069, 0.3487864136];
@@ -699,14 +678,14 @@ fn inline_matches_reference_for_every_kernel_and_the_local_term() {
     for (kern, phi) in kernels {
         let mut out = vec![0.0f32; 2 * ql * d];
         inline_attention(
-            s,
-            Heads::new(&q),
-            Heads::new(&k),
-            Heads::new(&v),
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
             &mut out,
-            kern,
-            None,
-            Par::Rayon,
+            &smax::attention::AttentionOptions::default()
+                .with_variant(smax::attention::Inline {
+                    kernel: kern,
+                    local: None,
+                })
+                .par(Par::Rayon),
         )
         .unwrap();
         let mut want = Vec::new();
@@ -735,14 +714,14 @@ fn inline_matches_reference_for_every_kernel_and_the_local_term() {
     };
     let mut out = vec![0.0f32; kl * d];
     inline_attention(
-        s2,
-        Heads::new(&q2),
-        Heads::new(&k),
-        Heads::new(&v),
+        smax::attention::AttentionInputs::new(s2, Heads::new(&q2), Heads::new(&k), Heads::new(&v)),
         &mut out,
-        InlineKernel::Identity,
-        Some(local),
-        Par::Seq,
+        &smax::attention::AttentionOptions::default()
+            .with_variant(smax::attention::Inline {
+                kernel: InlineKernel::Identity,
+                local: Some(local),
+            })
+            .par(Par::Seq),
     )
     .unwrap();
     let mut want = inline_ref(&wide(&q2), &wide(&k), &wide(&v), kl, kl, d, |x| x);
@@ -766,14 +745,14 @@ fn inline_matches_reference_for_every_kernel_and_the_local_term() {
     // Errors: zero keys, a grid that does not cover the tokens.
     let s0 = AttentionShape::new(1, 1, 1, 0, 2);
     let e = inline_attention(
-        s0,
-        Heads::new(&[0.0f32; 2]),
-        Heads::new(&[]),
-        Heads::new(&[]),
+        smax::attention::AttentionInputs::new(s0, Heads::new(&[0.0f32; 2]), Heads::new(&[]), Heads::new(&[])),
         &mut [0.0f32; 2],
-        InlineKernel::Identity,
-        None,
-        Par::Seq,
+        &smax::attention::AttentionOptions::default()
+            .with_variant(smax::attention::Inline {
+                kernel: InlineKernel::Identity,
+                local: None,
+            })
+            .par(Par::Seq),
     )
     .unwrap_err();
     assert!(matches!(e, Error::BadParameter { name: "kv_len", .. }), "{e}");
@@ -784,14 +763,14 @@ fn inline_matches_reference_for_every_kernel_and_the_local_term() {
         kernel: &kern,
     };
     let e = inline_attention(
-        s2,
-        Heads::new(&q2),
-        Heads::new(&k),
-        Heads::new(&v),
+        smax::attention::AttentionInputs::new(s2, Heads::new(&q2), Heads::new(&k), Heads::new(&v)),
         &mut out,
-        InlineKernel::Identity,
-        Some(bad),
-        Par::Seq,
+        &smax::attention::AttentionOptions::default()
+            .with_variant(smax::attention::Inline {
+                kernel: InlineKernel::Identity,
+                local: Some(bad),
+            })
+            .par(Par::Seq),
     )
     .unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }), "{e}");
@@ -807,20 +786,17 @@ fn variants_are_bitwise_identical_across_thread_counts() {
         f32s(rng.vec(s.kv_len_elems(), 1.0)),
     );
     let g = f32s(rng.vec(s.out_len(), 1.0));
-    let o = AttentionOptions::default().causal(true).tiles(16, 32);
+    let o = AttentionOptions::default()
+        .causal(true)
+        .tiles(smax::attention::AttentionTiles { q: 16, kv: 32 });
     let run = || {
         let clip = ClippedSoftmax::bert();
         let mut a = vec![0.0f32; s.out_len()];
         let mut lse = vec![0.0f32; s.lse_len()];
         attention_clipped(
-            s,
-            Heads::new(&q),
-            Heads::new(&k),
-            Heads::new(&v),
-            &mut a,
-            Some(&mut lse),
-            &o,
-            &clip,
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+            smax::attention::AttentionOutputs::new(&mut a, Some(&mut lse)),
+            &o.with_variant(clip),
         )
         .unwrap();
         let (mut dq, mut dk, mut dv) = (
@@ -829,38 +805,30 @@ fn variants_are_bitwise_identical_across_thread_counts() {
             vec![0.0f32; s.kv_len_elems()],
         );
         attention_clipped_backward(
-            s,
-            Heads::new(&q),
-            Heads::new(&k),
-            Heads::new(&v),
-            &g,
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
             &lse,
+            &g,
             AttentionGrads::new(&mut dq, &mut dk, &mut dv),
-            &o,
-            &clip,
+            &o.with_variant(clip),
         )
         .unwrap();
         let mut b = vec![0.0f32; s.out_len()];
         attention_lssa(
-            s,
-            Heads::new(&q),
-            Heads::new(&k),
-            Heads::new(&v),
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
             &mut b,
-            &o,
-            &Lssa::default(),
+            &o.with_variant(Lssa::default()),
         )
         .unwrap();
         let mut c = vec![0.0f32; s.out_len()];
         inline_attention(
-            s,
-            Heads::new(&q),
-            Heads::new(&k),
-            Heads::new(&v),
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
             &mut c,
-            InlineKernel::Identity,
-            None,
-            Par::Rayon,
+            &smax::attention::AttentionOptions::default()
+                .with_variant(smax::attention::Inline {
+                    kernel: InlineKernel::Identity,
+                    local: None,
+                })
+                .par(Par::Rayon),
         )
         .unwrap();
         (a, dq, dk, dv, b, c)

@@ -4,14 +4,14 @@
 mod common;
 
 use common::Rng;
-use smax::gate::{Activation, GateOrder, GateParams, gate};
+use smax::gate::{Activation, GateOptions, GateOrder, gate};
 use smax::{Error, Par, View};
 
-fn route(h: &[f64], e: usize, p: &GateParams, bias: Option<&[f32]>) -> (Vec<u32>, Vec<f32>, smax::gate::GateStats) {
+fn route(h: &[f64], e: usize, p: &GateOptions, bias: Option<&[f32]>) -> (Vec<u32>, Vec<f32>, smax::gate::GateStats) {
     let t = h.len() / e;
     let mut ex = vec![0u32; t * p.k];
     let mut w = vec![0.0f32; t * p.k];
-    let st = gate(View::rows(h, t, e).unwrap(), bias, p, &mut ex, &mut w, Par::Rayon).unwrap();
+    let st = gate(View::rows(h, t, e).unwrap(), bias, &mut ex, &mut w, p).unwrap();
     (ex, w, st)
 }
 
@@ -25,7 +25,7 @@ fn close(a: &[f32], b: &[f64]) {
 fn worked_examples_m1_m2_m3() {
     let h = [1.0, 3.0, 2.0, -1.0];
     // M1: softmax(TopK(h)), K = 2.
-    let p = GateParams {
+    let p = GateOptions {
         k: 2,
         order: GateOrder::TopKThenSoftmax,
         ..Default::default()
@@ -34,7 +34,7 @@ fn worked_examples_m1_m2_m3() {
     assert_eq!(ex, vec![1, 2]);
     close(&w, &[0.7310585786, 0.2689414214]);
     // Tie: [1, 2, 2, 0] with K = 1 selects index 1.
-    let (ex, _, _) = route(&[1.0, 2.0, 2.0, 0.0], 4, &GateParams { k: 1, ..p }, None);
+    let (ex, _, _) = route(&[1.0, 2.0, 2.0, 0.0], 4, &GateOptions { k: 1, ..p }, None);
     assert_eq!(ex, vec![1]);
     // M2: dense temperature gate (k = E keeps every expert, best first).
     for (tau, want) in [
@@ -42,7 +42,7 @@ fn worked_examples_m1_m2_m3() {
         (1.0, [0.0889468173, 0.6572330228, 0.2417825172, 0.0120376427]),
         (0.5, [0.015871624770, 0.86656135047, 0.11727632581, 2.9069894787e-04]),
     ] {
-        let p = GateParams {
+        let p = GateOptions {
             k: 4,
             temperature: tau,
             ..Default::default()
@@ -55,7 +55,7 @@ fn worked_examples_m1_m2_m3() {
         close(&dense, &want);
     }
     // M2 with the 0.05 threshold at τ = 0.5: [0, 0.880797078, 0.119202922, 0].
-    let p = GateParams {
+    let p = GateOptions {
         k: 4,
         temperature: 0.5,
         threshold: Some(0.05),
@@ -72,7 +72,7 @@ fn worked_examples_m1_m2_m3() {
         (1.0, [0.2698795061, 0.3408478477, 0.3304346833, 0.0588379629]),
         (0.5, [0.2414462002, 0.3851249666, 0.3619526937, 0.0114761395]),
     ] {
-        let p = GateParams {
+        let p = GateOptions {
             k: 4,
             temperature: tau,
             activation: Activation::Tanh,
@@ -88,7 +88,7 @@ fn worked_examples_m1_m2_m3() {
 }
 
 /// Plain reference: full sort by (selection score desc, index asc).
-fn reference(h: &[f64], p: &GateParams, bias: Option<&[f32]>) -> (Vec<u32>, Vec<f64>) {
+fn reference(h: &[f64], p: &GateOptions, bias: Option<&[f32]>) -> (Vec<u32>, Vec<f64>) {
     let e = h.len();
     let m = h.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let z: f64 = h.iter().map(|v| (v - m).exp()).sum();
@@ -133,7 +133,7 @@ fn every_experts_k_pair_up_to_64() {
                 GateOrder::TopKThenSoftmax,
             ] {
                 for b in [None, Some(&bias[..])] {
-                    let p = GateParams {
+                    let p = GateOptions {
                         k,
                         order,
                         ..Default::default()
@@ -164,7 +164,7 @@ fn bias_selects_but_never_weighs_and_balance_statistics() {
     // The bias moves expert 3 into the top 1; its weight is its unbiased probability.
     let h = [2.0, 1.0, 0.0, 1.5];
     let bias = [0.0f32, 0.0, 0.0, 1.0];
-    let p = GateParams {
+    let p = GateOptions {
         k: 1,
         ..Default::default()
     };
@@ -173,7 +173,7 @@ fn bias_selects_but_never_weighs_and_balance_statistics() {
     let z: f64 = h.iter().map(|v: &f64| v.exp()).sum();
     close(&w, &[1.5f64.exp() / z]);
     // Scaling applies after renormalisation.
-    let p2 = GateParams {
+    let p2 = GateOptions {
         k: 2,
         order: GateOrder::SoftmaxThenTopK { renormalize: true },
         routed_scaling_factor: 2.5,
@@ -186,7 +186,7 @@ fn bias_selects_but_never_weighs_and_balance_statistics() {
     let (_, _, st) = route(
         &h,
         2,
-        &GateParams {
+        &GateOptions {
             k: 1,
             ..Default::default()
         },
@@ -199,7 +199,7 @@ fn bias_selects_but_never_weighs_and_balance_statistics() {
     let (ex, w, _) = route(
         &h,
         4,
-        &GateParams {
+        &GateOptions {
             k: 3,
             ..Default::default()
         },
@@ -214,42 +214,42 @@ fn errors() {
     let h = [1.0f64, f64::NAN, 0.0, 2.0];
     let mut ex = [0u32; 2];
     let mut w = [0.0f32; 2];
-    let g = |h: &[f64], p: &GateParams, ex: &mut [u32], w: &mut [f32]| {
-        gate(View::rows(h, 1, 4).unwrap(), None, p, ex, w, Par::Seq)
+    let g = |h: &[f64], p: &GateOptions, ex: &mut [u32], w: &mut [f32]| {
+        gate(View::rows(h, 1, 4).unwrap(), None, ex, w, &(*p).par(Par::Seq))
     };
     assert!(matches!(
-        g(&h, &GateParams::default(), &mut ex, &mut w),
+        g(&h, &GateOptions::default(), &mut ex, &mut w),
         Err(Error::NonFiniteLogit { row: 0, index: 1, .. })
     ));
     assert!(matches!(
-        g(&[f64::NEG_INFINITY; 4], &GateParams::default(), &mut ex, &mut w),
+        g(&[f64::NEG_INFINITY; 4], &GateOptions::default(), &mut ex, &mut w),
         Err(Error::NoValidToken { row: 0 })
     ));
     let ok = [1.0f64, 2.0, 0.0, 2.0];
     for (p, name) in [
         (
-            GateParams {
+            GateOptions {
                 k: 0,
                 ..Default::default()
             },
             "k",
         ),
         (
-            GateParams {
+            GateOptions {
                 k: 5,
                 ..Default::default()
             },
             "k",
         ),
         (
-            GateParams {
+            GateOptions {
                 temperature: 0.0,
                 ..Default::default()
             },
             "temperature",
         ),
         (
-            GateParams {
+            GateOptions {
                 threshold: Some(2.0),
                 ..Default::default()
             },
@@ -267,16 +267,15 @@ fn errors() {
         gate(
             View::rows(&ok, 1, 4).unwrap(),
             Some(&[0.0; 3]),
-            &GateParams::default(),
             &mut ex,
             &mut w,
-            Par::Seq
+            &GateOptions::default().par(Par::Seq)
         ),
         Err(Error::LengthMismatch { what: "bias", .. })
     ));
     let mut w3 = [0.0f32; 3];
     assert!(matches!(
-        g(&ok, &GateParams::default(), &mut ex, &mut w3),
+        g(&ok, &GateOptions::default(), &mut ex, &mut w3),
         Err(Error::LengthMismatch { what: "weights", .. })
     ));
 }
@@ -286,7 +285,7 @@ fn thread_count_determinism() {
     let mut rng = Rng(5);
     let (t, e, k) = (3000, 64, 8);
     let h: Vec<f32> = rng.vec(t * e, 3.0).iter().map(|&v| v as f32).collect();
-    let p = GateParams {
+    let p = GateOptions {
         k,
         order: GateOrder::SoftmaxThenTopK { renormalize: true },
         ..Default::default()
@@ -294,7 +293,7 @@ fn thread_count_determinism() {
     let run = |par: Par| {
         let mut ex = vec![0u32; t * k];
         let mut w = vec![0.0f32; t * k];
-        let st = gate(View::rows(&h, t, e).unwrap(), None, &p, &mut ex, &mut w, par).unwrap();
+        let st = gate(View::rows(&h, t, e).unwrap(), None, &mut ex, &mut w, &p.par(par)).unwrap();
         (
             ex,
             w.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Rng, fsum};
-use smax::loss::{AllIgnored, CeLoss, CrossEntropy, Reduction, RowOutputs, Targets, cross_entropy};
+use smax::loss::{AllIgnored, CrossEntropyOptions, LossReport, Reduction, RowOutputs, Targets, cross_entropy};
 use smax::{Element, Error, Par, SimdLevel, View, ViewMut, bf16};
 
 /// One configuration of the reference.
@@ -121,8 +121,8 @@ fn reference(x: &[f64], k: usize, tg: &Tg, c: &Cfg) -> Ref {
     out
 }
 
-fn opts<'a>(c: &Cfg<'a>) -> CrossEntropy<'a> {
-    let mut o = CrossEntropy::default()
+fn opts<'a>(c: &Cfg<'a>) -> CrossEntropyOptions<'a> {
+    let mut o = CrossEntropyOptions::default()
         .reduction(c.red)
         .label_smoothing(c.eps)
         .z_loss(c.lambda)
@@ -138,12 +138,12 @@ fn opts<'a>(c: &Cfg<'a>) -> CrossEntropy<'a> {
 }
 
 struct Got {
-    res: CeLoss,
+    res: LossReport,
     rows: Vec<(f64, f64, f64)>,
     grad: Vec<f64>,
 }
 
-fn run<T: Element>(x: &[f64], k: usize, tg: &Tg, o: &CrossEntropy) -> Got {
+fn run<T: Element>(x: &[f64], k: usize, tg: &Tg, o: &CrossEntropyOptions) -> Got {
     let n = x.len() / k;
     let xt: Vec<T> = x.iter().map(|&v| T::from_f64(v)).collect();
     let qt: Vec<T>;
@@ -414,7 +414,7 @@ fn gradient_matches_finite_differences_f64() {
 fn worked_example_l1_and_l2() {
     let z = [2.0, 1.0, 0.1, 0.5, 2.5, -1.0, 1.0, 1.0, 1.0];
     let y = [0i64, 1, -100];
-    let o = CrossEntropy::default().label_smoothing(0.1);
+    let o = CrossEntropyOptions::default().label_smoothing(0.1);
     let mut g = vec![0.0f64; 9];
     let mut rows = vec![0.0; 3];
     let r = cross_entropy(
@@ -460,7 +460,7 @@ fn worked_example_l1_and_l2() {
                 loss: Some(&mut rows),
                 ..Default::default()
             },
-            &CrossEntropy::default().simd(level),
+            &CrossEntropyOptions::default().simd(level),
         )
         .unwrap();
         close(r.loss, 0.285104111700061, 1e-6);
@@ -477,7 +477,7 @@ fn worked_example_l1_and_l2() {
             Targets::Classes(&[0]),
             Some(ViewMut::rows(&mut g, 1, 3).unwrap()),
             RowOutputs::default(),
-            &CrossEntropy::default().z_loss(lambda),
+            &CrossEntropyOptions::default().z_loss(lambda),
         )
         .unwrap();
         (r, g)
@@ -566,9 +566,9 @@ fn rows_alone_case(k: usize, n: usize, seed: u64) {
     cls[3] = 1;
     cls[8] = (k - 2) as i64;
     let w: Vec<f32> = (0..k).map(|_| (1.0 + 0.5 * rng.uniform()) as f32).collect();
-    let plain = CrossEntropy::default().reduction(Reduction::None).z_loss(1e-4);
+    let plain = CrossEntropyOptions::default().reduction(Reduction::None).z_loss(1e-4);
     // (A sum, not a mean: a mean's per-row scale depends on the rows in the call.)
-    let weighted = CrossEntropy::default()
+    let weighted = CrossEntropyOptions::default()
         .reduction(Reduction::Sum)
         .class_weights(&w)
         .temperature(0.7)
@@ -609,8 +609,8 @@ fn rows_alone_case(k: usize, n: usize, seed: u64) {
 
 #[test]
 fn edge_cases() {
-    let o = CrossEntropy::default().reduction(Reduction::None);
-    let one = |x: &[f32], y: i64, o: &CrossEntropy| {
+    let o = CrossEntropyOptions::default().reduction(Reduction::None);
+    let one = |x: &[f32], y: i64, o: &CrossEntropyOptions| {
         let mut g = vec![0.0f32; x.len()];
         let mut l = [0.0f64];
         let mut s = [0.0f64];
@@ -683,7 +683,7 @@ fn all_ignored_and_empty_batches() {
         Targets::Classes(&y),
         Some(ViewMut::rows(&mut g, 2, 2).unwrap()),
         RowOutputs::default(),
-        &CrossEntropy::default().z_loss(1e-4),
+        &CrossEntropyOptions::default().z_loss(1e-4),
     )
     .unwrap();
     assert_eq!((r.loss, r.z_loss, r.valid_rows), (0.0, 0.0, 0));
@@ -693,7 +693,7 @@ fn all_ignored_and_empty_batches() {
         Targets::Classes(&y),
         None,
         RowOutputs::default(),
-        &CrossEntropy::default().all_ignored(AllIgnored::Nan),
+        &CrossEntropyOptions::default().all_ignored(AllIgnored::Nan),
     )
     .unwrap();
     assert!(r.loss.is_nan());
@@ -703,7 +703,7 @@ fn all_ignored_and_empty_batches() {
         Targets::Classes(&[]),
         None,
         RowOutputs::default(),
-        &CrossEntropy::default(),
+        &CrossEntropyOptions::default(),
     )
     .unwrap();
     assert_eq!((r.loss, r.valid_rows), (0.0, 0));
@@ -713,7 +713,7 @@ fn all_ignored_and_empty_batches() {
         Targets::Classes(&[1, 7]),
         None,
         RowOutputs::default(),
-        &CrossEntropy::default().ignore_index(7),
+        &CrossEntropyOptions::default().ignore_index(7),
     )
     .unwrap();
     assert_eq!(r.valid_rows, 1);
@@ -724,8 +724,8 @@ fn all_ignored_and_empty_batches() {
 fn bad_input_is_a_typed_error() {
     let x = [0.0f32; 6];
     let v = || View::rows(&x, 2, 3).unwrap();
-    let ce = |t: Targets<f32>, o: &CrossEntropy| cross_entropy(v(), t, None, RowOutputs::default(), o);
-    let d = CrossEntropy::default();
+    let ce = |t: Targets<f32>, o: &CrossEntropyOptions| cross_entropy(v(), t, None, RowOutputs::default(), o);
+    let d = CrossEntropyOptions::default();
     assert!(matches!(
         ce(Targets::Classes(&[0, 3]), &d),
         Err(Error::TargetOutOfRange {
@@ -826,8 +826,11 @@ fn strided_views_and_thread_determinism() {
     let xs: Vec<f32> = rng.vec(n * stride, 10.0).iter().map(|&v| v as f32).collect();
     let cls = targets_for(&mut rng, n, k, true);
     let lay = smax::Layout::strided_rows(n, k, stride);
-    let o = CrossEntropy::default().label_smoothing(0.05).z_loss(1e-4).softcap(7.0);
-    let go = |o: &CrossEntropy| {
+    let o = CrossEntropyOptions::default()
+        .label_smoothing(0.05)
+        .z_loss(1e-4)
+        .softcap(7.0);
+    let go = |o: &CrossEntropyOptions| {
         let mut g = vec![0.0f32; n * stride];
         let r = cross_entropy(
             View::new(&xs, lay).unwrap(),

@@ -6,7 +6,7 @@ mod common;
 
 use common::Rng;
 use smax::loss::{
-    CosineGrads, LossValue, Reduction, RowLoss, comp_sum_loss, decoupled_softmax_loss, hinton_kd_loss, nkd_loss,
+    CosineGrads, LossOptions, LossReport, Reduction, comp_sum_loss, decoupled_softmax_loss, hinton_kd_loss, nkd_loss,
     normalized_softmax_loss, novel_class_prototype, softmax_collapse_fraction, spherical_z_loss, stablemax,
     stablemax_cross_entropy, tempnet_loss,
 };
@@ -49,8 +49,11 @@ fn stablemax_worked_example_n5() {
     stablemax(
         View::rows(&x, 1, 5).unwrap(),
         ViewMut::rows(&mut y, 1, 5).unwrap(),
-        false,
-        Par::Seq,
+        &smax::loss::StablemaxOptions {
+            output: smax::loss::StablemaxOutput::Probs,
+            ..Default::default()
+        }
+        .par(Par::Seq),
     )
     .unwrap();
     for (a, b) in y
@@ -62,8 +65,11 @@ fn stablemax_worked_example_n5() {
     stablemax(
         View::rows(&x, 1, 5).unwrap(),
         ViewMut::rows(&mut y, 1, 5).unwrap(),
-        true,
-        Par::Seq,
+        &smax::loss::StablemaxOptions {
+            output: smax::loss::StablemaxOutput::LogProbs,
+            ..Default::default()
+        }
+        .par(Par::Seq),
     )
     .unwrap();
     for (a, b) in y.iter().zip([
@@ -93,7 +99,7 @@ fn stablemax_worked_example_n5() {
             &[t],
             Some(ViewMut::rows(&mut g, 1, 5).unwrap()),
             None,
-            &RowLoss::default(),
+            &LossOptions::default(),
         )
         .unwrap();
         close(r.loss, loss, 1e-14, "stablemax ce");
@@ -103,7 +109,14 @@ fn stablemax_worked_example_n5() {
     }
     // f32 input gives the same numbers (computed in f64).
     let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
-    let r = stablemax_cross_entropy(View::rows(&x32, 1, 5).unwrap(), &[4], None, None, &RowLoss::default()).unwrap();
+    let r = stablemax_cross_entropy(
+        View::rows(&x32, 1, 5).unwrap(),
+        &[4],
+        None,
+        None,
+        &LossOptions::default(),
+    )
+    .unwrap();
     close(r.loss, 0.7537718023763802, 1e-12, "f32");
     // Gradient by finite differences on random rows, with an ignored row.
     let mut rng = Rng(1);
@@ -114,7 +127,7 @@ fn stablemax_worked_example_n5() {
             &[1, -100, 5],
             grad_view(g, 3, 6),
             None,
-            &RowLoss::default(),
+            &LossOptions::default(),
         )
         .unwrap()
         .loss
@@ -152,7 +165,7 @@ fn softmax_collapse_n5b() {
         &[0],
         None,
         None,
-        &RowLoss::default(),
+        &LossOptions::default(),
     )
     .unwrap();
     close(r.loss, 0.0825755, 1e-6, "stablemax no collapse");
@@ -172,11 +185,9 @@ fn spherical_z_loss_l3() {
         spherical_z_loss(
             View::rows(o, 1, 4).unwrap(),
             &[c],
-            a,
-            b,
             grad_view(g, 1, 4),
             None,
-            &RowLoss::default(),
+            &LossOptions::default().with_params(smax::loss::SphericalZ { a, b }),
         )
         .unwrap()
     };
@@ -219,11 +230,9 @@ fn spherical_z_loss_l3() {
         spherical_z_loss(
             View::rows(&o, 1, 4).unwrap(),
             &[0],
-            0.0,
-            1.0,
             None,
             None,
-            &RowLoss::default()
+            &LossOptions::default().with_params(smax::loss::SphericalZ { a: 0.0, b: 1.0 })
         ),
         Err(Error::BadParameter { name: "a", .. })
     ));
@@ -233,11 +242,9 @@ fn spherical_z_loss_l3() {
         spherical_z_loss(
             View::rows(x, 2, 5).unwrap(),
             &[1, 4],
-            1.5,
-            0.7,
             grad_view(g, 2, 5),
             None,
-            &RowLoss::default(),
+            &LossOptions::default().with_params(smax::loss::SphericalZ { a: 1.5, b: 0.7 }),
         )
         .unwrap()
         .loss
@@ -258,10 +265,9 @@ fn comp_sum_family_l5() {
         let r = comp_sum_loss(
             View::rows(&h, 1, 3).unwrap(),
             &[0],
-            tau,
             Some(ViewMut::rows(&mut g, 1, 3).unwrap()),
             None,
-            &RowLoss::default(),
+            &LossOptions::default().with_params(smax::loss::CompSum { tau }),
         )
         .unwrap();
         close(r.loss, loss, 1e-14, &format!("tau {tau}"));
@@ -274,10 +280,9 @@ fn comp_sum_family_l5() {
     let r = comp_sum_loss(
         View::rows(&[-800.0, 800.0], 1, 2).unwrap(),
         &[0],
-        0.0,
         Some(ViewMut::rows(&mut g, 1, 2).unwrap()),
         None,
-        &RowLoss::default(),
+        &LossOptions::default().with_params(smax::loss::CompSum { tau: 0.0 }),
     )
     .unwrap();
     assert_eq!(r.loss, f64::INFINITY);
@@ -289,10 +294,9 @@ fn comp_sum_family_l5() {
             comp_sum_loss(
                 View::rows(x, 2, 4).unwrap(),
                 &[2, 0],
-                tau,
                 grad_view(g, 2, 4),
                 None,
-                &RowLoss::default(),
+                &LossOptions::default().with_params(smax::loss::CompSum { tau }),
             )
             .unwrap()
             .loss
@@ -324,11 +328,12 @@ fn nkd_l6_and_hinton_l11() {
             View::rows(&zs, 1, 4).unwrap(),
             View::rows(&zt, 1, 4).unwrap(),
             &[0],
-            lam,
-            gamma,
             Some(ViewMut::rows(&mut g, 1, 4).unwrap()),
             None,
-            &RowLoss::default(),
+            &LossOptions::default().with_params(smax::loss::Nkd {
+                temperature: lam,
+                gamma,
+            }),
         )
         .unwrap();
         close(r.loss, total, 1e-13, &format!("nkd {lam} {gamma}"));
@@ -339,10 +344,9 @@ fn nkd_l6_and_hinton_l11() {
     let r = hinton_kd_loss(
         View::rows(&zs, 1, 4).unwrap(),
         View::rows(&zt, 1, 4).unwrap(),
-        4.0,
         None,
         None,
-        &RowLoss::default(),
+        &LossOptions::default().with_params(smax::loss::HintonKd { temperature: 4.0 }),
     )
     .unwrap();
     close(r.loss, 0.2872556104791486, 1e-14, "hinton");
@@ -351,11 +355,12 @@ fn nkd_l6_and_hinton_l11() {
         View::rows(&[1.0], 1, 1).unwrap(),
         View::rows(&[2.0], 1, 1).unwrap(),
         &[0],
-        1.0,
-        1.0,
         None,
         None,
-        &RowLoss::default(),
+        &LossOptions::default().with_params(smax::loss::Nkd {
+            temperature: 1.0,
+            gamma: 1.0,
+        }),
     )
     .unwrap();
     assert_eq!((r.loss, r.flagged_rows), (0.0, 0));
@@ -363,11 +368,12 @@ fn nkd_l6_and_hinton_l11() {
         View::rows(&[1.0, 0.0], 1, 2).unwrap(),
         View::rows(&[2.0, f64::NEG_INFINITY], 1, 2).unwrap(),
         &[0],
-        1.0,
-        1.0,
         None,
         None,
-        &RowLoss::default(),
+        &LossOptions::default().with_params(smax::loss::Nkd {
+            temperature: 1.0,
+            gamma: 1.0,
+        }),
     )
     .unwrap();
     assert_eq!(r.flagged_rows, 1);
@@ -379,11 +385,12 @@ fn nkd_l6_and_hinton_l11() {
             View::rows(x, 3, 5).unwrap(),
             View::rows(&xt, 3, 5).unwrap(),
             &[4, -100, 0],
-            2.0,
-            1.5,
             grad_view(g, 3, 5),
             None,
-            &RowLoss::default(),
+            &LossOptions::default().with_params(smax::loss::Nkd {
+                temperature: 2.0,
+                gamma: 1.5,
+            }),
         )
         .unwrap()
         .loss
@@ -393,10 +400,9 @@ fn nkd_l6_and_hinton_l11() {
         hinton_kd_loss(
             View::rows(x, 3, 5).unwrap(),
             View::rows(&xt, 3, 5).unwrap(),
-            3.0,
             grad_view(g, 3, 5),
             None,
-            &RowLoss::default(),
+            &LossOptions::default().with_params(smax::loss::HintonKd { temperature: 3.0 }),
         )
         .unwrap()
         .loss
@@ -413,10 +419,9 @@ fn decoupled_softmax_l7() {
     let r = decoupled_softmax_loss(
         View::rows(&sims, 1, 4).unwrap(),
         &pos,
-        0.05,
         Some(ViewMut::rows(&mut g, 1, 4).unwrap()),
         Some(&mut rows),
-        &RowLoss::default(),
+        &LossOptions::default().with_params(smax::loss::Decoupled { temperature: 0.05 }),
     )
     .unwrap();
     close(r.loss, 4.7320181906229664e-07, 1e-9, "decoupled");
@@ -432,20 +437,18 @@ fn decoupled_softmax_l7() {
     let r = decoupled_softmax_loss(
         View::rows(&[1.0, 1.0, -1.0, -1.0], 1, 4).unwrap(),
         &pos,
-        0.05,
         None,
         None,
-        &RowLoss::default(),
+        &LossOptions::default().with_params(smax::loss::Decoupled { temperature: 0.05 }),
     )
     .unwrap();
     assert!(r.loss < 1e-15);
     let r = decoupled_softmax_loss(
         View::rows(&[0.1, 0.2, 0.3, 0.4], 2, 2).unwrap(),
         &[false, false, true, true],
-        0.05,
         None,
         None,
-        &RowLoss::default(),
+        &LossOptions::default().with_params(smax::loss::Decoupled { temperature: 0.05 }),
     )
     .unwrap();
     assert_eq!((r.valid_rows, r.loss), (1, 0.0));
@@ -458,10 +461,9 @@ fn decoupled_softmax_l7() {
         decoupled_softmax_loss(
             View::rows(x, 2, 6).unwrap(),
             &p,
-            0.3,
             grad_view(g, 2, 6),
             None,
-            &RowLoss::default(),
+            &LossOptions::default().with_params(smax::loss::Decoupled { temperature: 0.3 }),
         )
         .unwrap()
         .loss
@@ -478,7 +480,15 @@ fn normalized_softmax_l8() {
         (0.1, 0.01440125520216462),
         (1.0, 0.7886004105403325),
     ] {
-        let r = normalized_softmax_loss(&x, &w, 2, &[1], t, CosineGrads::default(), &RowLoss::default()).unwrap();
+        let r = normalized_softmax_loss(
+            &x,
+            &w,
+            2,
+            &[1],
+            CosineGrads::default(),
+            &LossOptions::default().with_params(smax::loss::NormalizedSoftmax { temperature: t }),
+        )
+        .unwrap();
         close(r.loss, loss, 1e-12, &format!("T {t}"));
     }
     let p = novel_class_prototype(&[0.5, -1.0, 1.0, -1.5, 0.2, -0.8], 2, 10.0).unwrap();
@@ -490,15 +500,29 @@ fn normalized_softmax_l8() {
     let (xs, ws) = (rng.vec(3 * 4, 1.0), rng.vec(5 * 4, 1.0));
     let y = [2i64, 0, 4];
     let f = |x: &[f64], g: Option<&mut [f64]>| {
-        normalized_softmax_loss(x, &ws, 4, &y, 0.2, CosineGrads { dx: g, dw: None }, &RowLoss::default())
-            .unwrap()
-            .loss
+        normalized_softmax_loss(
+            x,
+            &ws,
+            4,
+            &y,
+            CosineGrads { dx: g, dw: None },
+            &LossOptions::default().with_params(smax::loss::NormalizedSoftmax { temperature: 0.2 }),
+        )
+        .unwrap()
+        .loss
     };
     fd_check(&xs, 3, 4, &f, "cosine dx");
     let f = |w: &[f64], g: Option<&mut [f64]>| {
-        normalized_softmax_loss(&xs, w, 4, &y, 0.2, CosineGrads { dx: None, dw: g }, &RowLoss::default())
-            .unwrap()
-            .loss
+        normalized_softmax_loss(
+            &xs,
+            w,
+            4,
+            &y,
+            CosineGrads { dx: None, dw: g },
+            &LossOptions::default().with_params(smax::loss::NormalizedSoftmax { temperature: 0.2 }),
+        )
+        .unwrap()
+        .loss
     };
     fd_check(&ws, 5, 4, &f, "cosine dw");
 }
@@ -512,11 +536,10 @@ fn tempnet_l10() {
         View::rows(&z, 1, 3).unwrap(),
         &[0],
         &[1.0],
-        0.1,
         Some(ViewMut::rows(&mut g, 1, 3).unwrap()),
         Some(&mut dt),
         None,
-        &RowLoss::default(),
+        &LossOptions::default().with_params(smax::loss::TempNet { rho: 0.1 }),
     )
     .unwrap();
     close(r.loss, -0.581582272390276, 1e-14, "tau 1");
@@ -525,11 +548,10 @@ fn tempnet_l10() {
         View::rows(&z, 1, 3).unwrap(),
         &[0],
         &[0.5],
-        0.1,
         None,
         None,
         None,
-        &RowLoss::default(),
+        &LossOptions::default().with_params(smax::loss::TempNet { rho: 0.1 }),
     )
     .unwrap();
     close(r.loss, -0.42608589008714776, 1e-14, "tau 0.5");
@@ -539,11 +561,10 @@ fn tempnet_l10() {
         View::rows(&z, 1, 3).unwrap(),
         &[0],
         &[1.6851189395121366],
-        0.1,
         None,
         Some(&mut dt),
         None,
-        &RowLoss::default(),
+        &LossOptions::default().with_params(smax::loss::TempNet { rho: 0.1 }),
     )
     .unwrap();
     assert!(dt[0].abs() < 1e-12, "{}", dt[0]);
@@ -556,11 +577,10 @@ fn tempnet_l10() {
             View::rows(x, 2, 4).unwrap(),
             &[3, 1],
             &taus,
-            0.5,
             grad_view(g, 2, 4),
             None,
             None,
-            &RowLoss::default(),
+            &LossOptions::default().with_params(smax::loss::TempNet { rho: 0.5 }),
         )
         .unwrap()
         .loss
@@ -571,11 +591,10 @@ fn tempnet_l10() {
             View::rows(&xs, 2, 4).unwrap(),
             &[3, 1],
             t,
-            0.5,
             None,
             g,
             None,
-            &RowLoss::default(),
+            &LossOptions::default().with_params(smax::loss::TempNet { rho: 0.5 }),
         )
         .unwrap()
         .loss
@@ -586,11 +605,10 @@ fn tempnet_l10() {
             View::rows(&z, 1, 3).unwrap(),
             &[0],
             &[0.0],
-            0.1,
             None,
             None,
             None,
-            &RowLoss::default()
+            &LossOptions::default().with_params(smax::loss::TempNet { rho: 0.1 })
         ),
         Err(Error::BadParameter { name: "tau", .. })
     ));
@@ -604,7 +622,7 @@ fn reductions_errors_and_threads() {
     let t: Vec<i64> = (0..n)
         .map(|i| if i % 7 == 0 { -100 } else { (i * 13 % k) as i64 })
         .collect();
-    let run = |o: &RowLoss| -> (LossValue, Vec<u32>) {
+    let run = |o: &LossOptions| -> (LossReport, Vec<u32>) {
         let mut g = vec![0.0f32; n * k];
         let r = stablemax_cross_entropy(
             View::rows(&x, n, k).unwrap(),
@@ -616,19 +634,19 @@ fn reductions_errors_and_threads() {
         .unwrap();
         (r, g.iter().map(|v| v.to_bits()).collect())
     };
-    let base = run(&RowLoss {
-        par: Par::Seq,
+    let base = run(&LossOptions {
+        exec: smax::Exec::SEQ,
         ..Default::default()
     });
     for threads in [1, 2, 3] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        let got = pool.install(|| run(&RowLoss::default()));
+        let got = pool.install(|| run(&LossOptions::default()));
         assert_eq!(got.0.loss.to_bits(), base.0.loss.to_bits());
         assert!(got.1 == base.1, "{threads} threads");
     }
     let valid = t.iter().filter(|&&v| v != -100).count();
     assert_eq!(base.0.valid_rows, valid);
-    let sum = run(&RowLoss {
+    let sum = run(&LossOptions {
         reduction: Reduction::Sum,
         ..Default::default()
     });
@@ -636,39 +654,50 @@ fn reductions_errors_and_threads() {
     // Errors.
     let v = View::rows(&x, n, k).unwrap();
     assert!(matches!(
-        stablemax_cross_entropy(v, &t[1..], None, None, &RowLoss::default()),
+        stablemax_cross_entropy(v, &t[1..], None, None, &LossOptions::default()),
         Err(Error::LengthMismatch { what: "targets", .. })
     ));
     let mut bad = t.clone();
     bad[3] = k as i64;
     assert!(matches!(
-        stablemax_cross_entropy(v, &bad, None, None, &RowLoss::default()),
+        stablemax_cross_entropy(v, &bad, None, None, &LossOptions::default()),
         Err(Error::TargetOutOfRange { row: 3, .. })
     ));
     assert!(matches!(
-        comp_sum_loss(v, &t, -1.0, None, None, &RowLoss::default()),
+        comp_sum_loss(
+            v,
+            &t,
+            None,
+            None,
+            &LossOptions::default().with_params(smax::loss::CompSum { tau: -1.0 })
+        ),
         Err(Error::BadParameter { name: "tau", .. })
     ));
     assert!(matches!(
         hinton_kd_loss(
             v,
             View::rows(&x[..k], 1, k).unwrap(),
-            1.0,
             None,
             None,
-            &RowLoss::default()
+            &LossOptions::default().with_params(smax::loss::HintonKd { temperature: 1.0 })
         ),
         Err(Error::ShapeMismatch { what: "teacher", .. })
     ));
     assert!(matches!(
-        decoupled_softmax_loss(v, &[true; 3], 0.05, None, None, &RowLoss::default()),
+        decoupled_softmax_loss(
+            v,
+            &[true; 3],
+            None,
+            None,
+            &LossOptions::default().with_params(smax::loss::Decoupled { temperature: 0.05 })
+        ),
         Err(Error::LengthMismatch { what: "positives", .. })
     ));
 }
 
 #[test]
 fn uskd_l6b() {
-    use smax::loss::{Uskd, UskdRanking, uskd_loss};
+    use smax::loss::{UskdOptions, UskdRanking, uskd_loss};
     let zs = [2.0, 1.0, 0.1, -1.0, 0.2, 0.1, 1.5, 0.3];
     let w = [1.0, 0.0, 0.5, -0.5, 0.0, 0.3, 0.9, 0.1];
     let y = [0i64, 2];
@@ -676,7 +705,7 @@ fn uskd_l6b() {
         (UskdRanking::PaperProb, 1.1444038150178604, 0.6391546536018141),
         (UskdRanking::CodeLogProb, 1.129019199633245, 0.6376161920633526),
     ] {
-        let p = Uskd {
+        let p = UskdOptions {
             ranking,
             ..Default::default()
         };
@@ -684,9 +713,9 @@ fn uskd_l6b() {
             View::rows(&zs, 2, 4).unwrap(),
             View::rows(&w, 2, 4).unwrap(),
             &y,
+            None,
+            None,
             &p,
-            None,
-            None,
         )
         .unwrap();
         close(r.target, 0.5202211018651132, 1e-14, "L_t");
@@ -695,15 +724,15 @@ fn uskd_l6b() {
         close(r.total, total, 1e-14, "total");
     }
     // Gradients by finite differences. Weak head: exact.
-    let p = Uskd::default();
+    let p = UskdOptions::default();
     let fw = |wv: &[f64], g: Option<&mut [f64]>| {
         uskd_loss(
             View::rows(&zs, 2, 4).unwrap(),
             View::rows(wv, 2, 4).unwrap(),
             &y,
-            &p,
             None,
             g.map(|g| ViewMut::rows(g, 2, 4).unwrap()),
+            &p,
         )
         .unwrap()
         .weak
@@ -711,15 +740,15 @@ fn uskd_l6b() {
     fd_check(&w, 2, 4, &fw, "uskd weak");
     // Student, batch of two with α = 0: the non-target term alone (ranks are locally constant,
     // so its gradient is exact).
-    let p0 = Uskd { alpha: 0.0, ..p };
+    let p0 = UskdOptions { alpha: 0.0, ..p };
     let fs = |z: &[f64], g: Option<&mut [f64]>| {
         let r = uskd_loss(
             View::rows(z, 2, 4).unwrap(),
             View::rows(&w, 2, 4).unwrap(),
             &y,
-            &p0,
             g.map(|g| ViewMut::rows(g, 2, 4).unwrap()),
             None,
+            &p0,
         )
         .unwrap();
         r.total - r.weak
@@ -732,9 +761,9 @@ fn uskd_l6b() {
             View::rows(z, 1, 4).unwrap(),
             View::rows(&w[..4], 1, 4).unwrap(),
             &y[..1],
-            &p,
             g.map(|g| ViewMut::rows(g, 1, 4).unwrap()),
             None,
+            &p,
         )
         .unwrap();
         r.total - r.weak
@@ -745,9 +774,9 @@ fn uskd_l6b() {
             View::rows(&zs, 2, 4).unwrap(),
             View::rows(&w, 2, 4).unwrap(),
             &[0, 4],
-            &p,
             None,
-            None
+            None,
+            &p
         ),
         Err(Error::TargetOutOfRange { .. })
     ));
@@ -764,48 +793,82 @@ fn every_family_loss_is_thread_count_deterministic() {
         .collect();
     let taus: Vec<f64> = (0..n).map(|i| 0.5 + (i % 10) as f64 * 0.3).collect();
     let pos: Vec<bool> = (0..n * k).map(|i| i % 17 == 0).collect();
-    type Run<'a> = Box<dyn Fn(&RowLoss, &mut [f64]) -> f64 + Sync + 'a>;
+    type Run<'a> = Box<dyn Fn(&LossOptions, &mut [f64]) -> f64 + Sync + 'a>;
     let v = || View::rows(&x, n, k).unwrap();
     let vt = || View::rows(&xt, n, k).unwrap();
     let runs: Vec<(&str, Run)> = vec![
         (
             "comp_sum",
             Box::new(|o, gb| {
-                comp_sum_loss(v(), &t, 1.7, Some(ViewMut::rows(gb, n, k).unwrap()), None, o)
-                    .unwrap()
-                    .loss
+                comp_sum_loss(
+                    v(),
+                    &t,
+                    Some(ViewMut::rows(gb, n, k).unwrap()),
+                    None,
+                    &(*o).with_params(smax::loss::CompSum { tau: 1.7 }),
+                )
+                .unwrap()
+                .loss
             }),
         ),
         (
             "spherical",
             Box::new(|o, gb| {
-                spherical_z_loss(v(), &t, 1.0, 0.5, Some(ViewMut::rows(gb, n, k).unwrap()), None, o)
-                    .unwrap()
-                    .loss
+                spherical_z_loss(
+                    v(),
+                    &t,
+                    Some(ViewMut::rows(gb, n, k).unwrap()),
+                    None,
+                    &(*o).with_params(smax::loss::SphericalZ { a: 1.0, b: 0.5 }),
+                )
+                .unwrap()
+                .loss
             }),
         ),
         (
             "nkd",
             Box::new(|o, gb| {
-                nkd_loss(v(), vt(), &t, 2.0, 1.5, Some(ViewMut::rows(gb, n, k).unwrap()), None, o)
-                    .unwrap()
-                    .loss
+                nkd_loss(
+                    v(),
+                    vt(),
+                    &t,
+                    Some(ViewMut::rows(gb, n, k).unwrap()),
+                    None,
+                    &(*o).with_params(smax::loss::Nkd {
+                        temperature: 2.0,
+                        gamma: 1.5,
+                    }),
+                )
+                .unwrap()
+                .loss
             }),
         ),
         (
             "hinton",
             Box::new(|o, gb| {
-                hinton_kd_loss(v(), vt(), 4.0, Some(ViewMut::rows(gb, n, k).unwrap()), None, o)
-                    .unwrap()
-                    .loss
+                hinton_kd_loss(
+                    v(),
+                    vt(),
+                    Some(ViewMut::rows(gb, n, k).unwrap()),
+                    None,
+                    &(*o).with_params(smax::loss::HintonKd { temperature: 4.0 }),
+                )
+                .unwrap()
+                .loss
             }),
         ),
         (
             "decoupled",
             Box::new(|o, gb| {
-                decoupled_softmax_loss(v(), &pos, 0.05, Some(ViewMut::rows(gb, n, k).unwrap()), None, o)
-                    .unwrap()
-                    .loss
+                decoupled_softmax_loss(
+                    v(),
+                    &pos,
+                    Some(ViewMut::rows(gb, n, k).unwrap()),
+                    None,
+                    &(*o).with_params(smax::loss::Decoupled { temperature: 0.05 }),
+                )
+                .unwrap()
+                .loss
             }),
         ),
         (
@@ -815,11 +878,10 @@ fn every_family_loss_is_thread_count_deterministic() {
                     v(),
                     &t,
                     &taus,
-                    1.0,
                     Some(ViewMut::rows(gb, n, k).unwrap()),
                     None,
                     None,
-                    o,
+                    &(*o).with_params(smax::loss::TempNet { rho: 1.0 }),
                 )
                 .unwrap()
                 .loss
@@ -829,8 +891,8 @@ fn every_family_loss_is_thread_count_deterministic() {
     for (name, f) in &runs {
         let mut gs = vec![0.0; n * k];
         let base = f(
-            &RowLoss {
-                par: Par::Seq,
+            &LossOptions {
+                exec: smax::Exec::SEQ,
                 ..Default::default()
             },
             &mut gs,
@@ -838,7 +900,7 @@ fn every_family_loss_is_thread_count_deterministic() {
         for threads in [2, 3] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let mut gp = vec![0.0; n * k];
-            let l = pool.install(|| f(&RowLoss::default(), &mut gp));
+            let l = pool.install(|| f(&LossOptions::default(), &mut gp));
             assert_eq!(l.to_bits(), base.to_bits(), "{name} {threads} threads");
             assert!(
                 gp.iter().zip(&gs).all(|(a, b)| a.to_bits() == b.to_bits()),

@@ -6,8 +6,9 @@ mod common;
 
 use common::Rng;
 use smax::loss::{
-    AllIgnored, CrossEntropy, LinearCe, LinearCeScratch, LinearGrads, LinearInputs, LinearShape, LinearTiles,
-    Reduction, RowOutputs, Targets, cross_entropy, linear_cross_entropy, linear_cross_entropy_scratch_bytes,
+    AllIgnored, CrossEntropyOptions, LinearCeScratch, LinearCrossEntropyOptions, LinearGrads, LinearInputs,
+    LinearShape, LinearTiles, Reduction, RowOutputs, Targets, cross_entropy, linear_cross_entropy,
+    linear_cross_entropy_scratch_bytes,
 };
 use smax::{Error, Par, View, ViewMut};
 
@@ -52,7 +53,7 @@ fn problem(rng: &mut Rng, n: usize, d: usize, v: usize) -> Problem {
     }
 }
 
-fn materialized(p: &Problem, bias: bool, o: &LinearCe) -> Out {
+fn materialized(p: &Problem, bias: bool, o: &LinearCrossEntropyOptions) -> Out {
     let (n, d, v) = (p.n, p.d, p.v);
     let mut z = vec![0.0f64; n * v];
     for i in 0..n {
@@ -66,7 +67,7 @@ fn materialized(p: &Problem, bias: bool, o: &LinearCe) -> Out {
     }
     let mut g = vec![0.0f64; n * v];
     let (mut rows, mut lse) = (vec![0.0; n], vec![0.0; n]);
-    let mut ce = CrossEntropy::default()
+    let mut ce = CrossEntropyOptions::default()
         .reduction(o.reduction)
         .label_smoothing(o.label_smoothing)
         .z_loss(o.z_loss)
@@ -111,7 +112,7 @@ fn materialized(p: &Problem, bias: bool, o: &LinearCe) -> Out {
     }
 }
 
-fn fused(p: &Problem, bias: bool, o: &LinearCe) -> Out {
+fn fused(p: &Problem, bias: bool, o: &LinearCrossEntropyOptions) -> Out {
     let (n, d, v) = (p.n, p.d, p.v);
     let mut dh = vec![0.0f32; n * d];
     let mut dw = vec![0.0f32; v * d];
@@ -191,7 +192,7 @@ fn agrees_with_materialized_cross_entropy() {
                 for lambda in [0.0, 1e-2] {
                     for cap in [None, Some(2.0)] {
                         for bias in [false, true] {
-                            let o = LinearCe {
+                            let o = LinearCrossEntropyOptions {
                                 reduction: red,
                                 label_smoothing: eps,
                                 z_loss: lambda,
@@ -221,7 +222,7 @@ fn worked_example_l9() {
         b: vec![0.0; 4],
         y: vec![1, 0, 2],
     };
-    let o = LinearCe {
+    let o = LinearCrossEntropyOptions {
         tiles: LinearTiles { tokens: 2, vocab: 2 },
         ..Default::default()
     };
@@ -264,7 +265,7 @@ fn worked_example_l9() {
 fn thread_count_determinism_and_scratch_reuse() {
     let mut rng = Rng(3);
     let p = problem(&mut rng, 300, 48, 2500);
-    let o = LinearCe {
+    let o = LinearCrossEntropyOptions {
         label_smoothing: 0.1,
         z_loss: 1e-4,
         tiles: LinearTiles { tokens: 64, vocab: 256 },
@@ -277,7 +278,7 @@ fn thread_count_determinism_and_scratch_reuse() {
         }
         v
     };
-    let base = bits(&fused(&p, true, &LinearCe { par: Par::Seq, ..o }));
+    let base = bits(&fused(&p, true, &o.par(Par::Seq)));
     for t in [1, 2, 3] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
         assert!(pool.install(|| bits(&fused(&p, true, &o))) == base, "{t} threads");
@@ -330,19 +331,19 @@ fn thread_count_determinism_and_scratch_reuse() {
 fn gradient_filtering_is_opt_in() {
     let mut rng = Rng(8);
     let p = problem(&mut rng, 64, 16, 600);
-    let o = LinearCe {
+    let o = LinearCrossEntropyOptions {
         tiles: LinearTiles { tokens: 16, vocab: 64 },
         ..Default::default()
     };
     let exact = fused(&p, false, &o);
     // Threshold 0 filters nothing.
-    let zero = fused(&p, false, &LinearCe { filter: Some(0.0), ..o });
+    let zero = fused(&p, false, &LinearCrossEntropyOptions { filter: Some(0.0), ..o });
     assert_eq!(exact.dh, zero.dh);
     // A tiny threshold changes the gradient by less than it drops.
     let tiny = fused(
         &p,
         false,
-        &LinearCe {
+        &LinearCrossEntropyOptions {
             filter: Some(2f32.powi(-28)),
             ..o
         },
@@ -352,7 +353,7 @@ fn gradient_filtering_is_opt_in() {
     let all = fused(
         &p,
         false,
-        &LinearCe {
+        &LinearCrossEntropyOptions {
             filter: Some(1e30),
             ..o
         },
@@ -367,13 +368,13 @@ fn edge_cases() {
     let mut p = problem(&mut rng, 6, 4, 10);
     // Every token ignored: 0 (or NaN on request), zero gradients.
     p.y = vec![-100; 6];
-    let r = fused(&p, true, &LinearCe::default());
+    let r = fused(&p, true, &LinearCrossEntropyOptions::default());
     assert_eq!((r.loss, r.z), (0.0, 0.0));
     assert!(r.dh.iter().chain(&r.dw).chain(&r.db).all(|&v| v == 0.0));
     let r = fused(
         &p,
         true,
-        &LinearCe {
+        &LinearCrossEntropyOptions {
             all_ignored: AllIgnored::Nan,
             ..Default::default()
         },
@@ -383,12 +384,12 @@ fn edge_cases() {
     // there gives +inf.
     p.y = vec![0, 1, 2, 3, 4, 5];
     p.b[7] = f32::NEG_INFINITY;
-    let m = materialized(&p, true, &LinearCe::default());
-    let f = fused(&p, true, &LinearCe::default());
+    let m = materialized(&p, true, &LinearCrossEntropyOptions::default());
+    let f = fused(&p, true, &LinearCrossEntropyOptions::default());
     compare(&f, &m, p.d, "masked vocabulary");
     assert!(f.dw[7 * 4..8 * 4].iter().all(|&v| v == 0.0));
     p.y[0] = 7;
-    let f = fused(&p, true, &LinearCe::default());
+    let f = fused(&p, true, &LinearCrossEntropyOptions::default());
     assert_eq!(f.rows[0], f64::INFINITY);
     // A single class: loss 0.
     let q = Problem {
@@ -400,7 +401,7 @@ fn edge_cases() {
         b: vec![0.0],
         y: vec![0, 0],
     };
-    assert_eq!(fused(&q, false, &LinearCe::default()).loss, 0.0);
+    assert_eq!(fused(&q, false, &LinearCrossEntropyOptions::default()).loss, 0.0);
 }
 
 #[test]
@@ -408,7 +409,7 @@ fn bad_input_is_a_typed_error() {
     let h = [0.0f32; 6];
     let w = [0.0f32; 8];
     let shape = LinearShape { n: 3, d: 2, v: 4 };
-    let call = |s: LinearShape, i: LinearInputs, o: &LinearCe| {
+    let call = |s: LinearShape, i: LinearInputs, o: &LinearCrossEntropyOptions| {
         linear_cross_entropy(s, i, LinearGrads::default(), RowOutputs::default(), None, o)
     };
     let inp = LinearInputs {
@@ -417,7 +418,7 @@ fn bad_input_is_a_typed_error() {
         bias: None,
         targets: &[0, 1, 2],
     };
-    let d = LinearCe::default();
+    let d = LinearCrossEntropyOptions::default();
     assert!(call(shape, inp, &d).is_ok());
     assert!(matches!(
         call(LinearShape { n: 3, d: 2, v: 5 }, inp, &d),
@@ -464,7 +465,7 @@ fn bad_input_is_a_typed_error() {
         ),
         Err(Error::BadParameter { name: "d", .. })
     ));
-    let huge = LinearCe {
+    let huge = LinearCrossEntropyOptions {
         tiles: LinearTiles {
             tokens: usize::MAX,
             vocab: usize::MAX,
@@ -472,7 +473,7 @@ fn bad_input_is_a_typed_error() {
         ..d
     };
     assert!(call(shape, inp, &huge).is_ok());
-    let bad_tiles = LinearCe {
+    let bad_tiles = LinearCrossEntropyOptions {
         tiles: LinearTiles { tokens: 0, vocab: 4 },
         ..d
     };
@@ -480,7 +481,7 @@ fn bad_input_is_a_typed_error() {
         call(shape, inp, &bad_tiles),
         Err(Error::BadParameter { name: "tiles", .. })
     ));
-    let bad_eps = LinearCe {
+    let bad_eps = LinearCrossEntropyOptions {
         label_smoothing: -0.1,
         ..d
     };

@@ -1,7 +1,7 @@
 //! The linear cross-entropy's peak allocation does not grow with the vocabulary: a counting
 //! global allocator records the high-water mark of live heap bytes during one call.
 
-use smax::loss::{LinearCe, LinearGrads, LinearInputs, LinearShape, RowOutputs, linear_cross_entropy};
+use smax::loss::{LinearCrossEntropyOptions, LinearGrads, LinearInputs, LinearShape, RowOutputs, linear_cross_entropy};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -57,7 +57,7 @@ fn peak_extra(n: usize, d: usize, v: usize) -> usize {
             },
             RowOutputs::default(),
             None,
-            &LinearCe::default(),
+            &LinearCrossEntropyOptions::default(),
         )
         .unwrap()
     };

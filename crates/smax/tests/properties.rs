@@ -4,9 +4,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use proptest::prelude::*;
-use smax::gate::{GateOrder, GateParams, gate};
-use smax::loss::{CrossEntropy, RowOutputs, Targets, cross_entropy};
-use smax::sample::{Processed, SampleParams, process};
+use smax::gate::{GateOptions, GateOrder, gate};
+use smax::loss::{CrossEntropyOptions, RowOutputs, Targets, cross_entropy};
+use smax::sample::{Processed, SampleOptions, process};
 use smax::{Par, View, ViewMut};
 
 fn logits(max_len: usize) -> impl Strategy<Value = Vec<f32>> {
@@ -29,7 +29,7 @@ proptest! {
                 Targets::Classes(&[t]),
                 Some(ViewMut::rows(&mut g, 1, k).unwrap()),
                 RowOutputs::default(),
-                &CrossEntropy::default(),
+                &CrossEntropyOptions::default(),
             )
             .unwrap();
             (r.loss, g)
@@ -50,13 +50,13 @@ proptest! {
     fn sampling_invariants(x in logits(400), k in 1usize..50, p in 0.01f64..1.0, strict: bool) {
         let n = x.len();
         let z: Vec<f64> = x.iter().map(|&v| (v as f64 / 4.0).round()).collect(); // many ties
-        let probs = |sp: &SampleParams| {
+        let probs = |sp: &SampleOptions| {
             let mut o = vec![0.0f64; n];
-            process(View::rows(&z, 1, n).unwrap(), sp, ViewMut::rows(&mut o, 1, n).unwrap(), Processed::Probs, Par::Seq)
+            process(View::rows(&z, 1, n).unwrap(), ViewMut::rows(&mut o, 1, n).unwrap(), Processed::Probs, &(*sp).par(Par::Seq))
                 .unwrap();
             o
         };
-        let topk = probs(&SampleParams { top_k: Some(k), strict_top_k: strict, ..Default::default() });
+        let topk = probs(&SampleOptions { top_k: Some(k), strict_top_k: strict, ..Default::default() });
         let kept = topk.iter().filter(|v| **v > 0.0).count();
         if strict || k >= n {
             prop_assert_eq!(kept, k.min(n));
@@ -64,8 +64,8 @@ proptest! {
             prop_assert!(kept >= k);
         }
         prop_assert!((topk.iter().sum::<f64>() - 1.0).abs() < 1e-12);
-        let full = probs(&SampleParams::default());
-        let topp = probs(&SampleParams { top_p: Some(p), ..Default::default() });
+        let full = probs(&SampleOptions::default());
+        let topp = probs(&SampleOptions { top_p: Some(p), ..Default::default() });
         let mut kept_p: Vec<f64> = (0..n).filter(|&i| topp[i] > 0.0).map(|i| full[i]).collect();
         prop_assert!(!kept_p.is_empty());
         kept_p.sort_by(|a, b| b.partial_cmp(a).unwrap());
@@ -86,10 +86,10 @@ proptest! {
     fn gating_invariants(x in prop::collection::vec(-8.0f32..8.0, 1..64), k in 1usize..64, renorm: bool) {
         let e = x.len();
         let k = 1 + (k - 1) % e;
-        let p = GateParams { k, order: GateOrder::SoftmaxThenTopK { renormalize: renorm }, ..Default::default() };
+        let p = GateOptions { k, order: GateOrder::SoftmaxThenTopK { renormalize: renorm }, ..Default::default() };
         let mut ex = vec![0u32; k];
         let mut w = vec![0.0f32; k];
-        gate(View::rows(&x, 1, e).unwrap(), None, &p, &mut ex, &mut w, Par::Seq).unwrap();
+        gate(View::rows(&x, 1, e).unwrap(), None, &mut ex, &mut w, &p.par(Par::Seq)).unwrap();
         let mut seen = ex.clone();
         seen.sort();
         seen.dedup();

@@ -2,8 +2,7 @@
 //! round trips over the whole input range with their error bounds, edge cases, errors.
 
 use smax::calibrate::{
-    Binning, OodScore, brier_score, calibration_error, fit_temperature, fit_temperature_default, mahalanobis_fit,
-    mahalanobis_scores, ood_scores,
+    Binning, OodScore, brier_score, calibration_error, fit_temperature, mahalanobis_fit, mahalanobis_scores, ood_scores,
 };
 use smax::quant::{Quantizer, ZeroMode, calibrate_log_sqrt2, calibrate_sulq, dequantize, quantize};
 use smax::{Error, View};
@@ -62,18 +61,18 @@ fn worked_examples_q1_to_q4() {
     );
     // Q3 with η = 0.01 and the range of X itself.
     let eta = 0.01f64;
-    let q3 = |round_exponent| Quantizer::Sulq {
+    let q3 = |exponent| Quantizer::Sulq {
         bits: 4,
         eta,
         y_min: (0.0f64 + eta).log2(),
         y_max: (1.0f64 + eta).log2(),
-        round_exponent,
-        code_compat: false,
+        exponent,
+        levels: smax::quant::SulqLevels::Bits,
     };
-    let (c, r, _) = roundtrip(&q3(true), &X);
+    let (c, r, _) = roundtrip(&q3(smax::quant::SulqExponent::Rounded), &X);
     assert_eq!(c, vec![15, 13, 11, 8, 2, 0, 0]);
     close(&r, &[0.99, 0.49, 0.24, 0.115, 0.005625, -0.0021875, -0.0021875], 1e-7);
-    let (_, r, _) = roundtrip(&q3(false), &X);
+    let (_, r, _) = roundtrip(&q3(smax::quant::SulqExponent::Exact), &X);
     close(
         &r[..5],
         &[1.0, 0.53585654744, 0.2850092776, 0.10721181727, 0.0085030298665],
@@ -212,7 +211,13 @@ fn calibration_of_quantizers_and_errors() {
         panic!("{q:?}");
     }
     // The chosen η is the best of the grid.
-    let q = calibrate_sulq(&calib, 4, true, false).unwrap();
+    let q = calibrate_sulq(
+        &calib,
+        4,
+        smax::quant::SulqExponent::Rounded,
+        smax::quant::SulqLevels::Bits,
+    )
+    .unwrap();
     let mse = |q: &Quantizer| {
         let mut c = vec![0u16; calib.len()];
         quantize(&calib, q, &mut c, None, None).unwrap().mse
@@ -226,8 +231,8 @@ fn calibration_of_quantizers_and_errors() {
             eta,
             y_min: y(lo),
             y_max: y(max),
-            round_exponent: true,
-            code_compat: false,
+            exponent: smax::quant::SulqExponent::Rounded,
+            levels: smax::quant::SulqLevels::Bits,
         };
         assert!(best <= mse(&other) + 1e-15);
     }
@@ -256,7 +261,15 @@ fn calibration_of_quantizers_and_errors() {
     )
     .unwrap();
     assert_eq!(rep.clamped, 2);
-    assert!(calibrate_sulq(&[], 4, true, false).is_err());
+    assert!(
+        calibrate_sulq(
+            &[],
+            4,
+            smax::quant::SulqExponent::Rounded,
+            smax::quant::SulqLevels::Bits
+        )
+        .is_err()
+    );
 }
 
 const Z: [f64; 18] = [
@@ -266,28 +279,54 @@ const Y: [i64; 6] = [0, 1, 1, 2, 1, 0];
 
 #[test]
 fn temperature_fit_d3() {
-    let r = fit_temperature_default(View::rows(&Z, 6, 3).unwrap(), &Y).unwrap();
+    let r = fit_temperature(View::rows(&Z, 6, 3).unwrap(), &Y, &Default::default()).unwrap();
     assert!((r.temperature - 1.4517948869833943).abs() < 1e-10, "{r:?}");
     assert!((r.nll_before - 0.8059315435021439).abs() < 1e-14);
     assert!((r.nll_after - 0.7657826958196047).abs() < 1e-14);
     assert!(r.converged && !r.capped);
     // Separable data drives T to its floor, reported as capped.
     let sep = [5.0, 0.0, 0.0, 5.0];
-    let r = fit_temperature(View::rows(&sep, 2, 2).unwrap(), &[0, 1], 1e-2, 1e3).unwrap();
+    let r = fit_temperature(
+        View::rows(&sep, 2, 2).unwrap(),
+        &[0, 1],
+        &smax::calibrate::FitOptions {
+            t_min: 1e-2,
+            t_max: 1e3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(r.capped && (r.temperature - 1e-2).abs() < 1e-9, "{r:?}");
     // All-wrong data drives T up to its ceiling.
-    let r = fit_temperature(View::rows(&sep, 2, 2).unwrap(), &[1, 0], 1e-2, 1e3).unwrap();
+    let r = fit_temperature(
+        View::rows(&sep, 2, 2).unwrap(),
+        &[1, 0],
+        &smax::calibrate::FitOptions {
+            t_min: 1e-2,
+            t_max: 1e3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(r.capped && (r.temperature - 1e3).abs() < 1e-6, "{r:?}");
-    assert!(fit_temperature_default(View::rows(&Z[..0], 0, 3).unwrap(), &[]).is_err());
+    assert!(fit_temperature(View::rows(&Z[..0], 0, 3).unwrap(), &[], &Default::default()).is_err());
     assert!(matches!(
-        fit_temperature_default(View::rows(&[f64::NAN, 0.0], 1, 2).unwrap(), &[0]),
+        fit_temperature(View::rows(&[f64::NAN, 0.0], 1, 2).unwrap(), &[0], &Default::default()),
         Err(Error::NonFiniteLogit { .. })
     ));
 }
 
 #[test]
 fn calibration_error_d4_brier_and_ood_d5() {
-    let c = calibration_error(View::rows(&Z, 6, 3).unwrap(), &Y, Binning::EqualWidth(15)).unwrap();
+    let c = calibration_error(
+        View::rows(&Z, 6, 3).unwrap(),
+        &Y,
+        &smax::calibrate::CalibrationOptions {
+            binning: Binning::EqualWidth(15),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!((c.ece - 0.3812105479198361).abs() < 1e-14, "{c:?}");
     assert!((c.mce - 0.8834920740271945).abs() < 1e-14);
     let counts: Vec<usize> = c.bins.iter().map(|b| b.count).collect();
@@ -299,10 +338,26 @@ fn calibration_error_d4_brier_and_ood_d5() {
     // Confidence exactly 1 lands in the last bin, not a phantom one; 0 is impossible for a
     // softmax max, but the bin edges are [0, 1/M).
     let one = [100.0, -100.0];
-    let c1 = calibration_error(View::rows(&one, 1, 2).unwrap(), &[0], Binning::EqualWidth(10)).unwrap();
+    let c1 = calibration_error(
+        View::rows(&one, 1, 2).unwrap(),
+        &[0],
+        &smax::calibrate::CalibrationOptions {
+            binning: Binning::EqualWidth(10),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(c1.bins[9].count, 1);
     // Equal mass: 3 bins of 2.
-    let cm = calibration_error(View::rows(&Z, 6, 3).unwrap(), &Y, Binning::EqualMass(3)).unwrap();
+    let cm = calibration_error(
+        View::rows(&Z, 6, 3).unwrap(),
+        &Y,
+        &smax::calibrate::CalibrationOptions {
+            binning: Binning::EqualMass(3),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(cm.bins.iter().all(|b| b.count == 2));
     assert!(cm.ece >= 0.0 && cm.ece <= 1.0 && cm.ece_l2 >= cm.ece - 1e-15);
     // Brier of a perfect one-hot prediction → 0.
@@ -311,18 +366,66 @@ fn calibration_error_d4_brier_and_ood_d5() {
     // D5.
     let z = [2.0, 1.0, 0.1];
     let mut o = [0.0f64];
-    ood_scores(View::rows(&z, 1, 3).unwrap(), OodScore::Msp, &mut o).unwrap();
+    ood_scores(
+        View::rows(&z, 1, 3).unwrap(),
+        &mut o,
+        &smax::calibrate::OodOptions {
+            score: OodScore::Msp,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!((o[0] - 0.6590011388859677).abs() < 1e-15);
-    ood_scores(View::rows(&z, 1, 3).unwrap(), OodScore::NegEnergy(1.0), &mut o).unwrap();
+    ood_scores(
+        View::rows(&z, 1, 3).unwrap(),
+        &mut o,
+        &smax::calibrate::OodOptions {
+            score: OodScore::NegEnergy(1.0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!((o[0] - 2.4170300162778338).abs() < 1e-14);
-    ood_scores(View::rows(&z, 1, 3).unwrap(), OodScore::NegEnergy(2.0), &mut o).unwrap();
+    ood_scores(
+        View::rows(&z, 1, 3).unwrap(),
+        &mut o,
+        &smax::calibrate::OodOptions {
+            score: OodScore::NegEnergy(2.0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!((o[0] - 3.379554701278244).abs() < 1e-14);
-    ood_scores(View::rows(&z, 1, 3).unwrap(), OodScore::MaxLogit, &mut o).unwrap();
+    ood_scores(
+        View::rows(&z, 1, 3).unwrap(),
+        &mut o,
+        &smax::calibrate::OodOptions {
+            score: OodScore::MaxLogit,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(o[0], 2.0);
     let ninf = [f64::NEG_INFINITY; 3];
-    ood_scores(View::rows(&ninf, 1, 3).unwrap(), OodScore::Msp, &mut o).unwrap();
+    ood_scores(
+        View::rows(&ninf, 1, 3).unwrap(),
+        &mut o,
+        &smax::calibrate::OodOptions {
+            score: OodScore::Msp,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(o[0].is_nan());
-    ood_scores(View::rows(&ninf, 1, 3).unwrap(), OodScore::NegEnergy(1.0), &mut o).unwrap();
+    ood_scores(
+        View::rows(&ninf, 1, 3).unwrap(),
+        &mut o,
+        &smax::calibrate::OodOptions {
+            score: OodScore::NegEnergy(1.0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(o[0], f64::NEG_INFINITY);
 }
 
@@ -330,7 +433,17 @@ fn calibration_error_d4_brier_and_ood_d5() {
 fn mahalanobis_d6() {
     let f = [1.0, 0.0, 1.2, 0.3, 0.8, -0.1, -1.0, 1.0, -1.3, 0.8, -0.8, 1.1];
     let y = [0i64, 0, 0, 1, 1, 1];
-    let m = mahalanobis_fit(&f, 2, &y, 2, Some(0.0)).unwrap();
+    let m = mahalanobis_fit(
+        &f,
+        2,
+        &y,
+        2,
+        &smax::calibrate::MahalanobisOptions {
+            ridge: Some(0.0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     for (a, b) in m
         .covariance
         .iter()
@@ -348,6 +461,16 @@ fn mahalanobis_d6() {
     assert!((o[0] + 5.19557195571956).abs() < 1e-9);
     // A singular covariance gets the default ridge.
     let g = [0.0, 0.0, 1.0, 1.0, 2.0, 2.0];
-    let m = mahalanobis_fit(&g, 2, &[0, 0, 0], 1, None).unwrap();
+    let m = mahalanobis_fit(
+        &g,
+        2,
+        &[0, 0, 0],
+        1,
+        &smax::calibrate::MahalanobisOptions {
+            ridge: None,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(m.ridge > 0.0);
 }

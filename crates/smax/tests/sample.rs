@@ -7,12 +7,12 @@ mod common;
 
 use common::Rng;
 use smax::sample::{
-    Draw, GumbelSource, Processed, SampleParams, counter_u64, counter_uniform, gumbel_max, process, sample,
+    Draw, GumbelSource, Processed, SampleOptions, counter_u64, counter_uniform, gumbel_max, process, sample,
 };
 use smax::{Error, Par, View, ViewMut};
 
 /// The definition, with a full sort: returns the log-probabilities (−inf where removed).
-fn reference(z: &[f64], p: &SampleParams) -> Vec<f64> {
+fn reference(z: &[f64], p: &SampleOptions) -> Vec<f64> {
     let n = z.len();
     let t: Vec<f64> = z.iter().map(|&v| v / p.temperature).collect();
     // Order: t descending, index ascending (−0 and +0 tie).
@@ -76,15 +76,14 @@ fn reference(z: &[f64], p: &SampleParams) -> Vec<f64> {
         .collect()
 }
 
-fn processed(z: &[f64], rows: usize, p: &SampleParams, what: Processed) -> Vec<f64> {
+fn processed(z: &[f64], rows: usize, p: &SampleOptions, what: Processed) -> Vec<f64> {
     let n = z.len() / rows;
     let mut out = vec![0.0f64; z.len()];
     process(
         View::rows(z, rows, n).unwrap(),
-        p,
         ViewMut::rows(&mut out, rows, n).unwrap(),
         what,
-        Par::Rayon,
+        p,
     )
     .unwrap();
     out
@@ -98,8 +97,8 @@ fn worked_example_d1() {
             assert!((a - b).abs() <= 1e-9 * (1.0 + b.abs()), "{got:?} vs {want:?}");
         }
     };
-    let p = |f: &dyn Fn(&mut SampleParams)| {
-        let mut s = SampleParams::default();
+    let p = |f: &dyn Fn(&mut SampleOptions)| {
+        let mut s = SampleOptions::default();
         f(&mut s);
         processed(&z, 1, &s, Processed::Probs)
     };
@@ -147,7 +146,7 @@ fn equals_the_full_sort_reference_bit_for_bit() {
                 continue;
             }
             let pick = |r: &mut Rng, a: f64, b: f64| a + (b - a) * (r.uniform() + 1.0) / 2.0;
-            let p = SampleParams {
+            let p = SampleOptions {
                 temperature: [1.0, 0.7, 1.3][case % 3],
                 top_k: if case % 4 == 0 {
                     None
@@ -165,6 +164,7 @@ fn equals_the_full_sort_reference_bit_for_bit() {
                 } else {
                     None
                 },
+                exec: smax::Exec::default(),
             };
             let want = reference(&z, &p);
             let got = processed(&z, 1, &p, Processed::LogProbs);
@@ -186,7 +186,7 @@ fn top_p_boundaries_and_cumsum_corners() {
     let probs = [0.5f64, 0.4, 0.1];
     let z: Vec<f64> = probs.iter().map(|p| p.ln()).collect();
     for pp in [0.5, 0.9, 0.9 + 1e-12, 0.9 - 1e-12, 0.9999999, 1.0, 1e-9] {
-        let p = SampleParams {
+        let p = SampleOptions {
             top_p: Some(pp),
             ..Default::default()
         };
@@ -199,7 +199,7 @@ fn top_p_boundaries_and_cumsum_corners() {
     // Over the top-2 survivors the masses are 0.5, 0.5, so p = 0.4 keeps one token; against
     // the unrenormalised mass (0.27 for the first) it would keep two.
     let z = [1.0f64, 1.0, 0.0, 0.0, 0.0, 0.0];
-    let p = SampleParams {
+    let p = SampleOptions {
         top_k: Some(2),
         top_p: Some(0.4),
         ..Default::default()
@@ -212,7 +212,7 @@ fn top_p_boundaries_and_cumsum_corners() {
         processed(
             &z,
             1,
-            &SampleParams {
+            &SampleOptions {
                 top_k: Some(2),
                 strict_top_k: strict,
                 ..Default::default()
@@ -248,13 +248,13 @@ fn draws_follow_the_truncated_distribution() {
     let z = [1.2f64, 0.3, -0.4, 2.0, 0.9, -1.5, 0.0, 1.7];
     let n_draws = 40_000usize;
     for p in [
-        SampleParams::default(),
-        SampleParams {
+        SampleOptions::default(),
+        SampleOptions {
             temperature: 0.8,
             top_k: Some(5),
             ..Default::default()
         },
-        SampleParams {
+        SampleOptions {
             top_p: Some(0.8),
             min_p: Some(0.2),
             ..Default::default()
@@ -266,11 +266,10 @@ fn draws_follow_the_truncated_distribution() {
         let mut toks = vec![0u32; n_draws];
         sample::<f64, f64>(
             View::rows(&rows, n_draws, 8).unwrap(),
-            &p,
             Draw::Counter { seeds: &seeds, step: 3 },
             &mut toks,
             None,
-            Par::Rayon,
+            &p,
         )
         .unwrap();
         let mut counts = [0u64; 8];
@@ -289,11 +288,14 @@ fn draws_follow_the_truncated_distribution() {
     let mut toks = vec![0u32; n_draws];
     gumbel_max(
         View::rows(&rows, n_draws, 8).unwrap(),
-        1.3,
         GumbelSource::Counter { seeds: &seeds, step: 0 },
-        1,
         &mut toks,
-        Par::Rayon,
+        &smax::sample::GumbelOptions {
+            temperature: 1.3,
+            k: 1,
+            ..Default::default()
+        }
+        .par(Par::Rayon),
     )
     .unwrap();
     for &t in &toks {
@@ -302,7 +304,7 @@ fn draws_follow_the_truncated_distribution() {
     let probs = processed(
         &z,
         1,
-        &SampleParams {
+        &SampleOptions {
             temperature: 1.3,
             ..Default::default()
         },
@@ -321,22 +323,28 @@ fn gumbel_worked_example_d2_and_without_replacement() {
     let mut t3 = [0u32; 3];
     gumbel_max(
         View::rows(&z1, 1, 5).unwrap(),
-        1.0,
         GumbelSource::Uniforms(&u),
-        3,
         &mut t3,
-        Par::Seq,
+        &smax::sample::GumbelOptions {
+            temperature: 1.0,
+            k: 3,
+            ..Default::default()
+        }
+        .par(Par::Seq),
     )
     .unwrap();
     assert_eq!(t3, [3, 1, 0]);
     assert!(matches!(
         gumbel_max(
             View::rows(&z1, 1, 5).unwrap(),
-            1.0,
             GumbelSource::Uniforms(&[0.0, 0.5, 0.5, 0.5, 0.5]),
-            1,
             &mut t3[..1],
-            Par::Seq
+            &smax::sample::GumbelOptions {
+                temperature: 1.0,
+                k: 1,
+                ..Default::default()
+            }
+            .par(Par::Seq)
         ),
         Err(Error::BadParameter { name: "uniform", .. })
     ));
@@ -348,7 +356,18 @@ fn gumbel_worked_example_d2_and_without_replacement() {
             seeds: &[seed],
             step: 9,
         };
-        gumbel_max(View::rows(&z, 1, 6).unwrap(), 1.0, src, 3, &mut t, Par::Seq).unwrap();
+        gumbel_max(
+            View::rows(&z, 1, 6).unwrap(),
+            src,
+            &mut t,
+            &smax::sample::GumbelOptions {
+                temperature: 1.0,
+                k: 3,
+                ..Default::default()
+            }
+            .par(Par::Seq),
+        )
+        .unwrap();
         assert!(t.iter().all(|&i| i != 1 && i != 4));
         assert!(t[0] != t[1] && t[1] != t[2] && t[0] != t[2]);
     }
@@ -356,11 +375,14 @@ fn gumbel_worked_example_d2_and_without_replacement() {
     assert!(matches!(
         gumbel_max(
             View::rows(&z, 1, 6).unwrap(),
-            1.0,
             GumbelSource::Counter { seeds: &[1], step: 0 },
-            5,
             &mut t,
-            Par::Seq
+            &smax::sample::GumbelOptions {
+                temperature: 1.0,
+                k: 5,
+                ..Default::default()
+            }
+            .par(Par::Seq)
         ),
         Err(Error::LengthMismatch { what: "tokens", .. })
     ));
@@ -369,27 +391,26 @@ fn gumbel_worked_example_d2_and_without_replacement() {
 #[test]
 fn edge_cases_and_errors() {
     let z = [1.0f64, 3.0, 3.0, -1.0];
-    let one = |z: &[f64], p: &SampleParams| {
+    let one = |z: &[f64], p: &SampleOptions| {
         let mut t = [0u32];
         sample::<f64, f64>(
             View::rows(z, 1, z.len()).unwrap(),
-            p,
             Draw::Uniform(&[0.5]),
             &mut t,
             None,
-            Par::Seq,
+            &(*p).par(Par::Seq),
         )
         .map(|_| t[0])
     };
     // T = 0: argmax, lowest index on ties.
-    let greedy = SampleParams {
+    let greedy = SampleOptions {
         temperature: 0.0,
         ..Default::default()
     };
     assert_eq!(one(&z, &greedy).unwrap(), 1);
     // NaN and +inf are typed errors naming the place; all −inf has no valid token.
     assert!(matches!(
-        one(&[0.0, f64::NAN], &SampleParams::default()),
+        one(&[0.0, f64::NAN], &SampleOptions::default()),
         Err(Error::NonFiniteLogit { row: 0, index: 1, .. })
     ));
     assert!(matches!(
@@ -397,40 +418,40 @@ fn edge_cases_and_errors() {
         Err(Error::NonFiniteLogit { index: 0, .. })
     ));
     assert!(matches!(
-        one(&[f64::NEG_INFINITY; 3], &SampleParams::default()),
+        one(&[f64::NEG_INFINITY; 3], &SampleOptions::default()),
         Err(Error::NoValidToken { row: 0 })
     ));
     for (p, name) in [
         (
-            SampleParams {
+            SampleOptions {
                 temperature: -1.0,
                 ..Default::default()
             },
             "temperature",
         ),
         (
-            SampleParams {
+            SampleOptions {
                 temperature: f64::NAN,
                 ..Default::default()
             },
             "temperature",
         ),
         (
-            SampleParams {
+            SampleOptions {
                 top_k: Some(0),
                 ..Default::default()
             },
             "top_k",
         ),
         (
-            SampleParams {
+            SampleOptions {
                 top_p: Some(0.0),
                 ..Default::default()
             },
             "top_p",
         ),
         (
-            SampleParams {
+            SampleOptions {
                 min_p: Some(1.5),
                 ..Default::default()
             },
@@ -446,17 +467,16 @@ fn edge_cases_and_errors() {
     assert!(matches!(
         sample::<f64, f64>(
             View::rows(&z, 1, 4).unwrap(),
-            &SampleParams::default(),
             Draw::Uniform(&[1.0]),
             &mut t,
             None,
-            Par::Seq
+            &SampleOptions::default().par(Par::Seq)
         ),
         Err(Error::BadParameter { name: "uniform", .. })
     ));
     // k ≥ V and p = 1 are no-ops; min-p = 1 keeps the maxima.
-    let full = processed(&z, 1, &SampleParams::default(), Processed::LogProbs);
-    let noop = SampleParams {
+    let full = processed(&z, 1, &SampleOptions::default(), Processed::LogProbs);
+    let noop = SampleOptions {
         top_k: Some(10),
         top_p: Some(1.0),
         ..Default::default()
@@ -465,7 +485,7 @@ fn edge_cases_and_errors() {
     let mp1 = processed(
         &z,
         1,
-        &SampleParams {
+        &SampleOptions {
             min_p: Some(1.0),
             ..Default::default()
         },
@@ -489,7 +509,7 @@ fn a_draw_depends_only_on_its_row() {
     let (rows, n) = (64, 3000);
     let z: Vec<f32> = rng.vec(rows * n, 5.0).iter().map(|&v| v as f32).collect();
     let seeds: Vec<u64> = (0..rows as u64).map(|r| r * 31 + 7).collect();
-    let p = SampleParams {
+    let p = SampleOptions {
         temperature: 0.9,
         top_k: Some(200),
         top_p: Some(0.9),
@@ -501,14 +521,13 @@ fn a_draw_depends_only_on_its_row() {
         let mut pr = vec![0.0f32; rows * n];
         sample(
             View::rows(&z, rows, n).unwrap(),
-            &p,
             Draw::Counter {
                 seeds: &seeds,
                 step: 11,
             },
             &mut t,
             Some((ViewMut::rows(&mut pr, rows, n).unwrap(), Processed::Probs)),
-            par,
+            &p.par(par),
         )
         .unwrap();
         (t, pr)
@@ -522,14 +541,13 @@ fn a_draw_depends_only_on_its_row() {
     let mut t = [0u32];
     sample::<f32, f32>(
         View::rows(&z[17 * n..18 * n], 1, n).unwrap(),
-        &p,
         Draw::Counter {
             seeds: &seeds[17..18],
             step: 11,
         },
         &mut t,
         None,
-        Par::Seq,
+        &p.par(Par::Seq),
     )
     .unwrap();
     assert_eq!(t[0], base.0[17]);

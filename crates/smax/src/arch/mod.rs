@@ -216,12 +216,9 @@ pub(crate) fn write_range<T>(out: &[T]) -> (usize, usize) {
 /// The hints ([`Ahead::span`]) go into L2 and are spread over the unrolled iterations of the
 /// heavy loops, a few lines per iteration, so memory reads run while the arithmetic does.
 /// Without hints this machine shows no overlap at all between DRAM reads and the exp
-/// arithmetic: each core keeps only ~16 line fills in flight, and its read bandwidth
-/// (≈10 GB/s) adds to the compute time instead of hiding it. Measured with a standalone
-/// loop (Σ exp over 256 MiB, 2 threads, AVX-512): plain read 11.2–13.0 ms; no hints
-/// 20.1–21.6; `prefetcht0` 16 KiB ahead 15.4–16.4; `prefetcht1` 16 KiB ahead, one line per
-/// vector 11.2–12.2 (the read roofline), but a burst of 16 lines once per 256 elements
-/// 13.2–14.4.
+/// arithmetic: each core keeps only a few line fills in flight, and its read time adds to the
+/// compute time instead of hiding it. A few `prefetcht1` lines per iteration reach the read
+/// roofline where bursts or `prefetcht0` do not (PERF.md, "Prefetching").
 #[derive(Clone, Copy)]
 pub(crate) struct Ahead<'a> {
     bytes: &'a [u8],

@@ -504,6 +504,7 @@ fn stream_peel<S: Isa>(y: &[f32], stream: bool) -> usize {
 
 /// One block of [`write_map`] (no fence).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn write_block<S: Isa>(
     s: S,
     x: &[f32],
@@ -575,6 +576,7 @@ pub(crate) struct Next<'a, 'p> {
 /// by a read pass would leave the write bandwidth idle half the time. Bit for bit the same as
 /// the two calls made separately: the same blocks, in the same order, through the same code.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn write_map_next<S: Isa>(
     s: S,
     x: &[f32],

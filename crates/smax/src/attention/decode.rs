@@ -2,7 +2,7 @@
 //! (Flash-Decoding, A2), and FlashDecoding++'s asynchronous softmax with a unified max (A3).
 
 use super::flash::{Checked, RowState, Rows, accumulate_pv, check, finish_rows, fwd_accumulate, kv_tile};
-use super::{AttentionOptions, AttentionShape, AttnElement, Heads, check_out, lse_or_own};
+use super::{AttentionInputs, AttentionOptions, AttentionOutputs, AttentionShape, AttnElement, check_out, lse_or_own};
 use crate::arch::gemm::{MatRef, matmul};
 use crate::arch::rows as k;
 use crate::arch::{Isa, Task, dispatch};
@@ -11,15 +11,15 @@ use crate::error::{Error, Result};
 use crate::options::Par;
 use crate::state::LseState;
 
-/// Options of the split-K decoding calls.
+/// The split of [`attention_decode`] (the `variant` of its [`AttentionOptions`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DecodeOptions {
+pub struct SplitK {
     /// Keys per split (≥ 1; default 2048). Splits are the unit of parallel work: the cache of
     /// every (batch, head) is cut into `ceil(kv_len / split_len)` independent partials.
     pub split_len: usize,
 }
 
-impl DecodeOptions {
+impl SplitK {
     fn check(&self) -> Result<()> {
         if self.split_len == 0 {
             return Err(Error::BadParameter {
@@ -32,10 +32,26 @@ impl DecodeOptions {
     }
 }
 
-impl Default for DecodeOptions {
+impl Default for SplitK {
     fn default() -> Self {
-        DecodeOptions { split_len: 2048 }
+        SplitK { split_len: 2048 }
     }
+}
+
+/// Partial attention results to merge: `parts` partials of the same `rows` query rows of
+/// width `head_dim`.
+#[derive(Debug, Clone, Copy)]
+pub struct PartialStates<'a> {
+    /// Number of partials.
+    pub parts: usize,
+    /// Query rows per partial.
+    pub rows: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Partial outputs, `[parts, rows, head_dim]`, each normalised over its own keys.
+    pub out: &'a [f32],
+    /// Partial log-sum-exps, `[parts, rows]`.
+    pub lse: &'a [f32],
 }
 
 /// Merges partial attention results of the same query rows over disjoint key sets
@@ -50,15 +66,14 @@ impl Default for DecodeOptions {
 /// overflow (NATTEN#202).
 ///
 /// Errors: buffer lengths that disagree with `(parts, rows, d)`.
-pub fn merge_attention_states(
-    parts: usize,
-    rows: usize,
-    d: usize,
-    o_parts: &[f32],
-    lse_parts: &[f32],
-    out: &mut [f32],
-    lse: &mut [f32],
-) -> Result<()> {
+pub fn merge_attention_states(states: PartialStates<'_>, out: &mut [f32], lse: &mut [f32]) -> Result<()> {
+    let PartialStates {
+        parts,
+        rows,
+        head_dim: d,
+        out: o_parts,
+        lse: lse_parts,
+    } = states;
     let n = parts
         .checked_mul(rows)
         .and_then(|x| x.checked_mul(d))
@@ -135,17 +150,14 @@ fn finish_row(parts: usize, lse_of: impl Fn(usize) -> f32, acc: &[f64], o: &mut 
 /// [`attention`](super::attention). Results are bitwise identical for any thread count;
 /// they differ from the one-pass result by the merge's rounding, at most a few f32 ULP of the
 /// output scale (tested: `≤ 2e-6·(1 + max|v|)`).
-#[allow(clippy::too_many_arguments)]
 pub fn attention_decode<T: AttnElement>(
-    shape: AttentionShape,
-    q: Heads<'_, T>,
-    k: Heads<'_, T>,
-    v: Heads<'_, T>,
-    out: &mut [T],
-    lse: Option<&mut [f32]>,
-    opts: &AttentionOptions<'_>,
-    dec: &DecodeOptions,
+    inputs: AttentionInputs<'_, T>,
+    outputs: AttentionOutputs<'_, T>,
+    opts: &AttentionOptions<'_, SplitK>,
 ) -> Result<()> {
+    let AttentionInputs { shape, q, k, v } = inputs;
+    let AttentionOutputs { out, lse } = outputs;
+    let (dec, opts) = (&opts.variant, &opts.base());
     let cx = check(&shape, q, k, v, opts)?;
     check_out("out", out.len(), shape.out_len())?;
     dec.check()?;
@@ -276,6 +288,16 @@ impl UnifiedMax {
     }
 }
 
+/// The parameters of [`attention_decode_unified`] (the `variant` of its
+/// [`AttentionOptions`]): the split and the unified max.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UnifiedDecode {
+    /// The split-K partition, as [`attention_decode`].
+    pub split: SplitK,
+    /// φ and its window.
+    pub max: UnifiedMax,
+}
+
 /// What [`attention_decode_unified`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct UnifiedStats {
@@ -325,18 +347,18 @@ pub fn profile_unified_max(scores: &[f32], coverage: f64) -> Result<(f32, f32)> 
 /// attention up to rounding (Eq. 3 holds for any φ); [`UnifiedStats::fallback_rows`] counts
 /// them. Shapes, masks and outputs as [`attention`](super::attention). Errors: as
 /// [`attention_decode`], plus a non-finite φ or window, or `a ≥ b`.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_decode_unified<T: AttnElement>(
-    shape: AttentionShape,
-    q: Heads<'_, T>,
-    k: Heads<'_, T>,
-    v: Heads<'_, T>,
-    out: &mut [T],
-    lse: Option<&mut [f32]>,
-    opts: &AttentionOptions<'_>,
-    dec: &DecodeOptions,
-    um: &UnifiedMax,
+    inputs: AttentionInputs<'_, T>,
+    outputs: AttentionOutputs<'_, T>,
+    opts: &AttentionOptions<'_, UnifiedDecode>,
 ) -> Result<UnifiedStats> {
+    let AttentionInputs { shape, q, k, v } = inputs;
+    let AttentionOutputs { out, lse } = outputs;
+    let UnifiedDecode {
+        split: ref dec,
+        max: ref um,
+    } = opts.variant;
+    let opts = &opts.base();
     let cx = check(&shape, q, k, v, opts)?;
     check_out("out", out.len(), shape.out_len())?;
     dec.check()?;

@@ -1,7 +1,10 @@
 //! Flash attention (A1): the tiled forward with the online softmax, and the backward that
 //! recomputes the score tiles from the saved log-sum-exp.
 
-use super::{AttentionOptions, AttentionShape, AttnElement, Heads, Op, Scores, check_out, lse_or_own, resolve, scores};
+use super::{
+    AttentionInputs, AttentionOptions, AttentionOutputs, AttentionShape, AttnElement, Heads, Op, Scores, check_out,
+    lse_or_own, resolve, scores,
+};
 use crate::arch::gemm::{MatRef, matmul};
 use crate::arch::rows as k;
 use crate::arch::{Ahead, Isa, SimdLevel, Task, dispatch};
@@ -137,11 +140,11 @@ pub(crate) fn check<'a, T>(
         k: resolve("k", kk, s.batch, s.kv_heads, s.kv_len, d)?,
         v: resolve("v", v, s.batch, s.kv_heads, s.kv_len, d)?,
         sc: scores(s, o)?,
-        level: SimdLevel::resolve(o.simd),
+        level: SimdLevel::resolve(o.exec.simd),
         k_d: d,
         bq: o.tiles.q.max(1),
         bk: o.tiles.kv.max(1),
-        par: o.par,
+        par: o.exec.par,
     })
 }
 
@@ -163,14 +166,12 @@ pub(crate) fn check<'a, T>(
 /// `head_dim = 0`), an operand shorter than its strides address, an output of the wrong
 /// length, a non-finite scale, `τ ≤ 0`, a bias or mask shorter than the scores.
 pub fn attention<T: AttnElement>(
-    shape: AttentionShape,
-    q: Heads<'_, T>,
-    k: Heads<'_, T>,
-    v: Heads<'_, T>,
-    out: &mut [T],
-    lse: Option<&mut [f32]>,
+    inputs: AttentionInputs<'_, T>,
+    outputs: AttentionOutputs<'_, T>,
     opts: &AttentionOptions<'_>,
 ) -> Result<()> {
+    let AttentionInputs { shape, q, k, v } = inputs;
+    let AttentionOutputs { out, lse } = outputs;
     let cx = check(&shape, q, k, v, opts)?;
     check_out("out", out.len(), shape.out_len())?;
     let mut own = Vec::new();
@@ -488,18 +489,15 @@ impl Task for OnlineTile<'_, '_> {
 /// dQ (two more products per tile, every thread busy, the same bits). Results are bitwise
 /// identical for any thread count. Errors: as [`attention`], plus wrong lengths of `out`, `d_out`, `lse` or the
 /// gradients.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward<T: AttnElement>(
-    shape: AttentionShape,
-    q: Heads<'_, T>,
-    k: Heads<'_, T>,
-    v: Heads<'_, T>,
+    inputs: AttentionInputs<'_, T>,
     out: &[T],
-    d_out: &[T],
     lse: &[f32],
+    d_out: &[T],
     grads: AttentionGrads<'_, T>,
     opts: &AttentionOptions<'_>,
 ) -> Result<()> {
+    let AttentionInputs { shape, q, k, v } = inputs;
     let cx = check(&shape, q, k, v, opts)?;
     check_out("out", out.len(), shape.out_len())?;
     check_out("d_out", d_out.len(), shape.out_len())?;

@@ -2,14 +2,15 @@
 //! decoding, and the attention variants of `ALGORITHMS.md` §3 (A1–A7, N6, N7).
 //!
 //! ```
-//! use smax::attention::{attention, AttentionOptions, AttentionShape, Heads};
+//! use smax::attention::{attention, AttentionInputs, AttentionOptions, AttentionOutputs, AttentionShape, Heads};
 //! // Worked example A1 (ALGORITHMS.md): one query, four keys, d = 2.
 //! let s = AttentionShape::new(1, 1, 1, 4, 2);
 //! let q = [1.0f32, 0.5];
 //! let k = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0, -1.0, 0.5];
 //! let v = [1.0f32, 2.0, 0.0, 1.0, 3.0, -1.0, 0.5, 0.5];
 //! let (mut out, mut lse) = ([0.0f32; 2], [0.0f32; 1]);
-//! attention(s, Heads::new(&q), Heads::new(&k), Heads::new(&v), &mut out, Some(&mut lse), &AttentionOptions::default())?;
+//! let inputs = AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v));
+//! attention(inputs, AttentionOutputs::new(&mut out, Some(&mut lse)), &AttentionOptions::default())?;
 //! assert!((out[0] - 1.585_694_3).abs() < 1e-6 && (lse[0] - 1.935_704_2).abs() < 1e-6);
 //! # Ok::<(), smax::Error>(())
 //! ```
@@ -83,19 +84,18 @@ mod flash;
 mod variants;
 
 pub use decode::{
-    DecodeOptions, UnifiedFallback, UnifiedMax, UnifiedStats, attention_decode, attention_decode_unified,
-    merge_attention_states, profile_unified_max,
+    PartialStates, SplitK, UnifiedDecode, UnifiedFallback, UnifiedMax, UnifiedStats, attention_decode,
+    attention_decode_unified, merge_attention_states, profile_unified_max,
 };
 pub use flash::{AttentionGrads, attention, attention_backward};
 pub use variants::{
-    ClippedSoftmax, InlineKernel, InlineLocal, Lssa, LssaStats, attention_clipped, attention_clipped_backward,
+    ClippedSoftmax, Inline, InlineKernel, InlineLocal, Lssa, LssaStats, attention_clipped, attention_clipped_backward,
     attention_gate, attention_gate_backward, attention_lssa, gate_bias_init, inline_attention,
 };
 
-use crate::arch::SimdLevel;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::options::Par;
+use crate::options::{Exec, setters};
 
 /// Element types attention accepts: `f32`, and [`half::f16`] / [`half::bf16`] widened to f32
 /// on load (every product and sum accumulates in f32 or wider) and narrowed once on store.
@@ -411,14 +411,18 @@ impl Default for AttentionTiles {
 }
 
 /// Options of the attention calls. `AttentionOptions::default()` is plain non-causal
-/// softmax attention with scale `1/sqrt(d)`.
+/// softmax attention with scale `1/sqrt(d)`. `variant` holds the parameters of the variant
+/// call that takes them (`()` for [`attention`] and [`attention_backward`]; [`SplitK`] for
+/// [`attention_decode`], [`ClippedSoftmax`], [`Lssa`], [`UnifiedDecode`], [`Inline`]); set it
+/// with [`AttentionOptions::with_variant`].
 #[derive(Debug, Clone, Copy)]
-pub struct AttentionOptions<'a> {
+pub struct AttentionOptions<'a, V = ()> {
     /// Multiplies `q·k`; `None` for `1/sqrt(head_dim)`. Must be finite.
     pub scale: Option<f32>,
     /// TempScale's τ (A7, Zhou et al. 2024): divides the scores after bias and masks. τ < 1
-    /// sharpens attention. Finite and > 0; default 1.
-    pub temperature: f32,
+    /// sharpens attention. Finite and > 0 with `1/τ` finite in f32 (the scores are f32);
+    /// default 1.
+    pub temperature: f64,
     /// Logit soft cap `c` (Gemma 2): `q·k·scale` becomes `c·tanh(q·k·scale/c)` before the bias
     /// and τ. Finite and > 0; `None` (default) for none. The backward includes its derivative.
     pub softcap: Option<f32>,
@@ -434,13 +438,13 @@ pub struct AttentionOptions<'a> {
     pub keep: Option<KeepMask<'a>>,
     /// Tile sizes.
     pub tiles: AttentionTiles,
-    /// Threads.
-    pub par: Par,
-    /// Forces a SIMD level for the row kernels.
-    pub simd: Option<SimdLevel>,
+    /// Threads and the SIMD level of the row kernels.
+    pub exec: Exec,
+    /// The variant's parameters.
+    pub variant: V,
 }
 
-impl Default for AttentionOptions<'_> {
+impl<V: Default> Default for AttentionOptions<'_, V> {
     fn default() -> Self {
         AttentionOptions {
             scale: None,
@@ -452,67 +456,90 @@ impl Default for AttentionOptions<'_> {
             bias: None,
             keep: None,
             tiles: AttentionTiles::default(),
-            par: Par::Rayon,
-            simd: None,
+            exec: Exec::default(),
+            variant: V::default(),
         }
     }
 }
 
+setters!(AttentionOptions<'a, V> {
+    temperature: f64, causal: bool, positions: QueryPositions, tiles: AttentionTiles, variant: V,
+} some { scale: f32, softcap: f32, window: Window, bias: ScoreBias<'a>, keep: KeepMask<'a> });
+
 impl<'a> AttentionOptions<'a> {
-    /// Sets causal masking.
-    pub fn causal(mut self, on: bool) -> Self {
-        self.causal = on;
-        self
+    /// The same options with a variant's parameters.
+    pub fn with_variant<W>(self, variant: W) -> AttentionOptions<'a, W> {
+        AttentionOptions {
+            scale: self.scale,
+            temperature: self.temperature,
+            softcap: self.softcap,
+            causal: self.causal,
+            positions: self.positions,
+            window: self.window,
+            bias: self.bias,
+            keep: self.keep,
+            tiles: self.tiles,
+            exec: self.exec,
+            variant,
+        }
     }
-    /// Sets the score scale.
-    pub fn scale(mut self, s: f32) -> Self {
-        self.scale = Some(s);
-        self
+}
+
+impl<'a, V> AttentionOptions<'a, V> {
+    /// The options without the variant's parameters (what the shared validation reads).
+    pub(crate) fn base(&self) -> AttentionOptions<'a> {
+        AttentionOptions {
+            scale: self.scale,
+            temperature: self.temperature,
+            softcap: self.softcap,
+            causal: self.causal,
+            positions: self.positions,
+            window: self.window,
+            bias: self.bias,
+            keep: self.keep,
+            tiles: self.tiles,
+            exec: self.exec,
+            variant: (),
+        }
     }
-    /// Sets TempScale's τ.
-    pub fn temperature(mut self, t: f32) -> Self {
-        self.temperature = t;
-        self
+}
+
+/// The inputs of an attention call: the shape and the three operands.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionInputs<'a, T> {
+    /// Batch, heads, lengths, head dimension.
+    pub shape: AttentionShape,
+    /// Queries, `[batch, q_heads, q_len, head_dim]` in any strides.
+    pub q: Heads<'a, T>,
+    /// Keys, `[batch, kv_heads, kv_len, head_dim]` in any strides.
+    pub k: Heads<'a, T>,
+    /// Values, shaped as the keys.
+    pub v: Heads<'a, T>,
+}
+
+impl<'a, T> AttentionInputs<'a, T> {
+    /// The shape and the operands.
+    pub fn new(shape: AttentionShape, q: Heads<'a, T>, k: Heads<'a, T>, v: Heads<'a, T>) -> Self {
+        AttentionInputs { shape, q, k, v }
     }
-    /// Sets a logit soft cap.
-    pub fn softcap(mut self, c: f32) -> Self {
-        self.softcap = Some(c);
-        self
-    }
-    /// Sets the query positions.
-    pub fn positions(mut self, p: QueryPositions) -> Self {
-        self.positions = p;
-        self
-    }
-    /// Sets a sliding window.
-    pub fn window(mut self, left: usize, right: usize) -> Self {
-        self.window = Some(Window { left, right });
-        self
-    }
-    /// Sets an additive bias.
-    pub fn bias(mut self, b: ScoreBias<'a>) -> Self {
-        self.bias = Some(b);
-        self
-    }
-    /// Sets a boolean mask.
-    pub fn keep(mut self, k: KeepMask<'a>) -> Self {
-        self.keep = Some(k);
-        self
-    }
-    /// Sets the tile sizes.
-    pub fn tiles(mut self, q: usize, kv: usize) -> Self {
-        self.tiles = AttentionTiles { q, kv };
-        self
-    }
-    /// Sets the parallelism.
-    pub fn par(mut self, p: Par) -> Self {
-        self.par = p;
-        self
-    }
-    /// Forces a SIMD level.
-    pub fn simd(mut self, l: SimdLevel) -> Self {
-        self.simd = Some(l);
-        self
+}
+
+/// The outputs of a forward attention call: `out`, contiguous
+/// `[batch, q_heads, q_len, head_dim]`, and optionally the per-row log-sum-exp of the scores,
+/// `[batch, q_heads, q_len]`, which the backward passes and
+/// [`merge_attention_states`] take.
+#[derive(Debug)]
+pub struct AttentionOutputs<'a, T> {
+    /// The attention output.
+    pub out: &'a mut [T],
+    /// The per-row log-sum-exp, if wanted.
+    pub lse: Option<&'a mut [f32]>,
+}
+
+impl<'a, T> AttentionOutputs<'a, T> {
+    /// `out` and an optional `lse`.
+    pub fn new(out: &'a mut [T], lse: Option<&'a mut [f32]>) -> Self {
+        AttentionOutputs { out, lse }
     }
 }
 
@@ -640,8 +667,8 @@ pub(crate) fn scores<'a>(s: &AttentionShape, o: &AttentionOptions<'a>) -> Result
             expected: "finite",
         });
     }
-    let t = o.temperature;
-    if !(t.is_finite() && t > 0.0 && (1.0 / t).is_finite()) {
+    let t = o.temperature as f32;
+    if !(o.temperature.is_finite() && o.temperature > 0.0 && t.is_finite() && t > 0.0 && (1.0 / t).is_finite()) {
         return Err(Error::BadParameter {
             name: "temperature",
             value: format!("{t}"),

@@ -7,7 +7,10 @@ use super::flash::{
     AttentionGrads, Checked, Clip, OnlineTile, ProbTile, RowState, Rows, accumulate_pv, all_finite, backward_impl,
     check, fwd_accumulate, grads_check, kv_tile, rows_f32,
 };
-use super::{AttentionOptions, AttentionShape, AttnElement, Heads, Scores, check_out, lse_or_own, resolve};
+use super::{
+    AttentionInputs, AttentionOptions, AttentionOutputs, AttentionShape, AttnElement, Scores, check_out, lse_or_own,
+    resolve,
+};
 use crate::arch::dispatch;
 use crate::arch::gemm::{MatRef, matmul};
 use crate::element::Element;
@@ -72,17 +75,14 @@ impl ClippedSoftmax {
 /// weights `p = exp(s − lse)` tile by tile. `lse` (optional, `[batch, q_heads, q_len]`)
 /// receives the softmax log-sum-exp for the backward. A row with no visible key outputs 0.
 /// Error bound as [`attention`](super::attention).
-#[allow(clippy::too_many_arguments)]
 pub fn attention_clipped<T: AttnElement>(
-    shape: AttentionShape,
-    q: Heads<'_, T>,
-    k: Heads<'_, T>,
-    v: Heads<'_, T>,
-    out: &mut [T],
-    lse: Option<&mut [f32]>,
-    opts: &AttentionOptions<'_>,
-    clip: &ClippedSoftmax,
+    inputs: AttentionInputs<'_, T>,
+    outputs: AttentionOutputs<'_, T>,
+    opts: &AttentionOptions<'_, ClippedSoftmax>,
 ) -> Result<()> {
+    let AttentionInputs { shape, q, k, v } = inputs;
+    let AttentionOutputs { out, lse } = outputs;
+    let (clip, opts) = (&opts.variant, &opts.base());
     let cl = clip.validate()?;
     let cx = check(&shape, q, k, v, opts)?;
     check_out("out", out.len(), shape.out_len())?;
@@ -202,18 +202,15 @@ fn weighted_pass<T: Element>(
 /// [`attention_backward`](super::attention_backward). One extra tiled pass computes `D`. `lse`
 /// is the one the forward wrote; the rest as [`attention_backward`](super::attention_backward)
 /// (no `out` needed).
-#[allow(clippy::too_many_arguments)]
 pub fn attention_clipped_backward<T: AttnElement>(
-    shape: AttentionShape,
-    q: Heads<'_, T>,
-    k: Heads<'_, T>,
-    v: Heads<'_, T>,
-    d_out: &[T],
+    inputs: AttentionInputs<'_, T>,
     lse: &[f32],
+    d_out: &[T],
     grads: AttentionGrads<'_, T>,
-    opts: &AttentionOptions<'_>,
-    clip: &ClippedSoftmax,
+    opts: &AttentionOptions<'_, ClippedSoftmax>,
 ) -> Result<()> {
+    let AttentionInputs { shape, q, k, v } = inputs;
+    let (clip, opts) = (&opts.variant, &opts.base());
     let cl = clip.validate()?;
     let cx = check(&shape, q, k, v, opts)?;
     check_out("d_out", d_out.len(), shape.out_len())?;
@@ -451,16 +448,13 @@ pub struct LssaStats {
 /// `F.normalize`). Requires `head_dim ≥ 2` (`ln 1 = 0` would make every row uniform).
 /// Bound: the softplus arguments are at most `ln d · ln kv_len` in magnitude (40 at d = 64,
 /// 16k keys), so no exponential overflows; tested within `1e-5` relative to an f64 reference.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_lssa<T: AttnElement>(
-    shape: AttentionShape,
-    q: Heads<'_, T>,
-    k: Heads<'_, T>,
-    v: Heads<'_, T>,
+    inputs: AttentionInputs<'_, T>,
     out: &mut [T],
-    opts: &AttentionOptions<'_>,
-    lssa: &Lssa,
+    opts: &AttentionOptions<'_, Lssa>,
 ) -> Result<LssaStats> {
+    let AttentionInputs { shape, q, k, v } = inputs;
+    let (lssa, opts) = (&opts.variant, &opts.base());
     if opts.scale.is_some() || opts.temperature != 1.0 || opts.bias.is_some() || opts.softcap.is_some() {
         return Err(Error::Unsupported {
             what: "attention_lssa options",
@@ -748,6 +742,15 @@ pub struct InlineLocal<'a> {
     pub kernel: &'a [f32],
 }
 
+/// The parameters of [`inline_attention`] (the `variant` of its [`AttentionOptions`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Inline<'a> {
+    /// The kernel φ.
+    pub kernel: InlineKernel,
+    /// The optional local term.
+    pub local: Option<InlineLocal<'a>>,
+}
+
 /// InLine injective linear attention (Han et al. 2024, A6), non-causal, in `O(N·d²)`:
 /// `o_i = φ(q_i)ᵀ·(c·Σ_j φ(k_j) v_jᵀ) + (1 − N·c·φ(q_i)·k̄_φ)·v̄`, `c = d^{−1/2}/N`, which equals
 /// `Σ_j w_ij v_j` with the weights `w_ij = c·(φ(q_i)·φ(k_j) − φ(q_i)·k̄_φ) + 1/N` (rows sum to 1
@@ -759,17 +762,28 @@ pub struct InlineLocal<'a> {
 /// and the means accumulate in f32 through `gemm` and f64 sums. Errors: `kv_len = 0`, a local
 /// term whose grid or kernel does not match, and the shape and buffer errors of
 /// [`attention`](super::attention).
-#[allow(clippy::too_many_arguments)]
-pub fn inline_attention<T: AttnElement>(
-    shape: AttentionShape,
-    q: Heads<'_, T>,
-    k: Heads<'_, T>,
-    v: Heads<'_, T>,
+pub fn inline_attention<'a, T: AttnElement>(
+    inputs: AttentionInputs<'_, T>,
     out: &mut [T],
-    kernel: InlineKernel,
-    local: Option<InlineLocal<'_>>,
-    par: Par,
+    opts: &AttentionOptions<'a, Inline<'a>>,
 ) -> Result<()> {
+    let AttentionInputs { shape, q, k, v } = inputs;
+    let Inline { kernel, local } = opts.variant;
+    let par = opts.exec.par;
+    let o = opts;
+    if o.scale.is_some()
+        || o.temperature != 1.0
+        || o.softcap.is_some()
+        || o.causal
+        || o.window.is_some()
+        || o.bias.is_some()
+        || o.keep.is_some()
+    {
+        return Err(Error::Unsupported {
+            what: "inline_attention options",
+            why: "scale, temperature, softcap, causal, window, bias and keep do not apply to linear attention (only exec and the variant are read)",
+        });
+    }
     shape.validate()?;
     let (d, ql, kl) = (shape.head_dim, shape.q_len, shape.kv_len);
     let qo = resolve("q", q, shape.batch, shape.q_heads, ql, d)?;

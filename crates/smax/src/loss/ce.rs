@@ -47,12 +47,8 @@ pub(crate) struct Ce<'a> {
 
 /// Rows longer than this run the pipelined online path ([`rows_pipe`]) when [`pipelined`]
 /// allows; shorter ones the three-pass shape, pipelined across rows when the gradient streams
-/// ([`three_pass_pipelined`]). Measured with `smax bench loss`, 2 threads, AVX-512, fractions
-/// of the copy roofline, medians of 5 alternated runs, pipelined three-pass vs online: at
-/// 2048x32768 0.79 vs 0.80 (earlier, with other prefetch hints, 0.84–0.89 vs 0.71–0.81), at
-/// 512x131072 0.75 vs 0.79; at 256x262144 online 0.74–0.79, pipelined three-pass 0.58–0.63
-/// (a 1 MiB row, its scratch row and the next row crowd L2). In cache the online pipeline is
-/// 15–20 % slower than the plain three-pass (64x8192, 32x65536).
+/// ([`three_pass_pipelined`]). Above 64 Ki a row, its scratch row and the next row crowd L2,
+/// so the one-read online pipeline wins; the measurements are in PERF.md ("Cross-entropy").
 pub(crate) const PIPE_MIN_LEN: usize = 64 * 1024;
 
 /// Whether rows of `len` logits run the pipelined online path: plain logits (no cap), class
@@ -495,6 +491,7 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
 /// `exp((x − m)·k)` into the gradient row and sums it, pass 3 finishes the gradient in place
 /// while the row is still in cache. The temperature is folded into `k`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn row_f32_hard<S: Isa>(
     s: S,
     c: &Ce<'_>,
@@ -523,8 +520,7 @@ fn row_f32_hard<S: Isa>(
     };
     // The heavy pass prefetches ahead (into the next rows), as the core's three-pass does.
     // The exponentials are stored into the gradient row; a streamed gradient of 1–64 Ki rows
-    // goes through a scratch row instead (`rows_three_pass_pipe`; an earlier "1.4x slower"
-    // for that was measured while the streaming stores were silently not happening).
+    // goes through a scratch row instead (`rows_three_pass_pipe`).
     let mut d = 0.0f64;
     let mut g = g;
     if m.is_finite() {

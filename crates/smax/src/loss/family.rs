@@ -4,20 +4,25 @@
 //! These losses are computed per row in f64 (scalar, libm `exp`/`ln`/`log1p`, compensated sums)
 //! whatever the element type, so their accuracy is that of f64 before the final rounding to
 //! `T`. Rows run in parallel; reductions run in row order, so results do not depend on the
-//! thread count. They share [`RowLoss`] for reduction, ignore index and threading.
+//! thread count. They share [`LossOptions`] for reduction, ignore index and threading.
 
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{View, ViewMut};
-use crate::options::Par;
+use crate::options::{Exec, setters};
 use crate::par;
 
-use super::{AllIgnored, Reduction};
+use super::{AllIgnored, LossReport, Reduction};
 
-/// Options shared by the losses of this module. `Default`: mean over non-ignored rows,
-/// ignore index −100, upstream gradient 1, rayon.
+/// Options of the losses of this module: the loss's own parameters `params` (a struct named
+/// after the loss, e.g. [`CompSum`], `()` for losses without parameters) and the shared
+/// reduction settings. `LossOptions::new(params)` takes the defaults for the rest: mean over
+/// non-ignored rows, ignore index −100, loss 0 when every row is ignored, upstream gradient 1,
+/// rayon.
 #[derive(Debug, Clone, Copy)]
-pub struct RowLoss {
+pub struct LossOptions<P = ()> {
+    /// The loss's own parameters.
+    pub params: P,
     /// How rows combine (mean over rows that count).
     pub reduction: Reduction,
     /// Rows whose target equals this count for nothing (losses with class targets).
@@ -26,34 +31,134 @@ pub struct RowLoss {
     pub all_ignored: AllIgnored,
     /// Upstream gradient of the returned loss.
     pub grad_scale: f64,
-    /// Threading.
-    pub par: Par,
+    /// Threads (these losses compute in scalar f64; `exec.simd` has no effect).
+    pub exec: Exec,
 }
 
-impl Default for RowLoss {
+impl<P: Default> Default for LossOptions<P> {
     fn default() -> Self {
-        RowLoss {
+        LossOptions::new(P::default())
+    }
+}
+
+impl<P> LossOptions<P> {
+    /// The loss's parameters with the default reduction settings.
+    pub fn new(params: P) -> Self {
+        LossOptions {
+            params,
             reduction: Reduction::Mean,
             ignore_index: -100,
             all_ignored: AllIgnored::Zero,
             grad_scale: 1.0,
-            par: Par::Rayon,
+            exec: Exec::default(),
+        }
+    }
+
+    /// The shared settings without the parameters (what the row drivers read).
+    fn common(&self) -> LossOptions {
+        LossOptions {
+            params: (),
+            reduction: self.reduction,
+            ignore_index: self.ignore_index,
+            all_ignored: self.all_ignored,
+            grad_scale: self.grad_scale,
+            exec: self.exec,
         }
     }
 }
 
-/// The result of a loss of this module.
+impl LossOptions {
+    /// These settings with a loss's parameters.
+    pub fn with_params<P>(self, params: P) -> LossOptions<P> {
+        LossOptions {
+            params,
+            reduction: self.reduction,
+            ignore_index: self.ignore_index,
+            all_ignored: self.all_ignored,
+            grad_scale: self.grad_scale,
+            exec: self.exec,
+        }
+    }
+}
+
+setters!(LossOptions<P> { reduction: Reduction, ignore_index: i64, all_ignored: AllIgnored, grad_scale: f64 });
+
+/// Parameters of [`spherical_z_loss`]: sharpness `a > 0` and location `b` (no default: the
+/// paper's tuned values were not recovered; `a = 1, b = 0` reproduces the authors' code).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LossValue {
-    /// The reduced loss.
-    pub loss: f64,
-    /// Rows that counted (not ignored, not empty of positives).
-    pub valid_rows: usize,
-    /// What the mean divided by (1 for the other reductions).
-    pub denominator: f64,
-    /// Rows the loss's documentation flags (spherical Z-loss: σ = 0; NKD: a teacher with no
-    /// finite non-target logit; 0 otherwise).
-    pub flagged_rows: usize,
+pub struct SphericalZ {
+    /// Sharpness `a`, finite and > 0.
+    pub a: f64,
+    /// Location `b`, finite.
+    pub b: f64,
+}
+
+/// Parameter of [`comp_sum_loss`]: the family index τ (finite, ≥ 0; 1 is cross-entropy).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CompSum {
+    /// τ: 0 sum-exponential, 1 cross-entropy, (1, 2) GCE, 2 MAE.
+    pub tau: f64,
+}
+
+/// Parameters of [`nkd_loss`]: the non-target temperature λ and weight γ (the authors' ImageNet
+/// setting λ = 1, γ = 1.5 is the default).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Nkd {
+    /// λ, finite and > 0.
+    pub temperature: f64,
+    /// γ, finite.
+    pub gamma: f64,
+}
+
+impl Default for Nkd {
+    fn default() -> Self {
+        Nkd {
+            temperature: 1.0,
+            gamma: 1.5,
+        }
+    }
+}
+
+/// Parameter of [`hinton_kd_loss`]: the distillation temperature `T` (finite, > 0).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HintonKd {
+    /// `T`.
+    pub temperature: f64,
+}
+
+/// Parameter of [`decoupled_softmax_loss`]: the temperature τ dividing the similarities
+/// (finite, > 0; the authors use 0.05 on cosine similarities, the default).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decoupled {
+    /// τ.
+    pub temperature: f64,
+}
+
+impl Default for Decoupled {
+    fn default() -> Self {
+        Decoupled { temperature: 0.05 }
+    }
+}
+
+/// Parameter of [`tempnet_loss`]: the DRO radius ρ (finite; the authors' GPT-2 setting is 8).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TempNet {
+    /// ρ.
+    pub rho: f64,
+}
+
+/// Parameter of [`normalized_softmax_loss`]: the temperature `T` dividing the cosines (finite,
+/// > 0; the released package's default 0.1, i.e. scale 10, is the default).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormalizedSoftmax {
+    /// `T`.
+    pub temperature: f64,
+}
+
+impl Default for NormalizedSoftmax {
+    fn default() -> Self {
+        NormalizedSoftmax { temperature: 0.1 }
+    }
 }
 
 /// What a row function reports: `None` for a row that does not count, else its loss and
@@ -109,10 +214,10 @@ fn drive<T: Element, F, C>(
     x: View<'_, T>,
     grad: Option<ViewMut<'_, T>>,
     rows_out: Option<&mut [f64]>,
-    o: &RowLoss,
+    o: &LossOptions,
     counts: C,
     f: F,
-) -> Result<LossValue>
+) -> Result<LossReport>
 where
     F: Fn(usize, &[f64], Option<&mut [f64]>) -> RowResult + Sync,
     C: Fn(usize) -> bool,
@@ -167,7 +272,7 @@ where
                 .collect()
         }
     };
-    let out: Vec<Vec<RowResult>> = par::map(o.par, items, |(r0, n, mut g)| {
+    let out: Vec<Vec<RowResult>> = par::map(o.exec.par, items, |(r0, n, mut g)| {
         let mut xr = vec![0.0f64; len];
         let mut gr = vec![0.0f64; len];
         (0..n)
@@ -208,8 +313,9 @@ where
         },
         _ => sum,
     };
-    Ok(LossValue {
+    Ok(LossReport {
         loss,
+        z_loss: 0.0,
         valid_rows,
         denominator,
         flagged_rows,
@@ -224,9 +330,9 @@ fn drive_classes<T: Element, F>(
     targets: &[i64],
     grad: Option<ViewMut<'_, T>>,
     rows_out: Option<&mut [f64]>,
-    o: &RowLoss,
+    o: &LossOptions,
     f: F,
-) -> Result<LossValue>
+) -> Result<LossReport>
 where
     F: Fn(usize, usize, &[f64], Option<&mut [f64]>) -> (f64, bool) + Sync,
 {
@@ -291,12 +397,36 @@ fn stable_ln_s(x: f64) -> f64 {
     if x >= 0.0 { x.ln_1p() } else { -(-x).ln_1p() }
 }
 
+/// What [`stablemax`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StablemaxOutput {
+    /// `s(x_i)/Σ_j s(x_j)`.
+    #[default]
+    Probs,
+    /// `ln s(x_i) − ln Σ_j s(x_j)`.
+    LogProbs,
+}
+
+/// Options of [`stablemax`]. `Default`: probabilities, rayon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StablemaxOptions {
+    /// Probabilities or log-probabilities.
+    pub output: StablemaxOutput,
+    /// Threads (computed in scalar f64; `exec.simd` has no effect).
+    pub exec: Exec,
+}
+
+setters!(StablemaxOptions {
+    output: StablemaxOutput
+});
+
 /// StableMax (Prieto et al. 2025, "Grokking at the Edge of Numerical Stability"):
 /// `StableMax(x)_i = s(x_i)/Σ_j s(x_j)` with `s(x) = x + 1` for `x ≥ 0` and `1/(1 − x)` below;
-/// with `log = true`, `ln s(x_i) − ln Σ s` instead. No exponential, so no overflow for finite
+/// with [`StablemaxOutput::LogProbs`], `ln s(x_i) − ln Σ s` instead. No exponential, so no overflow for finite
 /// logits; computed in f64 (the paper's code casts to f64). NaN propagates to its row; a row of
 /// only `-inf` gives NaN (0/0, as softmax). `y` has the shape of `x`.
-pub fn stablemax<T: Element>(x: View<'_, T>, y: ViewMut<'_, T>, log: bool, par: Par) -> Result<()> {
+pub fn stablemax<T: Element>(x: View<'_, T>, y: ViewMut<'_, T>, opts: &StablemaxOptions) -> Result<()> {
+    let log = opts.output == StablemaxOutput::LogProbs;
     let (rows, len, xs) = rows_of(&x, "input")?;
     x.layout.check_same("output", &y.layout)?;
     let (_, _, ys) = y.row_geometry("output", "stablemax takes row layouts")?;
@@ -304,7 +434,7 @@ pub fn stablemax<T: Element>(x: View<'_, T>, y: ViewMut<'_, T>, log: bool, par: 
         return Ok(());
     }
     let items = par::row_groups(y.data, rows, len, ys);
-    par::for_each(par, items, |_, (r0, n, yg)| {
+    par::for_each(opts.exec.par, items, |_, (r0, n, yg)| {
         for i in 0..n {
             let xr = &x.data[(r0 + i) * xs..(r0 + i) * xs + len];
             let total = fsum(xr.iter().map(|v| stable_s(v.to_f64())));
@@ -331,8 +461,8 @@ pub fn stablemax_cross_entropy<T: Element>(
     targets: &[i64],
     grad: Option<ViewMut<'_, T>>,
     rows_out: Option<&mut [f64]>,
-    o: &RowLoss,
-) -> Result<LossValue> {
+    o: &LossOptions,
+) -> Result<LossReport> {
     drive_classes(logits, "logits", targets, grad, rows_out, o, |_, y, x, g| {
         let total = fsum(x.iter().map(|&v| stable_s(v)));
         let loss = total.ln() - stable_ln_s(x[y]);
@@ -423,16 +553,16 @@ fn sigmoid(z: f64) -> f64 {
 /// default: the caller sets both (`a > 0`); `a = 1, b = 0` reproduces the authors' released
 /// code. The `1/a` prefactor is from a secondary source (`[SECONDARY]` in the spec). σ comes from
 /// a two-pass mean and variance. A row with `σ = 0` (all outputs equal) has loss
-/// `(1/a)·softplus(a·b)` and zero gradient, and is counted in [`LossValue::flagged_rows`].
+/// `(1/a)·softplus(a·b)` and zero gradient, and is counted in [`LossReport::flagged_rows`].
 pub fn spherical_z_loss<T: Element>(
     outputs: View<'_, T>,
     targets: &[i64],
-    a: f64,
-    b: f64,
     grad: Option<ViewMut<'_, T>>,
     rows_out: Option<&mut [f64]>,
-    o: &RowLoss,
-) -> Result<LossValue> {
+    opts: &LossOptions<SphericalZ>,
+) -> Result<LossReport> {
+    let SphericalZ { a, b } = opts.params;
+    let o = &opts.common();
     positive("a", a)?;
     param("b", b, b.is_finite(), "finite")?;
     drive_classes(outputs, "outputs", targets, grad, rows_out, o, |_, c, x, g| {
@@ -472,11 +602,12 @@ pub fn spherical_z_loss<T: Element>(
 pub fn comp_sum_loss<T: Element>(
     logits: View<'_, T>,
     targets: &[i64],
-    tau: f64,
     grad: Option<ViewMut<'_, T>>,
     rows_out: Option<&mut [f64]>,
-    o: &RowLoss,
-) -> Result<LossValue> {
+    opts: &LossOptions<CompSum>,
+) -> Result<LossReport> {
+    let CompSum { tau } = opts.params;
+    let o = &opts.common();
     param("tau", tau, tau.is_finite() && tau >= 0.0, "finite and >= 0")?;
     drive_classes(logits, "logits", targets, grad, rows_out, o, |_, y, x, g| {
         let lse = lse_of(x, 1.0, |_| true);
@@ -511,12 +642,12 @@ pub fn nkd_loss<T: Element>(
     student: View<'_, T>,
     teacher: View<'_, T>,
     targets: &[i64],
-    temperature: f64,
-    gamma: f64,
     grad: Option<ViewMut<'_, T>>,
     rows_out: Option<&mut [f64]>,
-    o: &RowLoss,
-) -> Result<LossValue> {
+    opts: &LossOptions<Nkd>,
+) -> Result<LossReport> {
+    let Nkd { temperature, gamma } = opts.params;
+    let o = &opts.common();
     positive("temperature", temperature)?;
     param("gamma", gamma, gamma.is_finite(), "finite")?;
     let (_, _, ts) = rows_of(&teacher, "teacher")?;
@@ -559,11 +690,12 @@ pub fn nkd_loss<T: Element>(
 pub fn hinton_kd_loss<T: Element>(
     student: View<'_, T>,
     teacher: View<'_, T>,
-    temperature: f64,
     grad: Option<ViewMut<'_, T>>,
     rows_out: Option<&mut [f64]>,
-    o: &RowLoss,
-) -> Result<LossValue> {
+    opts: &LossOptions<HintonKd>,
+) -> Result<LossReport> {
+    let HintonKd { temperature } = opts.params;
+    let o = &opts.common();
     positive("temperature", temperature)?;
     rows_of(&student, "student")?;
     let (_, _, ts) = rows_of(&teacher, "teacher")?;
@@ -612,11 +744,12 @@ pub fn hinton_kd_loss<T: Element>(
 pub fn decoupled_softmax_loss<T: Element>(
     sims: View<'_, T>,
     positives: &[bool],
-    tau: f64,
     grad: Option<ViewMut<'_, T>>,
     rows_out: Option<&mut [f64]>,
-    o: &RowLoss,
-) -> Result<LossValue> {
+    opts: &LossOptions<Decoupled>,
+) -> Result<LossReport> {
+    let Decoupled { temperature: tau } = opts.params;
+    let o = &opts.common();
     positive("tau", tau)?;
     let (rows, len, _) = rows_of(&sims, "sims")?;
     if positives.len() != rows * len {
@@ -679,12 +812,13 @@ pub fn tempnet_loss<T: Element>(
     logits: View<'_, T>,
     targets: &[i64],
     tau: &[f64],
-    rho: f64,
     grad: Option<ViewMut<'_, T>>,
     dtau: Option<&mut [f64]>,
     rows_out: Option<&mut [f64]>,
-    o: &RowLoss,
-) -> Result<LossValue> {
+    opts: &LossOptions<TempNet>,
+) -> Result<LossReport> {
+    let TempNet { rho } = opts.params;
+    let o = &opts.common();
     param("rho", rho, rho.is_finite(), "finite")?;
     let (rows, len, _) = rows_of(&logits, "logits")?;
     check_targets(targets, rows, len, o.ignore_index)?;
@@ -770,10 +904,11 @@ pub fn normalized_softmax_loss(
     w: &[f64],
     dim: usize,
     targets: &[i64],
-    temperature: f64,
     grads: CosineGrads<'_>,
-    o: &RowLoss,
-) -> Result<LossValue> {
+    opts: &LossOptions<NormalizedSoftmax>,
+) -> Result<LossReport> {
+    let NormalizedSoftmax { temperature } = opts.params;
+    let o = &opts.common();
     positive("temperature", temperature)?;
     if dim == 0 || !x.len().is_multiple_of(dim) || !w.len().is_multiple_of(dim) || w.is_empty() {
         return Err(Error::LengthMismatch {
@@ -807,12 +942,12 @@ pub fn normalized_softmax_loss(
             None
         },
         super::RowOutputs::default(),
-        &super::CrossEntropy {
+        &super::CrossEntropyOptions {
             reduction: o.reduction,
             ignore_index: o.ignore_index,
             all_ignored: o.all_ignored,
             grad_scale: o.grad_scale,
-            par: o.par,
+            exec: o.exec,
             ..Default::default()
         },
     )?;
@@ -854,12 +989,7 @@ pub fn normalized_softmax_loss(
             }
         }
     }
-    Ok(LossValue {
-        loss: res.loss,
-        valid_rows: res.valid_rows,
-        denominator: res.denominator,
-        flagged_rows: 0,
-    })
+    Ok(res)
 }
 
 /// A novel class's weight vector for the normalised softmax classifier (L8, the paper's
@@ -907,10 +1037,10 @@ pub enum UskdRanking {
     CodeLogProb,
 }
 
-/// Parameters of [`uskd_loss`]. `Default` is the authors' ImageNet setting (α = 1, β = 0.1,
+/// Options of [`uskd_loss`]. `Default` is the authors' ImageNet setting (α = 1, β = 0.1,
 /// μ = 0.005); their CIFAR-100 setting is α = 0.1, β = 0.1, μ = 0.1.
 #[derive(Debug, Clone, Copy)]
-pub struct Uskd {
+pub struct UskdOptions {
     /// Weight α of the soft target term.
     pub alpha: f64,
     /// Weight β of the Zipf non-target term.
@@ -919,22 +1049,33 @@ pub struct Uskd {
     pub mu: f64,
     /// The ranking score.
     pub ranking: UskdRanking,
+    /// Execution settings (USKD runs on the calling thread in scalar f64: neither field
+    /// changes anything; kept for the one options shape).
+    pub exec: Exec,
 }
 
-impl Default for Uskd {
+impl Default for UskdOptions {
     fn default() -> Self {
-        Uskd {
+        UskdOptions {
             alpha: 1.0,
             beta: 0.1,
             mu: 0.005,
             ranking: UskdRanking::PaperProb,
+            exec: Exec::default(),
         }
     }
 }
 
+setters!(UskdOptions {
+    alpha: f64,
+    beta: f64,
+    mu: f64,
+    ranking: UskdRanking
+});
+
 /// The parts of a USKD loss (each a batch mean, before its weight, except `total`).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct UskdLoss {
+pub struct UskdReport {
     /// `α·target + β·non_target + weak`.
     pub total: f64,
     /// `L_t = −mean(p_t·ln S_t)`.
@@ -962,10 +1103,10 @@ pub fn uskd_loss<T: Element>(
     student: View<'_, T>,
     weak: View<'_, T>,
     targets: &[i64],
-    p: &Uskd,
     dstudent: Option<ViewMut<'_, T>>,
     dweak: Option<ViewMut<'_, T>>,
-) -> Result<UskdLoss> {
+    p: &UskdOptions,
+) -> Result<UskdReport> {
     for (n, v) in [("alpha", p.alpha), ("beta", p.beta), ("mu", p.mu)] {
         param(n, v, v.is_finite(), "finite")?;
     }
@@ -989,7 +1130,7 @@ pub fn uskd_loss<T: Element>(
         }
     }
     if b == 0 {
-        return Ok(UskdLoss {
+        return Ok(UskdReport {
             total: 0.0,
             target: 0.0,
             non_target: 0.0,
@@ -1068,7 +1209,7 @@ pub fn uskd_loss<T: Element>(
         }
     }
     let (target, non_target, weak_l) = (fsum(lt) / bf, fsum(lnt) / bf, fsum(lw) / bf);
-    Ok(UskdLoss {
+    Ok(UskdReport {
         total: p.alpha * target + p.beta * non_target + weak_l,
         target,
         non_target,

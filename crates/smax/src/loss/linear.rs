@@ -12,10 +12,10 @@ use crate::arch::gemm::{MatRef, matmul};
 use crate::arch::rows::{self as k, Xform};
 use crate::arch::{Ahead, Isa, SimdLevel, Task, dispatch};
 use crate::error::{Error, Result};
-use crate::options::Par;
+use crate::options::{Exec, Par, setters};
 use rayon::prelude::*;
 
-use super::{AllIgnored, CeLoss, Reduction, RowOutputs};
+use super::{AllIgnored, LossReport, Reduction, RowOutputs};
 
 /// Tile sizes of [`linear_cross_entropy`]: `tokens x vocab` logits live in scratch at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +48,7 @@ impl Default for LinearTiles {
 /// Options of [`linear_cross_entropy`]; the shared fields mean what they mean for
 /// [`cross_entropy`](super::cross_entropy) (no class weights, no temperature here).
 #[derive(Debug, Clone, Copy)]
-pub struct LinearCe {
+pub struct LinearCrossEntropyOptions {
     /// How tokens combine (mean over non-ignored tokens by default).
     pub reduction: Reduction,
     /// Tokens whose target equals this contribute 0 (default −100).
@@ -70,15 +70,13 @@ pub struct LinearCe {
     pub filter: Option<f32>,
     /// Tile sizes.
     pub tiles: LinearTiles,
-    /// Threading (products and tile work).
-    pub par: Par,
-    /// Forces a SIMD level for the tile work.
-    pub simd: Option<SimdLevel>,
+    /// Threads (products and tile work) and the SIMD level of the tile work.
+    pub exec: Exec,
 }
 
-impl Default for LinearCe {
+impl Default for LinearCrossEntropyOptions {
     fn default() -> Self {
-        LinearCe {
+        LinearCrossEntropyOptions {
             reduction: Reduction::Mean,
             ignore_index: -100,
             label_smoothing: 0.0,
@@ -88,11 +86,15 @@ impl Default for LinearCe {
             all_ignored: AllIgnored::Zero,
             filter: None,
             tiles: LinearTiles::default(),
-            par: Par::Rayon,
-            simd: None,
+            exec: Exec::default(),
         }
     }
 }
+
+setters!(LinearCrossEntropyOptions {
+    reduction: Reduction, ignore_index: i64, label_smoothing: f64, z_loss: f64, grad_scale: f64,
+    all_ignored: AllIgnored, tiles: LinearTiles,
+} some { softcap: f64, filter: f32 });
 
 /// Sizes of a linear cross-entropy: `n` tokens, hidden size `d`, vocabulary `v`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,7 +200,7 @@ pub fn linear_cross_entropy_scratch_bytes(shape: LinearShape, tiles: LinearTiles
 ///
 /// The loss, reduction, ignore index, label smoothing, z-loss and cap follow
 /// [`cross_entropy`](super::cross_entropy) exactly (same formulas; the tests check the two
-/// agree). Exact by default: every tile enters every gradient; [`LinearCe::filter`] opts into
+/// agree). Exact by default: every tile enters every gradient; [`LinearCrossEntropyOptions::filter`] opts into
 /// CCE's gradient filtering.
 ///
 /// Algorithm: tiles of `tiles.tokens x tiles.vocab` logits, formed by `gemm` (f32
@@ -219,8 +221,8 @@ pub fn linear_cross_entropy(
     grads: LinearGrads<'_>,
     rows_out: RowOutputs<'_>,
     scratch: Option<&mut LinearCeScratch>,
-    opts: &LinearCe,
-) -> Result<CeLoss> {
+    opts: &LinearCrossEntropyOptions,
+) -> Result<LossReport> {
     let LinearShape { n, d, v } = shape;
     check(shape, &inp, &grads, &rows_out, opts)?;
     let mut own;
@@ -248,7 +250,7 @@ pub fn linear_cross_entropy(
     let tok = &mut tok[..n];
     tok.fill(TOK0);
     let (bn, bv) = (tiles.tokens, tiles.vocab);
-    let level = SimdLevel::resolve(opts.simd);
+    let level = SimdLevel::resolve(opts.exec.simd);
     let cap64 = opts.softcap.unwrap_or(0.0);
     let xf = Xform {
         k: 1.0,
@@ -263,9 +265,9 @@ pub fn linear_cross_entropy(
         for j0 in (0..v).step_by(bv) {
             let vb = bv.min(v - j0);
             let t = &mut tile[..nb * vb];
-            logits_tile(t, &inp, d, i0, nb, j0, vb, opts.par);
+            logits_tile(t, &inp, d, i0, nb, j0, vb, opts.exec.par);
             let bias = inp.bias.map(|b| &b[j0..j0 + vb]);
-            rows_par(opts.par, t, vb, &mut tok[i0..i0 + nb], |r0, tr, st| {
+            rows_par(opts.exec.par, t, vb, &mut tok[i0..i0 + nb], |r0, tr, st| {
                 dispatch(
                     level,
                     TileFwd {
@@ -344,11 +346,12 @@ pub fn linear_cross_entropy(
         },
         _ => (lsum, zsum),
     };
-    let result = CeLoss {
+    let result = LossReport {
         loss,
         z_loss,
         valid_rows,
         denominator: den,
+        flagged_rows: 0,
     };
 
     // Backward sweep: vocabulary tiles × token tiles.
@@ -382,9 +385,9 @@ pub fn linear_cross_entropy(
         for i0 in (0..n).step_by(bn) {
             let nb = bn.min(n - i0);
             let t = &mut tile[..nb * vb];
-            logits_tile(t, &inp, d, i0, nb, j0, vb, opts.par);
+            logits_tile(t, &inp, d, i0, nb, j0, vb, opts.exec.par);
             let bias = inp.bias.map(|b| &b[j0..j0 + vb]);
-            let maxg: f32 = rows_par_max(opts.par, t, vb, &tok[i0..i0 + nb], |r0, tr, st| {
+            let maxg: f32 = rows_par_max(opts.exec.par, t, vb, &tok[i0..i0 + nb], |r0, tr, st| {
                 dispatch(
                     level,
                     TileBwd {
@@ -414,18 +417,24 @@ pub fn linear_cross_entropy(
             let g = MatRef::row_major(t, nb, vb);
             if let Some(dh) = dh.as_deref_mut() {
                 let wj = MatRef::row_major(&inp.w[j0 * d..(j0 + vb) * d], vb, d);
-                matmul(&mut dh[i0 * d..(i0 + nb) * d], d, g, wj, true, opts.par);
+                matmul(&mut dh[i0 * d..(i0 + nb) * d], d, g, wj, true, opts.exec.par);
             }
             if let Some(dw) = dw.as_deref_mut() {
                 let hi = MatRef::row_major(&inp.h[i0 * d..(i0 + nb) * d], nb, d);
-                matmul(&mut dw[j0 * d..(j0 + vb) * d], d, g.t(), hi, true, opts.par);
+                matmul(&mut dw[j0 * d..(j0 + vb) * d], d, g.t(), hi, true, opts.exec.par);
             }
         }
     }
     Ok(result)
 }
 
-fn check(s: LinearShape, inp: &LinearInputs<'_>, g: &LinearGrads<'_>, ro: &RowOutputs<'_>, o: &LinearCe) -> Result<()> {
+fn check(
+    s: LinearShape,
+    inp: &LinearInputs<'_>,
+    g: &LinearGrads<'_>,
+    ro: &RowOutputs<'_>,
+    o: &LinearCrossEntropyOptions,
+) -> Result<()> {
     let LinearShape { n, d, v } = s;
     let prod = |a: usize, b: usize, what: &'static str| {
         a.checked_mul(b).ok_or(Error::SizeOverflow {
@@ -495,7 +504,7 @@ fn check(s: LinearShape, inp: &LinearInputs<'_>, g: &LinearGrads<'_>, ro: &RowOu
         return bad("tiles", format!("{:?}", o.tiles), "tokens >= 1 and vocab >= 1");
     }
     // The shared options, validated as cross_entropy validates them.
-    let ce = super::CrossEntropy {
+    let ce = super::CrossEntropyOptions {
         label_smoothing: o.label_smoothing,
         z_loss: o.z_loss,
         softcap: o.softcap,
@@ -512,6 +521,7 @@ fn check(s: LinearShape, inp: &LinearInputs<'_>, g: &LinearGrads<'_>, ro: &RowOu
 }
 
 /// `t (nb x vb) = h[i0..i0+nb] · W[j0..j0+vb]ᵀ`.
+#[allow(clippy::too_many_arguments)]
 fn logits_tile(t: &mut [f32], inp: &LinearInputs<'_>, d: usize, i0: usize, nb: usize, j0: usize, vb: usize, par: Par) {
     let hi = MatRef::row_major(&inp.h[i0 * d..(i0 + nb) * d], nb, d);
     let wt = MatRef::row_major(&inp.w[j0 * d..(j0 + vb) * d], vb, d).t();

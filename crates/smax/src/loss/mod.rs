@@ -13,7 +13,7 @@
 //! | [`tempnet_loss`] | TempNet's DRO loss with a per-sample temperature, with `∂L/∂τ` | L10 |
 //!
 //! `cross_entropy` and `linear_cross_entropy` run the SIMD kernels; the others compute in f64
-//! per row (see [`RowLoss`]). Entries the spec marks `[MEMORY]`, `[SECONDARY]` or `[UNCONFIRMED]`
+//! per row (see [`LossOptions`]). Entries the spec marks `[MEMORY]`, `[SECONDARY]` or `[UNCONFIRMED]`
 //! say so in their docs.
 //!
 //! # Conventions (ALGORITHMS.md §0.1, §2)
@@ -33,14 +33,15 @@ mod family;
 mod linear;
 
 pub use family::{
-    CosineGrads, LossValue, RowLoss, Uskd, UskdLoss, UskdRanking, comp_sum_loss, decoupled_softmax_loss,
+    CompSum, CosineGrads, Decoupled, HintonKd, LossOptions, Nkd, NormalizedSoftmax, SphericalZ, StablemaxOptions,
+    StablemaxOutput, TempNet, UskdOptions, UskdRanking, UskdReport, comp_sum_loss, decoupled_softmax_loss,
     hinton_kd_loss, nkd_loss, normalized_softmax_loss, novel_class_prototype, softmax_collapse_fraction,
     spherical_z_loss, stablemax, stablemax_cross_entropy, tempnet_loss, uskd_loss,
 };
 
 pub use linear::{
-    LinearCe, LinearCeScratch, LinearGrads, LinearInputs, LinearShape, LinearTiles, linear_cross_entropy,
-    linear_cross_entropy_scratch_bytes,
+    LinearCeScratch, LinearCrossEntropyOptions, LinearGrads, LinearInputs, LinearShape, LinearTiles,
+    linear_cross_entropy, linear_cross_entropy_scratch_bytes,
 };
 
 use crate::arch::SimdLevel;
@@ -49,7 +50,7 @@ use crate::arch::rows::Xform;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{View, ViewMut};
-use crate::options::Par;
+use crate::options::{Exec, setters};
 use crate::par;
 
 /// How per-row losses are combined.
@@ -69,7 +70,7 @@ pub enum Reduction {
 /// What a mean over zero non-ignored rows returns (PyTorch gives NaN, from 0/0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AllIgnored {
-    /// Loss 0 and a zero gradient; [`CeLoss::valid_rows`] is 0, which says why.
+    /// Loss 0 and a zero gradient; [`LossReport::valid_rows`] is 0, which says why.
     #[default]
     Zero,
     /// NaN loss (PyTorch's answer); the gradient is still zero.
@@ -90,7 +91,7 @@ pub enum Targets<'a, T> {
 /// Options of [`cross_entropy`]. `Default` is PyTorch's `cross_entropy` default: mean
 /// reduction, ignore index −100, no weights, no smoothing, no z-loss, no cap, τ = 1.
 #[derive(Debug, Clone, Copy)]
-pub struct CrossEntropy<'w> {
+pub struct CrossEntropyOptions<'w> {
     /// How rows combine.
     pub reduction: Reduction,
     /// Rows whose target equals this contribute 0 and get a zero gradient (default −100).
@@ -100,7 +101,7 @@ pub struct CrossEntropy<'w> {
     /// Label smoothing ε in `[0, 1]` (PyTorch's form: the ε mass spreads over all K classes).
     pub label_smoothing: f64,
     /// PaLM z-loss coefficient λ ≥ 0 (PaLM uses 1e-4): adds `λ·lse²` per non-ignored row,
-    /// reported separately in [`CeLoss::z_loss`] and included in the gradient.
+    /// reported separately in [`LossReport::z_loss`] and included in the gradient.
     pub z_loss: f64,
     /// Logit soft cap `c > 0`: logits become `c·tanh(x/c)` (Gemma 2 uses 30 for the output).
     pub softcap: Option<f64>,
@@ -110,15 +111,13 @@ pub struct CrossEntropy<'w> {
     pub grad_scale: f64,
     /// The mean over zero valid rows.
     pub all_ignored: AllIgnored,
-    /// Threading.
-    pub par: Par,
-    /// Forces a SIMD level.
-    pub simd: Option<SimdLevel>,
+    /// Threads and SIMD level.
+    pub exec: Exec,
 }
 
-impl Default for CrossEntropy<'_> {
+impl Default for CrossEntropyOptions<'_> {
     fn default() -> Self {
-        CrossEntropy {
+        CrossEntropyOptions {
             reduction: Reduction::Mean,
             ignore_index: -100,
             class_weights: None,
@@ -128,69 +127,17 @@ impl Default for CrossEntropy<'_> {
             temperature: 1.0,
             grad_scale: 1.0,
             all_ignored: AllIgnored::Zero,
-            par: Par::Rayon,
-            simd: None,
+            exec: Exec::default(),
         }
     }
 }
 
-impl<'w> CrossEntropy<'w> {
-    /// Sets the reduction.
-    pub fn reduction(mut self, r: Reduction) -> Self {
-        self.reduction = r;
-        self
-    }
-    /// Sets the ignore index.
-    pub fn ignore_index(mut self, i: i64) -> Self {
-        self.ignore_index = i;
-        self
-    }
-    /// Sets the class weights.
-    pub fn class_weights(mut self, w: &'w [f32]) -> Self {
-        self.class_weights = Some(w);
-        self
-    }
-    /// Sets the label smoothing ε.
-    pub fn label_smoothing(mut self, e: f64) -> Self {
-        self.label_smoothing = e;
-        self
-    }
-    /// Sets the z-loss coefficient λ.
-    pub fn z_loss(mut self, l: f64) -> Self {
-        self.z_loss = l;
-        self
-    }
-    /// Sets the soft cap.
-    pub fn softcap(mut self, c: f64) -> Self {
-        self.softcap = Some(c);
-        self
-    }
-    /// Sets the temperature.
-    pub fn temperature(mut self, t: f64) -> Self {
-        self.temperature = t;
-        self
-    }
-    /// Sets the upstream gradient.
-    pub fn grad_scale(mut self, g: f64) -> Self {
-        self.grad_scale = g;
-        self
-    }
-    /// Sets the all-ignored policy.
-    pub fn all_ignored(mut self, a: AllIgnored) -> Self {
-        self.all_ignored = a;
-        self
-    }
-    /// Sets the threading.
-    pub fn par(mut self, p: Par) -> Self {
-        self.par = p;
-        self
-    }
-    /// Forces a SIMD level.
-    pub fn simd(mut self, l: SimdLevel) -> Self {
-        self.simd = Some(l);
-        self
-    }
+setters!(CrossEntropyOptions<'w> {
+    reduction: Reduction, ignore_index: i64, label_smoothing: f64, z_loss: f64,
+    temperature: f64, grad_scale: f64, all_ignored: AllIgnored,
+} some { class_weights: &'w [f32], softcap: f64 });
 
+impl CrossEntropyOptions<'_> {
     fn check(&self) -> Result<()> {
         let bad = |name, value: f64, expected| {
             Err(Error::BadParameter {
@@ -236,19 +183,25 @@ pub struct RowOutputs<'a> {
     pub lse: Option<&'a mut [f64]>,
 }
 
-/// The reduced result of a loss call.
+/// The reduced result of a loss call: [`cross_entropy`], [`linear_cross_entropy`] and the
+/// losses of the family module all return it.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CeLoss {
+pub struct LossReport {
     /// The reduced main loss (without the z-loss).
     pub loss: f64,
     /// The reduced z-loss (`λ·lse²` per non-ignored row; the mean divides by the number of
-    /// non-ignored rows, without class weights). The gradient includes it.
+    /// non-ignored rows, without class weights). The gradient includes it. 0 for losses
+    /// without a z-loss term.
     pub z_loss: f64,
-    /// Rows whose target is not the ignore index.
+    /// Rows that counted (target not the ignore index; for the multi-positive loss, rows with
+    /// at least one positive).
     pub valid_rows: usize,
     /// What the mean divided by (`Σ w[y_i]`, the valid-row count, or the row count; 1 for the
     /// other reductions).
     pub denominator: f64,
+    /// Rows the loss's documentation flags (spherical Z-loss: σ = 0; NKD: a teacher with no
+    /// finite non-target logit; 0 otherwise).
+    pub flagged_rows: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -268,7 +221,7 @@ pub(crate) struct RowOut {
 ///
 /// * loss `ℓ = Σ_k u_k·(lse(t) − t_k)`; z-loss `λ·lse(t)²`;
 /// * gradient `∂/∂t_k = s·(U·p_k − u_k) + s_z·2λ·lse·p_k` with `p = softmax(t)`, `U = Σ u`,
-///   `s`, `s_z` the reduction scales times [`CrossEntropy::grad_scale`]; then the chain rule
+///   `s`, `s_z` the reduction scales times [`CrossEntropyOptions::grad_scale`]; then the chain rule
 ///   through the temperature and the cap (`∂t/∂x = (1 − tanh²(x/c))/τ`).
 ///
 /// Accuracy (f32): `lse` as the core's [`logsumexp`](crate::logsumexp); the loss within a few
@@ -296,8 +249,8 @@ pub fn cross_entropy<T: Element>(
     targets: Targets<'_, T>,
     grad: Option<ViewMut<'_, T>>,
     rows_out: RowOutputs<'_>,
-    opts: &CrossEntropy<'_>,
-) -> Result<CeLoss> {
+    opts: &CrossEntropyOptions<'_>,
+) -> Result<LossReport> {
     // Through the instance compiled in this crate (see `crate::mono`).
     (T::kernels().cross_entropy)(logits, targets, grad, rows_out, opts)
 }
@@ -308,8 +261,8 @@ pub(crate) fn cross_entropy_impl<T: Element>(
     targets: Targets<'_, T>,
     grad: Option<ViewMut<'_, T>>,
     rows_out: RowOutputs<'_>,
-    opts: &CrossEntropy<'_>,
-) -> Result<CeLoss> {
+    opts: &CrossEntropyOptions<'_>,
+) -> Result<LossReport> {
     opts.check()?;
     let x = logits;
     let (rows, len, xs) = x.row_geometry(
@@ -429,7 +382,7 @@ pub(crate) fn cross_entropy_impl<T: Element>(
             .is_some_and(|g| core::mem::size_of_val(&*g.0) >= crate::forward::STREAM_MIN_BYTES),
     };
 
-    let level = SimdLevel::resolve(opts.simd);
+    let level = SimdLevel::resolve(opts.exec.simd);
     let gstride = grad.as_ref().map_or(0, |g| g.1);
     let items: Vec<(usize, usize, Option<&mut [T]>)> = match grad {
         // Pipelined rows go in groups (each group pays one unpipelined first row).
@@ -451,7 +404,7 @@ pub(crate) fn cross_entropy_impl<T: Element>(
                 .collect()
         }
     };
-    let results: Vec<Vec<RowOut>> = par::map(opts.par, items, |(r0, n, g)| {
+    let results: Vec<Vec<RowOut>> = par::map(opts.exec.par, items, |(r0, n, g)| {
         dispatch(
             level,
             ce::CeRows {
@@ -494,10 +447,11 @@ pub(crate) fn cross_entropy_impl<T: Element>(
         },
         _ => (lsum, zsum),
     };
-    Ok(CeLoss {
+    Ok(LossReport {
         loss,
         z_loss,
         valid_rows,
         denominator,
+        flagged_rows: 0,
     })
 }
