@@ -9,7 +9,7 @@
 //! backward counted as 3.5 forwards) and `peak_extra_bytes`.
 
 use crate::alloc::peak_extra;
-use crate::bench::{Args, Record, fill_logits, parse_shape, pick_ops, print_table, time, timing, write_json};
+use crate::measure::{Args, Record, fill_logits, parse_shape, pick_ops, print_table, time, timing, write_json};
 use crate::peers;
 use smax::attention::{
     AttentionGrads, AttentionOptions, AttentionShape, HeadStrides, Heads, SplitK, UnifiedMax, attention,
@@ -638,7 +638,7 @@ fn bench_decode(
     };
     let s = time(
         || {
-            std::hint::black_box(crate::bench::par_read(&k) + crate::bench::par_read(&v));
+            std::hint::black_box(crate::measure::par_read(&k) + crate::measure::par_read(&v));
         },
         budget,
         max_iters,

@@ -5,7 +5,7 @@
 //! decoding loop calls it (it has no min-p). `gate` (rows = tokens, cols = experts): smax's
 //! softmax-then-top-k router against a per-token full sort. Bytes counted: the logits read once.
 
-use crate::bench::{Args, Record, fill_logits, parse_shape, pick_ops, print_table, time, timing, write_json};
+use crate::measure::{Args, Record, fill_logits, parse_shape, pick_ops, print_table, time, timing, write_json};
 use crate::peers;
 use rayon::prelude::*;
 use smax::sample::{Draw, SampleOptions, sample};

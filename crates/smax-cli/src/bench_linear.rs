@@ -5,7 +5,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use crate::alloc::peak_extra;
-use crate::bench::{Record, fill_logits};
+use crate::measure::{Record, fill_logits};
 use smax::loss::{
     CrossEntropyOptions, LinearCrossEntropyOptions, LinearGrads, LinearInputs, LinearShape, RowOutputs, Targets,
     cross_entropy, linear_cross_entropy,

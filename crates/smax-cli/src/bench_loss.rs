@@ -13,7 +13,7 @@
 //! product: one forward, three forward+backward) and `peak_extra_bytes` (the largest amount
 //! the call allocated beyond its inputs and outputs, from the counting allocator).
 
-use crate::bench::{
+use crate::measure::{
     Args, Record, fill_logits, par_copy, par_read, parse_shape, pick_ops, print_table, time, timing, write_json,
 };
 use crate::peers;

@@ -5,9 +5,11 @@
 mod alloc;
 mod bench;
 mod bench_attention;
+mod bench_core;
 mod bench_decode;
 mod bench_linear;
 mod bench_loss;
+mod measure;
 mod peers;
 
 use clap::{Parser, Subcommand};
