@@ -18,29 +18,11 @@ fn row<T: Element>(v: &View<'_, T>, r: usize, s: usize, k: usize) -> Vec<f64> {
 }
 
 fn lse(z: &[f64], b: f64) -> f64 {
-    let m = z.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v * b));
-    if !m.is_finite() {
-        return m;
-    }
-    m + z.iter().map(|&v| (v * b - m).exp()).sum::<f64>().ln()
+    crate::scalar64::lse(z.iter().map(|&v| v * b))
 }
 
 fn check_labels(labels: &[i64], rows: usize, k: usize) -> Result<()> {
-    if labels.len() != rows {
-        return Err(Error::LengthMismatch {
-            what: "labels",
-            len: labels.len(),
-            expected: rows,
-        });
-    }
-    if let Some((row, &target)) = labels.iter().enumerate().find(|(_, t)| !(0..k as i64).contains(*t)) {
-        return Err(Error::TargetOutOfRange {
-            row,
-            target,
-            classes: k,
-        });
-    }
-    Ok(())
+    crate::check::targets(labels, rows, k, None)
 }
 
 fn check_finite(z: &[f64], row: usize) -> Result<()> {
@@ -108,18 +90,18 @@ pub fn fit_temperature<T: Element>(logits: View<'_, T>, targets: &[i64], opts: &
     let labels = targets;
     let (n, k, s) = rows_of(&logits, "logits")?;
     if n == 0 || k == 0 {
-        return Err(Error::BadParameter {
-            name: "validation set",
-            value: "empty".into(),
-            expected: "at least one sample with at least one class",
-        });
+        return Err(Error::bad_parameter(
+            "validation set",
+            "empty",
+            "at least one sample with at least one class",
+        ));
     }
     if !(t_min > 0.0 && t_min < t_max && t_max.is_finite()) {
-        return Err(Error::BadParameter {
-            name: "t_min/t_max",
-            value: format!("{t_min}/{t_max}"),
-            expected: "0 < t_min < t_max < inf",
-        });
+        return Err(Error::bad_parameter(
+            "t_min/t_max",
+            format!("{t_min}/{t_max}"),
+            "0 < t_min < t_max < inf",
+        ));
     }
     check_labels(labels, n, k)?;
     let z: Vec<Vec<f64>> = (0..n).map(|r| row(&logits, r, s, k)).collect();
@@ -280,11 +262,11 @@ pub fn calibration_error<T: Element>(
         Binning::EqualWidth(m) | Binning::EqualMass(m) => m,
     };
     if n == 0 || k == 0 || m == 0 {
-        return Err(Error::BadParameter {
-            name: if m == 0 { "bins" } else { "samples" },
-            value: "0".into(),
-            expected: "at least one",
-        });
+        return Err(Error::bad_parameter(
+            if m == 0 { "bins" } else { "samples" },
+            "0",
+            "at least one",
+        ));
     }
     check_labels(labels, n, k)?;
     let mut conf = Vec::with_capacity(n);
@@ -356,11 +338,7 @@ pub fn brier_score<T: Element>(logits: View<'_, T>, targets: &[i64]) -> Result<f
     let labels = targets;
     let (n, k, s) = rows_of(&logits, "logits")?;
     if n == 0 {
-        return Err(Error::BadParameter {
-            name: "samples",
-            value: "0".into(),
-            expected: "at least one",
-        });
+        return Err(Error::bad_parameter("samples", "0", "at least one"));
     }
     check_labels(labels, n, k)?;
     let mut total = 0.0;
@@ -421,11 +399,7 @@ pub fn ood_scores<T: Element>(logits: View<'_, T>, out: &mut [f64], opts: &OodOp
     }
     if let OodScore::NegEnergy(t) = score {
         if !(t.is_finite() && t > 0.0) {
-            return Err(Error::BadParameter {
-                name: "temperature",
-                value: format!("{t}"),
-                expected: "finite and > 0",
-            });
+            return Err(Error::bad_parameter("temperature", t, "finite and > 0"));
         }
     }
     for (r, o) in out.iter_mut().enumerate() {
@@ -504,11 +478,11 @@ pub fn mahalanobis_fit(
         }
     }
     if let Some(c) = counts.iter().position(|&c| c == 0) {
-        return Err(Error::BadParameter {
-            name: "labels",
-            value: format!("class {c} has no sample"),
-            expected: "every class represented",
-        });
+        return Err(Error::bad_parameter(
+            "labels",
+            format!("class {c} has no sample"),
+            "every class represented",
+        ));
     }
     for (m, &c) in means.iter_mut().zip(&counts) {
         m.iter_mut().for_each(|v| *v /= c as f64);
@@ -539,11 +513,11 @@ pub fn mahalanobis_fit(
             });
         }
     }
-    Err(Error::BadParameter {
-        name: "features",
-        value: "singular covariance".into(),
-        expected: "a covariance that is positive definite after the ridge",
-    })
+    Err(Error::bad_parameter(
+        "features",
+        "singular covariance",
+        "a covariance that is positive definite after the ridge",
+    ))
 }
 
 fn cholesky(a: &[f64], n: usize, ridge: f64) -> Option<Vec<f64>> {

@@ -3,31 +3,31 @@
 use half::{bf16, f16};
 
 mod sealed {
-    use crate::mono::{self, Kernels};
+    /// Sealing: the numerics of each type are documented and tested here.
+    pub trait Sealed: Sized + 'static {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
 
-    /// Sealing, and the table of compiled kernels for the type (see [`crate::mono`]).
-    pub trait Sealed: Sized + 'static {
-        fn kernels() -> &'static Kernels<Self>;
-    }
-    impl Sealed for f32 {
-        fn kernels() -> &'static Kernels<Self> {
-            &mono::F32
-        }
-    }
-    impl Sealed for f64 {
-        fn kernels() -> &'static Kernels<Self> {
-            &mono::F64
-        }
-    }
-    impl Sealed for half::f16 {
-        fn kernels() -> &'static Kernels<Self> {
-            &mono::F16
-        }
-    }
-    impl Sealed for half::bf16 {
-        fn kernels() -> &'static Kernels<Self> {
-            &mono::BF16
-        }
+/// Compiled once: the public API is generic over [`Element`], and Rust compiles a generic
+/// function in the crate that instantiates it (with optimisation on, instances are not shared
+/// across crates). Without per-type tables every crate that calls `smax::softmax::<f32>` (each
+/// integration test, the CLI, every user crate) would compile the whole kernel stack again at
+/// every SIMD level. So a family keeps its heavy generic entry points in a table of function
+/// pointers instantiated once per element type in a `static` of this crate (statics, not
+/// constants: a caller that reads a static links to it and never instantiates what it holds),
+/// and its public functions fetch the table for `T` here: a type-id comparison and a call.
+///
+/// `tables` holds the four statics of one table type, one per element type. Each `Element`
+/// is one of those four (the trait is sealed), so the search always finds one.
+pub(crate) fn per_type<K: core::any::Any>(tables: [&'static dyn core::any::Any; 4]) -> &'static K {
+    match tables.into_iter().find_map(|t| t.downcast_ref::<K>()) {
+        Some(k) => k,
+        // Unreachable: the caller passes its table at f32, f64, f16 and bf16, and `K` is that
+        // table at one of these sealed types.
+        None => unreachable!("a kernel table exists for every Element type"),
     }
 }
 
@@ -209,7 +209,7 @@ narrow!(bf16, "bf16", bf16_load, bf16_store);
 /// f16 → f32, exact (a NaN is quieted, as `f16::to_f32` does). With F16C (`arch::half_conv`,
 /// eight lanes per instruction); otherwise branch-free software that vectorizes inside the
 /// caller's SIMD region, subnormals through one exact f32 subtraction (Giesen's method).
-/// (`half`'s slice conversion, used before, is an outlined call of 4-lane steps per tile.)
+/// (`half`'s slice conversion is an outlined call of 4-lane steps per tile, slower here.)
 #[inline(always)]
 fn f16_load(src: &[f16], dst: &mut [f32]) {
     if !crate::arch::half_conv::f16_to_f32(src, dst) {

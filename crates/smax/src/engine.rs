@@ -1,14 +1,59 @@
-//! Row and segment bodies for the f32 compute path (f32, f16, bf16), generic over the ISA and
-//! the element type. Each `Task` here is entered once per work item through
+//! The row engine that the softmax family and the cross-entropy both run: the per-call plan
+//! (SIMD level, `1/τ`), row geometry, and the row and segment bodies for the f32 compute path
+//! (f32, f16, bf16), generic over the ISA and the element type. Each `Task` here is entered once per work item through
 //! [`crate::arch::dispatch`]; inside, everything is inlined into one target-feature region.
 //!
 //! Element types other than f32 are converted in tiles of [`TILE`] elements (a multiple of the
 //! reduction block, so tiling never changes a result).
 
+use crate::arch::SimdLevel;
 use crate::arch::rows::{self as k, BLOCK, Ext, Online};
 use crate::arch::{Ahead, Isa, Task, inl_mut};
 use crate::element::Element;
-use crate::options::{Algorithm, MaskedRow};
+use crate::element::Repr;
+use crate::error::Result;
+use crate::layout::Layout;
+use crate::options::{Algorithm, MaskedRow, Options};
+
+/// Calls whose output is at least this large write it with non-temporal stores (where the ISA
+/// has them): the output cannot stay in cache anyway, and streaming saves the
+/// read-for-ownership of every output line.
+pub(crate) const STREAM_MIN_BYTES: usize = 32 << 20;
+
+pub(crate) struct Plan {
+    pub level: SimdLevel,
+    pub k: f32,
+    pub k64: f64,
+}
+
+pub(crate) fn plan<T: Element>(opts: &Options) -> Result<Plan> {
+    let (k, k64) = opts.inv_temperature(T::REPR != Repr::F64)?;
+    Ok(Plan {
+        level: SimdLevel::resolve(opts.exec.simd),
+        k,
+        k64,
+    })
+}
+
+/// Row geometry after validation: rows of `len`, input stride `xs`, output stride `ys`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowGeom {
+    pub rows: usize,
+    pub len: usize,
+    pub xs: usize,
+    pub ys: usize,
+}
+
+/// The row geometry of two layouts of the same shape, when both are plain rows (axis
+/// layouts with `inner = 1` included).
+pub(crate) fn row_geom(x: &Layout, y: &Layout) -> Option<RowGeom> {
+    Some(RowGeom {
+        rows: x.row_count(),
+        len: x.row_len(),
+        xs: x.row_stride()?,
+        ys: y.row_stride()?,
+    })
+}
 
 /// The prefetch domain of `data` (see [`Ahead`]).
 #[inline(always)]

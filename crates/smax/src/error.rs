@@ -110,5 +110,16 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// [`Error::BadParameter`]: `name = value` is outside the range `expected` describes.
+    pub(crate) fn bad_parameter(name: &'static str, value: impl core::fmt::Display, expected: &'static str) -> Self {
+        Error::BadParameter {
+            name,
+            value: value.to_string(),
+            expected,
+        }
+    }
+}
+
 /// Shorthand for `Result<T, smax::Error>`.
 pub type Result<T, E = Error> = core::result::Result<T, E>;

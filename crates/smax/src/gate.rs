@@ -131,15 +131,32 @@ pub fn gate<T: Element>(
     weights: &mut [f32],
     p: &GateOptions,
 ) -> Result<GateStats> {
-    let par = p.exec.par;
     let (tokens, e, xs) = logits.row_geometry("logits", "gating takes row layouts (experts along the last axis)")?;
-    let bad = |name, v: String, expected| {
-        Err(Error::BadParameter {
-            name,
-            value: v,
-            expected,
-        })
-    };
+    validate(p, bias, tokens, e, experts.len(), weights.len())?;
+    let k = p.k;
+    // Groups of tokens (fixed by shape, not by thread count), each with reused buffers and
+    // its own slices of the outputs; partial statistics merge in group order.
+    let per = par::rows_per_task(e);
+    let items: Vec<(usize, &mut [u32], &mut [f32])> = experts
+        .chunks_mut(per * k)
+        .zip(weights.chunks_mut(per * k))
+        .enumerate()
+        .map(|(g, (x, w))| (g * per, x, w))
+        .collect();
+    let parts = par::map(p.exec.par, items, |(r0, exg, wg)| {
+        let mut sc = Scratch::new(e, k);
+        for (j, (exr, wr)) in exg.chunks_mut(k).zip(wg.chunks_mut(k)).enumerate() {
+            let r = r0 + j;
+            route_token(&logits.data[r * xs..r * xs + e], r, p, bias, &mut sc, exr, wr)?;
+        }
+        Ok((sc.counts, sc.psum))
+    });
+    reduce(parts, tokens, e, k)
+}
+
+/// The options, the bias and the output lengths against `tokens x e` logits.
+fn validate(p: &GateOptions, bias: Option<&[f32]>, tokens: usize, e: usize, n_ex: usize, n_w: usize) -> Result<()> {
+    let bad = |name, v: String, expected| Err(Error::bad_parameter(name, v, expected));
     if p.k == 0 || (p.k > e && tokens > 0) {
         return bad(
             "k",
@@ -174,8 +191,7 @@ pub fn gate<T: Element>(
             return bad("bias", format!("{v}"), "finite");
         }
     }
-    let k = p.k;
-    for (what, len) in [("experts", experts.len()), ("weights", weights.len())] {
+    for (what, len) in [("experts", n_ex), ("weights", n_w)] {
         if len != tokens * p.k {
             return Err(Error::LengthMismatch {
                 what,
@@ -187,112 +203,143 @@ pub fn gate<T: Element>(
     if e == 0 && tokens > 0 {
         return Err(Error::NoValidToken { row: 0 });
     }
-    // Groups of tokens (fixed by shape, not by thread count), each with reused buffers and
-    // its own slices of the outputs; partial statistics merge in group order.
-    let per = par::rows_per_task(e);
-    let items: Vec<(usize, &mut [u32], &mut [f32])> = experts
-        .chunks_mut(per * k)
-        .zip(weights.chunks_mut(per * k))
-        .enumerate()
-        .map(|(g, (x, w))| (g * per, x, w))
-        .collect();
-    let parts: Vec<Result<(Vec<usize>, Vec<f64>)>> = par::map(par, items, |(r0, exg, wg)| {
-        let mut counts = vec![0usize; e];
-        let mut psum = vec![0.0f64; e];
-        let mut s = vec![0.0f64; e];
-        let mut prob = vec![0.0f64; e];
-        let mut idx: Vec<usize> = Vec::with_capacity(e);
-        let mut w = vec![0.0f64; k];
-        let mut sk = vec![0.0f64; k];
-        for (j, (exr, wr)) in exg.chunks_mut(k).zip(wg.chunks_mut(k)).enumerate() {
-            let r = r0 + j;
-            let h = &logits.data[r * xs..r * xs + e];
-            for (i, v) in h.iter().enumerate() {
-                let v = v.to_f64();
-                if v.is_nan() || v == f64::INFINITY {
-                    return Err(Error::NonFiniteLogit {
-                        row: r,
-                        index: i,
-                        value: v,
-                    });
-                }
-                let a = match p.activation {
-                    _ if v == f64::NEG_INFINITY => v,
-                    Activation::Identity => v,
-                    Activation::Tanh => v.tanh(),
-                    Activation::Sigmoid => 1.0 / (1.0 + (-v).exp()),
-                };
-                s[i] = a / p.temperature;
+    Ok(())
+}
+
+/// One task's buffers (reused across its tokens) and its partial statistics.
+struct Scratch {
+    counts: Vec<usize>,
+    psum: Vec<f64>,
+    s: Vec<f64>,
+    prob: Vec<f64>,
+    idx: Vec<usize>,
+    w: Vec<f64>,
+    sk: Vec<f64>,
+}
+
+impl Scratch {
+    fn new(e: usize, k: usize) -> Self {
+        Scratch {
+            counts: vec![0; e],
+            psum: vec![0.0; e],
+            s: vec![0.0; e],
+            prob: vec![0.0; e],
+            idx: Vec::with_capacity(e),
+            w: vec![0.0; k],
+            sk: vec![0.0; k],
+        }
+    }
+}
+
+/// Routes token `r` (logits `h`): its experts into `exr`, its weights into `wr`, its
+/// assignments and probabilities into the task's statistics.
+fn route_token<T: Element>(
+    h: &[T],
+    r: usize,
+    p: &GateOptions,
+    bias: Option<&[f32]>,
+    sc: &mut Scratch,
+    exr: &mut [u32],
+    wr: &mut [f32],
+) -> Result<()> {
+    let (e, k) = (h.len(), p.k);
+    let Scratch {
+        counts,
+        psum,
+        s,
+        prob,
+        idx,
+        w,
+        sk,
+    } = sc;
+    for (i, v) in h.iter().enumerate() {
+        let v = v.to_f64();
+        if v.is_nan() || v == f64::INFINITY {
+            return Err(Error::NonFiniteLogit {
+                row: r,
+                index: i,
+                value: v,
+            });
+        }
+        let a = match p.activation {
+            _ if v == f64::NEG_INFINITY => v,
+            Activation::Identity => v,
+            Activation::Tanh => v.tanh(),
+            Activation::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+        };
+        s[i] = a / p.temperature;
+    }
+    if s.iter().all(|&v| v == f64::NEG_INFINITY) {
+        return Err(Error::NoValidToken { row: r });
+    }
+    softmax_into(s, prob);
+    let base: &[f64] = match p.order {
+        GateOrder::SoftmaxThenTopK { .. } => prob,
+        GateOrder::TopKThenSoftmax => s,
+    };
+    // Masked experts are never preferred to unmasked ones, whatever their bias.
+    let sel = |i: usize| {
+        if s[i] == f64::NEG_INFINITY {
+            f64::NEG_INFINITY
+        } else {
+            base[i] + bias.map_or(0.0, |b| b[i] as f64)
+        }
+    };
+    // Largest selection score first, ties (and masked experts) to the lower index.
+    let cmp = |a: &usize, b: &usize| {
+        let (x, y) = (sel(*a), sel(*b));
+        y.partial_cmp(&x).unwrap_or(core::cmp::Ordering::Equal).then(a.cmp(b))
+    };
+    idx.clear();
+    idx.extend(0..e);
+    if k < e {
+        idx.select_nth_unstable_by(k - 1, cmp);
+    }
+    let chosen = &mut idx[..k];
+    chosen.sort_unstable_by(cmp);
+    match p.order {
+        GateOrder::SoftmaxThenTopK { renormalize } => {
+            for (o, &i) in w.iter_mut().zip(chosen.iter()) {
+                *o = prob[i];
             }
-            if s.iter().all(|&v| v == f64::NEG_INFINITY) {
-                return Err(Error::NoValidToken { row: r });
-            }
-            softmax_into(&s, &mut prob);
-            let base: &[f64] = match p.order {
-                GateOrder::SoftmaxThenTopK { .. } => &prob,
-                GateOrder::TopKThenSoftmax => &s,
-            };
-            // Masked experts are never preferred to unmasked ones, whatever their bias.
-            let sel = |i: usize| {
-                if s[i] == f64::NEG_INFINITY {
-                    f64::NEG_INFINITY
-                } else {
-                    base[i] + bias.map_or(0.0, |b| b[i] as f64)
-                }
-            };
-            // Largest selection score first, ties (and masked experts) to the lower index.
-            let cmp = |a: &usize, b: &usize| {
-                let (x, y) = (sel(*a), sel(*b));
-                y.partial_cmp(&x).unwrap_or(core::cmp::Ordering::Equal).then(a.cmp(b))
-            };
-            idx.clear();
-            idx.extend(0..e);
-            if k < e {
-                idx.select_nth_unstable_by(k - 1, cmp);
-            }
-            let chosen = &mut idx[..k];
-            chosen.sort_unstable_by(cmp);
-            match p.order {
-                GateOrder::SoftmaxThenTopK { renormalize } => {
-                    for (o, &i) in w.iter_mut().zip(chosen.iter()) {
-                        *o = prob[i];
-                    }
-                    if renormalize {
-                        let t: f64 = w.iter().sum();
-                        w.iter_mut().for_each(|v| *v /= t);
-                    }
-                }
-                GateOrder::TopKThenSoftmax => {
-                    for (o, &i) in sk.iter_mut().zip(chosen.iter()) {
-                        *o = s[i];
-                    }
-                    softmax_into(&sk, &mut w);
-                }
-            }
-            if let Some(th) = p.threshold {
-                // The largest weight (first of equals) is never dropped: never route to nothing.
-                let amax = (0..k).fold(0, |a, j| if w[j] > w[a] { j } else { a });
-                for (j, v) in w.iter_mut().enumerate() {
-                    if *v < th && j != amax {
-                        *v = 0.0;
-                    }
-                }
+            if renormalize {
                 let t: f64 = w.iter().sum();
                 w.iter_mut().for_each(|v| *v /= t);
             }
-            for j in 0..k {
-                exr[j] = chosen[j] as u32;
-                wr[j] = (w[j] * p.routed_scaling_factor) as f32;
-                if wr[j] != 0.0 {
-                    counts[chosen[j]] += 1;
-                }
+        }
+        GateOrder::TopKThenSoftmax => {
+            for (o, &i) in sk.iter_mut().zip(chosen.iter()) {
+                *o = s[i];
             }
-            for (a, b) in psum.iter_mut().zip(&prob) {
-                *a += b;
+            softmax_into(sk, w);
+        }
+    }
+    if let Some(th) = p.threshold {
+        // The largest weight (first of equals) is never dropped: never route to nothing.
+        let amax = (0..k).fold(0, |a, j| if w[j] > w[a] { j } else { a });
+        for (j, v) in w.iter_mut().enumerate() {
+            if *v < th && j != amax {
+                *v = 0.0;
             }
         }
-        Ok((counts, psum))
-    });
+        let t: f64 = w.iter().sum();
+        w.iter_mut().for_each(|v| *v /= t);
+    }
+    for j in 0..k {
+        exr[j] = chosen[j] as u32;
+        wr[j] = (w[j] * p.routed_scaling_factor) as f32;
+        if wr[j] != 0.0 {
+            counts[chosen[j]] += 1;
+        }
+    }
+    for (a, b) in psum.iter_mut().zip(prob.iter()) {
+        *a += b;
+    }
+    Ok(())
+}
+
+/// Merges the tasks' statistics in task order into [`GateStats`].
+fn reduce(parts: Vec<Result<(Vec<usize>, Vec<f64>)>>, tokens: usize, e: usize, k: usize) -> Result<GateStats> {
     let mut stats = GateStats {
         tokens_per_expert: vec![0; e],
         mean_prob: vec![0.0; e],

@@ -149,7 +149,8 @@ impl Layout {
     }
 }
 
-/// A read-only buffer paired with its validated layout.
+/// A read-only buffer paired with its validated layout. Valid by construction (its fields are
+/// private and every constructor validates), so the ops trust it and never check it again.
 #[derive(Debug, Clone, Copy)]
 pub struct View<'a, T> {
     pub(crate) data: &'a [T],
@@ -173,34 +174,23 @@ impl<'a, T> View<'a, T> {
         self.layout
     }
 
-    pub(crate) fn named(self, what: &'static str) -> Result<Self> {
-        self.layout.validate(what, self.data.len())?;
-        Ok(self)
-    }
-
     /// `(rows, row length, row stride)` of a view that must be a row layout (rows, or an axis
-    /// layout with `inner = 1`), validated under the name `what`; `why` says what the
-    /// operation accepts when it is not.
+    /// layout with `inner = 1`); `what` names the argument and `why` says what the operation
+    /// accepts when it is not. The view itself was validated when it was made.
     pub(crate) fn row_geometry(&self, what: &'static str, why: &'static str) -> Result<(usize, usize, usize)> {
-        self.layout.row_geometry(what, why, self.data.len())
+        self.layout.row_geometry(what, why)
     }
 }
 
 impl Layout {
     /// See [`View::row_geometry`].
-    pub(crate) fn row_geometry(
-        &self,
-        what: &'static str,
-        why: &'static str,
-        len: usize,
-    ) -> Result<(usize, usize, usize)> {
-        self.validate(what, len)?;
+    pub(crate) fn row_geometry(&self, what: &'static str, why: &'static str) -> Result<(usize, usize, usize)> {
         let s = self.row_stride().ok_or(Error::Unsupported { what, why })?;
         Ok((self.row_count(), self.row_len(), s))
     }
 }
 
-/// A writable buffer paired with its validated layout.
+/// A writable buffer paired with its validated layout; valid by construction, as [`View`].
 #[derive(Debug)]
 pub struct ViewMut<'a, T> {
     pub(crate) data: &'a mut [T],
@@ -226,7 +216,7 @@ impl<'a, T> ViewMut<'a, T> {
 
     /// See [`View::row_geometry`].
     pub(crate) fn row_geometry(&self, what: &'static str, why: &'static str) -> Result<(usize, usize, usize)> {
-        self.layout.row_geometry(what, why, self.data.len())
+        self.layout.row_geometry(what, why)
     }
 
     /// A read-only reborrow.

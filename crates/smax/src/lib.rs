@@ -92,22 +92,20 @@
 
 mod arch;
 pub mod attention;
-mod axis;
-mod backward;
 pub mod calibrate;
+mod check;
 mod element;
+mod engine;
 mod error;
-mod forward;
 pub mod gate;
-mod kernel;
 mod layout;
 pub mod loss;
-mod mono;
 mod options;
 mod par;
 pub mod quant;
 pub mod sample;
 mod scalar64;
+mod softmax;
 mod state;
 
 pub mod math;
@@ -126,105 +124,8 @@ pub use half::{bf16, f16};
 #[doc = include_str!("../../../README.md")]
 struct ReadmeDoctests;
 
-use kernel::FwdOp;
-
-/// `softmax(x)` into `y` (same logical shape; strides may differ).
-///
-/// Algorithm: [`Options::algorithm`] (three-pass, two-pass or online; `Auto` by row length).
-/// Error bound and special values: see the [crate docs](crate).
-pub fn softmax<T: Element>(x: View<'_, T>, y: ViewMut<'_, T>, opts: &Options) -> Result<()> {
-    forward::forward(FwdOp::Softmax, Some(x), y, opts)
-}
-
-/// `softmax` over `xy` in place.
-pub fn softmax_inplace<T: Element>(xy: ViewMut<'_, T>, opts: &Options) -> Result<()> {
-    forward::forward(FwdOp::Softmax, None, xy, opts)
-}
-
-/// `softmax(x)` into a new contiguous buffer (row layouts become contiguous rows; axis layouts
-/// keep their shape).
-pub fn softmax_to_vec<T: Element>(x: View<'_, T>, opts: &Options) -> Result<Vec<T>> {
-    let (mut y, l) = alloc_like(&x)?;
-    softmax(x, ViewMut::new(&mut y, l)?, opts)?;
-    Ok(y)
-}
-
-/// `log_softmax(x) = (x − m)/τ − ln Σ exp((x − m)/τ)` into `y`.
-pub fn log_softmax<T: Element>(x: View<'_, T>, y: ViewMut<'_, T>, opts: &Options) -> Result<()> {
-    forward::forward(FwdOp::LogSoftmax, Some(x), y, opts)
-}
-
-/// `log_softmax` over `xy` in place.
-pub fn log_softmax_inplace<T: Element>(xy: ViewMut<'_, T>, opts: &Options) -> Result<()> {
-    forward::forward(FwdOp::LogSoftmax, None, xy, opts)
-}
-
-/// `log_softmax(x)` into a new contiguous buffer.
-pub fn log_softmax_to_vec<T: Element>(x: View<'_, T>, opts: &Options) -> Result<Vec<T>> {
-    let (mut y, l) = alloc_like(&x)?;
-    log_softmax(x, ViewMut::new(&mut y, l)?, opts)?;
-    Ok(y)
-}
-
-/// `logsumexp` of every row into `out` (`out.len()` must equal the row count; row order as
-/// documented in [`layout`](Layout)). Empty and fully masked rows give `-inf`.
-pub fn logsumexp<T: Element>(x: View<'_, T>, out: &mut [T], opts: &Options) -> Result<()> {
-    forward::logsumexp(x, out, opts)
-}
-
-/// `logsumexp` of every row into a new buffer.
-pub fn logsumexp_to_vec<T: Element>(x: View<'_, T>, opts: &Options) -> Result<Vec<T>> {
-    let mut out = vec![T::default(); x.layout.row_count()];
-    logsumexp(x, &mut out, opts)?;
-    Ok(out)
-}
-
-/// Softmax backward from the forward output: `dx = y ⊙ (dy − Σ dy·y) / τ`.
-/// `y`, `dy` and `dx` share one logical shape; strides may differ.
-pub fn softmax_backward<T: Element>(y: View<'_, T>, dy: View<'_, T>, dx: ViewMut<'_, T>, opts: &Options) -> Result<()> {
-    backward::backward(false, y, Some(dy), dx, opts)
-}
-
-/// Softmax backward with the upstream gradient in `dy_dx`, overwritten by `dx`.
-pub fn softmax_backward_inplace<T: Element>(y: View<'_, T>, dy_dx: ViewMut<'_, T>, opts: &Options) -> Result<()> {
-    backward::backward(false, y, None, dy_dx, opts)
-}
-
-/// Softmax backward into a new buffer shaped like `y`.
-pub fn softmax_backward_to_vec<T: Element>(y: View<'_, T>, dy: View<'_, T>, opts: &Options) -> Result<Vec<T>> {
-    let (mut dx, l) = alloc_like(&y)?;
-    softmax_backward(y, dy, ViewMut::new(&mut dx, l)?, opts)?;
-    Ok(dx)
-}
-
-/// Log-softmax backward from the forward output: `dx = (dy − exp(y)·Σ dy) / τ`.
-pub fn log_softmax_backward<T: Element>(
-    y: View<'_, T>,
-    dy: View<'_, T>,
-    dx: ViewMut<'_, T>,
-    opts: &Options,
-) -> Result<()> {
-    backward::backward(true, y, Some(dy), dx, opts)
-}
-
-/// Log-softmax backward with the upstream gradient in `dy_dx`, overwritten by `dx`.
-pub fn log_softmax_backward_inplace<T: Element>(y: View<'_, T>, dy_dx: ViewMut<'_, T>, opts: &Options) -> Result<()> {
-    backward::backward(true, y, None, dy_dx, opts)
-}
-
-/// Log-softmax backward into a new buffer shaped like `y`.
-pub fn log_softmax_backward_to_vec<T: Element>(y: View<'_, T>, dy: View<'_, T>, opts: &Options) -> Result<Vec<T>> {
-    let (mut dx, l) = alloc_like(&y)?;
-    log_softmax_backward(y, dy, ViewMut::new(&mut dx, l)?, opts)?;
-    Ok(dx)
-}
-
-fn alloc_like<T: Element>(x: &View<'_, T>) -> Result<(Vec<T>, Layout)> {
-    let x = x.named("input")?;
-    let l = match x.layout.kind {
-        layout::Kind::Rows { rows, len, .. } => Layout::rows(rows, len),
-        layout::Kind::Axis { .. } => x.layout,
-    };
-    let n = l.required_len().unwrap_or(0);
-    Ok((vec![T::default(); n], l))
-}
+pub use softmax::{
+    log_softmax, log_softmax_backward, log_softmax_backward_inplace, log_softmax_backward_to_vec, log_softmax_inplace,
+    log_softmax_to_vec, logsumexp, logsumexp_to_vec, softmax, softmax_backward, softmax_backward_inplace,
+    softmax_backward_to_vec, softmax_inplace, softmax_to_vec,
+};

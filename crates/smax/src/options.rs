@@ -3,6 +3,7 @@
 
 use crate::arch::SimdLevel;
 use crate::error::{Error, Result};
+pub use crate::par::Par;
 
 /// What softmax and log-softmax return for a row whose entries are all `-inf` (a fully
 /// masked row). `logsumexp` of such a row is `-inf` under either policy.
@@ -57,16 +58,7 @@ impl Algorithm {
     /// crossover was measured with `smax bench` (in cache, three-pass is ahead up to 4 Ki and
     /// online from 8 Ki).
     pub fn resolve(self, len: usize) -> Algorithm {
-        match self {
-            Algorithm::Auto => {
-                if len <= AUTO_SOFTMAX_THREE_PASS_MAX {
-                    Algorithm::ThreePass
-                } else {
-                    Algorithm::Online
-                }
-            }
-            a => a,
-        }
+        self.auto_up_to(len, AUTO_SOFTMAX_THREE_PASS_MAX)
     }
 
     /// The algorithm `Auto` resolves to for log-softmax rows of `len` elements:
@@ -75,16 +67,7 @@ impl Algorithm {
     /// online algorithm pays less for its second exponential than softmax does (crossover
     /// measured with `smax bench`).
     pub fn resolve_log_softmax(self, len: usize) -> Algorithm {
-        match self {
-            Algorithm::Auto => {
-                if len <= AUTO_LOG_SOFTMAX_THREE_PASS_MAX {
-                    Algorithm::ThreePass
-                } else {
-                    Algorithm::Online
-                }
-            }
-            a => a,
-        }
+        self.auto_up_to(len, AUTO_LOG_SOFTMAX_THREE_PASS_MAX)
     }
 
     /// The algorithm `Auto` resolves to for logsumexp over rows of `len` elements, which has no
@@ -92,14 +75,15 @@ impl Algorithm {
     /// from L1), [`Algorithm::Online`] (one read, its exponentials overlapping the next
     /// lines' fetch) above (crossover measured with `smax bench`).
     pub fn resolve_logsumexp(self, len: usize) -> Algorithm {
+        self.auto_up_to(len, AUTO_LOGSUMEXP_THREE_PASS_MAX)
+    }
+
+    /// `Auto`: three-pass for rows of at most `three_pass_max` elements, online above; any
+    /// other algorithm as asked.
+    fn auto_up_to(self, len: usize, three_pass_max: usize) -> Algorithm {
         match self {
-            Algorithm::Auto => {
-                if len <= AUTO_LOGSUMEXP_THREE_PASS_MAX {
-                    Algorithm::ThreePass
-                } else {
-                    Algorithm::Online
-                }
-            }
+            Algorithm::Auto if len <= three_pass_max => Algorithm::ThreePass,
+            Algorithm::Auto => Algorithm::Online,
             a => a,
         }
     }
@@ -113,18 +97,6 @@ pub(crate) const AUTO_LOG_SOFTMAX_THREE_PASS_MAX: usize = 512;
 
 /// Logsumexp rows longer than this go through the online algorithm under `Auto`.
 pub(crate) const AUTO_LOGSUMEXP_THREE_PASS_MAX: usize = 4 * 1024;
-
-/// How a call may use threads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Par {
-    /// The calling thread only.
-    Seq,
-    /// The current rayon pool (the global one, or the one a caller entered with
-    /// `ThreadPool::install`). Work is split by a fixed grain, so results are bitwise identical
-    /// for every pool size.
-    #[default]
-    Rayon,
-}
 
 /// The execution settings every options struct of the crate carries as its `exec` field:
 /// threads and the SIMD level. Neither changes a result bit for a given SIMD level: work is
@@ -220,10 +192,12 @@ impl Options {
     /// `1/τ` in f32 and f64, validated.
     pub(crate) fn inv_temperature(&self, f32_compute: bool) -> Result<(f32, f64)> {
         let t = self.temperature;
-        let bad = || Error::BadParameter {
-            name: "temperature",
-            value: format!("{t}"),
-            expected: "finite and > 0, with 1/temperature finite in the compute type",
+        let bad = || {
+            Error::bad_parameter(
+                "temperature",
+                t,
+                "finite and > 0, with 1/temperature finite in the compute type",
+            )
         };
         if !(t.is_finite() && t > 0.0) {
             return Err(bad());

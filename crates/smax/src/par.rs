@@ -1,8 +1,19 @@
 //! Work splitting. Everything here depends on shapes only, never on the thread count, so the
 //! arithmetic each row sees (and so its bits) is the same for every pool size and every batch.
 
-use crate::options::Par;
 use rayon::prelude::*;
+
+/// How a call may use threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Par {
+    /// The calling thread only.
+    Seq,
+    /// The current rayon pool (the global one, or the one a caller entered with
+    /// `ThreadPool::install`). Work is split by a fixed grain, so results are bitwise identical
+    /// for every pool size.
+    #[default]
+    Rayon,
+}
 
 /// Rows longer than this are split into chunks of exactly this many elements (the last one
 /// shorter) whose partial states merge in chunk order. A multiple of the reduction block;

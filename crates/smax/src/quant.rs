@@ -164,13 +164,7 @@ impl Quantizer {
         } else {
             16
         };
-        let bad = |name, v: String, expected| {
-            Err(Error::BadParameter {
-                name,
-                value: v,
-                expected,
-            })
-        };
+        let bad = |name, v: String, expected| Err(Error::bad_parameter(name, v, expected));
         if !(1..=max_bits).contains(&b) {
             return bad("bits", format!("{b}"), "1 to 16 (15 for SULQ's code-compatible mode)");
         }
@@ -408,11 +402,11 @@ pub fn dequantize(codes: &[u16], zero: Option<&[bool]>, q: &Quantizer, out: &mut
     };
     for (i, (o, &c)) in out.iter_mut().zip(codes).enumerate() {
         if c as u64 > levels {
-            return Err(Error::BadParameter {
-                name: "codes",
-                value: format!("{c} at {i}"),
-                expected: "codes within the quantizer's range",
-            });
+            return Err(Error::bad_parameter(
+                "codes",
+                format!("{c} at {i}"),
+                "codes within the quantizer's range",
+            ));
         }
         *o = q.value(c as u32, zero.is_some_and(|z| z[i])) as f32;
     }
@@ -432,11 +426,7 @@ fn mse_of(x: &[f32], q: &Quantizer) -> Result<f64> {
 
 fn nonempty_finite(x: &[f32]) -> Result<Vec<f64>> {
     if x.is_empty() {
-        return Err(Error::BadParameter {
-            name: "calibration set",
-            value: "empty".into(),
-            expected: "at least one value",
-        });
+        return Err(Error::bad_parameter("calibration set", "empty", "at least one value"));
     }
     if let Some(i) = x.iter().position(|v| v.is_nan()) {
         return Err(Error::NonFiniteLogit {
@@ -493,9 +483,6 @@ pub fn calibrate_sulq(calib: &[f32], bits: u32, exponent: SulqExponent, levels: 
             best = Some((q, e));
         }
     }
-    best.map(|b| b.0).ok_or(Error::BadParameter {
-        name: "calibration set",
-        value: "empty".into(),
-        expected: "at least one value",
-    })
+    best.map(|b| b.0)
+        .ok_or(Error::bad_parameter("calibration set", "empty", "at least one value"))
 }

@@ -81,13 +81,7 @@ setters!(SampleOptions { temperature: f64, strict_top_k: bool } some { top_k: us
 
 impl SampleOptions {
     fn check(&self) -> Result<()> {
-        let bad = |name, v: String, expected| {
-            Err(Error::BadParameter {
-                name,
-                value: v,
-                expected,
-            })
-        };
+        let bad = |name, v: String, expected| Err(Error::bad_parameter(name, v, expected));
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return bad(
                 "temperature",
@@ -513,11 +507,7 @@ pub fn sample<T: Element, U: Element>(
     }
     if let Draw::Uniform(u) = draw {
         if let Some(&bad) = u.iter().find(|u| !(**u >= 0.0 && **u < 1.0)) {
-            return Err(Error::BadParameter {
-                name: "uniform",
-                value: format!("{bad}"),
-                expected: "in [0, 1)",
-            });
+            return Err(Error::bad_parameter("uniform", bad, "in [0, 1)"));
         }
     }
     let res = run(logits, p, Some(draw), processed)?;
@@ -656,18 +646,10 @@ pub fn gumbel_max<T: Element>(
     let GumbelOptions { temperature, k, exec } = *opts;
     let (rows, len, xs) = rows_of(&logits)?;
     if !(temperature.is_finite() && temperature > 0.0) {
-        return Err(Error::BadParameter {
-            name: "temperature",
-            value: format!("{temperature}"),
-            expected: "finite and > 0",
-        });
+        return Err(Error::bad_parameter("temperature", temperature, "finite and > 0"));
     }
     if k == 0 || k > len.max(1) {
-        return Err(Error::BadParameter {
-            name: "k",
-            value: format!("{k}"),
-            expected: "in [1, vocabulary]",
-        });
+        return Err(Error::bad_parameter("k", k, "in [1, vocabulary]"));
     }
     let (sl, want) = match source {
         GumbelSource::Counter { seeds, .. } => (seeds.len(), rows),
@@ -682,11 +664,7 @@ pub fn gumbel_max<T: Element>(
     }
     if let GumbelSource::Uniforms(u) = source {
         if let Some(&bad) = u.iter().find(|u| !(**u > 0.0 && **u < 1.0)) {
-            return Err(Error::BadParameter {
-                name: "uniform",
-                value: format!("{bad}"),
-                expected: "in the open interval (0, 1)",
-            });
+            return Err(Error::bad_parameter("uniform", bad, "in the open interval (0, 1)"));
         }
     }
     if tokens.len() != rows * k {

@@ -4,12 +4,31 @@
 //! not apply (every f64 row runs max; `Σ exp`; write).
 
 use crate::element::Element;
-use crate::forward::RowGeom;
-use crate::kernel::{self, Fwd, FwdOp};
+use crate::engine::RowGeom;
+use crate::engine::{self, Fwd, FwdOp};
 use crate::options::Options;
 use crate::par;
 
 const BLOCK: usize = 256;
+
+/// `ln Σ exp(v)` over `values` in f64: the max first, then a compensated sum of
+/// `exp(v − max)`. The special values of the crate's table: any NaN gives NaN; `+inf` (no
+/// NaN) gives `+inf`; an empty or all `-inf` set gives `-inf`. `values` is walked twice. The
+/// families' f64 row statistics (calibration, the f64 losses) all go through here; `sample`
+/// keeps its own sum order, which its exactness definition and its test reference share.
+pub(crate) fn lse(values: impl Iterator<Item = f64> + Clone) -> f64 {
+    let m = values
+        .clone()
+        .fold(f64::NEG_INFINITY, |m, v| if v > m || v.is_nan() { v } else { m });
+    if m.is_nan() || m.is_infinite() {
+        return m;
+    }
+    let mut s = Sum::default();
+    for v in values {
+        s.add((v - m).exp());
+    }
+    m + s.get().ln()
+}
 
 /// Neumaier-compensated running sum.
 #[derive(Default, Clone, Copy)]
@@ -61,8 +80,8 @@ fn stats(x: &[f64], k: f64) -> (f64, f64) {
     (m, s.get())
 }
 
-fn classify(x: &[f64]) -> kernel::Special {
-    kernel::classify(x)
+fn classify(x: &[f64]) -> engine::Special {
+    engine::classify(x)
 }
 
 /// One row of softmax / log-softmax.
@@ -72,7 +91,7 @@ pub(crate) fn row_fwd(f: &Fwd, k: f64, x: &[f64], y: &mut [f64]) {
     }
     let (m, d) = stats(x, k);
     if !(d.is_finite() && d > 0.0) {
-        let v = kernel::special_fill(classify(x), f.op, f.masked);
+        let v = engine::special_fill(classify(x), f.op, f.masked);
         y.iter_mut().for_each(|o| *o = v);
         return;
     }
@@ -107,7 +126,7 @@ pub(crate) fn row_lse(k: f64, x: &[f64]) -> f64 {
     if d.is_finite() && d > 0.0 {
         m * k + d.ln()
     } else {
-        kernel::special_lse(classify(x))
+        engine::special_lse(classify(x))
     }
 }
 

@@ -2,7 +2,7 @@
 //! need. `gemm` takes raw pointers and strides; this wrapper checks that every element each
 //! operand's shape and strides address lies inside its slice before handing the pointers on.
 
-use crate::options::Par;
+use crate::par::Par;
 
 /// A read-only strided matrix: element `(i, j)` at `data[i·rs + j·cs]`.
 #[derive(Clone, Copy)]

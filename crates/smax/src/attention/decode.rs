@@ -22,11 +22,7 @@ pub struct SplitK {
 impl SplitK {
     fn check(&self) -> Result<()> {
         if self.split_len == 0 {
-            return Err(Error::BadParameter {
-                name: "split_len",
-                value: "0".into(),
-                expected: ">= 1",
-            });
+            return Err(Error::bad_parameter("split_len", "0", ">= 1"));
         }
         Ok(())
     }
@@ -315,11 +311,7 @@ pub struct UnifiedStats {
 /// Errors: `coverage` outside `(0, 1]`, or no finite score.
 pub fn profile_unified_max(scores: &[f32], coverage: f64) -> Result<(f32, f32)> {
     if !(coverage > 0.0 && coverage <= 1.0) {
-        return Err(Error::BadParameter {
-            name: "coverage",
-            value: format!("{coverage}"),
-            expected: "in (0, 1]",
-        });
+        return Err(Error::bad_parameter("coverage", coverage, "in (0, 1]"));
     }
     let mut v: Vec<f32> = scores.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
@@ -365,11 +357,11 @@ pub fn attention_decode_unified<T: AttnElement>(
     let b_auto = (f32::MAX.ln() - (shape.kv_len.max(1) as f32).ln() - 1.0).max(0.0);
     let (a, b) = (um.a, um.b.unwrap_or(b_auto));
     if !um.phi.is_finite() || !a.is_finite() || !b.is_finite() || a >= b || b > f32::MAX.ln() {
-        return Err(Error::BadParameter {
-            name: "unified max (phi, a, b)",
-            value: format!("({}, {a}, {b})", um.phi),
-            expected: "finite, a < b <= ln(f32::MAX)",
-        });
+        return Err(Error::bad_parameter(
+            "unified max (phi, a, b)",
+            format!("({}, {a}, {b})", um.phi),
+            "finite, a < b <= ln(f32::MAX)",
+        ));
     }
     let mut own = Vec::new();
     let lse = lse_or_own(lse, &mut own, shape.lse_len())?;

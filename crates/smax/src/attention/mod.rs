@@ -170,11 +170,7 @@ impl AttentionShape {
 
     pub(crate) fn validate(&self) -> Result<()> {
         if self.head_dim == 0 {
-            return Err(Error::BadParameter {
-                name: "head_dim",
-                value: "0".into(),
-                expected: ">= 1",
-            });
+            return Err(Error::bad_parameter("head_dim", "0", ">= 1"));
         }
         if self.kv_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
             return Err(Error::Unsupported {
@@ -469,6 +465,17 @@ setters!(AttentionOptions<'a, V> {
 impl<'a> AttentionOptions<'a> {
     /// The same options with a variant's parameters.
     pub fn with_variant<W>(self, variant: W) -> AttentionOptions<'a, W> {
+        self.map_variant(variant)
+    }
+}
+
+impl<'a, V> AttentionOptions<'a, V> {
+    /// The options without the variant's parameters (what the shared validation reads).
+    pub(crate) fn base(&self) -> AttentionOptions<'a> {
+        self.map_variant(())
+    }
+
+    fn map_variant<W>(&self, variant: W) -> AttentionOptions<'a, W> {
         AttentionOptions {
             scale: self.scale,
             temperature: self.temperature,
@@ -481,25 +488,6 @@ impl<'a> AttentionOptions<'a> {
             tiles: self.tiles,
             exec: self.exec,
             variant,
-        }
-    }
-}
-
-impl<'a, V> AttentionOptions<'a, V> {
-    /// The options without the variant's parameters (what the shared validation reads).
-    pub(crate) fn base(&self) -> AttentionOptions<'a> {
-        AttentionOptions {
-            scale: self.scale,
-            temperature: self.temperature,
-            softcap: self.softcap,
-            causal: self.causal,
-            positions: self.positions,
-            window: self.window,
-            bias: self.bias,
-            keep: self.keep,
-            tiles: self.tiles,
-            exec: self.exec,
-            variant: (),
         }
     }
 }
@@ -661,29 +649,21 @@ fn check_score_tensor(what: &'static str, len: usize, st: ScoreStrides, s: &Atte
 pub(crate) fn scores<'a>(s: &AttentionShape, o: &AttentionOptions<'a>) -> Result<Scores<'a>> {
     let scale = o.scale.unwrap_or(1.0 / (s.head_dim.max(1) as f32).sqrt());
     if !scale.is_finite() {
-        return Err(Error::BadParameter {
-            name: "scale",
-            value: format!("{scale}"),
-            expected: "finite",
-        });
+        return Err(Error::bad_parameter("scale", scale, "finite"));
     }
     let t = o.temperature as f32;
     if !(o.temperature.is_finite() && o.temperature > 0.0 && t.is_finite() && t > 0.0 && (1.0 / t).is_finite()) {
-        return Err(Error::BadParameter {
-            name: "temperature",
-            value: format!("{t}"),
-            expected: "finite and > 0, with 1/temperature finite",
-        });
+        return Err(Error::bad_parameter(
+            "temperature",
+            t,
+            "finite and > 0, with 1/temperature finite",
+        ));
     }
     let cap = match o.softcap {
         None => 0.0,
         Some(c) if c.is_finite() && c > 0.0 => c,
         Some(c) => {
-            return Err(Error::BadParameter {
-                name: "softcap",
-                value: format!("{c}"),
-                expected: "finite and > 0",
-            });
+            return Err(Error::bad_parameter("softcap", c, "finite and > 0"));
         }
     };
     if let Some(b) = o.bias {

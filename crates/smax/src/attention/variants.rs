@@ -56,11 +56,11 @@ impl ClippedSoftmax {
     }
     fn validate(&self) -> Result<Clip> {
         if !(self.zeta.is_finite() && self.zeta >= 1.0 && self.gamma.is_finite() && self.gamma <= 0.0) {
-            return Err(Error::BadParameter {
-                name: "clipped softmax (zeta, gamma)",
-                value: format!("({}, {})", self.zeta, self.gamma),
-                expected: "finite, zeta >= 1 and gamma <= 0",
-            });
+            return Err(Error::bad_parameter(
+                "clipped softmax (zeta, gamma)",
+                format!("({}, {})", self.zeta, self.gamma),
+                "finite, zeta >= 1 and gamma <= 0",
+            ));
         }
         Ok(Clip {
             zeta: self.zeta,
@@ -381,11 +381,7 @@ pub fn attention_gate_backward(
 /// with π clipped to `[1e−16, 1 − 1e−16]`, as the authors' code. Errors: NaN.
 pub fn gate_bias_init(pi_init: f64) -> Result<f64> {
     if pi_init.is_nan() {
-        return Err(Error::BadParameter {
-            name: "pi_init",
-            value: "NaN".into(),
-            expected: "a probability in [0, 1]",
-        });
+        return Err(Error::bad_parameter("pi_init", "NaN", "a probability in [0, 1]"));
     }
     let p = pi_init.clamp(1e-16, 1.0 - 1e-16);
     Ok(-(1.0 / p - 1.0).ln())
@@ -462,20 +458,16 @@ pub fn attention_lssa<T: AttnElement>(
         });
     }
     if shape.head_dim < 2 {
-        return Err(Error::BadParameter {
-            name: "head_dim",
-            value: format!("{}", shape.head_dim),
-            expected: ">= 2 for softplus attention (ln d scales the cosines)",
-        });
+        return Err(Error::bad_parameter(
+            "head_dim",
+            shape.head_dim,
+            ">= 2 for softplus attention (ln d scales the cosines)",
+        ));
     }
     if let Some(p) = lssa.reweight
         && !(p.is_finite() && p > 0.0)
     {
-        return Err(Error::BadParameter {
-            name: "reweight power p",
-            value: format!("{p}"),
-            expected: "finite and > 0",
-        });
+        return Err(Error::bad_parameter("reweight power p", p, "finite and > 0"));
     }
     let mut cx = check(&shape, q, k, v, opts)?;
     check_out("out", out.len(), shape.out_len())?;
@@ -791,20 +783,16 @@ pub fn inline_attention<'a, T: AttnElement>(
     let vo = resolve("v", v, shape.batch, shape.kv_heads, kl, d)?;
     check_out("out", out.len(), shape.out_len())?;
     if kl == 0 {
-        return Err(Error::BadParameter {
-            name: "kv_len",
-            value: "0".into(),
-            expected: ">= 1 (InLine attention is undefined over zero keys)",
-        });
+        return Err(Error::bad_parameter(
+            "kv_len",
+            "0",
+            ">= 1 (InLine attention is undefined over zero keys)",
+        ));
     }
     if let InlineKernel::LeakyRelu(s) = kernel
         && !s.is_finite()
     {
-        return Err(Error::BadParameter {
-            name: "leaky relu slope",
-            value: format!("{s}"),
-            expected: "finite",
-        });
+        return Err(Error::bad_parameter("leaky relu slope", s, "finite"));
     }
     if let Some(l) = local {
         if ql != kl || l.prefix + l.height * l.width != kl {

@@ -10,11 +10,11 @@
 use crate::arch::rows::{self as k, Sub, Xform};
 use crate::arch::{Ahead, Isa, Task, inl_mut};
 use crate::element::Element;
-use crate::kernel::{Special, ahead, classify, regular, seg_online};
+use crate::engine::{Special, ahead, classify, regular, seg_online};
 
 use super::RowOut;
 
-pub(crate) const TILE: usize = crate::kernel::TILE;
+pub(crate) const TILE: usize = crate::engine::TILE;
 
 /// Rows up to this many elements prefetch the next row one row ahead in the gradient pass.
 const NEXT_ROW_PREFETCH_MAX: usize = 64 * 1024;
@@ -41,7 +41,7 @@ pub(crate) struct Ce<'a> {
     pub ignore_index: i64,
     pub need_lse: bool,
     /// Whether gradient writes bypass the cache (a gradient of at least
-    /// [`STREAM_MIN_BYTES`](crate::forward::STREAM_MIN_BYTES)); used by the pipelined path.
+    /// [`STREAM_MIN_BYTES`](crate::engine::STREAM_MIN_BYTES)); used by the pipelined path.
     pub stream: bool,
 }
 
@@ -68,11 +68,11 @@ fn plain_class_grad(c: &Ce<'_>, class_targets: bool, grad: bool) -> bool {
 
 /// Whether rows of `len` logits run the pipelined three-pass path ([`rows_three_pass_pipe`]):
 /// the options of [`pipelined`], rows of at least
-/// [`THREE_PASS_PIPE_MIN_LEN`](crate::kernel::THREE_PASS_PIPE_MIN_LEN) up to [`PIPE_MIN_LEN`],
+/// [`THREE_PASS_PIPE_MIN_LEN`](crate::engine::THREE_PASS_PIPE_MIN_LEN) up to [`PIPE_MIN_LEN`],
 /// and a streamed gradient. Bit for bit the unpipelined row, so the call's size may decide.
 pub(crate) fn three_pass_pipelined(c: &Ce<'_>, len: usize, class_targets: bool, grad: bool) -> bool {
     c.stream
-        && (crate::kernel::THREE_PASS_PIPE_MIN_LEN..=PIPE_MIN_LEN).contains(&len)
+        && (crate::engine::THREE_PASS_PIPE_MIN_LEN..=PIPE_MIN_LEN).contains(&len)
         && plain_class_grad(c, class_targets, grad)
 }
 
@@ -215,7 +215,7 @@ fn special_row<T: Element>(c: &Ce<'_>, sp: Special, g: Option<&mut [T]>) -> RowO
         Special::AllNegInf => (f64::INFINITY, f64::NEG_INFINITY, 0.0),
     };
     if let Some(g) = g {
-        crate::kernel::fill(g, gv);
+        crate::engine::fill(g, gv);
     }
     let z = if c.lambda > 0.0 { c.lambda * lse * lse } else { 0.0 };
     RowOut { loss, z, lse }
@@ -269,11 +269,11 @@ fn rows_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOut> {
         let next = (r + 1 < rows).then(|| row(r + 1));
         let mut fused = None;
         let o = if y == c.ignore_index {
-            crate::kernel::fill(gr, 0.0);
+            crate::engine::fill(gr, 0.0);
             let lse = match (c.need_lse, regular(st)) {
                 (false, _) => f64::NAN,
                 (true, true) => st.m as f64 * k64 + st.d.ln(),
-                (true, false) => crate::kernel::special_lse(classify(xr)),
+                (true, false) => crate::engine::special_lse(classify(xr)),
             };
             RowOut { loss: 0.0, z: 0.0, lse }
         } else if !regular(st) {
@@ -320,7 +320,7 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
     let (alpha, beta, y) = match tgt {
         Tgt::Class(y) if y == c.ignore_index => {
             if let Some(g) = g {
-                crate::kernel::fill(g, 0.0);
+                crate::engine::fill(g, 0.0);
             }
             let lse = if c.need_lse { lse_only(s, c, x, pf) } else { f64::NAN };
             return RowOut { loss: 0.0, z: 0.0, lse };
@@ -579,7 +579,7 @@ fn rows_three_pass_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOu
     let mut out = Vec::with_capacity(rows);
     let kf = c.xf.k;
     let row = |r: usize| &x[r * xs..r * xs + len];
-    crate::kernel::with_scratch(
+    crate::engine::with_scratch(
         len,
         #[inline(always)]
         |b| {
@@ -655,7 +655,7 @@ fn lse_only<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], pf: Ahead) -> f64 {
     if regular(k::Online { m, d }) {
         m as f64 + d.ln()
     } else {
-        crate::kernel::special_lse(classify(x))
+        crate::engine::special_lse(classify(x))
     }
 }
 
@@ -706,12 +706,12 @@ pub(crate) fn row_f64<T: Element>(c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Optio
     let (alpha, beta, y) = match tgt {
         Tgt::Class(y) if y == c.ignore_index => {
             if let Some(g) = g {
-                crate::kernel::fill(g, 0.0);
+                crate::engine::fill(g, 0.0);
             }
             let lse = if lse_reg {
                 m + d.ln()
             } else {
-                crate::kernel::special_lse(classify(x))
+                crate::engine::special_lse(classify(x))
             };
             return RowOut { loss: 0.0, z: 0.0, lse };
         }

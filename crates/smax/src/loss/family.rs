@@ -56,8 +56,12 @@ impl<P> LossOptions<P> {
 
     /// The shared settings without the parameters (what the row drivers read).
     fn common(&self) -> LossOptions {
+        self.map_params(())
+    }
+
+    fn map_params<Q>(&self, params: Q) -> LossOptions<Q> {
         LossOptions {
-            params: (),
+            params,
             reduction: self.reduction,
             ignore_index: self.ignore_index,
             all_ignored: self.all_ignored,
@@ -70,14 +74,7 @@ impl<P> LossOptions<P> {
 impl LossOptions {
     /// These settings with a loss's parameters.
     pub fn with_params<P>(self, params: P) -> LossOptions<P> {
-        LossOptions {
-            params,
-            reduction: self.reduction,
-            ignore_index: self.ignore_index,
-            all_ignored: self.all_ignored,
-            grad_scale: self.grad_scale,
-            exec: self.exec,
-        }
+        self.map_params(params)
     }
 }
 
@@ -171,33 +168,14 @@ fn rows_of<T>(v: &View<'_, T>, what: &'static str) -> Result<(usize, usize, usiz
 }
 
 fn check_targets(t: &[i64], rows: usize, classes: usize, ignore: impl Into<Option<i64>>) -> Result<()> {
-    let ignore = ignore.into();
-    if t.len() != rows {
-        return Err(Error::LengthMismatch {
-            what: "targets",
-            len: t.len(),
-            expected: rows,
-        });
-    }
-    if let Some((row, &target)) = t
-        .iter()
-        .enumerate()
-        .find(|(_, v)| Some(**v) != ignore && !(0..classes as i64).contains(*v))
-    {
-        return Err(Error::TargetOutOfRange { row, target, classes });
-    }
-    Ok(())
+    crate::check::targets(t, rows, classes, ignore.into())
 }
 
 fn param(name: &'static str, v: f64, ok: bool, expected: &'static str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::BadParameter {
-            name,
-            value: format!("{v}"),
-            expected,
-        })
+        Err(Error::bad_parameter(name, v, expected))
     }
 }
 
@@ -225,11 +203,7 @@ where
     param("grad_scale", o.grad_scale, o.grad_scale.is_finite(), "finite")?;
     let (rows, len, xs) = rows_of(&x, "logits")?;
     if len == 0 && rows > 0 {
-        return Err(Error::BadParameter {
-            name: "classes",
-            value: "0".into(),
-            expected: "at least one class per row",
-        });
+        return Err(Error::bad_parameter("classes", "0", "at least one class per row"));
     }
     if let Some(r) = &rows_out {
         if r.len() != rows {
@@ -358,30 +332,10 @@ fn fsum(it: impl IntoIterator<Item = f64>) -> f64 {
     s.get()
 }
 
-/// `(max, ln Σ exp(x − max))` of `x·k` over the entries `keep` accepts; `(-inf, -inf)` when
-/// none is finite-or-+inf (an empty or fully masked set).
+/// `ln Σ exp(x·k)` over the entries `keep` accepts, with the special values of
+/// `scalar64::lse` (`-inf` for an empty or fully masked set).
 fn lse_of(x: &[f64], k: f64, keep: impl Fn(usize) -> bool) -> f64 {
-    let m = x
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| keep(*i))
-        .fold(
-            f64::NEG_INFINITY,
-            |m, (_, &v)| if v * k > m || (v * k).is_nan() { v * k } else { m },
-        );
-    if m.is_nan() || m == f64::INFINITY {
-        return m;
-    }
-    if m == f64::NEG_INFINITY {
-        return m;
-    }
-    m + fsum(
-        x.iter()
-            .enumerate()
-            .filter(|(i, _)| keep(*i))
-            .map(|(_, &v)| (v * k - m).exp()),
-    )
-    .ln()
+    crate::scalar64::lse(x.iter().enumerate().filter(|(i, _)| keep(*i)).map(|(_, &v)| v * k))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1014,11 +968,11 @@ pub fn novel_class_prototype(examples: &[f64], dim: usize, s: f64) -> Result<Vec
     }
     let nrm = fsum(mean.iter().map(|a| a * a)).sqrt();
     if !(nrm > 0.0 && nrm.is_finite()) {
-        return Err(Error::BadParameter {
-            name: "examples",
-            value: format!("mean norm {nrm}"),
-            expected: "examples whose mean embedding is not zero",
-        });
+        return Err(Error::bad_parameter(
+            "examples",
+            format!("mean norm {nrm}"),
+            "examples whose mean embedding is not zero",
+        ));
     }
     Ok(mean.iter().map(|v| v / nrm).collect())
 }
@@ -1114,11 +1068,11 @@ pub fn uskd_loss<T: Element>(
     let (_, _, ws) = rows_of(&weak, "weak")?;
     student.layout.check_same("weak", &weak.layout)?;
     if c < 2 && b > 0 {
-        return Err(Error::BadParameter {
-            name: "classes",
-            value: format!("{c}"),
-            expected: "at least 2 classes (USKD ranks the non-target classes)",
-        });
+        return Err(Error::bad_parameter(
+            "classes",
+            c,
+            "at least 2 classes (USKD ranks the non-target classes)",
+        ));
     }
     check_targets(targets, b, c, None)?;
     let mut outs = [dstudent, dweak];

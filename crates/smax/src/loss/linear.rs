@@ -223,7 +223,6 @@ pub fn linear_cross_entropy(
     scratch: Option<&mut LinearCeScratch>,
     opts: &LinearCrossEntropyOptions,
 ) -> Result<LossReport> {
-    let LinearShape { n, d, v } = shape;
     check(shape, &inp, &grads, &rows_out, opts)?;
     let mut own;
     let scratch = match scratch {
@@ -245,47 +244,167 @@ pub fn linear_cross_entropy(
             shape: format!("{} x {}", tiles.tokens, tiles.vocab),
         });
     }
-    scratch.fit(n, tiles);
+    scratch.fit(shape.n, tiles);
     let LinearCeScratch { tile, tok } = scratch;
-    let tok = &mut tok[..n];
+    let tok = &mut tok[..shape.n];
     tok.fill(TOK0);
-    let (bn, bv) = (tiles.tokens, tiles.vocab);
-    let level = SimdLevel::resolve(opts.exec.simd);
-    let cap64 = opts.softcap.unwrap_or(0.0);
-    let xf = Xform {
-        k: 1.0,
-        cap: cap64 as f32,
+    let sw = Sweep {
+        shape,
+        inp: &inp,
+        bn: tiles.tokens,
+        bv: tiles.vocab,
+        level: SimdLevel::resolve(opts.exec.simd),
+        xf: Xform {
+            k: 1.0,
+            cap: opts.softcap.unwrap_or(0.0) as f32,
+        },
+        par: opts.exec.par,
     };
-    let smooth = opts.label_smoothing != 0.0;
-    let y = inp.targets;
+    sw.forward(tile, tok, opts.label_smoothing != 0.0);
+    let (result, scale) = token_losses(tok, inp.targets, shape.v, rows_out, opts);
+    sw.backward(tile, tok, grads, scale, opts);
+    Ok(result)
+}
 
-    // Forward sweep: token tiles × vocabulary tiles.
-    for i0 in (0..n).step_by(bn) {
-        let nb = bn.min(n - i0);
-        for j0 in (0..v).step_by(bv) {
-            let vb = bv.min(v - j0);
-            let t = &mut tile[..nb * vb];
-            logits_tile(t, &inp, d, i0, nb, j0, vb, opts.exec.par);
-            let bias = inp.bias.map(|b| &b[j0..j0 + vb]);
-            rows_par(opts.exec.par, t, vb, &mut tok[i0..i0 + nb], |r0, tr, st| {
-                dispatch(
-                    level,
-                    TileFwd {
-                        t: tr,
-                        vb,
-                        bias,
-                        xf,
-                        st,
-                        y: &y[i0 + r0..],
-                        j0,
-                        smooth,
-                    },
-                )
-            });
+/// What both sweeps over the `tokens x vocab` tiles share.
+struct Sweep<'a, 'i> {
+    shape: LinearShape,
+    inp: &'a LinearInputs<'i>,
+    bn: usize,
+    bv: usize,
+    level: SimdLevel,
+    xf: Xform,
+    par: Par,
+}
+
+impl Sweep<'_, '_> {
+    /// Forward sweep, token tiles × vocabulary tiles: each tile's statistics merge into the
+    /// per-token states in vocabulary order.
+    fn forward(&self, tile: &mut [f32], tok: &mut [Tok], smooth: bool) {
+        let LinearShape { n, d, v } = self.shape;
+        let (bn, bv, y) = (self.bn, self.bv, self.inp.targets);
+        for i0 in (0..n).step_by(bn) {
+            let nb = bn.min(n - i0);
+            for j0 in (0..v).step_by(bv) {
+                let vb = bv.min(v - j0);
+                let t = &mut tile[..nb * vb];
+                logits_tile(t, self.inp, d, i0, nb, j0, vb, self.par);
+                let bias = self.inp.bias.map(|b| &b[j0..j0 + vb]);
+                rows_par(self.par, t, vb, &mut tok[i0..i0 + nb], |r0, tr, st| {
+                    dispatch(
+                        self.level,
+                        TileFwd {
+                            t: tr,
+                            vb,
+                            bias,
+                            xf: self.xf,
+                            st,
+                            y: &y[i0 + r0..],
+                            j0,
+                            smooth,
+                        },
+                    )
+                });
+            }
         }
     }
 
-    // Per-token loss and the reduction.
+    /// Backward sweep, vocabulary tiles × token tiles: each tile is recomputed, turned into the
+    /// logit gradient in place, and accumulated into the asked-for gradients.
+    fn backward(
+        &self,
+        tile: &mut [f32],
+        tok: &[Tok],
+        grads: LinearGrads<'_>,
+        scale: f64,
+        opts: &LinearCrossEntropyOptions,
+    ) {
+        let LinearShape { n, d, v } = self.shape;
+        let (bn, bv, y, inp) = (self.bn, self.bv, self.inp.targets, self.inp);
+        let LinearGrads {
+            mut dh,
+            mut dw,
+            mut dbias,
+        } = grads;
+        if dh.is_none() && dw.is_none() && dbias.is_none() {
+            return;
+        }
+        for g in [dh.as_deref_mut(), dw.as_deref_mut(), dbias.as_deref_mut()]
+            .into_iter()
+            .flatten()
+        {
+            g.fill(0.0);
+        }
+        let eps = opts.label_smoothing;
+        let (alpha, beta) = (1.0 - eps, eps / v as f64);
+        let gc = GradConsts {
+            xf: self.xf,
+            cap64: opts.softcap.unwrap_or(0.0),
+            scale,
+            z_scale: scale,
+            lambda: opts.z_loss,
+            alpha,
+            beta,
+            big_u: alpha + beta * v as f64,
+            ignore: opts.ignore_index,
+        };
+        for j0 in (0..v).step_by(bv) {
+            let vb = bv.min(v - j0);
+            for i0 in (0..n).step_by(bn) {
+                let nb = bn.min(n - i0);
+                let t = &mut tile[..nb * vb];
+                logits_tile(t, inp, d, i0, nb, j0, vb, self.par);
+                let bias = inp.bias.map(|b| &b[j0..j0 + vb]);
+                let maxg: f32 = rows_par_max(self.par, t, vb, &tok[i0..i0 + nb], |r0, tr, st| {
+                    dispatch(
+                        self.level,
+                        TileBwd {
+                            t: tr,
+                            vb,
+                            bias,
+                            st,
+                            y: &y[i0 + r0..],
+                            j0,
+                            c: gc,
+                        },
+                    )
+                });
+                if let Some(db) = dbias.as_deref_mut() {
+                    let db = &mut db[j0..j0 + vb];
+                    for r in t.chunks(vb) {
+                        for (o, &g) in db.iter_mut().zip(r) {
+                            *o += g;
+                        }
+                    }
+                }
+                if let Some(f) = opts.filter {
+                    if maxg < f * scale as f32 {
+                        continue;
+                    }
+                }
+                let g = MatRef::row_major(t, nb, vb);
+                if let Some(dh) = dh.as_deref_mut() {
+                    let wj = MatRef::row_major(&inp.w[j0 * d..(j0 + vb) * d], vb, d);
+                    matmul(&mut dh[i0 * d..(i0 + nb) * d], d, g, wj, true, self.par);
+                }
+                if let Some(dw) = dw.as_deref_mut() {
+                    let hi = MatRef::row_major(&inp.h[i0 * d..(i0 + nb) * d], nb, d);
+                    matmul(&mut dw[j0 * d..(j0 + vb) * d], d, g.t(), hi, true, self.par);
+                }
+            }
+        }
+    }
+}
+
+/// Per-token lse and loss from the merged states (row order), the per-row outputs, and the
+/// reduction; also returns the gradient scale of the reduction.
+fn token_losses(
+    tok: &mut [Tok],
+    y: &[i64],
+    v: usize,
+    rows_out: RowOutputs<'_>,
+    opts: &LinearCrossEntropyOptions,
+) -> (LossReport, f64) {
     let valid_rows = y.iter().filter(|&&t| t != opts.ignore_index).count();
     let den = if opts.reduction == Reduction::Mean {
         valid_rows as f64
@@ -293,6 +412,7 @@ pub fn linear_cross_entropy(
         1.0
     };
     let scale = if den > 0.0 { opts.grad_scale / den } else { 0.0 };
+    let smooth = opts.label_smoothing != 0.0;
     let eps = opts.label_smoothing;
     let alpha = 1.0 - eps;
     let beta = eps / v as f64;
@@ -346,86 +466,14 @@ pub fn linear_cross_entropy(
         },
         _ => (lsum, zsum),
     };
-    let result = LossReport {
+    let report = LossReport {
         loss,
         z_loss,
         valid_rows,
         denominator: den,
         flagged_rows: 0,
     };
-
-    // Backward sweep: vocabulary tiles × token tiles.
-    let LinearGrads {
-        mut dh,
-        mut dw,
-        mut dbias,
-    } = grads;
-    if dh.is_none() && dw.is_none() && dbias.is_none() {
-        return Ok(result);
-    }
-    for g in [dh.as_deref_mut(), dw.as_deref_mut(), dbias.as_deref_mut()]
-        .into_iter()
-        .flatten()
-    {
-        g.fill(0.0);
-    }
-    let gc = GradConsts {
-        xf,
-        cap64,
-        scale,
-        z_scale: scale,
-        lambda: opts.z_loss,
-        alpha,
-        beta,
-        big_u: alpha + beta * v as f64,
-        ignore: opts.ignore_index,
-    };
-    for j0 in (0..v).step_by(bv) {
-        let vb = bv.min(v - j0);
-        for i0 in (0..n).step_by(bn) {
-            let nb = bn.min(n - i0);
-            let t = &mut tile[..nb * vb];
-            logits_tile(t, &inp, d, i0, nb, j0, vb, opts.exec.par);
-            let bias = inp.bias.map(|b| &b[j0..j0 + vb]);
-            let maxg: f32 = rows_par_max(opts.exec.par, t, vb, &tok[i0..i0 + nb], |r0, tr, st| {
-                dispatch(
-                    level,
-                    TileBwd {
-                        t: tr,
-                        vb,
-                        bias,
-                        st,
-                        y: &y[i0 + r0..],
-                        j0,
-                        c: gc,
-                    },
-                )
-            });
-            if let Some(db) = dbias.as_deref_mut() {
-                let db = &mut db[j0..j0 + vb];
-                for r in t.chunks(vb) {
-                    for (o, &g) in db.iter_mut().zip(r) {
-                        *o += g;
-                    }
-                }
-            }
-            if let Some(f) = opts.filter {
-                if maxg < f * scale as f32 {
-                    continue;
-                }
-            }
-            let g = MatRef::row_major(t, nb, vb);
-            if let Some(dh) = dh.as_deref_mut() {
-                let wj = MatRef::row_major(&inp.w[j0 * d..(j0 + vb) * d], vb, d);
-                matmul(&mut dh[i0 * d..(i0 + nb) * d], d, g, wj, true, opts.exec.par);
-            }
-            if let Some(dw) = dw.as_deref_mut() {
-                let hi = MatRef::row_major(&inp.h[i0 * d..(i0 + nb) * d], nb, d);
-                matmul(&mut dw[j0 * d..(j0 + vb) * d], d, g.t(), hi, true, opts.exec.par);
-            }
-        }
-    }
-    Ok(result)
+    (report, scale)
 }
 
 fn check(
@@ -444,11 +492,11 @@ fn check(
     };
     let (nd, vd) = (prod(n, d, "h")?, prod(v, d, "w")?);
     if d == 0 || v == 0 {
-        return Err(Error::BadParameter {
-            name: if d == 0 { "d" } else { "v" },
-            value: "0".into(),
-            expected: "at least 1 (a hidden size and a vocabulary)",
-        });
+        return Err(Error::bad_parameter(
+            if d == 0 { "d" } else { "v" },
+            "0",
+            "at least 1 (a hidden size and a vocabulary)",
+        ));
     }
     let len = |what, got: usize, want: usize| {
         if got == want {
@@ -463,7 +511,7 @@ fn check(
     };
     len("h", inp.h.len(), nd)?;
     len("w", inp.w.len(), vd)?;
-    len("targets", inp.targets.len(), n)?;
+    crate::check::targets(inp.targets, n, v, Some(o.ignore_index))?;
     if let Some(b) = inp.bias {
         len("bias", b.len(), v)?;
     }
@@ -487,19 +535,7 @@ fn check(
             }
         }
     }
-    if let Some((row, &target)) = inp
-        .targets
-        .iter()
-        .enumerate()
-        .find(|(_, t)| **t != o.ignore_index && !(0..v as i64).contains(*t))
-    {
-        return Err(Error::TargetOutOfRange {
-            row,
-            target,
-            classes: v,
-        });
-    }
-    let bad = |name, value: String, expected| Err(Error::BadParameter { name, value, expected });
+    let bad = |name, value: String, expected| Err(Error::bad_parameter(name, value, expected));
     if o.tiles.tokens == 0 || o.tiles.vocab == 0 {
         return bad("tiles", format!("{:?}", o.tiles), "tokens >= 1 and vocab >= 1");
     }

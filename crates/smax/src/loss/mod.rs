@@ -139,13 +139,7 @@ setters!(CrossEntropyOptions<'w> {
 
 impl CrossEntropyOptions<'_> {
     fn check(&self) -> Result<()> {
-        let bad = |name, value: f64, expected| {
-            Err(Error::BadParameter {
-                name,
-                value: format!("{value}"),
-                expected,
-            })
-        };
+        let bad = |name, value: f64, expected| Err(Error::bad_parameter(name, value, expected));
         if !(self.temperature.is_finite() && self.temperature > 0.0 && (1.0 / self.temperature) as f32 > 0.0) {
             return bad("temperature", self.temperature, "finite and > 0");
         }
@@ -251,11 +245,30 @@ pub fn cross_entropy<T: Element>(
     rows_out: RowOutputs<'_>,
     opts: &CrossEntropyOptions<'_>,
 ) -> Result<LossReport> {
-    // Through the instance compiled in this crate (see `crate::mono`).
-    (T::kernels().cross_entropy)(logits, targets, grad, rows_out, opts)
+    // Through the instance compiled in this crate (see `crate::element::per_type`).
+    (crate::element::per_type::<CeKernel<T>>([&CE_F32, &CE_F64, &CE_F16, &CE_BF16]).0)(
+        logits, targets, grad, rows_out, opts,
+    )
 }
 
-/// The body of [`cross_entropy`].
+/// [`cross_entropy_impl`] instantiated for one element type.
+#[allow(clippy::type_complexity)]
+struct CeKernel<T: 'static>(
+    fn(
+        View<'_, T>,
+        Targets<'_, T>,
+        Option<ViewMut<'_, T>>,
+        RowOutputs<'_>,
+        &CrossEntropyOptions<'_>,
+    ) -> Result<LossReport>,
+);
+
+static CE_F32: CeKernel<f32> = CeKernel(cross_entropy_impl::<f32>);
+static CE_F64: CeKernel<f64> = CeKernel(cross_entropy_impl::<f64>);
+static CE_F16: CeKernel<half::f16> = CeKernel(cross_entropy_impl::<half::f16>);
+static CE_BF16: CeKernel<half::bf16> = CeKernel(cross_entropy_impl::<half::bf16>);
+
+/// The body of [`cross_entropy`], instantiated once per element type in this crate.
 pub(crate) fn cross_entropy_impl<T: Element>(
     logits: View<'_, T>,
     targets: Targets<'_, T>,
@@ -263,18 +276,36 @@ pub(crate) fn cross_entropy_impl<T: Element>(
     rows_out: RowOutputs<'_>,
     opts: &CrossEntropyOptions<'_>,
 ) -> Result<LossReport> {
+    let v = validate(&logits, targets, grad, &rows_out, opts)?;
+    let plan = plan(&v, rows_out.lse.is_some(), opts);
+    let results = run(&logits, v, &plan, opts);
+    Ok(reduce(&results, rows_out, &plan, opts))
+}
+
+/// What [`validate`] checked: the geometry and the borrowed targets and gradient.
+struct Checked<'a, T> {
+    rows: usize,
+    len: usize,
+    xs: usize,
+    classes: Option<&'a [i64]>,
+    probs: Option<(&'a [T], usize)>,
+    grad: Option<(&'a mut [T], usize)>,
+}
+
+fn validate<'a, T: Element>(
+    x: &View<'_, T>,
+    targets: Targets<'a, T>,
+    grad: Option<ViewMut<'a, T>>,
+    rows_out: &RowOutputs<'_>,
+    opts: &CrossEntropyOptions<'_>,
+) -> Result<Checked<'a, T>> {
     opts.check()?;
-    let x = logits;
     let (rows, len, xs) = x.row_geometry(
         "logits",
         "cross-entropy takes row layouts (classes along the last axis, or an axis layout with inner = 1)",
     )?;
     if len == 0 && rows > 0 {
-        return Err(Error::BadParameter {
-            name: "classes",
-            value: "0".into(),
-            expected: "at least one class per row",
-        });
+        return Err(Error::bad_parameter("classes", "0", "at least one class per row"));
     }
     if let Some(w) = opts.class_weights {
         if w.len() != len {
@@ -287,24 +318,7 @@ pub(crate) fn cross_entropy_impl<T: Element>(
     }
     let (classes, probs) = match targets {
         Targets::Classes(c) => {
-            if c.len() != rows {
-                return Err(Error::LengthMismatch {
-                    what: "targets",
-                    len: c.len(),
-                    expected: rows,
-                });
-            }
-            if let Some((row, &target)) = c
-                .iter()
-                .enumerate()
-                .find(|(_, t)| **t != opts.ignore_index && !(0..len as i64).contains(*t))
-            {
-                return Err(Error::TargetOutOfRange {
-                    row,
-                    target,
-                    classes: len,
-                });
-            }
+            crate::check::targets(c, rows, len, Some(opts.ignore_index))?;
             (Some(c), None)
         }
         Targets::Probs(q) => {
@@ -336,13 +350,32 @@ pub(crate) fn cross_entropy_impl<T: Element>(
             }
         }
     }
+    Ok(Checked {
+        rows,
+        len,
+        xs,
+        classes,
+        probs,
+        grad,
+    })
+}
 
+/// The reduction's denominators and the row kernel's constants.
+struct Plan<'w> {
+    valid_rows: usize,
+    denominator: f64,
+    z_den: f64,
+    c: ce::Ce<'w>,
+}
+
+fn plan<'w, T>(v: &Checked<'_, T>, need_lse: bool, opts: &CrossEntropyOptions<'w>) -> Plan<'w> {
+    let (rows, len) = (v.rows, v.len);
     // Denominators (row order, f64).
-    let valid_rows = match classes {
+    let valid_rows = match v.classes {
         Some(c) => c.iter().filter(|&&t| t != opts.ignore_index).count(),
         None => rows,
     };
-    let mean_den = match (classes, opts.class_weights) {
+    let mean_den = match (v.classes, opts.class_weights) {
         (Some(c), Some(w)) => c
             .iter()
             .filter(|&&t| t != opts.ignore_index)
@@ -374,14 +407,39 @@ pub(crate) fn cross_entropy_impl<T: Element>(
         weights: opts.class_weights,
         wsum,
         classes: len as f64,
-        row_stride: xs.max(1),
+        row_stride: v.xs.max(1),
         ignore_index: opts.ignore_index,
-        need_lse: rows_out.lse.is_some(),
-        stream: grad
+        need_lse,
+        stream: v
+            .grad
             .as_ref()
-            .is_some_and(|g| core::mem::size_of_val(&*g.0) >= crate::forward::STREAM_MIN_BYTES),
+            .is_some_and(|g| core::mem::size_of_val(&*g.0) >= crate::engine::STREAM_MIN_BYTES),
     };
+    Plan {
+        valid_rows,
+        denominator,
+        z_den,
+        c,
+    }
+}
 
+/// Splits the rows into tasks (fixed by shape, never by thread count) and runs the row kernel
+/// on each; results come back in row order.
+fn run<T: Element>(
+    x: &View<'_, T>,
+    v: Checked<'_, T>,
+    plan: &Plan<'_>,
+    opts: &CrossEntropyOptions<'_>,
+) -> Vec<Vec<RowOut>> {
+    let Checked {
+        rows,
+        len,
+        xs,
+        classes,
+        probs,
+        grad,
+    } = v;
+    let c = plan.c;
     let level = SimdLevel::resolve(opts.exec.simd);
     let gstride = grad.as_ref().map_or(0, |g| g.1);
     let items: Vec<(usize, usize, Option<&mut [T]>)> = match grad {
@@ -404,7 +462,7 @@ pub(crate) fn cross_entropy_impl<T: Element>(
                 .collect()
         }
     };
-    let results: Vec<Vec<RowOut>> = par::map(opts.exec.par, items, |(r0, n, g)| {
+    par::map(opts.exec.par, items, |(r0, n, g)| {
         dispatch(
             level,
             ce::CeRows {
@@ -418,8 +476,17 @@ pub(crate) fn cross_entropy_impl<T: Element>(
                 rows: n,
             },
         )
-    });
+    })
+}
 
+/// Sums the rows in row order, fills the per-row outputs and applies the reduction.
+fn reduce(
+    results: &[Vec<RowOut>],
+    rows_out: RowOutputs<'_>,
+    plan: &Plan<'_>,
+    opts: &CrossEntropyOptions<'_>,
+) -> LossReport {
+    let (denominator, z_den) = (plan.denominator, plan.z_den);
     let RowOutputs {
         mut loss,
         mut z_loss,
@@ -447,11 +514,11 @@ pub(crate) fn cross_entropy_impl<T: Element>(
         },
         _ => (lsum, zsum),
     };
-    Ok(LossReport {
+    LossReport {
         loss,
         z_loss,
-        valid_rows,
+        valid_rows: plan.valid_rows,
         denominator,
         flagged_rows: 0,
-    })
+    }
 }

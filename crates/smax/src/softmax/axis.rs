@@ -5,8 +5,8 @@
 
 use crate::arch::{Isa, Task, cols, dispatch};
 use crate::element::{Element, Repr};
-use crate::forward::Plan;
-use crate::kernel::{self, Fwd, FwdOp};
+use crate::engine::Plan;
+use crate::engine::{self, Fwd, FwdOp};
 use crate::options::Options;
 use crate::par;
 use crate::scalar64;
@@ -96,7 +96,7 @@ impl<T: Element> Task for ColsFwd<'_, T> {
         let mut any_special = false;
         for j in 0..w {
             let st = crate::arch::rows::Online { m: m[j], d: a64[j] };
-            if kernel::regular(st) {
+            if engine::regular(st) {
                 c[j] = match f.op {
                     FwdOp::Softmax => (1.0 / a64[j]) as f32,
                     FwdOp::LogSoftmax => a64[j].ln() as f32,
@@ -108,7 +108,7 @@ impl<T: Element> Task for ColsFwd<'_, T> {
                         None => pieces[kx][j],
                     })
                     .collect();
-                special[j] = Some(kernel::special_fill(kernel::classify(&col), f.op, f.masked));
+                special[j] = Some(engine::special_fill(engine::classify(&col), f.op, f.masked));
                 any_special = true;
                 m[j] = 0.0;
                 c[j] = 0.0;
@@ -177,11 +177,11 @@ impl<T: Element> Task for ColsLse<'_, T> {
         }
         for j in 0..w {
             let st = crate::arch::rows::Online { m: m[j], d: a64[j] };
-            let v = if kernel::regular(st) {
+            let v = if engine::regular(st) {
                 m[j] as f64 * k64 + a64[j].ln()
             } else {
                 let col: Vec<T> = (0..axis).map(|kx| x[kx * inner + j0 + j]).collect();
-                kernel::special_lse(kernel::classify(&col))
+                engine::special_lse(engine::classify(&col))
             };
             out[j] = T::from_f64(v);
         }

@@ -4,13 +4,13 @@
 //! * log-softmax: `dx = (1/τ) · (dy − exp(y) · Σ_j dy_j)`; a row whose `y` is all `-inf`
 //!   (a fully masked row under [`MaskedRow::Zero`](crate::MaskedRow::Zero)) gets `dx = 0`.
 
+use super::axis;
 use crate::arch::rows::{self as k};
 use crate::arch::{Ahead, Isa, SimdLevel, Task, dispatch, inl};
-use crate::axis;
 use crate::element::{Element, Repr};
+use crate::engine::{RowGeom, plan};
+use crate::engine::{TILE, ahead};
 use crate::error::{Error, Result};
-use crate::forward::{RowGeom, plan};
-use crate::kernel::{TILE, ahead};
 use crate::layout::{Kind, View, ViewMut};
 use crate::options::Options;
 use crate::par::{self, CHUNK};
@@ -237,7 +237,7 @@ fn rows_bwd<T: Element>(
     }
     // A large gradient with a separate upstream gradient is written with streaming stores, as
     // the forward output is (it cannot stay in cache anyway).
-    let stream = dy.is_some() && rows * len * core::mem::size_of::<T>() >= crate::forward::STREAM_MIN_BYTES;
+    let stream = dy.is_some() && rows * len * core::mem::size_of::<T>() >= crate::engine::STREAM_MIN_BYTES;
     if len <= CHUNK {
         let items = par::row_groups(dx, rows, len, ys);
         par::for_each(opts.exec.par, items, |_, (r0, cnt, dg)| {
@@ -303,19 +303,8 @@ fn rows_bwd<T: Element>(
     }
 }
 
-/// Validates and runs a backward op. `dy = None`: in place (the gradient is read from `dx`).
-/// Runs the compiled instance for `T` (see [`crate::mono`]).
-pub(crate) fn backward<T: Element>(
-    log: bool,
-    y: View<'_, T>,
-    dy: Option<View<'_, T>>,
-    dx: ViewMut<'_, T>,
-    opts: &Options,
-) -> Result<()> {
-    (T::kernels().backward)(log, y, dy, dx, opts)
-}
-
-/// The body of [`backward`].
+/// The softmax and log-softmax backward passes (validate, plan, split, dispatch), instantiated
+/// once per element type by the family's kernel table.
 pub(crate) fn backward_impl<T: Element>(
     log: bool,
     y: View<'_, T>,
@@ -324,14 +313,11 @@ pub(crate) fn backward_impl<T: Element>(
     opts: &Options,
 ) -> Result<()> {
     let p = plan::<T>(opts)?;
-    let y = y.named("y")?;
-    dx.layout.validate("dx", dx.data.len())?;
     y.layout.check_same("dx", &dx.layout)?;
     if let Some(d) = &dy {
-        d.layout.validate("dy", d.data.len())?;
         y.layout.check_same("dy", &d.layout)?;
     }
-    let geom = crate::forward::row_geom(&y.layout, &dx.layout);
+    let geom = crate::engine::row_geom(&y.layout, &dx.layout);
     if let Some(g) = geom {
         let gs = match &dy {
             Some(d) => d.layout.row_stride().unwrap_or(g.ys),

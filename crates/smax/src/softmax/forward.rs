@@ -1,60 +1,22 @@
 //! Drivers for the forward normalisers: validation, work splitting, dispatch.
 
+use super::axis;
 use crate::arch::rows::Online;
 use crate::arch::{SimdLevel, dispatch};
-use crate::axis;
 use crate::element::{Element, Repr};
+use crate::engine::{
+    self, Fwd, FwdOp, Io, Plan, RowGeom, RowsFwd, RowsLse, STREAM_MIN_BYTES, Seg, SegOut, plan, row_geom,
+};
 use crate::error::{Error, Result};
-use crate::kernel::{self, Fwd, FwdOp, Io, RowsFwd, RowsLse, Seg, SegOut};
-use crate::layout::{Kind, Layout, View, ViewMut};
+use crate::layout::{Kind, View, ViewMut};
 use crate::options::{Algorithm, Options};
 use crate::par::{self, CHUNK};
 use crate::scalar64;
-
-/// Calls whose output is at least this large write it with non-temporal stores (where the ISA
-/// has them): the output cannot stay in cache anyway, and streaming saves the
-/// read-for-ownership of every output line.
-pub(crate) const STREAM_MIN_BYTES: usize = 32 << 20;
 
 /// Calls with at least this many long rows pipeline them in groups of consecutive rows, one
 /// thread per group, instead of one row at a time with its chunks spread over threads: no
 /// barrier per row (PERF.md, "The pipelined three-pass").
 const LONG_ROWS_GROUPED_MIN: usize = 32;
-
-pub(crate) struct Plan {
-    pub level: SimdLevel,
-    pub k: f32,
-    pub k64: f64,
-}
-
-pub(crate) fn plan<T: Element>(opts: &Options) -> Result<Plan> {
-    let (k, k64) = opts.inv_temperature(T::REPR != Repr::F64)?;
-    Ok(Plan {
-        level: SimdLevel::resolve(opts.exec.simd),
-        k,
-        k64,
-    })
-}
-
-/// Row geometry after validation: rows of `len`, input stride `xs`, output stride `ys`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct RowGeom {
-    pub rows: usize,
-    pub len: usize,
-    pub xs: usize,
-    pub ys: usize,
-}
-
-/// The row geometry of two layouts of the same shape, when both are plain rows (axis
-/// layouts with `inner = 1` included).
-pub(crate) fn row_geom(x: &Layout, y: &Layout) -> Option<RowGeom> {
-    Some(RowGeom {
-        rows: x.row_count(),
-        len: x.row_len(),
-        xs: x.row_stride()?,
-        ys: y.row_stride()?,
-    })
-}
 
 fn fwd_params(op: FwdOp, p: &Plan, opts: &Options, len: usize, out_bytes: usize) -> Fwd {
     Fwd {
@@ -114,7 +76,7 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
         let mut st = long_row_stats(level, opts, Algorithm::Online, row(0), f.k);
         for r in 0..rows {
             let yr = &mut y[r * ys..r * ys + len];
-            if r + 1 == rows || !kernel::regular(st) {
+            if r + 1 == rows || !engine::regular(st) {
                 long_row_write(f, level, opts, Some(row(r)), yr, st);
                 if r + 1 < rows {
                     st = long_row_stats(level, opts, Algorithm::Online, row(r + 1), f.k);
@@ -129,7 +91,7 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
             let outs = par::map(opts.exec.par, items, |((a, b), n)| {
                 dispatch(level, Seg::WriteNext(f, a, b, st, n))
             });
-            st = kernel::merge_online(&outs, f.k);
+            st = engine::merge_online(&outs, f.k);
         }
         return;
     }
@@ -184,15 +146,15 @@ fn long_row_stats<T: Element>(level: SimdLevel, opts: &Options, alg: Algorithm, 
                     e.merge(v);
                 }
             }
-            if kernel::ext_usable(&e, k) {
-                kernel::ext_to_online(&e, k)
+            if engine::ext_usable(&e, k) {
+                engine::ext_to_online(&e, k)
             } else {
                 long_row_stats(level, opts, Algorithm::Online, x, k)
             }
         }
         _ => {
             let os = par::map(opts.exec.par, chunks, |c| dispatch(level, Seg::Online(c, k)));
-            kernel::merge_online(&os, k)
+            engine::merge_online(&os, k)
         }
     }
 }
@@ -217,7 +179,7 @@ fn long_row_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, x: Option<
                 .map(|o| if let SegOut::Sum(v) = o { v } else { 0.0 })
                 .sum();
             let st = Online { m, d };
-            if kernel::regular(st) {
+            if engine::regular(st) {
                 let c = (1.0 / d) as f32;
                 par::for_each(opts.exec.par, y.chunks_mut(CHUNK).collect(), |_, c2| {
                     dispatch(level, Seg::Scale(c2, c));
@@ -225,8 +187,8 @@ fn long_row_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, x: Option<
                 return;
             }
         }
-        let sp = kernel::classify::<T>(x.unwrap_or(y));
-        kernel::fill(y, kernel::special_fill(sp, f.op, f.masked));
+        let sp = engine::classify::<T>(x.unwrap_or(y));
+        engine::fill(y, engine::special_fill(sp, f.op, f.masked));
         return;
     }
     let st = long_row_stats(level, opts, alg, xr, f.k);
@@ -235,23 +197,18 @@ fn long_row_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, x: Option<
 
 /// The write pass of a long row from its statistics (or the fill of a special row).
 fn long_row_write<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, x: Option<&[T]>, y: &mut [T], st: Online) {
-    if kernel::regular(st) {
+    if engine::regular(st) {
         par::for_each(opts.exec.par, chunks_io(x, y), |_, io| {
             dispatch(level, Seg::Write(f, io, st));
         });
     } else {
-        let sp = kernel::classify::<T>(x.unwrap_or(y));
-        kernel::fill(y, kernel::special_fill(sp, f.op, f.masked));
+        let sp = engine::classify::<T>(x.unwrap_or(y));
+        engine::fill(y, engine::special_fill(sp, f.op, f.masked));
     }
 }
 
-/// Validates and runs a forward op into `y` (or in place when `x` is `None`), through the
-/// compiled instance for `T` (see [`crate::mono`]).
-pub(crate) fn forward<T: Element>(op: FwdOp, x: Option<View<'_, T>>, y: ViewMut<'_, T>, opts: &Options) -> Result<()> {
-    (T::kernels().forward)(op, x, y, opts)
-}
-
-/// The body of [`forward`].
+/// `softmax` / `log_softmax` (validate, plan, split, dispatch), instantiated once per element
+/// type by the family's kernel table.
 pub(crate) fn forward_impl<T: Element>(
     op: FwdOp,
     x: Option<View<'_, T>>,
@@ -259,10 +216,8 @@ pub(crate) fn forward_impl<T: Element>(
     opts: &Options,
 ) -> Result<()> {
     let p = plan::<T>(opts)?;
-    y.layout.validate("output", y.data.len())?;
     let xl = match &x {
         Some(x) => {
-            x.layout.validate("input", x.data.len())?;
             x.layout.check_same("output", &y.layout)?;
             x.layout
         }
@@ -289,16 +244,10 @@ pub(crate) fn forward_impl<T: Element>(
     })
 }
 
-/// Validates and runs logsumexp into `out` (one value per row), through the compiled instance
-/// for `T` (see [`crate::mono`]).
-pub(crate) fn logsumexp<T: Element>(x: View<'_, T>, out: &mut [T], opts: &Options) -> Result<()> {
-    (T::kernels().logsumexp)(x, out, opts)
-}
-
-/// The body of [`logsumexp`].
+/// `logsumexp` (validate, plan, split, dispatch), instantiated once per element type by the
+/// family's kernel table.
 pub(crate) fn logsumexp_impl<T: Element>(x: View<'_, T>, out: &mut [T], opts: &Options) -> Result<()> {
     let p = plan::<T>(opts)?;
-    let x = x.named("input")?;
     let rows = x.layout.row_count();
     if out.len() != rows {
         return Err(Error::RowCountMismatch {
@@ -339,10 +288,10 @@ pub(crate) fn logsumexp_impl<T: Element>(x: View<'_, T>, out: &mut [T], opts: &O
             let alg = opts.algorithm.resolve_logsumexp(len);
             let row = |r: usize| &x.data[r * xs..r * xs + len];
             let finish = |st: Online, xr: &[T]| {
-                T::from_f64(if kernel::regular(st) {
+                T::from_f64(if engine::regular(st) {
                     st.m as f64 * p.k64 + st.d.ln()
                 } else {
-                    kernel::special_lse(kernel::classify(xr))
+                    engine::special_lse(engine::classify(xr))
                 })
             };
             if alg == Algorithm::Online {
@@ -352,7 +301,7 @@ pub(crate) fn logsumexp_impl<T: Element>(x: View<'_, T>, out: &mut [T], opts: &O
                 let chunks: Vec<&[T]> = (0..rows).flat_map(|r| row(r).chunks(CHUNK)).collect();
                 let states = par::map(opts.exec.par, chunks, |c| dispatch(p.level, Seg::Online(c, p.k)));
                 for (r, (o, sts)) in out.iter_mut().zip(states.chunks(per_row)).enumerate() {
-                    *o = finish(kernel::merge_online(sts, p.k), row(r));
+                    *o = finish(engine::merge_online(sts, p.k), row(r));
                 }
             } else {
                 for (r, o) in out.iter_mut().enumerate() {
