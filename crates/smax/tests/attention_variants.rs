@@ -774,6 +774,48 @@ fn inline_matches_reference_for_every_kernel_and_the_local_term() {
     )
     .unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    // A grid whose height·width wraps to exactly kv_len − prefix is rejected, not accepted.
+    let wraps = InlineLocal {
+        height: (1usize << 63) + 14,
+        width: 2,
+        prefix: 1,
+        kernel: &kern,
+    };
+    let inline_with = |local, o: AttentionOptions<'static>| {
+        let mut out = vec![0.0f32; kl * d];
+        inline_attention(
+            smax::attention::AttentionInputs::new(s2, Heads::new(&q2), Heads::new(&k), Heads::new(&v)),
+            &mut out,
+            &o.with_variant(smax::attention::Inline {
+                kernel: InlineKernel::Identity,
+                local,
+            }),
+        )
+    };
+    let e = inline_with(Some(wraps), AttentionOptions::default()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Unsupported {
+                what: "inline local term",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Masking options do not apply to linear attention: rejected rather than ignored.
+    let e = inline_with(None, AttentionOptions::default().causal(true)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Unsupported {
+                what: "inline_attention options",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(inline_with(None, AttentionOptions::default()).is_ok());
 }
 
 #[test]

@@ -761,7 +761,6 @@ pub fn inline_attention<'a, T: AttnElement>(
 ) -> Result<()> {
     let AttentionInputs { shape, q, k, v } = inputs;
     let Inline { kernel, local } = opts.variant;
-    let par = opts.exec.par;
     let o = opts;
     if o.scale.is_some()
         || o.temperature != 1.0
@@ -795,7 +794,8 @@ pub fn inline_attention<'a, T: AttnElement>(
         return Err(Error::bad_parameter("leaky relu slope", s, "finite"));
     }
     if let Some(l) = local {
-        if ql != kl || l.prefix + l.height * l.width != kl {
+        let tokens = l.height.checked_mul(l.width).and_then(|hw| hw.checked_add(l.prefix));
+        if ql != kl || tokens != Some(kl) {
             return Err(Error::Unsupported {
                 what: "inline local term",
                 why: "needs q_len = kv_len = prefix + height * width",
@@ -806,92 +806,111 @@ pub fn inline_attention<'a, T: AttnElement>(
     if shape.out_len() == 0 {
         return Ok(());
     }
-    let c = (1.0 / (d as f64).sqrt()) / kl as f64;
     let heads: Vec<(usize, &mut [T])> = out.chunks_mut(ql * d).enumerate().collect();
-    let run = |(bh, o): (usize, &mut [T])| {
+    crate::par::for_each(opts.exec.par, heads, |_, (bh, o)| {
         let (b, h) = (bh / shape.q_heads, bh % shape.q_heads);
-        let hk = h / shape.group();
-        // φ(K), V (f32), then KV = φ(K)ᵀ V, k̄_φ and v̄.
-        let mut fk = vec![0.0f32; kl * d];
-        let mut vv = vec![0.0f32; kl * d];
-        for j in 0..kl {
-            T::load_f32(ko.row(b, hk, j, d), &mut fk[j * d..(j + 1) * d]);
-            T::load_f32(vo.row(b, hk, j, d), &mut vv[j * d..(j + 1) * d]);
-        }
-        for x in fk.iter_mut() {
-            *x = kernel.apply(*x);
-        }
-        let mut kvm = vec![0.0f32; d * d];
-        matmul(
-            &mut kvm,
-            d,
-            MatRef::row_major(&fk, kl, d).t(),
-            MatRef::row_major(&vv, kl, d),
-            false,
-            Par::Seq,
-        );
-        let mean = |m: &[f32]| -> Vec<f64> {
-            let mut s = vec![0.0f64; d];
-            for r in m.chunks(d) {
-                for (a, &x) in s.iter_mut().zip(r) {
-                    *a += x as f64;
-                }
-            }
-            s.iter().map(|x| x / kl as f64).collect()
-        };
-        let (kbar, vbar) = (mean(&fk), mean(&vv));
-        let mut fq = vec![0.0f32; ql * d];
-        for i in 0..ql {
-            T::load_f32(qo.row(b, h, i, d), &mut fq[i * d..(i + 1) * d]);
-        }
-        for x in fq.iter_mut() {
-            *x = kernel.apply(*x);
-        }
-        let mut o32 = vec![0.0f32; ql * d];
-        matmul(
-            &mut o32,
-            d,
-            MatRef::row_major(&fq, ql, d),
-            MatRef::row_major(&kvm, d, d),
-            false,
-            Par::Seq,
-        );
-        for i in 0..ql {
-            let qk: f64 = fq[i * d..(i + 1) * d]
-                .iter()
-                .zip(&kbar)
-                .map(|(a, b)| *a as f64 * b)
-                .sum();
-            let coef = 1.0 - kl as f64 * c * qk;
-            for (x, &vb) in o32[i * d..(i + 1) * d].iter_mut().zip(&vbar) {
-                *x = (*x as f64 * c + coef * vb) as f32;
-            }
-        }
+        let (mut o32, vv) = inline_head(&shape, kernel, (&qo, &ko, &vo), b, h);
         if let Some(l) = local {
             let kern = &l.kernel[(b * shape.q_heads + h) * d * 9..][..d * 9];
-            let (hh, ww) = (l.height as i64, l.width as i64);
-            for y in 0..hh {
-                for x in 0..ww {
-                    let t = l.prefix + (y * ww + x) as usize;
-                    for ch in 0..d {
-                        let mut a = 0.0f64;
-                        for ky in 0..3i64 {
-                            for kx in 0..3i64 {
-                                let (yy, xx) = (y + ky - 1, x + kx - 1);
-                                if yy < 0 || yy >= hh || xx < 0 || xx >= ww {
-                                    continue;
-                                }
-                                let src = l.prefix + (yy * ww + xx) as usize;
-                                a += kern[ch * 9 + (ky * 3 + kx) as usize] as f64 * vv[src * d + ch] as f64;
-                            }
-                        }
-                        o32[t * d + ch] += a as f32;
-                    }
-                }
-            }
+            add_local_term(&l, kern, &vv, d, &mut o32);
         }
         T::store_f32(&o32, o);
-    };
-    crate::par::for_each(par, heads, |_, t| run(t));
+    });
     Ok(())
+}
+
+/// The linear-attention output of head `(b, h)` in f32, and the head's values in f32 (which
+/// the local term reads).
+fn inline_head<T: AttnElement>(
+    shape: &AttentionShape,
+    kernel: InlineKernel,
+    (qo, ko, vo): (&super::Op<'_, T>, &super::Op<'_, T>, &super::Op<'_, T>),
+    b: usize,
+    h: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let (d, ql, kl) = (shape.head_dim, shape.q_len, shape.kv_len);
+    let c = (1.0 / (d as f64).sqrt()) / kl as f64;
+    let hk = h / shape.group();
+    // φ(K), V (f32), then KV = φ(K)ᵀ V, k̄_φ and v̄.
+    let mut fk = vec![0.0f32; kl * d];
+    let mut vv = vec![0.0f32; kl * d];
+    for j in 0..kl {
+        T::load_f32(ko.row(b, hk, j, d), &mut fk[j * d..(j + 1) * d]);
+        T::load_f32(vo.row(b, hk, j, d), &mut vv[j * d..(j + 1) * d]);
+    }
+    for x in fk.iter_mut() {
+        *x = kernel.apply(*x);
+    }
+    let mut kvm = vec![0.0f32; d * d];
+    matmul(
+        &mut kvm,
+        d,
+        MatRef::row_major(&fk, kl, d).t(),
+        MatRef::row_major(&vv, kl, d),
+        false,
+        Par::Seq,
+    );
+    let mean = |m: &[f32]| -> Vec<f64> {
+        let mut s = vec![0.0f64; d];
+        for r in m.chunks(d) {
+            for (a, &x) in s.iter_mut().zip(r) {
+                *a += x as f64;
+            }
+        }
+        s.iter().map(|x| x / kl as f64).collect()
+    };
+    let (kbar, vbar) = (mean(&fk), mean(&vv));
+    let mut fq = vec![0.0f32; ql * d];
+    for i in 0..ql {
+        T::load_f32(qo.row(b, h, i, d), &mut fq[i * d..(i + 1) * d]);
+    }
+    for x in fq.iter_mut() {
+        *x = kernel.apply(*x);
+    }
+    let mut o32 = vec![0.0f32; ql * d];
+    matmul(
+        &mut o32,
+        d,
+        MatRef::row_major(&fq, ql, d),
+        MatRef::row_major(&kvm, d, d),
+        false,
+        Par::Seq,
+    );
+    for i in 0..ql {
+        let qk: f64 = fq[i * d..(i + 1) * d]
+            .iter()
+            .zip(&kbar)
+            .map(|(a, b)| *a as f64 * b)
+            .sum();
+        let coef = 1.0 - kl as f64 * c * qk;
+        for (x, &vb) in o32[i * d..(i + 1) * d].iter_mut().zip(&vbar) {
+            *x = (*x as f64 * c + coef * vb) as f32;
+        }
+    }
+    (o32, vv)
+}
+
+/// Adds InLine's local term (the 3×3 depthwise convolution of the values `vv` over the token
+/// grid, kernel `kern` `[head_dim, 9]`) to the head's output `o32`.
+fn add_local_term(l: &InlineLocal<'_>, kern: &[f32], vv: &[f32], d: usize, o32: &mut [f32]) {
+    let (hh, ww) = (l.height as i64, l.width as i64);
+    for y in 0..hh {
+        for x in 0..ww {
+            let t = l.prefix + (y * ww + x) as usize;
+            for ch in 0..d {
+                let mut a = 0.0f64;
+                for ky in 0..3i64 {
+                    for kx in 0..3i64 {
+                        let (yy, xx) = (y + ky - 1, x + kx - 1);
+                        if yy < 0 || yy >= hh || xx < 0 || xx >= ww {
+                            continue;
+                        }
+                        let src = l.prefix + (yy * ww + xx) as usize;
+                        a += kern[ch * 9 + (ky * 3 + kx) as usize] as f64 * vv[src * d + ch] as f64;
+                    }
+                }
+                o32[t * d + ch] += a as f32;
+            }
+        }
+    }
 }

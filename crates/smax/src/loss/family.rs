@@ -268,9 +268,19 @@ where
             })
             .collect()
     });
+    Ok(reduce(&out, rows_out, o, valid_rows, denominator))
+}
+
+/// Sums the row results in row order into the report, filling the per-row losses.
+fn reduce(
+    out: &[Vec<RowResult>],
+    mut rows_out: Option<&mut [f64]>,
+    o: &LossOptions,
+    valid_rows: usize,
+    denominator: f64,
+) -> LossReport {
     let mut sum = 0.0f64;
     let mut flagged_rows = 0;
-    let mut rows_out = rows_out;
     for (r, res) in out.iter().flatten().enumerate() {
         let (l, fl) = res.unwrap_or((0.0, false));
         sum += l;
@@ -287,13 +297,13 @@ where
         },
         _ => sum,
     };
-    Ok(LossReport {
+    LossReport {
         loss,
         z_loss: 0.0,
         valid_rows,
         denominator,
         flagged_rows,
-    })
+    }
 }
 
 /// [`drive`] for losses with one class target per row: validates the targets (in range or the
@@ -1040,6 +1050,38 @@ pub struct UskdReport {
     pub weak: f64,
 }
 
+/// USKD's Zipf labels for one row: the classes ranked by `ranking` (rank 0 the largest score,
+/// ties to the lower index) get weight `1/(rank + 1)`; the target `t` is dropped and the rest
+/// renormalised. `z` are the student logits (`ls` their log-sum-exp), `s` and `wp` the student
+/// and weak softmaxes.
+fn zipf_labels(z: &[f64], s: &[f64], wp: &[f64], t: usize, ls: f64, ranking: UskdRanking) -> Vec<f64> {
+    let c = z.len();
+    let score: Vec<f64> = (0..c)
+        .map(|k| {
+            let a = wp[k] / (1.0 - wp[t]);
+            match ranking {
+                UskdRanking::PaperProb => a + s[k] / (1.0 - s[t]),
+                UskdRanking::CodeLogProb => a + (z[k] - ls) / (1.0 - (z[t] - ls)),
+            }
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..c).collect();
+    order.sort_by(|&i, &j| {
+        score[j]
+            .partial_cmp(&score[i])
+            .unwrap_or(core::cmp::Ordering::Equal)
+            .then(i.cmp(&j))
+    });
+    let mut zipf = vec![0.0f64; c];
+    for (rank, &k) in order.iter().enumerate() {
+        zipf[k] = 1.0 / (rank as f64 + 1.0);
+    }
+    zipf[t] = 0.0;
+    let zs = fsum(zipf.iter().copied());
+    zipf.iter_mut().for_each(|v| *v /= zs);
+    zipf
+}
+
 /// USKD, teacher-free self-distillation (Yang et al. 2023, same paper as NKD; L6b), over a batch
 /// of student logits `z` and weak-head logits `w` (both `[batch x classes]`) with hard labels:
 ///
@@ -1119,30 +1161,7 @@ pub fn uskd_loss<T: Element>(
         let lw_ = lse_of(w, 1.0, |_| true);
         let q = |k: usize| 0.9 * (k == t) as u8 as f64 + 0.1 / c as f64;
         lw.push(p.mu * fsum((0..c).map(|k| -q(k) * (w[k] - lw_))));
-        // Zipf ranks.
-        let score: Vec<f64> = (0..c)
-            .map(|k| {
-                let a = wp[k] / (1.0 - wp[t]);
-                match p.ranking {
-                    UskdRanking::PaperProb => a + s[k] / (1.0 - s[t]),
-                    UskdRanking::CodeLogProb => a + (z[k] - ls) / (1.0 - (z[t] - ls)),
-                }
-            })
-            .collect();
-        let mut order: Vec<usize> = (0..c).collect();
-        order.sort_by(|&i, &j| {
-            score[j]
-                .partial_cmp(&score[i])
-                .unwrap_or(core::cmp::Ordering::Equal)
-                .then(i.cmp(&j))
-        });
-        let mut zipf = vec![0.0f64; c];
-        for (rank, &k) in order.iter().enumerate() {
-            zipf[k] = 1.0 / (rank as f64 + 1.0);
-        }
-        zipf[t] = 0.0;
-        let zs = fsum(zipf.iter().copied());
-        zipf.iter_mut().for_each(|v| *v /= zs);
+        let zipf = zipf_labels(z, s, wp, t, ls, p.ranking);
         let lsn = lse_of(z, 1.0, |k| k != t);
         lnt.push(-fsum((0..c).filter(|&k| k != t).map(|k| zipf[k] * (z[k] - lsn))));
         if let Some(g) = outs[0].as_mut() {
