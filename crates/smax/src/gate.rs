@@ -134,6 +134,9 @@ pub fn gate<T: Element>(
     let (tokens, e, xs) = logits.row_geometry("logits", "gating takes row layouts (experts along the last axis)")?;
     validate(p, bias, tokens, e, experts.len(), weights.len())?;
     let k = p.k;
+    if tokens == 0 {
+        return reduce(Vec::new(), 0, e, k);
+    }
     // Groups of tokens (fixed by shape, not by thread count), each with reused buffers and
     // its own slices of the outputs; partial statistics merge in group order.
     let per = par::rows_per_task(e);
@@ -191,12 +194,16 @@ fn validate(p: &GateOptions, bias: Option<&[f32]>, tokens: usize, e: usize, n_ex
             return bad("bias", format!("{v}"), "finite");
         }
     }
+    let slots = tokens.checked_mul(p.k).ok_or_else(|| Error::SizeOverflow {
+        what: "experts",
+        shape: format!("{tokens} tokens x k = {}", p.k),
+    })?;
     for (what, len) in [("experts", n_ex), ("weights", n_w)] {
-        if len != tokens * p.k {
+        if len != slots {
             return Err(Error::LengthMismatch {
                 what,
                 len,
-                expected: tokens * p.k,
+                expected: slots,
             });
         }
     }

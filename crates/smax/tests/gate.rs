@@ -278,6 +278,16 @@ fn errors() {
         g(&ok, &GateOptions::default(), &mut ex, &mut w3),
         Err(Error::LengthMismatch { what: "weights", .. })
     ));
+    // No tokens with a huge k: empty outputs and zero statistics (the task split used to
+    // compute rows·k and overflow).
+    let none: [f64; 0] = [];
+    let huge = GateOptions {
+        k: usize::MAX,
+        ..Default::default()
+    };
+    let st = gate(View::rows(&none, 0, 4).unwrap(), None, &mut [], &mut [], &huge).unwrap();
+    assert_eq!(st.tokens_per_expert, vec![0; 4]);
+    assert_eq!(st.aux_loss, 0.0);
 }
 
 #[test]
