@@ -624,12 +624,10 @@ fn inline_worked_example_a6() {
     inline_attention(
         smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
         &mut out,
-        &smax::attention::AttentionOptions::default()
-            .with_variant(smax::attention::Inline {
-                kernel: InlineKernel::Identity,
-                local: None,
-            })
-            .par(Par::Rayon),
+        &smax::attention::AttentionOptions::default().with_variant(smax::attention::Inline {
+            kernel: InlineKernel::Identity,
+            local: None,
+        }),
     )
     .unwrap();
     let want = [1.5835145534, 0.4868932068, 2.0420291069, 0.3487864136];
@@ -680,12 +678,10 @@ fn inline_matches_reference_for_every_kernel_and_the_local_term() {
         inline_attention(
             smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
             &mut out,
-            &smax::attention::AttentionOptions::default()
-                .with_variant(smax::attention::Inline {
-                    kernel: kern,
-                    local: None,
-                })
-                .par(Par::Rayon),
+            &smax::attention::AttentionOptions::default().with_variant(smax::attention::Inline {
+                kernel: kern,
+                local: None,
+            }),
         )
         .unwrap();
         let mut want = Vec::new();
@@ -865,12 +861,10 @@ fn variants_are_bitwise_identical_across_thread_counts() {
         inline_attention(
             smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
             &mut c,
-            &smax::attention::AttentionOptions::default()
-                .with_variant(smax::attention::Inline {
-                    kernel: InlineKernel::Identity,
-                    local: None,
-                })
-                .par(Par::Rayon),
+            &smax::attention::AttentionOptions::default().with_variant(smax::attention::Inline {
+                kernel: InlineKernel::Identity,
+                local: None,
+            }),
         )
         .unwrap();
         (a, dq, dk, dv, b, c)

@@ -294,8 +294,7 @@ fn draws_follow_the_truncated_distribution() {
             temperature: 1.3,
             k: 1,
             ..Default::default()
-        }
-        .par(Par::Rayon),
+        },
     )
     .unwrap();
     for &t in &toks {
