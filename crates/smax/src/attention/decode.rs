@@ -1,14 +1,14 @@
 //! Decoding: split-K attention over a long key/value cache with the log-sum-exp merge
 //! (Flash-Decoding, A2), and FlashDecoding++'s asynchronous softmax with a unified max (A3).
 
-use super::flash::{Checked, RowState, Rows, accumulate_pv, check, finish_rows, fwd_accumulate, kv_tile};
+use super::flash::{finish_rows, fwd_accumulate};
+use super::tile::{Checked, RowState, Rows, accumulate_pv, blocks, check, hidden, kv_tile, products};
 use super::{AttentionInputs, AttentionOptions, AttentionOutputs, AttentionShape, AttnElement, check_out, lse_or_own};
-use crate::arch::gemm::{MatRef, matmul};
+use crate::arch::gemm::MatRef;
 use crate::arch::rows as k;
 use crate::arch::{Isa, Task, dispatch};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::options::Par;
 use crate::state::LseState;
 
 /// The split of [`attention_decode`] (the `variant` of its [`AttentionOptions`]).
@@ -479,31 +479,24 @@ fn unified_split<T: Element>(
     let mut sbuf = vec![0.0f32; ql * bk.min(hi.saturating_sub(lo)).max(1)];
     let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
     let mut vis = Vec::new();
-    let mut j0 = lo;
-    while j0 < hi {
-        let kn = bk.min(hi - j0);
+    for (j0, kn) in blocks(lo, hi, hi, bk) {
         let (km, vm, bad) = kv_tile(cx, b, hk, j0, kn, d, &mut kbuf, &mut vbuf);
-        let sm = &mut sbuf[..ql * kn];
-        matmul(sm, kn, qm, km.t(), false, Par::Seq);
-        vis.clear();
-        vis.resize(ql * kn, false);
-        dispatch(
-            cx.level,
-            AsyncTile {
-                cx,
-                b,
-                rows: &rows,
-                j0,
-                kn,
-                t: sm,
-                win,
-                den,
-                flag,
-                vis: &mut vis,
-            },
-        );
-        accumulate_pv(num, sm, &vm, if bad { Some(&vis[..]) } else { None });
-        j0 += kn;
+        let t = products(qm, km, &mut sbuf);
+        let vis = hidden(&mut vis, t.len());
+        let tile = AsyncTile {
+            cx,
+            b,
+            rows: &rows,
+            j0,
+            kn,
+            t: &mut *t,
+            win,
+            den,
+            flag,
+            vis: &mut *vis,
+        };
+        dispatch(cx.level, tile);
+        accumulate_pv(num, t, &vm, bad.then_some(&*vis));
     }
 }
 

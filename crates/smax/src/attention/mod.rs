@@ -79,19 +79,26 @@
 // than naming them.
 #![allow(clippy::type_complexity)]
 
+mod backward;
+mod clipped;
 mod decode;
 mod flash;
-mod variants;
+mod inline;
+mod lssa;
+mod tile;
 
+pub use backward::{AttentionGrads, attention_backward};
+pub use clipped::{
+    ClippedSoftmax, attention_clipped, attention_clipped_backward, attention_gate, attention_gate_backward,
+    gate_bias_init,
+};
 pub use decode::{
     PartialStates, SplitK, UnifiedDecode, UnifiedFallback, UnifiedMax, UnifiedStats, attention_decode,
     attention_decode_unified, merge_attention_states, profile_unified_max,
 };
-pub use flash::{AttentionGrads, attention, attention_backward};
-pub use variants::{
-    ClippedSoftmax, Inline, InlineKernel, InlineLocal, Lssa, LssaStats, attention_clipped, attention_clipped_backward,
-    attention_gate, attention_gate_backward, attention_lssa, gate_bias_init, inline_attention,
-};
+pub use flash::attention;
+pub use inline::{Inline, InlineKernel, InlineLocal, inline_attention};
+pub use lssa::{Lssa, LssaStats, attention_lssa};
 
 use crate::element::Element;
 use crate::error::{Error, Result};

@@ -1,0 +1,326 @@
+//! Clipped softmax (N6) and the attention gate (A5) of Bondarenko et al. 2023, "Quantizable
+//! Transformers": two ways for a head to attend to nothing.
+
+use super::backward::{Clip, backward_impl, grads_check};
+use super::flash::fwd_accumulate;
+use super::tile::{
+    Checked, RowState, Rows, TileAt, accumulate_pv, blocks, check, for_blocks, kv_tile, prob_tile, products, rows_f32,
+};
+use super::{
+    AttentionGrads, AttentionInputs, AttentionOptions, AttentionOutputs, AttentionShape, AttnElement, check_out,
+    lse_or_own,
+};
+
+use crate::element::Element;
+use crate::error::{Error, Result};
+
+/// Clipped softmax (Bondarenko et al. 2023, "Quantizable Transformers"; ALGORITHMS.md N6):
+/// `w = clip((ζ − γ)·softmax(s) + γ, 0, 1)`. With `γ < 0` a weight is exactly 0 once
+/// `p ≤ −γ/(ζ − γ)`, so a head can attend to nothing without pushing scores to ±∞; the weights
+/// no longer sum to 1. `ζ = 1, γ = 0` is plain softmax.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClippedSoftmax {
+    /// Stretch factor ζ ≥ 1.
+    pub zeta: f32,
+    /// Offset γ ≤ 0.
+    pub gamma: f32,
+}
+
+impl Default for ClippedSoftmax {
+    fn default() -> Self {
+        ClippedSoftmax { zeta: 1.0, gamma: 0.0 }
+    }
+}
+
+impl ClippedSoftmax {
+    /// The authors' BERT-base setting: `γ = −0.025, ζ = 1`.
+    pub fn bert() -> Self {
+        ClippedSoftmax {
+            zeta: 1.0,
+            gamma: -0.025,
+        }
+    }
+    /// The authors' OPT setting: `γ = −α/T` for sequence length `T` (they use α = 12,
+    /// T = 512), `ζ = 1`.
+    pub fn opt(alpha: f32, seq_len: usize) -> Self {
+        ClippedSoftmax {
+            zeta: 1.0,
+            gamma: -alpha / seq_len.max(1) as f32,
+        }
+    }
+    fn validate(&self) -> Result<Clip> {
+        if !(self.zeta.is_finite() && self.zeta >= 1.0 && self.gamma.is_finite() && self.gamma <= 0.0) {
+            return Err(Error::bad_parameter(
+                "clipped softmax (zeta, gamma)",
+                format!("({}, {})", self.zeta, self.gamma),
+                "finite, zeta >= 1 and gamma <= 0",
+            ));
+        }
+        Ok(Clip {
+            zeta: self.zeta,
+            gamma: self.gamma,
+        })
+    }
+}
+
+/// Attention with clipped-softmax weights (N6): `out_i = Σ_j clip((ζ−γ)p_ij + γ, 0, 1)·v_j`,
+/// `p = softmax` of the scores of [`attention`](super::attention) (same shapes, masks, options;
+/// masked keys get weight exactly 0). Two passes per query block: the log-sum-exp, then the
+/// weights `p = exp(s − lse)` tile by tile. `lse` (optional, `[batch, q_heads, q_len]`)
+/// receives the softmax log-sum-exp for the backward. A row with no visible key outputs 0.
+/// Error bound as [`attention`](super::attention).
+pub fn attention_clipped<T: AttnElement>(
+    inputs: AttentionInputs<'_, T>,
+    outputs: AttentionOutputs<'_, T>,
+    opts: &AttentionOptions<'_, ClippedSoftmax>,
+) -> Result<()> {
+    let AttentionInputs { shape, q, k, v } = inputs;
+    let AttentionOutputs { out, lse } = outputs;
+    let (clip, opts) = (&opts.variant, &opts.base());
+    let cl = clip.validate()?;
+    let cx = check(&shape, q, k, v, opts)?;
+    check_out("out", out.len(), shape.out_len())?;
+    let mut own = Vec::new();
+    let lse = lse_or_own(lse, &mut own, shape.lse_len())?;
+    if shape.out_len() == 0 {
+        lse.fill(f32::NEG_INFINITY);
+        return Ok(());
+    }
+    let d = shape.head_dim;
+    for_blocks(&cx, &shape, out, lse, |b, h, i0, o, l| {
+        let nb = l.len();
+        let mut st = RowState::new(nb, 0);
+        let mut qbuf = Vec::new();
+        let qm = rows_f32(&cx.q, b, h, i0, nb, shape.head_dim, &mut qbuf);
+        let rows = Rows::Block { h, i0, n: nb };
+        fwd_accumulate(
+            &cx,
+            &shape,
+            b,
+            h / shape.group(),
+            rows,
+            &qm,
+            0,
+            shape.kv_len,
+            false,
+            &mut st,
+        );
+        for (r, x) in l.iter_mut().enumerate() {
+            *x = if st.l[r] == 0.0 || st.m[r] == f32::NEG_INFINITY {
+                f32::NEG_INFINITY
+            } else {
+                (st.m[r] as f64 + st.l[r].ln()) as f32
+            };
+        }
+        let mut acc = vec![0.0f32; nb * d];
+        weighted_pass(&cx, &shape, b, h, i0, l, &mut acc, |p| cl.w(p));
+        T::store_f32(&acc, o);
+    });
+    Ok(())
+}
+
+/// `acc += W·V` over every key tile, with `W = wf(exp(s − lse))` (masked keys: `p = 0`).
+#[allow(clippy::too_many_arguments)]
+fn weighted_pass<T: Element>(
+    cx: &Checked<'_, T>,
+    s: &AttentionShape,
+    b: usize,
+    h: usize,
+    i0: usize,
+    lse: &[f32],
+    acc: &mut [f32],
+    wf: impl Fn(f32) -> f32,
+) {
+    let (d, kl, nb, bk) = (s.head_dim, s.kv_len, lse.len(), cx.bk);
+    let hk = h / s.group();
+    let sc = &cx.sc;
+    let lo = sc.range(i0).0;
+    let hi = sc.range(i0 + nb - 1).1;
+    if lo >= hi {
+        return;
+    }
+    let mut qbuf = Vec::new();
+    let qm = rows_f32(&cx.q, b, h, i0, nb, d, &mut qbuf);
+    let mut sbuf = vec![0.0f32; nb * bk.min(kl)];
+    let (mut kbuf, mut vbuf, mut vis) = (Vec::new(), Vec::new(), Vec::new());
+    for (j0, kn) in blocks(lo / bk * bk, hi, kl, bk) {
+        let (km, vm, bad) = kv_tile(cx, b, hk, j0, kn, d, &mut kbuf, &mut vbuf);
+        let at = TileAt { b, h, i0, j0, kn };
+        let sm = prob_tile(cx, at, qm, km, lse, &mut sbuf, Some(&mut vis), None);
+        for (x, &f) in sm.iter_mut().zip(&vis) {
+            *x = if f { wf(*x) } else { 0.0 };
+        }
+        accumulate_pv(acc, sm, &vm, bad.then_some(&vis[..]));
+    }
+}
+
+/// Backward of [`attention_clipped`] (N6): `dV = Wᵀ dO`; with `u = (dO Vᵀ)·(ζ − γ)·1[0 ≤ r ≤ 1]`
+/// (inclusive, as `torch.clamp`'s backward) and `D_i = Σ_j u_ij p_ij`, `dS = P ⊙ (u − D)`,
+/// then `dQ`, `dK` (and the score-bias gradient `dS/τ` if asked) as
+/// [`attention_backward`](super::attention_backward). One extra tiled pass computes `D`. `lse`
+/// is the one the forward wrote; the rest as [`attention_backward`](super::attention_backward)
+/// (no `out` needed).
+pub fn attention_clipped_backward<T: AttnElement>(
+    inputs: AttentionInputs<'_, T>,
+    lse: &[f32],
+    d_out: &[T],
+    grads: AttentionGrads<'_, T>,
+    opts: &AttentionOptions<'_, ClippedSoftmax>,
+) -> Result<()> {
+    let AttentionInputs { shape, q, k, v } = inputs;
+    let (clip, opts) = (&opts.variant, &opts.base());
+    let cl = clip.validate()?;
+    let cx = check(&shape, q, k, v, opts)?;
+    check_out("d_out", d_out.len(), shape.out_len())?;
+    check_out("lse", lse.len(), shape.lse_len())?;
+    let AttentionGrads { dq, dk, dv, mut d_bias } = grads;
+    grads_check(&shape, dq, dk, dv, d_bias.as_deref())?;
+    if let Some(db) = d_bias.as_deref_mut() {
+        db.fill(0.0);
+    }
+    let (d, ql) = (shape.head_dim, shape.q_len);
+    if shape.batch == 0 || shape.q_heads == 0 || ql == 0 || shape.kv_len == 0 {
+        dq.fill(T::from_f32(0.0));
+        dk.fill(T::from_f32(0.0));
+        dv.fill(T::from_f32(0.0));
+        return Ok(());
+    }
+    let do_op = super::Op {
+        data: d_out,
+        st: super::HeadStrides::bhsd(shape.q_heads, ql, d),
+    };
+    // D_i = Σ_j u_ij p_ij, one pass over the key tiles per query block.
+    let mut dd = vec![0.0f32; shape.lse_len()];
+    let mut blocks = Vec::new();
+    for (bh, dh) in dd.chunks_mut(ql).enumerate() {
+        for (ib, db) in dh.chunks_mut(cx.bq).enumerate() {
+            blocks.push((bh, ib * cx.bq, db));
+        }
+    }
+    let run = |(bh, i0, db): (usize, usize, &mut [f32])| {
+        let (b, h) = (bh / shape.q_heads, bh % shape.q_heads);
+        let row0 = bh * ql + i0;
+        clipped_d(&cx, &shape, &do_op, b, h, i0, &lse[row0..row0 + db.len()], cl, db);
+    };
+    crate::par::for_each(cx.par, blocks, |_, t| run(t));
+    backward_impl(&cx, &shape, d_out, lse, &dd, Some(cl), dq, dk, dv, d_bias);
+    Ok(())
+}
+
+/// `D_i = Σ_j u_ij p_ij` for one query block.
+#[allow(clippy::too_many_arguments)]
+fn clipped_d<T: Element>(
+    cx: &Checked<'_, T>,
+    s: &AttentionShape,
+    do_op: &super::Op<'_, T>,
+    b: usize,
+    h: usize,
+    i0: usize,
+    lse: &[f32],
+    cl: Clip,
+    dd: &mut [f32],
+) {
+    let (d, kl, nb, bk) = (s.head_dim, s.kv_len, lse.len(), cx.bk);
+    let hk = h / s.group();
+    let sc = &cx.sc;
+    let mut acc = vec![0.0f64; nb];
+    let (lo, hi) = (sc.range(i0).0, sc.range(i0 + nb - 1).1);
+    let (mut qbuf, mut dobuf) = (Vec::new(), Vec::new());
+    let qm = rows_f32(&cx.q, b, h, i0, nb, d, &mut qbuf);
+    let dom = rows_f32(do_op, b, h, i0, nb, d, &mut dobuf);
+    let mut pbuf = vec![0.0f32; nb * bk.min(kl)];
+    let mut gbuf = vec![0.0f32; nb * bk.min(kl)];
+    let (mut kbuf, mut vbuf, mut vis) = (Vec::new(), Vec::new(), Vec::new());
+    for (j0, kn) in blocks(lo / bk * bk, hi, kl, bk) {
+        // dW = dO Vᵀ below: a non-finite value only reaches its own column, which masked pairs
+        // skip, so the tile needs no guarded path here.
+        let (km, vm, _) = kv_tile(cx, b, hk, j0, kn, d, &mut kbuf, &mut vbuf);
+        let at = TileAt { b, h, i0, j0, kn };
+        let pm = prob_tile(cx, at, qm, km, lse, &mut pbuf, Some(&mut vis), None);
+        let gm = products(dom, vm, &mut gbuf);
+        for r in 0..nb {
+            for j in 0..kn {
+                let ix = r * kn + j;
+                let (g, p) = (gm[ix], pm[ix]);
+                if vis[ix] && p != 0.0 {
+                    acc[r] += (cl.u(p, g) * p) as f64;
+                }
+            }
+        }
+    }
+    for (x, a) in dd.iter_mut().zip(acc) {
+        *x = a as f32;
+    }
+}
+
+/// Gated attention (Bondarenko et al. 2023, A5): `out_r ← σ(g_r) · out_r` for each row `r` of
+/// `d` values (one gate logit per token and head; the logits come from the model's gate
+/// network `G_h(x_h)`, a linear map `d_head → 1` in OPT). `σ` is evaluated as
+/// `1/(1 + e^{−g})` in f64 (no overflow for any finite `g`; `±inf` gives 0 or 1, NaN gives NaN).
+/// Initialise the gate bias with [`gate_bias_init`] (`π_init = 0.25` in the paper).
+///
+/// Errors: `out.len() ≠ gate_logits.len()·d`.
+pub fn attention_gate(out: &mut [f32], gate_logits: &[f32], d: usize) -> Result<()> {
+    check_out("out", out.len(), gate_logits.len() * d)?;
+    if d == 0 {
+        return Ok(());
+    }
+    for (o, &g) in out.chunks_mut(d).zip(gate_logits) {
+        let sg = sigmoid(g as f64) as f32;
+        for x in o {
+            *x *= sg;
+        }
+    }
+    Ok(())
+}
+
+/// Backward of [`attention_gate`]: from the ungated attention output `attn`, the gate logits
+/// and the gradient of the gated output, writes `d_attn = σ(g)·d_gated` and
+/// `d_logits_r = σ(g)(1 − σ(g))·⟨d_gated_r, attn_r⟩` (f64 dot). Errors: mismatched lengths.
+pub fn attention_gate_backward(
+    attn: &[f32],
+    gate_logits: &[f32],
+    d_gated: &[f32],
+    d: usize,
+    d_attn: &mut [f32],
+    d_logits: &mut [f32],
+) -> Result<()> {
+    let n = gate_logits.len() * d;
+    check_out("attn", attn.len(), n)?;
+    check_out("d_gated", d_gated.len(), n)?;
+    check_out("d_attn", d_attn.len(), n)?;
+    check_out("d_logits", d_logits.len(), gate_logits.len())?;
+    if d == 0 {
+        d_logits.fill(0.0);
+        return Ok(());
+    }
+    for (r, &g) in gate_logits.iter().enumerate() {
+        let sg = sigmoid(g as f64);
+        let (a, dg) = (&attn[r * d..(r + 1) * d], &d_gated[r * d..(r + 1) * d]);
+        let dot: f64 = a.iter().zip(dg).map(|(x, y)| *x as f64 * *y as f64).sum();
+        d_logits[r] = (sg * (1.0 - sg) * dot) as f32;
+        for (x, &y) in d_attn[r * d..(r + 1) * d].iter_mut().zip(dg) {
+            *x = (sg * y as f64) as f32;
+        }
+    }
+    Ok(())
+}
+
+/// The gate bias that makes the initial gate open `π_init` (A5): `logit(π) = −ln(1/π − 1)`
+/// with π clipped to `[1e−16, 1 − 1e−16]`, as the authors' code. Errors: NaN.
+pub fn gate_bias_init(pi_init: f64) -> Result<f64> {
+    if pi_init.is_nan() {
+        return Err(Error::bad_parameter("pi_init", "NaN", "a probability in [0, 1]"));
+    }
+    let p = pi_init.clamp(1e-16, 1.0 - 1e-16);
+    Ok(-(1.0 / p - 1.0).ln())
+}
+
+fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}

@@ -1,0 +1,236 @@
+//! InLine injective linear attention with its local term (A6).
+
+use super::{AttentionInputs, AttentionOptions, AttentionShape, AttnElement, check_out, resolve};
+use crate::arch::gemm::{MatRef, matmul};
+
+use crate::error::{Error, Result};
+use crate::options::Par;
+
+/// The kernel φ of [`inline_attention`] (A6; the authors' code offers these four).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum InlineKernel {
+    /// φ(x) = x (the default; the only one for which the weights are provably injective in q).
+    #[default]
+    Identity,
+    /// φ(x) = max(x, 0).
+    Relu,
+    /// φ(x) = x for x ≥ 0, `slope·x` below.
+    LeakyRelu(f32),
+    /// φ(x) = exp(0.2·x).
+    Exp02,
+}
+
+impl InlineKernel {
+    #[inline]
+    fn apply(&self, x: f32) -> f32 {
+        match *self {
+            InlineKernel::Identity => x,
+            InlineKernel::Relu => x.max(0.0),
+            InlineKernel::LeakyRelu(s) => {
+                if x >= 0.0 {
+                    x
+                } else {
+                    s * x
+                }
+            }
+            InlineKernel::Exp02 => (0.2 * x).exp(),
+        }
+    }
+}
+
+/// InLine's local term (A6): a 3×3 depthwise convolution of the values over the token grid,
+/// with a kernel per (batch, query head, channel) that the model predicts from the token mean
+/// (its small prediction network stays in the model). Cross-correlation with zero padding, as
+/// PyTorch's `conv2d`; the first `prefix` tokens (DeiT's class token) take no local term.
+#[derive(Debug, Clone, Copy)]
+pub struct InlineLocal<'a> {
+    /// Grid height.
+    pub height: usize,
+    /// Grid width.
+    pub width: usize,
+    /// Tokens before the grid (no local term).
+    pub prefix: usize,
+    /// `[batch, q_heads, head_dim, 9]` row-major 3×3 kernels.
+    pub kernel: &'a [f32],
+}
+
+/// The parameters of [`inline_attention`] (the `variant` of its [`AttentionOptions`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Inline<'a> {
+    /// The kernel φ.
+    pub kernel: InlineKernel,
+    /// The optional local term.
+    pub local: Option<InlineLocal<'a>>,
+}
+
+/// InLine injective linear attention (Han et al. 2024, A6), non-causal, in `O(N·d²)`:
+/// `o_i = φ(q_i)ᵀ·(c·Σ_j φ(k_j) v_jᵀ) + (1 − N·c·φ(q_i)·k̄_φ)·v̄`, `c = d^{−1/2}/N`, which equals
+/// `Σ_j w_ij v_j` with the weights `w_ij = c·(φ(q_i)·φ(k_j) − φ(q_i)·k̄_φ) + 1/N` (rows sum to 1
+/// exactly; weights can be negative). Plus the optional [`InlineLocal`] term, which needs
+/// `q_len = kv_len = prefix + height·width`.
+///
+/// Shapes and layouts as [`attention`](super::attention) (grouped-query allowed); masks do not
+/// apply (remove padded tokens instead: `-inf` has no meaning in a linear kernel). `Σ φ(k)vᵀ`
+/// and the means accumulate in f32 through `gemm` and f64 sums. Errors: `kv_len = 0`, a local
+/// term whose grid or kernel does not match, and the shape and buffer errors of
+/// [`attention`](super::attention).
+pub fn inline_attention<'a, T: AttnElement>(
+    inputs: AttentionInputs<'_, T>,
+    out: &mut [T],
+    opts: &AttentionOptions<'a, Inline<'a>>,
+) -> Result<()> {
+    let AttentionInputs { shape, q, k, v } = inputs;
+    let Inline { kernel, local } = opts.variant;
+    let o = opts;
+    if o.scale.is_some()
+        || o.temperature != 1.0
+        || o.softcap.is_some()
+        || o.causal
+        || o.window.is_some()
+        || o.bias.is_some()
+        || o.keep.is_some()
+    {
+        return Err(Error::Unsupported {
+            what: "inline_attention options",
+            why: "scale, temperature, softcap, causal, window, bias and keep do not apply to linear attention (only exec and the variant are read)",
+        });
+    }
+    shape.validate()?;
+    let (d, ql, kl) = (shape.head_dim, shape.q_len, shape.kv_len);
+    let qo = resolve("q", q, shape.batch, shape.q_heads, ql, d)?;
+    let ko = resolve("k", k, shape.batch, shape.kv_heads, kl, d)?;
+    let vo = resolve("v", v, shape.batch, shape.kv_heads, kl, d)?;
+    check_out("out", out.len(), shape.out_len())?;
+    if kl == 0 {
+        return Err(Error::bad_parameter(
+            "kv_len",
+            "0",
+            ">= 1 (InLine attention is undefined over zero keys)",
+        ));
+    }
+    if let InlineKernel::LeakyRelu(s) = kernel
+        && !s.is_finite()
+    {
+        return Err(Error::bad_parameter("leaky relu slope", s, "finite"));
+    }
+    if let Some(l) = local {
+        let tokens = l.height.checked_mul(l.width).and_then(|hw| hw.checked_add(l.prefix));
+        if ql != kl || tokens != Some(kl) {
+            return Err(Error::Unsupported {
+                what: "inline local term",
+                why: "needs q_len = kv_len = prefix + height * width",
+            });
+        }
+        check_out("local kernel", l.kernel.len(), shape.batch * shape.q_heads * d * 9)?;
+    }
+    if shape.out_len() == 0 {
+        return Ok(());
+    }
+    let heads: Vec<(usize, &mut [T])> = out.chunks_mut(ql * d).enumerate().collect();
+    crate::par::for_each(opts.exec.par, heads, |_, (bh, o)| {
+        let (b, h) = (bh / shape.q_heads, bh % shape.q_heads);
+        let (mut o32, vv) = inline_head(&shape, kernel, (&qo, &ko, &vo), b, h);
+        if let Some(l) = local {
+            let kern = &l.kernel[(b * shape.q_heads + h) * d * 9..][..d * 9];
+            add_local_term(&l, kern, &vv, d, &mut o32);
+        }
+        T::store_f32(&o32, o);
+    });
+    Ok(())
+}
+
+/// The linear-attention output of head `(b, h)` in f32, and the head's values in f32 (which
+/// the local term reads).
+fn inline_head<T: AttnElement>(
+    shape: &AttentionShape,
+    kernel: InlineKernel,
+    (qo, ko, vo): (&super::Op<'_, T>, &super::Op<'_, T>, &super::Op<'_, T>),
+    b: usize,
+    h: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let (d, ql, kl) = (shape.head_dim, shape.q_len, shape.kv_len);
+    let c = (1.0 / (d as f64).sqrt()) / kl as f64;
+    let hk = h / shape.group();
+    // φ(K), V (f32), then KV = φ(K)ᵀ V, k̄_φ and v̄.
+    let mut fk = vec![0.0f32; kl * d];
+    let mut vv = vec![0.0f32; kl * d];
+    for j in 0..kl {
+        T::load_f32(ko.row(b, hk, j, d), &mut fk[j * d..(j + 1) * d]);
+        T::load_f32(vo.row(b, hk, j, d), &mut vv[j * d..(j + 1) * d]);
+    }
+    for x in fk.iter_mut() {
+        *x = kernel.apply(*x);
+    }
+    let mut kvm = vec![0.0f32; d * d];
+    matmul(
+        &mut kvm,
+        d,
+        MatRef::row_major(&fk, kl, d).t(),
+        MatRef::row_major(&vv, kl, d),
+        false,
+        Par::Seq,
+    );
+    let mean = |m: &[f32]| -> Vec<f64> {
+        let mut s = vec![0.0f64; d];
+        for r in m.chunks(d) {
+            for (a, &x) in s.iter_mut().zip(r) {
+                *a += x as f64;
+            }
+        }
+        s.iter().map(|x| x / kl as f64).collect()
+    };
+    let (kbar, vbar) = (mean(&fk), mean(&vv));
+    let mut fq = vec![0.0f32; ql * d];
+    for i in 0..ql {
+        T::load_f32(qo.row(b, h, i, d), &mut fq[i * d..(i + 1) * d]);
+    }
+    for x in fq.iter_mut() {
+        *x = kernel.apply(*x);
+    }
+    let mut o32 = vec![0.0f32; ql * d];
+    matmul(
+        &mut o32,
+        d,
+        MatRef::row_major(&fq, ql, d),
+        MatRef::row_major(&kvm, d, d),
+        false,
+        Par::Seq,
+    );
+    for i in 0..ql {
+        let qk: f64 = fq[i * d..(i + 1) * d]
+            .iter()
+            .zip(&kbar)
+            .map(|(a, b)| *a as f64 * b)
+            .sum();
+        let coef = 1.0 - kl as f64 * c * qk;
+        for (x, &vb) in o32[i * d..(i + 1) * d].iter_mut().zip(&vbar) {
+            *x = (*x as f64 * c + coef * vb) as f32;
+        }
+    }
+    (o32, vv)
+}
+
+/// Adds InLine's local term (the 3×3 depthwise convolution of the values `vv` over the token
+/// grid, kernel `kern` `[head_dim, 9]`) to the head's output `o32`.
+fn add_local_term(l: &InlineLocal<'_>, kern: &[f32], vv: &[f32], d: usize, o32: &mut [f32]) {
+    let (hh, ww) = (l.height as i64, l.width as i64);
+    for y in 0..hh {
+        for x in 0..ww {
+            let t = l.prefix + (y * ww + x) as usize;
+            for ch in 0..d {
+                let mut a = 0.0f64;
+                for ky in 0..3i64 {
+                    for kx in 0..3i64 {
+                        let (yy, xx) = (y + ky - 1, x + kx - 1);
+                        if yy < 0 || yy >= hh || xx < 0 || xx >= ww {
+                            continue;
+                        }
+                        let src = l.prefix + (yy * ww + xx) as usize;
+                        a += kern[ch * 9 + (ky * 3 + kx) as usize] as f64 * vv[src * d + ch] as f64;
+                    }
+                }
+                o32[t * d + ch] += a as f32;
+            }
+        }
+    }
+}
