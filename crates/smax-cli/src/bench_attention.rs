@@ -85,11 +85,7 @@ struct Naive {
 
 impl Naive {
     fn new(seq: usize, bwd: bool) -> Self {
-        Naive {
-            s: vec![0.0; seq * seq],
-            p: vec![0.0; seq * seq],
-            dp: vec![0.0; if bwd { seq * seq } else { 0 }],
-        }
+        Naive { s: vec![0.0; seq * seq], p: vec![0.0; seq * seq], dp: vec![0.0; if bwd { seq * seq } else { 0 }] }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -113,11 +109,8 @@ impl Naive {
             let hk = h / g;
             // Grouped heads sum their key/value gradients.
             let acc = h % g != 0;
-            let (qh, kh, vh) = (
-                &q[h * seq * d..][..seq * d],
-                &k[hk * seq * d..][..seq * d],
-                &v[hk * seq * d..][..seq * d],
-            );
+            let (qh, kh, vh) =
+                (&q[h * seq * d..][..seq * d], &k[hk * seq * d..][..seq * d], &v[hk * seq * d..][..seq * d]);
             mm(&mut self.s, qh, d, 1, kh, 1, d, seq, d, seq, false);
             for (i, r) in self.s.chunks_mut(seq).enumerate() {
                 for x in r.iter_mut() {
@@ -134,35 +127,11 @@ impl Naive {
                 &o,
             )
             .expect("softmax");
-            mm(
-                &mut out[h * seq * d..][..seq * d],
-                &self.p,
-                seq,
-                1,
-                vh,
-                d,
-                1,
-                seq,
-                seq,
-                d,
-                false,
-            );
+            mm(&mut out[h * seq * d..][..seq * d], &self.p, seq, 1, vh, d, 1, seq, seq, d, false);
             if let Some((dout, dq, dk, dv)) = grads.as_mut() {
                 let doh = &dout[h * seq * d..][..seq * d];
                 // dV = Pᵀ dO; dP = dO Vᵀ; dS = softmax_backward(P, dP); dQ = dS K·c; dK = dSᵀ Q·c.
-                mm(
-                    &mut dv[hk * seq * d..][..seq * d],
-                    &self.p,
-                    1,
-                    seq,
-                    doh,
-                    d,
-                    1,
-                    seq,
-                    seq,
-                    d,
-                    acc,
-                );
+                mm(&mut dv[hk * seq * d..][..seq * d], &self.p, 1, seq, doh, d, 1, seq, seq, d, acc);
                 mm(&mut self.dp, doh, d, 1, vh, 1, d, seq, d, seq, false);
                 smax::softmax_backward(
                     View::rows(&self.p, seq, seq).expect("view"),
@@ -174,32 +143,8 @@ impl Naive {
                 for x in self.s[..n].iter_mut() {
                     *x *= scale;
                 }
-                mm(
-                    &mut dq[h * seq * d..][..seq * d],
-                    &self.s,
-                    seq,
-                    1,
-                    kh,
-                    d,
-                    1,
-                    seq,
-                    seq,
-                    d,
-                    false,
-                );
-                mm(
-                    &mut dk[hk * seq * d..][..seq * d],
-                    &self.s,
-                    1,
-                    seq,
-                    qh,
-                    d,
-                    1,
-                    seq,
-                    seq,
-                    d,
-                    acc,
-                );
+                mm(&mut dq[h * seq * d..][..seq * d], &self.s, seq, 1, kh, d, 1, seq, seq, d, false);
+                mm(&mut dk[hk * seq * d..][..seq * d], &self.s, 1, seq, qh, d, 1, seq, seq, d, acc);
             }
         }
     }
@@ -264,11 +209,7 @@ pub fn run(a: Args) -> Result<(), String> {
     let (budget, max_iters) = timing(&a);
     let ops = pick_ops(&a.op, &OPS, "attention")?;
     let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let threads: Vec<usize> = if a.threads.is_empty() {
-        vec![ncpu]
-    } else {
-        a.threads.clone()
-    };
+    let threads: Vec<usize> = if a.threads.is_empty() { vec![ncpu] } else { a.threads.clone() };
     let shapes: Vec<(usize, usize)> = if a.shape.is_empty() {
         if a.quick { QUICK.to_vec() } else { SHAPES.to_vec() }
     } else {
@@ -286,10 +227,7 @@ pub fn run(a: Args) -> Result<(), String> {
     );
     let mut records = Vec::new();
     for &t in &threads {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().map_err(|e| e.to_string())?;
         pool.install(|| -> Result<(), String> {
             for &(seq, d) in &shapes {
                 let n = HEADS * seq * d;
@@ -342,70 +280,24 @@ pub fn run(a: Args) -> Result<(), String> {
                             budget,
                             max_iters,
                         );
-                        push(
-                            &mut records,
-                            "attention_fwd",
-                            seq,
-                            seq,
-                            d,
-                            causal,
-                            t,
-                            "smax",
-                            s,
-                            bytes,
-                            gf,
-                            Some(peak),
-                        );
+                        push(&mut records, "attention_fwd", seq, seq, d, causal, t, "smax", s, bytes, gf, Some(peak));
                         let mut nv = Naive::new(seq, false);
                         let mut out2 = vec![0.0f32; n];
                         let (_, npeak) =
                             peak_extra(|| Naive::new(seq, false).run(seq, d, kvh, causal, &q, &k, &v, &mut out2, None));
-                        let s = timed(
-                            || nv.run(seq, d, kvh, causal, &q, &k, &v, &mut out2, None),
-                            budget,
-                            max_iters,
-                        );
-                        push(
-                            &mut records,
-                            "attention_fwd",
-                            seq,
-                            seq,
-                            d,
-                            causal,
-                            t,
-                            "naive",
-                            s,
-                            bytes,
-                            gf,
-                            Some(npeak),
-                        );
+                        let s = timed(|| nv.run(seq, d, kvh, causal, &q, &k, &v, &mut out2, None), budget, max_iters);
+                        push(&mut records, "attention_fwd", seq, seq, d, causal, t, "naive", s, bytes, gf, Some(npeak));
                         let diff = out.iter().zip(&out2).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
                         if diff > 1e-4 {
                             return Err(format!("attention_fwd {seq}x{d}: smax and naive differ by {diff}"));
                         }
                         // candle reads [b, s, h, d]: the same numbers re-laid out; smax reads that
                         // layout in place too (strided heads), timed beside it.
-                        let peer = if kvh == HEADS {
-                            peers::candle_flash(&q, &k, &v, HEADS, seq, d, causal)
-                        } else {
-                            None
-                        };
+                        let peer =
+                            if kvh == HEADS { peers::candle_flash(&q, &k, &v, HEADS, seq, d, causal) } else { None };
                         if let Some(mut peer) = peer {
                             let s = timed(|| peer.run(), budget, max_iters);
-                            push(
-                                &mut records,
-                                "attention_fwd",
-                                seq,
-                                seq,
-                                d,
-                                causal,
-                                t,
-                                "candle",
-                                s,
-                                bytes,
-                                gf,
-                                None,
-                            );
+                            push(&mut records, "attention_fwd", seq, seq, d, causal, t, "candle", s, bytes, gf, None);
                             let (qb, kb, vb) = (to_bshd(&q, seq, d), to_bshd(&k, seq, d), to_bshd(&v, seq, d));
                             let st = HeadStrides::bshd(HEADS, seq, d);
                             let s = timed(
@@ -545,9 +437,7 @@ pub fn run(a: Args) -> Result<(), String> {
                         };
                         let worst = rel(&dq, &dq2).max(rel(&dk, &dk2)).max(rel(&dv, &dv2));
                         if worst > 1e-3 {
-                            return Err(format!(
-                                "attention_fwd_bwd {seq}x{d}: gradients differ by {worst} (relative)"
-                            ));
+                            return Err(format!("attention_fwd_bwd {seq}x{d}: gradients differ by {worst} (relative)"));
                         }
                     }
                 }
@@ -555,12 +445,7 @@ pub fn run(a: Args) -> Result<(), String> {
             if ops.iter().any(|o| o == "attention_decode") && kvh == HEADS {
                 // (query heads, key/value heads, head_dim); the grouped case shows the packing of a
                 // group's query heads (the cache read once per group).
-                for (heads, kvh, d) in [
-                    (HEADS, HEADS, 64usize),
-                    (HEADS, HEADS, 128),
-                    (HEADS, 2, 128),
-                    (1, 1, 128),
-                ] {
+                for (heads, kvh, d) in [(HEADS, HEADS, 64usize), (HEADS, HEADS, 128), (HEADS, 2, 128), (1, 1, 128)] {
                     bench_decode(heads, kvh, d, t, budget, max_iters, &mut records);
                 }
             }
@@ -680,10 +565,7 @@ fn bench_decode(
             fallbacks = attention_decode_unified(
                 smax::attention::AttentionInputs::new(shape, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
                 smax::attention::AttentionOutputs::new(&mut out, None),
-                &opts.with_variant(smax::attention::UnifiedDecode {
-                    split: SplitK::default(),
-                    max: um,
-                }),
+                &opts.with_variant(smax::attention::UnifiedDecode { split: SplitK::default(), max: um }),
             )
             .expect("unified")
             .fallback_rows;

@@ -9,21 +9,9 @@ use rayon::prelude::*;
 use smax::{Algorithm, Options, Par, View, ViewMut};
 use std::io::Write;
 
-const OPS: [&str; 5] = [
-    "softmax",
-    "log_softmax",
-    "logsumexp",
-    "softmax_backward",
-    "log_softmax_backward",
-];
+const OPS: [&str; 5] = ["softmax", "log_softmax", "logsumexp", "softmax_backward", "log_softmax_backward"];
 const IN_CACHE: [(usize, usize); 2] = [(4096, 128), (64, 4096)];
-const BIG: [(usize, usize); 5] = [
-    (65536, 1024),
-    (2048, 32768),
-    (512, 131072),
-    (64, 1048576),
-    (4, 16777216),
-];
+const BIG: [(usize, usize); 5] = [(65536, 1024), (2048, 32768), (512, 131072), (64, 1048576), (4, 16777216)];
 
 fn naive_softmax(x: &[f32], y: &mut [f32], cols: usize, log: bool) {
     x.par_chunks(cols).zip(y.par_chunks_mut(cols)).for_each(|(a, b)| {
@@ -59,22 +47,19 @@ fn naive_lse(x: &[f32], out: &mut [f32], cols: usize) {
 }
 
 fn naive_bwd(y: &[f32], dy: &[f32], dx: &mut [f32], cols: usize, log: bool) {
-    y.par_chunks(cols)
-        .zip(dy.par_chunks(cols))
-        .zip(dx.par_chunks_mut(cols))
-        .for_each(|((a, g), o)| {
-            if log {
-                let s: f32 = g.iter().sum();
-                for ((o, &a), &g) in o.iter_mut().zip(a).zip(g) {
-                    *o = g - a.exp() * s;
-                }
-            } else {
-                let d: f32 = a.iter().zip(g).map(|(p, q)| p * q).sum();
-                for ((o, &a), &g) in o.iter_mut().zip(a).zip(g) {
-                    *o = a * (g - d);
-                }
+    y.par_chunks(cols).zip(dy.par_chunks(cols)).zip(dx.par_chunks_mut(cols)).for_each(|((a, g), o)| {
+        if log {
+            let s: f32 = g.iter().sum();
+            for ((o, &a), &g) in o.iter_mut().zip(a).zip(g) {
+                *o = g - a.exp() * s;
             }
-        });
+        } else {
+            let d: f32 = a.iter().zip(g).map(|(p, q)| p * q).sum();
+            for ((o, &a), &g) in o.iter_mut().zip(a).zip(g) {
+                *o = a * (g - d);
+            }
+        }
+    });
 }
 
 /// The core suite: every normaliser at every shape, dtype and thread count asked for.
@@ -104,11 +89,8 @@ pub fn run(a: Args) -> Result<(), String> {
         a.shape.iter().map(|s| parse_shape(s)).collect::<Result<_, _>>()?
     };
     let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let threads: Vec<usize> = if a.threads.is_empty() {
-        if ncpu > 1 { vec![1, ncpu] } else { vec![1] }
-    } else {
-        a.threads.clone()
-    };
+    let threads: Vec<usize> =
+        if a.threads.is_empty() { if ncpu > 1 { vec![1, ncpu] } else { vec![1] } } else { a.threads.clone() };
     let mut records: Vec<Record> = Vec::new();
     let total_cfg = shapes.len() * threads.len() * ops.len();
     let mut done = 0usize;
@@ -129,10 +111,7 @@ pub fn run(a: Args) -> Result<(), String> {
         let mut b = Bufs::<f32>::new(&x, &dy, rows, cols)?;
         drop((x, dy));
         for &t in &threads {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(t)
-                .build()
-                .map_err(|e| e.to_string())?;
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().map_err(|e| e.to_string())?;
             pool.install(|| -> Result<(), String> {
                 let par = if t == 1 { Par::Seq } else { Par::Rayon };
                 // Rooflines for this shape and thread count.
@@ -171,18 +150,12 @@ pub fn run(a: Args) -> Result<(), String> {
                     } else {
                         push("copy", t_copy, 2 * n * 4);
                     }
-                    time_smax(op, &mut b, (rows, cols), par, (budget, max_iters), |imp, secs| {
-                        push(imp, secs, bytes)
-                    });
+                    time_smax(op, &mut b, (rows, cols), par, (budget, max_iters), |imp, secs| push(imp, secs, bytes));
                     let Bufs { x, dy, y, yl, dx, out } = &mut b;
                     match op.as_str() {
                         "softmax" | "log_softmax" => {
                             let log = op == "log_softmax";
-                            push(
-                                "naive",
-                                time(|| naive_softmax(x, dx, cols, log), budget, max_iters),
-                                bytes,
-                            );
+                            push("naive", time(|| naive_softmax(x, dx, cols, log), budget, max_iters), bytes);
                             if let (false, Some(mut p)) = (log, peers::candle(x, rows, cols)) {
                                 push("candle", time(|| p.run(), budget, max_iters.min(10)), bytes);
                             }
@@ -194,11 +167,7 @@ pub fn run(a: Args) -> Result<(), String> {
                         _ => {
                             let log = op == "log_softmax_backward";
                             let yy: &[f32] = if log { yl } else { y };
-                            push(
-                                "naive",
-                                time(|| naive_bwd(yy, dy, dx, cols, log), budget, max_iters),
-                                bytes,
-                            );
+                            push("naive", time(|| naive_bwd(yy, dy, dx, cols, log), budget, max_iters), bytes);
                         }
                     }
                 }
@@ -220,18 +189,7 @@ pub fn run(a: Args) -> Result<(), String> {
                         "f16" => narrow::<smax::f16>,
                         _ => continue,
                     };
-                    run(
-                        d,
-                        &b.x,
-                        &b.dy,
-                        rows,
-                        cols,
-                        &ops,
-                        t,
-                        par,
-                        (budget, max_iters),
-                        &mut records,
-                    )?;
+                    run(d, &b.x, &b.dy, rows, cols, &ops, t, par, (budget, max_iters), &mut records)?;
                 }
                 Ok(())
             })?;
@@ -271,12 +229,8 @@ impl<T: smax::Element> Bufs<T> {
         };
         let e = |e: smax::Error| e.to_string();
         let o = Options::default();
-        smax::softmax(
-            View::rows(&b.x, rows, cols).map_err(e)?,
-            ViewMut::rows(&mut b.y, rows, cols).map_err(e)?,
-            &o,
-        )
-        .map_err(e)?;
+        smax::softmax(View::rows(&b.x, rows, cols).map_err(e)?, ViewMut::rows(&mut b.y, rows, cols).map_err(e)?, &o)
+            .map_err(e)?;
         smax::log_softmax(
             View::rows(&b.x, rows, cols).map_err(e)?,
             ViewMut::rows(&mut b.yl, rows, cols).map_err(e)?,
@@ -402,9 +356,7 @@ fn narrow<T: smax::Element>(
         } else {
             push("copy", t_copy, 2 * n * sz);
         }
-        time_smax(op, &mut b, (rows, cols), par, timing, |imp, secs| {
-            push(imp, secs, bytes)
-        });
+        time_smax(op, &mut b, (rows, cols), par, timing, |imp, secs| push(imp, secs, bytes));
     }
     Ok(())
 }

@@ -15,30 +15,14 @@ use std::io::Write;
 const OPS: [&str; 4] = ["top_k", "top_p", "min_p", "gate"];
 /// (tokens, experts, k) of the gating records.
 const GATES: [(usize, usize, usize); 3] = [(4096, 8, 2), (4096, 64, 8), (4096, 256, 8)];
-const SHAPES: [(usize, usize); 6] = [
-    (1, 32000),
-    (64, 32000),
-    (1, 131072),
-    (64, 131072),
-    (1, 262144),
-    (64, 262144),
-];
+const SHAPES: [(usize, usize); 6] = [(1, 32000), (64, 32000), (1, 131072), (64, 131072), (1, 262144), (64, 262144)];
 const QUICK: [(usize, usize); 2] = [(1, 131072), (64, 131072)];
 
 fn params(op: &str) -> SampleOptions {
     match op {
-        "top_k" => SampleOptions {
-            top_k: Some(50),
-            ..Default::default()
-        },
-        "top_p" => SampleOptions {
-            top_p: Some(0.9),
-            ..Default::default()
-        },
-        _ => SampleOptions {
-            min_p: Some(0.05),
-            ..Default::default()
-        },
+        "top_k" => SampleOptions { top_k: Some(50), ..Default::default() },
+        "top_p" => SampleOptions { top_p: Some(0.9), ..Default::default() },
+        _ => SampleOptions { min_p: Some(0.05), ..Default::default() },
     }
 }
 
@@ -48,11 +32,7 @@ fn sort_row(x: &[f32], p: &SampleOptions, u: f64) -> u32 {
     let mut pr: Vec<(f32, u32)> = x.iter().enumerate().map(|(i, &v)| ((v - m).exp(), i as u32)).collect();
     let s: f32 = pr.iter().map(|v| v.0).sum();
     pr.iter_mut().for_each(|v| v.0 /= s);
-    pr.sort_by(|a, b| {
-        b.0.partial_cmp(&a.0)
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.1.cmp(&b.1))
-    });
+    pr.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal).then(a.1.cmp(&b.1)));
     let mut n = pr.len();
     if let Some(k) = p.top_k {
         n = n.min(k);
@@ -93,11 +73,7 @@ pub fn run(a: Args) -> Result<(), String> {
         a.shape.iter().map(|s| parse_shape(s)).collect::<Result<_, _>>()?
     };
     let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let threads = if a.threads.is_empty() {
-        vec![ncpu]
-    } else {
-        a.threads.clone()
-    };
+    let threads = if a.threads.is_empty() { vec![ncpu] } else { a.threads.clone() };
     let mut records = Vec::new();
     eprintln!("smax bench decode: threads {threads:?}, {budget:.2}s per record");
     if ops.iter().any(|o| o == "gate") {
@@ -116,10 +92,7 @@ pub fn run(a: Args) -> Result<(), String> {
         let us: Vec<f64> = seeds.iter().map(|&s| smax::sample::counter_uniform(s, 0)).collect();
         let mut toks = vec![0u32; rows];
         for &t in &threads {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(t)
-                .build()
-                .map_err(|e| e.to_string())?;
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().map_err(|e| e.to_string())?;
             pool.install(|| -> Result<(), String> {
                 let par = if t == 1 { Par::Seq } else { Par::Rayon };
                 for op in &ops {
@@ -157,11 +130,8 @@ pub fn run(a: Args) -> Result<(), String> {
                     push("smax", secs);
                     let secs = time(
                         || {
-                            let v: Vec<u32> = x
-                                .par_chunks(cols)
-                                .zip(us.par_iter())
-                                .map(|(r, &u)| sort_row(r, &p, u))
-                                .collect();
+                            let v: Vec<u32> =
+                                x.par_chunks(cols).zip(us.par_iter()).map(|(r, &u)| sort_row(r, &p, u)).collect();
                             std::hint::black_box(v);
                         },
                         budget,
@@ -191,11 +161,7 @@ fn sort_gate(h: &[f32], k: usize, ex: &mut [u32], w: &mut [f32]) {
     let e: Vec<f32> = h.iter().map(|&v| (v - m).exp()).collect();
     let s: f32 = e.iter().sum();
     let mut idx: Vec<usize> = (0..h.len()).collect();
-    idx.sort_by(|&a, &b| {
-        e[b].partial_cmp(&e[a])
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.cmp(&b))
-    });
+    idx.sort_by(|&a, &b| e[b].partial_cmp(&e[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
     for j in 0..k {
         ex[j] = idx[j] as u32;
         w[j] = e[idx[j]] / s;
@@ -216,28 +182,16 @@ fn bench_gate(
     let mut ex = vec![0u32; tokens * k];
     let mut w = vec![0.0f32; tokens * k];
     for &t in threads {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().map_err(|e| e.to_string())?;
         pool.install(|| {
             eprint!("\r\x1b[2Kgate {tokens}x{e} k={k} threads={t} ...");
             let par = if t == 1 { Par::Seq } else { Par::Rayon };
-            let p = smax::gate::GateOptions {
-                k,
-                ..Default::default()
-            };
+            let p = smax::gate::GateOptions { k, ..Default::default() };
             let bytes = (tokens * e * 4) as f64;
             let secs = time(
                 || {
-                    smax::gate::gate(
-                        View::rows(&h, tokens, e).expect("view"),
-                        None,
-                        &mut ex,
-                        &mut w,
-                        &p.par(par),
-                    )
-                    .expect("gate");
+                    smax::gate::gate(View::rows(&h, tokens, e).expect("view"), None, &mut ex, &mut w, &p.par(par))
+                        .expect("gate");
                 },
                 budget,
                 max_iters,

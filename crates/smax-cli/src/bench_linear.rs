@@ -81,17 +81,8 @@ fn materialized(h: &[f32], w: &[f32], y: &[i64], n: usize, d: usize, v: usize, d
 fn fused(h: &[f32], w: &[f32], y: &[i64], n: usize, d: usize, v: usize, dh: &mut [f32], dw: &mut [f32]) -> f64 {
     linear_cross_entropy(
         LinearShape { n, d, v },
-        LinearInputs {
-            h,
-            w,
-            bias: None,
-            targets: y,
-        },
-        LinearGrads {
-            dh: Some(dh),
-            dw: Some(dw),
-            dbias: None,
-        },
+        LinearInputs { h, w, bias: None, targets: y },
+        LinearGrads { dh: Some(dh), dw: Some(dw), dbias: None },
         RowOutputs::default(),
         None,
         &LinearCrossEntropyOptions::default(),
@@ -101,15 +92,8 @@ fn fused(h: &[f32], w: &[f32], y: &[i64], n: usize, d: usize, v: usize, dh: &mut
 }
 
 fn max_rel(a: &[f32], b: &[f32]) -> f64 {
-    let scale = b
-        .iter()
-        .fold(0.0f64, |m, v| m.max(v.abs() as f64))
-        .max(f64::MIN_POSITIVE);
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .fold(0.0, f64::max)
-        / scale
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64)).max(f64::MIN_POSITIVE);
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
 }
 
 pub fn bench_lce(n: usize, d: usize, v: usize, threads: usize, records: &mut Vec<Record>) -> Result<(), String> {
@@ -123,10 +107,7 @@ pub fn bench_lce(n: usize, d: usize, v: usize, threads: usize, records: &mut Vec
     let y: Vec<i64> = (0..n).map(|i| ((i as u64 * 2_654_435_761) % v as u64) as i64).collect();
     let (mut dh, mut dw) = (vec![0.0f32; n * d], vec![0.0f32; v * d]);
     let (mut dh2, mut dw2) = (vec![0.0f32; n * d], vec![0.0f32; v * d]);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| e.to_string())?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| e.to_string())?;
     let flops = 6.0 * n as f64 * d as f64 * v as f64;
     let bytes = ((2 * n * d + 2 * v * d) * 4) as f64;
     let mut results = Vec::new();

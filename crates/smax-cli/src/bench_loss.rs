@@ -31,9 +31,7 @@ const LCE: [(usize, usize, usize); 2] = [(4096, 1024, 32768), (2048, 2048, 13107
 const LCE_QUICK: [(usize, usize, usize); 1] = [(512, 256, 8192)];
 
 fn targets(rows: usize, cols: usize) -> Vec<i64> {
-    (0..rows)
-        .map(|r| ((r as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 17) as i64 % cols as i64)
-        .collect()
+    (0..rows).map(|r| ((r as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 17) as i64 % cols as i64).collect()
 }
 
 /// log_softmax into a materialized buffer, gather the loss, then grad = softmax − one-hot.
@@ -47,20 +45,13 @@ fn naive_ce(x: &[f32], lp: &mut [f32], g: &mut [f32], y: &[i64], cols: usize) ->
             *o = v - m - ls;
         }
     });
-    let loss: f32 = lp
-        .par_chunks(cols)
-        .zip(y.par_iter())
-        .map(|(b, &t)| -b[t as usize])
-        .sum();
-    lp.par_chunks(cols)
-        .zip(g.par_chunks_mut(cols))
-        .zip(y.par_iter())
-        .for_each(|((b, o), &t)| {
-            for (o, &v) in o.iter_mut().zip(b) {
-                *o = v.exp() / n;
-            }
-            o[t as usize] -= 1.0 / n;
-        });
+    let loss: f32 = lp.par_chunks(cols).zip(y.par_iter()).map(|(b, &t)| -b[t as usize]).sum();
+    lp.par_chunks(cols).zip(g.par_chunks_mut(cols)).zip(y.par_iter()).for_each(|((b, o), &t)| {
+        for (o, &v) in o.iter_mut().zip(b) {
+            *o = v.exp() / n;
+        }
+        o[t as usize] -= 1.0 / n;
+    });
     loss / n
 }
 
@@ -68,11 +59,7 @@ pub fn run(a: Args) -> Result<(), String> {
     let (budget, max_iters) = timing(&a);
     let ops = pick_ops(&a.op, &OPS, "loss")?;
     let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let threads: Vec<usize> = if a.threads.is_empty() {
-        vec![ncpu]
-    } else {
-        a.threads.clone()
-    };
+    let threads: Vec<usize> = if a.threads.is_empty() { vec![ncpu] } else { a.threads.clone() };
     let mut records: Vec<Record> = Vec::new();
     eprintln!(
         "smax bench loss: simd {}, threads {:?}, {:.2}s per record",
@@ -122,10 +109,7 @@ fn bench_ce(
     let mut g = vec![0.0f32; n];
     let mut lp = vec![0.0f32; n];
     for &t in threads {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().map_err(|e| e.to_string())?;
         pool.install(|| -> Result<(), String> {
             eprint!("\r\x1b[2Kcross_entropy {rows}x{cols} threads={t} ...");
             let _ = std::io::stderr().flush();

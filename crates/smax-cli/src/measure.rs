@@ -85,19 +85,14 @@ pub(crate) fn pick_ops(asked: &[String], known: &[&str], family: &str) -> Result
     }
     for o in asked {
         if !known.contains(&o.as_str()) {
-            return Err(format!(
-                "unknown {family} op {o:?}; expected one of {}",
-                known.join(", ")
-            ));
+            return Err(format!("unknown {family} op {o:?}; expected one of {}", known.join(", ")));
         }
     }
     Ok(asked.to_vec())
 }
 
 pub(crate) fn parse_shape(s: &str) -> Result<(usize, usize), String> {
-    let (a, b) = s
-        .split_once(['x', 'X'])
-        .ok_or_else(|| format!("shape {s:?} is not ROWSxCOLS"))?;
+    let (a, b) = s.split_once(['x', 'X']).ok_or_else(|| format!("shape {s:?} is not ROWSxCOLS"))?;
     let r = a.trim().parse().map_err(|_| format!("bad row count in {s:?}"))?;
     let c = b.trim().parse().map_err(|_| format!("bad column count in {s:?}"))?;
     Ok((r, c))
@@ -136,9 +131,7 @@ pub(crate) fn time<F: FnMut()>(mut f: F, budget: f64, max_iters: usize) -> f64 {
 const COPY_CHUNK: usize = 1 << 16;
 
 pub(crate) fn par_copy(x: &[f32], y: &mut [f32]) {
-    x.par_chunks(COPY_CHUNK)
-        .zip(y.par_chunks_mut(COPY_CHUNK))
-        .for_each(|(a, b)| b.copy_from_slice(a));
+    x.par_chunks(COPY_CHUNK).zip(y.par_chunks_mut(COPY_CHUNK)).for_each(|(a, b)| b.copy_from_slice(a));
 }
 
 /// A plain sum with 16 independent lanes (vectorises; the read roofline).
@@ -158,11 +151,8 @@ pub(crate) fn par_read(x: &[f32]) -> f32 {
 }
 
 fn roofline<'a>(records: &'a [Record], r: &Record) -> Option<&'a Record> {
-    let want = if r.op == "logsumexp" || r.op == "attention_decode" || r.imp.ends_with("-fwd") {
-        "read"
-    } else {
-        "copy"
-    };
+    let want =
+        if r.op == "logsumexp" || r.op == "attention_decode" || r.imp.ends_with("-fwd") { "read" } else { "copy" };
     records.iter().find(|c| c.imp == want && same_config(c, r))
 }
 
@@ -175,9 +165,7 @@ fn same_config(a: &Record, b: &Record) -> bool {
         && a.rows == b.rows
         && a.cols == b.cols
         && a.threads == b.threads
-        && ["heads", "kv_heads", "head_dim", "causal"]
-            .iter()
-            .all(|k| field(a, k) == field(b, k))
+        && ["heads", "kv_heads", "head_dim", "causal"].iter().all(|k| field(a, k) == field(b, k))
 }
 
 pub(crate) fn print_table(records: &[Record]) {
@@ -193,10 +181,7 @@ pub(crate) fn print_table(records: &[Record]) {
         }
         last = key;
         let roof = roofline(records, r).map(|c| r.gb_per_s / c.gb_per_s);
-        let candle = records
-            .iter()
-            .find(|c| c.imp == "candle" && same_config(c, r))
-            .map(|c| c.median_s / r.median_s);
+        let candle = records.iter().find(|c| c.imp == "candle" && same_config(c, r)).map(|c| c.median_s / r.median_s);
         println!(
             "{:<22} {:<4} {:>16} {:>3} {:<16} {:>11.3} {:>8.2} {:>8} {:>8}",
             r.op,

@@ -94,10 +94,7 @@ mod imp {
             .map(|r| candle_core::Tensor::from_slice(&x[r * cols..(r + 1) * cols], cols, &dev))
             .collect::<Result<Vec<_>, _>>()
             .ok()?;
-        Some(Box::new(CandleSampler {
-            rows,
-            lp: LogitsProcessor::from_sampling(42, sampling),
-        }))
+        Some(Box::new(CandleSampler { rows, lp: LogitsProcessor::from_sampling(42, sampling) }))
     }
 
     /// rten-vecmath's single-slice `Softmax`/`LogSoftmax`, one call per row; rows spread over
@@ -112,16 +109,13 @@ mod imp {
     impl Peer for Rten<'_> {
         fn run(&mut self) {
             let (cols, log) = (self.cols, self.log);
-            self.x
-                .par_chunks(cols)
-                .zip(self.y.par_chunks_mut(cols))
-                .for_each(|(a, b)| {
-                    if log {
-                        rten_vecmath::LogSoftmax::new(a, b).dispatch();
-                    } else {
-                        rten_vecmath::Softmax::new(a, b).dispatch();
-                    }
-                });
+            self.x.par_chunks(cols).zip(self.y.par_chunks_mut(cols)).for_each(|(a, b)| {
+                if log {
+                    rten_vecmath::LogSoftmax::new(a, b).dispatch();
+                } else {
+                    rten_vecmath::Softmax::new(a, b).dispatch();
+                }
+            });
         }
     }
 
@@ -157,29 +151,13 @@ mod imp {
     ) -> Option<Box<dyn Peer>> {
         let dev = candle_core::Device::Cpu;
         let t = |x: &[f32]| -> Option<candle_core::Tensor> {
-            candle_core::Tensor::from_slice(x, (1, heads, seq, d), &dev)
-                .ok()?
-                .transpose(1, 2)
-                .ok()?
-                .contiguous()
-                .ok()
+            candle_core::Tensor::from_slice(x, (1, heads, seq, d), &dev).ok()?.transpose(1, 2).ok()?.contiguous().ok()
         };
-        Some(Box::new(CandleFlash {
-            q: t(q)?,
-            k: t(k)?,
-            v: t(v)?,
-            scale: 1.0 / (d as f32).sqrt(),
-            causal,
-        }))
+        Some(Box::new(CandleFlash { q: t(q)?, k: t(k)?, v: t(v)?, scale: 1.0 / (d as f32).sqrt(), causal }))
     }
 
     pub fn rten(x: &[f32], _rows: usize, cols: usize, log: bool) -> Option<Box<dyn Peer + '_>> {
-        Some(Box::new(Rten {
-            x,
-            y: vec![MaybeUninit::uninit(); x.len()],
-            cols,
-            log,
-        }))
+        Some(Box::new(Rten { x, y: vec![MaybeUninit::uninit(); x.len()], cols, log }))
     }
 }
 

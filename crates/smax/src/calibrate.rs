@@ -64,11 +64,7 @@ pub struct FitOptions {
 
 impl Default for FitOptions {
     fn default() -> Self {
-        FitOptions {
-            t_min: 1e-3,
-            t_max: 1e3,
-            exec: Exec::default(),
-        }
+        FitOptions { t_min: 1e-3, t_max: 1e3, exec: Exec::default() }
     }
 }
 
@@ -90,18 +86,10 @@ pub fn fit_temperature<T: Element>(logits: View<'_, T>, targets: &[i64], opts: &
     let labels = targets;
     let (n, k, s) = rows_of(&logits, "logits")?;
     if n == 0 || k == 0 {
-        return Err(Error::bad_parameter(
-            "validation set",
-            "empty",
-            "at least one sample with at least one class",
-        ));
+        return Err(Error::bad_parameter("validation set", "empty", "at least one sample with at least one class"));
     }
     if !(t_min > 0.0 && t_min < t_max && t_max.is_finite()) {
-        return Err(Error::bad_parameter(
-            "t_min/t_max",
-            format!("{t_min}/{t_max}"),
-            "0 < t_min < t_max < inf",
-        ));
+        return Err(Error::bad_parameter("t_min/t_max", format!("{t_min}/{t_max}"), "0 < t_min < t_max < inf"));
     }
     check_labels(labels, n, k)?;
     let z: Vec<Vec<f64>> = (0..n).map(|r| row(&logits, r, s, k)).collect();
@@ -146,11 +134,7 @@ pub fn fit_temperature<T: Element>(logits: View<'_, T>, targets: &[i64], opts: &
             lo = b;
         }
         let newton = if h > 0.0 { b - g / h } else { f64::NAN };
-        let mut nb = if newton.is_finite() && newton > lo && newton < hi {
-            newton
-        } else {
-            0.5 * (lo + hi)
-        };
+        let mut nb = if newton.is_finite() && newton > lo && newton < hi { newton } else { 0.5 * (lo + hi) };
         let (mut nf, mut ng, mut nh) = eval(nb);
         if nf > f && nb != 0.5 * (lo + hi) {
             nb = 0.5 * (lo + hi);
@@ -176,14 +160,7 @@ pub fn fit_temperature<T: Element>(logits: View<'_, T>, targets: &[i64], opts: &
         }
     }
     let capped = (b - b_lo0).abs() <= 1e-9 * b_lo0 || (b - b_hi0).abs() <= 1e-9 * b_hi0;
-    Ok(TemperatureFit {
-        temperature: 1.0 / b,
-        nll_before,
-        nll_after: f,
-        iterations,
-        converged,
-        capped,
-    })
+    Ok(TemperatureFit { temperature: 1.0 / b, nll_before, nll_after: f, iterations, converged, capped })
 }
 
 /// How [`calibration_error`] bins the confidences.
@@ -210,10 +187,7 @@ pub struct CalibrationOptions {
 
 impl Default for CalibrationOptions {
     fn default() -> Self {
-        CalibrationOptions {
-            binning: Binning::EqualWidth(15),
-            exec: Exec::default(),
-        }
+        CalibrationOptions { binning: Binning::EqualWidth(15), exec: Exec::default() }
     }
 }
 
@@ -262,11 +236,7 @@ pub fn calibration_error<T: Element>(
         Binning::EqualWidth(m) | Binning::EqualMass(m) => m,
     };
     if n == 0 || k == 0 || m == 0 {
-        return Err(Error::bad_parameter(
-            if m == 0 { "bins" } else { "samples" },
-            "0",
-            "at least one",
-        ));
+        return Err(Error::bad_parameter(if m == 0 { "bins" } else { "samples" }, "0", "at least one"));
     }
     check_labels(labels, n, k)?;
     let mut conf = Vec::with_capacity(n);
@@ -294,12 +264,7 @@ pub fn calibration_error<T: Element>(
             }
         }
     }
-    let mut out = Calibration {
-        ece: 0.0,
-        ece_l2: 0.0,
-        mce: 0.0,
-        bins: Vec::with_capacity(m),
-    };
+    let mut out = Calibration { ece: 0.0, ece_l2: 0.0, mce: 0.0, bins: Vec::with_capacity(m) };
     for (b, mem) in members.iter().enumerate() {
         let count = mem.len();
         let (lo, hi) = match binning {
@@ -321,13 +286,7 @@ pub fn calibration_error<T: Element>(
             out.ece_l2 += w * gap * gap;
             out.mce = out.mce.max(gap);
         }
-        out.bins.push(Bin {
-            lo,
-            hi,
-            count,
-            accuracy: acc,
-            confidence: cf,
-        });
+        out.bins.push(Bin { lo, hi, count, accuracy: acc, confidence: cf });
     }
     out.ece_l2 = out.ece_l2.sqrt();
     Ok(out)
@@ -346,9 +305,7 @@ pub fn brier_score<T: Element>(logits: View<'_, T>, targets: &[i64]) -> Result<f
         let z = row(&logits, r, s, k);
         check_finite(&z, r)?;
         let l = lse(&z, 1.0);
-        total += (0..k)
-            .map(|i| ((z[i] - l).exp() - (i as i64 == labels[r]) as u8 as f64).powi(2))
-            .sum::<f64>();
+        total += (0..k).map(|i| ((z[i] - l).exp() - (i as i64 == labels[r]) as u8 as f64).powi(2)).sum::<f64>();
     }
     Ok(total / n as f64)
 }
@@ -376,10 +333,7 @@ pub struct OodOptions {
 
 impl Default for OodOptions {
     fn default() -> Self {
-        OodOptions {
-            score: OodScore::Msp,
-            exec: Exec::default(),
-        }
+        OodOptions { score: OodScore::Msp, exec: Exec::default() }
     }
 }
 
@@ -391,11 +345,7 @@ pub fn ood_scores<T: Element>(logits: View<'_, T>, out: &mut [f64], opts: &OodOp
     let score = opts.score;
     let (n, k, s) = rows_of(&logits, "logits")?;
     if out.len() != n {
-        return Err(Error::RowCountMismatch {
-            what: "out",
-            len: out.len(),
-            rows: n,
-        });
+        return Err(Error::RowCountMismatch { what: "out", len: out.len(), rows: n });
     }
     if let OodScore::NegEnergy(t) = score {
         if !(t.is_finite() && t > 0.0) {
@@ -404,9 +354,7 @@ pub fn ood_scores<T: Element>(logits: View<'_, T>, out: &mut [f64], opts: &OodOp
     }
     for (r, o) in out.iter_mut().enumerate() {
         let z = row(&logits, r, s, k);
-        let mx = z
-            .iter()
-            .fold(f64::NEG_INFINITY, |a, &v| if v > a || v.is_nan() { v } else { a });
+        let mx = z.iter().fold(f64::NEG_INFINITY, |a, &v| if v > a || v.is_nan() { v } else { a });
         *o = match score {
             OodScore::MaxLogit => mx,
             OodScore::Msp => (mx - lse(&z, 1.0)).exp(),
@@ -478,11 +426,7 @@ pub fn mahalanobis_fit(
         }
     }
     if let Some(c) = counts.iter().position(|&c| c == 0) {
-        return Err(Error::bad_parameter(
-            "labels",
-            format!("class {c} has no sample"),
-            "every class represented",
-        ));
+        return Err(Error::bad_parameter("labels", format!("class {c} has no sample"), "every class represented"));
     }
     for (m, &c) in means.iter_mut().zip(&counts) {
         m.iter_mut().for_each(|v| *v /= c as f64);
@@ -504,13 +448,7 @@ pub fn mahalanobis_fit(
     };
     for r in tries {
         if let Some(chol) = cholesky(&cov, dim, r) {
-            return Ok(Mahalanobis {
-                dim,
-                means,
-                chol,
-                covariance: cov,
-                ridge: r,
-            });
+            return Ok(Mahalanobis { dim, means, chol, covariance: cov, ridge: r });
         }
     }
     Err(Error::bad_parameter(
@@ -545,11 +483,7 @@ impl Mahalanobis {
     /// `−(x − μ_c)ᵀ Σ⁻¹ (x − μ_c)` for every class `c` (a triangular solve, no inverse).
     pub fn class_scores(&self, x: &[f64]) -> Result<Vec<f64>> {
         if x.len() != self.dim {
-            return Err(Error::LengthMismatch {
-                what: "x",
-                len: x.len(),
-                expected: self.dim,
-            });
+            return Err(Error::LengthMismatch { what: "x", len: x.len(), expected: self.dim });
         }
         let n = self.dim;
         Ok(self
@@ -575,11 +509,7 @@ impl Mahalanobis {
 /// `x` (`rows x dim`, row-major) into `out`.
 pub fn mahalanobis_scores(m: &Mahalanobis, x: &[f64], out: &mut [f64]) -> Result<()> {
     if !x.len().is_multiple_of(m.dim) || out.len() != x.len() / m.dim {
-        return Err(Error::LengthMismatch {
-            what: "x / out",
-            len: x.len(),
-            expected: out.len() * m.dim,
-        });
+        return Err(Error::LengthMismatch { what: "x / out", len: x.len(), expected: out.len() * m.dim });
     }
     for (o, xr) in out.iter_mut().zip(x.chunks(m.dim)) {
         *o = m.class_scores(xr)?.into_iter().fold(f64::NEG_INFINITY, f64::max);

@@ -8,18 +8,10 @@ use crate::error::{Error, Result};
 /// the first bad row.
 pub(crate) fn targets(t: &[i64], rows: usize, classes: usize, ignore: Option<i64>) -> Result<()> {
     if t.len() != rows {
-        return Err(Error::LengthMismatch {
-            what: "targets",
-            len: t.len(),
-            expected: rows,
-        });
+        return Err(Error::LengthMismatch { what: "targets", len: t.len(), expected: rows });
     }
     let in_range = |v: i64| usize::try_from(v).is_ok_and(|v| v < classes);
-    match t
-        .iter()
-        .enumerate()
-        .find(|(_, v)| Some(**v) != ignore && !in_range(**v))
-    {
+    match t.iter().enumerate().find(|(_, v)| Some(**v) != ignore && !in_range(**v)) {
         Some((row, &target)) => Err(Error::TargetOutOfRange { row, target, classes }),
         None => Ok(()),
     }

@@ -276,10 +276,7 @@ fn f32_to_f16_bits(v: f32) -> u16 {
     const HALF: u32 = 126 << 23; // 0.5f
     let sub = (f32::from_bits(a) + f32::from_bits(HALF)).to_bits().wrapping_sub(HALF);
     // Rebias 127 → 15 and round to nearest even at bit 13.
-    let norm = a
-        .wrapping_add(((15 - 127) << 23) as u32)
-        .wrapping_add(0xFFF + ((a >> 13) & 1))
-        >> 13;
+    let norm = a.wrapping_add(((15 - 127) << 23) as u32).wrapping_add(0xFFF + ((a >> 13) & 1)) >> 13;
     let h = if a > 0x7F80_0000 {
         nan
     } else if a >= 0x4780_0000 {
@@ -348,21 +345,8 @@ mod tests {
         for u in (0..0x0080_0000u32).step_by(997).chain([1, 0x7F_FFFF]) {
             src.push(f32::from_bits(u));
         }
-        src.extend([
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::NAN,
-            -f32::NAN,
-            f32::MAX,
-            f32::MIN,
-        ]);
-        src.extend([
-            f32::from_bits(0x7F80_0001),
-            f32::from_bits(0xFFBF_FFFF),
-            65519.0,
-            65520.0,
-            65535.9,
-        ]);
+        src.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, f32::MAX, f32::MIN]);
+        src.extend([f32::from_bits(0x7F80_0001), f32::from_bits(0xFFBF_FFFF), 65519.0, 65520.0, 65535.9]);
         let mut r = 0x9E37_79B9u32;
         for _ in 0..1 << 20 {
             r ^= r << 13;
@@ -380,12 +364,7 @@ mod tests {
             let mut tail = vec![f16::ZERO; 13];
             store(&src[..13], &mut tail);
             for (v, g) in src.iter().zip(&got).chain(src.iter().zip(&tail)) {
-                assert_eq!(
-                    g.to_bits(),
-                    f16::from_f32(*v).to_bits(),
-                    "{name}: f32 bits {:#010x}",
-                    v.to_bits()
-                );
+                assert_eq!(g.to_bits(), f16::from_f32(*v).to_bits(), "{name}: f32 bits {:#010x}", v.to_bits());
             }
         }
         let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
@@ -398,12 +377,7 @@ mod tests {
             load(&all[0x7BF0..0x7BF0 + 13], &mut tail);
             let pairs = all.iter().zip(&wide).chain(all[0x7BF0..].iter().zip(&tail));
             for (h, w) in pairs {
-                assert_eq!(
-                    w.to_bits(),
-                    h.to_f32().to_bits(),
-                    "{name}: f16 bits {:#06x}",
-                    h.to_bits()
-                );
+                assert_eq!(w.to_bits(), h.to_f32().to_bits(), "{name}: f16 bits {:#06x}", h.to_bits());
             }
         }
     }
@@ -421,12 +395,7 @@ mod tests {
         let mut got = vec![bf16::ZERO; src.len()];
         bf16_store(&src, &mut got);
         for (v, g) in src.iter().zip(&got) {
-            assert_eq!(
-                g.to_bits(),
-                bf16::from_f32(*v).to_bits(),
-                "f32 bits {:#010x}",
-                v.to_bits()
-            );
+            assert_eq!(g.to_bits(), bf16::from_f32(*v).to_bits(), "f32 bits {:#010x}", v.to_bits());
         }
         let all: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
         let mut wide = vec![0.0f32; all.len()];

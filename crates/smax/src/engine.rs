@@ -28,11 +28,7 @@ pub(crate) struct Plan {
 
 pub(crate) fn plan<T: Element>(opts: &Options) -> Result<Plan> {
     let (k, k64) = opts.inv_temperature(T::REPR != Repr::F64)?;
-    Ok(Plan {
-        level: SimdLevel::resolve(opts.exec.simd),
-        k,
-        k64,
-    })
+    Ok(Plan { level: SimdLevel::resolve(opts.exec.simd), k, k64 })
 }
 
 /// Row geometry after validation: rows of `len`, input stride `xs`, output stride `ys`.
@@ -47,12 +43,7 @@ pub(crate) struct RowGeom {
 /// The row geometry of two layouts of the same shape, when both are plain rows (axis
 /// layouts with `inner = 1` included).
 pub(crate) fn row_geom(x: &Layout, y: &Layout) -> Option<RowGeom> {
-    Some(RowGeom {
-        rows: x.row_count(),
-        len: x.row_len(),
-        xs: x.row_stride()?,
-        ys: y.row_stride()?,
-    })
+    Some(RowGeom { rows: x.row_count(), len: x.row_len(), xs: x.row_stride()?, ys: y.row_stride()? })
 }
 
 /// The prefetch domain of `data` (see [`Ahead`]).
@@ -279,10 +270,7 @@ pub(crate) fn ext_usable(e: &Ext, kk: f32) -> bool {
 }
 
 pub(crate) fn ext_to_online(e: &Ext, kk: f32) -> Online {
-    Online {
-        m: e.m,
-        d: e.sum_relative_to_max(kk),
-    }
+    Online { m: e.m, d: e.sum_relative_to_max(kk) }
 }
 
 /// Writes the output of a regular row from its statistics.
@@ -333,12 +321,7 @@ pub(crate) fn seg_write_next<S: Isa, T: Element>(
         return None;
     }
     let mut ns = Online::EMPTY;
-    let n = k::Next {
-        x: nf,
-        k: f.k,
-        st: &mut ns,
-        pf: npf,
-    };
+    let n = k::Next { x: nf, k: f.k, st: &mut ns, pf: npf };
     match f.op {
         FwdOp::Softmax => k::write_softmax_next(s, xf, yf, st.m, f.k, (1.0 / st.d) as f32, f.stream, pf, n),
         FwdOp::LogSoftmax => k::write_log_softmax_next(s, xf, yf, st.m, f.k, st.d.ln() as f32, f.stream, pf, n),
@@ -385,11 +368,7 @@ fn exp_store_sum_io<S: Isa, T: Element>(s: S, io: &mut Io<'_, T>, m: f32, kk: f3
     let pass = inl_mut(
         #[inline(always)]
         |x: &[f32], y: &mut [f32], d: &mut f64, p: Ahead| {
-            if shifted {
-                k::shift_store_sum(s, x, y, m, kk, d, p)
-            } else {
-                k::exp_store_sum(s, x, y, m, kk, d, p)
-            }
+            if shifted { k::shift_store_sum(s, x, y, m, kk, d, p) } else { k::exp_store_sum(s, x, y, m, kk, d, p) }
         },
     );
     match io {
@@ -429,21 +408,14 @@ pub(crate) fn row_stats<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f
         Algorithm::Online => seg_online(s, x, kk, pf),
         Algorithm::TwoPass => {
             let e = seg_ext(s, x, kk, pf);
-            if ext_usable(&e, kk) {
-                ext_to_online(&e, kk)
-            } else {
-                seg_online(s, x, kk, Ahead::NONE)
-            }
+            if ext_usable(&e, kk) { ext_to_online(&e, kk) } else { seg_online(s, x, kk, Ahead::NONE) }
         }
         _ => {
             let m = seg_max(s, x, Ahead::NONE);
             if !m.is_finite() {
                 return Online { m, d: f64::NAN };
             }
-            Online {
-                m,
-                d: seg_sum(s, x, m, kk, pf),
-            }
+            Online { m, d: seg_sum(s, x, m, kk, pf) }
         }
     }
 }
@@ -496,11 +468,7 @@ pub(crate) fn row_lse<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f32
         return f64::NEG_INFINITY;
     }
     let st = row_stats(s, x, alg.resolve_logsumexp(x.len()), kk, pf);
-    if regular(st) {
-        st.m as f64 * k64 + st.d.ln()
-    } else {
-        special_lse(classify(x))
-    }
+    if regular(st) { st.m as f64 * k64 + st.d.ln() } else { special_lse(classify(x)) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -525,16 +493,7 @@ impl<T: Element> Task for RowsFwd<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, s: S) {
-        let RowsFwd {
-            f,
-            x,
-            y,
-            rows,
-            len,
-            xs,
-            ys,
-            pipe,
-        } = self;
+        let RowsFwd { f, x, y, rows, len, xs, ys, pipe } = self;
         if rows == 0 || len == 0 {
             return;
         }
@@ -557,10 +516,9 @@ impl<T: Element> Task for RowsFwd<'_, T> {
             let (io, pf) = match x {
                 // Rows up to NEXT_ROW_PREFETCH_MAX fetch the next row into L2 during their heavy
                 // pass (the row, its output and the next row fit there).
-                Some(x) if len <= NEXT_ROW_PREFETCH_MAX => (
-                    Io::Sep(&x[r * xs..r * xs + len], yr),
-                    ahead(&x[r * xs..]).distance(xs).with_write(wr),
-                ),
+                Some(x) if len <= NEXT_ROW_PREFETCH_MAX => {
+                    (Io::Sep(&x[r * xs..r * xs + len], yr), ahead(&x[r * xs..]).distance(xs).with_write(wr))
+                }
                 Some(x) => (Io::Sep(&x[r * xs..r * xs + len], yr), ahead(&x[r * xs..])),
                 None => (Io::Same(yr), Ahead::NONE),
             };
@@ -625,11 +583,7 @@ fn rows_three_pass_pipe<S: Isa>(
             for r in 0..rows {
                 let xr = &x[r * xs..r * xs + len];
                 let yr = &mut y[r * ys..r * ys + len];
-                let next: &[f32] = if r + 1 < rows {
-                    &x[(r + 1) * xs..(r + 1) * xs + len]
-                } else {
-                    &[]
-                };
+                let next: &[f32] = if r + 1 < rows { &x[(r + 1) * xs..(r + 1) * xs + len] } else { &[] };
                 let mut d = f64::NAN;
                 if m.is_finite() {
                     d = 0.0;
@@ -647,11 +601,7 @@ fn rows_three_pass_pipe<S: Isa>(
                     m = k::finish_max_next(s, b, yr, c, log, true, next, None);
                 } else {
                     fill(yr, special_fill(classify(xr), f.op, f.masked));
-                    let npf = if r + 1 < rows {
-                        ahead(&x[(r + 1) * xs..])
-                    } else {
-                        Ahead::NONE
-                    };
+                    let npf = if r + 1 < rows { ahead(&x[(r + 1) * xs..]) } else { Ahead::NONE };
                     m = k::max(s, next, npf);
                 }
             }
@@ -673,15 +623,7 @@ fn rows_pipe<S: Isa, T: Element>(s: S, f: &Fwd, x: &[T], y: &mut [T], rows: usiz
     let mut st = seg_online(s, &x[..len], f.k, ahead(x));
     for r in 0..rows {
         let next = (r + 1 < rows).then(|| (&x[(r + 1) * xs..(r + 1) * xs + len], ahead(&x[(r + 1) * xs..])));
-        st = pipe_row(
-            s,
-            f,
-            &x[r * xs..r * xs + len],
-            &mut y[r * ys..r * ys + len],
-            st,
-            Ahead::NONE,
-            next,
-        );
+        st = pipe_row(s, f, &x[r * xs..r * xs + len], &mut y[r * ys..r * ys + len], st, Ahead::NONE, next);
     }
 }
 
@@ -730,11 +672,7 @@ fn long_rows_pipe<S: Isa, T: Element>(
             continue;
         }
         let mut next = Online::EMPTY;
-        for ((a, b), n) in row(r)
-            .chunks(CHUNK)
-            .zip(yr.chunks_mut(CHUNK))
-            .zip(row(r + 1).chunks(CHUNK))
-        {
+        for ((a, b), n) in row(r).chunks(CHUNK).zip(yr.chunks_mut(CHUNK)).zip(row(r + 1).chunks(CHUNK)) {
             next.merge(pipe_row(s, f, a, b, st, ahead(a), Some((n, ahead(n)))), f.k);
         }
         st = next;

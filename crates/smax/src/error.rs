@@ -113,11 +113,7 @@ pub enum Error {
 impl Error {
     /// [`Error::BadParameter`]: `name = value` is outside the range `expected` describes.
     pub(crate) fn bad_parameter(name: &'static str, value: impl core::fmt::Display, expected: &'static str) -> Self {
-        Error::BadParameter {
-            name,
-            value: value.to_string(),
-            expected,
-        }
+        Error::BadParameter { name, value: value.to_string(), expected }
     }
 }
 

@@ -161,11 +161,7 @@ pub fn gate<T: Element>(
 fn validate(p: &GateOptions, bias: Option<&[f32]>, tokens: usize, e: usize, n_ex: usize, n_w: usize) -> Result<()> {
     let bad = |name, v: String, expected| Err(Error::bad_parameter(name, v, expected));
     if p.k == 0 || (p.k > e && tokens > 0) {
-        return bad(
-            "k",
-            format!("{}", p.k),
-            "in [1, experts] (k = experts is the dense softmax)",
-        );
+        return bad("k", format!("{}", p.k), "in [1, experts] (k = experts is the dense softmax)");
     }
     if !(p.temperature.is_finite() && p.temperature > 0.0) {
         return bad("temperature", format!("{}", p.temperature), "finite and > 0");
@@ -176,35 +172,22 @@ fn validate(p: &GateOptions, bias: Option<&[f32]>, tokens: usize, e: usize, n_ex
         }
     }
     if !p.routed_scaling_factor.is_finite() {
-        return bad(
-            "routed_scaling_factor",
-            format!("{}", p.routed_scaling_factor),
-            "finite",
-        );
+        return bad("routed_scaling_factor", format!("{}", p.routed_scaling_factor), "finite");
     }
     if let Some(b) = bias {
         if b.len() != e {
-            return Err(Error::LengthMismatch {
-                what: "bias",
-                len: b.len(),
-                expected: e,
-            });
+            return Err(Error::LengthMismatch { what: "bias", len: b.len(), expected: e });
         }
         if let Some(v) = b.iter().find(|v| !v.is_finite()) {
             return bad("bias", format!("{v}"), "finite");
         }
     }
-    let slots = tokens.checked_mul(p.k).ok_or_else(|| Error::SizeOverflow {
-        what: "experts",
-        shape: format!("{tokens} tokens x k = {}", p.k),
-    })?;
+    let slots = tokens
+        .checked_mul(p.k)
+        .ok_or_else(|| Error::SizeOverflow { what: "experts", shape: format!("{tokens} tokens x k = {}", p.k) })?;
     for (what, len) in [("experts", n_ex), ("weights", n_w)] {
         if len != slots {
-            return Err(Error::LengthMismatch {
-                what,
-                len,
-                expected: slots,
-            });
+            return Err(Error::LengthMismatch { what, len, expected: slots });
         }
     }
     if e == 0 && tokens > 0 {
@@ -250,23 +233,11 @@ fn route_token<T: Element>(
     wr: &mut [f32],
 ) -> Result<()> {
     let (e, k) = (h.len(), p.k);
-    let Scratch {
-        counts,
-        psum,
-        s,
-        prob,
-        idx,
-        w,
-        sk,
-    } = sc;
+    let Scratch { counts, psum, s, prob, idx, w, sk } = sc;
     for (i, v) in h.iter().enumerate() {
         let v = v.to_f64();
         if v.is_nan() || v == f64::INFINITY {
-            return Err(Error::NonFiniteLogit {
-                row: r,
-                index: i,
-                value: v,
-            });
+            return Err(Error::NonFiniteLogit { row: r, index: i, value: v });
         }
         let a = match p.activation {
             _ if v == f64::NEG_INFINITY => v,
@@ -286,11 +257,7 @@ fn route_token<T: Element>(
     };
     // Masked experts are never preferred to unmasked ones, whatever their bias.
     let sel = |i: usize| {
-        if s[i] == f64::NEG_INFINITY {
-            f64::NEG_INFINITY
-        } else {
-            base[i] + bias.map_or(0.0, |b| b[i] as f64)
-        }
+        if s[i] == f64::NEG_INFINITY { f64::NEG_INFINITY } else { base[i] + bias.map_or(0.0, |b| b[i] as f64) }
     };
     // Largest selection score first, ties (and masked experts) to the lower index.
     let cmp = |a: &usize, b: &usize| {
@@ -347,11 +314,7 @@ fn route_token<T: Element>(
 
 /// Merges the tasks' statistics in task order into [`GateStats`].
 fn reduce(parts: Vec<Result<(Vec<usize>, Vec<f64>)>>, tokens: usize, e: usize, k: usize) -> Result<GateStats> {
-    let mut stats = GateStats {
-        tokens_per_expert: vec![0; e],
-        mean_prob: vec![0.0; e],
-        aux_loss: 0.0,
-    };
+    let mut stats = GateStats { tokens_per_expert: vec![0; e], mean_prob: vec![0.0; e], aux_loss: 0.0 };
     for part in parts {
         let (c, ps) = part?;
         for (a, b) in stats.tokens_per_expert.iter_mut().zip(c) {

@@ -30,25 +30,19 @@ pub(crate) enum Kind {
 impl Layout {
     /// `rows` contiguous rows of `len` elements (stride = `len`).
     pub const fn rows(rows: usize, len: usize) -> Self {
-        Layout {
-            kind: Kind::Rows { rows, len, stride: len },
-        }
+        Layout { kind: Kind::Rows { rows, len, stride: len } }
     }
 
     /// `rows` rows of `len` elements, row `r` starting at element `r * stride`.
     /// `stride < len` is rejected with [`Error::StrideTooSmall`] when a view is built
     /// (for `rows <= 1` the stride is irrelevant and any value is accepted).
     pub const fn strided_rows(rows: usize, len: usize, stride: usize) -> Self {
-        Layout {
-            kind: Kind::Rows { rows, len, stride },
-        }
+        Layout { kind: Kind::Rows { rows, len, stride } }
     }
 
     /// A contiguous `[outer, axis, inner]` block normalised over `axis`.
     pub const fn axis(outer: usize, axis: usize, inner: usize) -> Self {
-        Layout {
-            kind: Kind::Axis { outer, axis, inner },
-        }
+        Layout { kind: Kind::Axis { outer, axis, inner } }
     }
 
     /// Number of rows (independent normalisations).
@@ -112,16 +106,9 @@ impl Layout {
                 return Err(Error::StrideTooSmall { what, stride, len });
             }
         }
-        let needed = self.required_len().ok_or_else(|| Error::SizeOverflow {
-            what,
-            shape: self.describe(),
-        })?;
+        let needed = self.required_len().ok_or_else(|| Error::SizeOverflow { what, shape: self.describe() })?;
         if buf_len < needed {
-            return Err(Error::BufferTooShort {
-                what,
-                len: buf_len,
-                needed,
-            });
+            return Err(Error::BufferTooShort { what, len: buf_len, needed });
         }
         Ok(())
     }
@@ -140,11 +127,7 @@ impl Layout {
         if self.same_shape(other) {
             Ok(())
         } else {
-            Err(Error::ShapeMismatch {
-                what,
-                got: other.describe(),
-                expected: self.describe(),
-            })
+            Err(Error::ShapeMismatch { what, got: other.describe(), expected: self.describe() })
         }
     }
 }
@@ -221,9 +204,6 @@ impl<'a, T> ViewMut<'a, T> {
 
     /// A read-only reborrow.
     pub fn as_view(&self) -> View<'_, T> {
-        View {
-            data: self.data,
-            layout: self.layout,
-        }
+        View { data: self.data, layout: self.layout }
     }
 }

@@ -41,11 +41,7 @@ impl Task for MapTask<'_> {
 
 fn map(f: Fun, x: &[f32], y: &mut [f32], level: Option<SimdLevel>) -> Result<()> {
     if y.len() != x.len() {
-        return Err(Error::BufferTooShort {
-            what: "output",
-            len: y.len(),
-            needed: x.len(),
-        });
+        return Err(Error::BufferTooShort { what: "output", len: y.len(), needed: x.len() });
     }
     dispatch(SimdLevel::resolve(level), MapTask { f, x, y });
     Ok(())

@@ -113,10 +113,7 @@ pub struct Exec {
 
 impl Exec {
     /// The calling thread only, best SIMD level.
-    pub const SEQ: Exec = Exec {
-        par: Par::Seq,
-        simd: None,
-    };
+    pub const SEQ: Exec = Exec { par: Par::Seq, simd: None };
 }
 
 /// Generates the builder setters of an options struct, the one way every options struct of the
@@ -173,32 +170,18 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            temperature: 1.0,
-            masked_row: MaskedRow::Nan,
-            algorithm: Algorithm::Auto,
-            exec: Exec::default(),
-        }
+        Options { temperature: 1.0, masked_row: MaskedRow::Nan, algorithm: Algorithm::Auto, exec: Exec::default() }
     }
 }
 
-setters!(Options {
-    temperature: f64,
-    masked_row: MaskedRow,
-    algorithm: Algorithm
-});
+setters!(Options { temperature: f64, masked_row: MaskedRow, algorithm: Algorithm });
 
 impl Options {
     /// `1/τ` in f32 and f64, validated.
     pub(crate) fn inv_temperature(&self, f32_compute: bool) -> Result<(f32, f64)> {
         let t = self.temperature;
-        let bad = || {
-            Error::bad_parameter(
-                "temperature",
-                t,
-                "finite and > 0, with 1/temperature finite in the compute type",
-            )
-        };
+        let bad =
+            || Error::bad_parameter("temperature", t, "finite and > 0, with 1/temperature finite in the compute type");
         if !(t.is_finite() && t > 0.0) {
             return Err(bad());
         }

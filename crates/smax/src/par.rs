@@ -60,11 +60,7 @@ pub(crate) fn row_groups_per<T>(
     while r0 < rows {
         let cnt = per.min(rows - r0);
         // The last group ends at its last row's end (the buffer may stop there).
-        let cut = if r0 + cnt < rows {
-            cnt * stride
-        } else {
-            (cnt - 1) * stride + len
-        };
+        let cut = if r0 + cnt < rows { cnt * stride } else { (cnt - 1) * stride + len };
         let (head, tail) = rest.split_at_mut(cut);
         items.push((r0, cnt, head));
         rest = tail;

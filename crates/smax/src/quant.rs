@@ -153,17 +153,7 @@ impl Quantizer {
 
     fn check(&self) -> Result<()> {
         let b = self.bits();
-        let max_bits = if matches!(
-            self,
-            Quantizer::Sulq {
-                levels: SulqLevels::ReleasedCode,
-                ..
-            }
-        ) {
-            15
-        } else {
-            16
-        };
+        let max_bits = if matches!(self, Quantizer::Sulq { levels: SulqLevels::ReleasedCode, .. }) { 15 } else { 16 };
         let bad = |name, v: String, expected| Err(Error::bad_parameter(name, v, expected));
         if !(1..=max_bits).contains(&b) {
             return bad("bits", format!("{b}"), "1 to 16 (15 for SULQ's code-compatible mode)");
@@ -180,11 +170,7 @@ impl Quantizer {
             Quantizer::Sulq { eta, y_min, y_max, .. }
                 if !(eta.is_finite() && eta > 0.0 && y_min.is_finite() && y_max.is_finite() && y_min <= y_max) =>
             {
-                bad(
-                    "eta/y_min/y_max",
-                    format!("{eta}, [{y_min}, {y_max}]"),
-                    "η > 0, finite y_min <= y_max",
-                )
+                bad("eta/y_min/y_max", format!("{eta}, [{y_min}, {y_max}]"), "η > 0, finite y_min <= y_max")
             }
             _ => Ok(()),
         }
@@ -214,18 +200,8 @@ impl Quantizer {
             Quantizer::FixedPoint { bits } => clampq((x * (1u64 << bits) as f64).round_ties_even(), top),
             Quantizer::Log2 { delta, .. } => clampq((-(x / delta).log2()).round_ties_even(), top),
             Quantizer::LogSqrt2 { delta, .. } => clampq((-2.0 * (x / delta).log2()).round_ties_even(), top),
-            Quantizer::Sulq {
-                eta,
-                y_min,
-                y_max,
-                levels,
-                ..
-            } => {
-                let levels = if levels == SulqLevels::ReleasedCode {
-                    top + 1
-                } else {
-                    top
-                };
+            Quantizer::Sulq { eta, y_min, y_max, levels, .. } => {
+                let levels = if levels == SulqLevels::ReleasedCode { top + 1 } else { top };
                 let d = (y_max - y_min) / levels as f64;
                 if d == 0.0 {
                     return (0, false);
@@ -264,26 +240,11 @@ impl Quantizer {
                     delta * (-half).exp2() * if q % 2 == 1 { core::f64::consts::SQRT_2 } else { 1.0 }
                 }
             }
-            Quantizer::Sulq {
-                eta,
-                y_min,
-                y_max,
-                exponent,
-                levels,
-                ..
-            } => {
-                let levels = if levels == SulqLevels::ReleasedCode {
-                    top + 1
-                } else {
-                    top
-                };
+            Quantizer::Sulq { eta, y_min, y_max, exponent, levels, .. } => {
+                let levels = if levels == SulqLevels::ReleasedCode { top + 1 } else { top };
                 let d = (y_max - y_min) / levels as f64;
                 let e = q as f64 * d + y_min;
-                let e = if exponent == SulqExponent::Rounded {
-                    e.round_ties_even()
-                } else {
-                    e
-                };
+                let e = if exponent == SulqExponent::Rounded { e.round_ties_even() } else { e };
                 e.exp2() - eta
             }
             Quantizer::Companding { f_inv, .. } => f_inv(q as f64 / top as f64),
@@ -294,11 +255,9 @@ impl Quantizer {
     fn is_zero(&self, x: f64) -> bool {
         let levels = (1u64 << self.bits()) as f64;
         match *self {
-            Quantizer::Log2 {
-                zero_mode: ZeroMode::Zero,
-                delta,
-                ..
-            } => (-(x / delta).log2()).round_ties_even() >= levels,
+            Quantizer::Log2 { zero_mode: ZeroMode::Zero, delta, .. } => {
+                (-(x / delta).log2()).round_ties_even() >= levels
+            }
             Quantizer::LogSqrt2 { delta, .. } => (-2.0 * (x / delta).log2()).round_ties_even() >= levels,
             _ => false,
         }
@@ -320,28 +279,16 @@ pub fn quantize(
 ) -> Result<QuantReport> {
     q.check()?;
     let n = x.len();
-    let lens = [
-        Some(codes.len()),
-        zero.as_ref().map(|z| z.len()),
-        recon.as_ref().map(|r| r.len()),
-    ];
+    let lens = [Some(codes.len()), zero.as_ref().map(|z| z.len()), recon.as_ref().map(|r| r.len())];
     for (what, l) in ["codes", "zero", "recon"].iter().zip(lens) {
         if let Some(l) = l {
             if l != n {
-                return Err(Error::LengthMismatch {
-                    what,
-                    len: l,
-                    expected: n,
-                });
+                return Err(Error::LengthMismatch { what, len: l, expected: n });
             }
         }
     }
     if let Some(i) = x.iter().position(|v| v.is_nan()) {
-        return Err(Error::NonFiniteLogit {
-            row: 0,
-            index: i,
-            value: f64::NAN,
-        });
+        return Err(Error::NonFiniteLogit { row: 0, index: i, value: f64::NAN });
     }
     let (mut zero, mut recon) = (zero, recon);
     let mut rep = QuantReport::default();
@@ -373,40 +320,18 @@ pub fn quantize(
 pub fn dequantize(codes: &[u16], zero: Option<&[bool]>, q: &Quantizer, out: &mut [f32]) -> Result<()> {
     q.check()?;
     if out.len() != codes.len() {
-        return Err(Error::LengthMismatch {
-            what: "out",
-            len: out.len(),
-            expected: codes.len(),
-        });
+        return Err(Error::LengthMismatch { what: "out", len: out.len(), expected: codes.len() });
     }
     if let Some(z) = zero {
         if z.len() != codes.len() {
-            return Err(Error::LengthMismatch {
-                what: "zero",
-                len: z.len(),
-                expected: codes.len(),
-            });
+            return Err(Error::LengthMismatch { what: "zero", len: z.len(), expected: codes.len() });
         }
     }
     let top = (1u64 << q.bits()) - 1;
-    let levels = if matches!(
-        q,
-        Quantizer::Sulq {
-            levels: SulqLevels::ReleasedCode,
-            ..
-        }
-    ) {
-        top + 1
-    } else {
-        top
-    };
+    let levels = if matches!(q, Quantizer::Sulq { levels: SulqLevels::ReleasedCode, .. }) { top + 1 } else { top };
     for (i, (o, &c)) in out.iter_mut().zip(codes).enumerate() {
         if c as u64 > levels {
-            return Err(Error::bad_parameter(
-                "codes",
-                format!("{c} at {i}"),
-                "codes within the quantizer's range",
-            ));
+            return Err(Error::bad_parameter("codes", format!("{c} at {i}"), "codes within the quantizer's range"));
         }
         *o = q.value(c as u32, zero.is_some_and(|z| z[i])) as f32;
     }
@@ -429,11 +354,7 @@ fn nonempty_finite(x: &[f32]) -> Result<Vec<f64>> {
         return Err(Error::bad_parameter("calibration set", "empty", "at least one value"));
     }
     if let Some(i) = x.iter().position(|v| v.is_nan()) {
-        return Err(Error::NonFiniteLogit {
-            row: 0,
-            index: i,
-            value: f64::NAN,
-        });
+        return Err(Error::NonFiniteLogit { row: 0, index: i, value: f64::NAN });
     }
     let mut s: Vec<f64> = x.iter().map(|&v| (v as f64).clamp(0.0, 1.0)).collect();
     s.sort_by(|a, b| a.total_cmp(b));
@@ -483,6 +404,5 @@ pub fn calibrate_sulq(calib: &[f32], bits: u32, exponent: SulqExponent, levels: 
             best = Some((q, e));
         }
     }
-    best.map(|b| b.0)
-        .ok_or(Error::bad_parameter("calibration set", "empty", "at least one value"))
+    best.map(|b| b.0).ok_or(Error::bad_parameter("calibration set", "empty", "at least one value"))
 }

@@ -83,11 +83,7 @@ impl SampleOptions {
     fn check(&self) -> Result<()> {
         let bad = |name, v: String, expected| Err(Error::bad_parameter(name, v, expected));
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad(
-                "temperature",
-                format!("{}", self.temperature),
-                "finite and >= 0 (0 = greedy)",
-            );
+            return bad("temperature", format!("{}", self.temperature), "finite and >= 0 (0 = greedy)");
         }
         if self.top_k == Some(0) {
             return bad("top_k", "0".into(), ">= 1 (None disables it)");
@@ -252,12 +248,8 @@ fn top_k_key(t: &[f64], k: usize) -> u128 {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
     if k > 4096 {
-        let mut all: Vec<u128> = t
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| **v != f64::NEG_INFINITY)
-            .map(|(i, &v)| key(v, i))
-            .collect();
+        let mut all: Vec<u128> =
+            t.iter().enumerate().filter(|(_, v)| **v != f64::NEG_INFINITY).map(|(i, &v)| key(v, i)).collect();
         all.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
         return all[k - 1];
     }
@@ -289,14 +281,7 @@ fn filter_row(t: &[f64], p: &SampleOptions) -> Kept {
     for &v in t {
         t_max = t_max.max(v);
     }
-    let mut kept = Kept {
-        cut: 0,
-        cut_v: f64::NEG_INFINITY,
-        cut_i: usize::MAX,
-        min_p: None,
-        ln_min_p: 0.0,
-        t_max,
-    };
+    let mut kept = Kept { cut: 0, cut_v: f64::NEG_INFINITY, cut_i: usize::MAX, min_p: None, ln_min_p: 0.0, t_max };
     // Top-k.
     if let Some(k) = p.top_k {
         let unmasked = t.iter().filter(|v| **v != f64::NEG_INFINITY).count();
@@ -305,11 +290,7 @@ fn filter_row(t: &[f64], p: &SampleOptions) -> Kept {
             // Strict: exactly the first k. HF: every token tied in value with the k-th
             // survives; key(v, i) decreases with i, so the cut at value v with the last index
             // keeps all of them.
-            let cut = if p.strict_top_k {
-                kth
-            } else {
-                key(t[key_index(kth)], n - 1)
-            };
+            let cut = if p.strict_top_k { kth } else { key(t[key_index(kth)], n - 1) };
             kept.set_cut(cut);
         }
     }
@@ -332,21 +313,10 @@ fn filter_row(t: &[f64], p: &SampleOptions) -> Kept {
             let mut c = 256.min(total);
             loop {
                 let mut win = if keys.is_empty() && c == 256.min(total) {
-                    top_keys(
-                        t.iter()
-                            .enumerate()
-                            .filter(|(i, v)| kept.has(**v, *i))
-                            .map(|(i, &v)| key(v, i)),
-                        c,
-                    )
+                    top_keys(t.iter().enumerate().filter(|(i, v)| kept.has(**v, *i)).map(|(i, &v)| key(v, i)), c)
                 } else {
                     if keys.is_empty() {
-                        keys.extend(
-                            t.iter()
-                                .enumerate()
-                                .filter(|(i, v)| kept.has(**v, *i))
-                                .map(|(i, &v)| key(v, i)),
-                        );
+                        keys.extend(t.iter().enumerate().filter(|(i, v)| kept.has(**v, *i)).map(|(i, &v)| key(v, i)));
                     }
                     if c < total {
                         keys.select_nth_unstable_by(c - 1, |a, b| b.cmp(a));
@@ -390,11 +360,7 @@ fn prepare<T: Element>(z: &[T], temp: f64, row: usize) -> Result<Vec<f64>> {
     for (i, v) in z.iter().enumerate() {
         let v = v.to_f64();
         if v.is_nan() || v == f64::INFINITY {
-            return Err(Error::NonFiniteLogit {
-                row,
-                index: i,
-                value: v,
-            });
+            return Err(Error::NonFiniteLogit { row, index: i, value: v });
         }
         t.push(if temp > 0.0 { v / temp } else { v });
     }
@@ -428,12 +394,8 @@ fn run_row(t: &[f64], p: &SampleOptions, u: Option<f64>, lp_out: Option<&mut [f6
     let kept = filter_row(t, p);
     let m = kept.t_max;
     // The kept tokens in index order, with exp(t − m): one scan, then only the survivors.
-    let list: Vec<(usize, f64)> = t
-        .iter()
-        .enumerate()
-        .filter(|(i, v)| kept.has(**v, *i))
-        .map(|(i, &v)| (i, (v - m).exp()))
-        .collect();
+    let list: Vec<(usize, f64)> =
+        t.iter().enumerate().filter(|(i, v)| kept.has(**v, *i)).map(|(i, &v)| (i, (v - m).exp())).collect();
     let mut s = 0.0f64;
     for &(_, e) in &list {
         s += e;
@@ -488,22 +450,14 @@ pub fn sample<T: Element, U: Element>(
 ) -> Result<SampleStats> {
     let (rows, _, _) = rows_of(&logits)?;
     if tokens.len() != rows {
-        return Err(Error::RowCountMismatch {
-            what: "tokens",
-            len: tokens.len(),
-            rows,
-        });
+        return Err(Error::RowCountMismatch { what: "tokens", len: tokens.len(), rows });
     }
     let dl = match draw {
         Draw::Uniform(u) => u.len(),
         Draw::Counter { seeds, .. } => seeds.len(),
     };
     if dl != rows {
-        return Err(Error::LengthMismatch {
-            what: "draw",
-            len: dl,
-            expected: rows,
-        });
+        return Err(Error::LengthMismatch { what: "draw", len: dl, expected: rows });
     }
     if let Draw::Uniform(u) = draw {
         if let Some(&bad) = u.iter().find(|u| !(**u >= 0.0 && **u < 1.0)) {
@@ -553,10 +507,7 @@ fn run<T: Element, U: Element>(
         None => (None, 0, Processed::Probs),
     };
     let items: Vec<(usize, usize, Option<&mut [U]>)> = match pdata {
-        Some(d) => par::row_groups(d, rows, len, ps)
-            .into_iter()
-            .map(|(r0, n, g)| (r0, n, Some(g)))
-            .collect(),
+        Some(d) => par::row_groups(d, rows, len, ps).into_iter().map(|(r0, n, g)| (r0, n, Some(g))).collect(),
         None => (0..rows).map(|r| (r, 1, None)).collect(),
     };
     let out: Vec<Result<Vec<(usize, usize)>>> = par::map(p.exec.par, items, |(r0, n, mut o)| {
@@ -617,18 +568,11 @@ pub struct GumbelOptions {
 
 impl Default for GumbelOptions {
     fn default() -> Self {
-        GumbelOptions {
-            temperature: 1.0,
-            k: 1,
-            exec: Exec::default(),
-        }
+        GumbelOptions { temperature: 1.0, k: 1, exec: Exec::default() }
     }
 }
 
-setters!(GumbelOptions {
-    temperature: f64,
-    k: usize
-});
+setters!(GumbelOptions { temperature: f64, k: usize });
 
 /// Gumbel-max sampling (D2): `argmax_i (z_i/T + g_i)` with `g_i = −ln(−ln u_i)` and `u_i` from
 /// `source` (open uniforms, so both logs are finite). This is exactly a sample from
@@ -656,11 +600,7 @@ pub fn gumbel_max<T: Element>(
         GumbelSource::Uniforms(u) => (u.len(), rows * len),
     };
     if sl != want {
-        return Err(Error::LengthMismatch {
-            what: "gumbel source",
-            len: sl,
-            expected: want,
-        });
+        return Err(Error::LengthMismatch { what: "gumbel source", len: sl, expected: want });
     }
     if let GumbelSource::Uniforms(u) = source {
         if let Some(&bad) = u.iter().find(|u| !(**u > 0.0 && **u < 1.0)) {
@@ -668,11 +608,7 @@ pub fn gumbel_max<T: Element>(
         }
     }
     if tokens.len() != rows * k {
-        return Err(Error::LengthMismatch {
-            what: "tokens",
-            len: tokens.len(),
-            expected: rows * k,
-        });
+        return Err(Error::LengthMismatch { what: "tokens", len: tokens.len(), expected: rows * k });
     }
     let items: Vec<usize> = (0..rows).collect();
     let out: Vec<Result<Vec<u32>>> = par::map(exec.par, items, |r| {

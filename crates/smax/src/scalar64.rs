@@ -17,9 +17,7 @@ const BLOCK: usize = 256;
 /// families' f64 row statistics (calibration, the f64 losses) all go through here; `sample`
 /// keeps its own sum order, which its exactness definition and its test reference share.
 pub(crate) fn lse(values: impl Iterator<Item = f64> + Clone) -> f64 {
-    let m = values
-        .clone()
-        .fold(f64::NEG_INFINITY, |m, v| if v > m || v.is_nan() { v } else { m });
+    let m = values.clone().fold(f64::NEG_INFINITY, |m, v| if v > m || v.is_nan() { v } else { m });
     if m.is_nan() || m.is_infinite() {
         return m;
     }
@@ -123,11 +121,7 @@ pub(crate) fn row_lse(k: f64, x: &[f64]) -> f64 {
         return f64::NEG_INFINITY;
     }
     let (m, d) = stats(x, k);
-    if d.is_finite() && d > 0.0 {
-        m * k + d.ln()
-    } else {
-        engine::special_lse(classify(x))
-    }
+    if d.is_finite() && d > 0.0 { m * k + d.ln() } else { engine::special_lse(classify(x)) }
 }
 
 /// One row of softmax backward (`log = false`) or log-softmax backward (`log = true`).
@@ -176,20 +170,16 @@ pub(crate) fn rows_fwd<T: Element>(f: Fwd, k: f64, opts: &Options, g: RowGeom, x
     }
     let x = x.map(f64s);
     let y = f64s_mut(y);
-    par::for_each(
-        opts.exec.par,
-        par::row_groups(y, g.rows, g.len, g.ys),
-        |_, (r0, cnt, yg)| {
-            let mut tmp = Vec::new();
-            for i in 0..cnt {
-                let yr = &mut yg[i * g.ys..i * g.ys + g.len];
-                match x {
-                    Some(x) => row_fwd(&f, k, &x[(r0 + i) * g.xs..(r0 + i) * g.xs + g.len], yr),
-                    None => row_fwd_inplace(&f, k, yr, &mut tmp),
-                }
+    par::for_each(opts.exec.par, par::row_groups(y, g.rows, g.len, g.ys), |_, (r0, cnt, yg)| {
+        let mut tmp = Vec::new();
+        for i in 0..cnt {
+            let yr = &mut yg[i * g.ys..i * g.ys + g.len];
+            match x {
+                Some(x) => row_fwd(&f, k, &x[(r0 + i) * g.xs..(r0 + i) * g.xs + g.len], yr),
+                None => row_fwd_inplace(&f, k, yr, &mut tmp),
             }
-        },
-    );
+        }
+    });
 }
 
 pub(crate) fn rows_lse<T: Element>(k: f64, opts: &Options, g: RowGeom, x: &[T], out: &mut [T]) {
@@ -223,24 +213,20 @@ pub(crate) fn rows_bwd<T: Element>(
     let y = f64s(y);
     let dy = dy.map(f64s);
     let dx = f64s_mut(dx);
-    par::for_each(
-        opts.exec.par,
-        par::row_groups(dx, g.rows, g.len, g.ys),
-        |_, (r0, cnt, dg)| {
-            let mut tmp = Vec::new();
-            for i in 0..cnt {
-                let r = r0 + i;
-                let yr = &y[r * g.xs..r * g.xs + g.len];
-                let dr = &mut dg[i * g.ys..i * g.ys + g.len];
-                match dy {
-                    Some(d) => row_bwd(log, k, yr, &d[r * gs..r * gs + g.len], dr),
-                    None => {
-                        tmp.clear();
-                        tmp.extend_from_slice(dr);
-                        row_bwd(log, k, yr, &tmp, dr);
-                    }
+    par::for_each(opts.exec.par, par::row_groups(dx, g.rows, g.len, g.ys), |_, (r0, cnt, dg)| {
+        let mut tmp = Vec::new();
+        for i in 0..cnt {
+            let r = r0 + i;
+            let yr = &y[r * g.xs..r * g.xs + g.len];
+            let dr = &mut dg[i * g.ys..i * g.ys + g.len];
+            match dy {
+                Some(d) => row_bwd(log, k, yr, &d[r * gs..r * gs + g.len], dr),
+                None => {
+                    tmp.clear();
+                    tmp.extend_from_slice(dr);
+                    row_bwd(log, k, yr, &tmp, dr);
                 }
             }
-        },
-    );
+        }
+    });
 }

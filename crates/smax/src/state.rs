@@ -22,18 +22,11 @@ macro_rules! lse_state {
     ($f:ty) => {
         impl LseState<$f> {
             /// The state of the empty set, `(-inf, 0)`; `lse() = -inf`.
-            pub const EMPTY: Self = LseState {
-                max: <$f>::NEG_INFINITY,
-                sum: 0.0,
-            };
+            pub const EMPTY: Self = LseState { max: <$f>::NEG_INFINITY, sum: 0.0 };
 
             /// The state of one value (`x = -inf` gives [`Self::EMPTY`]).
             pub fn from_value(x: $f) -> Self {
-                if x == <$f>::NEG_INFINITY {
-                    Self::EMPTY
-                } else {
-                    LseState { max: x, sum: 1.0 }
-                }
+                if x == <$f>::NEG_INFINITY { Self::EMPTY } else { LseState { max: x, sum: 1.0 } }
             }
 
             /// The state of a slice, by sequential [`Self::push`].
@@ -54,10 +47,7 @@ macro_rules! lse_state {
             pub fn merge(self, other: Self) -> Self {
                 let (a, b) = (self, other);
                 if a.max.is_nan() || b.max.is_nan() || a.sum.is_nan() || b.sum.is_nan() {
-                    return LseState {
-                        max: <$f>::NAN,
-                        sum: <$f>::NAN,
-                    };
+                    return LseState { max: <$f>::NAN, sum: <$f>::NAN };
                 }
                 if b.max == <$f>::NEG_INFINITY {
                     return a;
@@ -66,21 +56,12 @@ macro_rules! lse_state {
                     return b;
                 }
                 if a.max == b.max {
-                    return LseState {
-                        max: a.max,
-                        sum: a.sum + b.sum,
-                    };
+                    return LseState { max: a.max, sum: a.sum + b.sum };
                 }
                 if a.max > b.max {
-                    LseState {
-                        max: a.max,
-                        sum: b.sum.mul_add((b.max - a.max).exp(), a.sum),
-                    }
+                    LseState { max: a.max, sum: b.sum.mul_add((b.max - a.max).exp(), a.sum) }
                 } else {
-                    LseState {
-                        max: b.max,
-                        sum: a.sum.mul_add((a.max - b.max).exp(), b.sum),
-                    }
+                    LseState { max: b.max, sum: a.sum.mul_add((a.max - b.max).exp(), b.sum) }
                 }
             }
 

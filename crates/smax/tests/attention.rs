@@ -188,11 +188,7 @@ impl Cfg {
 /// Inputs rounded to f32 (both sides see the same numbers).
 fn inputs(rng: &mut Rng, s: AttentionShape, qs: f64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let r = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
-    (
-        r(rng.vec(s.out_len(), qs)),
-        r(rng.vec(s.kv_len_elems(), 1.0)),
-        r(rng.vec(s.kv_len_elems(), 1.0)),
-    )
+    (r(rng.vec(s.out_len(), qs)), r(rng.vec(s.kv_len_elems(), 1.0)), r(rng.vec(s.kv_len_elems(), 1.0)))
 }
 
 fn wide(x: &[f32]) -> Vec<f64> {
@@ -223,11 +219,8 @@ fn bwd(
     lse: &[f32],
     o: &AttentionOptions<'_>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (mut dq, mut dk, mut dv) = (
-        vec![0.0f32; s.out_len()],
-        vec![0.0f32; s.kv_len_elems()],
-        vec![0.0f32; s.kv_len_elems()],
-    );
+    let (mut dq, mut dk, mut dv) =
+        (vec![0.0f32; s.out_len()], vec![0.0f32; s.kv_len_elems()], vec![0.0f32; s.kv_len_elems()]);
     let g = AttentionGrads::new(&mut dq, &mut dk, &mut dv);
     attention_backward(
         smax::attention::AttentionInputs::new(s, Heads::new(q), Heads::new(k), Heads::new(v)),
@@ -254,10 +247,7 @@ fn close(what: &str, got: &[f32], want: &[f64], tol: f64, scale: f64) {
             continue;
         }
         let err = (g as f64 - w).abs();
-        assert!(
-            err <= tol * (1.0 + scale),
-            "{what}[{i}]: got {g}, want {w}, err {err:e}"
-        );
+        assert!(err <= tol * (1.0 + scale), "{what}[{i}]: got {g}, want {w}, err {err:e}");
     }
 }
 
@@ -292,10 +282,7 @@ fn worked_example_a1() {
     for tiles in [(1, 2), (4, 1), (128, 256)] {
         let mut out = [0.0f32; 2];
         let mut lse = [0.0f32; 1];
-        let o = AttentionOptions::default().tiles(smax::attention::AttentionTiles {
-            q: tiles.0,
-            kv: tiles.1,
-        });
+        let o = AttentionOptions::default().tiles(smax::attention::AttentionTiles { q: tiles.0, kv: tiles.1 });
         attention(
             smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
             smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
@@ -357,13 +344,9 @@ fn causal_offsets_windows_bias_keep_and_gqa() {
         check_fwd(&cfg, 3.0, rng.next_u64());
     }
     // Sliding windows, with and without causal (usize::MAX: unbounded, no overflow).
-    for (l, r, causal) in [
-        (8usize, 0usize, true),
-        (3, 5, false),
-        (0, 0, false),
-        (100, 100, false),
-        (usize::MAX, usize::MAX, true),
-    ] {
+    for (l, r, causal) in
+        [(8usize, 0usize, true), (3, 5, false), (0, 0, false), (100, 100, false), (usize::MAX, usize::MAX, true)]
+    {
         let mut cfg = Cfg::new(base);
         cfg.window = Some((l, r));
         cfg.causal = causal;
@@ -372,17 +355,8 @@ fn causal_offsets_windows_bias_keep_and_gqa() {
     // Additive bias (with -inf entries) and a boolean mask, plus a temperature.
     let n = base.batch * base.q_heads * base.q_len * base.kv_len;
     let mut cfg = Cfg::new(base);
-    cfg.bias = Some(
-        (0..n)
-            .map(|i| {
-                if i % 11 == 0 {
-                    f32::NEG_INFINITY
-                } else {
-                    (rng.uniform() * 2.0) as f32
-                }
-            })
-            .collect(),
-    );
+    cfg.bias =
+        Some((0..n).map(|i| if i % 11 == 0 { f32::NEG_INFINITY } else { (rng.uniform() * 2.0) as f32 }).collect());
     cfg.keep = Some((0..n).map(|i| i % 7 != 3).collect());
     cfg.tau = 0.7;
     cfg.causal = true;
@@ -396,10 +370,8 @@ fn causal_offsets_windows_bias_keep_and_gqa() {
 fn temperature_worked_example_a7() {
     // Scores of A1 (q·k/√2) with V = I: the output is the weight vector.
     let s = AttentionShape::new(1, 1, 1, 4, 4);
-    let k: Vec<f32> = [[1.0f32, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]]
-        .iter()
-        .flat_map(|r| [r[0], r[1], 0.0, 0.0])
-        .collect();
+    let k: Vec<f32> =
+        [[1.0f32, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]].iter().flat_map(|r| [r[0], r[1], 0.0, 0.0]).collect();
     let q = [1.0f32, 0.5, 0.0, 0.0];
     let v: Vec<f32> = (0..16).map(|i| if i % 5 == 0 { 1.0 } else { 0.0 }).collect();
     for (tau, want) in [
@@ -407,9 +379,7 @@ fn temperature_worked_example_a7() {
         (0.8, [0.293131237, 0.1884209731, 0.4560316226, 0.0624161673]),
     ] {
         let mut out = [0.0f32; 4];
-        let o = AttentionOptions::default()
-            .scale(1.0 / 2f32.sqrt())
-            .temperature(tau as f64);
+        let o = AttentionOptions::default().scale(1.0 / 2f32.sqrt()).temperature(tau as f64);
         attention(
             smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
             smax::attention::AttentionOutputs::new(&mut out, None),
@@ -589,12 +559,7 @@ fn thread_count_and_call_composition_do_not_change_bits() {
     let s1 = AttentionShape::new(1, 4, 150, 300, 32).kv_heads(2);
     let mut c1 = Cfg::new(s1);
     c1.causal = true;
-    let (o1, _) = run_fwd(
-        &c1,
-        &q[s1.out_len()..],
-        &k[s1.kv_len_elems()..],
-        &v[s1.kv_len_elems()..],
-    );
+    let (o1, _) = run_fwd(&c1, &q[s1.out_len()..], &k[s1.kv_len_elems()..], &v[s1.kv_len_elems()..]);
     assert_eq!(o1[..], results[0].0[s1.out_len()..]);
 }
 
@@ -666,10 +631,9 @@ fn half_inputs_are_widened_and_narrowed_once() {
         let w = |x: &[T]| x.iter().map(|v| v.to_f64()).collect::<Vec<f64>>();
         (w(&out), w(&qn), w(&kn), w(&vn))
     }
-    for (eps, (out, qw, kw, vw)) in [
-        (2f64.powi(-11), run::<f16>(&cfg, &q, &k, &v)),
-        (2f64.powi(-8), run::<bf16>(&cfg, &q, &k, &v)),
-    ] {
+    for (eps, (out, qw, kw, vw)) in
+        [(2f64.powi(-11), run::<f16>(&cfg, &q, &k, &v)), (2f64.powi(-8), run::<bf16>(&cfg, &q, &k, &v))]
+    {
         let (ro, _) = cfg.forward(&qw, &kw, &vw);
         for (g, w) in out.iter().zip(&ro) {
             // One rounding of the narrow type on top of the f32 bound.
@@ -688,11 +652,7 @@ fn backward_reference_agrees_with_finite_differences() {
     for cap in [None, Some(0.7)] {
         cfg.softcap = cap;
         let mut rng = Rng(12);
-        let (q, k, v) = (
-            rng.vec(s.out_len(), 1.0),
-            rng.vec(s.kv_len_elems(), 1.0),
-            rng.vec(s.kv_len_elems(), 1.0),
-        );
+        let (q, k, v) = (rng.vec(s.out_len(), 1.0), rng.vec(s.kv_len_elems(), 1.0), rng.vec(s.kv_len_elems(), 1.0));
         let dout = rng.vec(s.out_len(), 1.0);
         let (dq, dk, dv) = cfg.backward(&q, &k, &v, &dout);
         let f = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
@@ -706,11 +666,7 @@ fn backward_reference_agrees_with_finite_differences() {
                 a[which][i] += hstep;
                 b[which][i] -= hstep;
                 let fd = (f(&a[0], &a[1], &a[2]) - f(&b[0], &b[1], &b[2])) / (2.0 * hstep);
-                assert!(
-                    (fd - grad[i]).abs() < 1e-7 * (1.0 + fd.abs()),
-                    "input {which}[{i}]: fd {fd} vs {}",
-                    grad[i]
-                );
+                assert!((fd - grad[i]).abs() < 1e-7 * (1.0 + fd.abs()), "input {which}[{i}]: fd {fd} vs {}", grad[i]);
             }
         }
     }
@@ -816,16 +772,7 @@ fn bad_input_is_a_typed_error() {
             &o.temperature(t as f64),
         )
         .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::BadParameter {
-                    name: "temperature",
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        assert!(matches!(e, Error::BadParameter { name: "temperature", .. }), "{e}");
     }
     let e = attention(
         smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
@@ -844,10 +791,7 @@ fn bad_input_is_a_typed_error() {
         assert!(matches!(e, Error::BadParameter { name: "softcap", .. }), "{e}");
     }
     let bias = vec![0.0f32; 3];
-    let ob = o.bias(ScoreBias {
-        data: &bias,
-        strides: ScoreStrides::shared(4),
-    });
+    let ob = o.bias(ScoreBias { data: &bias, strides: ScoreStrides::shared(4) });
     let e = attention(
         smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
         smax::attention::AttentionOutputs::new(&mut out, None),
@@ -858,14 +802,7 @@ fn bad_input_is_a_typed_error() {
     let e = attention(
         smax::attention::AttentionInputs::new(
             s,
-            Heads::strided(
-                &x,
-                HeadStrides {
-                    batch: 64,
-                    head: 32,
-                    token: 4,
-                },
-            ),
+            Heads::strided(&x, HeadStrides { batch: 64, head: 32, token: 4 }),
             Heads::new(&x),
             Heads::new(&x),
         ),
@@ -893,13 +830,7 @@ fn worked_example_a2_merge() {
     let l = [1.2390215580409039f32, 1.2460800677481865];
     let (mut out, mut lse) = ([0.0f32; 2], [0.0f32; 1]);
     merge_attention_states(
-        smax::attention::PartialStates {
-            parts: 2,
-            rows: 1,
-            head_dim: 2,
-            out: &o,
-            lse: &l,
-        },
+        smax::attention::PartialStates { parts: 2, rows: 1, head_dim: 2, out: &o, lse: &l },
         &mut out,
         &mut lse,
     )
@@ -923,25 +854,13 @@ fn merge_identity_and_grouping() {
     let (mut a, mut la) = (vec![0.0f32; rows * d], vec![0.0f32; rows]);
     let (mut b, mut lb) = (vec![0.0f32; rows * d], vec![0.0f32; rows]);
     merge_attention_states(
-        smax::attention::PartialStates {
-            parts,
-            rows,
-            head_dim: d,
-            out: &o,
-            lse: &l,
-        },
+        smax::attention::PartialStates { parts, rows, head_dim: d, out: &o, lse: &l },
         &mut a,
         &mut la,
     )
     .unwrap();
     merge_attention_states(
-        smax::attention::PartialStates {
-            parts: parts + 1,
-            rows,
-            head_dim: d,
-            out: &with_empty,
-            lse: &l_empty,
-        },
+        smax::attention::PartialStates { parts: parts + 1, rows, head_dim: d, out: &with_empty, lse: &l_empty },
         &mut b,
         &mut lb,
     )
@@ -968,25 +887,13 @@ fn merge_identity_and_grouping() {
     let (mut g1, mut lg1) = (vec![0.0f32; rows * d], vec![0.0f32; rows]);
     let (mut g2, mut lg2) = (vec![0.0f32; rows * d], vec![0.0f32; rows]);
     merge_attention_states(
-        smax::attention::PartialStates {
-            parts: 3,
-            rows,
-            head_dim: d,
-            out: &o[..half * d],
-            lse: &l[..half],
-        },
+        smax::attention::PartialStates { parts: 3, rows, head_dim: d, out: &o[..half * d], lse: &l[..half] },
         &mut g1,
         &mut lg1,
     )
     .unwrap();
     merge_attention_states(
-        smax::attention::PartialStates {
-            parts: 3,
-            rows,
-            head_dim: d,
-            out: &o[half * d..],
-            lse: &l[half..],
-        },
+        smax::attention::PartialStates { parts: 3, rows, head_dim: d, out: &o[half * d..], lse: &l[half..] },
         &mut g2,
         &mut lg2,
     )
@@ -1014,13 +921,7 @@ fn merge_identity_and_grouping() {
     let mut ln = l.clone();
     ln[0] = f32::NAN;
     merge_attention_states(
-        smax::attention::PartialStates {
-            parts,
-            rows,
-            head_dim: d,
-            out: &o,
-            lse: &ln,
-        },
+        smax::attention::PartialStates { parts, rows, head_dim: d, out: &o, lse: &ln },
         &mut a,
         &mut la,
     )
@@ -1031,12 +932,9 @@ fn merge_identity_and_grouping() {
 #[test]
 fn split_k_equals_one_pass() {
     let mut rng = Rng(71);
-    for &(ql, kl, split, causal) in &[
-        (1usize, 1000usize, 128usize, false),
-        (4, 777, 100, true),
-        (1, 50, 7, false),
-        (2, 300, 1000, true),
-    ] {
+    for &(ql, kl, split, causal) in
+        &[(1usize, 1000usize, 128usize, false), (4, 777, 100, true), (1, 50, 7, false), (2, 300, 1000, true)]
+    {
         let s = AttentionShape::new(2, 4, ql, kl, 32).kv_heads(2);
         let mut cfg = Cfg::new(s);
         cfg.causal = causal;
@@ -1070,10 +968,7 @@ fn worked_examples_a3_unified_max() {
     let st = attention_decode_unified(
         smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
         smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
-        &o.with_variant(smax::attention::UnifiedDecode {
-            split: SplitK { split_len: 2 },
-            max: UnifiedMax::new(1.0),
-        }),
+        &o.with_variant(smax::attention::UnifiedDecode { split: SplitK { split_len: 2 }, max: UnifiedMax::new(1.0) }),
     )
     .unwrap();
     assert_eq!(st.fallback_rows, 0);
@@ -1081,54 +976,34 @@ fn worked_examples_a3_unified_max() {
     assert!((lse[0] as f64 - 1.9357042212614726).abs() < 1e-6);
     // A3b: scores x = [4,5,6,7] (no fallback) and y = [3,6,9,6] (fallback), φ = 6, (a, b) = (−3, 3).
     let s = AttentionShape::new(1, 1, 1, 4, 4);
-    let v: Vec<f32> = [1.0f32, 2.0, 3.0, 4.0]
-        .iter()
-        .flat_map(|&x| [x, 0.0, 0.0, 0.0])
-        .collect();
+    let v: Vec<f32> = [1.0f32, 2.0, 3.0, 4.0].iter().flat_map(|&x| [x, 0.0, 0.0, 0.0]).collect();
     let q = [1.0f32, 0.0, 0.0, 0.0];
-    let um = UnifiedMax {
-        phi: 6.0,
-        a: -3.0,
-        b: Some(3.0),
-        fallback: UnifiedFallback::Paper,
-    };
-    for (xs, want, fb) in [
-        ([4.0f32, 5.0, 6.0, 7.0], 3.4926527345857683, 0),
-        ([3.0, 6.0, 9.0, 6.0], 2.995501573106691, 1),
-    ] {
+    let um = UnifiedMax { phi: 6.0, a: -3.0, b: Some(3.0), fallback: UnifiedFallback::Paper };
+    for (xs, want, fb) in
+        [([4.0f32, 5.0, 6.0, 7.0], 3.4926527345857683, 0), ([3.0, 6.0, 9.0, 6.0], 2.995501573106691, 1)]
+    {
         let k: Vec<f32> = xs.iter().flat_map(|&x| [x, 0.0, 0.0, 0.0]).collect();
         let mut out = [0.0f32; 4];
         let o = AttentionOptions::default().scale(1.0);
         let st = attention_decode_unified(
             smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
             smax::attention::AttentionOutputs::new(&mut out, None),
-            &o.with_variant(smax::attention::UnifiedDecode {
-                split: SplitK { split_len: 2 },
-                max: um,
-            }),
+            &o.with_variant(smax::attention::UnifiedDecode { split: SplitK { split_len: 2 }, max: um }),
         )
         .unwrap();
         assert_eq!(st.fallback_rows, fb, "{xs:?}");
         assert!((out[0] as f64 - want).abs() < 2e-6, "{xs:?}: {out:?}");
     }
     // UpperOnly: y's lower violation alone does not trigger; its upper one does.
-    let k: Vec<f32> = [3.0f32, 6.0, 8.0, 6.0]
-        .iter()
-        .flat_map(|&x| [x, 0.0, 0.0, 0.0])
-        .collect();
+    let k: Vec<f32> = [3.0f32, 6.0, 8.0, 6.0].iter().flat_map(|&x| [x, 0.0, 0.0, 0.0]).collect();
     let mut out = [0.0f32; 4];
     let st = attention_decode_unified(
         smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
         smax::attention::AttentionOutputs::new(&mut out, None),
-        &AttentionOptions::default()
-            .scale(1.0)
-            .with_variant(smax::attention::UnifiedDecode {
-                split: SplitK { split_len: 2 },
-                max: UnifiedMax {
-                    fallback: UnifiedFallback::UpperOnly,
-                    ..um
-                },
-            }),
+        &AttentionOptions::default().scale(1.0).with_variant(smax::attention::UnifiedDecode {
+            split: SplitK { split_len: 2 },
+            max: UnifiedMax { fallback: UnifiedFallback::UpperOnly, ..um },
+        }),
     )
     .unwrap();
     assert_eq!(st.fallback_rows, 0);
@@ -1158,67 +1033,38 @@ fn unified_max_equals_exact_and_counts_fallbacks() {
     let st = attention_decode_unified(
         smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
         smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
-        &cfg.opts().with_variant(smax::attention::UnifiedDecode {
-            split: dec,
-            max: UnifiedMax::new(lo),
-        }),
+        &cfg.opts().with_variant(smax::attention::UnifiedDecode { split: dec, max: UnifiedMax::new(lo) }),
     )
     .unwrap();
-    assert_eq!(
-        st,
-        smax::attention::UnifiedStats {
-            rows: 8,
-            fallback_rows: 0
-        }
-    );
+    assert_eq!(st, smax::attention::UnifiedStats { rows: 8, fallback_rows: 0 });
     close("unified out", &out, &ro, FWD_TOL, 1.0);
     close("unified lse", &lse, &rl, FWD_TOL, 10.0);
     // A narrow window forces a fallback for every row; the result is still exact.
-    let narrow = UnifiedMax {
-        phi: lo,
-        a: -0.5,
-        b: Some(0.5),
-        fallback: UnifiedFallback::Paper,
-    };
+    let narrow = UnifiedMax { phi: lo, a: -0.5, b: Some(0.5), fallback: UnifiedFallback::Paper };
     let st = attention_decode_unified(
         smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
         smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
-        &cfg.opts().with_variant(smax::attention::UnifiedDecode {
-            split: dec,
-            max: narrow,
-        }),
+        &cfg.opts().with_variant(smax::attention::UnifiedDecode { split: dec, max: narrow }),
     )
     .unwrap();
     assert_eq!(st.fallback_rows, 8);
     close("fallback out", &out, &ro, FWD_TOL, 1.0);
     // A φ far above every score underflows every row: UpperOnly falls back on the zero sum.
-    let high = UnifiedMax {
-        phi: 200.0,
-        a: -1000.0,
-        b: Some(10.0),
-        fallback: UnifiedFallback::UpperOnly,
-    };
+    let high = UnifiedMax { phi: 200.0, a: -1000.0, b: Some(10.0), fallback: UnifiedFallback::UpperOnly };
     let st = attention_decode_unified(
         smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
         smax::attention::AttentionOutputs::new(&mut out, None),
-        &cfg.opts()
-            .with_variant(smax::attention::UnifiedDecode { split: dec, max: high }),
+        &cfg.opts().with_variant(smax::attention::UnifiedDecode { split: dec, max: high }),
     )
     .unwrap();
     assert_eq!(st.fallback_rows, 8);
     close("underflow fallback out", &out, &ro, FWD_TOL, 1.0);
     // Bad windows are errors.
-    let bad = UnifiedMax {
-        phi: 0.0,
-        a: 1.0,
-        b: Some(0.5),
-        fallback: UnifiedFallback::Paper,
-    };
+    let bad = UnifiedMax { phi: 0.0, a: 1.0, b: Some(0.5), fallback: UnifiedFallback::Paper };
     let e = attention_decode_unified(
         smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
         smax::attention::AttentionOutputs::new(&mut out, None),
-        &cfg.opts()
-            .with_variant(smax::attention::UnifiedDecode { split: dec, max: bad }),
+        &cfg.opts().with_variant(smax::attention::UnifiedDecode { split: dec, max: bad }),
     )
     .unwrap_err();
     assert!(matches!(e, Error::BadParameter { .. }));
@@ -1307,13 +1153,7 @@ fn backward_modes_agree_bit_for_bit() {
     let s1 = AttentionShape::new(1, 2, 45, 300, 16).kv_heads(1);
     let (nq, nk) = (s1.out_len(), s1.kv_len_elems());
     for b in 0..8 {
-        let one = grads(
-            s1,
-            &q[b * nq..][..nq],
-            &k[b * nk..][..nk],
-            &v[b * nk..][..nk],
-            &d_out[b * nq..][..nq],
-        );
+        let one = grads(s1, &q[b * nq..][..nq], &k[b * nk..][..nk], &v[b * nk..][..nk], &d_out[b * nq..][..nq]);
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
         assert_eq!(bits(&one.0), bits(&all.0[b * nq..][..nq]), "dq of batch {b}");
         assert_eq!(bits(&one.1), bits(&all.1[b * nk..][..nk]), "dk of batch {b}");
@@ -1333,10 +1173,7 @@ fn backward_modes_agree_bit_for_bit() {
             close("dv", &one.2, &rv, BWD_TOL, max_abs(&rv));
         }
     }
-    assert!(
-        all.0.iter().any(|x| x.is_nan()),
-        "rows that see the NaN key get NaN gradients"
-    );
+    assert!(all.0.iter().any(|x| x.is_nan()), "rows that see the NaN key get NaN gradients");
 }
 
 #[test]
@@ -1349,11 +1186,7 @@ fn grouped_decoding_with_per_head_masks() {
     let (q, k, v) = inputs(&mut rng, s, 2.0);
     let mut cfg = Cfg::new(s);
     cfg.causal = true;
-    cfg.bias = Some(
-        (0..n)
-            .map(|i| ((i / s.kv_len) % 5) as f32 * 0.3 - (i % 3) as f32 * 0.1)
-            .collect(),
-    );
+    cfg.bias = Some((0..n).map(|i| ((i / s.kv_len) % 5) as f32 * 0.3 - (i % 3) as f32 * 0.1).collect());
     cfg.keep = Some((0..n).map(|i| (i * 31) % 11 != 4).collect());
     let (ro, rl) = cfg.forward(&wide(&q), &wide(&k), &wide(&v));
     let mut out = vec![0.0f32; s.out_len()];
@@ -1370,10 +1203,7 @@ fn grouped_decoding_with_per_head_masks() {
     let st = attention_decode_unified(
         smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
         smax::attention::AttentionOutputs::new(&mut out, Some(&mut lse)),
-        &cfg.opts().with_variant(smax::attention::UnifiedDecode {
-            split: dec,
-            max: UnifiedMax::new(-3.0),
-        }),
+        &cfg.opts().with_variant(smax::attention::UnifiedDecode { split: dec, max: UnifiedMax::new(-3.0) }),
     )
     .unwrap();
     assert_eq!(st.fallback_rows, 0);
@@ -1404,12 +1234,7 @@ fn bias_gradient_matches_reference_and_finite_differences() {
             let mut b = bias0.clone();
             b[i] += delta;
             c.bias = Some(b);
-            c.forward(&qw, &kw, &vw)
-                .0
-                .iter()
-                .zip(&gw)
-                .map(|(a, b)| a * b)
-                .sum::<f64>()
+            c.forward(&qw, &kw, &vw).0.iter().zip(&gw).map(|(a, b)| a * b).sum::<f64>()
         };
         *w = (f(1e-3) - f(-1e-3)) / 2e-3;
     }
@@ -1418,11 +1243,8 @@ fn bias_gradient_matches_reference_and_finite_differences() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         let db = pool.install(|| {
             let (out, lse) = run_fwd(&cfg, &q, &k, &v);
-            let (mut dq, mut dk, mut dv) = (
-                vec![0.0f32; s.out_len()],
-                vec![0.0f32; s.kv_len_elems()],
-                vec![0.0f32; s.kv_len_elems()],
-            );
+            let (mut dq, mut dk, mut dv) =
+                (vec![0.0f32; s.out_len()], vec![0.0f32; s.kv_len_elems()], vec![0.0f32; s.kv_len_elems()]);
             let mut db = vec![f32::NAN; n];
             let g = AttentionGrads::new(&mut dq, &mut dk, &mut dv).with_bias_grad(&mut db);
             attention_backward(
@@ -1445,11 +1267,8 @@ fn bias_gradient_matches_reference_and_finite_differences() {
             }
         }
     }
-    let (mut dq, mut dk, mut dv) = (
-        vec![0.0f32; s.out_len()],
-        vec![0.0f32; s.kv_len_elems()],
-        vec![0.0f32; s.kv_len_elems()],
-    );
+    let (mut dq, mut dk, mut dv) =
+        (vec![0.0f32; s.out_len()], vec![0.0f32; s.kv_len_elems()], vec![0.0f32; s.kv_len_elems()]);
     let mut short = vec![0.0f32; n - 1];
     let g = AttentionGrads::new(&mut dq, &mut dk, &mut dv).with_bias_grad(&mut short);
     let (out, lse) = run_fwd(&cfg, &q, &k, &v);

@@ -37,21 +37,14 @@ static A: Counting = Counting;
 /// number does not depend on how many tasks run at once).
 fn peaks(q_len: usize, kv_len: usize) -> (usize, usize) {
     let s = AttentionShape::new(1, 2, q_len, kv_len, 32);
-    let q: Vec<f32> = (0..s.out_len())
-        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
-        .collect();
-    let k: Vec<f32> = (0..s.kv_len_elems())
-        .map(|i| ((i * 104_729) % 1000) as f32 / 1000.0 - 0.5)
-        .collect();
+    let q: Vec<f32> = (0..s.out_len()).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let k: Vec<f32> = (0..s.kv_len_elems()).map(|i| ((i * 104_729) % 1000) as f32 / 1000.0 - 0.5).collect();
     let v = k.clone();
     let mut out = vec![0.0f32; s.out_len()];
     let mut lse = vec![0.0f32; s.lse_len()];
     let d_out = q.clone();
-    let (mut dq, mut dk, mut dv) = (
-        vec![0.0f32; s.out_len()],
-        vec![0.0f32; s.kv_len_elems()],
-        vec![0.0f32; s.kv_len_elems()],
-    );
+    let (mut dq, mut dk, mut dv) =
+        (vec![0.0f32; s.out_len()], vec![0.0f32; s.kv_len_elems()], vec![0.0f32; s.kv_len_elems()]);
     let o = AttentionOptions::default().causal(true).par(Par::Seq);
     let before = LIVE.load(Ordering::SeqCst);
     PEAK.store(before, Ordering::SeqCst);
@@ -86,17 +79,11 @@ fn attention_memory_does_not_grow_with_the_score_matrix() {
     // The forward's working set is its tiles: the same for every length, up to the task list
     // (one entry per query block).
     assert_eq!(f_small, f_long_kv, "forward peak grew with kv_len");
-    assert!(
-        f_big <= f_small + (16 << 10),
-        "forward peak grew with q_len: {f_big} vs {f_small}"
-    );
+    assert!(f_big <= f_small + (16 << 10), "forward peak grew with q_len: {f_big} vs {f_small}");
     // The backward keeps O(q_len · d) per (batch, kv head) (the dQ accumulator and D), never
     // O(q_len · kv_len): 16× more keys add nothing, 8× more queries add at most 8×.
     assert_eq!(b_small, b_long_kv, "backward peak grew with kv_len");
     assert!(b_big <= 8 * b_small, "backward peak {b_big} vs {b_small}");
     // And both stay far below one score matrix (4096² f32 = 64 MiB).
-    assert!(
-        f_big < 1 << 20 && b_big < 4 << 20,
-        "forward {f_big} B, backward {b_big} B"
-    );
+    assert!(f_big < 1 << 20 && b_big < 4 << 20, "forward {f_big} B, backward {b_big} B");
 }

@@ -27,10 +27,7 @@ fn close(what: &str, got: &[f32], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}");
     let scale = want.iter().fold(0.0f64, |a, &b| a.max(b.abs()));
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g as f64 - w).abs() <= tol * (1.0 + scale),
-            "{what}[{i}]: got {g}, want {w}"
-        );
+        assert!((g as f64 - w).abs() <= tol * (1.0 + scale), "{what}[{i}]: got {g}, want {w}");
     }
 }
 
@@ -60,21 +57,9 @@ fn clipped_worked_examples_n6() {
     let (s, q, k, v) = one_row(&x);
     let o = AttentionOptions::default().scale(1.0);
     for (clip, want) in [
-        (
-            ClippedSoftmax::bert(),
-            [0.0078600684, 0.0643229267, 0.2178048885, 0.6350121164],
-        ),
-        (
-            ClippedSoftmax::opt(12.0, 512),
-            [0.0093724768, 0.0657492637, 0.2189972591, 0.6355685004],
-        ),
-        (
-            ClippedSoftmax {
-                zeta: 1.003,
-                gamma: -0.003,
-            },
-            [0.0292509549, 0.0846671847, 0.235304115, 0.6447777454],
-        ),
+        (ClippedSoftmax::bert(), [0.0078600684, 0.0643229267, 0.2178048885, 0.6350121164]),
+        (ClippedSoftmax::opt(12.0, 512), [0.0093724768, 0.0657492637, 0.2189972591, 0.6355685004]),
+        (ClippedSoftmax { zeta: 1.003, gamma: -0.003 }, [0.0292509549, 0.0846671847, 0.235304115, 0.6447777454]),
     ] {
         let mut out = vec![0.0f32; 4];
         attention_clipped(
@@ -162,19 +147,10 @@ fn clipped_forward_and_backward_match_reference() {
     let mut rng = Rng(31);
     for &(ql, kl, d, causal) in &[(7usize, 9usize, 8usize, true), (33, 70, 16, false), (20, 20, 32, true)] {
         let s = AttentionShape::new(1, 1, ql, kl, d);
-        let (q, k, v) = (
-            f32s(rng.vec(ql * d, 3.0)),
-            f32s(rng.vec(kl * d, 1.0)),
-            f32s(rng.vec(kl * d, 1.0)),
-        );
+        let (q, k, v) = (f32s(rng.vec(ql * d, 3.0)), f32s(rng.vec(kl * d, 1.0)), f32s(rng.vec(kl * d, 1.0)));
         let g = f32s(rng.vec(ql * d, 1.0));
-        let clip = ClippedSoftmax {
-            zeta: 1.05,
-            gamma: -0.03,
-        };
-        let o = AttentionOptions::default()
-            .causal(causal)
-            .tiles(smax::attention::AttentionTiles { q: 8, kv: 16 });
+        let clip = ClippedSoftmax { zeta: 1.05, gamma: -0.03 };
+        let o = AttentionOptions::default().causal(causal).tiles(smax::attention::AttentionTiles { q: 8, kv: 16 });
         let mut out = vec![0.0f32; ql * d];
         let mut lse = vec![0.0f32; ql];
         attention_clipped(
@@ -185,12 +161,7 @@ fn clipped_forward_and_backward_match_reference() {
         .unwrap();
         let zg = (clip.zeta as f64, clip.gamma as f64);
         let (qw, kw, vw) = (wide(&q), wide(&k), wide(&v));
-        close(
-            "clipped out",
-            &out,
-            &clipped_ref(&qw, &kw, &vw, (ql, kl, d), causal, zg),
-            1e-5,
-        );
+        close("clipped out", &out, &clipped_ref(&qw, &kw, &vw, (ql, kl, d), causal, zg), 1e-5);
         let (mut dq, mut dk, mut dv) = (vec![0.0f32; ql * d], vec![0.0f32; kl * d], vec![0.0f32; kl * d]);
         attention_clipped_backward(
             smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
@@ -204,20 +175,13 @@ fn clipped_forward_and_backward_match_reference() {
         // random inputs; a step of 1e-6 does not cross them).
         let gw = wide(&g);
         let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
-            clipped_ref(q, k, v, (ql, kl, d), causal, zg)
-                .iter()
-                .zip(&gw)
-                .map(|(a, b)| a * b)
-                .sum()
+            clipped_ref(q, k, v, (ql, kl, d), causal, zg).iter().zip(&gw).map(|(a, b)| a * b).sum()
         };
         let h = 1e-6;
         for (which, got) in [(0usize, &dq), (1, &dk), (2, &dv)] {
             let mut want = vec![0.0; got.len()];
             for (i, w) in want.iter_mut().enumerate() {
-                let (mut a, mut b) = (
-                    [qw.clone(), kw.clone(), vw.clone()],
-                    [qw.clone(), kw.clone(), vw.clone()],
-                );
+                let (mut a, mut b) = ([qw.clone(), kw.clone(), vw.clone()], [qw.clone(), kw.clone(), vw.clone()]);
                 a[which][i] += h;
                 b[which][i] -= h;
                 *w = (loss(&a[0], &a[1], &a[2]) - loss(&b[0], &b[1], &b[2])) / (2.0 * h);
@@ -234,10 +198,7 @@ fn clipped_parameters_are_validated() {
     for clip in [
         ClippedSoftmax { zeta: 0.5, gamma: 0.0 },
         ClippedSoftmax { zeta: 1.0, gamma: 0.1 },
-        ClippedSoftmax {
-            zeta: f32::NAN,
-            gamma: 0.0,
-        },
+        ClippedSoftmax { zeta: f32::NAN, gamma: 0.0 },
     ] {
         let e = attention_clipped(
             smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
@@ -270,21 +231,14 @@ fn gate_worked_example_a5_and_backward() {
     let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
     for r in 0..rows {
         let g = logits[r] as f64;
-        let f = |x: f64| {
-            (0..d)
-                .map(|t| sig(x) * attn[r * d + t] as f64 * dg[r * d + t] as f64)
-                .sum::<f64>()
-        };
+        let f = |x: f64| (0..d).map(|t| sig(x) * attn[r * d + t] as f64 * dg[r * d + t] as f64).sum::<f64>();
         let fd = (f(g + 1e-6) - f(g - 1e-6)) / 2e-6;
         assert!((dl[r] as f64 - fd).abs() < 1e-6, "{} vs {fd}", dl[r]);
         for t in 0..d {
             assert!((da[r * d + t] as f64 - sig(g) * dg[r * d + t] as f64).abs() < 1e-7);
         }
     }
-    assert!(matches!(
-        attention_gate(&mut out, &[0.0, 1.0], 2),
-        Err(Error::LengthMismatch { .. })
-    ));
+    assert!(matches!(attention_gate(&mut out, &[0.0, 1.0], 2), Err(Error::LengthMismatch { .. })));
     assert!(gate_bias_init(f64::NAN).is_err());
     assert_eq!(gate_bias_init(0.5).unwrap(), 0.0);
 }
@@ -348,32 +302,11 @@ fn lssa_worked_example_single_row() {
     }
     let o = AttentionOptions::default();
     for (lssa, want) in [
+        (Lssa { reweight: None, offset_rows: 3 }, [0.5509376654, 0.029097121, 0.3115260996, 0.1084391141]),
+        (Lssa { reweight: Some(3.0), offset_rows: 0 }, [0.9915266934, 0.0, 0.0084733066, 0.0]),
+        (Lssa { reweight: Some(15.0), offset_rows: 0 }, [9.9999999995e-01, 0.0, 4.5576665458e-11, 0.0]),
         (
-            Lssa {
-                reweight: None,
-                offset_rows: 3,
-            },
-            [0.5509376654, 0.029097121, 0.3115260996, 0.1084391141],
-        ),
-        (
-            Lssa {
-                reweight: Some(3.0),
-                offset_rows: 0,
-            },
-            [0.9915266934, 0.0, 0.0084733066, 0.0],
-        ),
-        (
-            Lssa {
-                reweight: Some(15.0),
-                offset_rows: 0,
-            },
-            [9.9999999995e-01, 0.0, 4.5576665458e-11, 0.0],
-        ),
-        (
-            Lssa {
-                reweight: Some(15.0),
-                offset_rows: 10,
-            },
+            Lssa { reweight: Some(15.0), offset_rows: 10 },
             [9.9980689399e-01, 6.9363253165e-20, 1.9310598115e-04, 2.5773213657e-11],
         ),
     ] {
@@ -386,11 +319,7 @@ fn lssa_worked_example_single_row() {
         .unwrap();
         assert_eq!(st.uniform_rows, 0);
         for j in 0..4 {
-            assert!(
-                (out[j] as f64 - want[j]).abs() <= 2e-7 + 1e-5 * want[j],
-                "{lssa:?}: {:?}",
-                &out[..4]
-            );
+            assert!((out[j] as f64 - want[j]).abs() <= 2e-7 + 1e-5 * want[j], "{lssa:?}: {:?}", &out[..4]);
         }
     }
 }
@@ -430,19 +359,8 @@ fn lssa_worked_example_causal_block() {
     let k: Vec<f32> = kv.iter().flatten().copied().collect();
     let mut rng = Rng(5);
     let v = f32s(rng.vec(20, 1.0));
-    let o = AttentionOptions::default()
-        .causal(true)
-        .tiles(smax::attention::AttentionTiles { q: 2, kv: 2 });
-    for (lssa, want) in [
-        (
-            Lssa {
-                reweight: None,
-                offset_rows: 3,
-            },
-            &a_want,
-        ),
-        (Lssa::default(), &r_want),
-    ] {
+    let o = AttentionOptions::default().causal(true).tiles(smax::attention::AttentionTiles { q: 2, kv: 2 });
+    for (lssa, want) in [(Lssa { reweight: None, offset_rows: 3 }, &a_want), (Lssa::default(), &r_want)] {
         let mut out = vec![0.0f32; 20];
         attention_lssa(
             smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
@@ -466,19 +384,13 @@ fn lssa_worked_example_causal_block() {
 fn lssa_matches_reference_with_masks_and_gqa() {
     let mut rng = Rng(44);
     let s = AttentionShape::new(2, 4, 37, 53, 16).kv_heads(2);
-    let (q, k, v) = (
-        f32s(rng.vec(s.out_len(), 1.0)),
-        f32s(rng.vec(s.kv_len_elems(), 1.0)),
-        f32s(rng.vec(s.kv_len_elems(), 1.0)),
-    );
+    let (q, k, v) =
+        (f32s(rng.vec(s.out_len(), 1.0)), f32s(rng.vec(s.kv_len_elems(), 1.0)), f32s(rng.vec(s.kv_len_elems(), 1.0)));
     let n = s.batch * s.q_heads * s.q_len * s.kv_len;
     let keep: Vec<bool> = (0..n).map(|i| (i * 13) % 9 != 2).collect();
     let st = ScoreStrides::contiguous(s.q_heads, s.q_len, s.kv_len);
-    for (causal, window, use_keep) in [
-        (true, None, false),
-        (false, Some((10usize, 4usize)), false),
-        (true, None, true),
-    ] {
+    for (causal, window, use_keep) in [(true, None, false), (false, Some((10usize, 4usize)), false), (true, None, true)]
+    {
         let mut o = AttentionOptions::default()
             .causal(causal)
             .tiles(smax::attention::AttentionTiles { q: 16, kv: 16 })
@@ -487,22 +399,11 @@ fn lssa_matches_reference_with_masks_and_gqa() {
             o = o.window(smax::attention::Window { left: l, right: r });
         }
         if use_keep {
-            o = o.keep(KeepMask {
-                data: &keep,
-                strides: st,
-            });
+            o = o.keep(KeepMask { data: &keep, strides: st });
         }
-        for lssa in [
-            Lssa {
-                reweight: None,
-                offset_rows: 3,
-            },
-            Lssa::default(),
-            Lssa {
-                reweight: Some(3.0),
-                offset_rows: 0,
-            },
-        ] {
+        for lssa in
+            [Lssa { reweight: None, offset_rows: 3 }, Lssa::default(), Lssa { reweight: Some(3.0), offset_rows: 0 }]
+        {
             let mut out = vec![0.0f32; s.out_len()];
             attention_lssa(
                 smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
@@ -550,18 +451,13 @@ fn lssar_uniform_rows_fall_back_and_are_counted() {
     // Identical keys: every LSSA row is exactly uniform, so N·A − 1 = 0 everywhere.
     let s = AttentionShape::new(1, 1, 3, 6, 8);
     let q: Vec<f32> = (0..24).map(|i| (i as f32 * 0.37).sin()).collect();
-    let k: Vec<f32> = (0..48)
-        .map(|i| [0.3f32, -0.1, 0.5, 0.2, 0.0, 0.7, -0.4, 0.1][i % 8])
-        .collect();
+    let k: Vec<f32> = (0..48).map(|i| [0.3f32, -0.1, 0.5, 0.2, 0.0, 0.7, -0.4, 0.1][i % 8]).collect();
     let v: Vec<f32> = (0..48).map(|i| i as f32 * 0.01).collect();
     let mut out = vec![0.0f32; 24];
     let st = attention_lssa(
         smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
         &mut out,
-        &AttentionOptions::default().with_variant(Lssa {
-            reweight: Some(15.0),
-            offset_rows: 0,
-        }),
+        &AttentionOptions::default().with_variant(Lssa { reweight: Some(15.0), offset_rows: 0 }),
     )
     .unwrap();
     assert_eq!(st.uniform_rows, 3);
@@ -579,10 +475,7 @@ fn lssa_rejects_options_that_do_not_apply() {
     let x = vec![0.5f32; 8];
     let mut out = vec![0.0f32; 8];
     let l = Lssa::default();
-    for o in [
-        AttentionOptions::default().scale(0.5),
-        AttentionOptions::default().temperature(2.0),
-    ] {
+    for o in [AttentionOptions::default().scale(0.5), AttentionOptions::default().temperature(2.0)] {
         let e = attention_lssa(
             smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
             &mut out,
@@ -602,10 +495,7 @@ fn lssa_rejects_options_that_do_not_apply() {
     let e = attention_lssa(
         smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
         &mut out,
-        &AttentionOptions::default().with_variant(Lssa {
-            reweight: Some(-1.0),
-            offset_rows: 3,
-        }),
+        &AttentionOptions::default().with_variant(Lssa { reweight: Some(-1.0), offset_rows: 3 }),
     )
     .unwrap_err();
     assert!(matches!(e, Error::BadParameter { .. }), "{e}");
@@ -624,10 +514,8 @@ fn inline_worked_example_a6() {
     inline_attention(
         smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
         &mut out,
-        &smax::attention::AttentionOptions::default().with_variant(smax::attention::Inline {
-            kernel: InlineKernel::Identity,
-            local: None,
-        }),
+        &smax::attention::AttentionOptions::default()
+            .with_variant(smax::attention::Inline { kernel: InlineKernel::Identity, local: None }),
     )
     .unwrap();
     let want = [1.5835145534, 0.4868932068, 2.0420291069, 0.3487864136];
@@ -638,9 +526,7 @@ fn inline_worked_example_a6() {
 fn inline_ref(q: &[f64], k: &[f64], v: &[f64], ql: usize, kl: usize, d: usize, phi: impl Fn(f64) -> f64) -> Vec<f64> {
     let c = 1.0 / (d as f64).sqrt() / kl as f64;
     let fk: Vec<f64> = k.iter().map(|&x| phi(x)).collect();
-    let kbar: Vec<f64> = (0..d)
-        .map(|t| (0..kl).map(|j| fk[j * d + t]).sum::<f64>() / kl as f64)
-        .collect();
+    let kbar: Vec<f64> = (0..d).map(|t| (0..kl).map(|j| fk[j * d + t]).sum::<f64>() / kl as f64).collect();
     let mut out = vec![0.0; ql * d];
     for i in 0..ql {
         let fq: Vec<f64> = q[i * d..(i + 1) * d].iter().map(|&x| phi(x)).collect();
@@ -661,11 +547,7 @@ fn inline_matches_reference_for_every_kernel_and_the_local_term() {
     let mut rng = Rng(17);
     let (ql, kl, d) = (13usize, 29usize, 8usize);
     let s = AttentionShape::new(1, 2, ql, kl, d).kv_heads(1);
-    let (q, k, v) = (
-        f32s(rng.vec(2 * ql * d, 1.0)),
-        f32s(rng.vec(kl * d, 1.0)),
-        f32s(rng.vec(kl * d, 1.0)),
-    );
+    let (q, k, v) = (f32s(rng.vec(2 * ql * d, 1.0)), f32s(rng.vec(kl * d, 1.0)), f32s(rng.vec(kl * d, 1.0)));
     type Phi = fn(f64) -> f64;
     let kernels: [(InlineKernel, Phi); 4] = [
         (InlineKernel::Identity, |x| x),
@@ -678,23 +560,13 @@ fn inline_matches_reference_for_every_kernel_and_the_local_term() {
         inline_attention(
             smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
             &mut out,
-            &smax::attention::AttentionOptions::default().with_variant(smax::attention::Inline {
-                kernel: kern,
-                local: None,
-            }),
+            &smax::attention::AttentionOptions::default()
+                .with_variant(smax::attention::Inline { kernel: kern, local: None }),
         )
         .unwrap();
         let mut want = Vec::new();
         for h in 0..2 {
-            want.extend(inline_ref(
-                &wide(&q[h * ql * d..(h + 1) * ql * d]),
-                &wide(&k),
-                &wide(&v),
-                ql,
-                kl,
-                d,
-                phi,
-            ));
+            want.extend(inline_ref(&wide(&q[h * ql * d..(h + 1) * ql * d]), &wide(&k), &wide(&v), ql, kl, d, phi));
         }
         close("inline", &out, &want, 1e-5);
     }
@@ -702,21 +574,13 @@ fn inline_matches_reference_for_every_kernel_and_the_local_term() {
     let s2 = AttentionShape::new(1, 1, kl, kl, d);
     let q2 = f32s(rng.vec(kl * d, 1.0));
     let kern = f32s(rng.vec(d * 9, 1.0));
-    let local = InlineLocal {
-        height: 4,
-        width: 7,
-        prefix: 1,
-        kernel: &kern,
-    };
+    let local = InlineLocal { height: 4, width: 7, prefix: 1, kernel: &kern };
     let mut out = vec![0.0f32; kl * d];
     inline_attention(
         smax::attention::AttentionInputs::new(s2, Heads::new(&q2), Heads::new(&k), Heads::new(&v)),
         &mut out,
         &smax::attention::AttentionOptions::default()
-            .with_variant(smax::attention::Inline {
-                kernel: InlineKernel::Identity,
-                local: Some(local),
-            })
+            .with_variant(smax::attention::Inline { kernel: InlineKernel::Identity, local: Some(local) })
             .par(Par::Seq),
     )
     .unwrap();
@@ -744,73 +608,36 @@ fn inline_matches_reference_for_every_kernel_and_the_local_term() {
         smax::attention::AttentionInputs::new(s0, Heads::new(&[0.0f32; 2]), Heads::new(&[]), Heads::new(&[])),
         &mut [0.0f32; 2],
         &smax::attention::AttentionOptions::default()
-            .with_variant(smax::attention::Inline {
-                kernel: InlineKernel::Identity,
-                local: None,
-            })
+            .with_variant(smax::attention::Inline { kernel: InlineKernel::Identity, local: None })
             .par(Par::Seq),
     )
     .unwrap_err();
     assert!(matches!(e, Error::BadParameter { name: "kv_len", .. }), "{e}");
-    let bad = InlineLocal {
-        height: 3,
-        width: 7,
-        prefix: 1,
-        kernel: &kern,
-    };
+    let bad = InlineLocal { height: 3, width: 7, prefix: 1, kernel: &kern };
     let e = inline_attention(
         smax::attention::AttentionInputs::new(s2, Heads::new(&q2), Heads::new(&k), Heads::new(&v)),
         &mut out,
         &smax::attention::AttentionOptions::default()
-            .with_variant(smax::attention::Inline {
-                kernel: InlineKernel::Identity,
-                local: Some(bad),
-            })
+            .with_variant(smax::attention::Inline { kernel: InlineKernel::Identity, local: Some(bad) })
             .par(Par::Seq),
     )
     .unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }), "{e}");
     // A grid whose height·width wraps to exactly kv_len − prefix is rejected, not accepted.
-    let wraps = InlineLocal {
-        height: (1usize << 63) + 14,
-        width: 2,
-        prefix: 1,
-        kernel: &kern,
-    };
+    let wraps = InlineLocal { height: (1usize << 63) + 14, width: 2, prefix: 1, kernel: &kern };
     let inline_with = |local, o: AttentionOptions<'static>| {
         let mut out = vec![0.0f32; kl * d];
         inline_attention(
             smax::attention::AttentionInputs::new(s2, Heads::new(&q2), Heads::new(&k), Heads::new(&v)),
             &mut out,
-            &o.with_variant(smax::attention::Inline {
-                kernel: InlineKernel::Identity,
-                local,
-            }),
+            &o.with_variant(smax::attention::Inline { kernel: InlineKernel::Identity, local }),
         )
     };
     let e = inline_with(Some(wraps), AttentionOptions::default()).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Unsupported {
-                what: "inline local term",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, Error::Unsupported { what: "inline local term", .. }), "{e}");
     // Masking options do not apply to linear attention: rejected rather than ignored.
     let e = inline_with(None, AttentionOptions::default().causal(true)).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Unsupported {
-                what: "inline_attention options",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, Error::Unsupported { what: "inline_attention options", .. }), "{e}");
     assert!(inline_with(None, AttentionOptions::default()).is_ok());
 }
 
@@ -818,15 +645,10 @@ fn inline_matches_reference_for_every_kernel_and_the_local_term() {
 fn variants_are_bitwise_identical_across_thread_counts() {
     let s = AttentionShape::new(2, 4, 70, 90, 16).kv_heads(2);
     let mut rng = Rng(123);
-    let (q, k, v) = (
-        f32s(rng.vec(s.out_len(), 2.0)),
-        f32s(rng.vec(s.kv_len_elems(), 1.0)),
-        f32s(rng.vec(s.kv_len_elems(), 1.0)),
-    );
+    let (q, k, v) =
+        (f32s(rng.vec(s.out_len(), 2.0)), f32s(rng.vec(s.kv_len_elems(), 1.0)), f32s(rng.vec(s.kv_len_elems(), 1.0)));
     let g = f32s(rng.vec(s.out_len(), 1.0));
-    let o = AttentionOptions::default()
-        .causal(true)
-        .tiles(smax::attention::AttentionTiles { q: 16, kv: 32 });
+    let o = AttentionOptions::default().causal(true).tiles(smax::attention::AttentionTiles { q: 16, kv: 32 });
     let run = || {
         let clip = ClippedSoftmax::bert();
         let mut a = vec![0.0f32; s.out_len()];
@@ -837,11 +659,8 @@ fn variants_are_bitwise_identical_across_thread_counts() {
             &o.with_variant(clip),
         )
         .unwrap();
-        let (mut dq, mut dk, mut dv) = (
-            vec![0.0f32; s.out_len()],
-            vec![0.0f32; s.kv_len_elems()],
-            vec![0.0f32; s.kv_len_elems()],
-        );
+        let (mut dq, mut dk, mut dv) =
+            (vec![0.0f32; s.out_len()], vec![0.0f32; s.kv_len_elems()], vec![0.0f32; s.kv_len_elems()]);
         attention_clipped_backward(
             smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
             &lse,
@@ -861,23 +680,15 @@ fn variants_are_bitwise_identical_across_thread_counts() {
         inline_attention(
             smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
             &mut c,
-            &smax::attention::AttentionOptions::default().with_variant(smax::attention::Inline {
-                kernel: InlineKernel::Identity,
-                local: None,
-            }),
+            &smax::attention::AttentionOptions::default()
+                .with_variant(smax::attention::Inline { kernel: InlineKernel::Identity, local: None }),
         )
         .unwrap();
         (a, dq, dk, dv, b, c)
     };
     let results: Vec<_> = [1usize, 2, 3]
         .iter()
-        .map(|&t| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(t)
-                .build()
-                .unwrap()
-                .install(run)
-        })
+        .map(|&t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap().install(run))
         .collect();
     assert!(results[1] == results[0] && results[2] == results[0]);
 }

@@ -37,11 +37,7 @@ fn fd_check(log: bool, x: &[f64], g: &[f64], tau: f64) {
         a[i] += h;
         b[i] -= h;
         let fd = (f(&a) - f(&b)) / (2.0 * h);
-        assert!(
-            (fd - dx[i]).abs() <= 1e-5 + 1e-3 * fd.abs(),
-            "log={log} n={n} i={i}: fd {fd} vs {}",
-            dx[i]
-        );
+        assert!((fd - dx[i]).abs() <= 1e-5 + 1e-3 * fd.abs(), "log={log} n={n} i={i}: fd {fd} vs {}", dx[i]);
     }
 }
 
@@ -76,11 +72,7 @@ fn bwd_f32_case<T: Element>(n: usize, rows: usize, rng: &mut common::Rng, level:
     let x: Vec<T> = to_t(&rng.vec(rows * n, 4.0));
     let g: Vec<T> = to_t(&rng.vec(rows * n, 1.0));
     let o = Options::default().simd(level);
-    let l = if layout_axis {
-        Layout::axis(1, n, rows)
-    } else {
-        Layout::rows(rows, n)
-    };
+    let l = if layout_axis { Layout::axis(1, n, rows) } else { Layout::rows(rows, n) };
     let y = softmax_to_vec(View::new(&x, l).unwrap(), &o).unwrap();
     let ly = log_softmax_to_vec(View::new(&x, l).unwrap(), &o).unwrap();
     let d = softmax_backward_to_vec(View::new(&y, l).unwrap(), View::new(&g, l).unwrap(), &o).unwrap();
@@ -103,20 +95,10 @@ fn bwd_f32_case<T: Element>(n: usize, rows: usize, rng: &mut common::Rng, level:
         for k in 0..n {
             let tol = 80.0 * u * yr[k].abs() * (gr[k].abs() + 2.0 * sgy) + r * ws[k].abs() + a;
             let got = d[idx(row, k)].to_f64();
-            assert!(
-                close(got, ws[k], tol),
-                "{} softmax_bwd n={n} k={k}: {got} vs {}",
-                T::NAME,
-                ws[k]
-            );
+            assert!(close(got, ws[k], tol), "{} softmax_bwd n={n} k={k}: {got} vs {}", T::NAME, ws[k]);
             let tol = 80.0 * u * (gr[k].abs() + lr[k].exp() * sg) + r * wl[k].abs() + a;
             let got = ld[idx(row, k)].to_f64();
-            assert!(
-                close(got, wl[k], tol),
-                "{} log_softmax_bwd n={n} k={k}: {got} vs {}",
-                T::NAME,
-                wl[k]
-            );
+            assert!(close(got, wl[k], tol), "{} log_softmax_bwd n={n} k={k}: {got} vs {}", T::NAME, wl[k]);
         }
     }
 }
@@ -155,12 +137,8 @@ fn backward_of_masked_rows_is_zero() {
     // A masked position inside a live row gets exactly the analytic gradient and no NaN.
     let x = [0.0f32, ninf, 1.0];
     let y = softmax_to_vec(View::rows(&x, 1, 3).unwrap(), &o).unwrap();
-    let d = softmax_backward_to_vec(
-        View::rows(&y, 1, 3).unwrap(),
-        View::rows(&[1.0f32, 5.0, -1.0], 1, 3).unwrap(),
-        &o,
-    )
-    .unwrap();
+    let d = softmax_backward_to_vec(View::rows(&y, 1, 3).unwrap(), View::rows(&[1.0f32, 5.0, -1.0], 1, 3).unwrap(), &o)
+        .unwrap();
     assert_eq!(d[1], 0.0);
     assert!(d.iter().all(|v| v.is_finite()));
 }
@@ -172,12 +150,7 @@ fn lse_state_is_a_monoid() {
     assert!(e.merge(e).is_empty() && e.lse() == f64::NEG_INFINITY);
     // [N3] worked example.
     let mut s = LseState::<f64>::EMPTY;
-    let want = [
-        (1.0, 1.0),
-        (2.0, 1.3678794411714423),
-        (3.0, 1.5032147244080551),
-        (4.0, 1.553001792775919),
-    ];
+    let want = [(1.0, 1.0), (2.0, 1.3678794411714423), (3.0, 1.5032147244080551), (4.0, 1.553001792775919)];
     for (i, x) in [1.0, 2.0, 3.0, 4.0].into_iter().enumerate() {
         s.push(x);
         assert_eq!(s.max, want[i].0);
@@ -255,12 +228,7 @@ fn bitwise_identical_for_any_thread_count_and_batch() {
     for &(rows, n) in &cases {
         let x: Vec<f32> = rng.vec(rows * n, 8.0).iter().map(|&v| v as f32).collect();
         let g: Vec<f32> = rng.vec(rows * n, 1.0).iter().map(|&v| v as f32).collect();
-        for alg in [
-            Algorithm::Auto,
-            Algorithm::ThreePass,
-            Algorithm::TwoPass,
-            Algorithm::Online,
-        ] {
+        for alg in [Algorithm::Auto, Algorithm::ThreePass, Algorithm::TwoPass, Algorithm::Online] {
             let o = Options::default().algorithm(alg);
             let run = |threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
@@ -300,11 +268,7 @@ fn bitwise_identical_for_any_thread_count_and_batch() {
 fn streamed_backward_is_each_row_alone() {
     let mut rng = Rng(0xbac4);
     for (rows, n) in [(64usize, 128 * 1024 + 3), (16, 512 * 1024 + 5)] {
-        let y32: Vec<f32> = rng
-            .vec(rows * n, 1.0)
-            .iter()
-            .map(|&v| (v.abs() * 1e-5) as f32)
-            .collect();
+        let y32: Vec<f32> = rng.vec(rows * n, 1.0).iter().map(|&v| (v.abs() * 1e-5) as f32).collect();
         let g32: Vec<f32> = rng.vec(rows * n, 1.0).iter().map(|&v| v as f32).collect();
         for log in [false, true] {
             let o = Options::default().temperature(0.8);
@@ -323,11 +287,7 @@ fn streamed_backward_is_each_row_alone() {
                 let same = alone.iter().zip(&all[r * n..]).all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "log={log} n={n} row {r}");
                 let (yd, gd): (Vec<f64>, Vec<f64>) = (to_f64(y), to_f64(g));
-                let want = if log {
-                    ref_log_softmax_bwd(&yd, &gd, 0.8)
-                } else {
-                    ref_softmax_bwd(&yd, &gd, 0.8)
-                };
+                let want = if log { ref_log_softmax_bwd(&yd, &gd, 0.8) } else { ref_softmax_bwd(&yd, &gd, 0.8) };
                 for i in (0..n).step_by(1009) {
                     let tol = 1e-5 * want[i].abs() + 1e-6;
                     assert!((alone[i] as f64 - want[i]).abs() <= tol, "log={log} n={n} r={r} i={i}");

@@ -5,12 +5,7 @@ mod common;
 use common::*;
 use smax::*;
 
-const ALGS: [Algorithm; 4] = [
-    Algorithm::Auto,
-    Algorithm::ThreePass,
-    Algorithm::TwoPass,
-    Algorithm::Online,
-];
+const ALGS: [Algorithm; 4] = [Algorithm::Auto, Algorithm::ThreePass, Algorithm::TwoPass, Algorithm::Online];
 
 fn lens() -> Vec<usize> {
     let mut v: Vec<usize> = (0..=70).collect();
@@ -49,11 +44,7 @@ fn check_all<T: Element>(xs: &[f64], rows: usize, n: usize, tau: f64, o: &Option
         }
         let want = ref_lse(row, tau);
         let got = s[r].to_f64();
-        assert!(
-            close(got, want, lse_bound::<T>(want, n)),
-            "{} lse n={n} {o:?}: got {got} want {want}",
-            T::NAME
-        );
+        assert!(close(got, want, lse_bound::<T>(want, n)), "{} lse n={n} {o:?}: got {got} want {want}", T::NAME);
     }
 }
 
@@ -214,18 +205,8 @@ fn special_values_for<T: Element>() {
                 let tol = if alg == Algorithm::TwoPass { 1e-6 } else { 0.0 };
                 for i in 0..n {
                     let (wy, wl) = if i == n / 2 { (1.0, 0.0) } else { (0.0, ninf) };
-                    assert!(
-                        close(y[i], wy, tol),
-                        "{} {level:?} {alg:?} n={n} i={i}: {}",
-                        T::NAME,
-                        y[i]
-                    );
-                    assert!(
-                        close(l[i], wl, tol),
-                        "{} {level:?} {alg:?} n={n} i={i}: {}",
-                        T::NAME,
-                        l[i]
-                    );
+                    assert!(close(y[i], wy, tol), "{} {level:?} {alg:?} n={n} i={i}: {}", T::NAME, y[i]);
+                    assert!(close(l[i], wl, tol), "{} {level:?} {alg:?} n={n} i={i}: {}", T::NAME, l[i]);
                 }
                 assert!(close(s, 3.5, 4.0 * tol));
                 // NaN anywhere, including inside a masked block
@@ -234,11 +215,7 @@ fn special_values_for<T: Element>() {
                         let mut row = vec![fillv; n];
                         row[pos] = f64::NAN;
                         let (y, l, s) = special::<T>(&row, &oz);
-                        assert!(
-                            y.iter().all(|v| v.is_nan()),
-                            "{} NaN at {pos} n={n} {alg:?} {level:?}",
-                            T::NAME
-                        );
+                        assert!(y.iter().all(|v| v.is_nan()), "{} NaN at {pos} n={n} {alg:?} {level:?}", T::NAME);
                         assert!(l.iter().all(|v| v.is_nan()));
                         assert!(s.is_nan());
                     }
@@ -359,14 +336,9 @@ fn strided_rows_and_inplace() {
 #[test]
 fn axis_layout_matches_transposed_rows() {
     let mut rng = Rng(5);
-    for &(outer, axis, inner) in &[
-        (1usize, 7usize, 3usize),
-        (2, 33, 17),
-        (3, 5, 300),
-        (1, 70, 513),
-        (2, 1, 4),
-        (3, 9, 1),
-    ] {
+    for &(outer, axis, inner) in
+        &[(1usize, 7usize, 3usize), (2, 33, 17), (3, 5, 300), (1, 70, 513), (2, 1, 4), (3, 9, 1)]
+    {
         let n = outer * axis * inner;
         for level in SimdLevel::available() {
             let o = Options::default().simd(level);
@@ -380,9 +352,7 @@ fn axis_layout_matches_transposed_rows() {
             assert_eq!(y, yi);
             for ob in 0..outer {
                 for j in 0..inner {
-                    let col: Vec<f64> = (0..axis)
-                        .map(|k| xs[ob * axis * inner + k * inner + j] as f64)
-                        .collect();
+                    let col: Vec<f64> = (0..axis).map(|k| xs[ob * axis * inner + k * inner + j] as f64).collect();
                     let m = col.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let ry = ref_softmax(&col, 1.0);
                     let rl = ref_log_softmax(&col, 1.0);
@@ -390,11 +360,7 @@ fn axis_layout_matches_transposed_rows() {
                         let i = ob * axis * inner + k * inner + j;
                         let d = col[k] - m;
                         assert!(close(y[i] as f64, ry[k], softmax_bound::<f32>(ry[k], d.abs(), axis)));
-                        assert!(close(
-                            ls[i] as f64,
-                            rl[k],
-                            log_softmax_bound::<f32>(rl[k], d.abs(), axis)
-                        ));
+                        assert!(close(ls[i] as f64, rl[k], log_softmax_bound::<f32>(rl[k], d.abs(), axis)));
                     }
                     let want = ref_lse(&col, 1.0);
                     assert!(close(s[ob * inner + j] as f64, want, lse_bound::<f32>(want, axis)));
@@ -406,11 +372,7 @@ fn axis_layout_matches_transposed_rows() {
     let ninf = f32::NEG_INFINITY;
     let x = [ninf, 1.0, f32::NAN, ninf, 2.0, 0.0];
     let l = Layout::axis(1, 2, 3);
-    let y = softmax_to_vec(
-        View::new(&x, l).unwrap(),
-        &Options::default().masked_row(MaskedRow::Zero),
-    )
-    .unwrap();
+    let y = softmax_to_vec(View::new(&x, l).unwrap(), &Options::default().masked_row(MaskedRow::Zero)).unwrap();
     assert_eq!(y[0], 0.0);
     assert_eq!(y[3], 0.0);
     assert!(y[2].is_nan() && y[5].is_nan());
@@ -420,11 +382,7 @@ fn axis_layout_matches_transposed_rows() {
     assert!(s[2].is_nan());
     // f64 in an axis layout.
     let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-    let yd = softmax_to_vec(
-        View::new(&xd, l).unwrap(),
-        &Options::default().masked_row(MaskedRow::Zero),
-    )
-    .unwrap();
+    let yd = softmax_to_vec(View::new(&xd, l).unwrap(), &Options::default().masked_row(MaskedRow::Zero)).unwrap();
     assert!((yd[1] - 0.2689414213699951).abs() < 1e-15 && yd[0] == 0.0 && yd[2].is_nan());
 }
 
@@ -432,41 +390,18 @@ fn axis_layout_matches_transposed_rows() {
 fn bad_input_is_a_typed_error() {
     let x = [0.0f32; 10];
     let mut y = [0.0f32; 10];
-    assert!(matches!(
-        View::rows(&x, 3, 4),
-        Err(Error::BufferTooShort {
-            needed: 12,
-            len: 10,
-            ..
-        })
-    ));
+    assert!(matches!(View::rows(&x, 3, 4), Err(Error::BufferTooShort { needed: 12, len: 10, .. })));
     assert!(matches!(
         View::new(&x, Layout::strided_rows(2, 4, 3)),
         Err(Error::StrideTooSmall { stride: 3, len: 4, .. })
     ));
-    assert!(matches!(
-        View::new(&x, Layout::rows(usize::MAX, 2)),
-        Err(Error::SizeOverflow { .. })
-    ));
+    assert!(matches!(View::new(&x, Layout::rows(usize::MAX, 2)), Err(Error::SizeOverflow { .. })));
     let v = View::rows(&x, 2, 5).unwrap();
     let e = softmax(v, ViewMut::rows(&mut y, 5, 2).unwrap(), &Options::default());
     assert!(matches!(e, Err(Error::ShapeMismatch { .. })), "{e:?}");
     for t in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e-300] {
-        let e = softmax(
-            v,
-            ViewMut::rows(&mut y, 2, 5).unwrap(),
-            &Options::default().temperature(t),
-        );
-        assert!(
-            matches!(
-                e,
-                Err(Error::BadParameter {
-                    name: "temperature",
-                    ..
-                })
-            ),
-            "{t}: {e:?}"
-        );
+        let e = softmax(v, ViewMut::rows(&mut y, 2, 5).unwrap(), &Options::default().temperature(t));
+        assert!(matches!(e, Err(Error::BadParameter { name: "temperature", .. })), "{t}: {e:?}");
     }
     let mut out = [0.0f32; 3];
     assert!(matches!(
@@ -483,12 +418,8 @@ fn bad_input_is_a_typed_error() {
     );
     assert!(e.is_err());
     let mut yb = [0.0f32; 10];
-    let e = softmax_backward(
-        v,
-        View::rows(&x, 5, 2).unwrap(),
-        ViewMut::rows(&mut yb, 2, 5).unwrap(),
-        &Options::default(),
-    );
+    let e =
+        softmax_backward(v, View::rows(&x, 5, 2).unwrap(), ViewMut::rows(&mut yb, 2, 5).unwrap(), &Options::default());
     assert!(matches!(e, Err(Error::ShapeMismatch { what: "dy", .. })));
 }
 
@@ -523,9 +454,7 @@ pub fn ulp_err(x: f32, got: f32) -> f64 {
         2f64.powi(-149)
     } else {
         let b = w32.to_bits();
-        (f32::from_bits(b + 1) as f64 - w32 as f64)
-            .abs()
-            .min((w32 as f64 - f32::from_bits(b - 1) as f64).abs())
+        (f32::from_bits(b + 1) as f64 - w32 as f64).abs().min((w32 as f64 - f32::from_bits(b - 1) as f64).abs())
     };
     (got as f64 - want).abs() / ulp
 }
@@ -558,10 +487,7 @@ fn pipelined_online_is_bitwise_the_row_by_row_result() {
         }
         for level in SimdLevel::available() {
             for masked in [MaskedRow::Nan, MaskedRow::Zero] {
-                let o = Options::default()
-                    .simd(level)
-                    .algorithm(Algorithm::Online)
-                    .masked_row(masked);
+                let o = Options::default().simd(level).algorithm(Algorithm::Online).masked_row(masked);
                 let xl = Layout::strided_rows(rows, n, xs);
                 let mut y = vec![0f32; rows * ys];
                 let mut l = vec![0f32; rows * ys];
@@ -587,17 +513,9 @@ fn pipelined_online_is_bitwise_the_row_by_row_result() {
                     let lalone = log_softmax_to_vec(View::rows(row, 1, n).unwrap(), &o).unwrap();
                     let (got, lgot) = (&y[r * ys..r * ys + n], &l[r * ys..r * ys + n]);
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(
-                        bits(got),
-                        bits(&yi[r * xs..r * xs + n]),
-                        "softmax n={n} row {r} {level:?} {masked:?}"
-                    );
+                    assert_eq!(bits(got), bits(&yi[r * xs..r * xs + n]), "softmax n={n} row {r} {level:?} {masked:?}");
                     assert_eq!(bits(got), bits(&alone), "softmax alone n={n} row {r} {level:?}");
-                    assert_eq!(
-                        bits(lgot),
-                        bits(&li[r * xs..r * xs + n]),
-                        "log_softmax n={n} row {r} {level:?}"
-                    );
+                    assert_eq!(bits(lgot), bits(&li[r * xs..r * xs + n]), "log_softmax n={n} row {r} {level:?}");
                     assert_eq!(bits(lgot), bits(&lalone), "log_softmax alone n={n} row {r} {level:?}");
                 }
                 // And the pipelined rows are right, not merely consistent.
@@ -606,17 +524,11 @@ fn pipelined_online_is_bitwise_the_row_by_row_result() {
                 let m0 = r0.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 for i in 0..n {
                     let d = (r0[i] - m0).abs();
-                    assert!(
-                        close(y[i] as f64, want[i], softmax_bound::<f32>(want[i], d, n)),
-                        "n={n} i={i}"
-                    );
+                    assert!(close(y[i] as f64, want[i], softmax_bound::<f32>(want[i], d, n)), "n={n} i={i}");
                 }
                 if rows > 2 {
                     let expect = if masked == MaskedRow::Zero { 0.0 } else { f32::NAN };
-                    assert!(
-                        y[2 * ys..2 * ys + n].iter().all(|&v| v.to_bits() == expect.to_bits()),
-                        "masked row n={n}"
-                    );
+                    assert!(y[2 * ys..2 * ys + n].iter().all(|&v| v.to_bits() == expect.to_bits()), "masked row n={n}");
                     assert!(y[ys..ys + n].iter().all(|v| v.is_nan()), "NaN row n={n}");
                 }
             }
@@ -652,10 +564,7 @@ fn auto_picks_by_row_length_and_pipelines_long_rows() {
     assert!(y.iter().zip(&yi).all(|(a, b)| a.to_bits() == b.to_bits()));
     for r in [0, 31, 63] {
         let alone = softmax_to_vec(View::rows(&x[r * n..(r + 1) * n], 1, n).unwrap(), &Options::default()).unwrap();
-        assert!(
-            alone.iter().zip(&y[r * n..]).all(|(a, b)| a.to_bits() == b.to_bits()),
-            "row {r} alone"
-        );
+        assert!(alone.iter().zip(&y[r * n..]).all(|(a, b)| a.to_bits() == b.to_bits()), "row {r} alone");
         let row: Vec<f64> = x[r * n..(r + 1) * n].iter().map(|&v| v as f64).collect();
         let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let want = ref_softmax(&row, 1.0);
@@ -688,42 +597,21 @@ fn pipelined_three_pass_case(rng: &mut Rng, rows: usize, n: usize, xs: usize) {
     for log in [false, true] {
         let o = Options::default().algorithm(Algorithm::ThreePass).temperature(1.3);
         let xv = View::new(&x, Layout::strided_rows(rows, n, xs)).unwrap();
-        let y = if log {
-            log_softmax_to_vec(xv, &o)
-        } else {
-            softmax_to_vec(xv, &o)
-        }
-        .unwrap();
+        let y = if log { log_softmax_to_vec(xv, &o) } else { softmax_to_vec(xv, &o) }.unwrap();
         for r in [0, 2, 3, 4, 5, 6, 700, rows - 1] {
             let xr = &x[r * xs..r * xs + n];
             let v = View::rows(xr, 1, n).unwrap();
-            let alone = if log {
-                log_softmax_to_vec(v, &o)
-            } else {
-                softmax_to_vec(v, &o)
-            }
-            .unwrap();
+            let alone = if log { log_softmax_to_vec(v, &o) } else { softmax_to_vec(v, &o) }.unwrap();
             let same = alone.iter().zip(&y[r * n..]).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "log={log} row {r}");
         }
         assert!(y[3 * n..4 * n].iter().all(|v| v.is_nan()), "log={log} NaN row");
         let row: Vec<f64> = x[700 * xs..700 * xs + n].iter().map(|&v| v as f64).collect();
         let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let (want, got) = (
-            if log {
-                ref_log_softmax(&row, 1.3)
-            } else {
-                ref_softmax(&row, 1.3)
-            },
-            &y[700 * n..701 * n],
-        );
+        let (want, got) = (if log { ref_log_softmax(&row, 1.3) } else { ref_softmax(&row, 1.3) }, &y[700 * n..701 * n]);
         for i in 0..n {
             let d = (row[i] - m).abs() / 1.3;
-            let tol = if log {
-                log_softmax_bound::<f32>(want[i], d, n)
-            } else {
-                softmax_bound::<f32>(want[i], d, n)
-            };
+            let tol = if log { log_softmax_bound::<f32>(want[i], d, n) } else { softmax_bound::<f32>(want[i], d, n) };
             assert!(close(got[i] as f64, want[i], tol), "log={log} i={i}");
         }
     }
@@ -774,21 +662,14 @@ fn grouped_long_rows_match_rows_alone() {
         for r in [0, 5, 9, 10, 31] {
             let row = &x[r * n..(r + 1) * n];
             let alone = log_softmax_to_vec(View::rows(row, 1, n).unwrap(), &o).unwrap();
-            assert!(
-                alone.iter().zip(&l[r * n..]).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{level:?} row {r}"
-            );
+            assert!(alone.iter().zip(&l[r * n..]).all(|(a, b)| a.to_bits() == b.to_bits()), "{level:?} row {r}");
         }
         assert!(y[5 * n..6 * n].iter().all(|v| v.is_nan()) && y[9 * n..10 * n].iter().all(|v| v.is_nan()));
         let r0: Vec<f64> = x[..n].iter().map(|&v| v as f64).collect();
         let want = ref_log_softmax(&r0, 1.0);
         let m0 = r0.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         for i in (0..n).step_by(101) {
-            assert!(close(
-                l[i] as f64,
-                want[i],
-                log_softmax_bound::<f32>(want[i], (r0[i] - m0).abs(), n)
-            ));
+            assert!(close(l[i] as f64, want[i], log_softmax_bound::<f32>(want[i], (r0[i] - m0).abs(), n)));
         }
     }
 }

@@ -25,11 +25,7 @@ fn close(a: &[f32], b: &[f64]) {
 fn worked_examples_m1_m2_m3() {
     let h = [1.0, 3.0, 2.0, -1.0];
     // M1: softmax(TopK(h)), K = 2.
-    let p = GateOptions {
-        k: 2,
-        order: GateOrder::TopKThenSoftmax,
-        ..Default::default()
-    };
+    let p = GateOptions { k: 2, order: GateOrder::TopKThenSoftmax, ..Default::default() };
     let (ex, w, _) = route(&h, 4, &p, None);
     assert_eq!(ex, vec![1, 2]);
     close(&w, &[0.7310585786, 0.2689414214]);
@@ -42,11 +38,7 @@ fn worked_examples_m1_m2_m3() {
         (1.0, [0.0889468173, 0.6572330228, 0.2417825172, 0.0120376427]),
         (0.5, [0.015871624770, 0.86656135047, 0.11727632581, 2.9069894787e-04]),
     ] {
-        let p = GateOptions {
-            k: 4,
-            temperature: tau,
-            ..Default::default()
-        };
+        let p = GateOptions { k: 4, temperature: tau, ..Default::default() };
         let (ex, w, _) = route(&h, 4, &p, None);
         let mut dense = [0.0f32; 4];
         for (&x, &v) in ex.iter().zip(&w) {
@@ -55,12 +47,7 @@ fn worked_examples_m1_m2_m3() {
         close(&dense, &want);
     }
     // M2 with the 0.05 threshold at τ = 0.5: [0, 0.880797078, 0.119202922, 0].
-    let p = GateOptions {
-        k: 4,
-        temperature: 0.5,
-        threshold: Some(0.05),
-        ..Default::default()
-    };
+    let p = GateOptions { k: 4, temperature: 0.5, threshold: Some(0.05), ..Default::default() };
     let (ex, w, _) = route(&h, 4, &p, None);
     let mut dense = [0.0f32; 4];
     for (&x, &v) in ex.iter().zip(&w) {
@@ -72,12 +59,7 @@ fn worked_examples_m1_m2_m3() {
         (1.0, [0.2698795061, 0.3408478477, 0.3304346833, 0.0588379629]),
         (0.5, [0.2414462002, 0.3851249666, 0.3619526937, 0.0114761395]),
     ] {
-        let p = GateOptions {
-            k: 4,
-            temperature: tau,
-            activation: Activation::Tanh,
-            ..Default::default()
-        };
+        let p = GateOptions { k: 4, temperature: tau, activation: Activation::Tanh, ..Default::default() };
         let (ex, w, _) = route(&h, 4, &p, None);
         let mut dense = [0.0f32; 4];
         for (&x, &v) in ex.iter().zip(&w) {
@@ -104,10 +86,7 @@ fn reference(h: &[f64], p: &GateOptions, bias: Option<&[f32]>) -> (Vec<u32>, Vec
     let w: Vec<f64> = match p.order {
         GateOrder::SoftmaxThenTopK { renormalize } => {
             let t: f64 = chosen.iter().map(|&i| prob[i]).sum();
-            chosen
-                .iter()
-                .map(|&i| if renormalize { prob[i] / t } else { prob[i] })
-                .collect()
+            chosen.iter().map(|&i| if renormalize { prob[i] / t } else { prob[i] }).collect()
         }
         GateOrder::TopKThenSoftmax => {
             let mk = chosen.iter().map(|&i| h[i]).fold(f64::NEG_INFINITY, f64::max);
@@ -133,26 +112,14 @@ fn every_experts_k_pair_up_to_64() {
                 GateOrder::TopKThenSoftmax,
             ] {
                 for b in [None, Some(&bias[..])] {
-                    let p = GateOptions {
-                        k,
-                        order,
-                        ..Default::default()
-                    };
+                    let p = GateOptions { k, order, ..Default::default() };
                     let (ex, w, st) = route(&h, e, &p, b);
                     for r in 0..tokens {
                         let (rex, rw) = reference(&h[r * e..(r + 1) * e], &p, b);
-                        assert_eq!(
-                            &ex[r * k..(r + 1) * k],
-                            &rex[..],
-                            "e={e} k={k} {order:?} bias={}",
-                            b.is_some()
-                        );
+                        assert_eq!(&ex[r * k..(r + 1) * k], &rex[..], "e={e} k={k} {order:?} bias={}", b.is_some());
                         close(&w[r * k..(r + 1) * k], &rw);
                     }
-                    assert_eq!(
-                        st.tokens_per_expert.iter().sum::<usize>(),
-                        w.iter().filter(|v| **v != 0.0).count()
-                    );
+                    assert_eq!(st.tokens_per_expert.iter().sum::<usize>(), w.iter().filter(|v| **v != 0.0).count());
                 }
             }
         }
@@ -164,10 +131,7 @@ fn bias_selects_but_never_weighs_and_balance_statistics() {
     // The bias moves expert 3 into the top 1; its weight is its unbiased probability.
     let h = [2.0, 1.0, 0.0, 1.5];
     let bias = [0.0f32, 0.0, 0.0, 1.0];
-    let p = GateOptions {
-        k: 1,
-        ..Default::default()
-    };
+    let p = GateOptions { k: 1, ..Default::default() };
     let (ex, w, _) = route(&h, 4, &p, Some(&bias));
     assert_eq!(ex, vec![3]);
     let z: f64 = h.iter().map(|v: &f64| v.exp()).sum();
@@ -183,28 +147,12 @@ fn bias_selects_but_never_weighs_and_balance_statistics() {
     assert!(((w[0] + w[1]) as f64 - 2.5).abs() < 1e-6);
     // Balanced routing gives aux loss 1; all tokens to one expert gives E·P_0.
     let h = [5.0, 0.0, 0.0, 5.0];
-    let (_, _, st) = route(
-        &h,
-        2,
-        &GateOptions {
-            k: 1,
-            ..Default::default()
-        },
-        None,
-    );
+    let (_, _, st) = route(&h, 2, &GateOptions { k: 1, ..Default::default() }, None);
     assert_eq!(st.tokens_per_expert, vec![1, 1]);
     assert!((st.aux_loss - 1.0).abs() < 1e-12);
     // Masked experts: gate 0 and never chosen over unmasked ones, whatever their bias.
     let h = [f64::NEG_INFINITY, 1.0, f64::NEG_INFINITY, 0.0];
-    let (ex, w, _) = route(
-        &h,
-        4,
-        &GateOptions {
-            k: 3,
-            ..Default::default()
-        },
-        Some(&[9.0, 0.0, 9.0, 0.0]),
-    );
+    let (ex, w, _) = route(&h, 4, &GateOptions { k: 3, ..Default::default() }, Some(&[9.0, 0.0, 9.0, 0.0]));
     assert_eq!(&ex[..2], &[1, 3]);
     assert_eq!(w[2], 0.0);
 }
@@ -227,34 +175,10 @@ fn errors() {
     ));
     let ok = [1.0f64, 2.0, 0.0, 2.0];
     for (p, name) in [
-        (
-            GateOptions {
-                k: 0,
-                ..Default::default()
-            },
-            "k",
-        ),
-        (
-            GateOptions {
-                k: 5,
-                ..Default::default()
-            },
-            "k",
-        ),
-        (
-            GateOptions {
-                temperature: 0.0,
-                ..Default::default()
-            },
-            "temperature",
-        ),
-        (
-            GateOptions {
-                threshold: Some(2.0),
-                ..Default::default()
-            },
-            "threshold",
-        ),
+        (GateOptions { k: 0, ..Default::default() }, "k"),
+        (GateOptions { k: 5, ..Default::default() }, "k"),
+        (GateOptions { temperature: 0.0, ..Default::default() }, "temperature"),
+        (GateOptions { threshold: Some(2.0), ..Default::default() }, "threshold"),
     ] {
         let mut ex = vec![0u32; p.k];
         let mut w = vec![0.0f32; p.k];
@@ -264,13 +188,7 @@ fn errors() {
         }
     }
     assert!(matches!(
-        gate(
-            View::rows(&ok, 1, 4).unwrap(),
-            Some(&[0.0; 3]),
-            &mut ex,
-            &mut w,
-            &GateOptions::default().par(Par::Seq)
-        ),
+        gate(View::rows(&ok, 1, 4).unwrap(), Some(&[0.0; 3]), &mut ex, &mut w, &GateOptions::default().par(Par::Seq)),
         Err(Error::LengthMismatch { what: "bias", .. })
     ));
     let mut w3 = [0.0f32; 3];
@@ -281,10 +199,7 @@ fn errors() {
     // No tokens with a huge k: empty outputs and zero statistics (the task split used to
     // compute rows·k and overflow).
     let none: [f64; 0] = [];
-    let huge = GateOptions {
-        k: usize::MAX,
-        ..Default::default()
-    };
+    let huge = GateOptions { k: usize::MAX, ..Default::default() };
     let st = gate(View::rows(&none, 0, 4).unwrap(), None, &mut [], &mut [], &huge).unwrap();
     assert_eq!(st.tokens_per_expert, vec![0; 4]);
     assert_eq!(st.aux_loss, 0.0);
@@ -295,21 +210,12 @@ fn thread_count_determinism() {
     let mut rng = Rng(5);
     let (t, e, k) = (3000, 64, 8);
     let h: Vec<f32> = rng.vec(t * e, 3.0).iter().map(|&v| v as f32).collect();
-    let p = GateOptions {
-        k,
-        order: GateOrder::SoftmaxThenTopK { renormalize: true },
-        ..Default::default()
-    };
+    let p = GateOptions { k, order: GateOrder::SoftmaxThenTopK { renormalize: true }, ..Default::default() };
     let run = |par: Par| {
         let mut ex = vec![0u32; t * k];
         let mut w = vec![0.0f32; t * k];
         let st = gate(View::rows(&h, t, e).unwrap(), None, &mut ex, &mut w, &p.par(par)).unwrap();
-        (
-            ex,
-            w.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            st.aux_loss.to_bits(),
-            st.tokens_per_expert,
-        )
+        (ex, w.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), st.aux_loss.to_bits(), st.tokens_per_expert)
     };
     let base = run(Par::Seq);
     for threads in [2, 3] {

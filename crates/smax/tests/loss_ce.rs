@@ -65,21 +65,11 @@ fn reference(x: &[f64], k: usize, tg: &Tg, c: &Cfg) -> Ref {
     let zden = if c.red == Reduction::Mean { nvalid } else { 1.0 };
     let s = if den > 0.0 { 1.0 / den } else { 0.0 };
     let sz = if zden > 0.0 { 1.0 / zden } else { 0.0 };
-    let mut out = Ref {
-        rows: vec![],
-        grad: vec![0.0; n * k],
-        mag: vec![0.0; n * k],
-        loss: 0.0,
-        z: 0.0,
-        max_t: 0.0,
-    };
+    let mut out = Ref { rows: vec![], grad: vec![0.0; n * k], mag: vec![0.0; n * k], loss: 0.0, z: 0.0, max_t: 0.0 };
     for r in 0..n {
         let xr = &x[r * k..(r + 1) * k];
         let t: Vec<f64> = xr.iter().map(|&v| t_of(c, v)).collect();
-        out.max_t = t
-            .iter()
-            .filter(|v| v.is_finite())
-            .fold(out.max_t, |a, v| a.max(v.abs()));
+        out.max_t = t.iter().filter(|v| v.is_finite()).fold(out.max_t, |a, v| a.max(v.abs()));
         let m = t.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let lse = m + fsum(t.iter().map(|&v| (v - m).exp())).ln();
         if !valid[r] {
@@ -90,9 +80,7 @@ fn reference(x: &[f64], k: usize, tg: &Tg, c: &Cfg) -> Ref {
             Tg::Cls(y) => (0..k)
                 .map(|i| c.eps / k as f64 * w(i) + if i == y[r] as usize { (1.0 - c.eps) * w(i) } else { 0.0 })
                 .collect(),
-            Tg::Probs(q) => (0..k)
-                .map(|i| w(i) * ((1.0 - c.eps) * q[r * k + i] + c.eps / k as f64))
-                .collect(),
+            Tg::Probs(q) => (0..k).map(|i| w(i) * ((1.0 - c.eps) * q[r * k + i] + c.eps / k as f64)).collect(),
         };
         let big_u = fsum(u.iter().copied());
         let loss = fsum((0..k).filter(|&i| u[i] != 0.0).map(|i| u[i] * (lse - t[i])));
@@ -160,11 +148,7 @@ fn run<T: Element>(x: &[f64], k: usize, tg: &Tg, o: &CrossEntropyOptions) -> Got
         View::rows(&xt, n, k).unwrap(),
         targets,
         Some(ViewMut::rows(&mut g, n, k).unwrap()),
-        RowOutputs {
-            loss: Some(&mut l),
-            z_loss: Some(&mut z),
-            lse: Some(&mut s),
-        },
+        RowOutputs { loss: Some(&mut l), z_loss: Some(&mut z), lse: Some(&mut s) },
         o,
     )
     .unwrap();
@@ -181,39 +165,14 @@ fn run<T: Element>(x: &[f64], k: usize, tg: &Tg, o: &CrossEntropyOptions) -> Got
 fn check(got: &Got, want: &Ref, rel: f64, what: &str) {
     let tol = |v: f64, mass: f64| rel * (v.abs() + mass * (1.0 + want.max_t)) + 1e-300;
     for (r, (g, w)) in got.rows.iter().zip(&want.rows).enumerate() {
-        assert!(
-            (g.0 - w.0).abs() <= tol(w.0, 1.0),
-            "{what}: row {r} loss {} vs {}",
-            g.0,
-            w.0
-        );
-        assert!(
-            (g.1 - w.1).abs() <= tol(w.1, w.1.abs().sqrt()),
-            "{what}: row {r} z {} vs {}",
-            g.1,
-            w.1
-        );
+        assert!((g.0 - w.0).abs() <= tol(w.0, 1.0), "{what}: row {r} loss {} vs {}", g.0, w.0);
+        assert!((g.1 - w.1).abs() <= tol(w.1, w.1.abs().sqrt()), "{what}: row {r} z {} vs {}", g.1, w.1);
         if w.2.is_finite() {
-            assert!(
-                (g.2 - w.2).abs() <= tol(w.2, 1.0),
-                "{what}: row {r} lse {} vs {}",
-                g.2,
-                w.2
-            );
+            assert!((g.2 - w.2).abs() <= tol(w.2, 1.0), "{what}: row {r} lse {} vs {}", g.2, w.2);
         }
     }
-    assert!(
-        (got.res.loss - want.loss).abs() <= tol(want.loss, 1.0),
-        "{what}: loss {} vs {}",
-        got.res.loss,
-        want.loss
-    );
-    assert!(
-        (got.res.z_loss - want.z).abs() <= tol(want.z, 1.0),
-        "{what}: z {} vs {}",
-        got.res.z_loss,
-        want.z
-    );
+    assert!((got.res.loss - want.loss).abs() <= tol(want.loss, 1.0), "{what}: loss {} vs {}", got.res.loss, want.loss);
+    assert!((got.res.z_loss - want.z).abs() <= tol(want.z, 1.0), "{what}: z {} vs {}", got.res.z_loss, want.z);
     for (i, ((g, w), m)) in got.grad.iter().zip(&want.grad).zip(&want.mag).enumerate() {
         let t = rel * m * (1.0 + want.max_t) + 1e-30;
         assert!((g - w).abs() <= t, "{what}: grad[{i}] {g} vs {w} (tol {t})");
@@ -221,15 +180,7 @@ fn check(got: &Got, want: &Ref, rel: f64, what: &str) {
 }
 
 fn targets_for(rng: &mut Rng, n: usize, k: usize, ignore: bool) -> Vec<i64> {
-    (0..n)
-        .map(|r| {
-            if ignore && r % 3 == 1 {
-                -100
-            } else {
-                (rng.next_u64() % k as u64) as i64
-            }
-        })
-        .collect()
+    (0..n).map(|r| if ignore && r % 3 == 1 { -100 } else { (rng.next_u64() % k as u64) as i64 }).collect()
 }
 
 fn probs_for(rng: &mut Rng, n: usize, k: usize) -> Vec<f64> {
@@ -260,15 +211,7 @@ fn every_option_combination_f32_f64() {
                         for cap in [None, Some(3.0)] {
                             for tau in [1.0, 0.7] {
                                 for soft in [false, true] {
-                                    let c = Cfg {
-                                        red,
-                                        weights,
-                                        eps,
-                                        lambda,
-                                        cap,
-                                        tau,
-                                        ignore: -100,
-                                    };
+                                    let c = Cfg { red, weights, eps, lambda, cap, tau, ignore: -100 };
                                     let tg = if soft { Tg::Probs(&q) } else { Tg::Cls(&cls) };
                                     let want = reference(&x, k, &tg, &c);
                                     let o = opts(&c);
@@ -302,38 +245,16 @@ fn every_tail_length_every_level() {
         let n = 3;
         let x: Vec<f64> = rng.vec(n * k, 20.0).iter().map(|&v| v as f32 as f64).collect();
         let cls = targets_for(&mut rng, n, k, false);
-        let c = Cfg {
-            red: Reduction::Mean,
-            weights: None,
-            eps: 0.0,
-            lambda: 0.0,
-            cap: None,
-            tau: 1.0,
-            ignore: -100,
-        };
+        let c = Cfg { red: Reduction::Mean, weights: None, eps: 0.0, lambda: 0.0, cap: None, tau: 1.0, ignore: -100 };
         let want = reference(&x, k, &Tg::Cls(&cls), &c);
         for level in SimdLevel::available() {
             let o = opts(&c).simd(level);
-            check(
-                &run::<f32>(&x, k, &Tg::Cls(&cls), &o),
-                &want,
-                5e-7,
-                &format!("{level:?} k={k}"),
-            );
+            check(&run::<f32>(&x, k, &Tg::Cls(&cls), &o), &want, 5e-7, &format!("{level:?} k={k}"));
         }
-        let c2 = Cfg {
-            eps: 0.1,
-            cap: Some(10.0),
-            ..c
-        };
+        let c2 = Cfg { eps: 0.1, cap: Some(10.0), ..c };
         let want = reference(&x, k, &Tg::Cls(&cls), &c2);
         let o = opts(&c2);
-        check(
-            &run::<f32>(&x, k, &Tg::Cls(&cls), &o),
-            &want,
-            5e-7,
-            &format!("smooth+cap k={k}"),
-        );
+        check(&run::<f32>(&x, k, &Tg::Cls(&cls), &o), &want, 5e-7, &format!("smooth+cap k={k}"));
     }
 }
 
@@ -341,21 +262,9 @@ fn every_tail_length_every_level() {
 fn half_types_accumulate_in_f32() {
     let mut rng = Rng(11);
     let (n, k) = (4, 1500);
-    let x: Vec<f64> = rng
-        .vec(n * k, 8.0)
-        .iter()
-        .map(|&v| bf16::from_f64(v).to_f64())
-        .collect();
+    let x: Vec<f64> = rng.vec(n * k, 8.0).iter().map(|&v| bf16::from_f64(v).to_f64()).collect();
     let cls = targets_for(&mut rng, n, k, true);
-    let c = Cfg {
-        red: Reduction::Mean,
-        weights: None,
-        eps: 0.1,
-        lambda: 1e-3,
-        cap: None,
-        tau: 1.0,
-        ignore: -100,
-    };
+    let c = Cfg { red: Reduction::Mean, weights: None, eps: 0.1, lambda: 1e-3, cap: None, tau: 1.0, ignore: -100 };
     let want = reference(&x, k, &Tg::Cls(&cls), &c);
     let got = run::<bf16>(&x, k, &Tg::Cls(&cls), &opts(&c));
     // The statistics are f32-exact; only the stored gradient is rounded to bf16 (2^-9).
@@ -378,15 +287,7 @@ fn gradient_matches_finite_differences_f64() {
     let q = probs_for(&mut rng, n, k);
     for soft in [false, true] {
         for red in [Reduction::Sum, Reduction::Mean] {
-            let c = Cfg {
-                red,
-                weights: Some(&wv),
-                eps: 0.2,
-                lambda: 0.05,
-                cap: Some(1.5),
-                tau: 0.8,
-                ignore: -100,
-            };
+            let c = Cfg { red, weights: Some(&wv), eps: 0.2, lambda: 0.05, cap: Some(1.5), tau: 0.8, ignore: -100 };
             let tg = if soft { Tg::Probs(&q) } else { Tg::Cls(&cls) };
             let o = opts(&c);
             let total = |x: &[f64]| {
@@ -400,11 +301,7 @@ fn gradient_matches_finite_differences_f64() {
                 a[i] += h;
                 b[i] -= h;
                 let fd = (total(&a) - total(&b)) / (2.0 * h);
-                assert!(
-                    (fd - an[i]).abs() < 1e-8,
-                    "soft={soft} {red:?} [{i}] fd {fd} vs {}",
-                    an[i]
-                );
+                assert!((fd - an[i]).abs() < 1e-8, "soft={soft} {red:?} [{i}] fd {fd} vs {}", an[i]);
             }
         }
     }
@@ -421,10 +318,7 @@ fn worked_example_l1_and_l2() {
         View::rows(&z, 3, 3).unwrap(),
         Targets::Classes(&y),
         Some(ViewMut::rows(&mut g, 3, 3).unwrap()),
-        RowOutputs {
-            loss: Some(&mut rows),
-            ..Default::default()
-        },
+        RowOutputs { loss: Some(&mut rows), ..Default::default() },
         &o,
     )
     .unwrap();
@@ -434,17 +328,7 @@ fn worked_example_l1_and_l2() {
     for (a, b) in rows.iter().zip([0.5136966829, 0.3365115405, 0.0]) {
         close(*a, b, 1e-10);
     }
-    let want = [
-        -0.1371660972,
-        0.1045498187,
-        0.0326162785,
-        0.0413906007,
-        -0.0376782614,
-        -0.0037123393,
-        0.0,
-        0.0,
-        0.0,
-    ];
+    let want = [-0.1371660972, 0.1045498187, 0.0326162785, 0.0413906007, -0.0376782614, -0.0037123393, 0.0, 0.0, 0.0];
     for (a, b) in g.iter().zip(want) {
         close(*a, b, 1e-10);
     }
@@ -456,10 +340,7 @@ fn worked_example_l1_and_l2() {
             View::rows(&z32, 3, 3).unwrap(),
             Targets::Classes(&y),
             None,
-            RowOutputs {
-                loss: Some(&mut rows),
-                ..Default::default()
-            },
+            RowOutputs { loss: Some(&mut rows), ..Default::default() },
             &CrossEntropyOptions::default().simd(level),
         )
         .unwrap();
@@ -485,10 +366,7 @@ fn worked_example_l1_and_l2() {
     let (r, g1) = grad_with(1e-4);
     let (_, g0) = grad_with(0.0);
     close(r.z_loss, 0.0005842034099588026, 1e-16);
-    for (i, w) in [3.1856510669e-04, 1.1719355343e-04, 4.7647343140e-05]
-        .iter()
-        .enumerate()
-    {
+    for (i, w) in [3.1856510669e-04, 1.1719355343e-04, 4.7647343140e-05].iter().enumerate() {
         close(g1[i] - g0[i], *w, 1e-13);
     }
 }
@@ -504,32 +382,14 @@ fn long_rows_pipelined_match_the_reference() {
         let x: Vec<f64> = rng.vec(n * k, 20.0).iter().map(|&v| v as f32 as f64).collect();
         let cls = targets_for(&mut rng, n, k, true);
         let w: Vec<f32> = (0..k).map(|_| (1.0 + 0.5 * rng.uniform()) as f32).collect();
-        let plain = Cfg {
-            red: Reduction::Sum,
-            weights: None,
-            eps: 0.0,
-            lambda: 0.0,
-            cap: None,
-            tau: 1.0,
-            ignore: -100,
-        };
-        let full = Cfg {
-            red: Reduction::Mean,
-            weights: Some(&w),
-            lambda: 1e-3,
-            tau: 0.7,
-            ..plain
-        };
+        let plain =
+            Cfg { red: Reduction::Sum, weights: None, eps: 0.0, lambda: 0.0, cap: None, tau: 1.0, ignore: -100 };
+        let full = Cfg { red: Reduction::Mean, weights: Some(&w), lambda: 1e-3, tau: 0.7, ..plain };
         for (name, c) in [("plain", plain), ("weights+z+tau+mean", full)] {
             let want = reference(&x, k, &Tg::Cls(&cls), &c);
             for level in SimdLevel::available() {
                 let o = opts(&c).simd(level);
-                check(
-                    &run::<f32>(&x, k, &Tg::Cls(&cls), &o),
-                    &want,
-                    5e-7,
-                    &format!("{level:?} k={k} {name}"),
-                );
+                check(&run::<f32>(&x, k, &Tg::Cls(&cls), &o), &want, 5e-7, &format!("{level:?} k={k} {name}"));
             }
         }
     }
@@ -568,15 +428,9 @@ fn rows_alone_case(k: usize, n: usize, seed: u64) {
     let w: Vec<f32> = (0..k).map(|_| (1.0 + 0.5 * rng.uniform()) as f32).collect();
     let plain = CrossEntropyOptions::default().reduction(Reduction::None).z_loss(1e-4);
     // (A sum, not a mean: a mean's per-row scale depends on the rows in the call.)
-    let weighted = CrossEntropyOptions::default()
-        .reduction(Reduction::Sum)
-        .class_weights(&w)
-        .temperature(0.7)
-        .grad_scale(0.25);
-    for (level, o) in SimdLevel::available()
-        .into_iter()
-        .flat_map(|l| [(l, plain), (l, weighted)])
-    {
+    let weighted =
+        CrossEntropyOptions::default().reduction(Reduction::Sum).class_weights(&w).temperature(0.7).grad_scale(0.25);
+    for (level, o) in SimdLevel::available().into_iter().flat_map(|l| [(l, plain), (l, weighted)]) {
         let o = o.simd(level);
         let all = run::<f32>(&x, k, &Tg::Cls(&cls), &o);
         for r in (0..9).chain([n / 2, n - 1]) {
@@ -586,17 +440,11 @@ fn rows_alone_case(k: usize, n: usize, seed: u64) {
             assert_eq!(a.0.to_bits(), b.0.to_bits(), "{what}: loss");
             assert_eq!(a.1.to_bits(), b.1.to_bits(), "{what}: z");
             assert_eq!(a.2.to_bits(), b.2.to_bits(), "{what}: lse");
-            let same = all.grad[r * k..(r + 1) * k]
-                .iter()
-                .zip(&one.grad)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
+            let same = all.grad[r * k..(r + 1) * k].iter().zip(&one.grad).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{what}: gradient");
         }
-        let (g, l, s): (&[f64], Vec<f64>, Vec<f64>) = (
-            &all.grad,
-            all.rows.iter().map(|r| r.0).collect(),
-            all.rows.iter().map(|r| r.2).collect(),
-        );
+        let (g, l, s): (&[f64], Vec<f64>, Vec<f64>) =
+            (&all.grad, all.rows.iter().map(|r| r.0).collect(), all.rows.iter().map(|r| r.2).collect());
         // The special rows follow the rules of the short path.
         assert!(l[2].is_nan() && s[2].is_nan(), "NaN row");
         assert!(l[4] == f64::INFINITY && s[4] == f64::NEG_INFINITY, "all -inf row");
@@ -618,11 +466,7 @@ fn edge_cases() {
             View::rows(x, 1, x.len()).unwrap(),
             Targets::Classes(&[y]),
             Some(ViewMut::rows(&mut g, 1, x.len()).unwrap()),
-            RowOutputs {
-                loss: Some(&mut l),
-                lse: Some(&mut s),
-                ..Default::default()
-            },
+            RowOutputs { loss: Some(&mut l), lse: Some(&mut s), ..Default::default() },
             o,
         )
         .unwrap();
@@ -728,27 +572,14 @@ fn bad_input_is_a_typed_error() {
     let d = CrossEntropyOptions::default();
     assert!(matches!(
         ce(Targets::Classes(&[0, 3]), &d),
-        Err(Error::TargetOutOfRange {
-            row: 1,
-            target: 3,
-            classes: 3
-        })
+        Err(Error::TargetOutOfRange { row: 1, target: 3, classes: 3 })
     ));
-    assert!(matches!(
-        ce(Targets::Classes(&[0, -1]), &d),
-        Err(Error::TargetOutOfRange { .. })
-    ));
-    assert!(matches!(
-        ce(Targets::Classes(&[0]), &d),
-        Err(Error::LengthMismatch { what: "targets", .. })
-    ));
+    assert!(matches!(ce(Targets::Classes(&[0, -1]), &d), Err(Error::TargetOutOfRange { .. })));
+    assert!(matches!(ce(Targets::Classes(&[0]), &d), Err(Error::LengthMismatch { what: "targets", .. })));
     let w = [1.0f32; 2];
     assert!(matches!(
         ce(Targets::Classes(&[0, 0]), &d.class_weights(&w)),
-        Err(Error::LengthMismatch {
-            what: "class_weights",
-            ..
-        })
+        Err(Error::LengthMismatch { what: "class_weights", .. })
     ));
     let wn = [1.0f32, -1.0, 1.0];
     for (o, name) in [
@@ -787,23 +618,14 @@ fn bad_input_is_a_typed_error() {
             v(),
             Targets::Classes(&[0, 0]),
             None,
-            RowOutputs {
-                loss: Some(&mut l),
-                ..Default::default()
-            },
+            RowOutputs { loss: Some(&mut l), ..Default::default() },
             &d
         ),
         Err(Error::RowCountMismatch { what: "loss", .. })
     ));
     let e: [f32; 0] = [];
     assert!(matches!(
-        cross_entropy(
-            View::rows(&e, 2, 0).unwrap(),
-            Targets::Classes(&[0, 0]),
-            None,
-            RowOutputs::default(),
-            &d
-        ),
+        cross_entropy(View::rows(&e, 2, 0).unwrap(), Targets::Classes(&[0, 0]), None, RowOutputs::default(), &d),
         Err(Error::BadParameter { name: "classes", .. })
     ));
     let ax = [0.0f32; 8];
@@ -826,10 +648,7 @@ fn strided_views_and_thread_determinism() {
     let xs: Vec<f32> = rng.vec(n * stride, 10.0).iter().map(|&v| v as f32).collect();
     let cls = targets_for(&mut rng, n, k, true);
     let lay = smax::Layout::strided_rows(n, k, stride);
-    let o = CrossEntropyOptions::default()
-        .label_smoothing(0.05)
-        .z_loss(1e-4)
-        .softcap(7.0);
+    let o = CrossEntropyOptions::default().label_smoothing(0.05).z_loss(1e-4).softcap(7.0);
     let go = |o: &CrossEntropyOptions| {
         let mut g = vec![0.0f32; n * stride];
         let r = cross_entropy(
@@ -840,11 +659,7 @@ fn strided_views_and_thread_determinism() {
             o,
         )
         .unwrap();
-        (
-            r.loss.to_bits(),
-            r.z_loss.to_bits(),
-            g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-        )
+        (r.loss.to_bits(), r.z_loss.to_bits(), g.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
     };
     let base = go(&o.par(Par::Seq));
     for threads in [1, 2, 3, 8] {
@@ -852,18 +667,9 @@ fn strided_views_and_thread_determinism() {
         assert!(pool.install(|| go(&o)) == base, "{threads} threads");
     }
     // The strided result equals the contiguous one.
-    let xc: Vec<f64> = (0..n)
-        .flat_map(|r| xs[r * stride..r * stride + k].iter().map(|&v| v as f64))
-        .collect();
-    let c = Cfg {
-        red: Reduction::Mean,
-        weights: None,
-        eps: 0.05,
-        lambda: 1e-4,
-        cap: Some(7.0),
-        tau: 1.0,
-        ignore: -100,
-    };
+    let xc: Vec<f64> = (0..n).flat_map(|r| xs[r * stride..r * stride + k].iter().map(|&v| v as f64)).collect();
+    let c =
+        Cfg { red: Reduction::Mean, weights: None, eps: 0.05, lambda: 1e-4, cap: Some(7.0), tau: 1.0, ignore: -100 };
     let got = run::<f32>(&xc, k, &Tg::Cls(&cls), &o);
     assert_eq!(got.res.loss.to_bits(), base.0);
     let want = reference(&xc, k, &Tg::Cls(&cls), &c);
@@ -901,8 +707,5 @@ fn tanh_sampled_ulp() {
     smax::math::tanh(&sp, &mut y, None).unwrap();
     assert_eq!((y[0], y[1]), (1.0, -1.0));
     assert!(y[2].is_nan());
-    assert_eq!(
-        (y[3].to_bits(), y[4].to_bits()),
-        (0.0f32.to_bits(), (-0.0f32).to_bits())
-    );
+    assert_eq!((y[3].to_bits(), y[4].to_bits()), (0.0f32.to_bits(), (-0.0f32).to_bits()));
 }

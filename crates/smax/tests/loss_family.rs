@@ -30,11 +30,7 @@ fn fd_check(x: &[f64], rows: usize, cols: usize, f: LossFn, what: &str) {
         a[i] += h;
         b[i] -= h;
         let fd = (f(&a, None) - f(&b, None)) / (2.0 * h);
-        assert!(
-            (fd - g[i]).abs() <= 1e-7 * (1.0 + fd.abs()),
-            "{what}: d/dx[{i}] fd {fd} vs {}",
-            g[i]
-        );
+        assert!((fd - g[i]).abs() <= 1e-7 * (1.0 + fd.abs()), "{what}: d/dx[{i}] fd {fd} vs {}", g[i]);
     }
 }
 
@@ -49,49 +45,26 @@ fn stablemax_worked_example_n5() {
     stablemax(
         View::rows(&x, 1, 5).unwrap(),
         ViewMut::rows(&mut y, 1, 5).unwrap(),
-        &smax::loss::StablemaxOptions {
-            output: smax::loss::StablemaxOutput::Probs,
-            ..Default::default()
-        }
-        .par(Par::Seq),
+        &smax::loss::StablemaxOptions { output: smax::loss::StablemaxOutput::Probs, ..Default::default() }
+            .par(Par::Seq),
     )
     .unwrap();
-    for (a, b) in y
-        .iter()
-        .zip([0.0392156863, 0.0784313725, 0.1176470588, 0.2941176471, 0.4705882353])
-    {
+    for (a, b) in y.iter().zip([0.0392156863, 0.0784313725, 0.1176470588, 0.2941176471, 0.4705882353]) {
         close(*a, b, 1e-9, "stablemax");
     }
     stablemax(
         View::rows(&x, 1, 5).unwrap(),
         ViewMut::rows(&mut y, 1, 5).unwrap(),
-        &smax::loss::StablemaxOptions {
-            output: smax::loss::StablemaxOutput::LogProbs,
-            ..Default::default()
-        }
-        .par(Par::Seq),
+        &smax::loss::StablemaxOptions { output: smax::loss::StablemaxOutput::LogProbs, ..Default::default() }
+            .par(Par::Seq),
     )
     .unwrap();
-    for (a, b) in y.iter().zip([
-        -3.2386784522,
-        -2.5455312716,
-        -2.1400661635,
-        -1.2237754316,
-        -0.7537718024,
-    ]) {
+    for (a, b) in y.iter().zip([-3.2386784522, -2.5455312716, -2.1400661635, -1.2237754316, -0.7537718024]) {
         close(*a, b, 1e-9, "log_stablemax");
     }
     for (t, loss, grad) in [
-        (
-            4i64,
-            0.7537718023763802,
-            [0.0130718954, 0.0522875817, 0.1176470588, 0.1176470588, -0.1323529412],
-        ),
-        (
-            0,
-            3.2386784521643808,
-            [-0.3202614379, 0.0522875817, 0.1176470588, 0.1176470588, 0.1176470588],
-        ),
+        (4i64, 0.7537718023763802, [0.0130718954, 0.0522875817, 0.1176470588, 0.1176470588, -0.1323529412]),
+        (0, 3.2386784521643808, [-0.3202614379, 0.0522875817, 0.1176470588, 0.1176470588, 0.1176470588]),
     ] {
         let mut g = [0.0f64; 5];
         let r = stablemax_cross_entropy(
@@ -109,14 +82,8 @@ fn stablemax_worked_example_n5() {
     }
     // f32 input gives the same numbers (computed in f64).
     let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
-    let r = stablemax_cross_entropy(
-        View::rows(&x32, 1, 5).unwrap(),
-        &[4],
-        None,
-        None,
-        &LossOptions::default(),
-    )
-    .unwrap();
+    let r =
+        stablemax_cross_entropy(View::rows(&x32, 1, 5).unwrap(), &[4], None, None, &LossOptions::default()).unwrap();
     close(r.loss, 0.7537718023763802, 1e-12, "f32");
     // Gradient by finite differences on random rows, with an ignored row.
     let mut rng = Rng(1);
@@ -144,10 +111,7 @@ fn softmax_collapse_n5b() {
     let z64: Vec<f64> = z.iter().map(|&v| v as f64).collect();
     assert_eq!(softmax_collapse_fraction(View::rows(&z64, 2, 3).unwrap()).unwrap(), 0.0);
     // f16 collapses at a gap of ≈ 7.62.
-    let h: Vec<smax::f16> = [0.0, -8.0, -9.0, 0.0, -7.0, -9.0]
-        .iter()
-        .map(|&v| smax::f16::from_f64(v))
-        .collect();
+    let h: Vec<smax::f16> = [0.0, -8.0, -9.0, 0.0, -7.0, -9.0].iter().map(|&v| smax::f16::from_f64(v)).collect();
     assert_eq!(softmax_collapse_fraction(View::rows(&h, 2, 3).unwrap()).unwrap(), 0.5);
     // The collapsed row's cross-entropy at its argmax is exactly 0 in f32 (CE via smax).
     let r = smax::loss::cross_entropy(
@@ -160,22 +124,13 @@ fn softmax_collapse_n5b() {
     .unwrap();
     assert!(r.loss.abs() < 1e-8);
     // StableMax in f32 does not collapse: p_0 = 0.92074192, loss 0.0825755.
-    let r = stablemax_cross_entropy(
-        View::rows(&z[..3], 1, 3).unwrap(),
-        &[0],
-        None,
-        None,
-        &LossOptions::default(),
-    )
-    .unwrap();
+    let r =
+        stablemax_cross_entropy(View::rows(&z[..3], 1, 3).unwrap(), &[0], None, None, &LossOptions::default()).unwrap();
     close(r.loss, 0.0825755, 1e-6, "stablemax no collapse");
     // NaN rows and empty batches.
     let zn = [f32::NAN, 0.0];
     assert_eq!(softmax_collapse_fraction(View::rows(&zn, 1, 2).unwrap()).unwrap(), 0.0);
-    assert_eq!(
-        softmax_collapse_fraction(View::rows(&zn[..0], 0, 2).unwrap()).unwrap(),
-        0.0
-    );
+    assert_eq!(softmax_collapse_fraction(View::rows(&zn[..0], 0, 2).unwrap()).unwrap(), 0.0);
 }
 
 #[test]
@@ -192,12 +147,7 @@ fn spherical_z_loss_l3() {
         .unwrap()
     };
     let mut g = [0.0; 4];
-    close(
-        run(&o, 3, 1.0, 1.0, Some(&mut g)).loss,
-        0.5368461838295913,
-        1e-14,
-        "c3 a1 b1",
-    );
+    close(run(&o, 3, 1.0, 1.0, Some(&mut g)).loss, 0.5368461838295913, 1e-14, "c3 a1 b1");
     for (a, b) in g.iter().zip([-0.0743109726, 0.0371554863, 0.1486219452, -0.1114664589]) {
         close(*a, b, 1e-9, "grad");
     }
@@ -207,18 +157,8 @@ fn spherical_z_loss_l3() {
     close(run(&o, 3, 1.0, 0.0, None).loss, 0.2322352070906026, 1e-14, "code form");
     let o10: Vec<f64> = o.iter().map(|v| 10.0 * v).collect();
     let o5: Vec<f64> = o.iter().map(|v| v - 5.0).collect();
-    close(
-        run(&o10, 3, 1.0, 1.0, None).loss,
-        0.5368461838295913,
-        1e-13,
-        "scale invariance",
-    );
-    close(
-        run(&o5, 3, 1.0, 1.0, None).loss,
-        0.5368461838295913,
-        1e-13,
-        "shift invariance",
-    );
+    close(run(&o10, 3, 1.0, 1.0, None).loss, 0.5368461838295913, 1e-13, "scale invariance");
+    close(run(&o5, 3, 1.0, 1.0, None).loss, 0.5368461838295913, 1e-13, "shift invariance");
     // σ = 0: (1/a)·softplus(a·b), zero gradient, flagged.
     let mut g = [1.0; 4];
     let r = run(&[2.0; 4], 1, 2.0, 0.5, Some(&mut g));
@@ -310,18 +250,8 @@ fn nkd_l6_and_hinton_l11() {
     let zs = [2.0, 1.0, 0.1, -1.0];
     let zt = [3.0, 0.5, 0.2, -2.0];
     for (lam, gamma, total, grad) in [
-        (
-            1.0,
-            1.5,
-            1.724081930602468,
-            [-0.3148253801, 0.3541389027, -0.1310587116, 0.091745189],
-        ),
-        (
-            3.0,
-            3.5,
-            33.55058640269342,
-            [-0.3148253801, 0.373816273, -0.5274779268, 0.468487034],
-        ),
+        (1.0, 1.5, 1.724081930602468, [-0.3148253801, 0.3541389027, -0.1310587116, 0.091745189]),
+        (3.0, 3.5, 33.55058640269342, [-0.3148253801, 0.373816273, -0.5274779268, 0.468487034]),
     ] {
         let mut g = [0.0; 4];
         let r = nkd_loss(
@@ -330,10 +260,7 @@ fn nkd_l6_and_hinton_l11() {
             &[0],
             Some(ViewMut::rows(&mut g, 1, 4).unwrap()),
             None,
-            &LossOptions::default().with_params(smax::loss::Nkd {
-                temperature: lam,
-                gamma,
-            }),
+            &LossOptions::default().with_params(smax::loss::Nkd { temperature: lam, gamma }),
         )
         .unwrap();
         close(r.loss, total, 1e-13, &format!("nkd {lam} {gamma}"));
@@ -357,10 +284,7 @@ fn nkd_l6_and_hinton_l11() {
         &[0],
         None,
         None,
-        &LossOptions::default().with_params(smax::loss::Nkd {
-            temperature: 1.0,
-            gamma: 1.0,
-        }),
+        &LossOptions::default().with_params(smax::loss::Nkd { temperature: 1.0, gamma: 1.0 }),
     )
     .unwrap();
     assert_eq!((r.loss, r.flagged_rows), (0.0, 0));
@@ -370,10 +294,7 @@ fn nkd_l6_and_hinton_l11() {
         &[0],
         None,
         None,
-        &LossOptions::default().with_params(smax::loss::Nkd {
-            temperature: 1.0,
-            gamma: 1.0,
-        }),
+        &LossOptions::default().with_params(smax::loss::Nkd { temperature: 1.0, gamma: 1.0 }),
     )
     .unwrap();
     assert_eq!(r.flagged_rows, 1);
@@ -387,10 +308,7 @@ fn nkd_l6_and_hinton_l11() {
             &[4, -100, 0],
             grad_view(g, 3, 5),
             None,
-            &LossOptions::default().with_params(smax::loss::Nkd {
-                temperature: 2.0,
-                gamma: 1.5,
-            }),
+            &LossOptions::default().with_params(smax::loss::Nkd { temperature: 2.0, gamma: 1.5 }),
         )
         .unwrap()
         .loss
@@ -425,12 +343,7 @@ fn decoupled_softmax_l7() {
     )
     .unwrap();
     close(r.loss, 4.7320181906229664e-07, 1e-9, "decoupled");
-    for (a, b) in g.iter().zip([
-        -1.1281410728e-06f64,
-        -8.3358917713e-06,
-        9.4406318797e-06,
-        2.3400986821e-08,
-    ]) {
+    for (a, b) in g.iter().zip([-1.1281410728e-06f64, -8.3358917713e-06, 9.4406318797e-06, 2.3400986821e-08]) {
         assert!((a - b).abs() <= 1e-9 * b.abs() + 1e-17, "{a} vs {b}");
     }
     // Perfect separation: → 0; no positives: the row does not count; no negatives: 0.
@@ -454,9 +367,7 @@ fn decoupled_softmax_l7() {
     assert_eq!((r.valid_rows, r.loss), (1, 0.0));
     let mut rng = Rng(5);
     let xs = rng.vec(2 * 6, 1.0);
-    let p = [
-        true, false, true, false, false, false, false, false, false, false, false, true,
-    ];
+    let p = [true, false, true, false, false, false, false, false, false, false, false, true];
     let f = |x: &[f64], g: Option<&mut [f64]>| {
         decoupled_softmax_loss(
             View::rows(x, 2, 6).unwrap(),
@@ -475,11 +386,7 @@ fn decoupled_softmax_l7() {
 fn normalized_softmax_l8() {
     let x = [1.0, 2.0];
     let w = [1.0, 0.0, 0.0, 1.0, -1.0, 1.0];
-    for (t, loss) in [
-        (0.05, 0.00013997482943395312),
-        (0.1, 0.01440125520216462),
-        (1.0, 0.7886004105403325),
-    ] {
+    for (t, loss) in [(0.05, 0.00013997482943395312), (0.1, 0.01440125520216462), (1.0, 0.7886004105403325)] {
         let r = normalized_softmax_loss(
             &x,
             &w,
@@ -619,9 +526,7 @@ fn reductions_errors_and_threads() {
     let mut rng = Rng(9);
     let (n, k) = (400, 300);
     let x: Vec<f32> = rng.vec(n * k, 4.0).iter().map(|&v| v as f32).collect();
-    let t: Vec<i64> = (0..n)
-        .map(|i| if i % 7 == 0 { -100 } else { (i * 13 % k) as i64 })
-        .collect();
+    let t: Vec<i64> = (0..n).map(|i| if i % 7 == 0 { -100 } else { (i * 13 % k) as i64 }).collect();
     let run = |o: &LossOptions| -> (LossReport, Vec<u32>) {
         let mut g = vec![0.0f32; n * k];
         let r = stablemax_cross_entropy(
@@ -634,10 +539,7 @@ fn reductions_errors_and_threads() {
         .unwrap();
         (r, g.iter().map(|v| v.to_bits()).collect())
     };
-    let base = run(&LossOptions {
-        exec: smax::Exec::SEQ,
-        ..Default::default()
-    });
+    let base = run(&LossOptions { exec: smax::Exec::SEQ, ..Default::default() });
     for threads in [1, 2, 3] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         let got = pool.install(|| run(&LossOptions::default()));
@@ -646,10 +548,7 @@ fn reductions_errors_and_threads() {
     }
     let valid = t.iter().filter(|&&v| v != -100).count();
     assert_eq!(base.0.valid_rows, valid);
-    let sum = run(&LossOptions {
-        reduction: Reduction::Sum,
-        ..Default::default()
-    });
+    let sum = run(&LossOptions { reduction: Reduction::Sum, ..Default::default() });
     close(sum.0.loss / valid as f64, base.0.loss, 1e-14, "sum vs mean");
     // Errors.
     let v = View::rows(&x, n, k).unwrap();
@@ -664,13 +563,7 @@ fn reductions_errors_and_threads() {
         Err(Error::TargetOutOfRange { row: 3, .. })
     ));
     assert!(matches!(
-        comp_sum_loss(
-            v,
-            &t,
-            None,
-            None,
-            &LossOptions::default().with_params(smax::loss::CompSum { tau: -1.0 })
-        ),
+        comp_sum_loss(v, &t, None, None, &LossOptions::default().with_params(smax::loss::CompSum { tau: -1.0 })),
         Err(Error::BadParameter { name: "tau", .. })
     ));
     assert!(matches!(
@@ -705,19 +598,8 @@ fn uskd_l6b() {
         (UskdRanking::PaperProb, 1.1444038150178604, 0.6391546536018141),
         (UskdRanking::CodeLogProb, 1.129019199633245, 0.6376161920633526),
     ] {
-        let p = UskdOptions {
-            ranking,
-            ..Default::default()
-        };
-        let r = uskd_loss(
-            View::rows(&zs, 2, 4).unwrap(),
-            View::rows(&w, 2, 4).unwrap(),
-            &y,
-            None,
-            None,
-            &p,
-        )
-        .unwrap();
+        let p = UskdOptions { ranking, ..Default::default() };
+        let r = uskd_loss(View::rows(&zs, 2, 4).unwrap(), View::rows(&w, 2, 4).unwrap(), &y, None, None, &p).unwrap();
         close(r.target, 0.5202211018651132, 1e-14, "L_t");
         close(r.non_target, lnt, 1e-14, "L_nt");
         close(r.weak, 0.004493170234914948, 1e-14, "L_weak");
@@ -770,14 +652,7 @@ fn uskd_l6b() {
     };
     fd_check(&zs[..4], 1, 4, &fs1, "uskd one row");
     assert!(matches!(
-        uskd_loss(
-            View::rows(&zs, 2, 4).unwrap(),
-            View::rows(&w, 2, 4).unwrap(),
-            &[0, 4],
-            None,
-            None,
-            &p
-        ),
+        uskd_loss(View::rows(&zs, 2, 4).unwrap(), View::rows(&w, 2, 4).unwrap(), &[0, 4], None, None, &p),
         Err(Error::TargetOutOfRange { .. })
     ));
 }
@@ -788,9 +663,7 @@ fn every_family_loss_is_thread_count_deterministic() {
     let (n, k) = (300, 64);
     let x = rng.vec(n * k, 3.0);
     let xt = rng.vec(n * k, 3.0);
-    let t: Vec<i64> = (0..n)
-        .map(|i| if i % 9 == 0 { -100 } else { (i * 7 % k) as i64 })
-        .collect();
+    let t: Vec<i64> = (0..n).map(|i| if i % 9 == 0 { -100 } else { (i * 7 % k) as i64 }).collect();
     let taus: Vec<f64> = (0..n).map(|i| 0.5 + (i % 10) as f64 * 0.3).collect();
     let pos: Vec<bool> = (0..n * k).map(|i| i % 17 == 0).collect();
     type Run<'a> = Box<dyn Fn(&LossOptions, &mut [f64]) -> f64 + Sync + 'a>;
@@ -834,10 +707,7 @@ fn every_family_loss_is_thread_count_deterministic() {
                     &t,
                     Some(ViewMut::rows(gb, n, k).unwrap()),
                     None,
-                    &(*o).with_params(smax::loss::Nkd {
-                        temperature: 2.0,
-                        gamma: 1.5,
-                    }),
+                    &(*o).with_params(smax::loss::Nkd { temperature: 2.0, gamma: 1.5 }),
                 )
                 .unwrap()
                 .loss
@@ -890,22 +760,13 @@ fn every_family_loss_is_thread_count_deterministic() {
     ];
     for (name, f) in &runs {
         let mut gs = vec![0.0; n * k];
-        let base = f(
-            &LossOptions {
-                exec: smax::Exec::SEQ,
-                ..Default::default()
-            },
-            &mut gs,
-        );
+        let base = f(&LossOptions { exec: smax::Exec::SEQ, ..Default::default() }, &mut gs);
         for threads in [2, 3] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let mut gp = vec![0.0; n * k];
             let l = pool.install(|| f(&LossOptions::default(), &mut gp));
             assert_eq!(l.to_bits(), base.to_bits(), "{name} {threads} threads");
-            assert!(
-                gp.iter().zip(&gs).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{name} grad {threads} threads"
-            );
+            assert!(gp.iter().zip(&gs).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} grad {threads} threads");
         }
     }
 }

@@ -41,15 +41,7 @@ fn problem(rng: &mut Rng, n: usize, d: usize, v: usize) -> Problem {
         h: f(rng.vec(n * d, 1.0)),
         w: f(rng.vec(v * d, 3.0 / (d as f64).sqrt())),
         b: f(rng.vec(v, 0.5)),
-        y: (0..n)
-            .map(|i| {
-                if i % 5 == 3 {
-                    -100
-                } else {
-                    (rng.next_u64() % v as u64) as i64
-                }
-            })
-            .collect(),
+        y: (0..n).map(|i| if i % 5 == 3 { -100 } else { (rng.next_u64() % v as u64) as i64 }).collect(),
     }
 }
 
@@ -80,11 +72,7 @@ fn materialized(p: &Problem, bias: bool, o: &LinearCrossEntropyOptions) -> Out {
         View::rows(&z, n, v).unwrap(),
         Targets::Classes(&p.y),
         Some(ViewMut::rows(&mut g, n, v).unwrap()),
-        RowOutputs {
-            loss: Some(&mut rows),
-            lse: Some(&mut lse),
-            ..Default::default()
-        },
+        RowOutputs { loss: Some(&mut rows), lse: Some(&mut lse), ..Default::default() },
         &ce,
     )
     .unwrap();
@@ -101,15 +89,7 @@ fn materialized(p: &Problem, bias: bool, o: &LinearCrossEntropyOptions) -> Out {
             }
         }
     }
-    Out {
-        loss: r.loss,
-        z: r.z_loss,
-        rows,
-        lse,
-        dh,
-        dw,
-        db,
-    }
+    Out { loss: r.loss, z: r.z_loss, rows, lse, dh, dw, db }
 }
 
 fn fused(p: &Problem, bias: bool, o: &LinearCrossEntropyOptions) -> Out {
@@ -120,36 +100,15 @@ fn fused(p: &Problem, bias: bool, o: &LinearCrossEntropyOptions) -> Out {
     let (mut rows, mut lse) = (vec![0.0; n], vec![0.0; n]);
     let r = linear_cross_entropy(
         LinearShape { n, d, v },
-        LinearInputs {
-            h: &p.h,
-            w: &p.w,
-            bias: if bias { Some(&p.b) } else { None },
-            targets: &p.y,
-        },
-        LinearGrads {
-            dh: Some(&mut dh),
-            dw: Some(&mut dw),
-            dbias: Some(&mut db),
-        },
-        RowOutputs {
-            loss: Some(&mut rows),
-            lse: Some(&mut lse),
-            ..Default::default()
-        },
+        LinearInputs { h: &p.h, w: &p.w, bias: if bias { Some(&p.b) } else { None }, targets: &p.y },
+        LinearGrads { dh: Some(&mut dh), dw: Some(&mut dw), dbias: Some(&mut db) },
+        RowOutputs { loss: Some(&mut rows), lse: Some(&mut lse), ..Default::default() },
         None,
         o,
     )
     .unwrap();
     let f = |x: Vec<f32>| x.iter().map(|&v| v as f64).collect();
-    Out {
-        loss: r.loss,
-        z: r.z_loss,
-        rows,
-        lse,
-        dh: f(dh),
-        dw: f(dw),
-        db: f(db),
-    }
+    Out { loss: r.loss, z: r.z_loss, rows, lse, dh: f(dh), dw: f(dw), db: f(db) }
 }
 
 /// f32 logits carry about `d·2⁻²⁴` relative error from the products; everything after them
@@ -165,11 +124,7 @@ fn compare(got: &Out, want: &Out, d: usize, what: &str) {
         close(got.rows[i], want.rows[i], 1.0, "row loss");
         close(got.lse[i], want.lse[i], 1.0, "lse");
     }
-    for (name, a, b) in [
-        ("dh", &got.dh, &want.dh),
-        ("dw", &got.dw, &want.dw),
-        ("db", &got.db, &want.db),
-    ] {
+    for (name, a, b) in [("dh", &got.dh, &want.dh), ("dw", &got.dw, &want.dw), ("db", &got.db, &want.db)] {
         let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         for (x, y) in a.iter().zip(b.iter()) {
             close(*x, *y, scale, name);
@@ -222,10 +177,7 @@ fn worked_example_l9() {
         b: vec![0.0; 4],
         y: vec![1, 0, 2],
     };
-    let o = LinearCrossEntropyOptions {
-        tiles: LinearTiles { tokens: 2, vocab: 2 },
-        ..Default::default()
-    };
+    let o = LinearCrossEntropyOptions { tiles: LinearTiles { tokens: 2, vocab: 2 }, ..Default::default() };
     let r = fused(&p, false, &o);
     let close = |a: f64, b: f64| assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
     close(r.loss, 2.6652770410404996);
@@ -235,14 +187,7 @@ fn worked_example_l9() {
     for (a, b) in r.rows.iter().zip([0.4401896986, 0.8845276149, 6.6711138096]) {
         close(*a, b);
     }
-    let de = [
-        -0.1691157551,
-        0.0262078274,
-        0.0401423592,
-        -0.2132343173,
-        0.9087137229,
-        -0.2285035659,
-    ];
+    let de = [-0.1691157551, 0.0262078274, 0.0401423592, -0.2132343173, 0.9087137229, -0.2285035659];
     for (a, b) in r.dh.iter().zip(de) {
         close(*a, b);
     }
@@ -288,34 +233,17 @@ fn thread_count_determinism_and_scratch_reuse() {
     let mut sc = LinearCeScratch::new(shape, o.tiles);
     assert_eq!(sc.bytes(), linear_cross_entropy_scratch_bytes(shape, o.tiles));
     // Absurd tiles are clamped to the problem, not allocated.
-    let huge = LinearTiles {
-        tokens: usize::MAX,
-        vocab: usize::MAX,
-    };
+    let huge = LinearTiles { tokens: usize::MAX, vocab: usize::MAX };
     assert_eq!(
         linear_cross_entropy_scratch_bytes(shape, huge),
-        linear_cross_entropy_scratch_bytes(
-            shape,
-            LinearTiles {
-                tokens: p.n,
-                vocab: p.v
-            }
-        )
+        linear_cross_entropy_scratch_bytes(shape, LinearTiles { tokens: p.n, vocab: p.v })
     );
     for _ in 0..2 {
         let mut dh = vec![0.0f32; p.n * p.d];
         let r = linear_cross_entropy(
             LinearShape { n: p.n, d: p.d, v: p.v },
-            LinearInputs {
-                h: &p.h,
-                w: &p.w,
-                bias: Some(&p.b),
-                targets: &p.y,
-            },
-            LinearGrads {
-                dh: Some(&mut dh),
-                ..Default::default()
-            },
+            LinearInputs { h: &p.h, w: &p.w, bias: Some(&p.b), targets: &p.y },
+            LinearGrads { dh: Some(&mut dh), ..Default::default() },
             RowOutputs::default(),
             Some(&mut sc),
             &o,
@@ -331,33 +259,16 @@ fn thread_count_determinism_and_scratch_reuse() {
 fn gradient_filtering_is_opt_in() {
     let mut rng = Rng(8);
     let p = problem(&mut rng, 64, 16, 600);
-    let o = LinearCrossEntropyOptions {
-        tiles: LinearTiles { tokens: 16, vocab: 64 },
-        ..Default::default()
-    };
+    let o = LinearCrossEntropyOptions { tiles: LinearTiles { tokens: 16, vocab: 64 }, ..Default::default() };
     let exact = fused(&p, false, &o);
     // Threshold 0 filters nothing.
     let zero = fused(&p, false, &LinearCrossEntropyOptions { filter: Some(0.0), ..o });
     assert_eq!(exact.dh, zero.dh);
     // A tiny threshold changes the gradient by less than it drops.
-    let tiny = fused(
-        &p,
-        false,
-        &LinearCrossEntropyOptions {
-            filter: Some(2f32.powi(-28)),
-            ..o
-        },
-    );
+    let tiny = fused(&p, false, &LinearCrossEntropyOptions { filter: Some(2f32.powi(-28)), ..o });
     compare(&tiny, &materialized(&p, false, &o), p.d, "filter 2^-28");
     // An enormous threshold skips every product (the loss is untouched).
-    let all = fused(
-        &p,
-        false,
-        &LinearCrossEntropyOptions {
-            filter: Some(1e30),
-            ..o
-        },
-    );
+    let all = fused(&p, false, &LinearCrossEntropyOptions { filter: Some(1e30), ..o });
     assert_eq!(all.loss, exact.loss);
     assert!(all.dh.iter().chain(&all.dw).all(|&v| v == 0.0));
 }
@@ -371,14 +282,7 @@ fn edge_cases() {
     let r = fused(&p, true, &LinearCrossEntropyOptions::default());
     assert_eq!((r.loss, r.z), (0.0, 0.0));
     assert!(r.dh.iter().chain(&r.dw).chain(&r.db).all(|&v| v == 0.0));
-    let r = fused(
-        &p,
-        true,
-        &LinearCrossEntropyOptions {
-            all_ignored: AllIgnored::Nan,
-            ..Default::default()
-        },
-    );
+    let r = fused(&p, true, &LinearCrossEntropyOptions { all_ignored: AllIgnored::Nan, ..Default::default() });
     assert!(r.loss.is_nan());
     // A bias of -inf masks a vocabulary entry: equal to dropping that row of W; a target
     // there gives +inf.
@@ -392,15 +296,7 @@ fn edge_cases() {
     let f = fused(&p, true, &LinearCrossEntropyOptions::default());
     assert_eq!(f.rows[0], f64::INFINITY);
     // A single class: loss 0.
-    let q = Problem {
-        n: 2,
-        d: 3,
-        v: 1,
-        h: vec![1.0; 6],
-        w: vec![0.5; 3],
-        b: vec![0.0],
-        y: vec![0, 0],
-    };
+    let q = Problem { n: 2, d: 3, v: 1, h: vec![1.0; 6], w: vec![0.5; 3], b: vec![0.0], y: vec![0, 0] };
     assert_eq!(fused(&q, false, &LinearCrossEntropyOptions::default()).loss, 0.0);
 }
 
@@ -412,95 +308,38 @@ fn bad_input_is_a_typed_error() {
     let call = |s: LinearShape, i: LinearInputs, o: &LinearCrossEntropyOptions| {
         linear_cross_entropy(s, i, LinearGrads::default(), RowOutputs::default(), None, o)
     };
-    let inp = LinearInputs {
-        h: &h,
-        w: &w,
-        bias: None,
-        targets: &[0, 1, 2],
-    };
+    let inp = LinearInputs { h: &h, w: &w, bias: None, targets: &[0, 1, 2] };
     let d = LinearCrossEntropyOptions::default();
     assert!(call(shape, inp, &d).is_ok());
+    assert!(matches!(call(LinearShape { n: 3, d: 2, v: 5 }, inp, &d), Err(Error::LengthMismatch { what: "w", .. })));
     assert!(matches!(
-        call(LinearShape { n: 3, d: 2, v: 5 }, inp, &d),
-        Err(Error::LengthMismatch { what: "w", .. })
-    ));
-    assert!(matches!(
-        call(
-            shape,
-            LinearInputs {
-                targets: &[0, 1],
-                ..inp
-            },
-            &d
-        ),
+        call(shape, LinearInputs { targets: &[0, 1], ..inp }, &d),
         Err(Error::LengthMismatch { what: "targets", .. })
     ));
     assert!(matches!(
-        call(
-            shape,
-            LinearInputs {
-                bias: Some(&[0.0; 3]),
-                ..inp
-            },
-            &d
-        ),
+        call(shape, LinearInputs { bias: Some(&[0.0; 3]), ..inp }, &d),
         Err(Error::LengthMismatch { what: "bias", .. })
     ));
     assert!(matches!(
-        call(
-            shape,
-            LinearInputs {
-                targets: &[0, 4, 1],
-                ..inp
-            },
-            &d
-        ),
+        call(shape, LinearInputs { targets: &[0, 4, 1], ..inp }, &d),
         Err(Error::TargetOutOfRange { row: 1, target: 4, .. })
     ));
     assert!(matches!(
-        call(
-            LinearShape { n: 3, d: 0, v: 4 },
-            LinearInputs { h: &[], w: &[], ..inp },
-            &d
-        ),
+        call(LinearShape { n: 3, d: 0, v: 4 }, LinearInputs { h: &[], w: &[], ..inp }, &d),
         Err(Error::BadParameter { name: "d", .. })
     ));
-    let huge = LinearCrossEntropyOptions {
-        tiles: LinearTiles {
-            tokens: usize::MAX,
-            vocab: usize::MAX,
-        },
-        ..d
-    };
+    let huge = LinearCrossEntropyOptions { tiles: LinearTiles { tokens: usize::MAX, vocab: usize::MAX }, ..d };
     assert!(call(shape, inp, &huge).is_ok());
-    let bad_tiles = LinearCrossEntropyOptions {
-        tiles: LinearTiles { tokens: 0, vocab: 4 },
-        ..d
-    };
-    assert!(matches!(
-        call(shape, inp, &bad_tiles),
-        Err(Error::BadParameter { name: "tiles", .. })
-    ));
-    let bad_eps = LinearCrossEntropyOptions {
-        label_smoothing: -0.1,
-        ..d
-    };
-    assert!(matches!(
-        call(shape, inp, &bad_eps),
-        Err(Error::BadParameter {
-            name: "label_smoothing",
-            ..
-        })
-    ));
+    let bad_tiles = LinearCrossEntropyOptions { tiles: LinearTiles { tokens: 0, vocab: 4 }, ..d };
+    assert!(matches!(call(shape, inp, &bad_tiles), Err(Error::BadParameter { name: "tiles", .. })));
+    let bad_eps = LinearCrossEntropyOptions { label_smoothing: -0.1, ..d };
+    assert!(matches!(call(shape, inp, &bad_eps), Err(Error::BadParameter { name: "label_smoothing", .. })));
     let mut dh = [0.0f32; 5];
     assert!(matches!(
         linear_cross_entropy(
             shape,
             inp,
-            LinearGrads {
-                dh: Some(&mut dh),
-                ..Default::default()
-            },
+            LinearGrads { dh: Some(&mut dh), ..Default::default() },
             RowOutputs::default(),
             None,
             &d

@@ -35,26 +35,15 @@ static A: Counting = Counting;
 /// Peak heap bytes allocated during one call beyond what was live before it.
 fn peak_extra(n: usize, d: usize, v: usize) -> usize {
     let h: Vec<f32> = (0..n * d).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
-    let w: Vec<f32> = (0..v * d)
-        .map(|i| ((i * 104_729) % 1000) as f32 / 2000.0 - 0.25)
-        .collect();
+    let w: Vec<f32> = (0..v * d).map(|i| ((i * 104_729) % 1000) as f32 / 2000.0 - 0.25).collect();
     let y: Vec<i64> = (0..n).map(|i| ((i * 31) % v) as i64).collect();
     let mut dh = vec![0.0f32; n * d];
     let mut dw = vec![0.0f32; v * d];
     let mut run = || {
         linear_cross_entropy(
             LinearShape { n, d, v },
-            LinearInputs {
-                h: &h,
-                w: &w,
-                bias: None,
-                targets: &y,
-            },
-            LinearGrads {
-                dh: Some(&mut dh),
-                dw: Some(&mut dw),
-                dbias: None,
-            },
+            LinearInputs { h: &h, w: &w, bias: None, targets: &y },
+            LinearGrads { dh: Some(&mut dh), dw: Some(&mut dw), dbias: None },
             RowOutputs::default(),
             None,
             &LinearCrossEntropyOptions::default(),
@@ -77,8 +66,5 @@ fn peak_allocation_does_not_grow_with_vocabulary() {
     eprintln!("peak extra bytes: V=4096 {small}, V=65536 {large} (materialized logits at V=65536: {materialized})");
     // The same tiles at both sizes; the allocator may round differently by a few pages.
     assert!(large <= small + 64 * 1024, "peak grew with V: {small} -> {large}");
-    assert!(
-        large * 16 <= materialized,
-        "{large} is not small next to {materialized}"
-    );
+    assert!(large * 16 <= materialized, "{large} is not small next to {materialized}");
 }

@@ -29,36 +29,14 @@ fn close(a: &[f32], b: &[f64], tol: f64) {
 
 #[test]
 fn worked_examples_q1_to_q4() {
-    let (c, r, _) = roundtrip(
-        &Quantizer::Log2 {
-            bits: 4,
-            delta: 1.0,
-            zero_mode: ZeroMode::ClampToMin,
-        },
-        &X,
-    );
+    let (c, r, _) = roundtrip(&Quantizer::Log2 { bits: 4, delta: 1.0, zero_mode: ZeroMode::ClampToMin }, &X);
     assert_eq!(c, vec![0, 1, 2, 3, 7, 10, 15]);
-    close(
-        &r,
-        &[1.0, 0.5, 0.25, 0.125, 0.0078125, 0.0009765625, 3.0517578125e-05],
-        1e-9,
-    );
-    let (_, r, _) = roundtrip(
-        &Quantizer::Log2 {
-            bits: 4,
-            delta: 1.0,
-            zero_mode: ZeroMode::Zero,
-        },
-        &X,
-    );
+    close(&r, &[1.0, 0.5, 0.25, 0.125, 0.0078125, 0.0009765625, 3.0517578125e-05], 1e-9);
+    let (_, r, _) = roundtrip(&Quantizer::Log2 { bits: 4, delta: 1.0, zero_mode: ZeroMode::Zero }, &X);
     assert_eq!(r[6], 0.0);
     let (c, r, _) = roundtrip(&Quantizer::LogSqrt2 { bits: 4, delta: 1.0 }, &X);
     assert_eq!(c, vec![0, 2, 3, 7, 13, 15, 15]);
-    close(
-        &r,
-        &[1.0, 0.5, 0.3535533906, 0.0883883476, 0.0110485435, 0.0, 0.0],
-        1e-7,
-    );
+    close(&r, &[1.0, 0.5, 0.3535533906, 0.0883883476, 0.0110485435, 0.0, 0.0], 1e-7);
     // Q3 with η = 0.01 and the range of X itself.
     let eta = 0.01f64;
     let q3 = |exponent| Quantizer::Sulq {
@@ -73,55 +51,18 @@ fn worked_examples_q1_to_q4() {
     assert_eq!(c, vec![15, 13, 11, 8, 2, 0, 0]);
     close(&r, &[0.99, 0.49, 0.24, 0.115, 0.005625, -0.0021875, -0.0021875], 1e-7);
     let (_, r, _) = roundtrip(&q3(smax::quant::SulqExponent::Exact), &X);
-    close(
-        &r[..5],
-        &[1.0, 0.53585654744, 0.2850092776, 0.10721181727, 0.0085030298665],
-        1e-7,
-    );
+    close(&r[..5], &[1.0, 0.53585654744, 0.2850092776, 0.10721181727, 0.0085030298665], 1e-7);
     assert!(r[5].abs() < 1e-9 && r[6].abs() < 1e-9);
     // Q4 on [0, 1], 4 bits. The spec's 0.3 is the f64 0.3 (0.3·15 rounds to the tie 4.5 and
     // then to even, 4); our input is the f32 0.3 = 0.30000001192..., whose 4.5000002 gives 5.
-    let (c, r, _) = roundtrip(
-        &Quantizer::Uniform {
-            bits: 4,
-            min: 0.0,
-            max: 1.0,
-        },
-        &X,
-    );
+    let (c, r, _) = roundtrip(&Quantizer::Uniform { bits: 4, min: 0.0, max: 1.0 }, &X);
     assert_eq!(c, vec![15, 8, 5, 2, 0, 0, 0]);
-    close(
-        &r,
-        &[1.0, 0.5333333333, 0.3333333333, 0.1333333333, 0.0, 0.0, 0.0],
-        1e-7,
-    );
+    close(&r, &[1.0, 0.5333333333, 0.3333333333, 0.1333333333, 0.0, 0.0, 0.0], 1e-7);
     // A true tie: 0.5 at 2 bits is 1.5 -> 2 (even), and at 1 bit 0.5 -> 0 (even).
     let mut c2 = [0u16; 1];
-    quantize(
-        &[0.5],
-        &Quantizer::Uniform {
-            bits: 2,
-            min: 0.0,
-            max: 1.0,
-        },
-        &mut c2,
-        None,
-        None,
-    )
-    .unwrap();
+    quantize(&[0.5], &Quantizer::Uniform { bits: 2, min: 0.0, max: 1.0 }, &mut c2, None, None).unwrap();
     assert_eq!(c2[0], 2);
-    quantize(
-        &[0.5],
-        &Quantizer::Uniform {
-            bits: 1,
-            min: 0.0,
-            max: 1.0,
-        },
-        &mut c2,
-        None,
-        None,
-    )
-    .unwrap();
+    quantize(&[0.5], &Quantizer::Uniform { bits: 1, min: 0.0, max: 1.0 }, &mut c2, None, None).unwrap();
     assert_eq!(c2[0], 0);
 }
 
@@ -143,51 +84,24 @@ fn full_range_round_trip_bounds() {
     assert!(rep.saturated >= 1 && rep.max_abs_err <= 1.0 / 256.0 + 1e-9);
     // Half to even at the exact ties 1/512 -> 0 and 3/512 -> 2.
     let mut cc = [0u16; 2];
-    quantize(
-        &[1.0 / 512.0, 3.0 / 512.0],
-        &Quantizer::FixedPoint { bits: 8 },
-        &mut cc,
-        None,
-        None,
-    )
-    .unwrap();
+    quantize(&[1.0 / 512.0, 3.0 / 512.0], &Quantizer::FixedPoint { bits: 8 }, &mut cc, None, None).unwrap();
     assert_eq!(cc, [0, 2]);
     for bits in [2u32, 4, 8, 12] {
         // Uniform: error ≤ Δ/2.
-        let (_, r, _) = roundtrip(
-            &Quantizer::Uniform {
-                bits,
-                min: 0.0,
-                max: 1.0,
-            },
-            &x,
-        );
+        let (_, r, _) = roundtrip(&Quantizer::Uniform { bits, min: 0.0, max: 1.0 }, &x);
         let d = 1.0 / ((1u64 << bits) - 1) as f64;
         for (&v, &h) in x.iter().zip(&r) {
-            assert!(
-                (h as f64 - v as f64).abs() <= d / 2.0 + 1e-7,
-                "uniform {bits}: {v} -> {h}"
-            );
+            assert!((h as f64 - v as f64).abs() <= d / 2.0 + 1e-7, "uniform {bits}: {v} -> {h}");
         }
         // log2 and log√2: within a factor 2^{±1/2} (resp. 2^{±1/4}) of x above the smallest level.
         let lmin = (-(((1u64 << bits) - 1) as f64)).exp2();
-        let (_, r, _) = roundtrip(
-            &Quantizer::Log2 {
-                bits,
-                delta: 1.0,
-                zero_mode: ZeroMode::Zero,
-            },
-            &x,
-        );
+        let (_, r, _) = roundtrip(&Quantizer::Log2 { bits, delta: 1.0, zero_mode: ZeroMode::Zero }, &x);
         let (_, r2, _) = roundtrip(&Quantizer::LogSqrt2 { bits, delta: 1.0 }, &x);
         for ((&v, &h), &h2) in x.iter().zip(&r).zip(&r2) {
             let v = v as f64;
             if v > 0.0 && v >= lmin {
                 let ratio = h as f64 / v;
-                assert!(
-                    ratio >= 2f64.powf(-0.5) - 1e-6 && ratio <= 2f64.powf(0.5) + 1e-6,
-                    "log2 {bits}: {v} -> {h}"
-                );
+                assert!(ratio >= 2f64.powf(-0.5) - 1e-6 && ratio <= 2f64.powf(0.5) + 1e-6, "log2 {bits}: {v} -> {h}");
             }
             if v > 0.0 && v >= lmin.sqrt() {
                 let ratio = h2 as f64 / v;
@@ -211,13 +125,7 @@ fn calibration_of_quantizers_and_errors() {
         panic!("{q:?}");
     }
     // The chosen η is the best of the grid.
-    let q = calibrate_sulq(
-        &calib,
-        4,
-        smax::quant::SulqExponent::Rounded,
-        smax::quant::SulqLevels::Bits,
-    )
-    .unwrap();
+    let q = calibrate_sulq(&calib, 4, smax::quant::SulqExponent::Rounded, smax::quant::SulqLevels::Bits).unwrap();
     let mse = |q: &Quantizer| {
         let mut c = vec![0u16; calib.len()];
         quantize(&calib, q, &mut c, None, None).unwrap().mse
@@ -239,42 +147,19 @@ fn calibration_of_quantizers_and_errors() {
     // Errors: NaN input, bad bits, clamped inputs counted.
     let mut c = [0u16; 3];
     assert!(matches!(
-        quantize(
-            &[0.5, f32::NAN, 0.1],
-            &Quantizer::FixedPoint { bits: 8 },
-            &mut c,
-            None,
-            None
-        ),
+        quantize(&[0.5, f32::NAN, 0.1], &Quantizer::FixedPoint { bits: 8 }, &mut c, None, None),
         Err(Error::NonFiniteLogit { index: 1, .. })
     ));
     assert!(matches!(
         quantize(&[0.5; 3], &Quantizer::FixedPoint { bits: 0 }, &mut c, None, None),
         Err(Error::BadParameter { name: "bits", .. })
     ));
-    let rep = quantize(
-        &[-0.5, 0.5, 1.5],
-        &Quantizer::FixedPoint { bits: 8 },
-        &mut c,
-        None,
-        None,
-    )
-    .unwrap();
+    let rep = quantize(&[-0.5, 0.5, 1.5], &Quantizer::FixedPoint { bits: 8 }, &mut c, None, None).unwrap();
     assert_eq!(rep.clamped, 2);
-    assert!(
-        calibrate_sulq(
-            &[],
-            4,
-            smax::quant::SulqExponent::Rounded,
-            smax::quant::SulqLevels::Bits
-        )
-        .is_err()
-    );
+    assert!(calibrate_sulq(&[], 4, smax::quant::SulqExponent::Rounded, smax::quant::SulqLevels::Bits).is_err());
 }
 
-const Z: [f64; 18] = [
-    3.0, 0.0, -1.0, 2.0, 1.5, 0.0, 0.0, 4.0, 1.0, 1.0, 0.0, 2.5, 2.0, 2.0, 0.0, 0.5, 0.0, 3.0,
-];
+const Z: [f64; 18] = [3.0, 0.0, -1.0, 2.0, 1.5, 0.0, 0.0, 4.0, 1.0, 1.0, 0.0, 2.5, 2.0, 2.0, 0.0, 0.5, 0.0, 3.0];
 const Y: [i64; 6] = [0, 1, 1, 2, 1, 0];
 
 #[test]
@@ -289,11 +174,7 @@ fn temperature_fit_d3() {
     let r = fit_temperature(
         View::rows(&sep, 2, 2).unwrap(),
         &[0, 1],
-        &smax::calibrate::FitOptions {
-            t_min: 1e-2,
-            t_max: 1e3,
-            ..Default::default()
-        },
+        &smax::calibrate::FitOptions { t_min: 1e-2, t_max: 1e3, ..Default::default() },
     )
     .unwrap();
     assert!(r.capped && (r.temperature - 1e-2).abs() < 1e-9, "{r:?}");
@@ -301,11 +182,7 @@ fn temperature_fit_d3() {
     let r = fit_temperature(
         View::rows(&sep, 2, 2).unwrap(),
         &[1, 0],
-        &smax::calibrate::FitOptions {
-            t_min: 1e-2,
-            t_max: 1e3,
-            ..Default::default()
-        },
+        &smax::calibrate::FitOptions { t_min: 1e-2, t_max: 1e3, ..Default::default() },
     )
     .unwrap();
     assert!(r.capped && (r.temperature - 1e3).abs() < 1e-6, "{r:?}");
@@ -321,30 +198,21 @@ fn calibration_error_d4_brier_and_ood_d5() {
     let c = calibration_error(
         View::rows(&Z, 6, 3).unwrap(),
         &Y,
-        &smax::calibrate::CalibrationOptions {
-            binning: Binning::EqualWidth(15),
-            ..Default::default()
-        },
+        &smax::calibrate::CalibrationOptions { binning: Binning::EqualWidth(15), ..Default::default() },
     )
     .unwrap();
     assert!((c.ece - 0.3812105479198361).abs() < 1e-14, "{c:?}");
     assert!((c.mce - 0.8834920740271945).abs() < 1e-14);
     let counts: Vec<usize> = c.bins.iter().map(|b| b.count).collect();
     assert_eq!(counts.iter().sum::<usize>(), 6);
-    assert_eq!(
-        (counts[14], counts[8], counts[11], counts[7], counts[13]),
-        (2, 1, 1, 1, 1)
-    );
+    assert_eq!((counts[14], counts[8], counts[11], counts[7], counts[13]), (2, 1, 1, 1, 1));
     // Confidence exactly 1 lands in the last bin, not a phantom one; 0 is impossible for a
     // softmax max, but the bin edges are [0, 1/M).
     let one = [100.0, -100.0];
     let c1 = calibration_error(
         View::rows(&one, 1, 2).unwrap(),
         &[0],
-        &smax::calibrate::CalibrationOptions {
-            binning: Binning::EqualWidth(10),
-            ..Default::default()
-        },
+        &smax::calibrate::CalibrationOptions { binning: Binning::EqualWidth(10), ..Default::default() },
     )
     .unwrap();
     assert_eq!(c1.bins[9].count, 1);
@@ -352,10 +220,7 @@ fn calibration_error_d4_brier_and_ood_d5() {
     let cm = calibration_error(
         View::rows(&Z, 6, 3).unwrap(),
         &Y,
-        &smax::calibrate::CalibrationOptions {
-            binning: Binning::EqualMass(3),
-            ..Default::default()
-        },
+        &smax::calibrate::CalibrationOptions { binning: Binning::EqualMass(3), ..Default::default() },
     )
     .unwrap();
     assert!(cm.bins.iter().all(|b| b.count == 2));
@@ -369,40 +234,28 @@ fn calibration_error_d4_brier_and_ood_d5() {
     ood_scores(
         View::rows(&z, 1, 3).unwrap(),
         &mut o,
-        &smax::calibrate::OodOptions {
-            score: OodScore::Msp,
-            ..Default::default()
-        },
+        &smax::calibrate::OodOptions { score: OodScore::Msp, ..Default::default() },
     )
     .unwrap();
     assert!((o[0] - 0.6590011388859677).abs() < 1e-15);
     ood_scores(
         View::rows(&z, 1, 3).unwrap(),
         &mut o,
-        &smax::calibrate::OodOptions {
-            score: OodScore::NegEnergy(1.0),
-            ..Default::default()
-        },
+        &smax::calibrate::OodOptions { score: OodScore::NegEnergy(1.0), ..Default::default() },
     )
     .unwrap();
     assert!((o[0] - 2.4170300162778338).abs() < 1e-14);
     ood_scores(
         View::rows(&z, 1, 3).unwrap(),
         &mut o,
-        &smax::calibrate::OodOptions {
-            score: OodScore::NegEnergy(2.0),
-            ..Default::default()
-        },
+        &smax::calibrate::OodOptions { score: OodScore::NegEnergy(2.0), ..Default::default() },
     )
     .unwrap();
     assert!((o[0] - 3.379554701278244).abs() < 1e-14);
     ood_scores(
         View::rows(&z, 1, 3).unwrap(),
         &mut o,
-        &smax::calibrate::OodOptions {
-            score: OodScore::MaxLogit,
-            ..Default::default()
-        },
+        &smax::calibrate::OodOptions { score: OodScore::MaxLogit, ..Default::default() },
     )
     .unwrap();
     assert_eq!(o[0], 2.0);
@@ -410,20 +263,14 @@ fn calibration_error_d4_brier_and_ood_d5() {
     ood_scores(
         View::rows(&ninf, 1, 3).unwrap(),
         &mut o,
-        &smax::calibrate::OodOptions {
-            score: OodScore::Msp,
-            ..Default::default()
-        },
+        &smax::calibrate::OodOptions { score: OodScore::Msp, ..Default::default() },
     )
     .unwrap();
     assert!(o[0].is_nan());
     ood_scores(
         View::rows(&ninf, 1, 3).unwrap(),
         &mut o,
-        &smax::calibrate::OodOptions {
-            score: OodScore::NegEnergy(1.0),
-            ..Default::default()
-        },
+        &smax::calibrate::OodOptions { score: OodScore::NegEnergy(1.0), ..Default::default() },
     )
     .unwrap();
     assert_eq!(o[0], f64::NEG_INFINITY);
@@ -433,29 +280,14 @@ fn calibration_error_d4_brier_and_ood_d5() {
 fn mahalanobis_d6() {
     let f = [1.0, 0.0, 1.2, 0.3, 0.8, -0.1, -1.0, 1.0, -1.3, 0.8, -0.8, 1.1];
     let y = [0i64, 0, 0, 1, 1, 1];
-    let m = mahalanobis_fit(
-        &f,
-        2,
-        &y,
-        2,
-        &smax::calibrate::MahalanobisOptions {
-            ridge: Some(0.0),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    for (a, b) in m
-        .covariance
-        .iter()
-        .zip([0.0344444444, 0.0261111111, 0.0261111111, 0.0222222222])
-    {
+    let m =
+        mahalanobis_fit(&f, 2, &y, 2, &smax::calibrate::MahalanobisOptions { ridge: Some(0.0), ..Default::default() })
+            .unwrap();
+    for (a, b) in m.covariance.iter().zip([0.0344444444, 0.0261111111, 0.0261111111, 0.0222222222]) {
         assert!((a - b).abs() < 1e-9);
     }
     let s = m.class_scores(&[0.9, 0.1]).unwrap();
-    assert!(
-        (s[0] + 5.19557195571956).abs() < 1e-9 && (s[1] + 2348.516605166053).abs() < 1e-6,
-        "{s:?}"
-    );
+    assert!((s[0] + 5.19557195571956).abs() < 1e-9 && (s[1] + 2348.516605166053).abs() < 1e-6, "{s:?}");
     let mut o = [0.0];
     mahalanobis_scores(&m, &[0.9, 0.1], &mut o).unwrap();
     assert!((o[0] + 5.19557195571956).abs() < 1e-9);
@@ -466,10 +298,7 @@ fn mahalanobis_d6() {
         2,
         &[0, 0, 0],
         1,
-        &smax::calibrate::MahalanobisOptions {
-            ridge: None,
-            ..Default::default()
-        },
+        &smax::calibrate::MahalanobisOptions { ridge: None, ..Default::default() },
     )
     .unwrap();
     assert!(m.ridge > 0.0);

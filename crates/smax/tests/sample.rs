@@ -71,21 +71,13 @@ fn reference(z: &[f64], p: &SampleOptions) -> Vec<f64> {
         }
     }
     let lse = m + s.ln();
-    (0..n)
-        .map(|i| if keep[i] { t[i] - lse } else { f64::NEG_INFINITY })
-        .collect()
+    (0..n).map(|i| if keep[i] { t[i] - lse } else { f64::NEG_INFINITY }).collect()
 }
 
 fn processed(z: &[f64], rows: usize, p: &SampleOptions, what: Processed) -> Vec<f64> {
     let n = z.len() / rows;
     let mut out = vec![0.0f64; z.len()];
-    process(
-        View::rows(z, rows, n).unwrap(),
-        ViewMut::rows(&mut out, rows, n).unwrap(),
-        what,
-        p,
-    )
-    .unwrap();
+    process(View::rows(z, rows, n).unwrap(), ViewMut::rows(&mut out, rows, n).unwrap(), what, p).unwrap();
     out
 }
 
@@ -104,27 +96,12 @@ fn worked_example_d1() {
     };
     close(
         &p(&|s| s.temperature = 0.7),
-        &[
-            0.72911567739,
-            0.17473332777,
-            0.085539243258,
-            0.010035392687,
-            5.7635888741e-04,
-        ],
+        &[0.72911567739, 0.17473332777, 0.085539243258, 0.010035392687, 5.7635888741e-04],
     );
     close(&p(&|s| s.top_k = Some(2)), &[0.7310585786, 0.2689414214, 0.0, 0.0, 0.0]);
-    close(
-        &p(&|s| s.top_p = Some(0.9)),
-        &[0.6285317192, 0.2312238976, 0.1402443832, 0.0, 0.0],
-    );
-    close(
-        &p(&|s| s.top_p = Some(0.8)),
-        &[0.7310585786, 0.2689414214, 0.0, 0.0, 0.0],
-    );
-    close(
-        &p(&|s| s.min_p = Some(0.1)),
-        &[0.6285317192, 0.2312238976, 0.1402443832, 0.0, 0.0],
-    );
+    close(&p(&|s| s.top_p = Some(0.9)), &[0.6285317192, 0.2312238976, 0.1402443832, 0.0, 0.0]);
+    close(&p(&|s| s.top_p = Some(0.8)), &[0.7310585786, 0.2689414214, 0.0, 0.0, 0.0]);
+    close(&p(&|s| s.min_p = Some(0.1)), &[0.6285317192, 0.2312238976, 0.1402443832, 0.0, 0.0]);
 }
 
 #[test]
@@ -134,13 +111,7 @@ fn equals_the_full_sort_reference_bit_for_bit() {
         for case in 0..40 {
             // Quantised logits make many ties; some masked entries.
             let z: Vec<f64> = (0..n)
-                .map(|i| {
-                    if i % 11 == 5 && n > 1 {
-                        f64::NEG_INFINITY
-                    } else {
-                        (rng.uniform() * 8.0).round() / 2.0
-                    }
-                })
+                .map(|i| if i % 11 == 5 && n > 1 { f64::NEG_INFINITY } else { (rng.uniform() * 8.0).round() / 2.0 })
                 .collect();
             if z.iter().all(|v| *v == f64::NEG_INFINITY) {
                 continue;
@@ -148,22 +119,10 @@ fn equals_the_full_sort_reference_bit_for_bit() {
             let pick = |r: &mut Rng, a: f64, b: f64| a + (b - a) * (r.uniform() + 1.0) / 2.0;
             let p = SampleOptions {
                 temperature: [1.0, 0.7, 1.3][case % 3],
-                top_k: if case % 4 == 0 {
-                    None
-                } else {
-                    Some(1 + (rng.next_u64() % (n as u64 + 2)) as usize)
-                },
+                top_k: if case % 4 == 0 { None } else { Some(1 + (rng.next_u64() % (n as u64 + 2)) as usize) },
                 strict_top_k: case % 5 == 1,
-                top_p: if case % 3 == 0 {
-                    None
-                } else {
-                    Some(pick(&mut rng, 0.05, 1.0))
-                },
-                min_p: if case % 7 < 3 {
-                    Some(pick(&mut rng, 0.0, 0.5))
-                } else {
-                    None
-                },
+                top_p: if case % 3 == 0 { None } else { Some(pick(&mut rng, 0.05, 1.0)) },
+                min_p: if case % 7 < 3 { Some(pick(&mut rng, 0.0, 0.5)) } else { None },
                 exec: smax::Exec::default(),
             };
             let want = reference(&z, &p);
@@ -186,10 +145,7 @@ fn top_p_boundaries_and_cumsum_corners() {
     let probs = [0.5f64, 0.4, 0.1];
     let z: Vec<f64> = probs.iter().map(|p| p.ln()).collect();
     for pp in [0.5, 0.9, 0.9 + 1e-12, 0.9 - 1e-12, 0.9999999, 1.0, 1e-9] {
-        let p = SampleOptions {
-            top_p: Some(pp),
-            ..Default::default()
-        };
+        let p = SampleOptions { top_p: Some(pp), ..Default::default() };
         let got = processed(&z, 1, &p, Processed::LogProbs);
         let want = reference(&z, &p);
         assert_eq!(got, want, "p = {pp}");
@@ -199,11 +155,7 @@ fn top_p_boundaries_and_cumsum_corners() {
     // Over the top-2 survivors the masses are 0.5, 0.5, so p = 0.4 keeps one token; against
     // the unrenormalised mass (0.27 for the first) it would keep two.
     let z = [1.0f64, 1.0, 0.0, 0.0, 0.0, 0.0];
-    let p = SampleOptions {
-        top_k: Some(2),
-        top_p: Some(0.4),
-        ..Default::default()
-    };
+    let p = SampleOptions { top_k: Some(2), top_p: Some(0.4), ..Default::default() };
     let got = processed(&z, 1, &p, Processed::Probs);
     assert_eq!(got, vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
     // Ties at the top-k boundary: kept (HF), or exactly k by index (strict).
@@ -212,11 +164,7 @@ fn top_p_boundaries_and_cumsum_corners() {
         processed(
             &z,
             1,
-            &SampleOptions {
-                top_k: Some(2),
-                strict_top_k: strict,
-                ..Default::default()
-            },
+            &SampleOptions { top_k: Some(2), strict_top_k: strict, ..Default::default() },
             Processed::Probs,
         )
         .iter()
@@ -249,16 +197,8 @@ fn draws_follow_the_truncated_distribution() {
     let n_draws = 40_000usize;
     for p in [
         SampleOptions::default(),
-        SampleOptions {
-            temperature: 0.8,
-            top_k: Some(5),
-            ..Default::default()
-        },
-        SampleOptions {
-            top_p: Some(0.8),
-            min_p: Some(0.2),
-            ..Default::default()
-        },
+        SampleOptions { temperature: 0.8, top_k: Some(5), ..Default::default() },
+        SampleOptions { top_p: Some(0.8), min_p: Some(0.2), ..Default::default() },
     ] {
         let probs = processed(&z, 1, &p, Processed::Probs);
         let rows: Vec<f64> = z.iter().cycle().take(8 * n_draws).copied().collect();
@@ -290,25 +230,13 @@ fn draws_follow_the_truncated_distribution() {
         View::rows(&rows, n_draws, 8).unwrap(),
         GumbelSource::Counter { seeds: &seeds, step: 0 },
         &mut toks,
-        &smax::sample::GumbelOptions {
-            temperature: 1.3,
-            k: 1,
-            ..Default::default()
-        },
+        &smax::sample::GumbelOptions { temperature: 1.3, k: 1, ..Default::default() },
     )
     .unwrap();
     for &t in &toks {
         counts[t as usize] += 1;
     }
-    let probs = processed(
-        &z,
-        1,
-        &SampleOptions {
-            temperature: 1.3,
-            ..Default::default()
-        },
-        Processed::Probs,
-    );
+    let probs = processed(&z, 1, &SampleOptions { temperature: 1.3, ..Default::default() }, Processed::Probs);
     let x2 = chi_square(&counts, &probs);
     assert!(x2 < 24.32, "gumbel chi2 {x2}");
 }
@@ -324,12 +252,7 @@ fn gumbel_worked_example_d2_and_without_replacement() {
         View::rows(&z1, 1, 5).unwrap(),
         GumbelSource::Uniforms(&u),
         &mut t3,
-        &smax::sample::GumbelOptions {
-            temperature: 1.0,
-            k: 3,
-            ..Default::default()
-        }
-        .par(Par::Seq),
+        &smax::sample::GumbelOptions { temperature: 1.0, k: 3, ..Default::default() }.par(Par::Seq),
     )
     .unwrap();
     assert_eq!(t3, [3, 1, 0]);
@@ -338,12 +261,7 @@ fn gumbel_worked_example_d2_and_without_replacement() {
             View::rows(&z1, 1, 5).unwrap(),
             GumbelSource::Uniforms(&[0.0, 0.5, 0.5, 0.5, 0.5]),
             &mut t3[..1],
-            &smax::sample::GumbelOptions {
-                temperature: 1.0,
-                k: 1,
-                ..Default::default()
-            }
-            .par(Par::Seq)
+            &smax::sample::GumbelOptions { temperature: 1.0, k: 1, ..Default::default() }.par(Par::Seq)
         ),
         Err(Error::BadParameter { name: "uniform", .. })
     ));
@@ -351,20 +269,12 @@ fn gumbel_worked_example_d2_and_without_replacement() {
     let z = [0.0f64, f64::NEG_INFINITY, 1.0, 2.0, f64::NEG_INFINITY, 0.5];
     for seed in 0..200u64 {
         let mut t = [0u32; 3];
-        let src = GumbelSource::Counter {
-            seeds: &[seed],
-            step: 9,
-        };
+        let src = GumbelSource::Counter { seeds: &[seed], step: 9 };
         gumbel_max(
             View::rows(&z, 1, 6).unwrap(),
             src,
             &mut t,
-            &smax::sample::GumbelOptions {
-                temperature: 1.0,
-                k: 3,
-                ..Default::default()
-            }
-            .par(Par::Seq),
+            &smax::sample::GumbelOptions { temperature: 1.0, k: 3, ..Default::default() }.par(Par::Seq),
         )
         .unwrap();
         assert!(t.iter().all(|&i| i != 1 && i != 4));
@@ -376,12 +286,7 @@ fn gumbel_worked_example_d2_and_without_replacement() {
             View::rows(&z, 1, 6).unwrap(),
             GumbelSource::Counter { seeds: &[1], step: 0 },
             &mut t,
-            &smax::sample::GumbelOptions {
-                temperature: 1.0,
-                k: 5,
-                ..Default::default()
-            }
-            .par(Par::Seq)
+            &smax::sample::GumbelOptions { temperature: 1.0, k: 5, ..Default::default() }.par(Par::Seq)
         ),
         Err(Error::LengthMismatch { what: "tokens", .. })
     ));
@@ -392,70 +297,25 @@ fn edge_cases_and_errors() {
     let z = [1.0f64, 3.0, 3.0, -1.0];
     let one = |z: &[f64], p: &SampleOptions| {
         let mut t = [0u32];
-        sample::<f64, f64>(
-            View::rows(z, 1, z.len()).unwrap(),
-            Draw::Uniform(&[0.5]),
-            &mut t,
-            None,
-            &(*p).par(Par::Seq),
-        )
-        .map(|_| t[0])
+        sample::<f64, f64>(View::rows(z, 1, z.len()).unwrap(), Draw::Uniform(&[0.5]), &mut t, None, &(*p).par(Par::Seq))
+            .map(|_| t[0])
     };
     // T = 0: argmax, lowest index on ties.
-    let greedy = SampleOptions {
-        temperature: 0.0,
-        ..Default::default()
-    };
+    let greedy = SampleOptions { temperature: 0.0, ..Default::default() };
     assert_eq!(one(&z, &greedy).unwrap(), 1);
     // NaN and +inf are typed errors naming the place; all −inf has no valid token.
     assert!(matches!(
         one(&[0.0, f64::NAN], &SampleOptions::default()),
         Err(Error::NonFiniteLogit { row: 0, index: 1, .. })
     ));
-    assert!(matches!(
-        one(&[f64::INFINITY, 0.0], &greedy),
-        Err(Error::NonFiniteLogit { index: 0, .. })
-    ));
-    assert!(matches!(
-        one(&[f64::NEG_INFINITY; 3], &SampleOptions::default()),
-        Err(Error::NoValidToken { row: 0 })
-    ));
+    assert!(matches!(one(&[f64::INFINITY, 0.0], &greedy), Err(Error::NonFiniteLogit { index: 0, .. })));
+    assert!(matches!(one(&[f64::NEG_INFINITY; 3], &SampleOptions::default()), Err(Error::NoValidToken { row: 0 })));
     for (p, name) in [
-        (
-            SampleOptions {
-                temperature: -1.0,
-                ..Default::default()
-            },
-            "temperature",
-        ),
-        (
-            SampleOptions {
-                temperature: f64::NAN,
-                ..Default::default()
-            },
-            "temperature",
-        ),
-        (
-            SampleOptions {
-                top_k: Some(0),
-                ..Default::default()
-            },
-            "top_k",
-        ),
-        (
-            SampleOptions {
-                top_p: Some(0.0),
-                ..Default::default()
-            },
-            "top_p",
-        ),
-        (
-            SampleOptions {
-                min_p: Some(1.5),
-                ..Default::default()
-            },
-            "min_p",
-        ),
+        (SampleOptions { temperature: -1.0, ..Default::default() }, "temperature"),
+        (SampleOptions { temperature: f64::NAN, ..Default::default() }, "temperature"),
+        (SampleOptions { top_k: Some(0), ..Default::default() }, "top_k"),
+        (SampleOptions { top_p: Some(0.0), ..Default::default() }, "top_p"),
+        (SampleOptions { min_p: Some(1.5), ..Default::default() }, "min_p"),
     ] {
         match one(&z, &p) {
             Err(Error::BadParameter { name: n, .. }) => assert_eq!(n, name),
@@ -475,21 +335,9 @@ fn edge_cases_and_errors() {
     ));
     // k ≥ V and p = 1 are no-ops; min-p = 1 keeps the maxima.
     let full = processed(&z, 1, &SampleOptions::default(), Processed::LogProbs);
-    let noop = SampleOptions {
-        top_k: Some(10),
-        top_p: Some(1.0),
-        ..Default::default()
-    };
+    let noop = SampleOptions { top_k: Some(10), top_p: Some(1.0), ..Default::default() };
     assert_eq!(processed(&z, 1, &noop, Processed::LogProbs), full);
-    let mp1 = processed(
-        &z,
-        1,
-        &SampleOptions {
-            min_p: Some(1.0),
-            ..Default::default()
-        },
-        Processed::Probs,
-    );
+    let mp1 = processed(&z, 1, &SampleOptions { min_p: Some(1.0), ..Default::default() }, Processed::Probs);
     for (a, b) in mp1.iter().zip([0.0, 0.5, 0.5, 0.0]) {
         assert!((a - b).abs() < 1e-15, "{mp1:?}");
     }
@@ -508,22 +356,14 @@ fn a_draw_depends_only_on_its_row() {
     let (rows, n) = (64, 3000);
     let z: Vec<f32> = rng.vec(rows * n, 5.0).iter().map(|&v| v as f32).collect();
     let seeds: Vec<u64> = (0..rows as u64).map(|r| r * 31 + 7).collect();
-    let p = SampleOptions {
-        temperature: 0.9,
-        top_k: Some(200),
-        top_p: Some(0.9),
-        min_p: Some(0.01),
-        ..Default::default()
-    };
+    let p =
+        SampleOptions { temperature: 0.9, top_k: Some(200), top_p: Some(0.9), min_p: Some(0.01), ..Default::default() };
     let batch = |par: Par| {
         let mut t = vec![0u32; rows];
         let mut pr = vec![0.0f32; rows * n];
         sample(
             View::rows(&z, rows, n).unwrap(),
-            Draw::Counter {
-                seeds: &seeds,
-                step: 11,
-            },
+            Draw::Counter { seeds: &seeds, step: 11 },
             &mut t,
             Some((ViewMut::rows(&mut pr, rows, n).unwrap(), Processed::Probs)),
             &p.par(par),
@@ -540,10 +380,7 @@ fn a_draw_depends_only_on_its_row() {
     let mut t = [0u32];
     sample::<f32, f32>(
         View::rows(&z[17 * n..18 * n], 1, n).unwrap(),
-        Draw::Counter {
-            seeds: &seeds[17..18],
-            step: 11,
-        },
+        Draw::Counter { seeds: &seeds[17..18], step: 11 },
         &mut t,
         None,
         &p.par(Par::Seq),

@@ -33,21 +33,9 @@ fn zip4<S: Isa>(
     let full = w / l * l;
     {
         let (oh, _) = S::as_mut_simd_f32s(&mut out[..full]);
-        let ah = if a.is_empty() {
-            &[][..]
-        } else {
-            S::as_simd_f32s(&a[..full]).0
-        };
-        let bh = if b.is_empty() {
-            &[][..]
-        } else {
-            S::as_simd_f32s(&b[..full]).0
-        };
-        let ch = if c.is_empty() {
-            &[][..]
-        } else {
-            S::as_simd_f32s(&c[..full]).0
-        };
+        let ah = if a.is_empty() { &[][..] } else { S::as_simd_f32s(&a[..full]).0 };
+        let bh = if b.is_empty() { &[][..] } else { S::as_simd_f32s(&b[..full]).0 };
+        let ch = if c.is_empty() { &[][..] } else { S::as_simd_f32s(&c[..full]).0 };
         for (i, o) in oh.iter_mut().enumerate() {
             let va = if a.is_empty() { z } else { ah[i] };
             let vb = if b.is_empty() { z } else { bh[i] };

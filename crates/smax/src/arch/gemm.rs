@@ -17,24 +17,12 @@ pub(crate) struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// A contiguous row-major `rows x cols` matrix.
     pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        MatRef {
-            data,
-            rows,
-            cols,
-            rs: cols,
-            cs: 1,
-        }
+        MatRef { data, rows, cols, rs: cols, cs: 1 }
     }
 
     /// The transpose (a view: strides swapped).
     pub fn t(self) -> Self {
-        MatRef {
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-            ..self
-        }
+        MatRef { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
     }
 
     /// True when every addressed element is inside `data`.
@@ -57,13 +45,7 @@ impl<'a> MatRef<'a> {
 pub(crate) fn matmul(dst: &mut [f32], dst_rs: usize, lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool, par: Par) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "matmul: inner dimensions differ");
-    let out = MatRef {
-        data: dst,
-        rows: m,
-        cols: n,
-        rs: dst_rs,
-        cs: 1,
-    };
+    let out = MatRef { data: dst, rows: m, cols: n, rs: dst_rs, cs: 1 };
     assert!(
         out.fits(dst.len()) && lhs.fits(lhs.data.len()) && rhs.fits(rhs.data.len()),
         "matmul: operand out of bounds"

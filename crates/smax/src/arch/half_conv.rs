@@ -89,10 +89,7 @@ fn f32_to_f16_f16c(src: &[f32], dst: &mut [half::f16]) {
         // SAFETY: both buffers are 8 lanes long.
         unsafe {
             let v = _mm256_loadu_ps(fb.as_ptr());
-            _mm_storeu_si128(
-                hb.as_mut_ptr().cast::<__m128i>(),
-                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v),
-            );
+            _mm_storeu_si128(hb.as_mut_ptr().cast::<__m128i>(), _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v));
         }
         dst[i..n].copy_from_slice(&hb[..n - i]);
     }

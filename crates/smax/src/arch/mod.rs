@@ -88,12 +88,7 @@ impl SimdLevel {
     /// The best available level that is not above `wanted` on the same architecture.
     fn clamp_to_available(wanted: SimdLevel) -> SimdLevel {
         let avail = Self::available();
-        avail
-            .iter()
-            .rev()
-            .copied()
-            .find(|&l| l <= wanted)
-            .unwrap_or(SimdLevel::Scalar)
+        avail.iter().rev().copied().find(|&l| l <= wanted).unwrap_or(SimdLevel::Scalar)
     }
 
     /// The level a call runs at: `requested` (clamped to what the CPU has) or the default.
@@ -233,22 +228,12 @@ pub(crate) struct Ahead<'a> {
 
 impl<'a> Ahead<'a> {
     /// Prefetch nothing.
-    pub(crate) const NONE: Ahead<'static> = Ahead {
-        bytes: &[],
-        elem: 1,
-        dist: PREFETCH_AHEAD,
-        write: (0, 0),
-    };
+    pub(crate) const NONE: Ahead<'static> = Ahead { bytes: &[], elem: 1, dist: PREFETCH_AHEAD, write: (0, 0) };
 
     /// The domain `bytes`, made of elements of `elem` bytes.
     #[inline(always)]
     pub(crate) fn new(bytes: &'a [u8], elem: usize) -> Self {
-        Ahead {
-            bytes,
-            elem,
-            dist: PREFETCH_AHEAD,
-            write: (0, 0),
-        }
+        Ahead { bytes, elem, dist: PREFETCH_AHEAD, write: (0, 0) }
     }
 
     /// Also prefetches the same offsets of an output range `(address, bytes)` (see

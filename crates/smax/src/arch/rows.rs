@@ -18,11 +18,7 @@ const MAX_LANES: usize = 16;
 /// (a masked load where the ISA has one: no call to `memcpy` per row end).
 #[inline(always)]
 fn load_padded<S: Isa>(s: S, tail: &[f32], fill: f32) -> S::f32s {
-    s.select_f32s(
-        first_lanes(s, tail.len()),
-        s.partial_load_f32s(tail),
-        s.splat_f32s(fill),
-    )
+    s.select_f32s(first_lanes(s, tail.len()), s.partial_load_f32s(tail), s.splat_f32s(fill))
 }
 
 /// Stores the first `dst.len() < S::F32_LANES` lanes of `v` (a masked store where the ISA has
@@ -256,10 +252,7 @@ pub(crate) struct Online {
 }
 
 impl Online {
-    pub const EMPTY: Online = Online {
-        m: f32::NEG_INFINITY,
-        d: 0.0,
-    };
+    pub const EMPTY: Online = Online { m: f32::NEG_INFINITY, d: 0.0 };
 
     /// Merges another state into this one (fixed operand order: `self` is the earlier part).
     /// Guards `-inf − (-inf)`: merging with an empty state is the identity.
@@ -326,12 +319,7 @@ pub(crate) struct Ext {
 }
 
 impl Ext {
-    pub const EMPTY: Ext = Ext {
-        v: 0.0,
-        e: f64::NEG_INFINITY,
-        m: f32::NEG_INFINITY,
-        nonfinite: false,
-    };
+    pub const EMPTY: Ext = Ext { v: 0.0, e: f64::NEG_INFINITY, m: f32::NEG_INFINITY, nonfinite: false };
 
     #[inline]
     fn add_scaled(&mut self, v: f64, e: f64) {
@@ -367,11 +355,7 @@ pub(crate) const EXT_LIMIT: f32 = 4_194_000.0;
 /// is at least `2^-0.5`: its largest lane contributes `p·2^0`).
 #[inline(always)]
 fn pow2_f64(d: f64) -> f64 {
-    if d < -1022.0 {
-        0.0
-    } else {
-        f64::from_bits(((d as i64 + 1023) as u64) << 52)
-    }
+    if d < -1022.0 { 0.0 } else { f64::from_bits(((d as i64 + 1023) as u64) << 52) }
 }
 
 /// The two-pass algorithm's first pass (Dukhan & Ablavatski): no max pass; every `exp(x·k)` is
@@ -1063,12 +1047,7 @@ pub(crate) fn all_finite<S: Isa>(s: S, x: &[f32]) -> bool {
 /// `g ← 1 − tanh²(x·k/cap)`, the derivative of `cap·tanh(t/cap)` with respect to `t`.
 #[inline(always)]
 pub(crate) fn softcap_inplace<S: Isa>(s: S, k: f32, cap: f32, x: &mut [f32], g: Option<&mut [f32]>) {
-    let (vk, vc, vic, one) = (
-        s.splat_f32s(k),
-        s.splat_f32s(cap),
-        s.splat_f32s(1.0 / cap),
-        s.splat_f32s(1.0),
-    );
+    let (vk, vc, vic, one) = (s.splat_f32s(k), s.splat_f32s(cap), s.splat_f32s(1.0 / cap), s.splat_f32s(1.0));
     let one_lane = |v: S::f32s| -> (S::f32s, S::f32s) {
         let u = super::exp::tanh(s, s.mul_f32s(s.mul_f32s(v, vk), vic));
         (s.mul_f32s(u, vc), s.sub_f32s(one, s.mul_f32s(u, u)))
@@ -1136,25 +1115,13 @@ mod tests {
         #[inline(always)]
         fn run<S: Isa>(self, s: S) -> (f32, f64) {
             let (m, k, c) = (0.75f32, 1.25f32, 0.3f32);
-            let WritePass {
-                x,
-                y,
-                other,
-                kind,
-                log,
-                stream,
-            } = self;
+            let WritePass { x, y, other, kind, log, stream } = self;
             let mut st = Online::EMPTY;
             match (kind, log) {
                 (Kind::Write, false) => write_softmax(s, x, y, m, k, c, stream, Ahead::NONE),
                 (Kind::Write, true) => write_log_softmax(s, x, y, m, k, c, stream, Ahead::NONE),
                 (Kind::WriteNext, log) => {
-                    let n = Next {
-                        x: other,
-                        k,
-                        st: &mut st,
-                        pf: Ahead::NONE,
-                    };
+                    let n = Next { x: other, k, st: &mut st, pf: Ahead::NONE };
                     if log {
                         write_log_softmax_next(s, x, y, m, k, c, stream, Ahead::NONE, n);
                     } else {
@@ -1194,17 +1161,7 @@ mod tests {
                             let mut want = vec![0.0f32; len];
                             let (xr, other) = (&x[..len], &nx[..len]);
                             let run = |y: &mut [f32], stream| {
-                                dispatch(
-                                    level,
-                                    WritePass {
-                                        x: xr,
-                                        y,
-                                        other,
-                                        kind,
-                                        log,
-                                        stream,
-                                    },
-                                )
+                                dispatch(level, WritePass { x: xr, y, other, kind, log, stream })
                             };
                             let sw = run(&mut want, false);
                             let flat = back.as_flattened_mut();

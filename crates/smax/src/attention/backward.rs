@@ -88,12 +88,7 @@ pub struct AttentionGrads<'a, T> {
 impl<'a, T> AttentionGrads<'a, T> {
     /// `dq`, `dk`, `dv`; no bias gradient.
     pub fn new(dq: &'a mut [T], dk: &'a mut [T], dv: &'a mut [T]) -> Self {
-        AttentionGrads {
-            dq,
-            dk,
-            dv,
-            d_bias: None,
-        }
+        AttentionGrads { dq, dk, dv, d_bias: None }
     }
     /// Also writes the score-bias gradient into `d_bias`.
     pub fn with_bias_grad(mut self, d_bias: &'a mut [f32]) -> Self {
@@ -138,11 +133,7 @@ impl Clip {
     #[inline(always)]
     pub fn u(&self, p: f32, g: f32) -> f32 {
         let r = self.r(p);
-        if (0.0..=1.0).contains(&r) {
-            g * (self.zeta - self.gamma)
-        } else {
-            0.0
-        }
+        if (0.0..=1.0).contains(&r) { g * (self.zeta - self.gamma) } else { 0.0 }
     }
 }
 
@@ -162,10 +153,7 @@ pub(crate) fn backward_impl<T: Element>(
     d_bias: Option<&mut [f32]>,
 ) {
     let (d, ql, kl, g) = (shape.head_dim, shape.q_len, shape.kv_len, shape.group());
-    let do_op = Op {
-        data: d_out,
-        st: super::HeadStrides::bhsd(shape.q_heads, ql, d),
-    };
+    let do_op = Op { data: d_out, st: super::HeadStrides::bhsd(shape.q_heads, ql, d) };
     let pairs = shape.batch * shape.kv_heads;
     let tile = cx.bq.min(ql) * cx.bk.min(kl);
     if cx.par == Par::Seq || pairs >= rayon::current_num_threads() {
@@ -282,16 +270,7 @@ impl<'c, 'x, T: Element> BwdStep<'c, 'x, T> {
         let capped = cx.sc.cap != 0.0;
         let lse = &self.lse[row0..row0 + nb];
         let vis = bad.then_some(&mut self.vis);
-        let pm = prob_tile(
-            cx,
-            at,
-            qm,
-            km,
-            lse,
-            &mut self.p,
-            vis,
-            capped.then_some(&mut self.gcap[..]),
-        );
+        let pm = prob_tile(cx, at, qm, km, lse, &mut self.p, vis, capped.then_some(&mut self.gcap[..]));
         let dpm = &mut self.dp[..nb * kn];
         matmul(dpm, kn, dom, vm.t(), false, Par::Seq);
         dispatch(
@@ -353,14 +332,7 @@ fn bwd_head<T: Element>(
     let mut dq_acc = vec![0.0f32; if dq.is_some() { g * ql * d } else { 0 }];
     let mut dk_acc = vec![0.0f32; bk.min(kl) * d];
     let mut dv_acc = vec![0.0f32; bk.min(kl) * d];
-    let mut w = vec![
-        0.0f32;
-        if step.clip.is_some() {
-            bq.min(ql) * bk.min(kl)
-        } else {
-            0
-        }
-    ];
+    let mut w = vec![0.0f32; if step.clip.is_some() { bq.min(ql) * bk.min(kl) } else { 0 }];
     let (mut kbuf, mut vbuf, mut qbuf, mut dobuf) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut zbuf, mut zbuf2, mut zbuf3) = (Vec::new(), Vec::new(), Vec::new());
     for (j0, kn) in blocks(j_lo, j_hi, j_hi, bk) {
@@ -379,9 +351,7 @@ fn bwd_head<T: Element>(
                 let qm = rows_f32(&cx.q, b, h, i0, nb, d, &mut qbuf);
                 let dom = rows_f32(do_op, b, h, i0, nb, d, &mut dobuf);
                 let bad = kv_bad || !all_finite(cx.level, &qm) || !all_finite(cx.level, &dom);
-                let db = d_bias
-                    .as_deref_mut()
-                    .map(|db| &mut db[(hh * ql + i0) * kl..][..nb * kl]);
+                let db = d_bias.as_deref_mut().map(|db| &mut db[(hh * ql + i0) * kl..][..nb * kl]);
                 step.run(TileAt { b, h, i0, j0, kn }, (qm, dom), (km, vm), bad, db);
                 let pm = &step.p[..nb * kn];
                 // dV += Wᵀ dO, with W = P (softmax) or the clipped weights.
@@ -465,22 +435,9 @@ fn dq_block<T: Element>(
         }
         let (km, vm, kv_bad) = kv_tile(cx, b, hk, j0, kn, d, &mut kbuf, &mut vbuf);
         let bad = q_bad || kv_bad;
-        step.run(
-            TileAt { b, h, i0, j0, kn },
-            (qm, dom),
-            (km, vm),
-            bad,
-            d_bias.as_deref_mut(),
-        );
+        step.run(TileAt { b, h, i0, j0, kn }, (qm, dom), (km, vm), bad, d_bias.as_deref_mut());
         let bad_k = if bad { nonfinite_rows(&km) } else { Vec::new() };
-        add_ds_k(
-            &mut acc,
-            &MatRef::row_major(&step.dp[..nb * kn], nb, kn),
-            &km,
-            &bad_k,
-            &step.vis,
-            &mut zbuf,
-        );
+        add_ds_k(&mut acc, &MatRef::row_major(&step.dp[..nb * kn], nb, kn), &km, &bad_k, &step.vis, &mut zbuf);
     }
     T::store_f32(&acc, dq);
 }
@@ -504,20 +461,9 @@ impl Task for DsTile<'_> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, _s: S) {
-        let DsTile {
-            p,
-            dp,
-            dd,
-            kn,
-            c,
-            clip,
-            mut db,
-            dcap,
-        } = self;
+        let DsTile { p, dp, dd, kn, c, clip, mut db, dcap } = self;
         for (r, ((pr, dr), &di)) in p.chunks(kn).zip(dp.chunks_mut(kn)).zip(dd).enumerate() {
-            let mut brow = db
-                .as_mut()
-                .map(|(rows, stride, j0, cb)| (&mut rows[r * *stride + *j0..][..kn], *cb));
+            let mut brow = db.as_mut().map(|(rows, stride, j0, cb)| (&mut rows[r * *stride + *j0..][..kn], *cb));
             for (j, (&pv, x)) in pr.iter().zip(dr.iter_mut()).enumerate() {
                 let u = match clip {
                     None => *x,

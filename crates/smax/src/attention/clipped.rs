@@ -35,18 +35,12 @@ impl Default for ClippedSoftmax {
 impl ClippedSoftmax {
     /// The authors' BERT-base setting: `γ = −0.025, ζ = 1`.
     pub fn bert() -> Self {
-        ClippedSoftmax {
-            zeta: 1.0,
-            gamma: -0.025,
-        }
+        ClippedSoftmax { zeta: 1.0, gamma: -0.025 }
     }
     /// The authors' OPT setting: `γ = −α/T` for sequence length `T` (they use α = 12,
     /// T = 512), `ζ = 1`.
     pub fn opt(alpha: f32, seq_len: usize) -> Self {
-        ClippedSoftmax {
-            zeta: 1.0,
-            gamma: -alpha / seq_len.max(1) as f32,
-        }
+        ClippedSoftmax { zeta: 1.0, gamma: -alpha / seq_len.max(1) as f32 }
     }
     fn validate(&self) -> Result<Clip> {
         if !(self.zeta.is_finite() && self.zeta >= 1.0 && self.gamma.is_finite() && self.gamma <= 0.0) {
@@ -56,10 +50,7 @@ impl ClippedSoftmax {
                 "finite, zeta >= 1 and gamma <= 0",
             ));
         }
-        Ok(Clip {
-            zeta: self.zeta,
-            gamma: self.gamma,
-        })
+        Ok(Clip { zeta: self.zeta, gamma: self.gamma })
     }
 }
 
@@ -93,18 +84,7 @@ pub fn attention_clipped<T: AttnElement>(
         let mut qbuf = Vec::new();
         let qm = rows_f32(&cx.q, b, h, i0, nb, shape.head_dim, &mut qbuf);
         let rows = Rows::Block { h, i0, n: nb };
-        fwd_accumulate(
-            &cx,
-            &shape,
-            b,
-            h / shape.group(),
-            rows,
-            &qm,
-            0,
-            shape.kv_len,
-            false,
-            &mut st,
-        );
+        fwd_accumulate(&cx, &shape, b, h / shape.group(), rows, &qm, 0, shape.kv_len, false, &mut st);
         for (r, x) in l.iter_mut().enumerate() {
             *x = if st.l[r] == 0.0 || st.m[r] == f32::NEG_INFINITY {
                 f32::NEG_INFINITY
@@ -185,10 +165,7 @@ pub fn attention_clipped_backward<T: AttnElement>(
         dv.fill(T::from_f32(0.0));
         return Ok(());
     }
-    let do_op = super::Op {
-        data: d_out,
-        st: super::HeadStrides::bhsd(shape.q_heads, ql, d),
-    };
+    let do_op = super::Op { data: d_out, st: super::HeadStrides::bhsd(shape.q_heads, ql, d) };
     // D_i = Σ_j u_ij p_ij, one pass over the key tiles per query block.
     let mut dd = vec![0.0f32; shape.lse_len()];
     let mut blocks = Vec::new();

@@ -63,31 +63,18 @@ pub struct PartialStates<'a> {
 ///
 /// Errors: buffer lengths that disagree with `(parts, rows, d)`.
 pub fn merge_attention_states(states: PartialStates<'_>, out: &mut [f32], lse: &mut [f32]) -> Result<()> {
-    let PartialStates {
-        parts,
-        rows,
-        head_dim: d,
-        out: o_parts,
-        lse: lse_parts,
-    } = states;
+    let PartialStates { parts, rows, head_dim: d, out: o_parts, lse: lse_parts } = states;
     let n = parts
         .checked_mul(rows)
         .and_then(|x| x.checked_mul(d))
-        .ok_or(Error::SizeOverflow {
-            what: "o_parts",
-            shape: format!("parts {parts} rows {rows} d {d}"),
-        })?;
+        .ok_or(Error::SizeOverflow { what: "o_parts", shape: format!("parts {parts} rows {rows} d {d}") })?;
     check_out("o_parts", o_parts.len(), n)?;
     check_out("lse_parts", lse_parts.len(), parts.saturating_mul(rows))?;
     check_out("out", out.len(), rows.saturating_mul(d))?;
     check_out("lse", lse.len(), rows)?;
     let mut acc = vec![0.0f64; d];
     for r in 0..rows {
-        merge_row(
-            parts,
-            |s| (&o_parts[(s * rows + r) * d..][..d], lse_parts[s * rows + r]),
-            &mut acc,
-        );
+        merge_row(parts, |s| (&o_parts[(s * rows + r) * d..][..d], lse_parts[s * rows + r]), &mut acc);
         let (o, l) = (&mut out[r * d..(r + 1) * d], &mut lse[r]);
         *l = finish_row(parts, |s| lse_parts[s * rows + r], &acc, o);
     }
@@ -97,9 +84,7 @@ pub fn merge_attention_states(states: PartialStates<'_>, out: &mut [f32], lse: &
 /// `acc = Σ_s exp(lse_s − L)·o_s` with `L` the merged log-sum-exp.
 fn merge_row<'a>(parts: usize, part: impl Fn(usize) -> (&'a [f32], f32), acc: &mut [f64]) {
     acc.fill(0.0);
-    let total = (0..parts).fold(LseState::<f32>::EMPTY, |st, s| {
-        st.merge(LseState::<f32>::from_value(part(s).1))
-    });
+    let total = (0..parts).fold(LseState::<f32>::EMPTY, |st, s| st.merge(LseState::<f32>::from_value(part(s).1)));
     let big_l = total.lse() as f64;
     if !big_l.is_finite() {
         return;
@@ -118,9 +103,7 @@ fn merge_row<'a>(parts: usize, part: impl Fn(usize) -> (&'a [f32], f32), acc: &m
 
 /// Rounds the merged row into `o` and returns its log-sum-exp.
 fn finish_row(parts: usize, lse_of: impl Fn(usize) -> f32, acc: &[f64], o: &mut [f32]) -> f32 {
-    let total = (0..parts).fold(LseState::<f32>::EMPTY, |st, s| {
-        st.merge(LseState::<f32>::from_value(lse_of(s)))
-    });
+    let total = (0..parts).fold(LseState::<f32>::EMPTY, |st, s| st.merge(LseState::<f32>::from_value(lse_of(s))));
     let l = total.lse();
     if l == f32::NEG_INFINITY {
         o.fill(0.0);
@@ -275,12 +258,7 @@ pub struct UnifiedMax {
 impl UnifiedMax {
     /// φ with the default window and the paper's fallback rule.
     pub fn new(phi: f32) -> Self {
-        UnifiedMax {
-            phi,
-            a: -60.0,
-            b: None,
-            fallback: UnifiedFallback::Paper,
-        }
+        UnifiedMax { phi, a: -60.0, b: None, fallback: UnifiedFallback::Paper }
     }
 }
 
@@ -315,11 +293,7 @@ pub fn profile_unified_max(scores: &[f32], coverage: f64) -> Result<(f32, f32)> 
     }
     let mut v: Vec<f32> = scores.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
-        return Err(Error::LengthMismatch {
-            what: "scores (finite)",
-            len: 0,
-            expected: 1,
-        });
+        return Err(Error::LengthMismatch { what: "scores (finite)", len: 0, expected: 1 });
     }
     v.sort_by(f32::total_cmp);
     let n = v.len();
@@ -346,10 +320,7 @@ pub fn attention_decode_unified<T: AttnElement>(
 ) -> Result<UnifiedStats> {
     let AttentionInputs { shape, q, k, v } = inputs;
     let AttentionOutputs { out, lse } = outputs;
-    let UnifiedDecode {
-        split: ref dec,
-        max: ref um,
-    } = opts.variant;
+    let UnifiedDecode { split: ref dec, max: ref um } = opts.variant;
     let opts = &opts.base();
     let cx = check(&shape, q, k, v, opts)?;
     check_out("out", out.len(), shape.out_len())?;
@@ -374,23 +345,14 @@ pub fn attention_decode_unified<T: AttnElement>(
     let parts = kl.div_ceil(dec.split_len).max(1);
     let groups = shape.batch * shape.kv_heads;
     let gr = g * ql;
-    let win = Win {
-        phi: um.phi,
-        a,
-        b,
-        upper_only: um.fallback == UnifiedFallback::UpperOnly,
-    };
+    let win = Win { phi: um.phi, a, b, upper_only: um.fallback == UnifiedFallback::UpperOnly };
     // Per (batch·kv head group, split): numerators [g·q_len, d], denominators and window
     // flags [g·q_len] (the group's query heads packed, as in split-K).
     let mut num = vec![0.0f32; groups * parts * gr * d];
     let mut den = vec![0.0f64; groups * parts * gr];
     let mut flag = vec![false; groups * parts * gr];
-    let tasks: Vec<(usize, ((&mut [f32], &mut [f64]), &mut [bool]))> = num
-        .chunks_mut(gr * d)
-        .zip(den.chunks_mut(gr))
-        .zip(flag.chunks_mut(gr))
-        .enumerate()
-        .collect();
+    let tasks: Vec<(usize, ((&mut [f32], &mut [f64]), &mut [bool]))> =
+        num.chunks_mut(gr * d).zip(den.chunks_mut(gr)).zip(flag.chunks_mut(gr)).enumerate().collect();
     let run = |(t, ((nm, dn), fl)): (usize, ((&mut [f32], &mut [f64]), &mut [bool]))| {
         let (grp, sp) = (t / parts, t % parts);
         let (bb, hk) = (grp / shape.kv_heads, grp % shape.kv_heads);
@@ -483,18 +445,7 @@ fn unified_split<T: Element>(
         let (km, vm, bad) = kv_tile(cx, b, hk, j0, kn, d, &mut kbuf, &mut vbuf);
         let t = products(qm, km, &mut sbuf);
         let vis = hidden(&mut vis, t.len());
-        let tile = AsyncTile {
-            cx,
-            b,
-            rows: &rows,
-            j0,
-            kn,
-            t: &mut *t,
-            win,
-            den,
-            flag,
-            vis: &mut *vis,
-        };
+        let tile = AsyncTile { cx, b, rows: &rows, j0, kn, t: &mut *t, win, den, flag, vis: &mut *vis };
         dispatch(cx.level, tile);
         accumulate_pv(num, t, &vm, bad.then_some(&*vis));
     }
@@ -518,18 +469,7 @@ impl<T> Task for AsyncTile<'_, '_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, s: S) {
-        let AsyncTile {
-            cx,
-            b,
-            rows,
-            j0,
-            kn,
-            t,
-            win,
-            den,
-            flag,
-            vis,
-        } = self;
+        let AsyncTile { cx, b, rows, j0, kn, t, win, den, flag, vis } = self;
         for (r, row) in t.chunks_mut(kn).enumerate() {
             let (h, i) = rows[r];
             cx.sc.prep_row(s, (b, h, i), j0, row, None);

@@ -77,18 +77,7 @@ pub(crate) fn fwd_block<T: Element>(
     let mut st = RowState::new(nb, d);
     let mut qbuf = Vec::new();
     let qm = rows_f32(&cx.q, b, h, i0, nb, d, &mut qbuf);
-    fwd_accumulate(
-        cx,
-        s,
-        b,
-        h / s.group(),
-        Rows::Block { h, i0, n: nb },
-        &qm,
-        k_lo,
-        k_hi,
-        true,
-        &mut st,
-    );
+    fwd_accumulate(cx, s, b, h / s.group(), Rows::Block { h, i0, n: nb }, &qm, k_lo, k_hi, true, &mut st);
     finish_rows(&st, d, out, lse);
 }
 
@@ -156,20 +145,7 @@ pub(crate) fn fwd_accumulate<T: Element>(
         let t = products(*qm, km, &mut sbuf);
         let mut vis = bad.then(|| hidden(&mut vis, nb * kn));
         let vis_mut = vis.as_deref_mut();
-        dispatch(
-            cx.level,
-            OnlineTile {
-                sc: Some(sc),
-                b,
-                rows,
-                j0,
-                kn,
-                d,
-                t: &mut *t,
-                st,
-                vis: vis_mut,
-            },
-        );
+        dispatch(cx.level, OnlineTile { sc: Some(sc), b, rows, j0, kn, d, t: &mut *t, st, vis: vis_mut });
         if values {
             accumulate_pv(&mut st.acc, t, &vm, vis.as_deref());
         }

@@ -102,11 +102,7 @@ pub fn inline_attention<'a, T: AttnElement>(
     let vo = resolve("v", v, shape.batch, shape.kv_heads, kl, d)?;
     check_out("out", out.len(), shape.out_len())?;
     if kl == 0 {
-        return Err(Error::bad_parameter(
-            "kv_len",
-            "0",
-            ">= 1 (InLine attention is undefined over zero keys)",
-        ));
+        return Err(Error::bad_parameter("kv_len", "0", ">= 1 (InLine attention is undefined over zero keys)"));
     }
     if let InlineKernel::LeakyRelu(s) = kernel
         && !s.is_finite()
@@ -162,14 +158,7 @@ fn inline_head<T: AttnElement>(
         *x = kernel.apply(*x);
     }
     let mut kvm = vec![0.0f32; d * d];
-    matmul(
-        &mut kvm,
-        d,
-        MatRef::row_major(&fk, kl, d).t(),
-        MatRef::row_major(&vv, kl, d),
-        false,
-        Par::Seq,
-    );
+    matmul(&mut kvm, d, MatRef::row_major(&fk, kl, d).t(), MatRef::row_major(&vv, kl, d), false, Par::Seq);
     let mean = |m: &[f32]| -> Vec<f64> {
         let mut s = vec![0.0f64; d];
         for r in m.chunks(d) {
@@ -188,20 +177,9 @@ fn inline_head<T: AttnElement>(
         *x = kernel.apply(*x);
     }
     let mut o32 = vec![0.0f32; ql * d];
-    matmul(
-        &mut o32,
-        d,
-        MatRef::row_major(&fq, ql, d),
-        MatRef::row_major(&kvm, d, d),
-        false,
-        Par::Seq,
-    );
+    matmul(&mut o32, d, MatRef::row_major(&fq, ql, d), MatRef::row_major(&kvm, d, d), false, Par::Seq);
     for i in 0..ql {
-        let qk: f64 = fq[i * d..(i + 1) * d]
-            .iter()
-            .zip(&kbar)
-            .map(|(a, b)| *a as f64 * b)
-            .sum();
+        let qk: f64 = fq[i * d..(i + 1) * d].iter().zip(&kbar).map(|(a, b)| *a as f64 * b).sum();
         let coef = 1.0 - kl as f64 * c * qk;
         for (x, &vb) in o32[i * d..(i + 1) * d].iter_mut().zip(&vbar) {
             *x = (*x as f64 * c + coef * vb) as f32;

@@ -32,10 +32,7 @@ pub struct Lssa {
 
 impl Default for Lssa {
     fn default() -> Self {
-        Lssa {
-            reweight: Some(15.0),
-            offset_rows: 3,
-        }
+        Lssa { reweight: Some(15.0), offset_rows: 3 }
     }
 }
 
@@ -94,19 +91,12 @@ pub fn attention_lssa<T: AttnElement>(
         let n = lssa_block(&cx, &shape, (b, h, i0), l.len(), lssa, o);
         uniform.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     });
-    Ok(LssaStats {
-        uniform_rows: uniform.into_inner(),
-    })
+    Ok(LssaStats { uniform_rows: uniform.into_inner() })
 }
 
 /// `x / max(‖x‖, 1e-12)` into `dst`.
 fn normalize_into(x: &[f32], dst: &mut [f32]) {
-    let n = x
-        .iter()
-        .map(|v| (*v as f64) * (*v as f64))
-        .sum::<f64>()
-        .sqrt()
-        .max(1e-12);
+    let n = x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt().max(1e-12);
     for (d, &v) in dst.iter_mut().zip(x) {
         *d = (v as f64 / n) as f32;
     }
@@ -166,10 +156,7 @@ impl<'c, 'x, T: Element> Block<'c, 'x, T> {
                 }
             })
             .collect();
-        let scale = count
-            .iter()
-            .map(|&n| if n == 0 { 0.0 } else { (ln_d * (n as f64).ln()) as f32 })
-            .collect();
+        let scale = count.iter().map(|&n| if n == 0 { 0.0 } else { (ln_d * (n as f64).ln()) as f32 }).collect();
         Block {
             cx,
             b,
@@ -271,9 +258,7 @@ fn lssa_block<T: Element>(
     };
     let st = lssar_pass(&blk, s, lssa.offset_rows, p, &ssum, &mut sbuf);
     // Rows with no positive entry (and some visible key) fall back to their LSSA row.
-    let uniform: Vec<bool> = (0..nb)
-        .map(|r| blk.count[r] > 0 && st.m[r] == f32::NEG_INFINITY)
-        .collect();
+    let uniform: Vec<bool> = (0..nb).map(|r| blk.count[r] > 0 && st.m[r] == f32::NEG_INFINITY).collect();
     let n_uniform = uniform.iter().filter(|&&x| x).count();
     blk.finish(d, &st.acc, &st.l, out, |_| true);
     if n_uniform > 0 {
@@ -322,25 +307,8 @@ fn lssar_pass<T: Element>(
                 vis[r * kn + j] = *x != f32::NEG_INFINITY;
             }
         }
-        let rows = Rows::Block {
-            h: blk.h,
-            i0: blk.i0,
-            n: nb,
-        };
-        dispatch(
-            blk.cx.level,
-            OnlineTile {
-                sc: None,
-                b: blk.b,
-                rows,
-                j0,
-                kn,
-                d,
-                t: &mut *sm,
-                st: &mut st,
-                vis: None,
-            },
-        );
+        let rows = Rows::Block { h: blk.h, i0: blk.i0, n: nb };
+        dispatch(blk.cx.level, OnlineTile { sc: None, b: blk.b, rows, j0, kn, d, t: &mut *sm, st: &mut st, vis: None });
         blk.add_values(s, kb, &mut st.acc, sm, &vis);
     }
     st

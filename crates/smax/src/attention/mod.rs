@@ -131,14 +131,7 @@ pub struct AttentionShape {
 impl AttentionShape {
     /// Multi-head attention with `heads` query and key/value heads.
     pub fn new(batch: usize, heads: usize, q_len: usize, kv_len: usize, head_dim: usize) -> Self {
-        AttentionShape {
-            batch,
-            q_heads: heads,
-            kv_heads: heads,
-            q_len,
-            kv_len,
-            head_dim,
-        }
+        AttentionShape { batch, q_heads: heads, kv_heads: heads, q_len, kv_len, head_dim }
     }
 
     /// Grouped-query attention: sets the number of key/value heads.
@@ -185,19 +178,11 @@ impl AttentionShape {
                 why: "q_heads must be a positive multiple of kv_heads (grouped-query attention)",
             });
         }
-        let prod = [
-            self.batch,
-            self.q_heads.max(self.kv_heads),
-            self.q_len.max(self.kv_len),
-            self.head_dim,
-        ]
-        .iter()
-        .try_fold(1usize, |a, &b| a.checked_mul(b));
+        let prod = [self.batch, self.q_heads.max(self.kv_heads), self.q_len.max(self.kv_len), self.head_dim]
+            .iter()
+            .try_fold(1usize, |a, &b| a.checked_mul(b));
         if prod.is_none() || self.q_len.checked_mul(self.kv_len).is_none() {
-            return Err(Error::SizeOverflow {
-                what: "attention shape",
-                shape: self.describe(),
-            });
+            return Err(Error::SizeOverflow { what: "attention shape", shape: self.describe() });
         }
         Ok(())
     }
@@ -218,20 +203,12 @@ pub struct HeadStrides {
 impl HeadStrides {
     /// Contiguous `[batch, heads, tokens, d]`.
     pub fn bhsd(heads: usize, tokens: usize, d: usize) -> Self {
-        HeadStrides {
-            batch: heads * tokens * d,
-            head: tokens * d,
-            token: d,
-        }
+        HeadStrides { batch: heads * tokens * d, head: tokens * d, token: d }
     }
 
     /// Contiguous `[batch, tokens, heads, d]` (the layout a fused QKV projection produces).
     pub fn bshd(heads: usize, tokens: usize, d: usize) -> Self {
-        HeadStrides {
-            batch: heads * tokens * d,
-            head: d,
-            token: heads * d,
-        }
+        HeadStrides { batch: heads * tokens * d, head: d, token: heads * d }
     }
 }
 
@@ -252,10 +229,7 @@ impl<'a, T> Heads<'a, T> {
     }
     /// A buffer with explicit strides.
     pub fn strided(data: &'a [T], strides: HeadStrides) -> Self {
-        Heads {
-            data,
-            strides: Some(strides),
-        }
+        Heads { data, strides: Some(strides) }
     }
 }
 
@@ -293,11 +267,7 @@ pub(crate) fn resolve<'a, T>(
         return Ok(Op { data: x.data, st });
     }
     if tokens > 1 && st.token < d {
-        return Err(Error::StrideTooSmall {
-            what,
-            stride: st.token,
-            len: d,
-        });
+        return Err(Error::StrideTooSmall { what, stride: st.token, len: d });
     }
     let last = (batch - 1)
         .checked_mul(st.batch)
@@ -306,11 +276,7 @@ pub(crate) fn resolve<'a, T>(
         .and_then(|a| a.checked_add(d));
     match last {
         Some(n) if n <= x.data.len() => Ok(Op { data: x.data, st }),
-        Some(n) => Err(Error::BufferTooShort {
-            what,
-            len: x.data.len(),
-            needed: n,
-        }),
+        Some(n) => Err(Error::BufferTooShort { what, len: x.data.len(), needed: n }),
         None => Err(Error::SizeOverflow {
             what,
             shape: format!("batch {batch} heads {heads} tokens {tokens} head_dim {d}"),
@@ -357,19 +323,11 @@ pub struct ScoreStrides {
 impl ScoreStrides {
     /// Contiguous `[batch, q_heads, q_len, kv_len]`.
     pub fn contiguous(q_heads: usize, q_len: usize, kv_len: usize) -> Self {
-        ScoreStrides {
-            batch: q_heads * q_len * kv_len,
-            head: q_len * kv_len,
-            query: kv_len,
-        }
+        ScoreStrides { batch: q_heads * q_len * kv_len, head: q_len * kv_len, query: kv_len }
     }
     /// One `[q_len, kv_len]` matrix shared by every batch and head.
     pub fn shared(kv_len: usize) -> Self {
-        ScoreStrides {
-            batch: 0,
-            head: 0,
-            query: kv_len,
-        }
+        ScoreStrides { batch: 0, head: 0, query: kv_len }
     }
     #[inline]
     pub(crate) fn at(&self, b: usize, h: usize, i: usize) -> usize {
@@ -645,10 +603,7 @@ fn check_score_tensor(what: &'static str, len: usize, st: ScoreStrides, s: &Atte
     match last {
         Some(n) if n <= len => Ok(()),
         Some(n) => Err(Error::BufferTooShort { what, len, needed: n }),
-        None => Err(Error::SizeOverflow {
-            what,
-            shape: s.describe(),
-        }),
+        None => Err(Error::SizeOverflow { what, shape: s.describe() }),
     }
 }
 
@@ -660,11 +615,7 @@ pub(crate) fn scores<'a>(s: &AttentionShape, o: &AttentionOptions<'a>) -> Result
     }
     let t = o.temperature as f32;
     if !(o.temperature.is_finite() && o.temperature > 0.0 && t.is_finite() && t > 0.0 && (1.0 / t).is_finite()) {
-        return Err(Error::bad_parameter(
-            "temperature",
-            t,
-            "finite and > 0, with 1/temperature finite",
-        ));
+        return Err(Error::bad_parameter("temperature", t, "finite and > 0, with 1/temperature finite"));
     }
     let cap = match o.softcap {
         None => 0.0,
@@ -714,11 +665,7 @@ pub(crate) fn lse_or_own<'a>(lse: Option<&'a mut [f32]>, own: &'a mut Vec<f32>, 
 
 pub(crate) fn check_out(what: &'static str, len: usize, needed: usize) -> Result<()> {
     if len != needed {
-        return Err(Error::LengthMismatch {
-            what,
-            len,
-            expected: needed,
-        });
+        return Err(Error::LengthMismatch { what, len, expected: needed });
     }
     Ok(())
 }

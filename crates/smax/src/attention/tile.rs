@@ -27,13 +27,7 @@ pub(crate) fn rows_f32<'b, T: Element>(
     let start = op.at(b, h, t0);
     let end = op.at(b, h, t0 + n - 1) + d;
     if let Some(x) = T::as_f32(&op.data[start..end]) {
-        return MatRef {
-            data: x,
-            rows: n,
-            cols: d,
-            rs: op.st.token,
-            cs: 1,
-        };
+        return MatRef { data: x, rows: n, cols: d, rs: op.st.token, cs: 1 };
     }
     buf.clear();
     buf.resize(n * d, 0.0);
@@ -81,9 +75,7 @@ pub(crate) fn all_finite(level: SimdLevel, m: &MatRef<'_>) -> bool {
 
 /// Indices of the rows of `m` that hold a NaN or an infinity.
 pub(crate) fn nonfinite_rows(m: &MatRef<'_>) -> Vec<usize> {
-    (0..m.rows)
-        .filter(|&r| !row(m, r).iter().all(|x| x.is_finite()))
-        .collect()
+    (0..m.rows).filter(|&r| !row(m, r).iter().all(|x| x.is_finite())).collect()
 }
 
 /// A contiguous copy of `m` in `buf` with the listed rows set to zero (or `m` itself when the
@@ -155,11 +147,7 @@ pub(crate) struct RowState {
 
 impl RowState {
     pub fn new(nb: usize, d: usize) -> Self {
-        RowState {
-            m: vec![f32::NEG_INFINITY; nb],
-            l: vec![0.0; nb],
-            acc: vec![0.0; nb * d],
-        }
+        RowState { m: vec![f32::NEG_INFINITY; nb], l: vec![0.0; nb], acc: vec![0.0; nb * d] }
     }
 }
 
@@ -253,17 +241,7 @@ impl Task for OnlineTile<'_, '_> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, s: S) {
-        let OnlineTile {
-            sc,
-            b,
-            rows,
-            j0,
-            kn,
-            d,
-            t,
-            st,
-            mut vis,
-        } = self;
+        let OnlineTile { sc, b, rows, j0, kn, d, t, st, mut vis } = self;
         for (r, row) in t.chunks_mut(kn).enumerate() {
             if let Some(sc) = sc {
                 let (h, i) = rows.get(r);
@@ -355,17 +333,7 @@ pub(crate) fn prob_tile<'t, T>(
     let n = t.len();
     let vis = vis.map(|v| hidden(v, n));
     let dcap = dcap.map(|g| &mut g[..n]);
-    dispatch(
-        cx.level,
-        ProbTile {
-            sc: &cx.sc,
-            at,
-            t: &mut *t,
-            lse,
-            vis,
-            dcap,
-        },
-    );
+    dispatch(cx.level, ProbTile { sc: &cx.sc, at, t: &mut *t, lse, vis, dcap });
     t
 }
 
@@ -385,14 +353,7 @@ impl Task for ProbTile<'_, '_> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, s: S) {
-        let ProbTile {
-            sc,
-            at,
-            t,
-            lse,
-            mut vis,
-            mut dcap,
-        } = self;
+        let ProbTile { sc, at, t, lse, mut vis, mut dcap } = self;
         let kn = at.kn;
         for (r, row) in t.chunks_mut(kn).enumerate() {
             let g = dcap.as_deref_mut().map(|g| &mut g[r * kn..(r + 1) * kn]);

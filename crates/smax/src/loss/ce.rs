@@ -110,39 +110,15 @@ impl<T: Element> Task for CeRows<'_, T> {
     type Output = Vec<RowOut>;
     #[inline(always)]
     fn run<S: Isa>(self, s: S) -> Vec<RowOut> {
-        let CeRows {
-            c,
-            x,
-            xs,
-            len,
-            classes,
-            probs,
-            mut g,
-            rows,
-        } = self;
+        let CeRows { c, x, xs, len, classes, probs, mut g, rows } = self;
         let online = pipelined(&c, len, classes.is_some(), g.is_some());
         let three_pass = three_pass_pipelined(&c, len, classes.is_some(), g.is_some());
-        if let (true, Some(xf), Some(cl), None, Some((gg, gs))) = (
-            (online || three_pass) && rows > 0,
-            T::as_f32(x),
-            classes,
-            probs,
-            g.as_mut(),
-        ) {
+        if let (true, Some(xf), Some(cl), None, Some((gg, gs))) =
+            ((online || three_pass) && rows > 0, T::as_f32(x), classes, probs, g.as_mut())
+        {
             if let Some(gf) = T::as_f32_mut(gg) {
-                let p = PlainRows {
-                    x: xf,
-                    xs,
-                    len,
-                    classes: &cl[..rows],
-                    g: gf,
-                    gs: *gs,
-                };
-                return if online {
-                    rows_pipe(s, &c, p)
-                } else {
-                    rows_three_pass_pipe(s, &c, p)
-                };
+                let p = PlainRows { x: xf, xs, len, classes: &cl[..rows], g: gf, gs: *gs };
+                return if online { rows_pipe(s, &c, p) } else { rows_three_pass_pipe(s, &c, p) };
             }
         }
         let mut out = Vec::with_capacity(rows);
@@ -155,11 +131,7 @@ impl<T: Element> Task for CeRows<'_, T> {
                 (None, None) => Tgt::Class(0),
             };
             let gr = g.as_mut().map(|(g, gs)| &mut g[r * *gs..r * *gs + len]);
-            let o = if T::as_f64(xr).is_some() {
-                row_f64(&c, xr, tgt, gr)
-            } else {
-                row_f32(s, &c, xr, tgt, gr, pf)
-            };
+            let o = if T::as_f64(xr).is_some() { row_f64(&c, xr, tgt, gr) } else { row_f32(s, &c, xr, tgt, gr, pf) };
             out.push(o);
         }
         out
@@ -234,11 +206,7 @@ fn class_row(c: &Ce<'_>, xr: &[f32], yi: usize, m: f32, d: f64) -> (RowOut, f64,
     let lse = m as f64 * k64 + d.ln();
     let ty = (xr[yi] * kf) as f64;
     let a = c.main_scale * alpha + c.z_scale * 2.0 * c.lambda * lse;
-    let out = RowOut {
-        loss: alpha * (lse - ty),
-        z: c.lambda * lse * lse,
-        lse,
-    };
+    let out = RowOut { loss: alpha * (lse - ty), z: c.lambda * lse * lse, lse };
     (out, a, (c.main_scale * alpha) as f32 * kf)
 }
 
@@ -250,14 +218,7 @@ fn class_row(c: &Ce<'_>, xr: &[f32], yi: usize, m: f32, d: f64) -> (RowOut, f64,
 /// one pass's traffic. Bit for bit what each row computes alone through this path.
 #[inline(always)]
 fn rows_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOut> {
-    let PlainRows {
-        x,
-        xs,
-        len,
-        classes,
-        g,
-        gs,
-    } = p;
+    let PlainRows { x, xs, len, classes, g, gs } = p;
     let rows = classes.len();
     let mut out = Vec::with_capacity(rows);
     let (kf, k64) = (c.xf.k, c.xf.k as f64);
@@ -286,12 +247,7 @@ fn rows_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOut> {
             match next {
                 Some(nx) => {
                     let mut ns = k::Online::EMPTY;
-                    let n = k::Next {
-                        x: nx,
-                        k: kf,
-                        st: &mut ns,
-                        pf: ahead(nx),
-                    };
+                    let n = k::Next { x: nx, k: kf, st: &mut ns, pf: ahead(nx) };
                     k::write_softmax_next(s, xr, gr, st.m, kf, c1, c.stream, Ahead::NONE, n);
                     fused = Some(ns);
                 }
@@ -338,11 +294,7 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
         let g = g.and_then(|g| T::as_f32_mut(g));
         // With a gradient, the heavy pass fetches the same block of the next row (while the
         // current row, its gradient and the next row fit in L2); otherwise the usual distance.
-        let pf = if g.is_some() && xs.len() <= NEXT_ROW_PREFETCH_MAX {
-            pf.distance(c.row_stride)
-        } else {
-            pf
-        };
+        let pf = if g.is_some() && xs.len() <= NEXT_ROW_PREFETCH_MAX { pf.distance(c.row_stride) } else { pf };
         return row_f32_hard(s, c, xs, y, alpha, beta, g, pf);
     }
 
@@ -538,11 +490,7 @@ fn row_f32_hard<S: Isa>(
     if smooth {
         loss += beta * (c.wsum * lse - sv * k64);
     }
-    let out = RowOut {
-        loss,
-        z: c.lambda * lse * lse,
-        lse,
-    };
+    let out = RowOut { loss, z: c.lambda * lse * lse, lse };
     if let Some(g) = g {
         let big_u = alpha + beta * c.wsum;
         let a = c.main_scale * big_u + c.z_scale * 2.0 * c.lambda * lse;
@@ -567,14 +515,7 @@ fn row_f32_hard<S: Isa>(
 /// through [`row_f32_hard`]'s own code. Bit for bit what each row computes alone.
 #[inline(always)]
 fn rows_three_pass_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOut> {
-    let PlainRows {
-        x,
-        xs,
-        len,
-        classes,
-        g,
-        gs,
-    } = p;
+    let PlainRows { x, xs, len, classes, g, gs } = p;
     let rows = classes.len();
     let mut out = Vec::with_capacity(rows);
     let kf = c.xf.k;
@@ -598,11 +539,7 @@ fn rows_three_pass_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOu
                     out.push(row_f32(s, c, xr, Tgt::Class(y), Some(gr), pf));
                     // Only a row that skipped pass 2 (which fetches row r + 1 into L2)
                     // prefetches in its max of row r + 1 (see `kernel::rows_three_pass_pipe`).
-                    let npf = if r + 1 < rows {
-                        ahead(&x[(r + 1) * xs..])
-                    } else {
-                        Ahead::NONE
-                    };
+                    let npf = if r + 1 < rows { ahead(&x[(r + 1) * xs..]) } else { Ahead::NONE };
                     m = k::max(s, next, npf);
                     continue;
                 }
@@ -652,11 +589,7 @@ fn lse_only<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], pf: Ahead) -> f64 {
             |_, t, p| k::sum_exp(s, t, m, 1.0, &mut d, p),
         );
     }
-    if regular(k::Online { m, d }) {
-        m as f64 + d.ln()
-    } else {
-        crate::engine::special_lse(classify(x))
-    }
+    if regular(k::Online { m, d }) { m as f64 + d.ln() } else { crate::engine::special_lse(classify(x)) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -665,11 +598,7 @@ fn lse_only<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], pf: Ahead) -> f64 {
 use crate::scalar64::Sum;
 
 fn xf64(c: &Ce<'_>, v: f64) -> f64 {
-    if c.cap64 == 0.0 || v == f64::NEG_INFINITY {
-        v * c.k64
-    } else {
-        c.cap64 * (v / c.cap64).tanh() * c.k64
-    }
+    if c.cap64 == 0.0 || v == f64::NEG_INFINITY { v * c.k64 } else { c.cap64 * (v / c.cap64).tanh() * c.k64 }
 }
 
 fn chain64(c: &Ce<'_>, t: f64) -> f64 {
@@ -708,11 +637,7 @@ pub(crate) fn row_f64<T: Element>(c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Optio
             if let Some(g) = g {
                 crate::engine::fill(g, 0.0);
             }
-            let lse = if lse_reg {
-                m + d.ln()
-            } else {
-                crate::engine::special_lse(classify(x))
-            };
+            let lse = if lse_reg { m + d.ln() } else { crate::engine::special_lse(classify(x)) };
             return RowOut { loss: 0.0, z: 0.0, lse };
         }
         Tgt::Class(y) => {
@@ -729,9 +654,7 @@ pub(crate) fn row_f64<T: Element>(c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Optio
     let w = |i: usize| c.weights.map_or(1.0, |w| w[i] as f64);
     // v_k: the per-class target mass that is not the one-hot part.
     let v: Vec<f64> = match tgt {
-        Tgt::Probs(q) => (0..kk)
-            .map(|i| w(i) * ((1.0 - c.eps) * q[i].to_f64() + c.eps / kk as f64))
-            .collect(),
+        Tgt::Probs(q) => (0..kk).map(|i| w(i) * ((1.0 - c.eps) * q[i].to_f64() + c.eps / kk as f64)).collect(),
         Tgt::Class(_) => (0..kk).map(w).collect(),
     };
     let (mut sv, mut su) = (Sum::default(), Sum::default());

@@ -109,10 +109,7 @@ pub struct Nkd {
 
 impl Default for Nkd {
     fn default() -> Self {
-        Nkd {
-            temperature: 1.0,
-            gamma: 1.5,
-        }
+        Nkd { temperature: 1.0, gamma: 1.5 }
     }
 }
 
@@ -172,11 +169,7 @@ fn check_targets(t: &[i64], rows: usize, classes: usize, ignore: impl Into<Optio
 }
 
 fn param(name: &'static str, v: f64, ok: bool, expected: &'static str) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::bad_parameter(name, v, expected))
-    }
+    if ok { Ok(()) } else { Err(Error::bad_parameter(name, v, expected)) }
 }
 
 /// `v` must be finite and > 0.
@@ -207,24 +200,12 @@ where
     }
     if let Some(r) = &rows_out {
         if r.len() != rows {
-            return Err(Error::RowCountMismatch {
-                what: "loss",
-                len: r.len(),
-                rows,
-            });
+            return Err(Error::RowCountMismatch { what: "loss", len: r.len(), rows });
         }
     }
     let valid_rows = (0..rows).filter(|&r| counts(r)).count();
-    let denominator = if o.reduction == Reduction::Mean {
-        valid_rows as f64
-    } else {
-        1.0
-    };
-    let scale = if denominator > 0.0 {
-        o.grad_scale / denominator
-    } else {
-        0.0
-    };
+    let denominator = if o.reduction == Reduction::Mean { valid_rows as f64 } else { 1.0 };
+    let scale = if denominator > 0.0 { o.grad_scale / denominator } else { 0.0 };
     let (gdata, gs) = match grad {
         Some(g) => {
             x.layout.check_same("grad", &g.layout)?;
@@ -234,16 +215,10 @@ where
         None => (None, 0),
     };
     let items: Vec<(usize, usize, Option<&mut [T]>)> = match gdata {
-        Some(g) => par::row_groups(g, rows, len, gs)
-            .into_iter()
-            .map(|(r0, n, g)| (r0, n, Some(g)))
-            .collect(),
+        Some(g) => par::row_groups(g, rows, len, gs).into_iter().map(|(r0, n, g)| (r0, n, Some(g))).collect(),
         None => {
             let per = par::rows_per_task(len);
-            (0..rows)
-                .step_by(per)
-                .map(|r0| (r0, per.min(rows - r0), None))
-                .collect()
+            (0..rows).step_by(per).map(|r0| (r0, per.min(rows - r0), None)).collect()
         }
     };
     let out: Vec<Vec<RowResult>> = par::map(o.exec.par, items, |(r0, n, mut g)| {
@@ -297,13 +272,7 @@ fn reduce(
         },
         _ => sum,
     };
-    LossReport {
-        loss,
-        z_loss: 0.0,
-        valid_rows,
-        denominator,
-        flagged_rows,
-    }
+    LossReport { loss, z_loss: 0.0, valid_rows, denominator, flagged_rows }
 }
 
 /// [`drive`] for losses with one class target per row: validates the targets (in range or the
@@ -380,9 +349,7 @@ pub struct StablemaxOptions {
     pub exec: Exec,
 }
 
-setters!(StablemaxOptions {
-    output: StablemaxOutput
-});
+setters!(StablemaxOptions { output: StablemaxOutput });
 
 /// StableMax (Prieto et al. 2025, "Grokking at the Edge of Numerical Stability"):
 /// `StableMax(x)_i = s(x_i)/Σ_j s(x_j)` with `s(x) = x + 1` for `x ≥ 0` and `1/(1 − x)` below;
@@ -405,11 +372,7 @@ pub fn stablemax<T: Element>(x: View<'_, T>, y: ViewMut<'_, T>, opts: &Stablemax
             let ln_total = total.ln();
             for (o, v) in yg[i * ys..i * ys + len].iter_mut().zip(xr) {
                 let v = v.to_f64();
-                *o = T::from_f64(if log {
-                    stable_ln_s(v) - ln_total
-                } else {
-                    stable_s(v) / total
-                });
+                *o = T::from_f64(if log { stable_ln_s(v) - ln_total } else { stable_s(v) / total });
             }
         }
     });
@@ -492,11 +455,7 @@ pub fn softmax_collapse_fraction<T: Element>(logits: View<'_, T>) -> Result<f64>
 
 /// Stable `softplus(z) = ln(1 + e^z)`.
 fn softplus(z: f64) -> f64 {
-    if z > 0.0 {
-        z + (-z).exp().ln_1p()
-    } else {
-        z.exp().ln_1p()
-    }
+    if z > 0.0 { z + (-z).exp().ln_1p() } else { z.exp().ln_1p() }
 }
 
 fn sigmoid(z: f64) -> f64 {
@@ -576,11 +535,7 @@ pub fn comp_sum_loss<T: Element>(
     drive_classes(logits, "logits", targets, grad, rows_out, o, |_, y, x, g| {
         let lse = lse_of(x, 1.0, |_| true);
         let lp = x[y] - lse;
-        let loss = if tau == 1.0 {
-            -lp
-        } else {
-            (((tau - 1.0) * lp).exp() - 1.0) / (1.0 - tau)
-        };
+        let loss = if tau == 1.0 { -lp } else { (((tau - 1.0) * lp).exp() - 1.0) / (1.0 - tau) };
         if let Some(g) = g {
             let f = ((tau - 1.0) * lp).exp().min(f64::MAX);
             for (k, (gk, &v)) in g.iter_mut().zip(x).enumerate() {
@@ -618,10 +573,7 @@ pub fn nkd_loss<T: Element>(
     student.layout.check_same("teacher", &teacher.layout)?;
     let lam = temperature;
     drive_classes(student, "student", targets, grad, rows_out, o, |r, t, zs, g| {
-        let zt: Vec<f64> = teacher.data[r * ts..r * ts + zs.len()]
-            .iter()
-            .map(|v| v.to_f64())
-            .collect();
+        let zt: Vec<f64> = teacher.data[r * ts..r * ts + zs.len()].iter().map(|v| v.to_f64()).collect();
         let (ls, lt) = (lse_of(zs, 1.0, |_| true), lse_of(&zt, 1.0, |_| true));
         let tt = (zt[t] - lt).exp();
         let mut loss = -tt * (zs[t] - ls);
@@ -672,10 +624,7 @@ pub fn hinton_kd_loss<T: Element>(
         o,
         |_| true,
         |r, zs, g| {
-            let zt: Vec<f64> = teacher.data[r * ts..r * ts + zs.len()]
-                .iter()
-                .map(|v| v.to_f64())
-                .collect();
+            let zt: Vec<f64> = teacher.data[r * ts..r * ts + zs.len()].iter().map(|v| v.to_f64()).collect();
             let (ls, lt) = (lse_of(zs, k, |_| true), lse_of(&zt, k, |_| true));
             let kl = fsum((0..zs.len()).map(|i| {
                 let lpt = zt[i] * k - lt;
@@ -717,11 +666,7 @@ pub fn decoupled_softmax_loss<T: Element>(
     positive("tau", tau)?;
     let (rows, len, _) = rows_of(&sims, "sims")?;
     if positives.len() != rows * len {
-        return Err(Error::LengthMismatch {
-            what: "positives",
-            len: positives.len(),
-            expected: rows * len,
-        });
+        return Err(Error::LengthMismatch { what: "positives", len: positives.len(), expected: rows * len });
     }
     let k = 1.0 / tau;
     let pos = |r: usize| &positives[r * len..(r + 1) * len];
@@ -787,22 +732,14 @@ pub fn tempnet_loss<T: Element>(
     let (rows, len, _) = rows_of(&logits, "logits")?;
     check_targets(targets, rows, len, o.ignore_index)?;
     if tau.len() != rows {
-        return Err(Error::LengthMismatch {
-            what: "tau",
-            len: tau.len(),
-            expected: rows,
-        });
+        return Err(Error::LengthMismatch { what: "tau", len: tau.len(), expected: rows });
     }
     if let Some(&t) = tau.iter().find(|t| !(t.is_finite() && **t > 0.0)) {
         param("tau", t, false, "finite and > 0 in every row")?;
     }
     if let Some(d) = &dtau {
         if d.len() != rows {
-            return Err(Error::LengthMismatch {
-                what: "dtau",
-                len: d.len(),
-                expected: rows,
-            });
+            return Err(Error::LengthMismatch { what: "dtau", len: d.len(), expected: rows });
         }
     }
     let ig = o.ignore_index;
@@ -829,11 +766,7 @@ pub fn tempnet_loss<T: Element>(
         (t * ce + t * (rho - lnv), false)
     })?;
     if let Some(d) = dtau {
-        let scale = if res.denominator > 0.0 {
-            o.grad_scale / res.denominator
-        } else {
-            0.0
-        };
+        let scale = if res.denominator > 0.0 { o.grad_scale / res.denominator } else { 0.0 };
         for (r, (o, m)) in d.iter_mut().zip(&dt).enumerate() {
             let v = m.lock().map(|v| *v).unwrap_or(f64::NAN);
             *o = if targets[r] == ig { 0.0 } else { v * scale };
@@ -875,11 +808,7 @@ pub fn normalized_softmax_loss(
     let o = &opts.common();
     positive("temperature", temperature)?;
     if dim == 0 || !x.len().is_multiple_of(dim) || !w.len().is_multiple_of(dim) || w.is_empty() {
-        return Err(Error::LengthMismatch {
-            what: "x / w",
-            len: x.len(),
-            expected: dim.max(1) * targets.len(),
-        });
+        return Err(Error::LengthMismatch { what: "x / w", len: x.len(), expected: dim.max(1) * targets.len() });
     }
     let (b, c) = (x.len() / dim, w.len() / dim);
     check_targets(targets, b, c, o.ignore_index)?;
@@ -900,11 +829,7 @@ pub fn normalized_softmax_loss(
     let res = super::cross_entropy(
         View::rows(&logits, b, c)?,
         super::Targets::Classes(targets),
-        if want_grad {
-            Some(ViewMut::rows(&mut g, b, c)?)
-        } else {
-            None
-        },
+        if want_grad { Some(ViewMut::rows(&mut g, b, c)?) } else { None },
         super::RowOutputs::default(),
         &super::CrossEntropyOptions {
             reduction: o.reduction,
@@ -918,11 +843,7 @@ pub fn normalized_softmax_loss(
     let CosineGrads { dx, dw } = grads;
     if let Some(dx) = dx {
         if dx.len() != x.len() {
-            return Err(Error::LengthMismatch {
-                what: "dx",
-                len: dx.len(),
-                expected: x.len(),
-            });
+            return Err(Error::LengthMismatch { what: "dx", len: dx.len(), expected: x.len() });
         }
         for i in 0..b {
             let xi = &x[i * dim..(i + 1) * dim];
@@ -937,11 +858,7 @@ pub fn normalized_softmax_loss(
     }
     if let Some(dw) = dw {
         if dw.len() != w.len() {
-            return Err(Error::LengthMismatch {
-                what: "dw",
-                len: dw.len(),
-                expected: w.len(),
-            });
+            return Err(Error::LengthMismatch { what: "dw", len: dw.len(), expected: w.len() });
         }
         for k in 0..c {
             for d in 0..dim {
@@ -962,11 +879,7 @@ pub fn normalized_softmax_loss(
 pub fn novel_class_prototype(examples: &[f64], dim: usize, s: f64) -> Result<Vec<f64>> {
     positive("s", s)?;
     if dim == 0 || examples.is_empty() || !examples.len().is_multiple_of(dim) {
-        return Err(Error::LengthMismatch {
-            what: "examples",
-            len: examples.len(),
-            expected: dim.max(1),
-        });
+        return Err(Error::LengthMismatch { what: "examples", len: examples.len(), expected: dim.max(1) });
     }
     let n = examples.len() / dim;
     let mut mean = vec![0.0f64; dim];
@@ -1020,22 +933,11 @@ pub struct UskdOptions {
 
 impl Default for UskdOptions {
     fn default() -> Self {
-        UskdOptions {
-            alpha: 1.0,
-            beta: 0.1,
-            mu: 0.005,
-            ranking: UskdRanking::PaperProb,
-            exec: Exec::default(),
-        }
+        UskdOptions { alpha: 1.0, beta: 0.1, mu: 0.005, ranking: UskdRanking::PaperProb, exec: Exec::default() }
     }
 }
 
-setters!(UskdOptions {
-    alpha: f64,
-    beta: f64,
-    mu: f64,
-    ranking: UskdRanking
-});
+setters!(UskdOptions { alpha: f64, beta: f64, mu: f64, ranking: UskdRanking });
 
 /// The parts of a USKD loss (each a batch mean, before its weight, except `total`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -1066,12 +968,7 @@ fn zipf_labels(z: &[f64], s: &[f64], wp: &[f64], t: usize, ls: f64, ranking: Usk
         })
         .collect();
     let mut order: Vec<usize> = (0..c).collect();
-    order.sort_by(|&i, &j| {
-        score[j]
-            .partial_cmp(&score[i])
-            .unwrap_or(core::cmp::Ordering::Equal)
-            .then(i.cmp(&j))
-    });
+    order.sort_by(|&i, &j| score[j].partial_cmp(&score[i]).unwrap_or(core::cmp::Ordering::Equal).then(i.cmp(&j)));
     let mut zipf = vec![0.0f64; c];
     for (rank, &k) in order.iter().enumerate() {
         zipf[k] = 1.0 / (rank as f64 + 1.0);
@@ -1110,11 +1007,7 @@ pub fn uskd_loss<T: Element>(
     let (_, _, ws) = rows_of(&weak, "weak")?;
     student.layout.check_same("weak", &weak.layout)?;
     if c < 2 && b > 0 {
-        return Err(Error::bad_parameter(
-            "classes",
-            c,
-            "at least 2 classes (USKD ranks the non-target classes)",
-        ));
+        return Err(Error::bad_parameter("classes", c, "at least 2 classes (USKD ranks the non-target classes)"));
     }
     check_targets(targets, b, c, None)?;
     let mut outs = [dstudent, dweak];
@@ -1126,12 +1019,7 @@ pub fn uskd_loss<T: Element>(
         }
     }
     if b == 0 {
-        return Ok(UskdReport {
-            total: 0.0,
-            target: 0.0,
-            non_target: 0.0,
-            weak: 0.0,
-        });
+        return Ok(UskdReport { total: 0.0, target: 0.0, non_target: 0.0, weak: 0.0 });
     }
     let row = |v: &View<'_, T>, s: usize, r: usize| -> Vec<f64> {
         v.data[r * s..r * s + c].iter().map(|x| x.to_f64()).collect()
@@ -1182,10 +1070,5 @@ pub fn uskd_loss<T: Element>(
         }
     }
     let (target, non_target, weak_l) = (fsum(lt) / bf, fsum(lnt) / bf, fsum(lw) / bf);
-    Ok(UskdReport {
-        total: p.alpha * target + p.beta * non_target + weak_l,
-        target,
-        non_target,
-        weak: weak_l,
-    })
+    Ok(UskdReport { total: p.alpha * target + p.beta * non_target + weak_l, target, non_target, weak: weak_l })
 }

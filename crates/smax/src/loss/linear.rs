@@ -29,19 +29,13 @@ pub struct LinearTiles {
 impl LinearTiles {
     /// The tiles a call of `shape` uses: never larger than the problem.
     fn clamped(self, shape: LinearShape) -> LinearTiles {
-        LinearTiles {
-            tokens: self.tokens.min(shape.n.max(1)),
-            vocab: self.vocab.min(shape.v.max(1)),
-        }
+        LinearTiles { tokens: self.tokens.min(shape.n.max(1)), vocab: self.vocab.min(shape.v.max(1)) }
     }
 }
 
 impl Default for LinearTiles {
     fn default() -> Self {
-        LinearTiles {
-            tokens: 512,
-            vocab: 1024,
-        }
+        LinearTiles { tokens: 512, vocab: 1024 }
     }
 }
 
@@ -142,14 +136,7 @@ struct Tok {
     lse: f64,
 }
 
-const TOK0: Tok = Tok {
-    m: f32::NEG_INFINITY,
-    s: 0.0,
-    ty: f32::NAN,
-    sum_t: 0.0,
-    nan: false,
-    lse: f64::NAN,
-};
+const TOK0: Tok = Tok { m: f32::NEG_INFINITY, s: 0.0, ty: f32::NAN, sum_t: 0.0, nan: false, lse: f64::NAN };
 
 /// Working memory of [`linear_cross_entropy`]: one tile of logits and a few numbers per token.
 /// Build it once with [`LinearCeScratch::new`] and pass it to every call: a call that gets a
@@ -165,10 +152,7 @@ impl LinearCeScratch {
     /// to it, as the call does).
     pub fn new(shape: LinearShape, tiles: LinearTiles) -> Self {
         let t = tiles.clamped(shape);
-        LinearCeScratch {
-            tile: vec![0.0; t.tokens.saturating_mul(t.vocab)],
-            tok: vec![TOK0; shape.n],
-        }
+        LinearCeScratch { tile: vec![0.0; t.tokens.saturating_mul(t.vocab)], tok: vec![TOK0; shape.n] }
     }
 
     /// Bytes this scratch holds: [`linear_cross_entropy_scratch_bytes`] of its sizes.
@@ -234,15 +218,8 @@ pub fn linear_cross_entropy(
     };
     // Tiles never larger than the problem (so absurd tile sizes cannot ask for absurd memory).
     let tiles = opts.tiles.clamped(shape);
-    if tiles
-        .tokens
-        .checked_mul(tiles.vocab)
-        .is_none_or(|t| t > isize::MAX as usize / 4)
-    {
-        return Err(Error::SizeOverflow {
-            what: "tiles",
-            shape: format!("{} x {}", tiles.tokens, tiles.vocab),
-        });
+    if tiles.tokens.checked_mul(tiles.vocab).is_none_or(|t| t > isize::MAX as usize / 4) {
+        return Err(Error::SizeOverflow { what: "tiles", shape: format!("{} x {}", tiles.tokens, tiles.vocab) });
     }
     scratch.fit(shape.n, tiles);
     let LinearCeScratch { tile, tok } = scratch;
@@ -254,10 +231,7 @@ pub fn linear_cross_entropy(
         bn: tiles.tokens,
         bv: tiles.vocab,
         level: SimdLevel::resolve(opts.exec.simd),
-        xf: Xform {
-            k: 1.0,
-            cap: opts.softcap.unwrap_or(0.0) as f32,
-        },
+        xf: Xform { k: 1.0, cap: opts.softcap.unwrap_or(0.0) as f32 },
         par: opts.exec.par,
     };
     sw.forward(tile, tok, opts.label_smoothing != 0.0);
@@ -291,19 +265,7 @@ impl Sweep<'_, '_> {
                 logits_tile(t, self.inp, d, i0, nb, j0, vb, self.par);
                 let bias = self.inp.bias.map(|b| &b[j0..j0 + vb]);
                 rows_par(self.par, t, vb, &mut tok[i0..i0 + nb], |r0, tr, st| {
-                    dispatch(
-                        self.level,
-                        TileFwd {
-                            t: tr,
-                            vb,
-                            bias,
-                            xf: self.xf,
-                            st,
-                            y: &y[i0 + r0..],
-                            j0,
-                            smooth,
-                        },
-                    )
+                    dispatch(self.level, TileFwd { t: tr, vb, bias, xf: self.xf, st, y: &y[i0 + r0..], j0, smooth })
                 });
             }
         }
@@ -321,18 +283,11 @@ impl Sweep<'_, '_> {
     ) {
         let LinearShape { n, d, v } = self.shape;
         let (bn, bv, y, inp) = (self.bn, self.bv, self.inp.targets, self.inp);
-        let LinearGrads {
-            mut dh,
-            mut dw,
-            mut dbias,
-        } = grads;
+        let LinearGrads { mut dh, mut dw, mut dbias } = grads;
         if dh.is_none() && dw.is_none() && dbias.is_none() {
             return;
         }
-        for g in [dh.as_deref_mut(), dw.as_deref_mut(), dbias.as_deref_mut()]
-            .into_iter()
-            .flatten()
-        {
+        for g in [dh.as_deref_mut(), dw.as_deref_mut(), dbias.as_deref_mut()].into_iter().flatten() {
             g.fill(0.0);
         }
         let eps = opts.label_smoothing;
@@ -356,18 +311,7 @@ impl Sweep<'_, '_> {
                 logits_tile(t, inp, d, i0, nb, j0, vb, self.par);
                 let bias = inp.bias.map(|b| &b[j0..j0 + vb]);
                 let maxg: f32 = rows_par_max(self.par, t, vb, &tok[i0..i0 + nb], |r0, tr, st| {
-                    dispatch(
-                        self.level,
-                        TileBwd {
-                            t: tr,
-                            vb,
-                            bias,
-                            st,
-                            y: &y[i0 + r0..],
-                            j0,
-                            c: gc,
-                        },
-                    )
+                    dispatch(self.level, TileBwd { t: tr, vb, bias, st, y: &y[i0 + r0..], j0, c: gc })
                 });
                 if let Some(db) = dbias.as_deref_mut() {
                     let db = &mut db[j0..j0 + vb];
@@ -406,22 +350,14 @@ fn token_losses(
     opts: &LinearCrossEntropyOptions,
 ) -> (LossReport, f64) {
     let valid_rows = y.iter().filter(|&&t| t != opts.ignore_index).count();
-    let den = if opts.reduction == Reduction::Mean {
-        valid_rows as f64
-    } else {
-        1.0
-    };
+    let den = if opts.reduction == Reduction::Mean { valid_rows as f64 } else { 1.0 };
     let scale = if den > 0.0 { opts.grad_scale / den } else { 0.0 };
     let smooth = opts.label_smoothing != 0.0;
     let eps = opts.label_smoothing;
     let alpha = 1.0 - eps;
     let beta = eps / v as f64;
     let (mut lsum, mut zsum) = (0.0f64, 0.0f64);
-    let RowOutputs {
-        loss: mut lrow,
-        z_loss: mut zrow,
-        lse: mut lserow,
-    } = rows_out;
+    let RowOutputs { loss: mut lrow, z_loss: mut zrow, lse: mut lserow } = rows_out;
     for (i, st) in tok.iter_mut().enumerate() {
         let lse = if st.nan || st.s.is_nan() {
             f64::NAN
@@ -466,13 +402,7 @@ fn token_losses(
         },
         _ => (lsum, zsum),
     };
-    let report = LossReport {
-        loss,
-        z_loss,
-        valid_rows,
-        denominator: den,
-        flagged_rows: 0,
-    };
+    let report = LossReport { loss, z_loss, valid_rows, denominator: den, flagged_rows: 0 };
     (report, scale)
 }
 
@@ -485,10 +415,7 @@ fn check(
 ) -> Result<()> {
     let LinearShape { n, d, v } = s;
     let prod = |a: usize, b: usize, what: &'static str| {
-        a.checked_mul(b).ok_or(Error::SizeOverflow {
-            what,
-            shape: format!("{a} x {b}"),
-        })
+        a.checked_mul(b).ok_or(Error::SizeOverflow { what, shape: format!("{a} x {b}") })
     };
     let (nd, vd) = (prod(n, d, "h")?, prod(v, d, "w")?);
     if d == 0 || v == 0 {
@@ -499,15 +426,7 @@ fn check(
         ));
     }
     let len = |what, got: usize, want: usize| {
-        if got == want {
-            Ok(())
-        } else {
-            Err(Error::LengthMismatch {
-                what,
-                len: got,
-                expected: want,
-            })
-        }
+        if got == want { Ok(()) } else { Err(Error::LengthMismatch { what, len: got, expected: want }) }
     };
     len("h", inp.h.len(), nd)?;
     len("w", inp.w.len(), vd)?;
@@ -527,11 +446,7 @@ fn check(
     for (what, b) in [("loss", &ro.loss), ("z_loss", &ro.z_loss), ("lse", &ro.lse)] {
         if let Some(b) = b {
             if b.len() != n {
-                return Err(Error::RowCountMismatch {
-                    what,
-                    len: b.len(),
-                    rows: n,
-                });
+                return Err(Error::RowCountMismatch { what, len: b.len(), rows: n });
             }
         }
     }
@@ -578,11 +493,9 @@ where
                 f(i * per, a, b);
             }
         }
-        Par::Rayon => t
-            .par_chunks_mut(per * vb)
-            .zip(st.par_chunks_mut(per))
-            .enumerate()
-            .for_each(|(i, (a, b))| f(i * per, a, b)),
+        Par::Rayon => {
+            t.par_chunks_mut(per * vb).zip(st.par_chunks_mut(per)).enumerate().for_each(|(i, (a, b))| f(i * per, a, b))
+        }
     }
 }
 
@@ -623,16 +536,7 @@ impl Task for TileFwd<'_> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, s: S) {
-        let TileFwd {
-            t,
-            vb,
-            bias,
-            xf,
-            st,
-            y,
-            j0,
-            smooth,
-        } = self;
+        let TileFwd { t, vb, bias, xf, st, y, j0, smooth } = self;
         for (r, (row, tok)) in t.chunks_mut(vb).zip(st.iter_mut()).enumerate() {
             prep_row(s, row, bias, xf);
             let m = k::max(s, row, Ahead::NONE);
@@ -668,11 +572,7 @@ impl Task for TileFwd<'_> {
                 continue;
             }
             if m > tok.m {
-                tok.s = if tok.m == f32::NEG_INFINITY {
-                    d
-                } else {
-                    tok.s * ((tok.m - m) as f64).exp() + d
-                };
+                tok.s = if tok.m == f32::NEG_INFINITY { d } else { tok.s * ((tok.m - m) as f64).exp() + d };
                 tok.m = m;
             } else {
                 tok.s += d * ((m - tok.m) as f64).exp();
@@ -728,15 +628,7 @@ impl Task for TileBwd<'_> {
     type Output = f32;
     #[inline(always)]
     fn run<S: Isa>(self, s: S) -> f32 {
-        let TileBwd {
-            t,
-            vb,
-            bias,
-            st,
-            y,
-            j0,
-            c,
-        } = self;
+        let TileBwd { t, vb, bias, st, y, j0, c } = self;
         let mut mx = 0.0f32;
         for (r, (row, tok)) in t.chunks_mut(vb).zip(st.iter()).enumerate() {
             let lse = tok.lse;

@@ -309,11 +309,7 @@ fn validate<'a, T: Element>(
     }
     if let Some(w) = opts.class_weights {
         if w.len() != len {
-            return Err(Error::LengthMismatch {
-                what: "class_weights",
-                len: w.len(),
-                expected: len,
-            });
+            return Err(Error::LengthMismatch { what: "class_weights", len: w.len(), expected: len });
         }
     }
     let (classes, probs) = match targets {
@@ -335,29 +331,14 @@ fn validate<'a, T: Element>(
         }
         None => None,
     };
-    for (what, b) in [
-        ("loss", &rows_out.loss),
-        ("z_loss", &rows_out.z_loss),
-        ("lse", &rows_out.lse),
-    ] {
+    for (what, b) in [("loss", &rows_out.loss), ("z_loss", &rows_out.z_loss), ("lse", &rows_out.lse)] {
         if let Some(b) = b {
             if b.len() != rows {
-                return Err(Error::RowCountMismatch {
-                    what,
-                    len: b.len(),
-                    rows,
-                });
+                return Err(Error::RowCountMismatch { what, len: b.len(), rows });
             }
         }
     }
-    Ok(Checked {
-        rows,
-        len,
-        xs,
-        classes,
-        probs,
-        grad,
-    })
+    Ok(Checked { rows, len, xs, classes, probs, grad })
 }
 
 /// The reduction's denominators and the row kernel's constants.
@@ -376,11 +357,7 @@ fn plan<'w, T>(v: &Checked<'_, T>, need_lse: bool, opts: &CrossEntropyOptions<'w
         None => rows,
     };
     let mean_den = match (v.classes, opts.class_weights) {
-        (Some(c), Some(w)) => c
-            .iter()
-            .filter(|&&t| t != opts.ignore_index)
-            .map(|&t| w[t as usize] as f64)
-            .sum::<f64>(),
+        (Some(c), Some(w)) => c.iter().filter(|&&t| t != opts.ignore_index).map(|&t| w[t as usize] as f64).sum::<f64>(),
         _ => valid_rows as f64,
     };
     let (denominator, z_den) = match opts.reduction {
@@ -388,16 +365,11 @@ fn plan<'w, T>(v: &Checked<'_, T>, need_lse: bool, opts: &CrossEntropyOptions<'w
         _ => (1.0, 1.0),
     };
     let scale = |den: f64| if den > 0.0 { opts.grad_scale / den } else { 0.0 };
-    let wsum = opts
-        .class_weights
-        .map_or(len as f64, |w| w.iter().map(|&v| v as f64).sum());
+    let wsum = opts.class_weights.map_or(len as f64, |w| w.iter().map(|&v| v as f64).sum());
     let k64 = 1.0 / opts.temperature;
     let cap64 = opts.softcap.unwrap_or(0.0);
     let c = ce::Ce {
-        xf: Xform {
-            k: k64 as f32,
-            cap: cap64 as f32,
-        },
+        xf: Xform { k: k64 as f32, cap: cap64 as f32 },
         k64,
         cap64,
         eps: opts.label_smoothing,
@@ -410,17 +382,9 @@ fn plan<'w, T>(v: &Checked<'_, T>, need_lse: bool, opts: &CrossEntropyOptions<'w
         row_stride: v.xs.max(1),
         ignore_index: opts.ignore_index,
         need_lse,
-        stream: v
-            .grad
-            .as_ref()
-            .is_some_and(|g| core::mem::size_of_val(&*g.0) >= crate::engine::STREAM_MIN_BYTES),
+        stream: v.grad.as_ref().is_some_and(|g| core::mem::size_of_val(&*g.0) >= crate::engine::STREAM_MIN_BYTES),
     };
-    Plan {
-        valid_rows,
-        denominator,
-        z_den,
-        c,
-    }
+    Plan { valid_rows, denominator, z_den, c }
 }
 
 /// Splits the rows into tasks (fixed by shape, never by thread count) and runs the row kernel
@@ -431,14 +395,7 @@ fn run<T: Element>(
     plan: &Plan<'_>,
     opts: &CrossEntropyOptions<'_>,
 ) -> Vec<Vec<RowOut>> {
-    let Checked {
-        rows,
-        len,
-        xs,
-        classes,
-        probs,
-        grad,
-    } = v;
+    let Checked { rows, len, xs, classes, probs, grad } = v;
     let c = plan.c;
     let level = SimdLevel::resolve(opts.exec.simd);
     let gstride = grad.as_ref().map_or(0, |g| g.1);
@@ -450,16 +407,10 @@ fn run<T: Element>(
                 .map(|(r0, n, g)| (r0, n, Some(g)))
                 .collect()
         }
-        Some((g, gs)) => par::row_groups(g, rows, len, gs)
-            .into_iter()
-            .map(|(r0, n, g)| (r0, n, Some(g)))
-            .collect(),
+        Some((g, gs)) => par::row_groups(g, rows, len, gs).into_iter().map(|(r0, n, g)| (r0, n, Some(g))).collect(),
         None => {
             let per = par::rows_per_task(len);
-            (0..rows)
-                .step_by(per)
-                .map(|r0| (r0, per.min(rows - r0), None))
-                .collect()
+            (0..rows).step_by(per).map(|r0| (r0, per.min(rows - r0), None)).collect()
         }
     };
     par::map(opts.exec.par, items, |(r0, n, g)| {
@@ -487,11 +438,7 @@ fn reduce(
     opts: &CrossEntropyOptions<'_>,
 ) -> LossReport {
     let (denominator, z_den) = (plan.denominator, plan.z_den);
-    let RowOutputs {
-        mut loss,
-        mut z_loss,
-        mut lse,
-    } = rows_out;
+    let RowOutputs { mut loss, mut z_loss, mut lse } = rows_out;
     let (mut lsum, mut zsum) = (0.0f64, 0.0f64);
     for (r, o) in results.iter().flatten().enumerate() {
         lsum += o.loss;
@@ -514,11 +461,5 @@ fn reduce(
         },
         _ => (lsum, zsum),
     };
-    LossReport {
-        loss,
-        z_loss,
-        valid_rows: plan.valid_rows,
-        denominator,
-        flagged_rows: 0,
-    }
+    LossReport { loss, z_loss, valid_rows: plan.valid_rows, denominator, flagged_rows: 0 }
 }

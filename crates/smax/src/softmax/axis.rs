@@ -45,13 +45,7 @@ impl<T: Element> Task for ColsFwd<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, s: S) {
-        let ColsFwd {
-            f,
-            x,
-            inner,
-            j0,
-            mut pieces,
-        } = self;
+        let ColsFwd { f, x, inner, j0, mut pieces } = self;
         let axis = pieces.len();
         let w = pieces[0].len();
         let kk = f.k;
@@ -62,14 +56,8 @@ impl<T: Element> Task for ColsFwd<'_, T> {
         let mut buf = [0.0f32; COLS];
         let mut out = [0.0f32; COLS];
         let mut special: [Option<f64>; COLS] = [None; COLS];
-        let (m, a32, a64, c, buf, out) = (
-            &mut m[..w],
-            &mut a32[..w],
-            &mut a64[..w],
-            &mut c[..w],
-            &mut buf[..w],
-            &mut out[..w],
-        );
+        let (m, a32, a64, c, buf, out) =
+            (&mut m[..w], &mut a32[..w], &mut a64[..w], &mut c[..w], &mut buf[..w], &mut out[..w]);
         macro_rules! row {
             ($k:expr) => {{
                 let src: &[T] = match x {
@@ -146,15 +134,7 @@ impl<T: Element> Task for ColsLse<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, s: S) {
-        let ColsLse {
-            kk,
-            k64,
-            x,
-            axis,
-            inner,
-            j0,
-            out,
-        } = self;
+        let ColsLse { kk, k64, x, axis, inner, j0, out } = self;
         let w = out.len();
         let mut m = [f32::NEG_INFINITY; COLS];
         let mut a32 = [0.0f32; COLS];
@@ -233,16 +213,7 @@ pub(crate) fn forward<T: Element>(
     let level = p.level;
     par::for_each(opts.exec.par, items, |_, (o, j0, pieces)| {
         let xs = x.map(|x| &x[o * slab..(o + 1) * slab]);
-        dispatch(
-            level,
-            ColsFwd {
-                f,
-                x: xs,
-                inner,
-                j0,
-                pieces,
-            },
-        );
+        dispatch(level, ColsFwd { f, x: xs, inner, j0, pieces });
     });
 }
 
@@ -281,18 +252,7 @@ pub(crate) fn logsumexp<T: Element>(
     let (level, kk, k64) = (p.level, p.k, p.k64);
     par::for_each(opts.exec.par, items, |_, (o, j0, ob)| {
         let xs = &x[o * slab..(o + 1) * slab];
-        dispatch(
-            level,
-            ColsLse {
-                kk,
-                k64,
-                x: xs,
-                axis,
-                inner,
-                j0,
-                out: ob,
-            },
-        );
+        dispatch(level, ColsLse { kk, k64, x: xs, axis, inner, j0, out: ob });
     });
 }
 
@@ -310,15 +270,7 @@ impl<T: Element> Task for ColsBwd<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, s: S) {
-        let ColsBwd {
-            log,
-            kk,
-            y,
-            dy,
-            inner,
-            j0,
-            mut pieces,
-        } = self;
+        let ColsBwd { log, kk, y, dy, inner, j0, mut pieces } = self;
         let axis = pieces.len();
         let w = pieces[0].len();
         let mut a32 = [0.0f32; COLS];
@@ -328,15 +280,8 @@ impl<T: Element> Task for ColsBwd<'_, T> {
         let mut by = [0.0f32; COLS];
         let mut bg = [0.0f32; COLS];
         let mut out = [0.0f32; COLS];
-        let (a32, a64, ym, r, by, bg, out) = (
-            &mut a32[..w],
-            &mut a64[..w],
-            &mut ym[..w],
-            &mut r[..w],
-            &mut by[..w],
-            &mut bg[..w],
-            &mut out[..w],
-        );
+        let (a32, a64, ym, r, by, bg, out) =
+            (&mut a32[..w], &mut a64[..w], &mut ym[..w], &mut r[..w], &mut by[..w], &mut bg[..w], &mut out[..w]);
         macro_rules! rows {
             ($k:expr) => {{
                 load(&y[$k * inner + j0..$k * inner + j0 + w], by);
@@ -436,17 +381,6 @@ pub(crate) fn backward<T: Element>(
     par::for_each(opts.exec.par, items, |_, (o, j0, pieces)| {
         let ys = &y[o * slab..(o + 1) * slab];
         let gs = dy.map(|d| &d[o * slab..(o + 1) * slab]);
-        dispatch(
-            level,
-            ColsBwd {
-                log,
-                kk,
-                y: ys,
-                dy: gs,
-                inner,
-                j0,
-                pieces,
-            },
-        );
+        dispatch(level, ColsBwd { log, kk, y: ys, dy: gs, inner, j0, pieces });
     });
 }

@@ -130,17 +130,7 @@ fn row_bwd<S: Isa, T: Element>(
         Some(d) => reduce(s, log, y, d, py, pg),
         None => reduce(s, log, y, dx, py, Ahead::NONE),
     };
-    map(
-        s,
-        log,
-        kk,
-        acc as f32,
-        log && mx == f32::NEG_INFINITY,
-        y,
-        dy,
-        dx,
-        stream,
-    );
+    map(s, log, kk, acc as f32, log && mx == f32::NEG_INFINITY, y, dy, dx, stream);
 }
 
 struct RowsBwd<'a, T> {
@@ -159,17 +149,7 @@ impl<T: Element> Task for RowsBwd<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, s: S) {
-        let RowsBwd {
-            log,
-            kk,
-            y,
-            dy,
-            dx,
-            rows,
-            g,
-            gs,
-            stream,
-        } = self;
+        let RowsBwd { log, kk, y, dy, dx, rows, g, gs, stream } = self;
         // Prefetch domains run to the end of the inputs, as in the forward tasks (the in-place
         // gradient: none, it is borrowed mutably).
         for r in 0..rows {
@@ -184,16 +164,7 @@ impl<T: Element> Task for RowsBwd<'_, T> {
 
 enum SegBwd<'a, T> {
     Reduce(bool, &'a [T], &'a [T]),
-    Map {
-        log: bool,
-        kk: f32,
-        r: f32,
-        zero: bool,
-        y: &'a [T],
-        dy: Option<&'a [T]>,
-        dx: &'a mut [T],
-        stream: bool,
-    },
+    Map { log: bool, kk: f32, r: f32, zero: bool, y: &'a [T], dy: Option<&'a [T]>, dx: &'a mut [T], stream: bool },
 }
 
 impl<T: Element> Task for SegBwd<'_, T> {
@@ -202,16 +173,7 @@ impl<T: Element> Task for SegBwd<'_, T> {
     fn run<S: Isa>(self, s: S) -> (f64, f32) {
         match self {
             SegBwd::Reduce(log, y, dy) => reduce(s, log, y, dy, ahead(y), ahead(dy)),
-            SegBwd::Map {
-                log,
-                kk,
-                r,
-                zero,
-                y,
-                dy,
-                dx,
-                stream,
-            } => {
+            SegBwd::Map { log, kk, r, zero, y, dy, dx, stream } => {
                 map(s, log, kk, r, zero, y, dy, dx, stream);
                 (0.0, 0.0)
             }
@@ -243,20 +205,7 @@ fn rows_bwd<T: Element>(
         par::for_each(opts.exec.par, items, |_, (r0, cnt, dg)| {
             let yg = &y[r0 * xs..];
             let gg = dy.map(|d| &d[r0 * gs..]);
-            dispatch(
-                level,
-                RowsBwd {
-                    log,
-                    kk,
-                    y: yg,
-                    dy: gg,
-                    dx: dg,
-                    rows: cnt,
-                    g,
-                    gs,
-                    stream,
-                },
-            );
+            dispatch(level, RowsBwd { log, kk, y: yg, dy: gg, dx: dg, rows: cnt, g, gs, stream });
         });
         return;
     }
@@ -268,9 +217,7 @@ fn rows_bwd<T: Element>(
             Some(gr) => yr.chunks(CHUNK).zip(gr.chunks(CHUNK)).collect(),
             None => yr.chunks(CHUNK).zip(dr.chunks(CHUNK)).collect(),
         };
-        let red = par::map(opts.exec.par, parts, |(a, b)| {
-            dispatch(level, SegBwd::Reduce(log, a, b))
-        });
+        let red = par::map(opts.exec.par, parts, |(a, b)| dispatch(level, SegBwd::Reduce(log, a, b)));
         let mut acc = 0.0f64;
         let mut mx = f32::NEG_INFINITY;
         for (a, m) in red {
@@ -286,19 +233,7 @@ fn rows_bwd<T: Element>(
             let n = dc.len();
             let yc = &yr[i * CHUNK..i * CHUNK + n];
             let gc = gr.map(|g| &g[i * CHUNK..i * CHUNK + n]);
-            dispatch(
-                level,
-                SegBwd::Map {
-                    log,
-                    kk,
-                    r: r32,
-                    zero,
-                    y: yc,
-                    dy: gc,
-                    dx: dc,
-                    stream,
-                },
-            );
+            dispatch(level, SegBwd::Map { log, kk, r: r32, zero, y: yc, dy: gc, dx: dc, stream });
         });
     }
 }
@@ -334,9 +269,5 @@ pub(crate) fn backward_impl<T: Element>(
         axis::backward(log, &p, opts, outer, axis, inner, y.data, dy.map(|d| d.data), dx.data);
         return Ok(());
     }
-    Err(Error::ShapeMismatch {
-        what: "dx",
-        got: dx.layout.describe(),
-        expected: y.layout.describe(),
-    })
+    Err(Error::ShapeMismatch { what: "dx", got: dx.layout.describe(), expected: y.layout.describe() })
 }

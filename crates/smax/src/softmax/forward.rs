@@ -52,19 +52,7 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
     if let Some(per) = per {
         let items = par::row_groups_per(y, rows, len, ys, per);
         par::for_each(opts.exec.par, items, |_, (r0, cnt, yg)| {
-            dispatch(
-                level,
-                RowsFwd {
-                    f,
-                    x: x.map(|x| &x[r0 * xs..]),
-                    y: yg,
-                    rows: cnt,
-                    len,
-                    xs,
-                    ys,
-                    pipe,
-                },
-            );
+            dispatch(level, RowsFwd { f, x: x.map(|x| &x[r0 * xs..]), y: yg, rows: cnt, len, xs, ys, pipe });
         });
         return;
     }
@@ -83,14 +71,8 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
                 }
                 continue;
             }
-            let items: Vec<_> = row(r)
-                .chunks(CHUNK)
-                .zip(yr.chunks_mut(CHUNK))
-                .zip(row(r + 1).chunks(CHUNK))
-                .collect();
-            let outs = par::map(opts.exec.par, items, |((a, b), n)| {
-                dispatch(level, Seg::WriteNext(f, a, b, st, n))
-            });
+            let items: Vec<_> = row(r).chunks(CHUNK).zip(yr.chunks_mut(CHUNK)).zip(row(r + 1).chunks(CHUNK)).collect();
+            let outs = par::map(opts.exec.par, items, |((a, b), n)| dispatch(level, Seg::WriteNext(f, a, b, st, n)));
             st = engine::merge_online(&outs, f.k);
         }
         return;
@@ -105,11 +87,7 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
 
 fn chunks_io<'a, T: Element>(x: Option<&'a [T]>, y: &'a mut [T]) -> Vec<Io<'a, T>> {
     match x {
-        Some(x) => x
-            .chunks(CHUNK)
-            .zip(y.chunks_mut(CHUNK))
-            .map(|(a, b)| Io::Sep(a, b))
-            .collect(),
+        Some(x) => x.chunks(CHUNK).zip(y.chunks_mut(CHUNK)).map(|(a, b)| Io::Sep(a, b)).collect(),
         None => y.chunks_mut(CHUNK).map(Io::Same).collect(),
     }
 }
@@ -132,10 +110,7 @@ fn long_row_stats<T: Element>(level: SimdLevel, opts: &Options, alg: Algorithm, 
                 return Online { m, d: f64::NAN };
             }
             let ds = par::map(opts.exec.par, chunks, |c| dispatch(level, Seg::Sum(c, m, k)));
-            let d = ds
-                .into_iter()
-                .map(|o| if let SegOut::Sum(v) = o { v } else { 0.0 })
-                .sum();
+            let d = ds.into_iter().map(|o| if let SegOut::Sum(v) = o { v } else { 0.0 }).sum();
             Online { m, d }
         }
         Algorithm::TwoPass => {
@@ -171,13 +146,8 @@ fn long_row_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, x: Option<
         let st = long_row_stats(level, opts, Algorithm::ThreePass, xr, f.k);
         if st.m.is_finite() {
             let m = st.m;
-            let ds = par::map(opts.exec.par, chunks_io(x, y), |io| {
-                dispatch(level, Seg::ExpStoreSum(io, m, f.k))
-            });
-            let d: f64 = ds
-                .into_iter()
-                .map(|o| if let SegOut::Sum(v) = o { v } else { 0.0 })
-                .sum();
+            let ds = par::map(opts.exec.par, chunks_io(x, y), |io| dispatch(level, Seg::ExpStoreSum(io, m, f.k)));
+            let d: f64 = ds.into_iter().map(|o| if let SegOut::Sum(v) = o { v } else { 0.0 }).sum();
             let st = Online { m, d };
             if engine::regular(st) {
                 let c = (1.0 / d) as f32;
@@ -237,11 +207,7 @@ pub(crate) fn forward_impl<T: Element>(
         axis::forward(f, &p, opts, outer, axis, inner, x.map(|x| x.data), &mut *y.data);
         return Ok(());
     }
-    Err(Error::ShapeMismatch {
-        what: "output",
-        got: y.layout.describe(),
-        expected: xl.describe(),
-    })
+    Err(Error::ShapeMismatch { what: "output", got: y.layout.describe(), expected: xl.describe() })
 }
 
 /// `logsumexp` (validate, plan, split, dispatch), instantiated once per element type by the
@@ -250,11 +216,7 @@ pub(crate) fn logsumexp_impl<T: Element>(x: View<'_, T>, out: &mut [T], opts: &O
     let p = plan::<T>(opts)?;
     let rows = x.layout.row_count();
     if out.len() != rows {
-        return Err(Error::RowCountMismatch {
-            what: "logsumexp output",
-            len: out.len(),
-            rows,
-        });
+        return Err(Error::RowCountMismatch { what: "logsumexp output", len: out.len(), rows });
     }
     if let Some(g) = row_geom(&x.layout, &x.layout) {
         if T::REPR == Repr::F64 {
@@ -271,18 +233,7 @@ pub(crate) fn logsumexp_impl<T: Element>(x: View<'_, T>, out: &mut [T], opts: &O
             let alg = opts.algorithm;
             par::for_each(opts.exec.par, items, |_, (i, o)| {
                 let r0 = i * per;
-                dispatch(
-                    p.level,
-                    RowsLse {
-                        x: &x.data[r0 * xs..],
-                        out: o,
-                        len,
-                        xs,
-                        alg,
-                        k: p.k,
-                        k64: p.k64,
-                    },
-                );
+                dispatch(p.level, RowsLse { x: &x.data[r0 * xs..], out: o, len, xs, alg, k: p.k, k64: p.k64 });
             });
         } else {
             let alg = opts.algorithm.resolve_logsumexp(len);
