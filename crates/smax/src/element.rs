@@ -212,16 +212,20 @@ narrow!(bf16, "bf16", bf16_load, bf16_store);
 /// (`half`'s slice conversion is an outlined call of 4-lane steps per tile, slower here.)
 #[inline(always)]
 fn f16_load(src: &[f16], dst: &mut [f32]) {
-    if !crate::arch::half_conv::f16_to_f32(src, dst) {
-        f16_load_soft(src, dst);
-    }
+    crate::arch::half_conv::f16_to_f32(src, dst, f16_load_soft)
 }
 
 /// [`f16_load`] in software (CPUs without F16C).
 #[inline(always)]
 fn f16_load_soft(src: &[f16], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = f32::from_bits(f16_to_f32_bits(s.to_bits()));
+    map(src, dst, |h| f32::from_bits(f16_to_f32_bits(h.to_bits())))
+}
+
+/// `dst[i] = f(src[i])`: a plain loop, which vectorizes inside the caller's SIMD region.
+#[inline(always)]
+fn map<A: Copy, B>(src: &[A], dst: &mut [B], f: impl Fn(A) -> B) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f(s);
     }
 }
 
@@ -254,17 +258,13 @@ fn f16_to_f32_bits(h: u16) -> u32 {
 /// (Giesen's method).
 #[inline(always)]
 fn f16_store(src: &[f32], dst: &mut [f16]) {
-    if !crate::arch::half_conv::f32_to_f16(src, dst) {
-        f16_store_soft(src, dst);
-    }
+    crate::arch::half_conv::f32_to_f16(src, dst, f16_store_soft)
 }
 
 /// [`f16_store`] in software (CPUs without F16C).
 #[inline(always)]
 fn f16_store_soft(src: &[f32], dst: &mut [f16]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = f16::from_bits(f32_to_f16_bits(*s));
-    }
+    map(src, dst, |v| f16::from_bits(f32_to_f16_bits(v)))
 }
 
 #[inline(always)]
@@ -294,11 +294,11 @@ fn f32_to_f16_bits(v: f32) -> u16 {
 /// vectorizes (`half`'s slice conversion is a scalar call).
 #[inline(always)]
 fn bf16_load(src: &[bf16], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
+    map(src, dst, |s| {
         let b = s.to_bits();
         let b = if (b & 0x7FFF) > 0x7F80 { b | 0x0040 } else { b };
-        *d = f32::from_bits((b as u32) << 16);
-    }
+        f32::from_bits((b as u32) << 16)
+    })
 }
 
 /// f32 → bf16, round to nearest, ties to even; NaN stays NaN (quieted, sign and high payload
@@ -306,9 +306,7 @@ fn bf16_load(src: &[bf16], dst: &mut [f32]) {
 /// boundary), written branch-free so it vectorizes inside the caller's SIMD region.
 #[inline(always)]
 fn bf16_store(src: &[f32], dst: &mut [bf16]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = bf16::from_bits(bf16_bits_rne(*s));
-    }
+    map(src, dst, |v| bf16::from_bits(bf16_bits_rne(v)))
 }
 
 #[inline(always)]

@@ -239,28 +239,46 @@ pub(crate) fn seg_sum<S: Isa, T: Element>(s: S, x: &[T], m: f32, kk: f32, pf: Ah
     acc
 }
 
+/// A running row state that takes a row one f32 tile at a time: the online `(max, sum)` or
+/// the extended-exponent state.
+pub(crate) trait RowFold: Sized {
+    const EMPTY: Self;
+    fn add<S: Isa>(&mut self, s: S, tile: &[f32], kk: f32, pf: Ahead);
+}
+
+impl RowFold for Online {
+    const EMPTY: Self = Online::EMPTY;
+    #[inline(always)]
+    fn add<S: Isa>(&mut self, s: S, tile: &[f32], kk: f32, pf: Ahead) {
+        k::online(s, tile, kk, self, pf)
+    }
+}
+
+impl RowFold for Ext {
+    const EMPTY: Self = Ext::EMPTY;
+    #[inline(always)]
+    fn add<S: Isa>(&mut self, s: S, tile: &[f32], kk: f32, pf: Ahead) {
+        k::ext(s, tile, kk, self, pf)
+    }
+}
+
+/// The running state `St` of a segment at inverse temperature `kk`.
 #[inline(always)]
-pub(crate) fn seg_online<S: Isa, T: Element>(s: S, x: &[T], kk: f32, pf: Ahead) -> Online {
-    let mut st = Online::EMPTY;
+pub(crate) fn seg_fold<St: RowFold, S: Isa, T: Element>(s: S, x: &[T], kk: f32, pf: Ahead) -> St {
+    let mut st = St::EMPTY;
     read_tiles(
         x,
         pf,
         #[inline(always)]
-        |t, p| k::online(s, t, kk, &mut st, p),
+        |t, p| st.add(s, t, kk, p),
     );
     st
 }
 
+/// The online `(max, sum)` of a segment.
 #[inline(always)]
-pub(crate) fn seg_ext<S: Isa, T: Element>(s: S, x: &[T], kk: f32, pf: Ahead) -> Ext {
-    let mut st = Ext::EMPTY;
-    read_tiles(
-        x,
-        pf,
-        #[inline(always)]
-        |t, p| k::ext(s, t, kk, &mut st, p),
-    );
-    st
+pub(crate) fn seg_online<S: Isa, T: Element>(s: S, x: &[T], kk: f32, pf: Ahead) -> Online {
+    seg_fold(s, x, kk, pf)
 }
 
 /// Whether an extended-exponent state can be used as is (else: redo with the online pass).
@@ -300,7 +318,7 @@ pub(crate) fn seg_write<S: Isa, T: Element>(s: S, f: &Fwd, io: &mut Io<'_, T>, s
 
 /// Writes a regular f32 row (or chunk) `x → y` from its statistics `st` while computing the
 /// online statistics of `next`, the same segment of the next row (software pipelining across
-/// rows; see `rows::write_map_next`). `None` (nothing done) unless all three are f32 slices
+/// rows; see `rows::write_map`). `None` (nothing done) unless all three are f32 slices
 /// of one length. The output and the returned state are bit for bit those of [`seg_write`]
 /// and [`seg_online`].
 #[inline(always)]
@@ -407,7 +425,7 @@ pub(crate) fn row_stats<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f
     match alg {
         Algorithm::Online => seg_online(s, x, kk, pf),
         Algorithm::TwoPass => {
-            let e = seg_ext(s, x, kk, pf);
+            let e: Ext = seg_fold(s, x, kk, pf);
             if ext_usable(&e, kk) { ext_to_online(&e, kk) } else { seg_online(s, x, kk, Ahead::NONE) }
         }
         _ => {
@@ -746,7 +764,7 @@ impl<T: Element> Task for Seg<'_, T> {
             Seg::Max(x) => SegOut::Max(seg_max(s, x, ahead(x))),
             Seg::Sum(x, m, kk) => SegOut::Sum(seg_sum(s, x, m, kk, ahead(x))),
             Seg::Online(x, kk) => SegOut::Online(seg_online(s, x, kk, ahead(x))),
-            Seg::Ext(x, kk) => SegOut::Ext(seg_ext(s, x, kk, ahead(x))),
+            Seg::Ext(x, kk) => SegOut::Ext(seg_fold(s, x, kk, ahead(x))),
             Seg::ExpStoreSum(mut io, m, kk) => {
                 let pf = io.sep_ahead();
                 let d = exp_store_sum_io(s, &mut io, m, kk, false, pf);

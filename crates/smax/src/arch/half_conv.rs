@@ -1,39 +1,42 @@
 //! f16 ↔ f32 tile conversion with the F16C instructions (`vcvtph2ps` / `vcvtps2ph`, eight
 //! lanes per step) where the CPU has them. The callers fall back to their branch-free software
 //! conversion (same bits: IEEE round-to-nearest-even, NaN quieted with its high payload kept,
-//! which is what F16C does) when these return `false`. The choice follows the CPU, not the
+//! which is what F16C does) where the CPU lacks them. The choice follows the CPU, not the
 //! SIMD level a call runs at (`SMAX_SIMD=scalar` included): both give the same bits, and the
 //! unit tests in `element.rs` check each against `half` on every rounding boundary.
 
-/// `dst[i] = src[i] as f32` (exact) with F16C; `false` (nothing written) without it.
-#[inline]
-pub(crate) fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
-            // SAFETY: the CPU has F16C and AVX, the features `f16_to_f32_f16c` is compiled for.
-            unsafe { f16_to_f32_f16c(src, dst) };
-            return true;
+/// Defines `$name(src, dst, soft)`: `$fast` (compiled for AVX and F16C) where the CPU has both,
+/// else `soft`, the caller's software conversion (the same bits).
+macro_rules! with_f16c {
+    ($(#[$doc:meta])* $name:ident, $fast:ident, $from:ty, $to:ty) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub(crate) fn $name(src: &[$from], dst: &mut [$to], soft: impl FnOnce(&[$from], &mut [$to])) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+                // SAFETY: the CPU has F16C and AVX, the features `$fast` is compiled for.
+                unsafe { $fast(src, dst) };
+                return;
+            }
+            soft(src, dst)
         }
-    }
-    let _ = (src, dst);
-    false
+    };
 }
 
-/// `dst[i] = f16::from_f32(src[i])` (round to nearest even) with F16C; `false` without it.
-#[inline]
-pub(crate) fn f32_to_f16(src: &[f32], dst: &mut [half::f16]) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
-            // SAFETY: the CPU has F16C and AVX, the features `f32_to_f16_f16c` is compiled for.
-            unsafe { f32_to_f16_f16c(src, dst) };
-            return true;
-        }
-    }
-    let _ = (src, dst);
-    false
-}
+with_f16c!(
+    /// `dst[i] = src[i] as f32` (exact).
+    f16_to_f32,
+    f16_to_f32_f16c,
+    half::f16,
+    f32
+);
+with_f16c!(
+    /// `dst[i] = f16::from_f32(src[i])` (round to nearest even).
+    f32_to_f16,
+    f32_to_f16_f16c,
+    f32,
+    half::f16
+);
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx,f16c")]

@@ -48,25 +48,35 @@ fn first_lanes<S: Isa>(s: S, n: usize) -> S::m32s {
 /// be returned); callers detect NaN through the sums instead.
 #[inline(always)]
 pub(crate) fn max<S: Isa>(s: S, x: &[f32], pf: Ahead) -> f32 {
+    let op = inl(
+        #[inline(always)]
+        |a, v| s.max_f32s(a, v),
+    );
+    s.reduce_max_f32s(fold4(s, x, f32::NEG_INFINITY, pf, op))
+}
+
+/// Folds `x` with `op` into four independent accumulators (so four `op`s are in flight), the
+/// tail padded with `pad` (`op`'s identity), and returns `op(op(a0, a1), op(a2, a3))`.
+#[inline(always)]
+fn fold4<S: Isa>(s: S, x: &[f32], pad: f32, pf: Ahead, op: impl Fn(S::f32s, S::f32s) -> S::f32s) -> S::f32s {
     let (head, tail) = S::as_simd_f32s(x);
-    let ninf = s.splat_f32s(f32::NEG_INFINITY);
-    let (mut a0, mut a1, mut a2, mut a3) = (ninf, ninf, ninf, ninf);
+    let p = s.splat_f32s(pad);
+    let (mut a0, mut a1, mut a2, mut a3) = (p, p, p, p);
     let mut it = head.chunks_exact(4);
     for (i, c) in (&mut it).enumerate() {
         pf.span(i * 4 * S::F32_LANES, 4 * S::F32_LANES);
-        a0 = s.max_f32s(a0, c[0]);
-        a1 = s.max_f32s(a1, c[1]);
-        a2 = s.max_f32s(a2, c[2]);
-        a3 = s.max_f32s(a3, c[3]);
+        a0 = op(a0, c[0]);
+        a1 = op(a1, c[1]);
+        a2 = op(a2, c[2]);
+        a3 = op(a3, c[3]);
     }
     for &v in it.remainder() {
-        a0 = s.max_f32s(a0, v);
+        a0 = op(a0, v);
     }
     if !tail.is_empty() {
-        a1 = s.max_f32s(a1, load_padded(s, tail, f32::NEG_INFINITY));
+        a1 = op(a1, load_padded(s, tail, pad));
     }
-    let a = s.max_f32s(s.max_f32s(a0, a1), s.max_f32s(a2, a3));
-    s.reduce_max_f32s(a)
+    op(op(a0, a1), op(a2, a3))
 }
 
 #[inline(always)]
@@ -446,30 +456,6 @@ impl Ext {
     }
 }
 
-/// `y_i = f(x_i)` over a row, prefetching ahead; with `stream`, aligned full vectors bypass the
-/// cache. Tail lanes are padded with `fill`.
-#[inline(always)]
-fn write_map<S: Isa>(
-    s: S,
-    x: &[f32],
-    y: &mut [f32],
-    stream: bool,
-    fill: f32,
-    pf: Ahead,
-    f: impl Fn(S::f32s) -> S::f32s,
-) {
-    let h = stream_peel::<S>(y, stream);
-    if h > 0 {
-        write_block(s, &x[..h], &mut y[..h], false, fill, Ahead::NONE, &f, None);
-    }
-    for (i, (xb, yb)) in x[h..].chunks(BLOCK).zip(y[h..].chunks_mut(BLOCK)).enumerate() {
-        write_block(s, xb, yb, stream, fill, pf.skip(h + i * BLOCK), &f, None);
-    }
-    if stream {
-        s.stream_fence();
-    }
-}
-
 /// How many leading elements of `y` come before its first vector-aligned element (0 without
 /// `stream`). The streaming writers store these few with plain stores and start their vector
 /// grid after them, so that every full vector lands aligned, as a non-temporal store requires:
@@ -544,7 +530,7 @@ fn write_block<S: Isa>(
     }
 }
 
-/// The next row of a software-pipelined pair (see [`write_map_next`]): its f32 data (the same
+/// The next row of a software-pipelined pair (see [`write_map`]): its f32 data (the same
 /// length as the row being written), the inverse temperature, its online state and its
 /// prefetch domain.
 pub(crate) struct Next<'a, 'p> {
@@ -554,37 +540,49 @@ pub(crate) struct Next<'a, 'p> {
     pub pf: Ahead<'p>,
 }
 
-/// [`write_map`] over one row fused with [`online`] over the next (software pipelining across
-/// rows): block by block, the next row's online step, then this row's block written. The two
-/// reads and the write overlap in one loop, the way a triad does, where a write pass followed
-/// by a read pass would leave the write bandwidth idle half the time. Bit for bit the same as
-/// the two calls made separately: the same blocks, in the same order, through the same code.
+/// `y_i = f(x_i)` over a row, prefetching ahead; with `stream`, aligned full vectors bypass the
+/// cache. Tail lanes are padded with `fill`.
+///
+/// With `next`, fused with [`online`] over the next row (software pipelining across rows):
+/// block by block, the next row's online step, then this row's block written. The two reads
+/// and the write overlap in one loop, the way a triad does, where a write pass followed by a
+/// read pass would leave the write bandwidth idle half the time. Bit for bit the same as the
+/// two calls made separately: the same blocks, in the same order, through the same code. The
+/// callers pass `next` as a constant `None` or `Some`, so each inlined copy compiles one loop.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn write_map_next<S: Isa>(
+fn write_map<S: Isa>(
     s: S,
     x: &[f32],
     y: &mut [f32],
     stream: bool,
     fill: f32,
     pf: Ahead,
-    next: Next<'_, '_>,
+    next: Option<Next<'_, '_>>,
     f: impl Fn(S::f32s) -> S::f32s,
 ) {
-    let Next { x: nx, k, st, pf: npf } = next;
-    // The next row's blocks count from its start (its state depends on them); this row's
-    // write grid starts after the peeled head (see `stream_peel`), so it has at most as many
-    // blocks.
     let h = stream_peel::<S>(y, stream);
     if h > 0 {
         write_block(s, &x[..h], &mut y[..h], false, fill, Ahead::NONE, &f, None);
     }
-    let mut wx = x[h..].chunks(BLOCK);
-    let mut wy = y[h..].chunks_mut(BLOCK);
-    for (i, nb) in nx.chunks(BLOCK).enumerate() {
-        online_block(s, nb, k, st, npf.skip(i * BLOCK));
-        if let (Some(xb), Some(yb)) = (wx.next(), wy.next()) {
-            write_block(s, xb, yb, stream, fill, pf.skip(h + i * BLOCK), &f, None);
+    let blocks = x[h..].chunks(BLOCK).zip(y[h..].chunks_mut(BLOCK));
+    match next {
+        None => {
+            for (i, (xb, yb)) in blocks.enumerate() {
+                write_block(s, xb, yb, stream, fill, pf.skip(h + i * BLOCK), &f, None);
+            }
+        }
+        Some(Next { x: nx, k, st, pf: npf }) => {
+            // The next row's blocks count from its start (its state depends on them); this
+            // row's write grid starts after the peeled head (see `stream_peel`), so it has at
+            // most as many blocks.
+            let mut blocks = blocks;
+            for (i, nb) in nx.chunks(BLOCK).enumerate() {
+                online_block(s, nb, k, st, npf.skip(i * BLOCK));
+                if let Some((xb, yb)) = blocks.next() {
+                    write_block(s, xb, yb, stream, fill, pf.skip(h + i * BLOCK), &f, None);
+                }
+            }
         }
     }
     if stream {
@@ -596,12 +594,11 @@ fn write_map_next<S: Isa>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn write_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, c: f32, stream: bool, pf: Ahead) {
-    write_map(s, x, y, stream, f32::NEG_INFINITY, pf, softmax_map(s, m, k, c));
+    write_map(s, x, y, stream, f32::NEG_INFINITY, pf, None, softmax_map(s, m, k, c));
 }
 
 /// [`write_softmax`] with the online pass over the next row in the same loop (see
-/// [`write_map_next`]). A separate function so the plain write sites do not compile the fused
-/// loop.
+/// [`write_map`]). A separate function so the plain write sites do not compile the fused loop.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn write_softmax_next<S: Isa>(
@@ -615,7 +612,7 @@ pub(crate) fn write_softmax_next<S: Isa>(
     pf: Ahead,
     next: Next<'_, '_>,
 ) {
-    write_map_next(s, x, y, stream, f32::NEG_INFINITY, pf, next, softmax_map(s, m, k, c));
+    write_map(s, x, y, stream, f32::NEG_INFINITY, pf, Some(next), softmax_map(s, m, k, c));
 }
 
 #[inline(always)]
@@ -640,7 +637,7 @@ pub(crate) fn write_log_softmax<S: Isa>(
     stream: bool,
     pf: Ahead,
 ) {
-    write_map(s, x, y, stream, 0.0, pf, log_softmax_map(s, m, k, ls));
+    write_map(s, x, y, stream, 0.0, pf, None, log_softmax_map(s, m, k, ls));
 }
 
 /// [`write_log_softmax`] with the online pass over the next row in the same loop.
@@ -657,7 +654,7 @@ pub(crate) fn write_log_softmax_next<S: Isa>(
     pf: Ahead,
     next: Next<'_, '_>,
 ) {
-    write_map_next(s, x, y, stream, 0.0, pf, next, log_softmax_map(s, m, k, ls));
+    write_map(s, x, y, stream, 0.0, pf, Some(next), log_softmax_map(s, m, k, ls));
 }
 
 #[inline(always)]
@@ -708,24 +705,11 @@ pub(crate) fn dot<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, pa: Ahead, 
 pub(crate) fn sum_and_max<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, mx: &mut f32, pa: Ahead, pb: Ahead) {
     for (i, (x, y)) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).enumerate() {
         let (pa, pb) = (pa.skip(i * BLOCK), pb.skip(i * BLOCK));
-        let z = s.splat_f32s(0.0);
-        let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
-        let (h, t) = S::as_simd_f32s(x);
-        let mut it = h.chunks_exact(4);
-        for (j, c) in (&mut it).enumerate() {
-            pa.span(j * 4 * S::F32_LANES, 4 * S::F32_LANES);
-            a0 = s.add_f32s(a0, c[0]);
-            a1 = s.add_f32s(a1, c[1]);
-            a2 = s.add_f32s(a2, c[2]);
-            a3 = s.add_f32s(a3, c[3]);
-        }
-        for &v in it.remainder() {
-            a0 = s.add_f32s(a0, v);
-        }
-        if !t.is_empty() {
-            a1 = s.add_f32s(a1, load_padded(s, t, 0.0));
-        }
-        *acc += s.reduce_sum_f32s(s.add_f32s(s.add_f32s(a0, a1), s.add_f32s(a2, a3))) as f64;
+        let op = inl(
+            #[inline(always)]
+            |a, v| s.add_f32s(a, v),
+        );
+        *acc += s.reduce_sum_f32s(fold4(s, x, 0.0, pa, op)) as f64;
         let bm = max(s, y, pb);
         if bm > *mx {
             *mx = bm;

@@ -38,23 +38,8 @@ pub fn attention_backward<T: AttnElement>(
     let AttentionInputs { shape, q, k, v } = inputs;
     let cx = check(&shape, q, k, v, opts)?;
     check_out("out", out.len(), shape.out_len())?;
-    check_out("d_out", d_out.len(), shape.out_len())?;
-    check_out("lse", lse.len(), shape.lse_len())?;
-    let AttentionGrads { dq, dk, dv, mut d_bias } = grads;
-    grads_check(&shape, dq, dk, dv, d_bias.as_deref())?;
-    if let Some(db) = d_bias.as_deref_mut() {
-        db.fill(0.0);
-    }
-    if shape.batch == 0 || shape.kv_heads == 0 {
-        return Ok(());
-    }
+    let Some(grads) = backward_outputs(&shape, d_out, lse, grads)? else { return Ok(()) };
     let d = shape.head_dim;
-    if shape.q_len == 0 || shape.kv_len == 0 {
-        dq.fill(T::from_f32(0.0));
-        dk.fill(T::from_f32(0.0));
-        dv.fill(T::from_f32(0.0));
-        return Ok(());
-    }
     // D_i = Σ dO_i ⊙ O_i for every query row (f64 dot, one rounding).
     let mut dd = vec![0.0f32; shape.lse_len()];
     let (mut t1, mut t2) = (vec![0.0f32; d], vec![0.0f32; d]);
@@ -63,7 +48,7 @@ pub fn attention_backward<T: AttnElement>(
         T::load_f32(y, &mut t2);
         *di = t1.iter().zip(&t2).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
     }
-    backward_impl(&cx, &shape, d_out, lse, &dd, None, dq, dk, dv, d_bias);
+    backward_impl(&cx, &shape, d_out, lse, &dd, None, grads);
     Ok(())
 }
 
@@ -97,19 +82,36 @@ impl<'a, T> AttentionGrads<'a, T> {
     }
 }
 
-/// Lengths of the gradient outputs.
-pub(crate) fn grads_check<T>(s: &AttentionShape, dq: &[T], dk: &[T], dv: &[T], d_bias: Option<&[f32]>) -> Result<()> {
+/// The gradient side of a backward call, checked: the lengths of `d_out`, `lse` and the
+/// gradients; `d_bias` zeroed. `None` when there is nothing to compute (no query, no key or no
+/// batch: every gradient is then zero, as written).
+pub(crate) fn backward_outputs<'g, T: Element>(
+    s: &AttentionShape,
+    d_out: &[T],
+    lse: &[f32],
+    grads: AttentionGrads<'g, T>,
+) -> Result<Option<AttentionGrads<'g, T>>> {
+    check_out("d_out", d_out.len(), s.out_len())?;
+    check_out("lse", lse.len(), s.lse_len())?;
+    let AttentionGrads { dq, dk, dv, mut d_bias } = grads;
     check_out("dq", dq.len(), s.out_len())?;
     check_out("dk", dk.len(), s.kv_len_elems())?;
     check_out("dv", dv.len(), s.kv_len_elems())?;
-    if let Some(db) = d_bias {
+    if let Some(db) = d_bias.as_deref_mut() {
         let n = s.lse_len().checked_mul(s.kv_len).ok_or(Error::SizeOverflow {
             what: "d_bias",
             shape: format!("{} rows x {} keys", s.lse_len(), s.kv_len),
         })?;
         check_out("d_bias", db.len(), n)?;
+        db.fill(0.0);
     }
-    Ok(())
+    if s.batch == 0 || s.q_heads == 0 || s.q_len == 0 || s.kv_len == 0 {
+        for g in [&mut *dq, &mut *dk, &mut *dv] {
+            g.fill(T::from_f32(0.0));
+        }
+        return Ok(None);
+    }
+    Ok(Some(AttentionGrads { dq, dk, dv, d_bias }))
 }
 
 /// The clipped-softmax weights `w = clip((ζ − γ)p + γ, 0, 1)` and their backward rule.
@@ -147,11 +149,9 @@ pub(crate) fn backward_impl<T: Element>(
     lse: &[f32],
     dd: &[f32],
     clip: Option<Clip>,
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
-    d_bias: Option<&mut [f32]>,
+    grads: AttentionGrads<'_, T>,
 ) {
+    let AttentionGrads { dq, dk, dv, d_bias } = grads;
     let (d, ql, kl, g) = (shape.head_dim, shape.q_len, shape.kv_len, shape.group());
     let do_op = Op { data: d_out, st: super::HeadStrides::bhsd(shape.q_heads, ql, d) };
     let pairs = shape.batch * shape.kv_heads;

@@ -1,14 +1,14 @@
 //! Clipped softmax (N6) and the attention gate (A5) of Bondarenko et al. 2023, "Quantizable
 //! Transformers": two ways for a head to attend to nothing.
 
-use super::backward::{Clip, backward_impl, grads_check};
+use super::backward::{Clip, backward_impl, backward_outputs};
 use super::flash::fwd_accumulate;
 use super::tile::{
-    Checked, RowState, Rows, TileAt, accumulate_pv, blocks, check, for_blocks, kv_tile, prob_tile, products, rows_f32,
+    Checked, RowState, Rows, TileAt, accumulate_pv, blocks, check, for_blocks, forward_outputs, kv_tile, prob_tile,
+    products, rows_f32,
 };
 use super::{
     AttentionGrads, AttentionInputs, AttentionOptions, AttentionOutputs, AttentionShape, AttnElement, check_out,
-    lse_or_own,
 };
 
 use crate::element::Element;
@@ -66,17 +66,11 @@ pub fn attention_clipped<T: AttnElement>(
     opts: &AttentionOptions<'_, ClippedSoftmax>,
 ) -> Result<()> {
     let AttentionInputs { shape, q, k, v } = inputs;
-    let AttentionOutputs { out, lse } = outputs;
     let (clip, opts) = (&opts.variant, &opts.base());
     let cl = clip.validate()?;
     let cx = check(&shape, q, k, v, opts)?;
-    check_out("out", out.len(), shape.out_len())?;
     let mut own = Vec::new();
-    let lse = lse_or_own(lse, &mut own, shape.lse_len())?;
-    if shape.out_len() == 0 {
-        lse.fill(f32::NEG_INFINITY);
-        return Ok(());
-    }
+    let Some((out, lse)) = forward_outputs(&shape, outputs, &mut own)? else { return Ok(()) };
     let d = shape.head_dim;
     for_blocks(&cx, &shape, out, lse, |b, h, i0, o, l| {
         let nb = l.len();
@@ -151,20 +145,8 @@ pub fn attention_clipped_backward<T: AttnElement>(
     let (clip, opts) = (&opts.variant, &opts.base());
     let cl = clip.validate()?;
     let cx = check(&shape, q, k, v, opts)?;
-    check_out("d_out", d_out.len(), shape.out_len())?;
-    check_out("lse", lse.len(), shape.lse_len())?;
-    let AttentionGrads { dq, dk, dv, mut d_bias } = grads;
-    grads_check(&shape, dq, dk, dv, d_bias.as_deref())?;
-    if let Some(db) = d_bias.as_deref_mut() {
-        db.fill(0.0);
-    }
+    let Some(grads) = backward_outputs(&shape, d_out, lse, grads)? else { return Ok(()) };
     let (d, ql) = (shape.head_dim, shape.q_len);
-    if shape.batch == 0 || shape.q_heads == 0 || ql == 0 || shape.kv_len == 0 {
-        dq.fill(T::from_f32(0.0));
-        dk.fill(T::from_f32(0.0));
-        dv.fill(T::from_f32(0.0));
-        return Ok(());
-    }
     let do_op = super::Op { data: d_out, st: super::HeadStrides::bhsd(shape.q_heads, ql, d) };
     // D_i = Σ_j u_ij p_ij, one pass over the key tiles per query block.
     let mut dd = vec![0.0f32; shape.lse_len()];
@@ -180,7 +162,7 @@ pub fn attention_clipped_backward<T: AttnElement>(
         clipped_d(&cx, &shape, &do_op, b, h, i0, &lse[row0..row0 + db.len()], cl, db);
     };
     crate::par::for_each(cx.par, blocks, |_, t| run(t));
-    backward_impl(&cx, &shape, d_out, lse, &dd, Some(cl), dq, dk, dv, d_bias);
+    backward_impl(&cx, &shape, d_out, lse, &dd, Some(cl), grads);
     Ok(())
 }
 

@@ -2,8 +2,8 @@
 //! (Flash-Decoding, A2), and FlashDecoding++'s asynchronous softmax with a unified max (A3).
 
 use super::flash::{finish_rows, fwd_accumulate};
-use super::tile::{Checked, RowState, Rows, accumulate_pv, blocks, check, hidden, kv_tile, products};
-use super::{AttentionInputs, AttentionOptions, AttentionOutputs, AttentionShape, AttnElement, check_out, lse_or_own};
+use super::tile::{Checked, RowState, Rows, accumulate_pv, blocks, check, forward_outputs, hidden, kv_tile, products};
+use super::{AttentionInputs, AttentionOptions, AttentionOutputs, AttentionShape, AttnElement, check_out};
 use crate::arch::gemm::MatRef;
 use crate::arch::rows as k;
 use crate::arch::{Isa, Task, dispatch};
@@ -135,17 +135,11 @@ pub fn attention_decode<T: AttnElement>(
     opts: &AttentionOptions<'_, SplitK>,
 ) -> Result<()> {
     let AttentionInputs { shape, q, k, v } = inputs;
-    let AttentionOutputs { out, lse } = outputs;
     let (dec, opts) = (&opts.variant, &opts.base());
     let cx = check(&shape, q, k, v, opts)?;
-    check_out("out", out.len(), shape.out_len())?;
     dec.check()?;
     let mut own = Vec::new();
-    let lse = lse_or_own(lse, &mut own, shape.lse_len())?;
-    if shape.out_len() == 0 {
-        lse.fill(f32::NEG_INFINITY);
-        return Ok(());
-    }
+    let Some((out, lse)) = forward_outputs(&shape, outputs, &mut own)? else { return Ok(()) };
     split_k(&cx, &shape, dec.split_len, out, lse, None);
     Ok(())
 }
@@ -260,6 +254,20 @@ impl UnifiedMax {
     pub fn new(phi: f32) -> Self {
         UnifiedMax { phi, a: -60.0, b: None, fallback: UnifiedFallback::Paper }
     }
+
+    /// The window for `kv_len` keys, checked: φ, `a` and `b` finite, `a < b ≤ ln(f32::MAX)`.
+    fn window(&self, kv_len: usize) -> Result<Win> {
+        let b_auto = (f32::MAX.ln() - (kv_len.max(1) as f32).ln() - 1.0).max(0.0);
+        let (phi, a, b) = (self.phi, self.a, self.b.unwrap_or(b_auto));
+        if !phi.is_finite() || !a.is_finite() || !b.is_finite() || a >= b || b > f32::MAX.ln() {
+            return Err(Error::bad_parameter(
+                "unified max (phi, a, b)",
+                format!("({phi}, {a}, {b})"),
+                "finite, a < b <= ln(f32::MAX)",
+            ));
+        }
+        Ok(Win { phi, a, b, upper_only: self.fallback == UnifiedFallback::UpperOnly })
+    }
 }
 
 /// The parameters of [`attention_decode_unified`] (the `variant` of its
@@ -319,40 +327,30 @@ pub fn attention_decode_unified<T: AttnElement>(
     opts: &AttentionOptions<'_, UnifiedDecode>,
 ) -> Result<UnifiedStats> {
     let AttentionInputs { shape, q, k, v } = inputs;
-    let AttentionOutputs { out, lse } = outputs;
     let UnifiedDecode { split: ref dec, max: ref um } = opts.variant;
     let opts = &opts.base();
     let cx = check(&shape, q, k, v, opts)?;
-    check_out("out", out.len(), shape.out_len())?;
     dec.check()?;
-    let b_auto = (f32::MAX.ln() - (shape.kv_len.max(1) as f32).ln() - 1.0).max(0.0);
-    let (a, b) = (um.a, um.b.unwrap_or(b_auto));
-    if !um.phi.is_finite() || !a.is_finite() || !b.is_finite() || a >= b || b > f32::MAX.ln() {
-        return Err(Error::bad_parameter(
-            "unified max (phi, a, b)",
-            format!("({}, {a}, {b})", um.phi),
-            "finite, a < b <= ln(f32::MAX)",
-        ));
-    }
-    let mut own = Vec::new();
-    let lse = lse_or_own(lse, &mut own, shape.lse_len())?;
+    let win = um.window(shape.kv_len)?;
     let rows = shape.lse_len();
-    if shape.out_len() == 0 {
-        lse.fill(f32::NEG_INFINITY);
+    let mut own = Vec::new();
+    let Some((out, lse)) = forward_outputs(&shape, outputs, &mut own)? else {
         return Ok(UnifiedStats { rows, fallback_rows: 0 });
-    }
+    };
     let (d, ql, kl, g) = (shape.head_dim, shape.q_len, shape.kv_len, shape.group());
     let parts = kl.div_ceil(dec.split_len).max(1);
     let groups = shape.batch * shape.kv_heads;
     let gr = g * ql;
-    let win = Win { phi: um.phi, a, b, upper_only: um.fallback == UnifiedFallback::UpperOnly };
     // Per (batch·kv head group, split): numerators [g·q_len, d], denominators and window
     // flags [g·q_len] (the group's query heads packed, as in split-K).
-    let mut num = vec![0.0f32; groups * parts * gr * d];
-    let mut den = vec![0.0f64; groups * parts * gr];
-    let mut flag = vec![false; groups * parts * gr];
+    let mut sp = Splits {
+        num: vec![0.0f32; groups * parts * gr * d],
+        den: vec![0.0f64; groups * parts * gr],
+        flag: vec![false; groups * parts * gr],
+        parts,
+    };
     let tasks: Vec<(usize, ((&mut [f32], &mut [f64]), &mut [bool]))> =
-        num.chunks_mut(gr * d).zip(den.chunks_mut(gr)).zip(flag.chunks_mut(gr)).enumerate().collect();
+        sp.num.chunks_mut(gr * d).zip(sp.den.chunks_mut(gr)).zip(sp.flag.chunks_mut(gr)).enumerate().collect();
     let run = |(t, ((nm, dn), fl)): (usize, ((&mut [f32], &mut [f64]), &mut [bool]))| {
         let (grp, sp) = (t / parts, t % parts);
         let (bb, hk) = (grp / shape.kv_heads, grp % shape.kv_heads);
@@ -360,8 +358,34 @@ pub fn attention_decode_unified<T: AttnElement>(
         unified_split(&cx, &shape, bb, hk, lo, hi, win, nm, dn, fl);
     };
     crate::par::for_each(cx.par, tasks, |_, t| run(t));
-    // Combine: one division per row, after every split is done.
-    let mut fallback = vec![false; rows];
+    let fallback = combine_splits(&shape, &sp, win, out, lse);
+    let fallback_rows = fallback.iter().filter(|&&x| x).count();
+    if fallback_rows > 0 {
+        split_k(&cx, &shape, dec.split_len, out, lse, Some(&fallback));
+    }
+    Ok(UnifiedStats { rows, fallback_rows })
+}
+
+/// The asynchronous softmax's per-split partial results (see [`attention_decode_unified`]).
+struct Splits {
+    num: Vec<f32>,
+    den: Vec<f64>,
+    flag: Vec<bool>,
+    parts: usize,
+}
+
+/// Combines the splits: one division per row, after every split is done. Returns the rows to
+/// recompute with the exact path (their `out` and `lse` are left for it).
+fn combine_splits<T: Element>(
+    shape: &AttentionShape,
+    sp: &Splits,
+    win: Win,
+    out: &mut [T],
+    lse: &mut [f32],
+) -> Vec<bool> {
+    let (d, ql, g, parts) = (shape.head_dim, shape.q_len, shape.group(), sp.parts);
+    let gr = g * ql;
+    let mut fallback = vec![false; shape.lse_len()];
     let mut tmp = vec![0.0f32; d];
     let mut acc = vec![0.0f64; d];
     for bh in 0..shape.batch * shape.q_heads {
@@ -372,11 +396,11 @@ pub fn attention_decode_unified<T: AttnElement>(
             let mut dsum = 0.0f64;
             let mut flagged = false;
             acc.fill(0.0);
-            for sp in 0..parts {
-                let o = (grp * parts + sp) * gr + (h % g) * ql + i;
-                dsum += den[o];
-                flagged |= flag[o];
-                for (x, &y) in acc.iter_mut().zip(&num[o * d..(o + 1) * d]) {
+            for part in 0..parts {
+                let o = (grp * parts + part) * gr + (h % g) * ql + i;
+                dsum += sp.den[o];
+                flagged |= sp.flag[o];
+                for (x, &y) in acc.iter_mut().zip(&sp.num[o * d..(o + 1) * d]) {
                     *x += y as f64;
                 }
             }
@@ -401,11 +425,7 @@ pub fn attention_decode_unified<T: AttnElement>(
             lse[r] = (win.phi as f64 + dsum.ln()) as f32;
         }
     }
-    let fallback_rows = fallback.iter().filter(|&&x| x).count();
-    if fallback_rows > 0 {
-        split_k(&cx, &shape, dec.split_len, out, lse, Some(&fallback));
-    }
-    Ok(UnifiedStats { rows, fallback_rows })
+    fallback
 }
 
 #[derive(Clone, Copy)]

@@ -2,9 +2,10 @@
 //! recomputes the score tiles from the saved log-sum-exp.
 
 use super::tile::{
-    Checked, OnlineTile, RowState, Rows, accumulate_pv, blocks, check, hidden, kv_tile, products, rows_f32,
+    Checked, OnlineTile, RowState, Rows, accumulate_pv, blocks, check, forward_outputs, hidden, kv_tile, products,
+    rows_f32,
 };
-use super::{AttentionInputs, AttentionOptions, AttentionOutputs, AttentionShape, AttnElement, check_out, lse_or_own};
+use super::{AttentionInputs, AttentionOptions, AttentionOutputs, AttentionShape, AttnElement};
 use crate::arch::dispatch;
 use crate::arch::gemm::MatRef;
 use crate::element::Element;
@@ -33,15 +34,9 @@ pub fn attention<T: AttnElement>(
     opts: &AttentionOptions<'_>,
 ) -> Result<()> {
     let AttentionInputs { shape, q, k, v } = inputs;
-    let AttentionOutputs { out, lse } = outputs;
     let cx = check(&shape, q, k, v, opts)?;
-    check_out("out", out.len(), shape.out_len())?;
     let mut own = Vec::new();
-    let lse = lse_or_own(lse, &mut own, shape.lse_len())?;
-    if shape.out_len() == 0 {
-        lse.fill(f32::NEG_INFINITY);
-        return Ok(());
-    }
+    let Some((out, lse)) = forward_outputs(&shape, outputs, &mut own)? else { return Ok(()) };
     let (d, ql) = (shape.head_dim, shape.q_len);
     let heads: Vec<(usize, (&mut [T], &mut [f32]))> =
         out.chunks_mut(ql * d).zip(lse.chunks_mut(ql)).enumerate().collect();

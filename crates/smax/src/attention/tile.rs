@@ -2,7 +2,9 @@
 //! finiteness guards, the running row state, and the score-tile tasks (online softmax and
 //! recomputed probabilities).
 
-use super::{AttentionOptions, AttentionShape, Heads, Op, Scores, resolve, scores};
+use super::{
+    AttentionOptions, AttentionOutputs, AttentionShape, Heads, Op, Scores, check_out, lse_or_own, resolve, scores,
+};
 use crate::arch::gemm::{MatRef, matmul};
 use crate::arch::rows as k;
 use crate::arch::{Ahead, Isa, SimdLevel, Task, dispatch};
@@ -387,4 +389,21 @@ where
     }
     let run = |(b, h, i0, o, l): (usize, usize, usize, &mut [T], &mut [f32])| f(b, h, i0, o, l);
     crate::par::for_each(cx.par, blocks, |_, t| run(t));
+}
+
+/// The output side of a forward call, checked: `out` and `lse` (the caller's, or a scratch one
+/// in `own`). `None` when there is nothing to compute (`lse` then holds `-inf`).
+pub(crate) fn forward_outputs<'o, T>(
+    shape: &AttentionShape,
+    outputs: AttentionOutputs<'o, T>,
+    own: &'o mut Vec<f32>,
+) -> Result<Option<(&'o mut [T], &'o mut [f32])>> {
+    let AttentionOutputs { out, lse } = outputs;
+    check_out("out", out.len(), shape.out_len())?;
+    let lse = lse_or_own(lse, own, shape.lse_len())?;
+    if shape.out_len() == 0 {
+        lse.fill(f32::NEG_INFINITY);
+        return Ok(None);
+    }
+    Ok(Some((out, lse)))
 }
