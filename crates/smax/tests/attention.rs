@@ -1283,3 +1283,22 @@ fn bias_gradient_matches_reference_and_finite_differences() {
     .unwrap_err();
     assert!(matches!(e, Error::LengthMismatch { what: "d_bias", .. }), "{e}");
 }
+
+/// No query head (a multiple, 0, of the key/value heads): nothing attends to the keys, so
+/// every key and value gradient is exactly zero, written over whatever the buffers held.
+#[test]
+fn no_query_heads_give_zero_key_and_value_gradients() {
+    let s = AttentionShape::new(2, 0, 3, 5, 4).kv_heads(1);
+    let kv = vec![1.0f32; s.kv_len_elems()];
+    let (mut dq, mut dk, mut dv) = (vec![], vec![7.0f32; s.kv_len_elems()], vec![7.0f32; s.kv_len_elems()]);
+    attention_backward(
+        smax::attention::AttentionInputs::new(s, Heads::new(&[]), Heads::new(&kv), Heads::new(&kv)),
+        &[],
+        &[],
+        &[],
+        AttentionGrads::new(&mut dq, &mut dk, &mut dv),
+        &AttentionOptions::default(),
+    )
+    .unwrap();
+    assert!(dk.iter().chain(&dv).all(|&x| x == 0.0));
+}
