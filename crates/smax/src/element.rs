@@ -61,14 +61,24 @@ pub trait Element:
     fn to_f32(self) -> f32;
     /// Rounds from f32 to nearest (ties to even); exact for f32 and f64.
     fn from_f32(v: f32) -> Self;
+    /// The slice itself when `Self` is f32 (the zero-copy paths); `None` otherwise.
     #[doc(hidden)]
-    fn as_f32(s: &[Self]) -> Option<&[f32]>;
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
     #[doc(hidden)]
-    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
+    fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
+    /// The slice itself when `Self` is f64; `None` otherwise.
     #[doc(hidden)]
-    fn as_f64(s: &[Self]) -> Option<&[f64]>;
+    fn as_f64(_: &[Self]) -> Option<&[f64]> {
+        None
+    }
     #[doc(hidden)]
-    fn as_f64_mut(s: &mut [Self]) -> Option<&mut [f64]>;
+    fn as_f64_mut(_: &mut [Self]) -> Option<&mut [f64]> {
+        None
+    }
     /// The bytes of a slice (for prefetching).
     #[doc(hidden)]
     fn as_bytes(s: &[Self]) -> &[u8];
@@ -101,12 +111,6 @@ impl Element for f32 {
     fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
         Some(s)
     }
-    fn as_f64(_: &[Self]) -> Option<&[f64]> {
-        None
-    }
-    fn as_f64_mut(_: &mut [Self]) -> Option<&mut [f64]> {
-        None
-    }
     fn as_bytes(s: &[Self]) -> &[u8] {
         bytemuck::cast_slice(s)
     }
@@ -132,12 +136,6 @@ impl Element for f64 {
     }
     fn from_f32(v: f32) -> Self {
         v as f64
-    }
-    fn as_f32(_: &[Self]) -> Option<&[f32]> {
-        None
-    }
-    fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
-        None
     }
     fn as_f64(s: &[Self]) -> Option<&[f64]> {
         Some(s)
@@ -176,18 +174,6 @@ macro_rules! narrow {
             }
             fn from_f32(v: f32) -> Self {
                 <$t>::from_f32(v)
-            }
-            fn as_f32(_: &[Self]) -> Option<&[f32]> {
-                None
-            }
-            fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
-                None
-            }
-            fn as_f64(_: &[Self]) -> Option<&[f64]> {
-                None
-            }
-            fn as_f64_mut(_: &mut [Self]) -> Option<&mut [f64]> {
-                None
             }
             fn as_bytes(s: &[Self]) -> &[u8] {
                 bytemuck::cast_slice(s)

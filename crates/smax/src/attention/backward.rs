@@ -446,10 +446,15 @@ fn dq_block<T: Element>(
 /// with `db = (rows, row stride, first column, 1/τ)`, also the score-bias gradient
 /// `P ⊙ (u − D) / τ` of the tile.
 struct DsTile<'a> {
+    /// The tile's probabilities.
     p: &'a [f32],
+    /// `dP = dO·Vᵀ` in, `dS` out.
     dp: &'a mut [f32],
+    /// The rows' `D_i`.
     dd: &'a [f32],
+    /// Keys in the tile (the row length of `p` and `dp`).
     kn: usize,
+    /// `scale/τ`, the chain factor of the scores.
     c: f32,
     clip: Option<Clip>,
     db: Option<(&'a mut [f32], usize, usize, f32)>,

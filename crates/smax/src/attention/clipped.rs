@@ -54,6 +54,16 @@ impl ClippedSoftmax {
     }
 }
 
+/// The operands and options of a clipped-softmax call, checked.
+fn checked<'a, T>(
+    inputs: AttentionInputs<'a, T>,
+    opts: &AttentionOptions<'a, ClippedSoftmax>,
+) -> Result<(Checked<'a, T>, AttentionShape, Clip)> {
+    let AttentionInputs { shape, q, k, v } = inputs;
+    let cl = opts.variant.validate()?;
+    Ok((check(&shape, q, k, v, &opts.base())?, shape, cl))
+}
+
 /// Attention with clipped-softmax weights (N6): `out_i = Σ_j clip((ζ−γ)p_ij + γ, 0, 1)·v_j`,
 /// `p = softmax` of the scores of [`attention`](super::attention) (same shapes, masks, options;
 /// masked keys get weight exactly 0). Two passes per query block: the log-sum-exp, then the
@@ -65,10 +75,7 @@ pub fn attention_clipped<T: AttnElement>(
     outputs: AttentionOutputs<'_, T>,
     opts: &AttentionOptions<'_, ClippedSoftmax>,
 ) -> Result<()> {
-    let AttentionInputs { shape, q, k, v } = inputs;
-    let (clip, opts) = (&opts.variant, &opts.base());
-    let cl = clip.validate()?;
-    let cx = check(&shape, q, k, v, opts)?;
+    let (cx, shape, cl) = checked(inputs, opts)?;
     let mut own = Vec::new();
     let Some((out, lse)) = forward_outputs(&shape, outputs, &mut own)? else { return Ok(()) };
     let d = shape.head_dim;
@@ -87,20 +94,17 @@ pub fn attention_clipped<T: AttnElement>(
             };
         }
         let mut acc = vec![0.0f32; nb * d];
-        weighted_pass(&cx, &shape, b, h, i0, l, &mut acc, |p| cl.w(p));
+        weighted_pass(&cx, &shape, (b, h, i0), l, &mut acc, |p| cl.w(p));
         T::store_f32(&acc, o);
     });
     Ok(())
 }
 
 /// `acc += W·V` over every key tile, with `W = wf(exp(s − lse))` (masked keys: `p = 0`).
-#[allow(clippy::too_many_arguments)]
 fn weighted_pass<T: Element>(
     cx: &Checked<'_, T>,
     s: &AttentionShape,
-    b: usize,
-    h: usize,
-    i0: usize,
+    (b, h, i0): (usize, usize, usize),
     lse: &[f32],
     acc: &mut [f32],
     wf: impl Fn(f32) -> f32,
@@ -141,10 +145,7 @@ pub fn attention_clipped_backward<T: AttnElement>(
     grads: AttentionGrads<'_, T>,
     opts: &AttentionOptions<'_, ClippedSoftmax>,
 ) -> Result<()> {
-    let AttentionInputs { shape, q, k, v } = inputs;
-    let (clip, opts) = (&opts.variant, &opts.base());
-    let cl = clip.validate()?;
-    let cx = check(&shape, q, k, v, opts)?;
+    let (cx, shape, cl) = checked(inputs, opts)?;
     let Some(grads) = backward_outputs(&shape, d_out, lse, grads)? else { return Ok(()) };
     let (d, ql) = (shape.head_dim, shape.q_len);
     let do_op = super::Op { data: d_out, st: super::HeadStrides::bhsd(shape.q_heads, ql, d) };
@@ -159,7 +160,7 @@ pub fn attention_clipped_backward<T: AttnElement>(
     let run = |(bh, i0, db): (usize, usize, &mut [f32])| {
         let (b, h) = (bh / shape.q_heads, bh % shape.q_heads);
         let row0 = bh * ql + i0;
-        clipped_d(&cx, &shape, &do_op, b, h, i0, &lse[row0..row0 + db.len()], cl, db);
+        clipped_d(&cx, &shape, &do_op, (b, h, i0), &lse[row0..row0 + db.len()], cl, db);
     };
     crate::par::for_each(cx.par, blocks, |_, t| run(t));
     backward_impl(&cx, &shape, d_out, lse, &dd, Some(cl), grads);
@@ -167,14 +168,11 @@ pub fn attention_clipped_backward<T: AttnElement>(
 }
 
 /// `D_i = Σ_j u_ij p_ij` for one query block.
-#[allow(clippy::too_many_arguments)]
 fn clipped_d<T: Element>(
     cx: &Checked<'_, T>,
     s: &AttentionShape,
     do_op: &super::Op<'_, T>,
-    b: usize,
-    h: usize,
-    i0: usize,
+    (b, h, i0): (usize, usize, usize),
     lse: &[f32],
     cl: Clip,
     dd: &mut [f32],

@@ -355,7 +355,7 @@ pub fn attention_decode_unified<T: AttnElement>(
         let (grp, sp) = (t / parts, t % parts);
         let (bb, hk) = (grp / shape.kv_heads, grp % shape.kv_heads);
         let (lo, hi) = (sp * dec.split_len, ((sp + 1) * dec.split_len).min(kl));
-        unified_split(&cx, &shape, bb, hk, lo, hi, win, nm, dn, fl);
+        unified_split(&cx, &shape, (bb, hk), lo..hi, win, (nm, dn, fl));
     };
     crate::par::for_each(cx.par, tasks, |_, t| run(t));
     let fallback = combine_splits(&shape, &sp, win, out, lse);
@@ -438,20 +438,15 @@ struct Win {
 
 /// One split of the asynchronous softmax: `num`, `den` and the window flags of the rows of
 /// key/value head `(b, hk)`'s group (see `group_rows`) over keys `[lo, hi)`.
-#[allow(clippy::too_many_arguments)]
 fn unified_split<T: Element>(
     cx: &Checked<'_, T>,
     s: &AttentionShape,
-    b: usize,
-    hk: usize,
-    lo: usize,
-    hi: usize,
+    (b, hk): (usize, usize),
+    keys: std::ops::Range<usize>,
     win: Win,
-    num: &mut [f32],
-    den: &mut [f64],
-    flag: &mut [bool],
+    (num, den, flag): (&mut [f32], &mut [f64], &mut [bool]),
 ) {
-    let d = s.head_dim;
+    let (d, lo, hi) = (s.head_dim, keys.start, keys.end);
     let rows = group_rows(s, hk);
     let ql = rows.len();
     let mut qbuf = Vec::new();

@@ -85,7 +85,10 @@ mod decode;
 mod flash;
 mod inline;
 mod lssa;
+mod scores;
 mod tile;
+
+pub(crate) use scores::{Scores, scores};
 
 pub use backward::{AttentionGrads, attention_backward};
 pub use clipped::{
@@ -494,158 +497,6 @@ impl<'a, T> AttentionOutputs<'a, T> {
     pub fn new(out: &'a mut [T], lse: Option<&'a mut [f32]>) -> Self {
         AttentionOutputs { out, lse }
     }
-}
-
-/// Validated, resolved masking and scaling: everything the kernels need per score.
-#[derive(Clone, Copy)]
-pub(crate) struct Scores<'a> {
-    /// Multiplier of `q·k`: `scale/τ` (the chain-rule factor of `q·k` without a soft cap).
-    pub c: f32,
-    /// The score scale.
-    pub scale: f32,
-    /// Soft cap (0 for none).
-    pub cap: f32,
-    /// Multiplier of the bias: `1/τ`.
-    pub cb: f32,
-    pub causal: bool,
-    pub offset: i64,
-    pub window: Option<Window>,
-    pub bias: Option<ScoreBias<'a>>,
-    pub keep: Option<KeepMask<'a>>,
-    pub kv_len: usize,
-}
-
-impl Scores<'_> {
-    /// The keys `[lo, hi)` that causal and window allow for query `i`.
-    #[inline]
-    pub fn range(&self, i: usize) -> (usize, usize) {
-        let wide = |x: usize| i64::try_from(x).unwrap_or(i64::MAX);
-        let p = wide(i).saturating_add(self.offset);
-        let n = wide(self.kv_len);
-        let mut lo = 0i64;
-        let mut hi = n;
-        if self.causal {
-            hi = hi.min(p.saturating_add(1));
-        }
-        if let Some(w) = self.window {
-            lo = lo.max(p.saturating_sub(wide(w.left)));
-            hi = hi.min(p.saturating_add(wide(w.right)).saturating_add(1));
-        }
-        let lo = lo.clamp(0, n) as usize;
-        let hi = hi.clamp(0, n) as usize;
-        (lo, hi.max(lo))
-    }
-
-    /// Turns raw products `q_i·k_j` for keys `j0..j0+row.len()` into scores, in place:
-    /// `-inf` outside the visible range or where `keep` is false, `(cap(x·scale) + bias)/τ`
-    /// inside (`cap(t) = t` without a soft cap). With a soft cap and `dcap`, also writes
-    /// `1 − tanh²(x·scale/cap)` there (the backward's chain factor). Returns the visible range
-    /// relative to `j0`.
-    #[inline(always)]
-    pub fn prep_row<S: crate::arch::Isa>(
-        &self,
-        s: S,
-        (b, h, i): (usize, usize, usize),
-        j0: usize,
-        row: &mut [f32],
-        dcap: Option<&mut [f32]>,
-    ) -> (usize, usize) {
-        let n = row.len();
-        let (lo, hi) = self.range(i);
-        let lo = lo.clamp(j0, j0 + n) - j0;
-        let hi = hi.clamp(j0, j0 + n) - j0;
-        let hi = hi.max(lo);
-        row[..lo].fill(f32::NEG_INFINITY);
-        row[hi..].fill(f32::NEG_INFINITY);
-        if self.cap != 0.0 {
-            let g = dcap.map(|g| &mut g[lo..hi]);
-            crate::arch::rows::softcap_inplace(s, self.scale, self.cap, &mut row[lo..hi], g);
-            let cb = self.cb;
-            if cb != 1.0 {
-                for v in &mut row[lo..hi] {
-                    *v *= cb;
-                }
-            }
-        } else {
-            let c = self.c;
-            for v in &mut row[lo..hi] {
-                *v *= c;
-            }
-        }
-        if let Some(bias) = self.bias {
-            let o = bias.strides.at(b, h, i) + j0;
-            let cb = self.cb;
-            for (v, &bv) in row[lo..hi].iter_mut().zip(&bias.data[o + lo..o + hi]) {
-                *v += bv * cb;
-            }
-        }
-        if let Some(keep) = self.keep {
-            let o = keep.strides.at(b, h, i) + j0;
-            for (v, &kp) in row[lo..hi].iter_mut().zip(&keep.data[o + lo..o + hi]) {
-                if !kp {
-                    *v = f32::NEG_INFINITY;
-                }
-            }
-        }
-        (lo, hi)
-    }
-}
-
-fn check_score_tensor(what: &'static str, len: usize, st: ScoreStrides, s: &AttentionShape) -> Result<()> {
-    if s.batch == 0 || s.q_heads == 0 || s.q_len == 0 || s.kv_len == 0 {
-        return Ok(());
-    }
-    let last = (s.batch - 1)
-        .checked_mul(st.batch)
-        .and_then(|a| (s.q_heads - 1).checked_mul(st.head).and_then(|b| a.checked_add(b)))
-        .and_then(|a| (s.q_len - 1).checked_mul(st.query).and_then(|b| a.checked_add(b)))
-        .and_then(|a| a.checked_add(s.kv_len));
-    match last {
-        Some(n) if n <= len => Ok(()),
-        Some(n) => Err(Error::BufferTooShort { what, len, needed: n }),
-        None => Err(Error::SizeOverflow { what, shape: s.describe() }),
-    }
-}
-
-/// Validates the options against a shape and resolves them.
-pub(crate) fn scores<'a>(s: &AttentionShape, o: &AttentionOptions<'a>) -> Result<Scores<'a>> {
-    let scale = o.scale.unwrap_or(1.0 / (s.head_dim.max(1) as f32).sqrt());
-    if !scale.is_finite() {
-        return Err(Error::bad_parameter("scale", scale, "finite"));
-    }
-    let t = o.temperature as f32;
-    if !(o.temperature.is_finite() && o.temperature > 0.0 && t.is_finite() && t > 0.0 && (1.0 / t).is_finite()) {
-        return Err(Error::bad_parameter("temperature", t, "finite and > 0, with 1/temperature finite"));
-    }
-    let cap = match o.softcap {
-        None => 0.0,
-        Some(c) if c.is_finite() && c > 0.0 => c,
-        Some(c) => {
-            return Err(Error::bad_parameter("softcap", c, "finite and > 0"));
-        }
-    };
-    if let Some(b) = o.bias {
-        check_score_tensor("bias", b.data.len(), b.strides, s)?;
-    }
-    if let Some(k) = o.keep {
-        check_score_tensor("keep", k.data.len(), k.strides, s)?;
-    }
-    let offset = match o.positions {
-        QueryPositions::BottomRight => s.kv_len as i64 - s.q_len as i64,
-        QueryPositions::Offset(x) => x,
-    };
-    Ok(Scores {
-        c: scale / t,
-        scale,
-        cap,
-        cb: 1.0 / t,
-        causal: o.causal,
-        offset,
-        window: o.window,
-        bias: o.bias,
-        keep: o.keep,
-        kv_len: s.kv_len,
-    })
 }
 
 /// The caller's log-sum-exp buffer (length-checked), or `own` sized for it when the caller

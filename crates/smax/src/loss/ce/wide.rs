@@ -1,0 +1,98 @@
+//! f64: the cross-entropy row in scalar f64 arithmetic (libm exp/ln/tanh, Neumaier-compensated
+//! sums).
+
+use super::*;
+
+use crate::scalar64::Sum;
+
+fn xf64(c: &Ce<'_>, v: f64) -> f64 {
+    if c.cap64 == 0.0 || v == f64::NEG_INFINITY { v * c.k64 } else { c.cap64 * (v / c.cap64).tanh() * c.k64 }
+}
+
+fn chain64(c: &Ce<'_>, t: f64) -> f64 {
+    if c.cap64 == 0.0 {
+        c.k64
+    } else if t == f64::NEG_INFINITY {
+        0.0
+    } else {
+        let r = t / (c.cap64 * c.k64);
+        c.k64 * (1.0 - r * r).max(0.0)
+    }
+}
+
+/// One f64 row (`x` is f64; `T` is f64 here, the generic keeps one task type).
+pub(crate) fn row_f64<T: Element>(c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Option<&mut [T]>) -> RowOut {
+    let kk = x.len();
+    let t: Vec<f64> = x.iter().map(|v| xf64(c, v.to_f64())).collect();
+    let mut m = f64::NEG_INFINITY;
+    let mut nan = false;
+    for &v in &t {
+        nan |= v.is_nan();
+        if v > m {
+            m = v;
+        }
+    }
+    let mut d = Sum::default();
+    if !nan && m.is_finite() {
+        for &v in &t {
+            d.add((v - m).exp());
+        }
+    }
+    let d = d.get();
+    let lse_reg = !nan && m.is_finite() && d.is_finite() && d > 0.0;
+    let (alpha, beta, y) = match tgt {
+        Tgt::Class(y) if y == c.ignore_index => {
+            if let Some(g) = g {
+                crate::engine::fill(g, 0.0);
+            }
+            let lse = if lse_reg { m + d.ln() } else { crate::engine::special_lse(classify(x)) };
+            return RowOut { loss: 0.0, z: 0.0, lse };
+        }
+        Tgt::Class(y) => {
+            let y = y as usize;
+            let wy = c.weights.map_or(1.0, |w| w[y] as f64);
+            ((1.0 - c.eps) * wy, c.eps / kk as f64, Some(y))
+        }
+        Tgt::Probs(_) => (0.0, 0.0, None),
+    };
+    if !lse_reg {
+        return special_row(c, classify(x), g);
+    }
+    let lse = m + d.ln();
+    let w = |i: usize| c.weights.map_or(1.0, |w| w[i] as f64);
+    // v_k: the per-class target mass that is not the one-hot part.
+    let v: Vec<f64> = match tgt {
+        Tgt::Probs(q) => (0..kk).map(|i| w(i) * ((1.0 - c.eps) * q[i].to_f64() + c.eps / kk as f64)).collect(),
+        Tgt::Class(_) => (0..kk).map(w).collect(),
+    };
+    let (mut sv, mut su) = (Sum::default(), Sum::default());
+    for i in 0..kk {
+        if v[i] != 0.0 {
+            sv.add(v[i] * t[i]);
+        }
+        su.add(v[i]);
+    }
+    let (sv, su) = (sv.get(), su.get());
+    let (loss, big_u, b) = match y {
+        Some(y) => {
+            let mut l = alpha * (lse - t[y]);
+            if beta != 0.0 {
+                l += beta * (c.wsum * lse - sv);
+            }
+            (l, alpha + beta * c.wsum, c.main_scale * beta)
+        }
+        None => (su * lse - sv, su, c.main_scale),
+    };
+    let z = c.lambda * lse * lse;
+    if let Some(g) = g {
+        let a = c.main_scale * big_u + c.z_scale * 2.0 * c.lambda * lse;
+        for i in 0..kk {
+            let mut gi = (t[i] - lse).exp() * a - b * v[i];
+            if y == Some(i) {
+                gi -= c.main_scale * alpha;
+            }
+            g[i] = T::from_f64(gi * chain64(c, t[i]));
+        }
+    }
+    RowOut { loss, z, lse }
+}
