@@ -119,68 +119,58 @@ pub(crate) trait Isa: Simd {
     fn stream_fence(self);
 }
 
-impl Isa for pulp::Scalar {
-    #[inline(always)]
-    fn stream_f32s(self, dst: &mut Self::f32s, v: Self::f32s) {
-        *dst = v;
-    }
-    #[inline(always)]
-    fn stream_fence(self) {}
-}
-
-#[cfg(target_arch = "aarch64")]
-impl Isa for pulp::aarch64::Neon {
-    #[inline(always)]
-    fn stream_f32s(self, dst: &mut Self::f32s, v: Self::f32s) {
-        *dst = v;
-    }
-    #[inline(always)]
-    fn stream_fence(self) {}
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Isa for pulp::x86::V3 {
-    #[inline(always)]
-    fn stream_f32s(self, dst: &mut Self::f32s, v: Self::f32s) {
-        use core::arch::x86_64::{__m256, _mm256_stream_ps};
-        let p = dst as *mut Self::f32s as *mut f32;
-        if (p as usize).is_multiple_of(32) {
-            // SAFETY: `p` points to a live, exclusively borrowed 32-byte `f32x8` that we just
-            // checked is 32-byte aligned, as `vmovntps` requires; the `V3` token proves AVX is
-            // present; `f32x8` and `__m256` are both 32 plain bytes of eight f32s.
-            unsafe { _mm256_stream_ps(p, core::mem::transmute::<Self::f32s, __m256>(v)) }
-        } else {
-            *dst = v;
+/// `Isa` for a token without streaming stores: plain stores, no fence.
+macro_rules! plain_stores {
+    ($(#[$cfg:meta])* $t:ty) => {
+        $(#[$cfg])*
+        impl Isa for $t {
+            #[inline(always)]
+            fn stream_f32s(self, dst: &mut Self::f32s, v: Self::f32s) {
+                *dst = v;
+            }
+            #[inline(always)]
+            fn stream_fence(self) {}
         }
-    }
-    #[inline(always)]
-    fn stream_fence(self) {
-        // SAFETY: `sfence` has no memory operands; SSE is implied by the `V3` token.
-        unsafe { core::arch::x86_64::_mm_sfence() }
-    }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-impl Isa for pulp::x86::V4 {
-    #[inline(always)]
-    fn stream_f32s(self, dst: &mut Self::f32s, v: Self::f32s) {
-        use core::arch::x86_64::{__m512, _mm512_stream_ps};
-        let p = dst as *mut Self::f32s as *mut f32;
-        if (p as usize).is_multiple_of(64) {
-            // SAFETY: `p` points to a live, exclusively borrowed 64-byte `f32x16` that we just
-            // checked is 64-byte aligned, as `vmovntps zmm` requires; the `V4` token proves
-            // AVX-512F is present; `f32x16` and `__m512` are both 64 plain bytes of f32s.
-            unsafe { _mm512_stream_ps(p, core::mem::transmute::<Self::f32s, __m512>(v)) }
-        } else {
-            *dst = v;
+plain_stores!(pulp::Scalar);
+plain_stores!(
+    #[cfg(target_arch = "aarch64")]
+    pulp::aarch64::Neon
+);
+
+/// `Isa` for an x86 token whose vectors are `$bytes` wide, with the non-temporal store
+/// `$stream` of the register type `$reg`.
+macro_rules! x86_streaming_stores {
+    ($t:ty, $reg:ident, $stream:ident, $bytes:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        impl Isa for $t {
+            #[inline(always)]
+            fn stream_f32s(self, dst: &mut Self::f32s, v: Self::f32s) {
+                use core::arch::x86_64::{$reg, $stream};
+                let p = dst as *mut Self::f32s as *mut f32;
+                if (p as usize).is_multiple_of($bytes) {
+                    // SAFETY: `p` points to a live, exclusively borrowed vector of `$bytes` bytes
+                    // that we just checked is `$bytes`-byte aligned, as `vmovntps` requires; the
+                    // token proves the instructions are present (AVX for `V3`, AVX-512F for
+                    // `V4`); the vector and `$reg` are both `$bytes` plain bytes of f32s.
+                    unsafe { $stream(p, core::mem::transmute::<Self::f32s, $reg>(v)) }
+                } else {
+                    *dst = v;
+                }
+            }
+            #[inline(always)]
+            fn stream_fence(self) {
+                // SAFETY: `sfence` has no memory operands; both x86 tokens imply SSE.
+                unsafe { core::arch::x86_64::_mm_sfence() }
+            }
         }
-    }
-    #[inline(always)]
-    fn stream_fence(self) {
-        // SAFETY: `sfence` has no memory operands; SSE is implied by the `V4` token.
-        unsafe { core::arch::x86_64::_mm_sfence() }
-    }
+    };
 }
+
+x86_streaming_stores!(pulp::x86::V3, __m256, _mm256_stream_ps, 32);
+x86_streaming_stores!(pulp::x86::V4, __m512, _mm512_stream_ps, 64);
 
 /// Identity, so a closure can carry `#[inline(always)]` (attributes are allowed on closures
 /// in argument position only). Every closure in a kernel needs it: a closure that is not

@@ -294,25 +294,21 @@ pub(crate) fn ext_to_online(e: &Ext, kk: f32) -> Online {
 /// Writes the output of a regular row from its statistics.
 #[inline(always)]
 pub(crate) fn seg_write<S: Isa, T: Element>(s: S, f: &Fwd, io: &mut Io<'_, T>, st: Online, pf: Ahead) {
+    let map = row_map(f, st);
+    write_tiles(
+        io,
+        pf,
+        #[inline(always)]
+        |x, y, p, direct| k::write_row(s, x, y, map, f.stream && direct, p, None),
+    );
+}
+
+/// The write map of a regular row from its statistics.
+#[inline(always)]
+fn row_map(f: &Fwd, st: Online) -> k::RowMap {
     match f.op {
-        FwdOp::Softmax => {
-            let c = (1.0 / st.d) as f32;
-            write_tiles(
-                io,
-                pf,
-                #[inline(always)]
-                |x, y, p, direct| k::write_softmax(s, x, y, st.m, f.k, c, f.stream && direct, p),
-            );
-        }
-        FwdOp::LogSoftmax => {
-            let ls = st.d.ln() as f32;
-            write_tiles(
-                io,
-                pf,
-                #[inline(always)]
-                |x, y, p, direct| k::write_log_softmax(s, x, y, st.m, f.k, ls, f.stream && direct, p),
-            );
-        }
+        FwdOp::Softmax => k::RowMap::Softmax { m: st.m, k: f.k, c: (1.0 / st.d) as f32 },
+        FwdOp::LogSoftmax => k::RowMap::LogSoftmax { m: st.m, k: f.k, ls: st.d.ln() as f32 },
     }
 }
 
@@ -340,10 +336,7 @@ pub(crate) fn seg_write_next<S: Isa, T: Element>(
     }
     let mut ns = Online::EMPTY;
     let n = k::Next { x: nf, k: f.k, st: &mut ns, pf: npf };
-    match f.op {
-        FwdOp::Softmax => k::write_softmax_next(s, xf, yf, st.m, f.k, (1.0 / st.d) as f32, f.stream, pf, n),
-        FwdOp::LogSoftmax => k::write_log_softmax_next(s, xf, yf, st.m, f.k, st.d.ln() as f32, f.stream, pf, n),
-    }
+    k::write_row(s, xf, yf, row_map(f, st), f.stream, pf, Some(n));
     Some(ns)
 }
 

@@ -28,6 +28,37 @@ fn blocks<T>(slab: &mut [T], inner: usize) -> Vec<(usize, Vec<&mut [T]>)> {
     out
 }
 
+/// The column-block work items of every outer slab of `out`: `(outer index, first column,
+/// row pieces)`.
+fn slab_blocks<T>(out: &mut [T], (outer, axis, inner): Dims) -> Vec<(usize, usize, Vec<&mut [T]>)> {
+    let mut items = Vec::new();
+    for (o, slab) in out.chunks_mut(axis * inner).take(outer).enumerate() {
+        for (j0, pieces) in blocks(slab, inner) {
+            items.push((o, j0, pieces));
+        }
+    }
+    items
+}
+
+/// `[outer, axis, inner]`.
+type Dims = (usize, usize, usize);
+
+/// The f64 path of a middle-axis op that writes a column of `out` per column: for every column,
+/// `col(base, out, res)` computes its `axis` results into `res` (`base` is the flat index of the
+/// column's first element, its elements `inner` apart; `out` as it stands, for in-place calls).
+fn columns_f64<T: Element>((outer, axis, inner): Dims, out: &mut [T], mut col: impl FnMut(usize, &[T], &mut [f64])) {
+    let mut res = vec![0.0f64; axis];
+    for o in 0..outer {
+        for j in 0..inner {
+            let base = o * axis * inner + j;
+            col(base, out, &mut res);
+            for (kx, &r) in res.iter().enumerate() {
+                out[base + kx * inner] = T::from_f64(r);
+            }
+        }
+    }
+}
+
 #[inline(always)]
 fn load<T: Element>(src: &[T], buf: &mut [f32]) {
     T::load_f32(src, buf)
@@ -169,64 +200,32 @@ impl<T: Element> Task for ColsLse<'_, T> {
 }
 
 /// Softmax / log-softmax over the middle axis of `[outer, axis, inner]`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn forward<T: Element>(
-    f: Fwd,
-    p: &Plan,
-    opts: &Options,
-    outer: usize,
-    axis: usize,
-    inner: usize,
-    x: Option<&[T]>,
-    y: &mut [T],
-) {
+pub(crate) fn forward<T: Element>(f: Fwd, p: &Plan, opts: &Options, dims: Dims, x: Option<&[T]>, y: &mut [T]) {
+    let (outer, axis, inner) = dims;
     if outer == 0 || axis == 0 || inner == 0 {
         return;
     }
     let slab = axis * inner;
     if T::REPR == Repr::F64 {
         let mut col = vec![0.0f64; axis];
-        let mut res = vec![0.0f64; axis];
-        for o in 0..outer {
-            for j in 0..inner {
-                for kx in 0..axis {
-                    let i = o * slab + kx * inner + j;
-                    col[kx] = match x {
-                        Some(x) => x[i].to_f64(),
-                        None => y[i].to_f64(),
-                    };
-                }
-                scalar64::row_fwd(&f, p.k64, &col, &mut res);
-                for kx in 0..axis {
-                    y[o * slab + kx * inner + j] = T::from_f64(res[kx]);
-                }
+        columns_f64(dims, y, |base, y, res| {
+            let src = x.unwrap_or(y);
+            for (kx, c) in col.iter_mut().enumerate() {
+                *c = src[base + kx * inner].to_f64();
             }
-        }
+            scalar64::row_fwd(&f, p.k64, &col, res);
+        });
         return;
     }
-    let mut items = Vec::new();
-    for (o, ys) in y.chunks_mut(slab).take(outer).enumerate() {
-        for (j0, pieces) in blocks(ys, inner) {
-            items.push((o, j0, pieces));
-        }
-    }
     let level = p.level;
-    par::for_each(opts.exec.par, items, |_, (o, j0, pieces)| {
+    par::for_each(opts.exec.par, slab_blocks(y, dims), |_, (o, j0, pieces)| {
         let xs = x.map(|x| &x[o * slab..(o + 1) * slab]);
         dispatch(level, ColsFwd { f, x: xs, inner, j0, pieces });
     });
 }
 
 /// Logsumexp over the middle axis; `out` is `[outer, inner]`.
-pub(crate) fn logsumexp<T: Element>(
-    p: &Plan,
-    opts: &Options,
-    outer: usize,
-    axis: usize,
-    inner: usize,
-    x: &[T],
-    out: &mut [T],
-) {
+pub(crate) fn logsumexp<T: Element>(p: &Plan, opts: &Options, (outer, axis, inner): Dims, x: &[T], out: &mut [T]) {
     if outer == 0 || inner == 0 {
         return;
     }
@@ -335,50 +334,34 @@ impl<T: Element> Task for ColsBwd<'_, T> {
 }
 
 /// Backward over the middle axis. `dy = None`: the gradient is read from `dx` (in place).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward<T: Element>(
     log: bool,
     p: &Plan,
     opts: &Options,
-    outer: usize,
-    axis: usize,
-    inner: usize,
+    dims: Dims,
     y: &[T],
     dy: Option<&[T]>,
     dx: &mut [T],
 ) {
+    let (outer, axis, inner) = dims;
     if outer == 0 || axis == 0 || inner == 0 {
         return;
     }
     let slab = axis * inner;
     if T::REPR == Repr::F64 {
-        let (mut cy, mut cg, mut res) = (vec![0.0f64; axis], vec![0.0f64; axis], vec![0.0f64; axis]);
-        for o in 0..outer {
-            for j in 0..inner {
-                for kx in 0..axis {
-                    let i = o * slab + kx * inner + j;
-                    cy[kx] = y[i].to_f64();
-                    cg[kx] = match dy {
-                        Some(d) => d[i].to_f64(),
-                        None => dx[i].to_f64(),
-                    };
-                }
-                scalar64::row_bwd(log, p.k64, &cy, &cg, &mut res);
-                for kx in 0..axis {
-                    dx[o * slab + kx * inner + j] = T::from_f64(res[kx]);
-                }
+        let (mut cy, mut cg) = (vec![0.0f64; axis], vec![0.0f64; axis]);
+        columns_f64(dims, dx, |base, dx, res| {
+            let g = dy.unwrap_or(dx);
+            for kx in 0..axis {
+                cy[kx] = y[base + kx * inner].to_f64();
+                cg[kx] = g[base + kx * inner].to_f64();
             }
-        }
+            scalar64::row_bwd(log, p.k64, &cy, &cg, res);
+        });
         return;
     }
-    let mut items = Vec::new();
-    for (o, ds) in dx.chunks_mut(slab).take(outer).enumerate() {
-        for (j0, pieces) in blocks(ds, inner) {
-            items.push((o, j0, pieces));
-        }
-    }
     let (level, kk) = (p.level, p.k);
-    par::for_each(opts.exec.par, items, |_, (o, j0, pieces)| {
+    par::for_each(opts.exec.par, slab_blocks(dx, dims), |_, (o, j0, pieces)| {
         let ys = &y[o * slab..(o + 1) * slab];
         let gs = dy.map(|d| &d[o * slab..(o + 1) * slab]);
         dispatch(level, ColsBwd { log, kk, y: ys, dy: gs, inner, j0, pieces });

@@ -266,7 +266,7 @@ pub(crate) fn backward_impl<T: Element>(
         return Ok(());
     }
     if let Kind::Axis { outer, axis, inner } = y.layout.kind {
-        axis::backward(log, &p, opts, outer, axis, inner, y.data, dy.map(|d| d.data), dx.data);
+        axis::backward(log, &p, opts, (outer, axis, inner), y.data, dy.map(|d| d.data), dx.data);
         return Ok(());
     }
     Err(Error::ShapeMismatch { what: "dx", got: dx.layout.describe(), expected: y.layout.describe() })

@@ -204,7 +204,7 @@ pub(crate) fn forward_impl<T: Element>(
         return Ok(());
     }
     if let Kind::Axis { outer, axis, inner } = xl.kind {
-        axis::forward(f, &p, opts, outer, axis, inner, x.map(|x| x.data), &mut *y.data);
+        axis::forward(f, &p, opts, (outer, axis, inner), x.map(|x| x.data), &mut *y.data);
         return Ok(());
     }
     Err(Error::ShapeMismatch { what: "output", got: y.layout.describe(), expected: xl.describe() })
@@ -263,7 +263,7 @@ pub(crate) fn logsumexp_impl<T: Element>(x: View<'_, T>, out: &mut [T], opts: &O
         return Ok(());
     }
     if let Kind::Axis { outer, axis, inner } = x.layout.kind {
-        axis::logsumexp(&p, opts, outer, axis, inner, x.data, out);
+        axis::logsumexp(&p, opts, (outer, axis, inner), x.data, out);
     }
     Ok(())
 }

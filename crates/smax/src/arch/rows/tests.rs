@@ -4,7 +4,7 @@ use crate::arch::{SimdLevel, Task, dispatch};
 /// What [`WritePass`] runs.
 #[derive(Clone, Copy, Debug)]
 enum Kind {
-    /// `write_softmax` / `write_log_softmax`.
+    /// `write_row` without a next row.
     Write,
     /// The same fused with the online pass over the second input.
     WriteNext,
@@ -32,16 +32,12 @@ impl Task for WritePass<'_> {
         let (m, k, c) = (0.75f32, 1.25f32, 0.3f32);
         let WritePass { x, y, other, kind, log, stream } = self;
         let mut st = Online::EMPTY;
+        let map = if log { RowMap::LogSoftmax { m, k, ls: c } } else { RowMap::Softmax { m, k, c } };
         match (kind, log) {
-            (Kind::Write, false) => write_softmax(s, x, y, m, k, c, stream, Ahead::NONE),
-            (Kind::Write, true) => write_log_softmax(s, x, y, m, k, c, stream, Ahead::NONE),
-            (Kind::WriteNext, log) => {
+            (Kind::Write, _) => write_row(s, x, y, map, stream, Ahead::NONE, None),
+            (Kind::WriteNext, _) => {
                 let n = Next { x: other, k, st: &mut st, pf: Ahead::NONE };
-                if log {
-                    write_log_softmax_next(s, x, y, m, k, c, stream, Ahead::NONE, n);
-                } else {
-                    write_softmax_next(s, x, y, m, k, c, stream, Ahead::NONE, n);
-                }
+                write_row(s, x, y, map, stream, Ahead::NONE, Some(n));
             }
             (Kind::Backward, false) => softmax_bwd(s, x, other, y, c, k, stream),
             (Kind::Backward, true) => log_softmax_bwd(s, x, other, y, c, k, stream),

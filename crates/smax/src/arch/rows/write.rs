@@ -137,80 +137,46 @@ fn write_map<S: Isa>(
     }
 }
 
-/// `y_i = exp((x_i − m)·k) · c`; with `stream`, aligned full vectors bypass the cache.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn write_softmax<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, c: f32, stream: bool, pf: Ahead) {
-    write_map(s, x, y, stream, f32::NEG_INFINITY, pf, None, softmax_map(s, m, k, c));
+/// The map of a row's write pass, from the row's max `m` and inverse temperature `k`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum RowMap {
+    /// `y = exp((x − m)·k) · c` (`c = 1/Σ`).
+    Softmax { m: f32, k: f32, c: f32 },
+    /// `y = (x − m)·k − ls` (`ls = ln Σ`; one rounding: fused multiply-add).
+    LogSoftmax { m: f32, k: f32, ls: f32 },
 }
 
-/// [`write_softmax`] with the online pass over the next row in the same loop (see
-/// [`write_map`]). A separate function so the plain write sites do not compile the fused loop.
+/// `y_i = map(x_i)`; with `stream`, aligned full vectors bypass the cache; with `next`, fused
+/// with the online pass over the next row (see [`write_map`]). Callers pass `map` and `next`
+/// as constants of their branch, so each inlined copy compiles one map and one loop.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn write_softmax_next<S: Isa>(
+pub(crate) fn write_row<S: Isa>(
     s: S,
     x: &[f32],
     y: &mut [f32],
-    m: f32,
-    k: f32,
-    c: f32,
+    map: RowMap,
     stream: bool,
     pf: Ahead,
-    next: Next<'_, '_>,
+    next: Option<Next<'_, '_>>,
 ) {
-    write_map(s, x, y, stream, f32::NEG_INFINITY, pf, Some(next), softmax_map(s, m, k, c));
-}
-
-#[inline(always)]
-fn softmax_map<S: Isa>(s: S, m: f32, k: f32, c: f32) -> impl Fn(S::f32s) -> S::f32s {
-    let (vm, vk, vc) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(c));
-    inl(
-        #[inline(always)]
-        move |v: S::f32s| s.mul_f32s(exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk)), vc),
-    )
-}
-
-/// `y_i = (x_i − m)·k − ls` (one rounding: fused multiply-add).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn write_log_softmax<S: Isa>(
-    s: S,
-    x: &[f32],
-    y: &mut [f32],
-    m: f32,
-    k: f32,
-    ls: f32,
-    stream: bool,
-    pf: Ahead,
-) {
-    write_map(s, x, y, stream, 0.0, pf, None, log_softmax_map(s, m, k, ls));
-}
-
-/// [`write_log_softmax`] with the online pass over the next row in the same loop.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn write_log_softmax_next<S: Isa>(
-    s: S,
-    x: &[f32],
-    y: &mut [f32],
-    m: f32,
-    k: f32,
-    ls: f32,
-    stream: bool,
-    pf: Ahead,
-    next: Next<'_, '_>,
-) {
-    write_map(s, x, y, stream, 0.0, pf, Some(next), log_softmax_map(s, m, k, ls));
-}
-
-#[inline(always)]
-fn log_softmax_map<S: Isa>(s: S, m: f32, k: f32, ls: f32) -> impl Fn(S::f32s) -> S::f32s {
-    let (vm, vk, vl) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(-ls));
-    inl(
-        #[inline(always)]
-        move |v: S::f32s| s.mul_add_f32s(s.sub_f32s(v, vm), vk, vl),
-    )
+    match map {
+        RowMap::Softmax { m, k, c } => {
+            let (vm, vk, vc) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(c));
+            let f = inl(
+                #[inline(always)]
+                move |v: S::f32s| s.mul_f32s(exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk)), vc),
+            );
+            write_map(s, x, y, stream, f32::NEG_INFINITY, pf, next, f)
+        }
+        RowMap::LogSoftmax { m, k, ls } => {
+            let (vm, vk, vl) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(-ls));
+            let f = inl(
+                #[inline(always)]
+                move |v: S::f32s| s.mul_add_f32s(s.sub_f32s(v, vm), vk, vl),
+            );
+            write_map(s, x, y, stream, 0.0, pf, next, f)
+        }
+    }
 }
 
 #[inline(always)]

@@ -37,14 +37,15 @@ pub(super) fn rows_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOu
             let (o, a, fix) = class_row(c, xr, yi, st.m, st.d);
             // The chain factor ∂t/∂x = k folds into the constant (one rounding).
             let c1 = (a / st.d * k64) as f32;
+            let map = k::RowMap::Softmax { m: st.m, k: kf, c: c1 };
             match next {
                 Some(nx) => {
                     let mut ns = k::Online::EMPTY;
                     let n = k::Next { x: nx, k: kf, st: &mut ns, pf: ahead(nx) };
-                    k::write_softmax_next(s, xr, gr, st.m, kf, c1, c.stream, Ahead::NONE, n);
+                    k::write_row(s, xr, gr, map, c.stream, Ahead::NONE, Some(n));
                     fused = Some(ns);
                 }
-                None => k::write_softmax(s, xr, gr, st.m, kf, c1, c.stream, Ahead::NONE),
+                None => k::write_row(s, xr, gr, map, c.stream, Ahead::NONE, None),
             }
             gr[yi] -= fix;
             o
