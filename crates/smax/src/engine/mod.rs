@@ -318,7 +318,6 @@ fn row_map(f: &Fwd, st: Online) -> k::RowMap {
 /// of one length. The output and the returned state are bit for bit those of [`seg_write`]
 /// and [`seg_online`].
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn seg_write_next<S: Isa, T: Element>(
     s: S,
     f: &Fwd,
@@ -326,8 +325,7 @@ pub(crate) fn seg_write_next<S: Isa, T: Element>(
     y: &mut [T],
     st: Online,
     pf: Ahead,
-    next: &[T],
-    npf: Ahead,
+    (next, npf): (&[T], Ahead),
 ) -> Option<Online> {
     let (xf, nf) = (T::as_f32(x)?, T::as_f32(next)?);
     let yf = T::as_f32_mut(y)?;
@@ -356,7 +354,7 @@ pub(crate) fn pipe_row<S: Isa, T: Element>(
 ) -> Online {
     if regular(st) {
         if let Some((nx, npf)) = next {
-            if let Some(ns) = seg_write_next(s, f, x, y, st, pf, nx, npf) {
+            if let Some(ns) = seg_write_next(s, f, x, y, st, pf, (nx, npf)) {
                 return ns;
             }
         }
