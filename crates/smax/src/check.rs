@@ -16,3 +16,20 @@ pub(crate) fn targets(t: &[i64], rows: usize, classes: usize, ignore: Option<i64
         None => Ok(()),
     }
 }
+
+/// A temperature `τ` and its inverse `(1/τ as f32, 1/τ)`: valid when `τ` is finite and > 0 and
+/// `1/τ` is finite (and, where the compute type is f32, finite and > 0 in f32), so no
+/// `x·(1/τ)` of a finite logit starts out infinite or zero because of `τ` alone.
+pub(crate) fn inv_temperature(t: f64, f32_compute: bool) -> Result<(f32, f64)> {
+    let bad =
+        || Error::bad_parameter("temperature", t, "finite and > 0, with 1/temperature finite in the compute type");
+    if !(t.is_finite() && t > 0.0) {
+        return Err(bad());
+    }
+    let k64 = 1.0 / t;
+    let k32 = k64 as f32;
+    if !k64.is_finite() || (f32_compute && !(k32.is_finite() && k32 > 0.0)) {
+        return Err(bad());
+    }
+    Ok((k32, k64))
+}

@@ -66,7 +66,8 @@ impl Layout {
     /// row's stride is irrelevant and reported as its length.
     pub(crate) fn row_stride(&self) -> Option<usize> {
         match self.kind {
-            Kind::Rows { rows, len, stride } => Some(if rows <= 1 { len } else { stride }),
+            // Empty rows all sit at offset 0, whatever the stride (the buffer may be empty).
+            Kind::Rows { rows, len, stride } => Some(if rows <= 1 || len == 0 { len } else { stride }),
             Kind::Axis { axis, inner: 1, .. } => Some(axis),
             Kind::Axis { .. } => None,
         }

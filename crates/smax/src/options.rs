@@ -2,7 +2,7 @@
 //! SIMD level.
 
 use crate::arch::SimdLevel;
-use crate::error::{Error, Result};
+use crate::error::Result;
 pub use crate::par::Par;
 
 /// What softmax and log-softmax return for a row whose entries are all `-inf` (a fully
@@ -179,17 +179,6 @@ setters!(Options { temperature: f64, masked_row: MaskedRow, algorithm: Algorithm
 impl Options {
     /// `1/τ` in f32 and f64, validated.
     pub(crate) fn inv_temperature(&self, f32_compute: bool) -> Result<(f32, f64)> {
-        let t = self.temperature;
-        let bad =
-            || Error::bad_parameter("temperature", t, "finite and > 0, with 1/temperature finite in the compute type");
-        if !(t.is_finite() && t > 0.0) {
-            return Err(bad());
-        }
-        let k64 = 1.0 / t;
-        let k32 = k64 as f32;
-        if !k64.is_finite() || (f32_compute && !(k32.is_finite() && k32 > 0.0)) {
-            return Err(bad());
-        }
-        Ok((k32, k64))
+        crate::check::inv_temperature(self.temperature, f32_compute)
     }
 }

@@ -239,6 +239,11 @@ fn gate_worked_example_a5_and_backward() {
         }
     }
     assert!(matches!(attention_gate(&mut out, &[0.0, 1.0], 2), Err(Error::LengthMismatch { .. })));
+    // rows · d wraps to 0 in usize: an overflow error, not an empty match (or an index panic).
+    let huge = usize::MAX / 2 + 1;
+    assert!(matches!(attention_gate(&mut [], &[0.0, 1.0], huge), Err(Error::SizeOverflow { .. })));
+    let e = attention_gate_backward(&[], &[0.0, 1.0], &[], huge, &mut [], &mut [0.0; 2]);
+    assert!(matches!(e, Err(Error::SizeOverflow { .. })), "{e:?}");
     assert!(gate_bias_init(f64::NAN).is_err());
     assert_eq!(gate_bias_init(0.5).unwrap(), 0.0);
 }
@@ -444,6 +449,31 @@ fn lssa_matches_reference_with_masks_and_gqa() {
             close("lssa", &out, &want, 1e-5);
         }
     }
+}
+
+/// A query offset near `i64::MAX` puts every row far past `offset_rows` (offset 1), exactly as
+/// any other large offset does; the position arithmetic never wraps.
+#[test]
+fn lssar_huge_query_offset_is_a_late_position() {
+    let mut rng = Rng(45);
+    let s = AttentionShape::new(1, 2, 5, 9, 8);
+    let (q, k, v) =
+        (f32s(rng.vec(s.out_len(), 1.0)), f32s(rng.vec(s.kv_len_elems(), 1.0)), f32s(rng.vec(s.kv_len_elems(), 1.0)));
+    let run = |offset: i64| {
+        let mut out = vec![0.0f32; s.out_len()];
+        let o = AttentionOptions::default().positions(QueryPositions::Offset(offset));
+        attention_lssa(
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+            &mut out,
+            &o.with_variant(Lssa::default()),
+        )
+        .unwrap();
+        out
+    };
+    let late = run(1000);
+    assert_ne!(late, run(0), "the offset rule must matter for this input");
+    assert_eq!(run(i64::MAX), late);
+    assert_eq!(run(i64::MAX - 2), late);
 }
 
 #[test]

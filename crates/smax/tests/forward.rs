@@ -673,3 +673,24 @@ fn grouped_long_rows_match_rows_alone() {
         }
     }
 }
+
+/// Empty rows with a row stride and an empty buffer (README §0.1: an empty row's log-sum-exp is
+/// `-inf`, its softmax is empty): every entry point that walks rows treats them as empty rows
+/// at offset 0, whatever the stride.
+#[test]
+fn empty_strided_rows_are_empty_rows() {
+    let empty: [f32; 0] = [];
+    let x = View::new(&empty[..], Layout::strided_rows(2, 0, 1)).unwrap();
+    let lse = logsumexp_to_vec(x, &Options::default()).unwrap();
+    assert_eq!(lse, vec![f32::NEG_INFINITY; 2]);
+    let empty64: [f64; 0] = [];
+    let x64 = View::new(&empty64[..], Layout::strided_rows(2, 0, 3)).unwrap();
+    assert_eq!(logsumexp_to_vec(x64, &Options::default()).unwrap(), vec![f64::NEG_INFINITY; 2]);
+    let mut out: [f32; 0] = [];
+    softmax(x, ViewMut::new(&mut out[..], Layout::strided_rows(2, 0, 5)).unwrap(), &Options::default()).unwrap();
+    assert_eq!(smax::loss::softmax_collapse_fraction(x).unwrap(), 0.0);
+    let mut scores = [0.0f64; 2];
+    let opts = smax::calibrate::OodOptions { score: smax::calibrate::OodScore::MaxLogit, ..Default::default() };
+    smax::calibrate::ood_scores(x, &mut scores, &opts).unwrap();
+    assert!(scores.iter().all(|&s| s == f64::NEG_INFINITY), "{scores:?}");
+}

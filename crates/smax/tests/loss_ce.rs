@@ -586,6 +586,8 @@ fn bad_input_is_a_typed_error() {
         (d.class_weights(&wn), "class_weights"),
         (d.temperature(0.0), "temperature"),
         (d.temperature(f64::NAN), "temperature"),
+        // 1/τ = 1e39 overflows f32: every scaled logit would be ±inf (loss +inf, gradient 0).
+        (d.temperature(1e-39), "temperature"),
         (d.label_smoothing(1.5), "label_smoothing"),
         (d.z_loss(-1.0), "z_loss"),
         (d.softcap(0.0), "softcap"),
@@ -596,6 +598,16 @@ fn bad_input_is_a_typed_error() {
             other => panic!("{name}: {other:?}"),
         }
     }
+    // f64 logits compute in f64, where 1/τ = 1e39 is an ordinary number.
+    let x64: Vec<f64> = x.iter().map(|&v| v as f64 * 1e-39).collect();
+    let r = cross_entropy(
+        View::rows(&x64, 2, 3).unwrap(),
+        Targets::Classes(&[0, 0]),
+        None,
+        RowOutputs::default(),
+        &d.temperature(1e-39),
+    );
+    assert!(r.unwrap().loss.is_finite());
     let q = [0.0f32; 4];
     assert!(matches!(
         ce(Targets::Probs(View::rows(&q, 2, 2).unwrap()), &d),

@@ -216,9 +216,10 @@ fn clipped_d<T: Element>(
 /// `1/(1 + e^{−g})` in f64 (no overflow for any finite `g`; `±inf` gives 0 or 1, NaN gives NaN).
 /// Initialise the gate bias with [`gate_bias_init`] (`π_init = 0.25` in the paper).
 ///
-/// Errors: `out.len() ≠ gate_logits.len()·d`.
+/// Errors: `out.len() ≠ gate_logits.len()·d`, or a product `gate_logits.len()·d` that overflows
+/// (`Error::SizeOverflow`).
 pub fn attention_gate(out: &mut [f32], gate_logits: &[f32], d: usize) -> Result<()> {
-    check_out("out", out.len(), gate_logits.len() * d)?;
+    check_out("out", out.len(), gated_len(gate_logits.len(), d)?)?;
     if d == 0 {
         return Ok(());
     }
@@ -242,7 +243,7 @@ pub fn attention_gate_backward(
     d_attn: &mut [f32],
     d_logits: &mut [f32],
 ) -> Result<()> {
-    let n = gate_logits.len() * d;
+    let n = gated_len(gate_logits.len(), d)?;
     check_out("attn", attn.len(), n)?;
     check_out("d_gated", d_gated.len(), n)?;
     check_out("d_attn", d_attn.len(), n)?;
@@ -261,6 +262,11 @@ pub fn attention_gate_backward(
         }
     }
     Ok(())
+}
+
+/// `rows · d`, the length of the gated output; `Error::SizeOverflow` when it does not fit.
+fn gated_len(rows: usize, d: usize) -> Result<usize> {
+    rows.checked_mul(d).ok_or(Error::SizeOverflow { what: "attention gate", shape: format!("{rows} rows x {d}") })
 }
 
 /// The gate bias that makes the initial gate open `π_init` (A5): `logit(π) = −ln(1/π − 1)`

@@ -292,8 +292,9 @@ fn lssar_pass<T: Element>(
         let sm = &mut sbuf[..nb * kn];
         blk.tile(s, kb, sm, &mut vis);
         for (r, rw) in sm.chunks_mut(kn).enumerate() {
-            let pos = (blk.i0 + r) as i64 + sc.offset + 1;
-            let off = if pos <= offset_rows as i64 { 0.0 } else { 1.0 };
+            // The 1-based position, exact in i128 for any offset.
+            let pos = (blk.i0 + r) as i128 + sc.offset as i128 + 1;
+            let off = if pos <= offset_rows as i128 { 0.0 } else { 1.0 };
             let nn = blk.count[r] as f64;
             for (j, x) in rw.iter_mut().enumerate() {
                 let u = nn * (*x as f64) / ssum[r] - off;

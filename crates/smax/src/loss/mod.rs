@@ -138,11 +138,10 @@ setters!(CrossEntropyOptions<'w> {
 } some { class_weights: &'w [f32], softcap: f64 });
 
 impl CrossEntropyOptions<'_> {
-    fn check(&self) -> Result<()> {
+    /// `f32_compute`: the logits are computed in f32 (every element type but f64).
+    fn check(&self, f32_compute: bool) -> Result<()> {
         let bad = |name, value: f64, expected| Err(Error::bad_parameter(name, value, expected));
-        if !(self.temperature.is_finite() && self.temperature > 0.0 && (1.0 / self.temperature) as f32 > 0.0) {
-            return bad("temperature", self.temperature, "finite and > 0");
-        }
+        crate::check::inv_temperature(self.temperature, f32_compute)?;
         if !(0.0..=1.0).contains(&self.label_smoothing) {
             return bad("label_smoothing", self.label_smoothing, "in [0, 1]");
         }
@@ -299,7 +298,7 @@ fn validate<'a, T: Element>(
     rows_out: &RowOutputs<'_>,
     opts: &CrossEntropyOptions<'_>,
 ) -> Result<Checked<'a, T>> {
-    opts.check()?;
+    opts.check(T::REPR != crate::element::Repr::F64)?;
     let (rows, len, xs) = x.row_geometry(
         "logits",
         "cross-entropy takes row layouts (classes along the last axis, or an axis layout with inner = 1)",

@@ -462,7 +462,7 @@ fn check(
         grad_scale: o.grad_scale,
         ..Default::default()
     };
-    ce.check()?;
+    ce.check(true)?;
     if let Some(f) = o.filter {
         if !(f.is_finite() && f >= 0.0) {
             return bad("filter", format!("{f}"), "finite and >= 0");
