@@ -157,7 +157,7 @@ pub(crate) use setters;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Options {
     /// Divides the inputs: `softmax(x / τ)`. Must be finite and `> 0` with `1/τ` finite in the
-    /// compute type ([`Error::BadParameter`] otherwise). Applied after the max shift, as
+    /// compute type ([`Error::BadParameter`](crate::Error::BadParameter) otherwise). Applied after the max shift, as
     /// `(x − max)·(1/τ)`, so no τ can overflow the exponent.
     pub temperature: f64,
     /// Result for fully masked rows (softmax and log-softmax).

@@ -25,7 +25,7 @@ use crate::options::Par;
 /// accumulating `dQ` in f32 for its heads; with fewer pairs than threads (grouped-query
 /// attention at small batch) the work splits into key blocks for dK/dV, then query blocks for
 /// dQ (two more products per tile, every thread busy, the same bits). Results are bitwise
-/// identical for any thread count. Errors: as [`attention`], plus wrong lengths of `out`, `d_out`, `lse` or the
+/// identical for any thread count. Errors: as [`attention`](super::attention), plus wrong lengths of `out`, `d_out`, `lse` or the
 /// gradients.
 pub fn attention_backward<T: AttnElement>(
     inputs: AttentionInputs<'_, T>,

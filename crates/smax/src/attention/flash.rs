@@ -17,7 +17,7 @@ use crate::error::Result;
 /// docs for scores, masks, layouts and special values), written to `out`, contiguous
 /// `[batch, q_heads, q_len, head_dim]`. With `lse`, also writes the per-row log-sum-exp of
 /// the scores, `[batch, q_heads, q_len]` (`-inf` for a row with no visible key), which
-/// [`attention_backward`] and [`merge_attention_states`](super::merge_attention_states)
+/// [`attention_backward`](super::attention_backward) and [`merge_attention_states`](super::merge_attention_states)
 /// take.
 ///
 /// Never materialises `q_len × kv_len`: query blocks of `tiles.q` rows stream key blocks of
