@@ -115,6 +115,25 @@ fn softmax_into(s: &[f64], out: &mut [f64]) {
     }
 }
 
+/// `w ← w / Σw`, for weights proportional to `exp(scores)`. When every weight underflowed to 0
+/// (a correction bias can choose experts whose softmax weight is below the smallest f64), the
+/// same normalisation in the log domain over the entries `keep` allows: `softmax(scores)` there,
+/// 0 elsewhere, instead of `0/0`.
+fn renormalize_weights(w: &mut [f64], scores: &[f64], keep: impl Fn(usize) -> bool) {
+    let t: f64 = w.iter().sum();
+    if t > 0.0 {
+        w.iter_mut().for_each(|v| *v /= t);
+        return;
+    }
+    let m = (0..w.len()).filter(|&j| keep(j)).map(|j| scores[j]).fold(f64::NEG_INFINITY, f64::max);
+    let mut sum = 0.0;
+    for (j, v) in w.iter_mut().enumerate() {
+        *v = if keep(j) && scores[j] != f64::NEG_INFINITY { (scores[j] - m).exp() } else { 0.0 };
+        sum += *v;
+    }
+    w.iter_mut().for_each(|v| *v /= sum);
+}
+
 /// Routes every token (row of `logits`, one column per expert) to `p.k` experts: expert ids
 /// into `experts` and their weights into `weights` (both `tokens x k`, best first), returning
 /// the load-balancing statistics. `bias` is the optional per-expert correction bias
@@ -271,22 +290,20 @@ fn route_token<T: Element>(
     }
     let chosen = &mut idx[..k];
     chosen.sort_unstable_by(cmp);
+    // The chosen experts' scores: every weight below is proportional to `exp(score)`.
+    for (o, &i) in sk.iter_mut().zip(chosen.iter()) {
+        *o = s[i];
+    }
     match p.order {
         GateOrder::SoftmaxThenTopK { renormalize } => {
             for (o, &i) in w.iter_mut().zip(chosen.iter()) {
                 *o = prob[i];
             }
             if renormalize {
-                let t: f64 = w.iter().sum();
-                w.iter_mut().for_each(|v| *v /= t);
+                renormalize_weights(w, sk, |_| true);
             }
         }
-        GateOrder::TopKThenSoftmax => {
-            for (o, &i) in sk.iter_mut().zip(chosen.iter()) {
-                *o = s[i];
-            }
-            softmax_into(sk, w);
-        }
+        GateOrder::TopKThenSoftmax => softmax_into(sk, w),
     }
     if let Some(th) = p.threshold {
         // The largest weight (first of equals) is never dropped: never route to nothing.
@@ -296,8 +313,8 @@ fn route_token<T: Element>(
                 *v = 0.0;
             }
         }
-        let t: f64 = w.iter().sum();
-        w.iter_mut().for_each(|v| *v /= t);
+        // Σw = 0 only when every weight underflowed: then all were below a positive threshold.
+        renormalize_weights(w, sk, |j| j == amax || th <= 0.0);
     }
     for j in 0..k {
         exr[j] = chosen[j] as u32;

@@ -223,3 +223,28 @@ fn thread_count_determinism() {
         assert!(pool.install(|| run(Par::Rayon)) == base, "{threads} threads");
     }
 }
+
+/// A correction bias that picks an expert whose softmax weight underflows to 0: the
+/// renormalised weight is 1 (the log-domain renormalisation), never `0/0`; with a threshold
+/// after it, the same.
+#[test]
+fn renormalising_underflowed_weights_gives_one() {
+    let h = [0.0f64, -1000.0, -2000.0];
+    let bias = [0.0f32, 1e9, 0.0];
+    let renorm = GateOrder::SoftmaxThenTopK { renormalize: true };
+    for threshold in [None, Some(0.1)] {
+        let p = GateOptions { k: 1, order: renorm, threshold, ..Default::default() };
+        let (ex, w, _) = route(&h, 3, &p, Some(&bias));
+        assert_eq!((ex[0], w[0]), (1, 1.0), "threshold {threshold:?}");
+    }
+    // Two chosen experts that both underflow: the weights are the softmax of their scores.
+    let bias2 = [0.0f32, 1e9, 1e9];
+    let p = GateOptions { k: 2, order: renorm, ..Default::default() };
+    let (ex, w, _) = route(&h, 3, &p, Some(&bias2));
+    assert_eq!(ex, vec![1, 2]);
+    assert_eq!(w, vec![1.0, 0.0]);
+    // Without renormalisation a threshold still keeps the largest weight, renormalised to 1.
+    let p = GateOptions { k: 1, threshold: Some(0.1), ..Default::default() };
+    let (_, w, _) = route(&h, 3, &p, Some(&bias));
+    assert_eq!(w[0], 1.0);
+}
