@@ -9,9 +9,10 @@ use super::*;
 /// stopped: `L = −T_t·ln S_t − γλ²·Σ_{k≠t} T̂_k ln Ŝ_k`, where `S`, `T` are the softmaxes of the
 /// student and teacher logits and `Ŝ`, `T̂` the softmaxes of their non-target logits at
 /// temperature λ (computed over the K−1 logits, never as `S_k/(1 − S_t)`). Gradient with respect
-/// to the student: `T_t(S_k − [k = t]) + [k ≠ t]·γλ(Ŝ_k − T̂_k)`. The authors' defaults: λ = 1,
-/// γ = 1.5 (ImageNet ResNet-34→18); λ = 1, γ = 1 (DeiT); λ = 3, γ = 3.5 (CIFAR-100). The trainer
-/// adds the ordinary cross-entropy separately. K = 1 has no non-target part; a teacher whose
+/// to the student: `T_t(S_k − [k = t]) + [k ≠ t]·γλ(Ŝ_k − T̂_k)`. λ and γ are tuned per
+/// teacher/student pair and dataset ([`Nkd`]'s default is the authors' ImageNet setting; their
+/// other settings are in the repository's PERF.md, "Settings from the papers"). The trainer adds the
+/// ordinary cross-entropy separately. K = 1 has no non-target part; a teacher whose
 /// non-target logits are all `-inf` has `L_nt = 0` for that row, which is flagged.
 pub fn nkd_loss<T: Element>(
     student: View<'_, T>,
@@ -111,8 +112,8 @@ pub enum UskdRanking {
     CodeLogProb,
 }
 
-/// Options of [`uskd_loss`]. `Default` is the authors' ImageNet setting (α = 1, β = 0.1,
-/// μ = 0.005); their CIFAR-100 setting is α = 0.1, β = 0.1, μ = 0.1.
+/// Options of [`uskd_loss`]. The weights are tuned per dataset; `Default` is the authors'
+/// ImageNet setting (α = 1, β = 0.1, μ = 0.005; others in the repository's PERF.md, "Settings from the papers").
 #[derive(Debug, Clone, Copy)]
 pub struct UskdOptions {
     /// Weight α of the soft target term.
