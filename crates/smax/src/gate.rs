@@ -117,21 +117,16 @@ fn softmax_into(s: &[f64], out: &mut [f64]) {
 
 /// `w ← w / Σw`, for weights proportional to `exp(scores)`. When every weight underflowed to 0
 /// (a correction bias can choose experts whose softmax weight is below the smallest f64), the
-/// same normalisation in the log domain over the entries `keep` allows: `softmax(scores)` there,
-/// 0 elsewhere, instead of `0/0`.
+/// same normalisation in the log domain over the entries `keep` allows: [`softmax_into`] of
+/// their scores, 0 elsewhere, instead of `0/0`.
 fn renormalize_weights(w: &mut [f64], scores: &[f64], keep: impl Fn(usize) -> bool) {
     let t: f64 = w.iter().sum();
     if t > 0.0 {
         w.iter_mut().for_each(|v| *v /= t);
         return;
     }
-    let m = (0..w.len()).filter(|&j| keep(j)).map(|j| scores[j]).fold(f64::NEG_INFINITY, f64::max);
-    let mut sum = 0.0;
-    for (j, v) in w.iter_mut().enumerate() {
-        *v = if keep(j) && scores[j] != f64::NEG_INFINITY { (scores[j] - m).exp() } else { 0.0 };
-        sum += *v;
-    }
-    w.iter_mut().for_each(|v| *v /= sum);
+    let kept: Vec<f64> = scores.iter().enumerate().map(|(j, &v)| if keep(j) { v } else { f64::NEG_INFINITY }).collect();
+    softmax_into(&kept, w);
 }
 
 /// Routes every token (row of `logits`, one column per expert) to `p.k` experts: expert ids

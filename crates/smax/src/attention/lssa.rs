@@ -137,6 +137,8 @@ struct Block<'c, 'x, T> {
     scale: Vec<f32>,
     lo: usize,
     hi: usize,
+    /// Value rows widened to f32 (non-f32 types), reused across tiles.
+    vbuf: std::cell::Cell<Vec<f32>>,
 }
 
 impl<'c, 'x, T: Element> Block<'c, 'x, T> {
@@ -167,6 +169,7 @@ impl<'c, 'x, T: Element> Block<'c, 'x, T> {
             scale,
             lo: sc.range(i0).0,
             hi: sc.range(i0 + nb - 1).1,
+            vbuf: Default::default(),
         }
     }
 
@@ -201,10 +204,11 @@ impl<'c, 'x, T: Element> Block<'c, 'x, T> {
 
     /// `acc += W·V` for the tile's weights `sm` (the visible pairs in `vis`).
     fn add_values(&self, s: &AttentionShape, (j0, kn): (usize, usize), acc: &mut [f32], sm: &[f32], vis: &[bool]) {
-        let mut vbuf = Vec::new();
+        let mut vbuf = self.vbuf.take();
         let vm = rows_f32(&self.cx.v, self.b, self.h / s.group(), j0, kn, s.head_dim, &mut vbuf);
         let bad = !all_finite(self.cx.level, &vm);
         accumulate_pv(acc, sm, &vm, bad.then_some(vis));
+        self.vbuf.set(vbuf);
     }
 
     /// `out_r = acc_r / den_r` (0 for a row that sees nothing), on the rows `keep` selects.
@@ -292,9 +296,8 @@ fn lssar_pass<T: Element>(
         let sm = &mut sbuf[..nb * kn];
         blk.tile(s, kb, sm, &mut vis);
         for (r, rw) in sm.chunks_mut(kn).enumerate() {
-            // The 1-based position, exact in i128 for any offset.
-            let pos = (blk.i0 + r) as i128 + sc.offset as i128 + 1;
-            let off = if pos <= offset_rows as i128 { 0.0 } else { 1.0 };
+            // 1-based position ≤ offset_rows, i.e. 0-based < offset_rows (in i128: neither side wraps).
+            let off = if (sc.position(blk.i0 + r) as i128) < offset_rows as i128 { 0.0 } else { 1.0 };
             let nn = blk.count[r] as f64;
             for (j, x) in rw.iter_mut().enumerate() {
                 let u = nn * (*x as f64) / ssum[r] - off;

@@ -23,11 +23,18 @@ pub(crate) struct Scores<'a> {
 }
 
 impl Scores<'_> {
+    /// The key position of query `i`, `i + offset`, saturating at the ends of i64 (masks and
+    /// position rules read it from here only).
+    #[inline]
+    pub fn position(&self, i: usize) -> i64 {
+        i64::try_from(i).unwrap_or(i64::MAX).saturating_add(self.offset)
+    }
+
     /// The keys `[lo, hi)` that causal and window allow for query `i`.
     #[inline]
     pub fn range(&self, i: usize) -> (usize, usize) {
         let wide = |x: usize| i64::try_from(x).unwrap_or(i64::MAX);
-        let p = wide(i).saturating_add(self.offset);
+        let p = self.position(i);
         let n = wide(self.kv_len);
         let mut lo = 0i64;
         let mut hi = n;
