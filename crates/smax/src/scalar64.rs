@@ -4,7 +4,7 @@
 //! not apply (every f64 row runs max; `Σ exp`; write).
 
 use crate::element::Element;
-use crate::engine::RowGeom;
+use crate::engine::{BwdRows, RowGeom};
 use crate::engine::{self, Fwd, FwdOp};
 use crate::options::Options;
 use crate::par;
@@ -195,18 +195,9 @@ pub(crate) fn rows_lse<T: Element>(k: f64, opts: &Options, g: RowGeom, x: &[T], 
     });
 }
 
-/// Backward over rows; `dy = None` reads the gradient from `dx` (in place).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn rows_bwd<T: Element>(
-    log: bool,
-    k: f64,
-    opts: &Options,
-    g: RowGeom,
-    gs: usize,
-    y: &[T],
-    dy: Option<&[T]>,
-    dx: &mut [T],
-) {
+/// Backward over rows (see [`BwdRows`]).
+pub(crate) fn rows_bwd<T: Element>(log: bool, k: f64, opts: &Options, rows: BwdRows<'_, T>) {
+    let BwdRows { g, gs, y, dy, dx } = rows;
     if g.rows == 0 || g.len == 0 {
         return;
     }

@@ -14,12 +14,18 @@ pub(crate) struct Scores<'a> {
     pub cap: f32,
     /// Multiplier of the bias: `1/τ`.
     pub cb: f32,
-    pub causal: bool,
-    pub offset: i64,
-    pub window: Option<Window>,
-    pub bias: Option<ScoreBias<'a>>,
-    pub keep: Option<KeepMask<'a>>,
+    /// Keys per head.
     pub kv_len: usize,
+    /// Causal mask: query `i` sees keys `j ≤ position(i)`.
+    pub causal: bool,
+    /// The key position of query 0 (see [`Scores::position`]).
+    pub offset: i64,
+    /// Sliding window around `position(i)`.
+    pub window: Option<Window>,
+    /// Additive bias, scaled by `cb`.
+    pub bias: Option<ScoreBias<'a>>,
+    /// Boolean keep mask.
+    pub keep: Option<KeepMask<'a>>,
 }
 
 impl Scores<'_> {
@@ -153,11 +159,11 @@ pub(crate) fn scores<'a>(s: &AttentionShape, o: &AttentionOptions<'a>) -> Result
         scale,
         cap,
         cb: 1.0 / t,
+        kv_len: s.kv_len,
         causal: o.causal,
         offset,
         window: o.window,
         bias: o.bias,
         keep: o.keep,
-        kv_len: s.kv_len,
     })
 }

@@ -40,6 +40,17 @@ pub(crate) struct RowGeom {
     pub ys: usize,
 }
 
+/// The operands of a backward pass over rows: `y` (the forward output) and `dx` in `g`'s
+/// geometry, the upstream gradient `dy` with row stride `gs`; `dy = None` reads the upstream
+/// gradient from `dx` (in place).
+pub(crate) struct BwdRows<'a, T> {
+    pub g: RowGeom,
+    pub gs: usize,
+    pub y: &'a [T],
+    pub dy: Option<&'a [T]>,
+    pub dx: &'a mut [T],
+}
+
 /// The row geometry of two layouts of the same shape, when both are plain rows (axis
 /// layouts with `inner = 1` included).
 pub(crate) fn row_geom(x: &Layout, y: &Layout) -> Option<RowGeom> {
@@ -312,36 +323,12 @@ fn row_map(f: &Fwd, st: Online) -> k::RowMap {
     }
 }
 
-/// Writes a regular f32 row (or chunk) `x → y` from its statistics `st` while computing the
-/// online statistics of `next`, the same segment of the next row (software pipelining across
-/// rows; see `rows::write_map`). `None` (nothing done) unless all three are f32 slices
-/// of one length. The output and the returned state are bit for bit those of [`seg_write`]
-/// and [`seg_online`].
-#[inline(always)]
-pub(crate) fn seg_write_next<S: Isa, T: Element>(
-    s: S,
-    f: &Fwd,
-    x: &[T],
-    y: &mut [T],
-    st: Online,
-    pf: Ahead,
-    (next, npf): (&[T], Ahead),
-) -> Option<Online> {
-    let (xf, nf) = (T::as_f32(x)?, T::as_f32(next)?);
-    let yf = T::as_f32_mut(y)?;
-    if xf.len() != nf.len() || xf.len() != yf.len() {
-        return None;
-    }
-    let mut ns = Online::EMPTY;
-    let n = k::Next { x: nf, k: f.k, st: &mut ns, pf: npf };
-    k::write_row(s, xf, yf, row_map(f, st), f.stream, pf, Some(n));
-    Some(ns)
-}
-
 /// One row of a pipelined run: writes row `x → y` from its online statistics `st` (or fills a
 /// special row) and returns the online statistics of `next` (the next row, with its prefetch
-/// domain), computed in the same loop when possible. Every output and state is bit for bit
-/// what [`row_fwd`] with [`Algorithm::Online`] computes.
+/// domain). When the row is regular and `x`, `y` and `next` are f32 slices of one length,
+/// the next row's online pass runs inside this row's write loop (software pipelining across
+/// rows; see `rows::write_map`). Every output and state is bit for bit what [`row_fwd`] with
+/// [`Algorithm::Online`] computes.
 #[inline(always)]
 pub(crate) fn pipe_row<S: Isa, T: Element>(
     s: S,
@@ -354,8 +341,13 @@ pub(crate) fn pipe_row<S: Isa, T: Element>(
 ) -> Online {
     if regular(st) {
         if let Some((nx, npf)) = next {
-            if let Some(ns) = seg_write_next(s, f, x, y, st, pf, (nx, npf)) {
-                return ns;
+            if let (Some(xf), Some(nf), Some(yf)) = (T::as_f32(x), T::as_f32(nx), T::as_f32_mut(y)) {
+                if xf.len() == nf.len() && xf.len() == yf.len() {
+                    let mut ns = Online::EMPTY;
+                    let n = k::Next { x: nf, k: f.k, st: &mut ns, pf: npf };
+                    k::write_row(s, xf, yf, row_map(f, st), f.stream, pf, Some(n));
+                    return ns;
+                }
             }
         }
         seg_write(s, f, &mut Io::Sep(x, y), st, pf);

@@ -11,10 +11,8 @@ pub(crate) struct RowsFwd<'a, T> {
     pub f: Fwd,
     pub x: Option<&'a [T]>,
     pub y: &'a mut [T],
-    pub rows: usize,
-    pub len: usize,
-    pub xs: usize,
-    pub ys: usize,
+    /// The group's geometry (`rows` of the group; `x` and `y` start at its first row).
+    pub g: RowGeom,
     pub pipe: bool,
 }
 
@@ -22,7 +20,7 @@ impl<T: Element> Task for RowsFwd<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, s: S) {
-        let RowsFwd { f, x, y, rows, len, xs, ys, pipe } = self;
+        let RowsFwd { f, x, y, g: RowGeom { rows, len, xs, ys }, pipe } = self;
         if rows == 0 || len == 0 {
             return;
         }

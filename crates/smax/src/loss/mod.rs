@@ -246,21 +246,16 @@ pub fn cross_entropy<T: Element>(
 ) -> Result<LossReport> {
     // Through the instance compiled in this crate (see `crate::element::per_type`).
     (crate::element::per_type::<CeKernel<T>>([&CE_F32, &CE_F64, &CE_F16, &CE_BF16]).0)(
-        logits, targets, grad, rows_out, opts,
+        (logits, targets, grad, rows_out),
+        opts,
     )
 }
 
+/// The operands of a [`cross_entropy`] call, as its instance table passes them.
+type CeOperands<'a, T> = (View<'a, T>, Targets<'a, T>, Option<ViewMut<'a, T>>, RowOutputs<'a>);
+
 /// [`cross_entropy_impl`] instantiated for one element type.
-#[allow(clippy::type_complexity)]
-struct CeKernel<T: 'static>(
-    fn(
-        View<'_, T>,
-        Targets<'_, T>,
-        Option<ViewMut<'_, T>>,
-        RowOutputs<'_>,
-        &CrossEntropyOptions<'_>,
-    ) -> Result<LossReport>,
-);
+struct CeKernel<T: 'static>(fn(CeOperands<'_, T>, &CrossEntropyOptions<'_>) -> Result<LossReport>);
 
 static CE_F32: CeKernel<f32> = CeKernel(cross_entropy_impl::<f32>);
 static CE_F64: CeKernel<f64> = CeKernel(cross_entropy_impl::<f64>);
@@ -269,10 +264,7 @@ static CE_BF16: CeKernel<half::bf16> = CeKernel(cross_entropy_impl::<half::bf16>
 
 /// The body of [`cross_entropy`], instantiated once per element type in this crate.
 pub(crate) fn cross_entropy_impl<T: Element>(
-    logits: View<'_, T>,
-    targets: Targets<'_, T>,
-    grad: Option<ViewMut<'_, T>>,
-    rows_out: RowOutputs<'_>,
+    (logits, targets, grad, rows_out): CeOperands<'_, T>,
     opts: &CrossEntropyOptions<'_>,
 ) -> Result<LossReport> {
     let v = validate(&logits, targets, grad, &rows_out, opts)?;

@@ -16,25 +16,26 @@ pub(crate) const COLS: usize = 256;
 /// Axis steps between flushes of the f32 column sums into f64.
 pub(crate) const FLUSH: usize = 32;
 
-/// Splits the output of one outer slab into per-column-block lists of row pieces.
-fn blocks<T>(slab: &mut [T], inner: usize) -> Vec<(usize, Vec<&mut [T]>)> {
-    let nb = inner.div_ceil(COLS);
-    let mut out: Vec<(usize, Vec<&mut [T]>)> = (0..nb).map(|b| (b * COLS, Vec::new())).collect();
-    for row in slab.chunks_mut(inner) {
-        for (b, piece) in row.chunks_mut(COLS).enumerate() {
-            out[b].1.push(piece);
-        }
-    }
-    out
+/// One column block of an outer slab's output: `pieces[k]` holds columns `j0..j0 + w` of axis
+/// step `k` (`w ≤ COLS`), in a slab whose rows are `inner` long.
+struct ColBlock<'a, T> {
+    inner: usize,
+    j0: usize,
+    pieces: Vec<&'a mut [T]>,
 }
 
-/// The column-block work items of every outer slab of `out`: `(outer index, first column,
-/// row pieces)`.
-fn slab_blocks<T>(out: &mut [T], (outer, axis, inner): Dims) -> Vec<(usize, usize, Vec<&mut [T]>)> {
+/// The column-block work items of every outer slab of `out`, with their outer index.
+fn slab_blocks<T>(out: &mut [T], (outer, axis, inner): Dims) -> Vec<(usize, ColBlock<'_, T>)> {
     let mut items = Vec::new();
     for (o, slab) in out.chunks_mut(axis * inner).take(outer).enumerate() {
-        for (j0, pieces) in blocks(slab, inner) {
-            items.push((o, j0, pieces));
+        let first = items.len();
+        for b in 0..inner.div_ceil(COLS) {
+            items.push((o, ColBlock { inner, j0: b * COLS, pieces: Vec::with_capacity(axis) }));
+        }
+        for row in slab.chunks_mut(inner) {
+            for (b, piece) in row.chunks_mut(COLS).enumerate() {
+                items[first + b].1.pieces.push(piece);
+            }
         }
     }
     items
@@ -67,16 +68,14 @@ fn load<T: Element>(src: &[T], buf: &mut [f32]) {
 struct ColsFwd<'a, T> {
     f: Fwd,
     x: Option<&'a [T]>,
-    inner: usize,
-    j0: usize,
-    pieces: Vec<&'a mut [T]>,
+    out: ColBlock<'a, T>,
 }
 
 impl<T: Element> Task for ColsFwd<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, s: S) {
-        let ColsFwd { f, x, inner, j0, mut pieces } = self;
+        let ColsFwd { f, x, out: ColBlock { inner, j0, mut pieces } } = self;
         let axis = pieces.len();
         let w = pieces[0].len();
         let kk = f.k;
@@ -218,9 +217,9 @@ pub(crate) fn forward<T: Element>(f: Fwd, p: &Plan, opts: &Options, dims: Dims, 
         return;
     }
     let level = p.level;
-    par::for_each(opts.exec.par, slab_blocks(y, dims), |_, (o, j0, pieces)| {
+    par::for_each(opts.exec.par, slab_blocks(y, dims), |_, (o, out)| {
         let xs = x.map(|x| &x[o * slab..(o + 1) * slab]);
-        dispatch(level, ColsFwd { f, x: xs, inner, j0, pieces });
+        dispatch(level, ColsFwd { f, x: xs, out });
     });
 }
 
@@ -260,16 +259,14 @@ struct ColsBwd<'a, T> {
     kk: f32,
     y: &'a [T],
     dy: Option<&'a [T]>,
-    inner: usize,
-    j0: usize,
-    pieces: Vec<&'a mut [T]>,
+    dx: ColBlock<'a, T>,
 }
 
 impl<T: Element> Task for ColsBwd<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, s: S) {
-        let ColsBwd { log, kk, y, dy, inner, j0, mut pieces } = self;
+        let ColsBwd { log, kk, y, dy, dx: ColBlock { inner, j0, mut pieces } } = self;
         let axis = pieces.len();
         let w = pieces[0].len();
         let mut a32 = [0.0f32; COLS];
@@ -361,9 +358,9 @@ pub(crate) fn backward<T: Element>(
         return;
     }
     let (level, kk) = (p.level, p.k);
-    par::for_each(opts.exec.par, slab_blocks(dx, dims), |_, (o, j0, pieces)| {
+    par::for_each(opts.exec.par, slab_blocks(dx, dims), |_, (o, dx)| {
         let ys = &y[o * slab..(o + 1) * slab];
         let gs = dy.map(|d| &d[o * slab..(o + 1) * slab]);
-        dispatch(level, ColsBwd { log, kk, y: ys, dy: gs, inner, j0, pieces });
+        dispatch(level, ColsBwd { log, kk, y: ys, dy: gs, dx });
     });
 }

@@ -8,7 +8,7 @@ use super::axis;
 use crate::arch::rows::{self as k};
 use crate::arch::{Ahead, Isa, SimdLevel, Task, dispatch, inl};
 use crate::element::{Element, Repr};
-use crate::engine::{RowGeom, plan};
+use crate::engine::{BwdRows, RowGeom, plan};
 use crate::engine::{TILE, ahead};
 use crate::error::{Error, Result};
 use crate::layout::{Kind, View, ViewMut};
@@ -181,18 +181,9 @@ impl<T: Element> Task for SegBwd<'_, T> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn rows_bwd<T: Element>(
-    log: bool,
-    kk: f32,
-    level: SimdLevel,
-    opts: &Options,
-    g: RowGeom,
-    gs: usize,
-    y: &[T],
-    dy: Option<&[T]>,
-    dx: &mut [T],
-) {
+/// Backward over rows (see [`BwdRows`]): short rows in groups, long rows in chunks.
+fn rows_bwd<T: Element>(log: bool, kk: f32, level: SimdLevel, opts: &Options, rows: BwdRows<'_, T>) {
+    let BwdRows { g, gs, y, dy, dx } = rows;
     let RowGeom { rows, len, xs, ys } = g;
     if rows == 0 || len == 0 {
         return;
@@ -258,10 +249,11 @@ pub(crate) fn backward_impl<T: Element>(
             Some(d) => d.layout.row_stride().unwrap_or(g.ys),
             None => g.ys,
         };
+        let rows = BwdRows { g, gs, y: y.data, dy: dy.map(|d| d.data), dx: dx.data };
         if T::REPR == Repr::F64 {
-            scalar64::rows_bwd(log, p.k64, opts, g, gs, y.data, dy.map(|d| d.data), dx.data);
+            scalar64::rows_bwd(log, p.k64, opts, rows);
         } else {
-            rows_bwd(log, p.k, p.level, opts, g, gs, y.data, dy.map(|d| d.data), dx.data);
+            rows_bwd(log, p.k, p.level, opts, rows);
         }
         return Ok(());
     }

@@ -52,7 +52,7 @@ fn rows_fwd<T: Element>(f: Fwd, level: SimdLevel, opts: &Options, g: RowGeom, x:
     if let Some(per) = per {
         let items = par::row_groups_per(y, rows, len, ys, per);
         par::for_each(opts.exec.par, items, |_, (r0, cnt, yg)| {
-            dispatch(level, RowsFwd { f, x: x.map(|x| &x[r0 * xs..]), y: yg, rows: cnt, len, xs, ys, pipe });
+            dispatch(level, RowsFwd { f, x: x.map(|x| &x[r0 * xs..]), y: yg, g: RowGeom { rows: cnt, ..g }, pipe });
         });
         return;
     }

@@ -206,7 +206,8 @@ pub(crate) fn finish_max_next<S: Isa>(
     let within = |at: usize, len: usize| patch.filter(|p| p.0 >= at && p.0 < at + len).map(|(i, v)| (i - at, v));
     let h = stream_peel::<S>(y, stream);
     if h > 0 {
-        write_block(s, &buf[..h], &mut y[..h], false, 0.0, Ahead::NONE, &f, within(0, h));
+        let plain = Store { stream: false, fill: 0.0, pf: Ahead::NONE };
+        write_block(s, (&buf[..h], &mut y[..h]), plain, &f, within(0, h));
     }
     let mut wx = buf[h..].chunks(BLOCK);
     let mut wy = y[h..].chunks_mut(BLOCK);
@@ -221,7 +222,7 @@ pub(crate) fn finish_max_next<S: Isa>(
         }
         if let (Some(xb), Some(yb)) = (wx.next(), wy.next()) {
             let p = within(h + i * BLOCK, xb.len());
-            write_block(s, xb, yb, stream, 0.0, Ahead::NONE, &f, p);
+            write_block(s, (xb, yb), Store { stream, fill: 0.0, pf: Ahead::NONE }, &f, p);
         }
     }
     m

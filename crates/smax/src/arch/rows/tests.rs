@@ -17,12 +17,11 @@ enum Kind {
 /// One write pass over `x → y` (the softmax or the log-softmax form); returns the fused
 /// next-row state (`WriteNext`; empty otherwise).
 struct WritePass<'a> {
-    x: &'a [f32],
-    y: &'a mut [f32],
-    other: &'a [f32],
     kind: Kind,
     log: bool,
     stream: bool,
+    io: (&'a [f32], &'a mut [f32]),
+    other: &'a [f32],
 }
 
 impl Task for WritePass<'_> {
@@ -30,7 +29,7 @@ impl Task for WritePass<'_> {
     #[inline(always)]
     fn run<S: Isa>(self, s: S) -> (f32, f64) {
         let (m, k, c) = (0.75f32, 1.25f32, 0.3f32);
-        let WritePass { x, y, other, kind, log, stream } = self;
+        let WritePass { kind, log, stream, io: (x, y), other } = self;
         let mut st = Online::EMPTY;
         let map = if log { RowMap::LogSoftmax { m, k, ls: c } } else { RowMap::Softmax { m, k, c } };
         match (kind, log) {
@@ -72,7 +71,7 @@ fn streamed_writes_match_plain_writes_at_every_alignment() {
                         let mut want = vec![0.0f32; len];
                         let (xr, other) = (&x[..len], &nx[..len]);
                         let run =
-                            |y: &mut [f32], stream| dispatch(level, WritePass { x: xr, y, other, kind, log, stream });
+                            |y: &mut [f32], stream| dispatch(level, WritePass { kind, log, stream, io: (xr, y), other });
                         let sw = run(&mut want, false);
                         let flat = back.as_flattened_mut();
                         let y = &mut flat[off..off + len];

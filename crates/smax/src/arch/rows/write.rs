@@ -19,16 +19,21 @@ pub(super) fn stream_peel<S: Isa>(y: &[f32], stream: bool) -> usize {
     ((align - mis) / core::mem::size_of::<f32>()).min(y.len())
 }
 
+/// How a write pass stores: `stream` sends aligned full vectors past the cache, `fill` pads
+/// the tail lanes before the map, `pf` prefetches the input ahead.
+#[derive(Clone, Copy)]
+pub(super) struct Store<'p> {
+    pub stream: bool,
+    pub fill: f32,
+    pub pf: Ahead<'p>,
+}
+
 /// One block of [`write_map`] (no fence).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(super) fn write_block<S: Isa>(
     s: S,
-    x: &[f32],
-    y: &mut [f32],
-    stream: bool,
-    fill: f32,
-    pf: Ahead,
+    (x, y): (&[f32], &mut [f32]),
+    Store { stream, fill, pf }: Store,
     f: &impl Fn(S::f32s) -> S::f32s,
     patch: Option<(usize, f32)>,
 ) {
@@ -97,26 +102,26 @@ pub(crate) struct Next<'a, 'p> {
 /// two calls made separately: the same blocks, in the same order, through the same code. The
 /// callers pass `next` as a constant `None` or `Some`, so each inlined copy compiles one loop.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn write_map<S: Isa>(
     s: S,
-    x: &[f32],
-    y: &mut [f32],
-    stream: bool,
-    fill: f32,
-    pf: Ahead,
+    (x, y): (&[f32], &mut [f32]),
+    Store { stream, fill, pf }: Store,
     next: Option<Next<'_, '_>>,
     f: impl Fn(S::f32s) -> S::f32s,
 ) {
+    let at = inl(
+        #[inline(always)]
+        |i: usize| Store { stream, fill, pf: pf.skip(i) },
+    );
     let h = stream_peel::<S>(y, stream);
     if h > 0 {
-        write_block(s, &x[..h], &mut y[..h], false, fill, Ahead::NONE, &f, None);
+        write_block(s, (&x[..h], &mut y[..h]), Store { stream: false, fill, pf: Ahead::NONE }, &f, None);
     }
     let blocks = x[h..].chunks(BLOCK).zip(y[h..].chunks_mut(BLOCK));
     match next {
         None => {
             for (i, (xb, yb)) in blocks.enumerate() {
-                write_block(s, xb, yb, stream, fill, pf.skip(h + i * BLOCK), &f, None);
+                write_block(s, (xb, yb), at(h + i * BLOCK), &f, None);
             }
         }
         Some(Next { x: nx, k, st, pf: npf }) => {
@@ -127,7 +132,7 @@ fn write_map<S: Isa>(
             for (i, nb) in nx.chunks(BLOCK).enumerate() {
                 online_block(s, nb, k, st, npf.skip(i * BLOCK));
                 if let Some((xb, yb)) = blocks.next() {
-                    write_block(s, xb, yb, stream, fill, pf.skip(h + i * BLOCK), &f, None);
+                    write_block(s, (xb, yb), at(h + i * BLOCK), &f, None);
                 }
             }
         }
@@ -166,7 +171,7 @@ pub(crate) fn write_row<S: Isa>(
                 #[inline(always)]
                 move |v: S::f32s| s.mul_f32s(exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk)), vc),
             );
-            write_map(s, x, y, stream, f32::NEG_INFINITY, pf, next, f)
+            write_map(s, (x, y), Store { stream, fill: f32::NEG_INFINITY, pf }, next, f)
         }
         RowMap::LogSoftmax { m, k, ls } => {
             let (vm, vk, vl) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(-ls));
@@ -174,7 +179,7 @@ pub(crate) fn write_row<S: Isa>(
                 #[inline(always)]
                 move |v: S::f32s| s.mul_add_f32s(s.sub_f32s(v, vm), vk, vl),
             );
-            write_map(s, x, y, stream, 0.0, pf, next, f)
+            write_map(s, (x, y), Store { stream, fill: 0.0, pf }, next, f)
         }
     }
 }
