@@ -7,7 +7,7 @@
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::View;
-use crate::options::{Exec, setters};
+use crate::options::{Exec, defaults, setters};
 
 fn rows_of<T>(v: &View<'_, T>, what: &'static str) -> Result<(usize, usize, usize)> {
     v.row_geometry(what, "takes row layouts (classes along the last axis)")
@@ -49,22 +49,18 @@ pub struct TemperatureFit {
     pub capped: bool,
 }
 
-/// Options of [`fit_temperature`]: the interval `[t_min, t_max]` the fitted temperature is
-/// confined to (`0 < t_min < t_max`, finite). `Default`: `[1e-3, 1e3]`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FitOptions {
-    /// Smallest temperature.
-    pub t_min: f64,
-    /// Largest temperature.
-    pub t_max: f64,
-    /// Execution settings (the fit runs on the calling thread in scalar f64: neither field
-    /// changes anything; kept for the one options shape).
-    pub exec: Exec,
-}
-
-impl Default for FitOptions {
-    fn default() -> Self {
-        FitOptions { t_min: 1e-3, t_max: 1e3, exec: Exec::default() }
+defaults! {
+    /// Options of [`fit_temperature`]: the interval `[t_min, t_max]` the fitted temperature is
+    /// confined to (`0 < t_min < t_max`, finite). `Default`: `[1e-3, 1e3]`.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct FitOptions {
+        /// Smallest temperature.
+        pub t_min: f64 = 1e-3,
+        /// Largest temperature.
+        pub t_max: f64 = 1e3,
+        /// Execution settings (the fit runs on the calling thread in scalar f64: neither field
+        /// changes anything; kept for the one options shape).
+        pub exec: Exec = Exec::default(),
     }
 }
 
@@ -175,19 +171,15 @@ pub enum Binning {
     EqualMass(usize),
 }
 
-/// Options of [`calibration_error`]. `Default`: 15 equal-width bins (Guo et al.).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CalibrationOptions {
-    /// The binning.
-    pub binning: Binning,
-    /// Execution settings (computed on the calling thread in scalar f64: neither field
-    /// changes anything; kept for the one options shape).
-    pub exec: Exec,
-}
-
-impl Default for CalibrationOptions {
-    fn default() -> Self {
-        CalibrationOptions { binning: Binning::EqualWidth(15), exec: Exec::default() }
+defaults! {
+    /// Options of [`calibration_error`]. `Default`: 15 equal-width bins (Guo et al.).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct CalibrationOptions {
+        /// The binning.
+        pub binning: Binning = Binning::EqualWidth(15),
+        /// Execution settings (computed on the calling thread in scalar f64: neither field
+        /// changes anything; kept for the one options shape).
+        pub exec: Exec = Exec::default(),
     }
 }
 
@@ -321,19 +313,15 @@ pub enum OodScore {
     NegEnergy(f64),
 }
 
-/// Options of [`ood_scores`]. `Default`: the maximum softmax probability.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct OodOptions {
-    /// Which score.
-    pub score: OodScore,
-    /// Execution settings (computed on the calling thread in scalar f64: neither field
-    /// changes anything; kept for the one options shape).
-    pub exec: Exec,
-}
-
-impl Default for OodOptions {
-    fn default() -> Self {
-        OodOptions { score: OodScore::Msp, exec: Exec::default() }
+defaults! {
+    /// Options of [`ood_scores`]. `Default`: the maximum softmax probability.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct OodOptions {
+        /// Which score.
+        pub score: OodScore = OodScore::Msp,
+        /// Execution settings (computed on the calling thread in scalar f64: neither field
+        /// changes anything; kept for the one options shape).
+        pub exec: Exec = Exec::default(),
     }
 }
 

@@ -22,7 +22,7 @@
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::View;
-use crate::options::{Exec, setters};
+use crate::options::{Exec, defaults, setters};
 use crate::par;
 
 /// Which comes first, the softmax or the top-k.
@@ -50,41 +50,29 @@ pub enum Activation {
     Sigmoid,
 }
 
-/// Parameters of [`gate`]. `Default`: k = 2, softmax then top-k without renormalisation,
-/// τ = 1, no activation, no threshold, scaling 1.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GateOptions {
-    /// Experts per token, `k ≥ 1`.
-    pub k: usize,
-    /// Softmax / top-k order.
-    pub order: GateOrder,
-    /// Temperature τ > 0 (M2: the dense-to-sparse gate divides the router logit by τ; whether
-    /// the paper divides the whole affine logit or only its slope is `[UNCONFIRMED]`).
-    pub temperature: f64,
-    /// Activation before the temperature (M3; its placement is `[UNCONFIRMED]`: applied to the
-    /// logits as given, bias inside).
-    pub activation: Activation,
-    /// M2's sparsification: weights below this are dropped and the rest renormalised (the
-    /// largest is always kept). `None`: off.
-    pub threshold: Option<f64>,
-    /// Multiplies the final weights (DeepSeek's `routed_scaling_factor`), after any
-    /// renormalisation.
-    pub routed_scaling_factor: f64,
-    /// Threads (token groups run in parallel in scalar f64; `exec.simd` has no effect).
-    pub exec: Exec,
-}
-
-impl Default for GateOptions {
-    fn default() -> Self {
-        GateOptions {
-            k: 2,
-            order: GateOrder::SoftmaxThenTopK { renormalize: false },
-            temperature: 1.0,
-            activation: Activation::Identity,
-            threshold: None,
-            routed_scaling_factor: 1.0,
-            exec: Exec::default(),
-        }
+defaults! {
+    /// Parameters of [`gate`]. `Default`: k = 2, softmax then top-k without renormalisation,
+    /// τ = 1, no activation, no threshold, scaling 1.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct GateOptions {
+        /// Experts per token, `k ≥ 1`.
+        pub k: usize = 2,
+        /// Softmax / top-k order.
+        pub order: GateOrder = GateOrder::SoftmaxThenTopK { renormalize: false },
+        /// Temperature τ > 0 (M2: the dense-to-sparse gate divides the router logit by τ; whether
+        /// the paper divides the whole affine logit or only its slope is `[UNCONFIRMED]`).
+        pub temperature: f64 = 1.0,
+        /// Activation before the temperature (M3; its placement is `[UNCONFIRMED]`: applied to the
+        /// logits as given, bias inside).
+        pub activation: Activation = Activation::Identity,
+        /// M2's sparsification: weights below this are dropped and the rest renormalised (the
+        /// largest is always kept). `None`: off.
+        pub threshold: Option<f64> = None,
+        /// Multiplies the final weights (DeepSeek's `routed_scaling_factor`), after any
+        /// renormalisation.
+        pub routed_scaling_factor: f64 = 1.0,
+        /// Threads (token groups run in parallel in scalar f64; `exec.simd` has no effect).
+        pub exec: Exec = Exec::default(),
     }
 }
 

@@ -116,6 +116,35 @@ impl Exec {
     pub const SEQ: Exec = Exec { par: Par::Seq, simd: None };
 }
 
+/// Declares a public options or parameters struct together with its `Default`: each field is
+/// written `pub name: Type = default,`, so a field's default stands beside its documentation
+/// (which gains a "Default:" line) and the two cannot drift apart.
+macro_rules! defaults {
+    (
+        $(#[$m:meta])*
+        pub struct $name:ident $(<$lt:lifetime>)? {
+            $( $(#[$fm:meta])* pub $f:ident : $t:ty = $d:expr ),* $(,)?
+        }
+    ) => {
+        $(#[$m])*
+        pub struct $name $(<$lt>)? {
+            $(
+                $(#[$fm])*
+                #[doc = ""]
+                #[doc = concat!("Default: `", stringify!($d), "`.")]
+                pub $f: $t,
+            )*
+        }
+
+        impl $(<$lt>)? Default for $name $(<$lt>)? {
+            fn default() -> Self {
+                $name { $($f: $d),* }
+            }
+        }
+    };
+}
+pub(crate) use defaults;
+
 /// Generates the builder setters of an options struct, the one way every options struct of the
 /// crate gets them: `field(v)` for each plain field listed, `field(v)` setting `Some(v)` for
 /// each field listed under `some`, and `par(p)` / `simd(level)` writing into `exec`.
@@ -151,26 +180,22 @@ macro_rules! setters {
 }
 pub(crate) use setters;
 
-/// Options of the core normalisers (`softmax`, `log_softmax`, `logsumexp` and their backward
-/// passes). `Options::default()` is plain softmax: temperature 1, NaN for fully masked rows,
-/// automatic algorithm, rayon, best SIMD level.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Options {
-    /// Divides the inputs: `softmax(x / τ)`. Must be finite and `> 0` with `1/τ` finite in the
-    /// compute type ([`Error::BadParameter`](crate::Error::BadParameter) otherwise). Applied after the max shift, as
-    /// `(x − max)·(1/τ)`, so no τ can overflow the exponent.
-    pub temperature: f64,
-    /// Result for fully masked rows (softmax and log-softmax).
-    pub masked_row: MaskedRow,
-    /// Algorithm for row layouts (axis layouts always run three passes over column blocks).
-    pub algorithm: Algorithm,
-    /// Threads and SIMD level.
-    pub exec: Exec,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options { temperature: 1.0, masked_row: MaskedRow::Nan, algorithm: Algorithm::Auto, exec: Exec::default() }
+defaults! {
+    /// Options of the core normalisers (`softmax`, `log_softmax`, `logsumexp` and their backward
+    /// passes). `Options::default()` is plain softmax: temperature 1, NaN for fully masked rows,
+    /// automatic algorithm, rayon, best SIMD level.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct Options {
+        /// Divides the inputs: `softmax(x / τ)`. Must be finite and `> 0` with `1/τ` finite in
+        /// the compute type ([`Error::BadParameter`](crate::Error::BadParameter) otherwise).
+        /// Applied after the max shift, as `(x − max)·(1/τ)`, so no τ can overflow the exponent.
+        pub temperature: f64 = 1.0,
+        /// Result for fully masked rows (softmax and log-softmax).
+        pub masked_row: MaskedRow = MaskedRow::Nan,
+        /// Algorithm for row layouts (axis layouts always run three passes over column blocks).
+        pub algorithm: Algorithm = Algorithm::Auto,
+        /// Threads and SIMD level.
+        pub exec: Exec = Exec::default(),
     }
 }
 

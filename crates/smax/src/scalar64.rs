@@ -4,8 +4,8 @@
 //! not apply (every f64 row runs max; `Σ exp`; write).
 
 use crate::element::Element;
-use crate::engine::{BwdRows, RowGeom};
 use crate::engine::{self, Fwd, FwdOp};
+use crate::engine::{BwdRows, RowGeom};
 use crate::options::Options;
 use crate::par;
 

@@ -13,22 +13,19 @@ use super::{
 
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::options::defaults;
 
-/// Clipped softmax (Bondarenko et al. 2023, "Quantizable Transformers"; ALGORITHMS.md N6):
-/// `w = clip((ζ − γ)·softmax(s) + γ, 0, 1)`. With `γ < 0` a weight is exactly 0 once
-/// `p ≤ −γ/(ζ − γ)`, so a head can attend to nothing without pushing scores to ±∞; the weights
-/// no longer sum to 1. `ζ = 1, γ = 0` is plain softmax.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ClippedSoftmax {
-    /// Stretch factor ζ ≥ 1.
-    pub zeta: f32,
-    /// Offset γ ≤ 0.
-    pub gamma: f32,
-}
-
-impl Default for ClippedSoftmax {
-    fn default() -> Self {
-        ClippedSoftmax { zeta: 1.0, gamma: 0.0 }
+defaults! {
+    /// Clipped softmax (Bondarenko et al. 2023, "Quantizable Transformers"; ALGORITHMS.md N6):
+    /// `w = clip((ζ − γ)·softmax(s) + γ, 0, 1)`. With `γ < 0` a weight is exactly 0 once
+    /// `p ≤ −γ/(ζ − γ)`, so a head can attend to nothing without pushing scores to ±∞; the weights
+    /// no longer sum to 1. `ζ = 1, γ = 0` is plain softmax.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct ClippedSoftmax {
+        /// Stretch factor ζ ≥ 1.
+        pub zeta: f32 = 1.0,
+        /// Offset γ ≤ 0.
+        pub gamma: f32 = 0.0,
     }
 }
 

@@ -9,14 +9,17 @@ use crate::arch::rows as k;
 use crate::arch::{Isa, Task, dispatch};
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::options::defaults;
 use crate::state::LseState;
 
-/// The split of [`attention_decode`] (the `variant` of its [`AttentionOptions`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SplitK {
-    /// Keys per split (≥ 1; default 2048). Splits are the unit of parallel work: the cache of
-    /// every (batch, head) is cut into `ceil(kv_len / split_len)` independent partials.
-    pub split_len: usize,
+defaults! {
+    /// The split of [`attention_decode`] (the `variant` of its [`AttentionOptions`]).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct SplitK {
+        /// Keys per split (≥ 1; default 2048). Splits are the unit of parallel work: the cache of
+        /// every (batch, head) is cut into `ceil(kv_len / split_len)` independent partials.
+        pub split_len: usize = 2048,
+    }
 }
 
 impl SplitK {
@@ -25,12 +28,6 @@ impl SplitK {
             return Err(Error::bad_parameter("split_len", "0", ">= 1"));
         }
         Ok(())
-    }
-}
-
-impl Default for SplitK {
-    fn default() -> Self {
-        SplitK { split_len: 2048 }
     }
 }
 

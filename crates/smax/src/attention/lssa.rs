@@ -10,29 +10,26 @@ use crate::arch::dispatch;
 use crate::arch::gemm::MatRef;
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::options::defaults;
 
-/// Softplus attention with length scaling (LSSA) and optional re-weighting (LSSAR), from
-/// Gao & Spratling (arXiv 2501.13428, v4/v5; ALGORITHMS.md A4, reconstructed from secondary
-/// sources, the paper's own equations were not read: **\[SECONDARY\]**).
-///
-/// LSSA: `A_ij = softplus(s_i·c_ij) / Σ_j softplus(s_i·c_ij)` over the visible keys, with the
-/// cosine `c_ij = q̂_i·k̂_j` (ℓ2-normalised rows, no `1/√d`) and `s_i = ln d · ln N_i`, `N_i`
-/// the number of keys row `i` sees. LSSAR: `R_i = normalise(ReLU(N_i·A_i − o_i)^p)`, computed
-/// in the log domain as a softmax over `p·ln(N_i A_ij − o_i)` on the positive entries, with
-/// `o_i = 0` for the first `offset_rows` positions (1-based position ≤ `offset_rows`) and 1
-/// after.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Lssa {
-    /// The re-weighting power `p` (LSSAR); `None` for plain LSSA. Default `Some(15.0)`, the
-    /// paper's headline setting (3 was best at the training length).
-    pub reweight: Option<f32>,
-    /// Positions that use offset 0 (default 3).
-    pub offset_rows: usize,
-}
-
-impl Default for Lssa {
-    fn default() -> Self {
-        Lssa { reweight: Some(15.0), offset_rows: 3 }
+defaults! {
+    /// Softplus attention with length scaling (LSSA) and optional re-weighting (LSSAR), from
+    /// Gao & Spratling (arXiv 2501.13428, v4/v5; ALGORITHMS.md A4, reconstructed from secondary
+    /// sources, the paper's own equations were not read: **\[SECONDARY\]**).
+    ///
+    /// LSSA: `A_ij = softplus(s_i·c_ij) / Σ_j softplus(s_i·c_ij)` over the visible keys, with the
+    /// cosine `c_ij = q̂_i·k̂_j` (ℓ2-normalised rows, no `1/√d`) and `s_i = ln d · ln N_i`, `N_i`
+    /// the number of keys row `i` sees. LSSAR: `R_i = normalise(ReLU(N_i·A_i − o_i)^p)`, computed
+    /// in the log domain as a softmax over `p·ln(N_i A_ij − o_i)` on the positive entries, with
+    /// `o_i = 0` for the first `offset_rows` positions (1-based position ≤ `offset_rows`) and 1
+    /// after.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct Lssa {
+        /// The re-weighting power `p` (LSSAR); `None` for plain LSSA. Default `Some(15.0)`, the
+        /// paper's headline setting (3 was best at the training length).
+        pub reweight: Option<f32> = Some(15.0),
+        /// Positions that use offset 0 (default 3).
+        pub offset_rows: usize = 3,
     }
 }
 

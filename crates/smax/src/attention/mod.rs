@@ -105,7 +105,7 @@ pub use lssa::{Lssa, LssaStats, attention_lssa};
 
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::options::{Exec, setters};
+use crate::options::{Exec, defaults, setters};
 
 /// Element types attention accepts: `f32`, and [`half::f16`] / [`half::bf16`] widened to f32
 /// on load (every product and sum accumulates in f32 or wider) and narrowed once on store.
@@ -357,20 +357,16 @@ pub struct KeepMask<'a> {
     pub strides: ScoreStrides,
 }
 
-/// Tile sizes of the blocked kernels: `q` query rows by `kv` keys per score tile. Working memory
-/// per thread is about `4·(q·kv + 2·q·d + 2·kv·d)` bytes; defaults 128 × 256, chosen by
-/// `smax bench attention`. Values are clamped to ≥ 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttentionTiles {
-    /// Query rows per tile.
-    pub q: usize,
-    /// Keys per tile.
-    pub kv: usize,
-}
-
-impl Default for AttentionTiles {
-    fn default() -> Self {
-        AttentionTiles { q: 128, kv: 256 }
+defaults! {
+    /// Tile sizes of the blocked kernels: `q` query rows by `kv` keys per score tile. Working memory
+    /// per thread is about `4·(q·kv + 2·q·d + 2·kv·d)` bytes; defaults 128 × 256, chosen by
+    /// `smax bench attention`. Values are clamped to ≥ 1.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct AttentionTiles {
+        /// Query rows per tile.
+        pub q: usize = 128,
+        /// Keys per tile.
+        pub kv: usize = 256,
     }
 }
 

@@ -50,7 +50,7 @@ use crate::arch::rows::Xform;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{View, ViewMut};
-use crate::options::{Exec, setters};
+use crate::options::{Exec, defaults, setters};
 use crate::par;
 
 /// How per-row losses are combined.
@@ -88,47 +88,32 @@ pub enum Targets<'a, T> {
     Probs(View<'a, T>),
 }
 
-/// Options of [`cross_entropy`]. `Default` is PyTorch's `cross_entropy` default: mean
-/// reduction, ignore index −100, no weights, no smoothing, no z-loss, no cap, τ = 1.
-#[derive(Debug, Clone, Copy)]
-pub struct CrossEntropyOptions<'w> {
-    /// How rows combine.
-    pub reduction: Reduction,
-    /// Rows whose target equals this contribute 0 and get a zero gradient (default −100).
-    pub ignore_index: i64,
-    /// One weight per class (finite, ≥ 0), PyTorch's `weight`.
-    pub class_weights: Option<&'w [f32]>,
-    /// Label smoothing ε in `[0, 1]` (PyTorch's form: the ε mass spreads over all K classes).
-    pub label_smoothing: f64,
-    /// PaLM z-loss coefficient λ ≥ 0 (PaLM uses 1e-4): adds `λ·lse²` per non-ignored row,
-    /// reported separately in [`LossReport::z_loss`] and included in the gradient.
-    pub z_loss: f64,
-    /// Logit soft cap `c > 0`: logits become `c·tanh(x/c)` (Gemma 2 uses 30 for the output).
-    pub softcap: Option<f64>,
-    /// Temperature τ > 0: logits are divided by τ after the cap.
-    pub temperature: f64,
-    /// Upstream gradient of the returned loss (1 by default); multiplies the whole gradient.
-    pub grad_scale: f64,
-    /// The mean over zero valid rows.
-    pub all_ignored: AllIgnored,
-    /// Threads and SIMD level.
-    pub exec: Exec,
-}
-
-impl Default for CrossEntropyOptions<'_> {
-    fn default() -> Self {
-        CrossEntropyOptions {
-            reduction: Reduction::Mean,
-            ignore_index: -100,
-            class_weights: None,
-            label_smoothing: 0.0,
-            z_loss: 0.0,
-            softcap: None,
-            temperature: 1.0,
-            grad_scale: 1.0,
-            all_ignored: AllIgnored::Zero,
-            exec: Exec::default(),
-        }
+defaults! {
+    /// Options of [`cross_entropy`]. `Default` is PyTorch's `cross_entropy` default: mean
+    /// reduction, ignore index −100, no weights, no smoothing, no z-loss, no cap, τ = 1.
+    #[derive(Debug, Clone, Copy)]
+    pub struct CrossEntropyOptions<'w> {
+        /// How rows combine.
+        pub reduction: Reduction = Reduction::Mean,
+        /// Rows whose target equals this contribute 0 and get a zero gradient (default −100).
+        pub ignore_index: i64 = -100,
+        /// One weight per class (finite, ≥ 0), PyTorch's `weight`.
+        pub class_weights: Option<&'w [f32]> = None,
+        /// Label smoothing ε in `[0, 1]` (PyTorch's form: the ε mass spreads over all K classes).
+        pub label_smoothing: f64 = 0.0,
+        /// PaLM z-loss coefficient λ ≥ 0 (PaLM uses 1e-4): adds `λ·lse²` per non-ignored row,
+        /// reported separately in [`LossReport::z_loss`] and included in the gradient.
+        pub z_loss: f64 = 0.0,
+        /// Logit soft cap `c > 0`: logits become `c·tanh(x/c)` (Gemma 2 uses 30 for the output).
+        pub softcap: Option<f64> = None,
+        /// Temperature τ > 0: logits are divided by τ after the cap.
+        pub temperature: f64 = 1.0,
+        /// Upstream gradient of the returned loss (1 by default); multiplies the whole gradient.
+        pub grad_scale: f64 = 1.0,
+        /// The mean over zero valid rows.
+        pub all_ignored: AllIgnored = AllIgnored::Zero,
+        /// Threads and SIMD level.
+        pub exec: Exec = Exec::default(),
     }
 }
 

@@ -43,37 +43,26 @@
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{View, ViewMut};
-use crate::options::{Exec, setters};
+use crate::options::{Exec, defaults, setters};
 use crate::par;
 
-/// Filtering and temperature of [`sample`] and [`process`]. `Default`: T = 1, no filter.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SampleOptions {
-    /// Temperature `T ≥ 0` (0: greedy argmax); negative or non-finite is an error.
-    pub temperature: f64,
-    /// Top-k (`k ≥ 1`), or none.
-    pub top_k: Option<usize>,
-    /// Keep exactly k (ties broken by index) instead of every token tied with the k-th.
-    pub strict_top_k: bool,
-    /// Top-p in `(0, 1]`, or none.
-    pub top_p: Option<f64>,
-    /// Min-p base in `[0, 1]`, or none.
-    pub min_p: Option<f64>,
-    /// Threads (rows run in parallel; each row computes in scalar f64, `exec.simd` has no
-    /// effect).
-    pub exec: Exec,
-}
-
-impl Default for SampleOptions {
-    fn default() -> Self {
-        SampleOptions {
-            temperature: 1.0,
-            top_k: None,
-            strict_top_k: false,
-            top_p: None,
-            min_p: None,
-            exec: Exec::default(),
-        }
+defaults! {
+    /// Filtering and temperature of [`sample`] and [`process`]. `Default`: T = 1, no filter.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct SampleOptions {
+        /// Temperature `T ≥ 0` (0: greedy argmax); negative or non-finite is an error.
+        pub temperature: f64 = 1.0,
+        /// Top-k (`k ≥ 1`), or none.
+        pub top_k: Option<usize> = None,
+        /// Keep exactly k (ties broken by index) instead of every token tied with the k-th.
+        pub strict_top_k: bool = false,
+        /// Top-p in `(0, 1]`, or none.
+        pub top_p: Option<f64> = None,
+        /// Min-p base in `[0, 1]`, or none.
+        pub min_p: Option<f64> = None,
+        /// Threads (rows run in parallel; each row computes in scalar f64, `exec.simd` has no
+        /// effect).
+        pub exec: Exec = Exec::default(),
     }
 }
 
@@ -350,20 +339,16 @@ pub enum GumbelSource<'a> {
     Uniforms(&'a [f64]),
 }
 
-/// Options of [`gumbel_max`]. `Default`: T = 1, one token per row.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GumbelOptions {
-    /// Temperature `T`, finite and > 0.
-    pub temperature: f64,
-    /// Tokens drawn per row without replacement, `1 ≤ k ≤` vocabulary.
-    pub k: usize,
-    /// Threads (rows run in parallel in scalar f64; `exec.simd` has no effect).
-    pub exec: Exec,
-}
-
-impl Default for GumbelOptions {
-    fn default() -> Self {
-        GumbelOptions { temperature: 1.0, k: 1, exec: Exec::default() }
+defaults! {
+    /// Options of [`gumbel_max`]. `Default`: T = 1, one token per row.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct GumbelOptions {
+        /// Temperature `T`, finite and > 0.
+        pub temperature: f64 = 1.0,
+        /// Tokens drawn per row without replacement, `1 ≤ k ≤` vocabulary.
+        pub k: usize = 1,
+        /// Threads (rows run in parallel in scalar f64; `exec.simd` has no effect).
+        pub exec: Exec = Exec::default(),
     }
 }
 

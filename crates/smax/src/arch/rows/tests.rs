@@ -70,8 +70,9 @@ fn streamed_writes_match_plain_writes_at_every_alignment() {
                     for off in 0..16 {
                         let mut want = vec![0.0f32; len];
                         let (xr, other) = (&x[..len], &nx[..len]);
-                        let run =
-                            |y: &mut [f32], stream| dispatch(level, WritePass { kind, log, stream, io: (xr, y), other });
+                        let run = |y: &mut [f32], stream| {
+                            dispatch(level, WritePass { kind, log, stream, io: (xr, y), other })
+                        };
                         let sw = run(&mut want, false);
                         let flat = back.as_flattened_mut();
                         let y = &mut flat[off..off + len];

@@ -112,26 +112,23 @@ pub enum UskdRanking {
     CodeLogProb,
 }
 
-/// Options of [`uskd_loss`]. The weights are tuned per dataset; `Default` is the authors'
-/// ImageNet setting (α = 1, β = 0.1, μ = 0.005; others in the repository's PERF.md, "Settings from the papers").
-#[derive(Debug, Clone, Copy)]
-pub struct UskdOptions {
-    /// Weight α of the soft target term.
-    pub alpha: f64,
-    /// Weight β of the Zipf non-target term.
-    pub beta: f64,
-    /// Weight μ of the weak-supervision term.
-    pub mu: f64,
-    /// The ranking score.
-    pub ranking: UskdRanking,
-    /// Execution settings (USKD runs on the calling thread in scalar f64: neither field
-    /// changes anything; kept for the one options shape).
-    pub exec: Exec,
-}
-
-impl Default for UskdOptions {
-    fn default() -> Self {
-        UskdOptions { alpha: 1.0, beta: 0.1, mu: 0.005, ranking: UskdRanking::PaperProb, exec: Exec::default() }
+defaults! {
+    /// Options of [`uskd_loss`]. The weights are tuned per dataset; `Default` is the authors'
+    /// ImageNet setting (α = 1, β = 0.1, μ = 0.005; the other settings are in the repository's
+    /// PERF.md, "Settings from the papers").
+    #[derive(Debug, Clone, Copy)]
+    pub struct UskdOptions {
+        /// Weight α of the soft target term.
+        pub alpha: f64 = 1.0,
+        /// Weight β of the Zipf non-target term.
+        pub beta: f64 = 0.1,
+        /// Weight μ of the weak-supervision term.
+        pub mu: f64 = 0.005,
+        /// The ranking score.
+        pub ranking: UskdRanking = UskdRanking::PaperProb,
+        /// Execution settings (USKD runs on the calling thread in scalar f64: neither field
+        /// changes anything; kept for the one options shape).
+        pub exec: Exec = Exec::default(),
     }
 }
 

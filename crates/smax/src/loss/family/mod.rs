@@ -9,7 +9,7 @@
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{View, ViewMut};
-use crate::options::{Exec, setters};
+use crate::options::{Exec, defaults, setters};
 use crate::par;
 
 use super::{AllIgnored, LossReport, Reduction};
@@ -97,19 +97,15 @@ pub struct CompSum {
     pub tau: f64,
 }
 
-/// Parameters of [`nkd_loss`]: the non-target temperature λ and weight γ (the authors' ImageNet
-/// setting λ = 1, γ = 1.5 is the default).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Nkd {
-    /// λ, finite and > 0.
-    pub temperature: f64,
-    /// γ, finite.
-    pub gamma: f64,
-}
-
-impl Default for Nkd {
-    fn default() -> Self {
-        Nkd { temperature: 1.0, gamma: 1.5 }
+defaults! {
+    /// Parameters of [`nkd_loss`]: the non-target temperature λ and weight γ (the authors' ImageNet
+    /// setting λ = 1, γ = 1.5 is the default).
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct Nkd {
+        /// λ, finite and > 0.
+        pub temperature: f64 = 1.0,
+        /// γ, finite.
+        pub gamma: f64 = 1.5,
     }
 }
 
@@ -120,17 +116,13 @@ pub struct HintonKd {
     pub temperature: f64,
 }
 
-/// Parameter of [`decoupled_softmax_loss`]: the temperature τ dividing the similarities
-/// (finite, > 0; the authors use 0.05 on cosine similarities, the default).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Decoupled {
-    /// τ.
-    pub temperature: f64,
-}
-
-impl Default for Decoupled {
-    fn default() -> Self {
-        Decoupled { temperature: 0.05 }
+defaults! {
+    /// Parameter of [`decoupled_softmax_loss`]: the temperature τ dividing the similarities
+    /// (finite, > 0; the authors use 0.05 on cosine similarities, the default).
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct Decoupled {
+        /// τ.
+        pub temperature: f64 = 0.05,
     }
 }
 
@@ -141,17 +133,13 @@ pub struct TempNet {
     pub rho: f64,
 }
 
-/// Parameter of [`normalized_softmax_loss`]: the temperature `T` dividing the cosines (finite,
-/// > 0; the released package's default 0.1, i.e. scale 10, is the default).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct NormalizedSoftmax {
-    /// `T`.
-    pub temperature: f64,
-}
-
-impl Default for NormalizedSoftmax {
-    fn default() -> Self {
-        NormalizedSoftmax { temperature: 0.1 }
+defaults! {
+    /// Parameter of [`normalized_softmax_loss`]: the temperature `T` dividing the cosines (finite,
+    /// > 0; the released package's default 0.1, i.e. scale 10, is the default).
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct NormalizedSoftmax {
+        /// `T`.
+        pub temperature: f64 = 0.1,
     }
 }
 

@@ -12,18 +12,20 @@ use crate::arch::gemm::{MatRef, matmul};
 use crate::arch::rows::{self as k, Xform};
 use crate::arch::{Ahead, Isa, SimdLevel, Task, dispatch};
 use crate::error::{Error, Result};
-use crate::options::{Exec, Par, setters};
+use crate::options::{Exec, Par, defaults, setters};
 use rayon::prelude::*;
 
 use super::{AllIgnored, LossReport, Reduction, RowOutputs};
 
-/// Tile sizes of [`linear_cross_entropy`]: `tokens x vocab` logits live in scratch at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LinearTiles {
-    /// Token rows per tile (default 512).
-    pub tokens: usize,
-    /// Vocabulary columns per tile (default 1024).
-    pub vocab: usize,
+defaults! {
+    /// Tile sizes of [`linear_cross_entropy`]: `tokens x vocab` logits live in scratch at once.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct LinearTiles {
+        /// Token rows per tile (default 512).
+        pub tokens: usize = 512,
+        /// Vocabulary columns per tile (default 1024).
+        pub vocab: usize = 1024,
+    }
 }
 
 impl LinearTiles {
@@ -33,55 +35,34 @@ impl LinearTiles {
     }
 }
 
-impl Default for LinearTiles {
-    fn default() -> Self {
-        LinearTiles { tokens: 512, vocab: 1024 }
-    }
-}
-
-/// Options of [`linear_cross_entropy`]; the shared fields mean what they mean for
-/// [`cross_entropy`](super::cross_entropy) (no class weights, no temperature here).
-#[derive(Debug, Clone, Copy)]
-pub struct LinearCrossEntropyOptions {
-    /// How tokens combine (mean over non-ignored tokens by default).
-    pub reduction: Reduction,
-    /// Tokens whose target equals this contribute 0 (default −100).
-    pub ignore_index: i64,
-    /// Label smoothing ε in `[0, 1]`.
-    pub label_smoothing: f64,
-    /// PaLM z-loss coefficient λ ≥ 0.
-    pub z_loss: f64,
-    /// Logit soft cap `c > 0` (applied after the bias).
-    pub softcap: Option<f64>,
-    /// Upstream gradient of the returned loss.
-    pub grad_scale: f64,
-    /// The mean over zero valid tokens.
-    pub all_ignored: AllIgnored,
-    /// Gradient filtering (CCE §4.3), off by default (exact): skip a tile's two gradient
-    /// products when every entry of its logit gradient is below `filter` times the per-token
-    /// scale of the reduction (i.e. `|p − q| < filter` for a plain mean). CCE's value for
-    /// bf16 accumulation is `2⁻¹²`; for f32, `2⁻²⁸`.
-    pub filter: Option<f32>,
-    /// Tile sizes.
-    pub tiles: LinearTiles,
-    /// Threads (products and tile work) and the SIMD level of the tile work.
-    pub exec: Exec,
-}
-
-impl Default for LinearCrossEntropyOptions {
-    fn default() -> Self {
-        LinearCrossEntropyOptions {
-            reduction: Reduction::Mean,
-            ignore_index: -100,
-            label_smoothing: 0.0,
-            z_loss: 0.0,
-            softcap: None,
-            grad_scale: 1.0,
-            all_ignored: AllIgnored::Zero,
-            filter: None,
-            tiles: LinearTiles::default(),
-            exec: Exec::default(),
-        }
+defaults! {
+    /// Options of [`linear_cross_entropy`]; the shared fields mean what they mean for
+    /// [`cross_entropy`](super::cross_entropy) (no class weights, no temperature here).
+    #[derive(Debug, Clone, Copy)]
+    pub struct LinearCrossEntropyOptions {
+        /// How tokens combine (mean over non-ignored tokens by default).
+        pub reduction: Reduction = Reduction::Mean,
+        /// Tokens whose target equals this contribute 0 (default −100).
+        pub ignore_index: i64 = -100,
+        /// Label smoothing ε in `[0, 1]`.
+        pub label_smoothing: f64 = 0.0,
+        /// PaLM z-loss coefficient λ ≥ 0.
+        pub z_loss: f64 = 0.0,
+        /// Logit soft cap `c > 0` (applied after the bias).
+        pub softcap: Option<f64> = None,
+        /// Upstream gradient of the returned loss.
+        pub grad_scale: f64 = 1.0,
+        /// The mean over zero valid tokens.
+        pub all_ignored: AllIgnored = AllIgnored::Zero,
+        /// Gradient filtering (CCE §4.3), off by default (exact): skip a tile's two gradient
+        /// products when every entry of its logit gradient is below `filter` times the per-token
+        /// scale of the reduction (i.e. `|p − q| < filter` for a plain mean). CCE's value for
+        /// bf16 accumulation is `2⁻¹²`; for f32, `2⁻²⁸`.
+        pub filter: Option<f32> = None,
+        /// Tile sizes.
+        pub tiles: LinearTiles = LinearTiles::default(),
+        /// Threads (products and tile work) and the SIMD level of the tile work.
+        pub exec: Exec = Exec::default(),
     }
 }
 
