@@ -11,6 +11,21 @@ use crate::par;
 
 const BLOCK: usize = 256;
 
+/// The logistic function `1/(1 + e^{−x})`, from `e^{−|x|}` so that neither side overflows.
+pub(crate) fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// `softplus(z) = ln(1 + e^z)`, without overflow for large `z`.
+pub(crate) fn softplus(z: f64) -> f64 {
+    if z > 0.0 { z + (-z).exp().ln_1p() } else { z.exp().ln_1p() }
+}
+
 /// `ln Σ exp(v)` over `values` in f64: the max first, then a compensated sum of
 /// `exp(v − max)`. The special values of the crate's table: any NaN gives NaN; `+inf` (no
 /// NaN) gives `+inf`; an empty or all `-inf` set gives `-inf`. `values` is walked twice. The

@@ -4,8 +4,7 @@
 use super::backward::{Clip, backward_impl, backward_outputs};
 use super::flash::fwd_accumulate;
 use super::tile::{
-    Checked, RowState, Rows, TileAt, accumulate_pv, blocks, check, for_blocks, forward_outputs, kv_tile, prob_tile,
-    products, rows_f32,
+    Checked, RowState, Rows, accumulate_pv, check, for_blocks, for_prob_tiles, forward_outputs, products, rows_f32,
 };
 use super::{
     AttentionGrads, AttentionInputs, AttentionOptions, AttentionOutputs, AttentionShape, AttnElement, check_out,
@@ -14,6 +13,7 @@ use super::{
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::options::defaults;
+use crate::scalar64::sigmoid;
 
 defaults! {
     /// Clipped softmax (Bondarenko et al. 2023, "Quantizable Transformers"; ALGORITHMS.md N6):
@@ -106,27 +106,18 @@ fn weighted_pass<T: Element>(
     acc: &mut [f32],
     wf: impl Fn(f32) -> f32,
 ) {
-    let (d, kl, nb, bk) = (s.head_dim, s.kv_len, lse.len(), cx.bk);
-    let hk = h / s.group();
-    let sc = &cx.sc;
-    let lo = sc.range(i0).0;
-    let hi = sc.range(i0 + nb - 1).1;
-    if lo >= hi {
+    let nb = lse.len();
+    if cx.sc.range(i0).0 >= cx.sc.range(i0 + nb - 1).1 {
         return;
     }
     let mut qbuf = Vec::new();
-    let qm = rows_f32(&cx.q, b, h, i0, nb, d, &mut qbuf);
-    let mut sbuf = vec![0.0f32; nb * bk.min(kl)];
-    let (mut kbuf, mut vbuf, mut vis) = (Vec::new(), Vec::new(), Vec::new());
-    for (j0, kn) in blocks(lo / bk * bk, hi, kl, bk) {
-        let (km, vm, bad) = kv_tile(cx, b, hk, j0, kn, d, &mut kbuf, &mut vbuf);
-        let at = TileAt { b, h, i0, j0, kn };
-        let sm = prob_tile(cx, at, qm, km, lse, &mut sbuf, Some(&mut vis), None);
-        for (x, &f) in sm.iter_mut().zip(&vis) {
+    let qm = rows_f32(&cx.q, b, h, i0, nb, s.head_dim, &mut qbuf);
+    for_prob_tiles(cx, s, (b, h, i0), (qm, lse), |pm, vm, vis, bad| {
+        for (x, &f) in pm.iter_mut().zip(vis) {
             *x = if f { wf(*x) } else { 0.0 };
         }
-        accumulate_pv(acc, sm, &vm, bad.then_some(&vis[..]));
-    }
+        accumulate_pv(acc, pm, &vm, bad.then_some(vis));
+    });
 }
 
 /// Backward of [`attention_clipped`] (N6): `dV = Wᵀ dO`; with `u = (dO Vᵀ)·(ζ − γ)·1[0 ≤ r ≤ 1]`
@@ -174,24 +165,17 @@ fn clipped_d<T: Element>(
     cl: Clip,
     dd: &mut [f32],
 ) {
-    let (d, kl, nb, bk) = (s.head_dim, s.kv_len, lse.len(), cx.bk);
-    let hk = h / s.group();
-    let sc = &cx.sc;
+    let (d, nb) = (s.head_dim, lse.len());
     let mut acc = vec![0.0f64; nb];
-    let (lo, hi) = (sc.range(i0).0, sc.range(i0 + nb - 1).1);
     let (mut qbuf, mut dobuf) = (Vec::new(), Vec::new());
     let qm = rows_f32(&cx.q, b, h, i0, nb, d, &mut qbuf);
     let dom = rows_f32(do_op, b, h, i0, nb, d, &mut dobuf);
-    let mut pbuf = vec![0.0f32; nb * bk.min(kl)];
-    let mut gbuf = vec![0.0f32; nb * bk.min(kl)];
-    let (mut kbuf, mut vbuf, mut vis) = (Vec::new(), Vec::new(), Vec::new());
-    for (j0, kn) in blocks(lo / bk * bk, hi, kl, bk) {
-        // dW = dO Vᵀ below: a non-finite value only reaches its own column, which masked pairs
-        // skip, so the tile needs no guarded path here.
-        let (km, vm, _) = kv_tile(cx, b, hk, j0, kn, d, &mut kbuf, &mut vbuf);
-        let at = TileAt { b, h, i0, j0, kn };
-        let pm = prob_tile(cx, at, qm, km, lse, &mut pbuf, Some(&mut vis), None);
+    let mut gbuf = vec![0.0f32; nb * cx.bk.min(s.kv_len)];
+    // dW = dO Vᵀ below: a non-finite value only reaches its own column, which masked pairs
+    // skip, so the tile needs no guarded path here.
+    for_prob_tiles(cx, s, (b, h, i0), (qm, lse), |pm, vm, vis, _| {
         let gm = products(dom, vm, &mut gbuf);
+        let kn = pm.len() / nb;
         for r in 0..nb {
             for j in 0..kn {
                 let ix = r * kn + j;
@@ -201,7 +185,7 @@ fn clipped_d<T: Element>(
                 }
             }
         }
-    }
+    });
     for (x, a) in dd.iter_mut().zip(acc) {
         *x = a as f32;
     }
@@ -274,13 +258,4 @@ pub fn gate_bias_init(pi_init: f64) -> Result<f64> {
     }
     let p = pi_init.clamp(1e-16, 1.0 - 1e-16);
     Ok(-(1.0 / p - 1.0).ln())
-}
-
-fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
 }

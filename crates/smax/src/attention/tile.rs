@@ -271,7 +271,7 @@ impl Task for OnlineTile<'_, '_> {
             let sum = k::exp_shift_inplace_sum(s, row, mn);
             st.l[r] = st.l[r] * alpha as f64 + sum;
             if alpha != 1.0 {
-                k::scale(s, &mut st.acc[r * d..(r + 1) * d], alpha);
+                k::scale_or_shift(s, &mut st.acc[r * d..(r + 1) * d], alpha, false);
             }
             st.m[r] = mn;
         }
@@ -372,6 +372,30 @@ impl Task for ProbTile<'_, '_> {
             }
             k::exp_shift_inplace_sum(s, row, l);
         }
+    }
+}
+
+/// Walks the key tiles that query block `(b, h, i0)` (rows `qm`, row lse `lse`) can see, in key
+/// order: `f(p, v, vis, bad)` gets the tile's probabilities `p = exp(s − lse)` (a masked pair:
+/// `vis` false, `p = 0`; `kn` columns), its value rows `v`, and whether its key or value rows
+/// hold a non-finite value.
+pub(crate) fn for_prob_tiles<T: Element>(
+    cx: &Checked<'_, T>,
+    s: &AttentionShape,
+    (b, h, i0): (usize, usize, usize),
+    (qm, lse): (MatRef<'_>, &[f32]),
+    mut f: impl FnMut(&mut [f32], MatRef<'_>, &[bool], bool),
+) {
+    let (d, kl, nb, bk) = (s.head_dim, s.kv_len, lse.len(), cx.bk);
+    let hk = h / s.group();
+    let (lo, hi) = (cx.sc.range(i0).0, cx.sc.range(i0 + nb - 1).1);
+    let mut pbuf = vec![0.0f32; nb * bk.min(kl)];
+    let (mut kbuf, mut vbuf, mut vis) = (Vec::new(), Vec::new(), Vec::new());
+    for (j0, kn) in blocks(lo / bk * bk, hi, kl, bk) {
+        let (km, vm, bad) = kv_tile(cx, b, hk, j0, kn, d, &mut kbuf, &mut vbuf);
+        let at = TileAt { b, h, i0, j0, kn };
+        let pm = prob_tile(cx, at, qm, km, lse, &mut pbuf, Some(&mut vis), None);
+        f(pm, vm, &vis, bad);
     }
 }
 

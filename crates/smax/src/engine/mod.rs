@@ -441,9 +441,9 @@ pub(crate) fn row_fwd<S: Isa, T: Element>(s: S, f: &Fwd, mut io: Io<'_, T>, pf: 
             if regular(Online { m, d }) {
                 if let Some(yf) = T::as_f32_mut(io.y()) {
                     if log {
-                        k::sub_const(s, yf, d.ln() as f32);
+                        k::scale_or_shift(s, yf, d.ln() as f32, true);
                     } else {
-                        k::scale(s, yf, (1.0 / d) as f32);
+                        k::scale_or_shift(s, yf, (1.0 / d) as f32, false);
                     }
                 }
                 return;

@@ -208,13 +208,14 @@ fn long_rows_pipe<S: Isa, T: Element>(
 
 /// A group of short rows of a logsumexp call.
 pub(crate) struct RowsLse<'a, T> {
-    pub x: &'a [T],
-    pub out: &'a mut [T],
-    pub len: usize,
-    pub xs: usize,
     pub alg: Algorithm,
     pub k: f32,
     pub k64: f64,
+    /// Rows of `len`, `xs` apart; one result per row in `out`.
+    pub len: usize,
+    pub xs: usize,
+    pub x: &'a [T],
+    pub out: &'a mut [T],
 }
 
 impl<T: Element> Task for RowsLse<'_, T> {
@@ -281,7 +282,7 @@ impl<T: Element> Task for Seg<'_, T> {
             }
             Seg::Scale(y, c) => {
                 if let Some(yf) = T::as_f32_mut(y) {
-                    k::scale(s, yf, c);
+                    k::scale_or_shift(s, yf, c, false);
                 }
                 SegOut::None
             }

@@ -3,7 +3,7 @@
 //! write), with the per-column sums kept in f32 for at most [`FLUSH`] steps of the axis and in
 //! f64 across them. f64 data is gathered column by column and runs the scalar f64 row code.
 
-use crate::arch::{Isa, Task, cols, dispatch};
+use crate::arch::{Isa, Task, cols, dispatch, inl};
 use crate::element::{Element, Repr};
 use crate::engine::Plan;
 use crate::engine::{self, Fwd, FwdOp};
@@ -22,6 +22,18 @@ struct ColBlock<'a, T> {
     inner: usize,
     j0: usize,
     pieces: Vec<&'a mut [T]>,
+}
+
+impl<T> ColBlock<'_, T> {
+    /// Axis step `k` of this block's columns, read from `src` (a slab laid out as the output)
+    /// or, without one, from the block's own piece (in place).
+    #[inline(always)]
+    fn step<'s>(&'s self, src: Option<&'s [T]>, k: usize) -> &'s [T] {
+        match src {
+            Some(x) => &x[k * self.inner + self.j0..][..self.pieces[k].len()],
+            None => self.pieces[k],
+        }
+    }
 }
 
 /// The column-block work items of every outer slab of `out`, with their outer index.
@@ -66,18 +78,18 @@ fn load<T: Element>(src: &[T], buf: &mut [f32]) {
 }
 
 struct ColsFwd<'a, T> {
-    f: Fwd,
     x: Option<&'a [T]>,
     out: ColBlock<'a, T>,
+    f: Fwd,
 }
 
 impl<T: Element> Task for ColsFwd<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, s: S) {
-        let ColsFwd { f, x, out: ColBlock { inner, j0, mut pieces } } = self;
-        let axis = pieces.len();
-        let w = pieces[0].len();
+        let ColsFwd { x, out: mut blk, f } = self;
+        let axis = blk.pieces.len();
+        let w = blk.pieces[0].len();
         let kk = f.k;
         let mut m = [f32::NEG_INFINITY; COLS];
         let mut a32 = [0.0f32; COLS];
@@ -88,21 +100,12 @@ impl<T: Element> Task for ColsFwd<'_, T> {
         let mut special: [Option<f64>; COLS] = [None; COLS];
         let (m, a32, a64, c, buf, out) =
             (&mut m[..w], &mut a32[..w], &mut a64[..w], &mut c[..w], &mut buf[..w], &mut out[..w]);
-        macro_rules! row {
-            ($k:expr) => {{
-                let src: &[T] = match x {
-                    Some(x) => &x[$k * inner + j0..$k * inner + j0 + w],
-                    None => &pieces[$k][..],
-                };
-                load(src, buf);
-            }};
-        }
         for kx in 0..axis {
-            row!(kx);
+            load(blk.step(x, kx), buf);
             cols::max(s, m, buf);
         }
         for kx in 0..axis {
-            row!(kx);
+            load(blk.step(x, kx), buf);
             cols::sum_exp(s, a32, buf, m, kk);
             if (kx + 1) % FLUSH == 0 || kx + 1 == axis {
                 for (d, v) in a64.iter_mut().zip(a32.iter_mut()) {
@@ -120,12 +123,7 @@ impl<T: Element> Task for ColsFwd<'_, T> {
                     FwdOp::LogSoftmax => a64[j].ln() as f32,
                 };
             } else {
-                let col: Vec<T> = (0..axis)
-                    .map(|kx| match x {
-                        Some(x) => x[kx * inner + j0 + j],
-                        None => pieces[kx][j],
-                    })
-                    .collect();
+                let col: Vec<T> = (0..axis).map(|kx| blk.step(x, kx)[j]).collect();
                 special[j] = Some(engine::special_fill(engine::classify(&col), f.op, f.masked));
                 any_special = true;
                 m[j] = 0.0;
@@ -133,16 +131,16 @@ impl<T: Element> Task for ColsFwd<'_, T> {
             }
         }
         for kx in 0..axis {
-            row!(kx);
+            load(blk.step(x, kx), buf);
             match f.op {
                 FwdOp::Softmax => cols::write_softmax(s, out, buf, m, c, kk),
                 FwdOp::LogSoftmax => cols::write_log_softmax(s, out, buf, m, c, kk),
             }
-            T::store_f32(out, pieces[kx]);
+            T::store_f32(out, blk.pieces[kx]);
             if any_special {
                 for (j, sp) in special[..w].iter().enumerate() {
                     if let Some(v) = sp {
-                        pieces[kx][j] = T::from_f64(*v);
+                        blk.pieces[kx][j] = T::from_f64(*v);
                     }
                 }
             }
@@ -219,7 +217,7 @@ pub(crate) fn forward<T: Element>(f: Fwd, p: &Plan, opts: &Options, dims: Dims, 
     let level = p.level;
     par::for_each(opts.exec.par, slab_blocks(y, dims), |_, (o, out)| {
         let xs = x.map(|x| &x[o * slab..(o + 1) * slab]);
-        dispatch(level, ColsFwd { f, x: xs, out });
+        dispatch(level, ColsFwd { x: xs, out, f });
     });
 }
 
@@ -266,9 +264,9 @@ impl<T: Element> Task for ColsBwd<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Isa>(self, s: S) {
-        let ColsBwd { log, kk, y, dy, dx: ColBlock { inner, j0, mut pieces } } = self;
-        let axis = pieces.len();
-        let w = pieces[0].len();
+        let ColsBwd { log, kk, y, dy, dx: mut blk } = self;
+        let axis = blk.pieces.len();
+        let w = blk.pieces[0].len();
         let mut a32 = [0.0f32; COLS];
         let mut a64 = [0.0f64; COLS];
         let mut ym = [f32::NEG_INFINITY; COLS];
@@ -278,18 +276,15 @@ impl<T: Element> Task for ColsBwd<'_, T> {
         let mut out = [0.0f32; COLS];
         let (a32, a64, ym, r, by, bg, out) =
             (&mut a32[..w], &mut a64[..w], &mut ym[..w], &mut r[..w], &mut by[..w], &mut bg[..w], &mut out[..w]);
-        macro_rules! rows {
-            ($k:expr) => {{
-                load(&y[$k * inner + j0..$k * inner + j0 + w], by);
-                let g: &[T] = match dy {
-                    Some(d) => &d[$k * inner + j0..$k * inner + j0 + w],
-                    None => &pieces[$k][..],
-                };
-                load(g, bg);
-            }};
-        }
+        let load_step = inl(
+            #[inline(always)]
+            |blk: &ColBlock<'_, T>, k: usize, by: &mut [f32], bg: &mut [f32]| {
+                load(blk.step(Some(y), k), by);
+                load(blk.step(dy, k), bg);
+            },
+        );
         for kx in 0..axis {
-            rows!(kx);
+            load_step(&blk, kx, by, bg);
             if log {
                 cols::add(s, a32, bg);
                 cols::max(s, ym, by);
@@ -307,7 +302,7 @@ impl<T: Element> Task for ColsBwd<'_, T> {
             r[j] = a64[j] as f32;
         }
         for kx in 0..axis {
-            rows!(kx);
+            load_step(&blk, kx, by, bg);
             if log {
                 cols::log_softmax_bwd(s, out, by, bg, r);
             } else {
@@ -325,7 +320,7 @@ impl<T: Element> Task for ColsBwd<'_, T> {
                     }
                 }
             }
-            T::store_f32(out, pieces[kx]);
+            T::store_f32(out, blk.pieces[kx]);
         }
     }
 }

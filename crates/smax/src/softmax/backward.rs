@@ -64,21 +64,20 @@ fn reduce<S: Isa, T: Element>(s: S, log: bool, y: &[T], dy: &[T], py: Ahead, pg:
     (acc, mx)
 }
 
-/// The map of one segment. `dy = None`: read the gradient from `dx` (in place). With
-/// `stream` (a large f32 gradient), `dx` is written past the cache.
+/// The operands of one row, or one segment of a row, of a backward pass: `y`, the upstream
+/// gradient `dy` (`None`: read from `dx`, in place) and `dx`.
+struct Grad<'a, T> {
+    y: &'a [T],
+    dy: Option<&'a [T]>,
+    dx: &'a mut [T],
+}
+
+/// The map of one segment from its reduction `r` (`zero`: the log-softmax row whose outputs
+/// were all `-inf`, whose gradient is 0). With `stream` (a large f32 gradient), `dx` is written
+/// past the cache.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn map<S: Isa, T: Element>(
-    s: S,
-    log: bool,
-    kk: f32,
-    r: f32,
-    zero: bool,
-    y: &[T],
-    dy: Option<&[T]>,
-    dx: &mut [T],
-    stream: bool,
-) {
+fn map<S: Isa, T: Element>(s: S, (log, kk): (bool, f32), (r, zero): (f32, bool), seg: Grad<'_, T>, stream: bool) {
+    let Grad { y, dy, dx } = seg;
     if zero {
         dx.iter_mut().for_each(|v| *v = T::from_f32(0.0));
         return;
@@ -114,23 +113,15 @@ fn map<S: Isa, T: Element>(
     }
 }
 
+/// One row: its reduction, then its map.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn row_bwd<S: Isa, T: Element>(
-    s: S,
-    log: bool,
-    kk: f32,
-    y: &[T],
-    dy: Option<&[T]>,
-    dx: &mut [T],
-    (py, pg): (Ahead, Ahead),
-    stream: bool,
-) {
+fn row_bwd<S: Isa, T: Element>(s: S, (log, kk): (bool, f32), row: Grad<'_, T>, (py, pg): (Ahead, Ahead), stream: bool) {
+    let Grad { y, dy, dx } = row;
     let (acc, mx) = match dy {
         Some(d) => reduce(s, log, y, d, py, pg),
         None => reduce(s, log, y, dx, py, Ahead::NONE),
     };
-    map(s, log, kk, acc as f32, log && mx == f32::NEG_INFINITY, y, dy, dx, stream);
+    map(s, (log, kk), (acc as f32, log && mx == f32::NEG_INFINITY), Grad { y, dy, dx }, stream);
 }
 
 struct RowsBwd<'a, T> {
@@ -157,14 +148,14 @@ impl<T: Element> Task for RowsBwd<'_, T> {
             let dr = &mut dx[r * g.ys..r * g.ys + g.len];
             let gr = dy.map(|d| &d[r * gs..r * gs + g.len]);
             let pg = dy.map_or(Ahead::NONE, |d| ahead(&d[r * gs..]));
-            row_bwd(s, log, kk, yr, gr, dr, (ahead(&y[r * g.xs..]), pg), stream);
+            row_bwd(s, (log, kk), Grad { y: yr, dy: gr, dx: dr }, (ahead(&y[r * g.xs..]), pg), stream);
         }
     }
 }
 
 enum SegBwd<'a, T> {
     Reduce(bool, &'a [T], &'a [T]),
-    Map { log: bool, kk: f32, r: f32, zero: bool, y: &'a [T], dy: Option<&'a [T]>, dx: &'a mut [T], stream: bool },
+    Map { log: bool, kk: f32, r: f32, zero: bool, seg: Grad<'a, T>, stream: bool },
 }
 
 impl<T: Element> Task for SegBwd<'_, T> {
@@ -173,8 +164,8 @@ impl<T: Element> Task for SegBwd<'_, T> {
     fn run<S: Isa>(self, s: S) -> (f64, f32) {
         match self {
             SegBwd::Reduce(log, y, dy) => reduce(s, log, y, dy, ahead(y), ahead(dy)),
-            SegBwd::Map { log, kk, r, zero, y, dy, dx, stream } => {
-                map(s, log, kk, r, zero, y, dy, dx, stream);
+            SegBwd::Map { log, kk, r, zero, seg, stream } => {
+                map(s, (log, kk), (r, zero), seg, stream);
                 (0.0, 0.0)
             }
         }
@@ -224,7 +215,7 @@ fn rows_bwd<T: Element>(log: bool, kk: f32, level: SimdLevel, opts: &Options, ro
             let n = dc.len();
             let yc = &yr[i * CHUNK..i * CHUNK + n];
             let gc = gr.map(|g| &g[i * CHUNK..i * CHUNK + n]);
-            dispatch(level, SegBwd::Map { log, kk, r: r32, zero, y: yc, dy: gc, dx: dc, stream });
+            dispatch(level, SegBwd::Map { log, kk, r: r32, zero, seg: Grad { y: yc, dy: gc, dx: dc }, stream });
         });
     }
 }

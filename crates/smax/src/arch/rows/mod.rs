@@ -228,29 +228,16 @@ pub(crate) fn finish_max_next<S: Isa>(
     m
 }
 
-/// `y_i −= c` in place.
+/// `y_i *= c` in place, or `y_i −= c` with `sub` (callers pass it as a constant).
 #[inline(always)]
-pub(crate) fn sub_const<S: Isa>(s: S, y: &mut [f32], c: f32) {
+pub(crate) fn scale_or_shift<S: Isa>(s: S, y: &mut [f32], c: f32, sub: bool) {
     let vc = s.splat_f32s(c);
     let (head, tail) = S::as_mut_simd_f32s(y);
     for v in head.iter_mut() {
-        *v = s.sub_f32s(*v, vc);
+        *v = if sub { s.sub_f32s(*v, vc) } else { s.mul_f32s(*v, vc) };
     }
     for v in tail.iter_mut() {
-        *v -= c;
-    }
-}
-
-/// `y_i *= c` in place.
-#[inline(always)]
-pub(crate) fn scale<S: Isa>(s: S, y: &mut [f32], c: f32) {
-    let vc = s.splat_f32s(c);
-    let (head, tail) = S::as_mut_simd_f32s(y);
-    for v in head.iter_mut() {
-        *v = s.mul_f32s(*v, vc);
-    }
-    for v in tail.iter_mut() {
-        *v *= c;
+        *v = if sub { *v - c } else { *v * c };
     }
 }
 

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::layout::{View, ViewMut};
 use crate::options::{Exec, defaults, setters};
 use crate::par;
+use crate::scalar64::{sigmoid, softplus};
 
 use super::{AllIgnored, LossReport, Reduction};
 
@@ -307,20 +308,6 @@ fn lse_of(x: &[f64], k: f64, keep: impl Fn(usize) -> bool) -> f64 {
 
 // ---------------------------------------------------------------------------------------------
 // Spherical Z-loss (L3).
-
-/// Stable `softplus(z) = ln(1 + e^z)`.
-fn softplus(z: f64) -> f64 {
-    if z > 0.0 { z + (-z).exp().ln_1p() } else { z.exp().ln_1p() }
-}
-
-fn sigmoid(z: f64) -> f64 {
-    if z >= 0.0 {
-        1.0 / (1.0 + (-z).exp())
-    } else {
-        let e = z.exp();
-        e / (1.0 + e)
-    }
-}
 
 /// The spherical Z-loss (de Brébisson & Vincent 2016, arXiv 1604.08859; L3):
 /// `z = (o − μ)/σ` with the population mean and deviation of the row, and
