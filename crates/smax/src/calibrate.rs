@@ -4,6 +4,7 @@
 //! energy, Mahalanobis). Everything is computed in f64 from the given logits, row by row in
 //! row order (deterministic).
 
+use crate::check::{product, try_vec, try_with_capacity};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::View;
@@ -216,7 +217,8 @@ pub struct Calibration {
 /// Expected and maximum calibration error of the softmax of `logits` against `targets`
 /// (Guo et al. 2017; D4, with NEEDS 24's binning): confidence `c = max softmax(z)`, correct when
 /// the argmax (lowest index on ties) equals the label. The default of Guo et al. is
-/// `Binning::EqualWidth(15)`. Errors: an empty set, no bins, non-finite logits, bad labels.
+/// `Binning::EqualWidth(15)`. Errors: an empty set, no bins, non-finite logits, bad labels, a
+/// bin count whose per-bin memory cannot be allocated ([`Error::Allocation`]).
 pub fn calibration_error<T: Element>(
     logits: View<'_, T>,
     targets: &[i64],
@@ -241,7 +243,7 @@ pub fn calibration_error<T: Element>(
         conf.push((z[am] - l).exp());
         correct.push(am as i64 == labels[r]);
     }
-    let mut members: Vec<Vec<usize>> = vec![Vec::new(); m];
+    let mut members: Vec<Vec<usize>> = try_vec("calibration bins", m, Vec::new())?;
     match binning {
         Binning::EqualWidth(_) => {
             for (i, &c) in conf.iter().enumerate() {
@@ -252,11 +254,13 @@ pub fn calibration_error<T: Element>(
             let mut order: Vec<usize> = (0..n).collect();
             order.sort_by(|&a, &b| conf[a].total_cmp(&conf[b]).then(a.cmp(&b)));
             for (b, mem) in members.iter_mut().enumerate() {
-                mem.extend_from_slice(&order[b * n / m..(b + 1) * n / m]);
+                // `b·n/m` in u128: the product of two counts can pass `usize::MAX`.
+                let at = |b: usize| (b as u128 * n as u128 / m as u128) as usize;
+                mem.extend_from_slice(&order[at(b)..at(b + 1)]);
             }
         }
     }
-    let mut out = Calibration { ece: 0.0, ece_l2: 0.0, mce: 0.0, bins: Vec::with_capacity(m) };
+    let mut out = Calibration { ece: 0.0, ece_l2: 0.0, mce: 0.0, bins: try_with_capacity("calibration bins", m)? };
     for (b, mem) in members.iter().enumerate() {
         let count = mem.len();
         let (lo, hi) = match binning {
@@ -385,8 +389,9 @@ setters!(MahalanobisOptions {} some { ridge: f64 });
 /// row-major) with class targets in `[0, classes)`: class means and the shared covariance
 /// `Σ = (1/N) Σ_c Σ_{i∈c} (f_i − μ_c)(f_i − μ_c)ᵀ`, factored by Cholesky after adding
 /// `ridge·I` (`None`: `1e-6·tr(Σ)/dim`, added only when the plain factorisation fails).
-/// Errors: no samples, a class without samples, non-finite features, a covariance that
-/// stays singular.
+/// Errors: no samples, a class without samples (more classes than samples included), non-finite
+/// features, a covariance that stays singular, a `dim x dim` covariance that does not fit in
+/// memory ([`Error::SizeOverflow`], [`Error::Allocation`]).
 pub fn mahalanobis_fit(
     f: &[f64],
     dim: usize,
@@ -405,6 +410,15 @@ pub fn mahalanobis_fit(
     let n = f.len() / dim;
     check_labels(labels, n, classes)?;
     check_finite(f, 0)?;
+    if classes > n {
+        // Some class has no sample; said before `classes` sizes any buffer.
+        return Err(Error::bad_parameter(
+            "labels",
+            format!("{classes} classes, {n} samples"),
+            "every class represented",
+        ));
+    }
+    let cov_len = product("covariance", &[dim, dim])?;
     let mut means = vec![vec![0.0; dim]; classes];
     let mut counts = vec![0usize; classes];
     for (i, &y) in labels.iter().enumerate() {
@@ -419,7 +433,7 @@ pub fn mahalanobis_fit(
     for (m, &c) in means.iter_mut().zip(&counts) {
         m.iter_mut().for_each(|v| *v /= c as f64);
     }
-    let mut cov = vec![0.0; dim * dim];
+    let mut cov = try_vec("covariance", cov_len, 0.0)?;
     for (i, &y) in labels.iter().enumerate() {
         for a in 0..dim {
             let da = f[i * dim + a] - means[y as usize][a];

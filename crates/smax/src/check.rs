@@ -33,3 +33,27 @@ pub(crate) fn inv_temperature(t: f64, f32_compute: bool) -> Result<(f32, f64)> {
     }
     Ok((k32, k64))
 }
+
+/// The product of `dims`, or [`Error::SizeOverflow`] naming `what` when it does not fit in
+/// `usize`.
+pub(crate) fn product(what: &'static str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| Error::SizeOverflow { what, shape: format!("{dims:?}") })
+}
+
+/// An empty vector with room for `n` elements, allocated fallibly: a size the allocator
+/// refuses is [`Error::Allocation`] naming `what`, instead of a process abort.
+pub(crate) fn try_with_capacity<T>(what: &'static str, n: usize) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n)
+        .map_err(|_| Error::Allocation { what, bytes: n.saturating_mul(core::mem::size_of::<T>()) })?;
+    Ok(out)
+}
+
+/// `n` copies of `v`, allocated as [`try_with_capacity`].
+pub(crate) fn try_vec<T: Clone>(what: &'static str, n: usize, v: T) -> Result<Vec<T>> {
+    let mut out = try_with_capacity(what, n)?;
+    out.resize(n, v);
+    Ok(out)
+}

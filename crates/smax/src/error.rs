@@ -108,6 +108,17 @@ pub enum Error {
         /// The row.
         row: usize,
     },
+    /// Working memory whose size follows from the arguments (a bin count, a class count, a
+    /// split length, a head dimension) that the allocator refused. Returned instead of the
+    /// process abort an infallible allocation would cause; memory the system promises but
+    /// cannot deliver (overcommit) is outside what a library can detect.
+    #[error("{what}: cannot allocate {bytes} bytes of working memory")]
+    Allocation {
+        /// Which buffer.
+        what: &'static str,
+        /// The size asked for (saturated at `usize::MAX`).
+        bytes: usize,
+    },
 }
 
 impl Error {

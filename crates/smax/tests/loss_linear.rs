@@ -230,7 +230,7 @@ fn thread_count_determinism_and_scratch_reuse() {
     }
     // A caller's scratch gives the same bits, call after call.
     let shape = LinearShape { n: p.n, d: p.d, v: p.v };
-    let mut sc = LinearCeScratch::new(shape, o.tiles);
+    let mut sc = LinearCeScratch::new(shape, o.tiles).unwrap();
     assert_eq!(sc.bytes(), linear_cross_entropy_scratch_bytes(shape, o.tiles));
     // Absurd tiles are clamped to the problem, not allocated.
     let huge = LinearTiles { tokens: usize::MAX, vocab: usize::MAX };

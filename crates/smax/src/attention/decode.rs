@@ -7,6 +7,7 @@ use super::{AttentionInputs, AttentionOptions, AttentionOutputs, AttentionShape,
 use crate::arch::gemm::MatRef;
 use crate::arch::rows as k;
 use crate::arch::{Isa, Task, dispatch};
+use crate::check::{product, try_vec};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::options::defaults;
@@ -126,6 +127,11 @@ fn finish_row(parts: usize, lse_of: impl Fn(usize) -> f32, acc: &[f64], o: &mut 
 /// [`attention`](super::attention). Results are bitwise identical for any thread count;
 /// they differ from the one-pass result by the merge's rounding, at most a few f32 ULP of the
 /// output scale (tested: `≤ 2e-6·(1 + max|v|)`).
+///
+/// Errors: those of [`attention`](super::attention); `split_len = 0`; partials
+/// (`batch·kv_heads · ceil(kv_len/split_len) · group·q_len · (d + 1)` f32) that do not fit in
+/// memory ([`Error::SizeOverflow`], [`Error::Allocation`]: a short `split_len` over a long
+/// prefill).
 pub fn attention_decode<T: AttnElement>(
     inputs: AttentionInputs<'_, T>,
     outputs: AttentionOutputs<'_, T>,
@@ -137,8 +143,7 @@ pub fn attention_decode<T: AttnElement>(
     dec.check()?;
     let mut own = Vec::new();
     let Some((out, lse)) = forward_outputs(&shape, outputs, &mut own)? else { return Ok(()) };
-    split_k(&cx, &shape, dec.split_len, out, lse, None);
-    Ok(())
+    split_k(&cx, &shape, dec.split_len, out, lse, None)
 }
 
 /// `(query head, query)` of every row of key/value head `hk`'s group: the group's query heads
@@ -166,14 +171,16 @@ fn split_k<T: Element>(
     out: &mut [T],
     lse: &mut [f32],
     only: Option<&[bool]>,
-) {
+) -> Result<()> {
     let (d, ql, kl, g) = (s.head_dim, s.q_len, s.kv_len, s.group());
     let parts = kl.div_ceil(split_len).max(1);
     let groups = s.batch * s.kv_heads;
     let gr = g * ql;
     // f32 partials of every (group, split): [groups, parts, g·q_len, d] and [.., g·q_len].
-    let mut po = vec![0.0f32; groups * parts * gr * d];
-    let mut pl = vec![0.0f32; groups * parts * gr];
+    // Their size grows with the number of splits, which the caller chooses: checked.
+    let rows = product("split-K partials", &[groups, parts, gr])?;
+    let mut po = try_vec("split-K partials", product("split-K partials", &[rows, d])?, 0.0f32)?;
+    let mut pl = try_vec("split-K partials", rows, 0.0f32)?;
     let tasks: Vec<(usize, (&mut [f32], &mut [f32]))> =
         po.chunks_mut(gr * d).zip(pl.chunks_mut(gr)).enumerate().collect();
     let run = |(t, (o, l)): (usize, (&mut [f32], &mut [f32]))| {
@@ -216,6 +223,7 @@ fn split_k<T: Element>(
             }
         }
     }
+    Ok(())
 }
 
 /// What triggers the synchronised recomputation in [`attention_decode_unified`].
@@ -340,10 +348,11 @@ pub fn attention_decode_unified<T: AttnElement>(
     let gr = g * ql;
     // Per (batch·kv head group, split): numerators [g·q_len, d], denominators and window
     // flags [g·q_len] (the group's query heads packed, as in split-K).
+    let n = product("split partials", &[groups, parts, gr])?;
     let mut sp = Splits {
-        num: vec![0.0f32; groups * parts * gr * d],
-        den: vec![0.0f64; groups * parts * gr],
-        flag: vec![false; groups * parts * gr],
+        num: try_vec("split partials", product("split partials", &[n, d])?, 0.0f32)?,
+        den: try_vec("split partials", n, 0.0f64)?,
+        flag: try_vec("split partials", n, false)?,
         parts,
     };
     let tasks: Vec<(usize, ((&mut [f32], &mut [f64]), &mut [bool]))> =
@@ -358,7 +367,7 @@ pub fn attention_decode_unified<T: AttnElement>(
     let fallback = combine_splits(&shape, &sp, win, out, lse);
     let fallback_rows = fallback.iter().filter(|&&x| x).count();
     if fallback_rows > 0 {
-        split_k(&cx, &shape, dec.split_len, out, lse, Some(&fallback));
+        split_k(&cx, &shape, dec.split_len, out, lse, Some(&fallback))?;
     }
     Ok(UnifiedStats { rows, fallback_rows })
 }

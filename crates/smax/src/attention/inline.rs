@@ -3,6 +3,7 @@
 use super::{AttentionInputs, AttentionOptions, AttentionShape, AttnElement, check_out, resolve};
 use crate::arch::gemm::{MatRef, matmul};
 
+use crate::check::{product, try_vec};
 use crate::error::{Error, Result};
 use crate::options::Par;
 
@@ -72,8 +73,10 @@ pub struct Inline<'a> {
 /// Shapes and layouts as [`attention`](super::attention) (grouped-query allowed); masks do not
 /// apply (remove padded tokens instead: `-inf` has no meaning in a linear kernel). `Σ φ(k)vᵀ`
 /// and the means accumulate in f32 through `gemm` and f64 sums. Errors: `kv_len = 0`, a local
-/// term whose grid or kernel does not match, and the shape and buffer errors of
-/// [`attention`](super::attention).
+/// term whose grid or kernel does not match, the shape and buffer errors of
+/// [`attention`](super::attention), and a head dimension whose `d x d` matrix does not fit in
+/// memory ([`Error::SizeOverflow`](crate::Error::SizeOverflow),
+/// [`Error::Allocation`](crate::Error::Allocation)).
 pub fn inline_attention<'a, T: AttnElement>(
     inputs: AttentionInputs<'_, T>,
     out: &mut [T],
@@ -123,16 +126,19 @@ pub fn inline_attention<'a, T: AttnElement>(
         return Ok(());
     }
     let heads: Vec<(usize, &mut [T])> = out.chunks_mut(ql * d).enumerate().collect();
-    crate::par::for_each(opts.exec.par, heads, |_, (bh, o)| {
+    // Each head builds the `d x d` matrix KV: a size the shape alone sets, checked here.
+    let kv_len = product("inline KV", &[d, d])?;
+    let done = crate::par::map(opts.exec.par, heads, |(bh, o)| {
         let (b, h) = (bh / shape.q_heads, bh % shape.q_heads);
-        let (mut o32, vv) = inline_head(&shape, kernel, (&qo, &ko, &vo), b, h);
+        let (mut o32, vv) = inline_head(&shape, kernel, (&qo, &ko, &vo), (b, h), kv_len)?;
         if let Some(l) = local {
             let kern = &l.kernel[(b * shape.q_heads + h) * d * 9..][..d * 9];
             add_local_term(&l, kern, &vv, d, &mut o32);
         }
         T::store_f32(&o32, o);
+        Ok(())
     });
-    Ok(())
+    done.into_iter().collect()
 }
 
 /// The linear-attention output of head `(b, h)` in f32, and the head's values in f32 (which
@@ -141,9 +147,9 @@ fn inline_head<T: AttnElement>(
     shape: &AttentionShape,
     kernel: InlineKernel,
     (qo, ko, vo): (&super::Op<'_, T>, &super::Op<'_, T>, &super::Op<'_, T>),
-    b: usize,
-    h: usize,
-) -> (Vec<f32>, Vec<f32>) {
+    (b, h): (usize, usize),
+    kv_len: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let (d, ql, kl) = (shape.head_dim, shape.q_len, shape.kv_len);
     let c = (1.0 / (d as f64).sqrt()) / kl as f64;
     let hk = h / shape.group();
@@ -157,7 +163,7 @@ fn inline_head<T: AttnElement>(
     for x in fk.iter_mut() {
         *x = kernel.apply(*x);
     }
-    let mut kvm = vec![0.0f32; d * d];
+    let mut kvm = try_vec("inline KV", kv_len, 0.0f32)?;
     matmul(&mut kvm, d, MatRef::row_major(&fk, kl, d).t(), MatRef::row_major(&vv, kl, d), false, Par::Seq);
     let mean = |m: &[f32]| -> Vec<f64> {
         let mut s = vec![0.0f64; d];
@@ -185,7 +191,7 @@ fn inline_head<T: AttnElement>(
             *x = (*x as f64 * c + coef * vb) as f32;
         }
     }
-    (o32, vv)
+    Ok((o32, vv))
 }
 
 /// Adds InLine's local term (the 3×3 depthwise convolution of the values `vv` over the token

@@ -11,6 +11,7 @@
 use crate::arch::gemm::{MatRef, matmul};
 use crate::arch::rows::{self as k, Xform};
 use crate::arch::{Ahead, Isa, SimdLevel, Task, dispatch};
+use crate::check::product;
 use crate::error::{Error, Result};
 use crate::options::{Exec, Par, defaults, setters};
 use rayon::prelude::*;
@@ -130,10 +131,12 @@ pub struct LinearCeScratch {
 
 impl LinearCeScratch {
     /// Scratch for calls of `shape` with `tiles` (tiles larger than the problem are clamped
-    /// to it, as the call does).
-    pub fn new(shape: LinearShape, tiles: LinearTiles) -> Self {
-        let t = tiles.clamped(shape);
-        LinearCeScratch { tile: vec![0.0; t.tokens.saturating_mul(t.vocab)], tok: vec![TOK0; shape.n] }
+    /// to it, as the call does). Errors: [`Error::SizeOverflow`] when a size does not fit in
+    /// `usize`, [`Error::Allocation`] when the allocator refuses it.
+    pub fn new(shape: LinearShape, tiles: LinearTiles) -> Result<Self> {
+        let mut s = LinearCeScratch::default();
+        s.fit(shape.n, tiles.clamped(shape))?;
+        Ok(s)
     }
 
     /// Bytes this scratch holds: [`linear_cross_entropy_scratch_bytes`] of its sizes.
@@ -141,13 +144,24 @@ impl LinearCeScratch {
         self.tile.len() * 4 + self.tok.len() * core::mem::size_of::<Tok>()
     }
 
-    fn fit(&mut self, n: usize, tiles: LinearTiles) {
-        if self.tile.len() < tiles.tokens * tiles.vocab {
-            self.tile.resize(tiles.tokens * tiles.vocab, 0.0);
+    /// Grows the buffers to `n` tokens and one tile of `tiles` (clamped), fallibly.
+    fn fit(&mut self, n: usize, tiles: LinearTiles) -> Result<()> {
+        let t = product("tiles", &[tiles.tokens, tiles.vocab])?;
+        let grow = |len: usize, want: usize| want.saturating_sub(len);
+        self.tile
+            .try_reserve_exact(grow(self.tile.len(), t))
+            .map_err(|_| Error::Allocation { what: "linear cross-entropy tile", bytes: t.saturating_mul(4) })?;
+        self.tok.try_reserve_exact(grow(self.tok.len(), n)).map_err(|_| Error::Allocation {
+            what: "linear cross-entropy tokens",
+            bytes: n.saturating_mul(core::mem::size_of::<Tok>()),
+        })?;
+        if self.tile.len() < t {
+            self.tile.resize(t, 0.0);
         }
         if self.tok.len() < n {
             self.tok.resize(n, TOK0);
         }
+        Ok(())
     }
 }
 
@@ -156,7 +170,10 @@ impl LinearCeScratch {
 /// with `v` once `v ≥ tiles.vocab`, nor with `d`.
 pub fn linear_cross_entropy_scratch_bytes(shape: LinearShape, tiles: LinearTiles) -> usize {
     let t = tiles.clamped(shape);
-    t.tokens.saturating_mul(t.vocab).saturating_mul(4) + shape.n * core::mem::size_of::<Tok>()
+    t.tokens
+        .saturating_mul(t.vocab)
+        .saturating_mul(4)
+        .saturating_add(shape.n.saturating_mul(core::mem::size_of::<Tok>()))
 }
 
 /// Cross-entropy of `logits = h·Wᵀ + b` (optionally soft-capped) against `targets`, with the
@@ -202,7 +219,7 @@ pub fn linear_cross_entropy(
     if tiles.tokens.checked_mul(tiles.vocab).is_none_or(|t| t > isize::MAX as usize / 4) {
         return Err(Error::SizeOverflow { what: "tiles", shape: format!("{} x {}", tiles.tokens, tiles.vocab) });
     }
-    scratch.fit(shape.n, tiles);
+    scratch.fit(shape.n, tiles)?;
     let LinearCeScratch { tile, tok } = scratch;
     let tok = &mut tok[..shape.n];
     tok.fill(TOK0);
@@ -395,9 +412,7 @@ fn check(
     o: &LinearCrossEntropyOptions,
 ) -> Result<()> {
     let LinearShape { n, d, v } = s;
-    let prod = |a: usize, b: usize, what: &'static str| {
-        a.checked_mul(b).ok_or(Error::SizeOverflow { what, shape: format!("{a} x {b}") })
-    };
+    let prod = |a: usize, b: usize, what: &'static str| product(what, &[a, b]);
     let (nd, vd) = (prod(n, d, "h")?, prod(v, d, "w")?);
     if d == 0 || v == 0 {
         return Err(Error::bad_parameter(
