@@ -33,8 +33,8 @@ pub enum Algorithm {
     ThreePass,
     /// Two passes (Dukhan & Ablavatski 2020, "The Two-Pass Softmax Algorithm"): pass 1 keeps
     /// each `exp(x)` as a mantissa and an exponent and needs no max pass; pass 2 writes. Rows
-    /// holding a non-finite value or an entry of magnitude ≥ 2^22 (after the temperature)
-    /// redo pass 1 with [`Algorithm::Online`]. It costs about 30 vector operations per input
+    /// holding a non-finite value or whose largest entry has magnitude ≥ 4.19·10^6 (after the
+    /// temperature) redo pass 1 with [`Algorithm::Online`]. It costs about 30 vector operations per input
     /// vector against about 18 for the online pass (whose second read of each 256-element
     /// block hits L1), so `Auto` does not pick it: on the machines measured it is slower both
     /// out of cache and in L1.

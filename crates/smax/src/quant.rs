@@ -162,6 +162,17 @@ impl Quantizer {
             Quantizer::Uniform { min, max, .. } if !(min.is_finite() && max.is_finite() && min <= max) => {
                 bad("min/max", format!("[{min}, {max}]"), "finite with min <= max")
             }
+            // The step `Δ = (max − min)/(2^b − 1)` must be finite and > 0 unless the range is
+            // one point: else every code reconstructs to NaN or ±inf. (With a finite `min` and
+            // such a Δ, the zero point `−min/Δ` stays below 2^69.)
+            Quantizer::Uniform { min, max, .. }
+                if max > min && {
+                    let d = (max - min) / ((1u64 << b) - 1) as f64;
+                    !(d.is_finite() && d > 0.0)
+                } =>
+            {
+                bad("min/max", format!("[{min}, {max}]"), "a range whose step is finite and nonzero")
+            }
             Quantizer::Log2 { delta, .. } | Quantizer::LogSqrt2 { delta, .. }
                 if !(delta.is_finite() && delta > 0.0) =>
             {
@@ -171,6 +182,9 @@ impl Quantizer {
                 if !(eta.is_finite() && eta > 0.0 && y_min.is_finite() && y_max.is_finite() && y_min <= y_max) =>
             {
                 bad("eta/y_min/y_max", format!("{eta}, [{y_min}, {y_max}]"), "η > 0, finite y_min <= y_max")
+            }
+            Quantizer::Sulq { y_min, y_max, .. } if !(y_max - y_min).is_finite() => {
+                bad("y_min/y_max", format!("[{y_min}, {y_max}]"), "a range whose width is finite")
             }
             _ => Ok(()),
         }

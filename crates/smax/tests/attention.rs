@@ -1302,3 +1302,40 @@ fn no_query_heads_give_zero_key_and_value_gradients() {
     .unwrap();
     assert!(dk.iter().chain(&dv).all(|&x| x == 0.0));
 }
+
+#[test]
+fn sizes_with_no_batch_and_absurd_tiles_are_checked() {
+    // Found by the `attention` fuzz target. With batch = 0 the whole product is 0, but the
+    // per-head strides multiply heads, tokens and d: that product overflowed.
+    let x = [0.0f32; 4];
+    let mut out = [0.0f32; 4];
+    let s =
+        AttentionShape { batch: 0, q_heads: 1 << 40, kv_heads: 1 << 40, q_len: 1 << 20, kv_len: 1, head_dim: 1 << 10 };
+    let r = attention(
+        smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
+        smax::attention::AttentionOutputs::new(&mut out, None),
+        &AttentionOptions::default(),
+    );
+    assert!(matches!(r, Err(Error::SizeOverflow { .. })), "{r:?}");
+    let h = HeadStrides::bhsd(usize::MAX, 2, 2);
+    assert_eq!((h.batch, h.head, h.token), (usize::MAX, 4, 2), "strides saturate");
+    // Tiles of usize::MAX multiplied the head dimension; they are one tile of the problem,
+    // bit for bit the result of tiles of exactly its size.
+    let mut rng = Rng(3);
+    let (ql, kl, d) = (5, 7, 3);
+    let q: Vec<f32> = rng.vec(ql * d, 1.0).iter().map(|&v| v as f32).collect();
+    let kv: Vec<f32> = rng.vec(kl * d, 1.0).iter().map(|&v| v as f32).collect();
+    let s = AttentionShape::new(1, 1, ql, kl, d);
+    let run = |tiles: smax::attention::AttentionTiles| {
+        let mut out = vec![0.0f32; ql * d];
+        attention(
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&kv), Heads::new(&kv)),
+            smax::attention::AttentionOutputs::new(&mut out, None),
+            &AttentionOptions { tiles, causal: true, ..Default::default() },
+        )
+        .unwrap();
+        out.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+    };
+    let huge = run(smax::attention::AttentionTiles { q: usize::MAX, kv: usize::MAX });
+    assert_eq!(huge, run(smax::attention::AttentionTiles { q: ql, kv: kl }));
+}

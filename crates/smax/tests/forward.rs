@@ -694,3 +694,35 @@ fn empty_strided_rows_are_empty_rows() {
     smax::calibrate::ood_scores(x, &mut scores, &opts).unwrap();
     assert!(scores.iter().all(|&s| s == f64::NEG_INFINITY), "{scores:?}");
 }
+
+#[test]
+fn two_pass_rows_with_entries_far_below_the_max() {
+    // Found by the `normalizers` fuzz target: the two-pass first pass took `exp` of every
+    // scaled entry in its extended form, valid only for |x/τ| < 2^22, and checked only the
+    // row's max against that range, so one entry far below the max (here −4.8e30 after τ)
+    // made the whole row NaN. Such entries now contribute their (zero) share exactly.
+    let mut rows: Vec<Vec<f32>> = vec![
+        std::iter::once(-2.4e30).chain(std::iter::repeat_n(0.0, 36)).collect(),
+        vec![-5.0e6, 0.0, 1.0],
+        vec![1.0, -3.0e38, 2.0, -4.3e6, 0.5],
+        vec![-4.19e6, -4.1e6, -4.0e6],
+    ];
+    rows.push((0..300).map(|i| if i % 7 == 0 { -1e20 } else { (i % 5) as f32 }).collect());
+    for tau in [0.5, 1.0, 1e-3] {
+        for x in &rows {
+            let n = x.len();
+            let xv = View::rows(x, 1, n).unwrap();
+            for level in SimdLevel::available() {
+                let two = Options { temperature: tau, algorithm: Algorithm::TwoPass, ..Default::default() }.simd(level);
+                let online = Options { algorithm: Algorithm::Online, ..two };
+                let (a, b) = (softmax_to_vec(xv, &two).unwrap(), softmax_to_vec(xv, &online).unwrap());
+                assert!(a.iter().all(|v| v.is_finite()), "τ {tau} {level:?}: {a:?}");
+                for (p, q) in a.iter().zip(&b) {
+                    assert!((p - q).abs() <= 1e-6 * q.abs().max(1e-30), "τ {tau} {level:?}: two-pass {p} online {q}");
+                }
+                let (l2, l1) = (logsumexp_to_vec(xv, &two).unwrap()[0], logsumexp_to_vec(xv, &online).unwrap()[0]);
+                assert!((l2 - l1).abs() <= 1e-6 * l1.abs().max(1.0), "τ {tau} {level:?}: lse {l2} vs {l1}");
+            }
+        }
+    }
+}

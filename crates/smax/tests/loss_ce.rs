@@ -565,6 +565,32 @@ fn all_ignored_and_empty_batches() {
 }
 
 #[test]
+fn zero_class_weight_mean_reports_the_z_loss_its_gradient_carries() {
+    // Issue "No panic", class 6: rows that count but weigh 0 in total. The main loss has no
+    // weighted mean (0, as for all-ignored rows, and no main gradient); the z-loss is a mean
+    // over the rows that count, so the report must give it, as the gradient does.
+    let x = [1.0f32, 2.0, 3.0, 0.5];
+    let w = [0.0f32, 1.0];
+    let (lambda, mut g, mut z_rows) = (0.01, vec![0.0f32; 4], vec![0.0f64; 2]);
+    let r = cross_entropy(
+        View::rows(&x, 2, 2).unwrap(),
+        Targets::Classes(&[0, 0]),
+        Some(ViewMut::rows(&mut g, 2, 2).unwrap()),
+        RowOutputs { z_loss: Some(&mut z_rows), ..Default::default() },
+        &CrossEntropyOptions { class_weights: Some(&w), ..Default::default() }.z_loss(lambda),
+    )
+    .unwrap();
+    assert_eq!((r.loss, r.valid_rows, r.denominator), (0.0, 2, 0.0));
+    let lse = |a: f64, b: f64| a.max(b) + (-(a - b).abs()).exp().ln_1p();
+    let want = lambda * (lse(1.0, 2.0).powi(2) + lse(3.0, 0.5).powi(2)) / 2.0;
+    assert!((r.z_loss - want).abs() < 1e-6 * want, "{} vs {want}", r.z_loss);
+    assert!((z_rows.iter().sum::<f64>() / 2.0 - r.z_loss).abs() < 1e-12);
+    // The gradient is the z-loss's alone: 2λ·lse·p / 2 rows, which sums to λ·lse per row.
+    let g0 = g[0] as f64 + g[1] as f64;
+    assert!((g0 - lambda * lse(1.0, 2.0)).abs() < 1e-6, "{g0}");
+}
+
+#[test]
 fn bad_input_is_a_typed_error() {
     let x = [0.0f32; 6];
     let v = || View::rows(&x, 2, 3).unwrap();

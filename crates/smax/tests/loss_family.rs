@@ -770,3 +770,26 @@ fn every_family_loss_is_thread_count_deterministic() {
         }
     }
 }
+
+#[test]
+fn uskd_ranking_of_a_confident_student_does_not_depend_on_class_order() {
+    // Issue "No panic", class 6: with the target's margin past about 37, `1 − S_t` rounded to
+    // 0, every score became +inf and the ranking fell back to the class order, so permuting the
+    // non-target classes changed the loss.
+    use smax::loss::{UskdOptions, UskdRanking, uskd_loss};
+    let z = [45.0f64, 0.0, 1.5, 3.0, -2.0];
+    let w = [45.0f64, 0.2, -1.0, 2.5, 0.7];
+    let perm = [0usize, 3, 1, 4, 2]; // class j of the permuted row is class perm[j] of the original
+    let zp: Vec<f64> = perm.iter().map(|&j| z[j]).collect();
+    let wp: Vec<f64> = perm.iter().map(|&j| w[j]).collect();
+    for ranking in [UskdRanking::PaperProb, UskdRanking::CodeLogProb] {
+        let p = UskdOptions { ranking, ..Default::default() };
+        let run = |z: &[f64], w: &[f64]| {
+            uskd_loss(View::rows(z, 1, 5).unwrap(), View::rows(w, 1, 5).unwrap(), &[0], None, None, &p).unwrap()
+        };
+        let (a, b) = (run(&z, &w), run(&zp, &wp));
+        assert!(a.non_target.is_finite(), "{ranking:?}: {a:?}");
+        close(b.non_target, a.non_target, 1e-12, "L_nt under a permutation of the non-target classes");
+        close(b.total, a.total, 1e-12, "total under a permutation of the non-target classes");
+    }
+}

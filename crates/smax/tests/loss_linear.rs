@@ -347,3 +347,23 @@ fn bad_input_is_a_typed_error() {
         Err(Error::LengthMismatch { what: "dh", .. })
     ));
 }
+
+#[test]
+fn special_rows_give_the_z_loss_cross_entropy_gives() {
+    // Issue "No panic", class 7: on a NaN row `cross_entropy` reported a NaN loss and z-loss,
+    // the linear path a `+inf` loss (its max skipped the NaN logits) and a `+inf` z-loss. Row 0
+    // NaN; then `+inf` logits from the bias in every row.
+    let mut rng = Rng(7);
+    let mut p = problem(&mut rng, 3, 4, 5);
+    p.y = vec![1, 2, 3];
+    p.h[1] = f32::NAN;
+    let o = LinearCrossEntropyOptions { reduction: Reduction::Sum, z_loss: 1e-3, ..Default::default() };
+    let (got, want) = (fused(&p, false, &o), materialized(&p, false, &o));
+    assert!(got.rows[0].is_nan() && want.rows[0].is_nan(), "{:?} {:?}", got.rows, want.rows);
+    assert!(got.z.is_nan() && want.z.is_nan(), "z-loss of a NaN row: linear {} vs cross_entropy {}", got.z, want.z);
+    p.h[1] = 0.5;
+    p.b[2] = f32::INFINITY;
+    let (got, want) = (fused(&p, true, &o), materialized(&p, true, &o));
+    assert_eq!(got.z.is_nan(), want.z.is_nan(), "linear {} vs cross_entropy {}", got.z, want.z);
+    assert_eq!(got.z == f64::INFINITY, want.z == f64::INFINITY, "linear {} vs cross_entropy {}", got.z, want.z);
+}

@@ -67,6 +67,24 @@ fn worked_examples_q1_to_q4() {
 }
 
 #[test]
+fn uniform_ranges_whose_step_or_zero_point_is_not_finite_are_errors() {
+    // Issue "No panic", class 6: over [−f64::MAX, f64::MAX] the step overflowed, every code
+    // reconstructed to NaN, and the report said max_abs_err = 0.
+    let mut c = [0u16; 1];
+    let mut r = [0.0f32; 1];
+    for (min, max) in [(-f64::MAX, f64::MAX), (0.0, 5e-324), (-1e308, 1e308)] {
+        let q = Quantizer::Uniform { bits: 16, min, max };
+        let e = quantize(&[0.5], &q, &mut c, None, Some(&mut r));
+        assert!(matches!(e, Err(Error::BadParameter { .. })), "[{min}, {max}]: {e:?}");
+    }
+    // A one-point range stays valid (every value reconstructs to it), as does a wide finite one.
+    quantize(&[0.5], &Quantizer::Uniform { bits: 8, min: 2.0, max: 2.0 }, &mut c, None, Some(&mut r)).unwrap();
+    assert_eq!(r[0], 2.0);
+    let rep = quantize(&[0.5], &Quantizer::Uniform { bits: 8, min: -1e300, max: 1e300 }, &mut c, None, Some(&mut r));
+    assert!(rep.unwrap().max_abs_err.is_finite());
+}
+
+#[test]
 fn full_range_round_trip_bounds() {
     // Every 97th f32 in [0, 1] plus the endpoints and a few ties.
     let mut x: Vec<f32> = (0..=0x3f80_0000u32).step_by(97).map(f32::from_bits).collect();

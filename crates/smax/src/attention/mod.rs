@@ -181,9 +181,12 @@ impl AttentionShape {
                 why: "q_heads must be a positive multiple of kv_heads (grouped-query attention)",
             });
         }
-        let prod = [self.batch, self.q_heads.max(self.kv_heads), self.q_len.max(self.kv_len), self.head_dim]
+        // Per batch too: with `batch = 0` the whole product is 0 whatever the rest, but strides
+        // and per-head sizes still multiply heads, tokens and `d`.
+        let per_batch = [self.q_heads.max(self.kv_heads), self.q_len.max(self.kv_len), self.head_dim]
             .iter()
             .try_fold(1usize, |a, &b| a.checked_mul(b));
+        let prod = per_batch.and_then(|p| p.checked_mul(self.batch));
         if prod.is_none() || self.q_len.checked_mul(self.kv_len).is_none() {
             return Err(Error::SizeOverflow { what: "attention shape", shape: self.describe() });
         }
@@ -204,14 +207,18 @@ pub struct HeadStrides {
 }
 
 impl HeadStrides {
-    /// Contiguous `[batch, heads, tokens, d]`.
+    /// Contiguous `[batch, heads, tokens, d]`. Products that overflow saturate at
+    /// `usize::MAX`, which no buffer backs: the call that gets them returns an error.
     pub fn bhsd(heads: usize, tokens: usize, d: usize) -> Self {
-        HeadStrides { batch: heads * tokens * d, head: tokens * d, token: d }
+        let head = tokens.saturating_mul(d);
+        HeadStrides { batch: heads.saturating_mul(head), head, token: d }
     }
 
     /// Contiguous `[batch, tokens, heads, d]` (the layout a fused QKV projection produces).
+    /// Overflowing products saturate, as [`HeadStrides::bhsd`].
     pub fn bshd(heads: usize, tokens: usize, d: usize) -> Self {
-        HeadStrides { batch: heads * tokens * d, head: d, token: heads * d }
+        let token = heads.saturating_mul(d);
+        HeadStrides { batch: tokens.saturating_mul(token), head: d, token }
     }
 }
 
@@ -360,7 +367,7 @@ pub struct KeepMask<'a> {
 defaults! {
     /// Tile sizes of the blocked kernels: `q` query rows by `kv` keys per score tile. Working memory
     /// per thread is about `4·(q·kv + 2·q·d + 2·kv·d)` bytes; defaults 128 × 256, chosen by
-    /// `smax bench attention`. Values are clamped to ≥ 1.
+    /// `smax bench attention`. Each is clamped to at least 1 and at most the query (key) count.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub struct AttentionTiles {
         /// Query rows per tile.

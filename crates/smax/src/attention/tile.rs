@@ -134,8 +134,10 @@ pub(crate) fn check<'a, T>(
         sc: scores(s, o)?,
         level: SimdLevel::resolve(o.exec.simd),
         k_d: d,
-        bq: o.tiles.q.max(1),
-        bk: o.tiles.kv.max(1),
+        // Tiles larger than the problem are one tile (the same blocks, so the same bits) and
+        // never enter a size product beyond the validated shape.
+        bq: o.tiles.q.clamp(1, s.q_len.max(1)),
+        bk: o.tiles.kv.clamp(1, s.kv_len.max(1)),
         par: o.exec.par,
     })
 }

@@ -407,6 +407,28 @@ fn run<T: Element>(
 }
 
 /// Sums the rows in row order, fills the per-row outputs and applies the reduction.
+/// The reduced main loss and z-loss from their sums and the mean's denominators: the main
+/// loss over `Σ w` of the rows that count, the z-loss over their number, each by its own
+/// denominator, so a reported value always matches the gradient the rows got (with `Σ w = 0`
+/// but rows that count, the z-loss and its gradient are those rows' while the main loss has
+/// no mean). A mean over a zero denominator is `all_ignored`'s value.
+pub(crate) fn reduced(
+    r: Reduction,
+    all_ignored: AllIgnored,
+    (lsum, den): (f64, f64),
+    (zsum, z_den): (f64, f64),
+) -> (f64, f64) {
+    let empty = match all_ignored {
+        AllIgnored::Zero => 0.0,
+        AllIgnored::Nan => f64::NAN,
+    };
+    let mean = |s: f64, d: f64| if d > 0.0 { s / d } else { empty };
+    match r {
+        Reduction::Mean => (mean(lsum, den), mean(zsum, z_den)),
+        _ => (lsum, zsum),
+    }
+}
+
 fn reduce(
     results: &[Vec<RowOut>],
     rows_out: RowOutputs<'_>,
@@ -429,13 +451,6 @@ fn reduce(
             b[r] = o.lse;
         }
     }
-    let (loss, z_loss) = match opts.reduction {
-        Reduction::Mean if denominator > 0.0 => (lsum / denominator, if z_den > 0.0 { zsum / z_den } else { 0.0 }),
-        Reduction::Mean => match opts.all_ignored {
-            AllIgnored::Zero => (0.0, 0.0),
-            AllIgnored::Nan => (f64::NAN, f64::NAN),
-        },
-        _ => (lsum, zsum),
-    };
+    let (loss, z_loss) = reduced(opts.reduction, opts.all_ignored, (lsum, denominator), (zsum, z_den));
     LossReport { loss, z_loss, valid_rows: plan.valid_rows, denominator, flagged_rows: 0 }
 }

@@ -344,9 +344,15 @@ impl Ext {
     }
 }
 
-/// Inputs beyond this magnitude (after scaling by `k`) make `x·log2 e` lose integer
-/// resolution; rows whose max exceeds it are redone with the online pass.
-pub(crate) const EXT_LIMIT: f32 = 4_194_000.0;
+/// Inputs beyond `2^22` in magnitude (after scaling by `k`) make `x·log2 e` lose integer
+/// resolution in [`exp_ext`]. Rows whose max exceeds this limit are redone with the online
+/// pass; inputs below `−EXT_FLOOR` are raised to it before [`exp_ext`] (see [`ext`]).
+pub(crate) const EXT_LIMIT: f32 = 4_192_000.0;
+
+/// The floor of the scaled inputs of [`ext`]: 2000 below any usable max, so a raised input
+/// contributes less than `e^−2000` of the max's term, which the f64 merge drops
+/// (`pow2_f64` is 0 below `2^−1022`) exactly as it drops the true value.
+const EXT_FLOOR: f32 = 4_194_000.0;
 
 /// `2^d` for an integer-valued `d <= 0`, exactly (built from the bits); `0` below `2^-1022`,
 /// where the scaled term is below `2^-1000` of the one it is added to (an [`Ext`] block value
@@ -365,6 +371,8 @@ fn pow2_f64(d: f64) -> f64 {
 #[inline(always)]
 pub(crate) fn ext<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Ext, pf: Ahead) {
     let vk = s.splat_f32s(k);
+    // `x ≥ −EXT_FLOOR/k` keeps `x·k` within `exp_ext`'s range (`k > 0`, validated).
+    let floor = s.splat_f32s(-EXT_FLOOR / k);
     let zero = s.splat_f32s(0.0);
     let far = s.splat_f32s(-1.0e9);
     let step4 = 4 * S::F32_LANES;
@@ -380,7 +388,8 @@ pub(crate) fn ext<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Ext, pf: Ahead) {
             |xv: S::f32s, keep: Option<S::m32s>, v: &mut S::f32s, e: &mut S::f32s| {
                 let xs = s.mul_f32s(xv, vk);
                 bad = s.add_f32s(bad, s.mul_f32s(xs, zero));
-                let (mut p, mut n) = exp_ext(s, xv, vk);
+                // NaN and ±inf are caught by `bad` (from `xs`), whatever the max makes of them.
+                let (mut p, mut n) = exp_ext(s, s.max_f32s(xv, floor), vk);
                 let mut xm = xv;
                 if let Some(mask) = keep {
                     // Padding lanes contribute nothing and must not raise the lane exponent.

@@ -370,7 +370,8 @@ fn token_losses(
         let (l, z) = if y[i] == opts.ignore_index {
             (0.0, 0.0)
         } else if lse.is_nan() || lse == f64::INFINITY {
-            (f64::NAN, if opts.z_loss > 0.0 { f64::INFINITY } else { 0.0 })
+            // As `cross_entropy`'s special rows: the z-loss of a NaN row is NaN, of a `+inf` one `+inf`.
+            (f64::NAN, if opts.z_loss > 0.0 { opts.z_loss * lse * lse } else { 0.0 })
         } else if lse == f64::NEG_INFINITY {
             (f64::INFINITY, if opts.z_loss > 0.0 { f64::INFINITY } else { 0.0 })
         } else {
@@ -392,14 +393,7 @@ fn token_losses(
             b[i] = lse;
         }
     }
-    let (loss, z_loss) = match opts.reduction {
-        Reduction::Mean if den > 0.0 => (lsum / den, zsum / den),
-        Reduction::Mean => match opts.all_ignored {
-            AllIgnored::Zero => (0.0, 0.0),
-            AllIgnored::Nan => (f64::NAN, f64::NAN),
-        },
-        _ => (lsum, zsum),
-    };
+    let (loss, z_loss) = super::reduced(opts.reduction, opts.all_ignored, (lsum, den), (zsum, den));
     let report = LossReport { loss, z_loss, valid_rows, denominator: den, flagged_rows: 0 };
     (report, scale)
 }

@@ -33,7 +33,10 @@ impl Task for TileFwd<'_> {
                 k::sum_and_max(s, row, row, &mut acc, &mut mx, Ahead::NONE, Ahead::NONE);
                 tok.sum_t += acc;
             }
-            if m.is_nan() {
+            // `k::max` does not promise to see a NaN: a row whose max is not finite is scanned
+            // for one, so a NaN row is NaN here as in `cross_entropy` (a finite max lets the
+            // NaN reach the sum below).
+            if m.is_nan() || (!m.is_finite() && row.iter().any(|v| v.is_nan())) {
                 tok.nan = true;
                 continue;
             }
