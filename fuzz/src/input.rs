@@ -73,7 +73,7 @@ impl<'a> Input<'a> {
 
     /// A small count `0..=max` (no huge values).
     pub fn small(&mut self, max: usize) -> usize {
-        self.u8() as usize % (max + 1)
+        self.u8() as usize % max.saturating_add(1)
     }
 
     /// A value: a special one, a small integer, or raw f64 bits.

@@ -19,6 +19,7 @@
 //! `k ≥` the number of experts gives the dense softmax. Every softmax is max-shifted and summed
 //! in f64; weights are written as f32.
 
+use crate::check::try_vec;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::View;
@@ -314,7 +315,13 @@ fn route_token<T: Element>(
 
 /// Merges the tasks' statistics in task order into [`GateStats`].
 fn reduce(parts: Vec<Result<(Vec<usize>, Vec<f64>)>>, tokens: usize, e: usize, k: usize) -> Result<GateStats> {
-    let mut stats = GateStats { tokens_per_expert: vec![0; e], mean_prob: vec![0.0; e], aux_loss: 0.0 };
+    // Per-expert outputs: `e` comes from the caller's layout (rows of any length are valid
+    // with no tokens), so they are allocated fallibly.
+    let mut stats = GateStats {
+        tokens_per_expert: try_vec("gate statistics", e, 0)?,
+        mean_prob: try_vec("gate statistics", e, 0.0)?,
+        aux_loss: 0.0,
+    };
     for part in parts {
         let (c, ps) = part?;
         for (a, b) in stats.tokens_per_expert.iter_mut().zip(c) {

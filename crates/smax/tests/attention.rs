@@ -1317,6 +1317,23 @@ fn sizes_with_no_batch_and_absurd_tiles_are_checked() {
         &AttentionOptions::default(),
     );
     assert!(matches!(r, Err(Error::SizeOverflow { .. })), "{r:?}");
+    // Both lengths 0: the product was 0 while `batch·heads` overflowed inside `out_len`.
+    let s0 = AttentionShape { batch: 1 << 40, q_heads: 1 << 40, kv_heads: 1 << 40, q_len: 0, kv_len: 0, head_dim: 1 };
+    let r = attention(
+        smax::attention::AttentionInputs::new(s0, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
+        smax::attention::AttentionOutputs::new(&mut out, None),
+        &AttentionOptions::default(),
+    );
+    assert!(matches!(r, Err(Error::SizeOverflow { .. })), "{r:?}");
+    assert_eq!(s0.out_len(), 0, "a zero length gives 0 elements whatever the rest");
+    // A key count past i64::MAX: the bottom-right offset saturates instead of overflowing.
+    let s1 = AttentionShape { batch: 0, q_heads: 1, kv_heads: 1, q_len: 1, kv_len: usize::MAX, head_dim: 1 };
+    let r = attention(
+        smax::attention::AttentionInputs::new(s1, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
+        smax::attention::AttentionOutputs::new(&mut out[..0], None),
+        &AttentionOptions { causal: true, ..Default::default() },
+    );
+    assert!(r.is_ok(), "{r:?}");
     let h = HeadStrides::bhsd(usize::MAX, 2, 2);
     assert_eq!((h.batch, h.head, h.token), (usize::MAX, 4, 2), "strides saturate");
     // Tiles of usize::MAX multiplied the head dimension; they are one tile of the problem,

@@ -49,6 +49,17 @@ fn mahalanobis_sizes_from_counts_are_errors() {
 }
 
 #[test]
+fn gate_statistics_for_absurd_expert_counts_are_an_error() {
+    // Found by the `sampling` fuzz target: no tokens, rows of 2^61 experts (a valid empty
+    // layout); the per-expert statistics asked for 2^61 entries.
+    use smax::gate::{GateOptions, gate};
+    let x: [f32; 0] = [];
+    let v = View::new(&x[..], smax::Layout::rows(0, 1 << 61)).unwrap();
+    let r = gate(v, None, &mut [], &mut [], &GateOptions::default());
+    assert!(matches!(r, Err(Error::Allocation { .. })), "{r:?}");
+}
+
+#[test]
 fn linear_scratch_for_absurd_token_counts_is_an_error() {
     let shape = LinearShape { n: usize::MAX, d: 1, v: 1 };
     let r = LinearCeScratch::new(shape, LinearTiles::default());

@@ -120,7 +120,7 @@ pub fn inline_attention<'a, T: AttnElement>(
                 why: "needs q_len = kv_len = prefix + height * width",
             });
         }
-        check_out("local kernel", l.kernel.len(), shape.batch * shape.q_heads * d * 9)?;
+        check_out("local kernel", l.kernel.len(), product("local kernel", &[shape.batch, shape.q_heads, d, 9])?)?;
     }
     if shape.out_len() == 0 {
         return Ok(());

@@ -143,20 +143,22 @@ impl AttentionShape {
         self
     }
 
-    /// Elements of the contiguous output `[batch, q_heads, q_len, head_dim]`.
+    /// Elements of the contiguous output `[batch, q_heads, q_len, head_dim]` (saturating at
+    /// `usize::MAX` for a shape the calls would refuse with [`Error::SizeOverflow`]).
     pub fn out_len(&self) -> usize {
-        self.batch * self.q_heads * self.q_len * self.head_dim
+        self.batch.saturating_mul(self.q_heads).saturating_mul(self.q_len).saturating_mul(self.head_dim)
     }
 
     /// Elements of the contiguous `[batch, kv_heads, kv_len, head_dim]` (the key and value
-    /// gradients).
+    /// gradients; saturating as [`AttentionShape::out_len`]).
     pub fn kv_len_elems(&self) -> usize {
-        self.batch * self.kv_heads * self.kv_len * self.head_dim
+        self.batch.saturating_mul(self.kv_heads).saturating_mul(self.kv_len).saturating_mul(self.head_dim)
     }
 
-    /// Values of the log-sum-exp `[batch, q_heads, q_len]`.
+    /// Values of the log-sum-exp `[batch, q_heads, q_len]` (saturating as
+    /// [`AttentionShape::out_len`]).
     pub fn lse_len(&self) -> usize {
-        self.batch * self.q_heads * self.q_len
+        self.batch.saturating_mul(self.q_heads).saturating_mul(self.q_len)
     }
 
     /// Query heads per key/value head.
@@ -182,8 +184,9 @@ impl AttentionShape {
             });
         }
         // Per batch too: with `batch = 0` the whole product is 0 whatever the rest, but strides
-        // and per-head sizes still multiply heads, tokens and `d`.
-        let per_batch = [self.q_heads.max(self.kv_heads), self.q_len.max(self.kv_len), self.head_dim]
+        // and per-head sizes still multiply heads, tokens and `d`. Lengths count as at least 1
+        // so that `batch·heads·d` fits even when both lengths are 0.
+        let per_batch = [self.q_heads.max(self.kv_heads), self.q_len.max(self.kv_len).max(1), self.head_dim]
             .iter()
             .try_fold(1usize, |a, &b| a.checked_mul(b));
         let prod = per_batch.and_then(|p| p.checked_mul(self.batch));

@@ -151,7 +151,11 @@ pub(crate) fn scores<'a>(s: &AttentionShape, o: &AttentionOptions<'a>) -> Result
         check_score_tensor("keep", k.data.len(), k.strides, s)?;
     }
     let offset = match o.positions {
-        QueryPositions::BottomRight => s.kv_len as i64 - s.q_len as i64,
+        // Saturating, as `Scores::position`: lengths past i64::MAX are positions past every key.
+        QueryPositions::BottomRight => {
+            let wide = |x: usize| i64::try_from(x).unwrap_or(i64::MAX);
+            wide(s.kv_len).saturating_sub(wide(s.q_len))
+        }
         QueryPositions::Offset(x) => x,
     };
     Ok(Scores {
