@@ -17,8 +17,11 @@ mod targets;
 
 pub use targets::{attention, calibrate, cross_entropy, normalizers, sampling};
 
+/// A fuzz target: takes the fuzzer's bytes, panics on a failed oracle.
+pub type Target = fn(&[u8]);
+
 /// The targets by name, for the replay test.
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("normalizers", normalizers),
     ("cross_entropy", cross_entropy),
     ("attention", attention),
