@@ -253,9 +253,9 @@ pub fn calibration_error<T: Element>(
         Binning::EqualMass(_) => {
             let mut order: Vec<usize> = (0..n).collect();
             order.sort_by(|&a, &b| conf[a].total_cmp(&conf[b]).then(a.cmp(&b)));
+            // `b·n/m` in u128: the product of two counts can pass `usize::MAX`.
+            let at = |b: usize| (b as u128 * n as u128 / m as u128) as usize;
             for (b, mem) in members.iter_mut().enumerate() {
-                // `b·n/m` in u128: the product of two counts can pass `usize::MAX`.
-                let at = |b: usize| (b as u128 * n as u128 / m as u128) as usize;
                 mem.extend_from_slice(&order[at(b)..at(b + 1)]);
             }
         }

@@ -134,8 +134,6 @@ struct Block<'c, 'x, T> {
     scale: Vec<f32>,
     lo: usize,
     hi: usize,
-    /// Value rows widened to f32 (non-f32 types), reused across tiles.
-    vbuf: std::cell::Cell<Vec<f32>>,
 }
 
 impl<'c, 'x, T: Element> Block<'c, 'x, T> {
@@ -166,7 +164,6 @@ impl<'c, 'x, T: Element> Block<'c, 'x, T> {
             scale,
             lo: sc.range(i0).0,
             hi: sc.range(i0 + nb - 1).1,
-            vbuf: Default::default(),
         }
     }
 
@@ -200,12 +197,17 @@ impl<'c, 'x, T: Element> Block<'c, 'x, T> {
     }
 
     /// `acc += W·V` for the tile's weights `sm` (the visible pairs in `vis`).
-    fn add_values(&self, s: &AttentionShape, (j0, kn): (usize, usize), acc: &mut [f32], sm: &[f32], vis: &[bool]) {
-        let mut vbuf = self.vbuf.take();
-        let vm = rows_f32(&self.cx.v, self.b, self.h / s.group(), j0, kn, s.head_dim, &mut vbuf);
+    /// `vbuf` holds the value rows widened to f32 (non-f32 types), reused across tiles.
+    fn add_values(
+        &self,
+        s: &AttentionShape,
+        (j0, kn): (usize, usize),
+        (acc, sm, vis): (&mut [f32], &[f32], &[bool]),
+        vbuf: &mut Vec<f32>,
+    ) {
+        let vm = rows_f32(&self.cx.v, self.b, self.h / s.group(), j0, kn, s.head_dim, vbuf);
         let bad = !all_finite(self.cx.level, &vm);
         accumulate_pv(acc, sm, &vm, bad.then_some(vis));
-        self.vbuf.set(vbuf);
     }
 
     /// `out_r = acc_r / den_r` (0 for a row that sees nothing), on the rows `keep` selects.
@@ -238,7 +240,7 @@ fn lssa_block<T: Element>(
     let (d, bk) = (s.head_dim, cx.bk);
     let blk = Block::new(cx, s, at, nb);
     let mut sbuf = vec![0.0f32; nb * bk.min(s.kv_len).max(1)];
-    let mut vis = Vec::new();
+    let (mut vis, mut vbuf) = (Vec::new(), Vec::new());
     // Pass 1: S_i = Σ softplus, and (LSSA) acc = Σ softplus · v.
     let mut ssum = vec![0.0f64; nb];
     let mut acc = vec![0.0f32; nb * d];
@@ -250,7 +252,7 @@ fn lssa_block<T: Element>(
             ssum[r] += rw.iter().map(|&x| x as f64).sum::<f64>();
         }
         if want_lssa {
-            blk.add_values(s, kb, &mut acc, sm, &vis);
+            blk.add_values(s, kb, (&mut acc, sm, &vis), &mut vbuf);
         }
     }
     let Some(p) = lssa.reweight else {
@@ -267,7 +269,7 @@ fn lssa_block<T: Element>(
         for kb in blk.key_blocks(s) {
             let sm = &mut sbuf[..nb * kb.1];
             blk.tile(s, kb, sm, &mut vis);
-            blk.add_values(s, kb, &mut acc, sm, &vis);
+            blk.add_values(s, kb, (&mut acc, sm, &vis), &mut vbuf);
         }
         blk.finish(d, &acc, &ssum, out, |r| uniform[r]);
     }
@@ -287,7 +289,7 @@ fn lssar_pass<T: Element>(
     let (d, sc) = (s.head_dim, &blk.cx.sc);
     let nb = blk.rows();
     let mut st = RowState::new(nb, d);
-    let mut vis = Vec::new();
+    let (mut vis, mut vbuf) = (Vec::new(), Vec::new());
     for kb in blk.key_blocks(s) {
         let (j0, kn) = kb;
         let sm = &mut sbuf[..nb * kn];
@@ -310,7 +312,7 @@ fn lssar_pass<T: Element>(
         }
         let rows = Rows::Block { h: blk.h, i0: blk.i0, n: nb };
         dispatch(blk.cx.level, OnlineTile { sc: None, b: blk.b, rows, j0, kn, d, t: &mut *sm, st: &mut st, vis: None });
-        blk.add_values(s, kb, &mut st.acc, sm, &vis);
+        blk.add_values(s, kb, (&mut st.acc, sm, &vis), &mut vbuf);
     }
     st
 }

@@ -149,15 +149,16 @@ pub struct UskdReport {
 
 /// USKD's Zipf labels for one row: the classes ranked by `ranking` (rank 0 the largest score,
 /// ties to the lower index) get weight `1/(rank + 1)`; the target `t` is dropped and the rest
-/// renormalised. `z` and `w` are the student and weak logits, `ls` the student's log-sum-exp.
+/// renormalised. `z` and `w` are the student and weak logits, `ls` the student's log-sum-exp
+/// and `lnz` its log-sum-exp over the non-target classes.
 ///
 /// `S_k/(1 − S_t)` is evaluated as `exp(z_k − lse_{j≠t} z_j)` (the same quantity, since
 /// `1 − S_t = Σ_{j≠t} S_j`): `1 − S_t` formed by subtraction rounds to 0 once the target's
 /// margin passes about 37, which made every score infinite and the ranking depend on the
 /// class order. Likewise `W_k/(1 − W_t)`.
-fn zipf_labels(z: &[f64], w: &[f64], t: usize, ls: f64, ranking: UskdRanking) -> Vec<f64> {
+fn zipf_labels(z: &[f64], w: &[f64], t: usize, (ls, lnz): (f64, f64), ranking: UskdRanking) -> Vec<f64> {
     let c = z.len();
-    let (lnz, lnw) = (lse_of(z, 1.0, |j| j != t), lse_of(w, 1.0, |j| j != t));
+    let lnw = lse_of(w, 1.0, |j| j != t);
     let score: Vec<f64> = (0..c)
         .map(|k| {
             let a = (w[k] - lnw).exp();
@@ -249,8 +250,8 @@ pub fn uskd_loss<T: Element>(
         let lw_ = lse_of(w, 1.0, |_| true);
         let q = |k: usize| 0.9 * (k == t) as u8 as f64 + 0.1 / c as f64;
         lw.push(p.mu * fsum((0..c).map(|k| -q(k) * (w[k] - lw_))));
-        let zipf = zipf_labels(z, w, t, ls, p.ranking);
         let lsn = lse_of(z, 1.0, |k| k != t);
+        let zipf = zipf_labels(z, w, t, (ls, lsn), p.ranking);
         lnt.push(-fsum((0..c).filter(|&k| k != t).map(|k| zipf[k] * (z[k] - lsn))));
         if let Some(g) = outs[0].as_mut() {
             let st = strides[0];

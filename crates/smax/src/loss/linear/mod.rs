@@ -214,11 +214,9 @@ pub fn linear_cross_entropy(
             &mut own
         }
     };
-    // Tiles never larger than the problem (so absurd tile sizes cannot ask for absurd memory).
+    // Tiles never larger than the problem (so absurd tile sizes cannot ask for absurd memory);
+    // `fit` checks and allocates the rest fallibly.
     let tiles = opts.tiles.clamped(shape);
-    if tiles.tokens.checked_mul(tiles.vocab).is_none_or(|t| t > isize::MAX as usize / 4) {
-        return Err(Error::SizeOverflow { what: "tiles", shape: format!("{} x {}", tiles.tokens, tiles.vocab) });
-    }
     scratch.fit(shape.n, tiles)?;
     let LinearCeScratch { tile, tok } = scratch;
     let tok = &mut tok[..shape.n];
