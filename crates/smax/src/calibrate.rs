@@ -157,7 +157,10 @@ pub fn fit_temperature<T: Element>(logits: View<'_, T>, targets: &[i64], opts: &
         }
     }
     let capped = (b - b_lo0).abs() <= 1e-9 * b_lo0 || (b - b_hi0).abs() <= 1e-9 * b_hi0;
-    Ok(TemperatureFit { temperature: 1.0 / b, nll_before, nll_after: f, iterations, converged, capped })
+    // The search runs on β = 1/T in [1/t_max, 1/t_min]; `1/(1/t)` need not round back to `t`,
+    // so the result is clamped to the interval the options promise.
+    let temperature = (1.0 / b).clamp(t_min, t_max);
+    Ok(TemperatureFit { temperature, nll_before, nll_after: f, iterations, converged, capped })
 }
 
 /// How [`calibration_error`] bins the confidences.

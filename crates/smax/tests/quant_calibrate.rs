@@ -204,6 +204,13 @@ fn temperature_fit_d3() {
     )
     .unwrap();
     assert!(r.capped && (r.temperature - 1e3).abs() < 1e-6, "{r:?}");
+    // Found by the `calibrate` fuzz target: at a ceiling of 1e30 the fit returned
+    // 1.0000000000000002e30 (1/(1/t_max) rounds up); the result stays within [t_min, t_max].
+    for t_max in [1e30, 3e7, 7.0] {
+        let o = smax::calibrate::FitOptions { t_min: 1e-2, t_max, ..Default::default() };
+        let r = fit_temperature(View::rows(&sep, 2, 2).unwrap(), &[1, 0], &o).unwrap();
+        assert!(r.capped && r.temperature <= t_max && r.temperature >= t_max * (1.0 - 1e-9), "{t_max}: {r:?}");
+    }
     assert!(fit_temperature(View::rows(&Z[..0], 0, 3).unwrap(), &[], &Default::default()).is_err());
     assert!(matches!(
         fit_temperature(View::rows(&[f64::NAN, 0.0], 1, 2).unwrap(), &[0], &Default::default()),
