@@ -342,22 +342,30 @@ pub fn sampling(data: &[u8]) {
             let seeds: Vec<u64> = (0..rows.min(LEN_CAP)).map(|_| i.u64()).collect();
             let counter = i.bool();
             let logprobs = i.bool();
-            let run = |par: Par| {
+            // f64 logits never take the f32 candidate search: a third run, the plain path.
+            let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let run = |par: Par, wide: bool| {
                 let o = SampleOptions { exec: smax::Exec { par, simd: None }, ..opts };
                 let mut tokens = vec![0u32; rows.min(LEN_CAP)];
                 let mut p = vec![0.0f32; n];
                 let draw = if counter { Draw::Counter { seeds: &seeds, step: 3 } } else { Draw::Uniform(&u) };
                 let kind = if logprobs { Processed::LogProbs } else { Processed::Probs };
                 let pv = ViewMut::rows(&mut p, rows, len).ok().map(|v| (v, kind));
-                let xv = View::rows(&x, rows, len).ok()?;
-                sample(xv, draw, &mut tokens, pv, &o).ok()?;
+                if wide {
+                    sample(View::rows(&x64, rows, len).ok()?, draw, &mut tokens, pv, &o).ok()?;
+                } else {
+                    sample(View::rows(&x, rows, len).ok()?, draw, &mut tokens, pv, &o).ok()?;
+                }
                 Some((tokens, p))
             };
-            let (a, b) = (run(Par::Seq), run(Par::Rayon));
-            match (&a, &b) {
-                (Some(a), Some(b)) => assert!(a.0 == b.0 && same_bits(&a.1, &b.1), "thread count changed a draw"),
-                (None, None) => {}
-                _ => panic!("one thread and the pool disagree on success"),
+            let (a, b, c) = (run(Par::Seq, false), run(Par::Rayon, false), run(Par::Seq, true));
+            match (&a, &b, &c) {
+                (Some(a), Some(b), Some(c)) => {
+                    assert!(a.0 == b.0 && same_bits(&a.1, &b.1), "thread count changed a draw");
+                    assert!(a.0 == c.0 && same_bits(&a.1, &c.1), "f32 and f64 logits disagree");
+                }
+                (None, None, None) => {}
+                _ => panic!("one thread, the pool and f64 logits disagree on success"),
             }
             if let Some((tokens, _)) = a {
                 for (r, &t) in tokens.iter().enumerate() {
@@ -399,10 +407,17 @@ pub fn sampling(data: &[u8]) {
             let mut weights = vec![0.0f32; experts.len()];
             let Ok(xv) = View::rows(&x, rows, len) else { return };
             if gate(xv, bias.as_deref(), &mut experts, &mut weights, &opts).is_ok() {
-                for row in experts.chunks(k.max(1)) {
-                    for (a, &e) in row.iter().enumerate() {
+                for (r, (row, wr)) in experts.chunks(k.max(1)).zip(weights.chunks(k.max(1))).enumerate() {
+                    let xr = &x[r * len..(r + 1) * len];
+                    let unmasked = xr.iter().filter(|v| **v != f32::NEG_INFINITY).count();
+                    for (a, (&e, &w)) in row.iter().zip(wr).enumerate() {
                         assert!((e as usize) < len, "expert {e} of {len}");
                         assert!(!row[..a].contains(&e), "expert {e} chosen twice: {row:?}");
+                        // Weights carry the sign of the scaling factor (any finite one is valid).
+                        assert!(w.is_finite() && w as f64 * opts.routed_scaling_factor >= 0.0, "row {r}: weight {w}");
+                        if xr[e as usize] == f32::NEG_INFINITY {
+                            assert!(w == 0.0 && unmasked < k, "row {r}: masked expert {e} chosen with weight {w}");
+                        }
                     }
                 }
             }

@@ -4,10 +4,13 @@
 //!
 //! For one token with router logits `h` (NaN or `+inf` is an error; `-inf` masks an expert):
 //!
-//! 1. **Scores** `s = a(h)/τ`, with `a` the [`Activation`] (identity by default; M3's tanh or
+//! 1. **Scores** `s = (a(h) − max a(h))/τ` (the shift changes no weight; it makes a tiny τ send
+//!    the other scores to `-inf` rather than the largest to `+inf`), with `a` the [`Activation`] (identity by default; M3's tanh or
 //!    sigmoid, applied to the logits as given, i.e. with the bias inside) and τ > 0 the
 //!    temperature (M2; 1 by default).
-//! 2. **Selection**: the k experts with the largest `sel_i = v_i + c_i`, ties to the lower index,
+//! 2. **Selection**: the k experts with the largest `sel_i = v_i + c_i`, ties to the larger
+//!    activation `a(h_i)` (so that scores that underflowed keep the logits' order), then to the
+//!    lower index,
 //!    where `v = softmax(s)` for [`GateOrder::SoftmaxThenTopK`] and `v = s` for
 //!    [`GateOrder::TopKThenSoftmax`], and `c` the optional correction bias — used for the
 //!    selection only, never in the weights (DeepSeek-V3's auxiliary-loss-free balancing).
@@ -126,7 +129,8 @@ fn renormalize_weights(w: &mut [f64], scores: &[f64], keep: impl Fn(usize) -> bo
 ///
 /// Errors: NaN or `+inf` logits ([`Error::NonFiniteLogit`]); a token with every expert masked
 /// ([`Error::NoValidToken`]); `k = 0` or `k >` experts, τ ≤ 0, a threshold outside `[0, 1]`, a non-finite
-/// scaling factor or bias; buffers of the wrong length; an axis layout.
+/// scaling factor or one above `f32::MAX` in magnitude (the weights are f32), a non-finite
+/// bias; buffers of the wrong length; an axis layout.
 pub fn gate<T: Element>(
     logits: View<'_, T>,
     bias: Option<&[f32]>,
@@ -174,8 +178,9 @@ fn validate(p: &GateOptions, bias: Option<&[f32]>, tokens: usize, e: usize, n_ex
             return bad("threshold", format!("{t}"), "in [0, 1]");
         }
     }
-    if !p.routed_scaling_factor.is_finite() {
-        return bad("routed_scaling_factor", format!("{}", p.routed_scaling_factor), "finite");
+    // A weight is at most 1 and is written as f32: the product stays finite in f32.
+    if p.routed_scaling_factor.is_nan() || p.routed_scaling_factor.abs() > f32::MAX as f64 {
+        return bad("routed_scaling_factor", format!("{}", p.routed_scaling_factor), "finite, |x| <= f32::MAX");
     }
     if let Some(b) = bias {
         if b.len() != e {
@@ -203,6 +208,7 @@ fn validate(p: &GateOptions, bias: Option<&[f32]>, tokens: usize, e: usize, n_ex
 struct Scratch {
     counts: Vec<usize>,
     psum: Vec<f64>,
+    act: Vec<f64>,
     s: Vec<f64>,
     prob: Vec<f64>,
     idx: Vec<usize>,
@@ -215,6 +221,7 @@ impl Scratch {
         Scratch {
             counts: vec![0; e],
             psum: vec![0.0; e],
+            act: vec![0.0; e],
             s: vec![0.0; e],
             prob: vec![0.0; e],
             idx: Vec::with_capacity(e),
@@ -236,7 +243,7 @@ fn route_token<T: Element>(
     wr: &mut [f32],
 ) -> Result<()> {
     let (e, k) = (h.len(), p.k);
-    let Scratch { counts, psum, s, prob, idx, w, sk } = sc;
+    let Scratch { counts, psum, act, s, prob, idx, w, sk } = sc;
     for (i, v) in h.iter().enumerate() {
         let v = v.to_f64();
         if v.is_nan() || v == f64::INFINITY {
@@ -248,24 +255,34 @@ fn route_token<T: Element>(
             Activation::Tanh => v.tanh(),
             Activation::Sigmoid => 1.0 / (1.0 + (-v).exp()),
         };
-        s[i] = a / p.temperature;
+        act[i] = a;
     }
-    if s.iter().all(|&v| v == f64::NEG_INFINITY) {
+    let m = act.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+    if m == f64::NEG_INFINITY {
         return Err(Error::NoValidToken { row: r });
+    }
+    // The temperature divides `a − max a`, which is ≤ 0: a small τ sends the other scores to
+    // `-inf` (their weights to 0), never the top one to `+inf` (a softmax of `inf − inf`).
+    // Softmax weights do not change under the shift.
+    for (o, &a) in s.iter_mut().zip(act.iter()) {
+        *o = (a - m) / p.temperature;
     }
     softmax_into(s, prob);
     let base: &[f64] = match p.order {
         GateOrder::SoftmaxThenTopK { .. } => prob,
         GateOrder::TopKThenSoftmax => s,
     };
-    // Masked experts are never preferred to unmasked ones, whatever their bias.
+    // Masked experts (activation `-inf`) are never preferred to unmasked ones, whatever their
+    // bias, even those whose score or weight underflowed.
     let sel = |i: usize| {
-        if s[i] == f64::NEG_INFINITY { f64::NEG_INFINITY } else { base[i] + bias.map_or(0.0, |b| b[i] as f64) }
+        if act[i] == f64::NEG_INFINITY { f64::NEG_INFINITY } else { base[i] + bias.map_or(0.0, |b| b[i] as f64) }
     };
-    // Largest selection score first, ties (and masked experts) to the lower index.
+    // Largest selection score first; ties to the larger activation (scores that underflowed
+    // keep the order of the logits), then to the lower index.
     let cmp = |a: &usize, b: &usize| {
         let (x, y) = (sel(*a), sel(*b));
-        y.partial_cmp(&x).unwrap_or(core::cmp::Ordering::Equal).then(a.cmp(b))
+        let by = |x: f64, y: f64| y.partial_cmp(&x).unwrap_or(core::cmp::Ordering::Equal);
+        by(x, y).then(by(act[*a], act[*b])).then(a.cmp(b))
     };
     idx.clear();
     idx.extend(0..e);
@@ -274,9 +291,12 @@ fn route_token<T: Element>(
     }
     let chosen = &mut idx[..k];
     chosen.sort_unstable_by(cmp);
-    // The chosen experts' scores: every weight below is proportional to `exp(score)`.
+    // The chosen experts' scores, shifted by their own largest activation: every weight below
+    // is proportional to `exp(score)`, and the largest score is 0 even when the chosen experts'
+    // `s` all underflowed to `-inf` (a bias can choose them).
+    let mk = chosen.iter().fold(f64::NEG_INFINITY, |m, &i| m.max(act[i]));
     for (o, &i) in sk.iter_mut().zip(chosen.iter()) {
-        *o = s[i];
+        *o = (act[i] - mk) / p.temperature;
     }
     match p.order {
         GateOrder::SoftmaxThenTopK { renormalize } => {

@@ -179,6 +179,9 @@ fn errors() {
         (GateOptions { k: 5, ..Default::default() }, "k"),
         (GateOptions { temperature: 0.0, ..Default::default() }, "temperature"),
         (GateOptions { threshold: Some(2.0), ..Default::default() }, "threshold"),
+        // A weight of 1 times this overflows the f32 weights.
+        (GateOptions { routed_scaling_factor: 1e300, ..Default::default() }, "routed_scaling_factor"),
+        (GateOptions { routed_scaling_factor: f64::NAN, ..Default::default() }, "routed_scaling_factor"),
     ] {
         let mut ex = vec![0u32; p.k];
         let mut w = vec![0.0f32; p.k];
@@ -247,4 +250,35 @@ fn renormalising_underflowed_weights_gives_one() {
     let p = GateOptions { k: 1, threshold: Some(0.1), ..Default::default() };
     let (_, w, _) = route(&h, 3, &p, Some(&bias));
     assert_eq!(w[0], 1.0);
+}
+
+/// A temperature so small that `a/τ` overflows (issue 17, class 5): the top expert gets weight 1,
+/// a masked expert is never routed to, and the order of the rest is the order of the logits.
+#[test]
+fn tiny_temperatures_route_to_the_top_expert() {
+    let ninf = f64::NEG_INFINITY;
+    let h = [ninf, 1e30, ninf, 5.0, 1.0, 2.0, ninf, 3.0];
+    for temperature in [1e-310, f64::MIN_POSITIVE] {
+        for order in [GateOrder::SoftmaxThenTopK { renormalize: false }, GateOrder::TopKThenSoftmax] {
+            let p = GateOptions { k: 2, temperature, order, ..Default::default() };
+            let (ex, w, _) = route(&h, 4, &p, None);
+            assert_eq!(ex, vec![1, 3, 3, 1], "{order:?} τ={temperature}");
+            assert_eq!(w, vec![1.0, 0.0, 1.0, 0.0], "{order:?} τ={temperature}");
+        }
+    }
+}
+
+/// A bias that chooses experts whose scores underflowed to `-inf` at a tiny τ: the renormalised
+/// weights are those of the chosen experts' own softmax (the largest logit gets 1), never `0/0`.
+#[test]
+fn tiny_temperature_with_a_bias_on_underflowed_experts() {
+    let h = [0.0f64, -1.0, -2.0];
+    let bias = [0.0f32, 1e9, 1e9];
+    for order in [GateOrder::SoftmaxThenTopK { renormalize: true }, GateOrder::TopKThenSoftmax] {
+        let p = GateOptions { k: 2, temperature: 1e-310, order, ..Default::default() };
+        let (ex, w, _) = route(&h, 3, &p, Some(&bias));
+        let want_ex = if order == GateOrder::TopKThenSoftmax { vec![0, 1] } else { vec![1, 2] };
+        assert_eq!(ex, want_ex, "{order:?}");
+        assert_eq!(w, vec![1.0, 0.0], "{order:?}");
+    }
 }

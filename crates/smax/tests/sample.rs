@@ -14,7 +14,9 @@ use smax::{Error, Par, View, ViewMut};
 /// The definition, with a full sort: returns the log-probabilities (−inf where removed).
 fn reference(z: &[f64], p: &SampleOptions) -> Vec<f64> {
     let n = z.len();
-    let t: Vec<f64> = z.iter().map(|&v| v / p.temperature).collect();
+    // t = (z − max z)/T: the shift first, so that a small T never makes the largest +inf.
+    let zmax = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let t: Vec<f64> = z.iter().map(|&v| (v - zmax) / p.temperature).collect();
     // Order: t descending, index ascending (−0 and +0 tie).
     let mut order: Vec<usize> = (0..n).filter(|&i| t[i] != f64::NEG_INFINITY).collect();
     order.sort_by(|&a, &b| (t[b] + 0.0).partial_cmp(&(t[a] + 0.0)).unwrap().then(a.cmp(&b)));
@@ -391,5 +393,129 @@ fn a_draw_depends_only_on_its_row() {
     for r in 0..rows {
         let s: f64 = base.1[r * n..(r + 1) * n].iter().map(|&v| v as f64).sum();
         assert!((s - 1.0).abs() < 1e-5, "row {r}: {s}");
+    }
+}
+
+/// A temperature so small that `z/T` overflows (issue 17, class 5): the largest logit is drawn
+/// with probability 1, whatever the uniform; masked tokens never are; Gumbel-max returns the
+/// largest first and still counts every unmasked token for `k > 1`.
+#[test]
+fn tiny_temperatures_draw_the_largest_logit() {
+    let ninf = f64::NEG_INFINITY;
+    let rows: [&[f64]; 3] = [&[ninf, 1e30, ninf], &[1.0, 2.0, 1.5, ninf], &[-3.0, -1e300, -2.0]];
+    for z in rows {
+        let n = z.len();
+        let best = (0..n).fold(0, |b, i| if z[i] > z[b] { i } else { b });
+        for temperature in [1e-310, f64::MIN_POSITIVE, 1e-300] {
+            let p = SampleOptions { temperature, ..Default::default() };
+            for u in [0.0, 0.5, 0.999_999] {
+                let mut t = [0u32];
+                let mut probs = vec![0.0f64; n];
+                sample(
+                    View::rows(z, 1, n).unwrap(),
+                    Draw::Uniform(&[u]),
+                    &mut t,
+                    Some((ViewMut::rows(&mut probs, 1, n).unwrap(), Processed::Probs)),
+                    &p,
+                )
+                .unwrap();
+                assert_eq!(t[0] as usize, best, "{z:?} T={temperature} u={u}");
+                let want: Vec<f64> = (0..n).map(|i| if i == best { 1.0 } else { 0.0 }).collect();
+                assert_eq!(probs, want, "{z:?} T={temperature}");
+            }
+            let unmasked = z.iter().filter(|v| **v != ninf).count();
+            let mut g = vec![0u32; unmasked];
+            gumbel_max(
+                View::rows(z, 1, n).unwrap(),
+                GumbelSource::Counter { seeds: &[7], step: 0 },
+                &mut g,
+                &smax::sample::GumbelOptions { temperature, k: unmasked, ..Default::default() },
+            )
+            .unwrap();
+            assert_eq!(g[0] as usize, best, "{z:?} T={temperature}");
+            assert!(g.iter().all(|&i| z[i as usize] != ninf));
+        }
+    }
+}
+
+/// f32 rows go through the vector candidate search (top-k, min-p; top-p after a top-k): the
+/// processed distribution equals the full-sort reference bit for bit and the draw equals the
+/// f64 path's, at every SIMD level, on row lengths around every vector width and gate block,
+/// with ties at the k-th value, masked entries, a lone finite entry, and temperatures small
+/// enough that some `t` underflow.
+#[test]
+fn f32_rows_through_the_candidate_search_match_the_reference() {
+    let mut rng = Rng(0x32);
+    let ninf = f32::NEG_INFINITY;
+    for level in smax::SimdLevel::available() {
+        let exec = smax::Exec { par: Par::Seq, simd: Some(level) };
+        for &n in &[1usize, 2, 7, 8, 15, 16, 17, 63, 64, 65, 100, 129, 1000, 4099, 20000] {
+            for case in 0..30 {
+                let z: Vec<f32> = (0..n)
+                    .map(|i| match case % 5 {
+                        _ if n > 1 && i % 13 == 4 => ninf,
+                        // Few distinct values: ties at every boundary.
+                        0 | 1 => ((rng.uniform() * 8.0).round() / 2.0) as f32,
+                        2 => (rng.uniform() * 30.0) as f32,
+                        // One finite entry among masked ones.
+                        3 if n > 1 => {
+                            if i == n / 2 {
+                                3.0
+                            } else {
+                                ninf
+                            }
+                        }
+                        _ => (rng.uniform() * 3.0) as f32,
+                    })
+                    .collect();
+                let pick = |r: &mut Rng, a: f64, b: f64| a + (b - a) * (r.uniform() + 1.0) / 2.0;
+                let big_k = case % 7 == 6;
+                let p = SampleOptions {
+                    temperature: [1.0, 0.7, 1.3, 1e-300][case % 4],
+                    top_k: if case % 6 == 5 {
+                        None
+                    } else if big_k {
+                        Some(1 + (rng.next_u64() % (n as u64 + 2)) as usize)
+                    } else {
+                        Some(1 + (rng.next_u64() % 60) as usize)
+                    },
+                    strict_top_k: case % 5 == 1,
+                    top_p: if case % 3 == 0 { Some(pick(&mut rng, 0.05, 1.0)) } else { None },
+                    min_p: if case % 4 < 2 { Some(pick(&mut rng, 0.0, 0.5)) } else { None },
+                    exec,
+                };
+                let z64: Vec<f64> = z.iter().map(|&v| v as f64).collect();
+                if z64.iter().all(|v| *v == f64::NEG_INFINITY) {
+                    continue;
+                }
+                let want = reference(&z64, &p);
+                let mut got = vec![0.0f64; n];
+                process(View::rows(&z, 1, n).unwrap(), ViewMut::rows(&mut got, 1, n).unwrap(), Processed::LogProbs, &p)
+                    .unwrap();
+                for i in 0..n {
+                    assert!(
+                        got[i].to_bits() == want[i].to_bits(),
+                        "{level:?} n={n} case {case} {p:?}: [{i}] {} vs {}",
+                        got[i],
+                        want[i]
+                    );
+                }
+                for u in [0.0, 0.3, 0.999] {
+                    let (mut a, mut b) = ([0u32], [0u32]);
+                    let none = None::<(ViewMut<'_, f64>, Processed)>;
+                    sample(View::rows(&z, 1, n).unwrap(), Draw::Uniform(&[u]), &mut a, none, &p).unwrap();
+                    let none = None::<(ViewMut<'_, f64>, Processed)>;
+                    sample(View::rows(&z64, 1, n).unwrap(), Draw::Uniform(&[u]), &mut b, none, &p).unwrap();
+                    assert_eq!(a, b, "{level:?} n={n} case {case} u={u} {p:?}");
+                }
+                // Greedy: the first index of the max.
+                let g = SampleOptions { temperature: 0.0, ..p };
+                let mut a = [0u32];
+                let none = None::<(ViewMut<'_, f64>, Processed)>;
+                sample(View::rows(&z, 1, n).unwrap(), Draw::Uniform(&[0.5]), &mut a, none, &g).unwrap();
+                let best = (0..n).fold(0, |b, i| if z64[i] > z64[b] { i } else { b });
+                assert_eq!(a[0] as usize, best, "{level:?} n={n} case {case}");
+            }
+        }
     }
 }

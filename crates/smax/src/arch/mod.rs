@@ -19,6 +19,7 @@ pub(crate) mod exp;
 pub(crate) mod gemm;
 pub(crate) mod half_conv;
 pub(crate) mod rows;
+pub(crate) mod select;
 
 use pulp::Simd;
 use std::sync::OnceLock;

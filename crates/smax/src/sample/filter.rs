@@ -17,6 +17,69 @@ pub(super) fn key_index(k: u128) -> usize {
     (u64::MAX - k as u64) as usize
 }
 
+/// One row as the filters see it: its tokens `(index, t)` in index order (`t = -inf` masked).
+/// [`Dense`] lists every token; [`Candidates`] lists a subset outside which every unmasked
+/// token has `t ≤ below()`, which [`Kept::separates`] turns into an exactness check.
+pub(super) trait Tokens {
+    /// The listed tokens, index ascending.
+    fn each(&self) -> impl Iterator<Item = (usize, f64)> + '_;
+    /// Row length.
+    fn len(&self) -> usize;
+    /// Unmasked tokens in the whole row.
+    fn unmasked(&self) -> usize;
+    /// Unmasked tokens listed.
+    fn listed(&self) -> usize;
+    /// A bound on `t` of every unmasked token not listed (`-inf`: every token is listed).
+    fn below(&self) -> f64;
+}
+
+/// Every token of a row: `t` as [`prepare`] makes it.
+pub(super) struct Dense<'a>(pub(super) &'a [f64]);
+
+impl Tokens for Dense<'_> {
+    fn each(&self) -> impl Iterator<Item = (usize, f64)> + '_ {
+        self.0.iter().copied().enumerate()
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn unmasked(&self) -> usize {
+        self.0.iter().filter(|v| **v != f64::NEG_INFINITY).count()
+    }
+    fn listed(&self) -> usize {
+        self.unmasked()
+    }
+    fn below(&self) -> f64 {
+        f64::NEG_INFINITY
+    }
+}
+
+/// The candidates of a row (unmasked, index ascending) found by the vector gate.
+pub(super) struct Candidates {
+    pub(super) list: Vec<(usize, f64)>,
+    pub(super) len: usize,
+    pub(super) unmasked: usize,
+    pub(super) below: f64,
+}
+
+impl Tokens for Candidates {
+    fn each(&self) -> impl Iterator<Item = (usize, f64)> + '_ {
+        self.list.iter().copied()
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn unmasked(&self) -> usize {
+        self.unmasked
+    }
+    fn listed(&self) -> usize {
+        self.list.len()
+    }
+    fn below(&self) -> f64 {
+        self.below
+    }
+}
+
 /// The kept set of one row: tokens with key ≥ `cut` that pass min-p.
 pub(super) struct Kept {
     cut: u128,
@@ -28,6 +91,10 @@ pub(super) struct Kept {
     /// `ln(min_p)`, for a cheap pre-test far from the boundary.
     ln_min_p: f64,
     pub(super) t_max: f64,
+    /// The value of the k-th token when top-k cut the listed tokens (`+inf` otherwise).
+    top_k_v: f64,
+    /// The smallest listed unmasked `t`.
+    t_min: f64,
 }
 
 /// The value of a key (inverse of the order-preserving bit map in [`key`]).
@@ -48,6 +115,36 @@ impl Kept {
     pub(super) fn has(&self, t: f64, i: usize) -> bool {
         // key(t, i) ≥ cut, compared as (value, index) without building the key.
         t != f64::NEG_INFINITY && (t > self.cut_v || (t == self.cut_v && i <= self.cut_i)) && self.passes_min_p(t)
+    }
+
+    /// Whether this kept set, computed from the listed tokens, is the row's: no unlisted token
+    /// could be kept, and every sum the filters took (top-p's) covered every token it needs.
+    /// Always true for a [`Dense`] row.
+    pub(super) fn separates<R: Tokens>(&self, row: &R, p: &SampleOptions) -> bool {
+        let below = row.below();
+        if below == f64::NEG_INFINITY {
+            return true;
+        }
+        if self.t_max <= below || self.t_max.is_nan() {
+            return false;
+        }
+        let top_k = p.top_k.filter(|&k| k < row.unmasked());
+        // Top-k over the listed tokens found the row's k-th value (a value every unlisted
+        // token is below), or, with fewer listed than k, every listed token outranks every
+        // unlisted one and so lies in the top k.
+        let (top_k_ok, cut_by_top_k) = match top_k {
+            None => (true, false),
+            Some(k) if k <= row.listed() => (self.top_k_v > below, true),
+            Some(_) => (self.t_min > below, false),
+        };
+        if !top_k_ok {
+            return false;
+        }
+        if p.top_p.is_some_and(|pp| pp < 1.0) && !cut_by_top_k {
+            return false;
+        }
+        // Unlisted tokens are cut by top-k, or fail min-p (`t − t_max = t − 0 ≤ below`).
+        cut_by_top_k || (self.min_p.is_some() && below < self.ln_min_p - 1e-9)
     }
 
     /// The min-p test `exp(t − t_max) ≥ min_p`, evaluated exactly as written only near its
@@ -98,18 +195,17 @@ pub(super) fn top_keys(it: impl Iterator<Item = u128>, c: usize) -> Vec<u128> {
 
 /// The key of the k-th token in the order (`k ≤` the unmasked count): a size-k min-heap over
 /// one pass that rejects most values by one f64 comparison with the heap's smallest value.
-pub(super) fn top_k_key(t: &[f64], k: usize) -> u128 {
+pub(super) fn top_k_key<R: Tokens>(row: &R, k: usize) -> u128 {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
     if k > 4096 {
-        let mut all: Vec<u128> =
-            t.iter().enumerate().filter(|(_, v)| **v != f64::NEG_INFINITY).map(|(i, &v)| key(v, i)).collect();
+        let mut all: Vec<u128> = row.each().filter(|(_, v)| *v != f64::NEG_INFINITY).map(|(i, v)| key(v, i)).collect();
         all.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
         return all[k - 1];
     }
     let mut heap: BinaryHeap<Reverse<u128>> = BinaryHeap::with_capacity(k + 1);
     let mut thr = f64::NEG_INFINITY;
-    for (i, &v) in t.iter().enumerate() {
+    for (i, v) in row.each() {
         if v == f64::NEG_INFINITY || (heap.len() == k && v < thr) {
             continue;
         }
@@ -128,23 +224,37 @@ pub(super) fn top_k_key(t: &[f64], k: usize) -> u128 {
     heap.peek().map_or(0, |r| r.0)
 }
 
-/// Filters one row (already `t = z/T`, validated) into its kept set.
-pub(super) fn filter_row(t: &[f64], p: &SampleOptions) -> Kept {
-    let n = t.len();
-    let mut t_max = f64::NEG_INFINITY;
-    for &v in t {
+/// Filters one row (already `t = (z − max z)/T`, validated) into its kept set, over the listed
+/// tokens (see [`Kept::separates`] for when that is the row's kept set).
+pub(super) fn filter_row<R: Tokens>(row: &R, p: &SampleOptions) -> Kept {
+    let n = row.len();
+    let (mut t_max, mut t_min) = (f64::NEG_INFINITY, f64::INFINITY);
+    for (_, v) in row.each() {
         t_max = t_max.max(v);
+        if v != f64::NEG_INFINITY {
+            t_min = t_min.min(v);
+        }
     }
-    let mut kept = Kept { cut: 0, cut_v: f64::NEG_INFINITY, cut_i: usize::MAX, min_p: None, ln_min_p: 0.0, t_max };
+    let mut kept = Kept {
+        cut: 0,
+        cut_v: f64::NEG_INFINITY,
+        cut_i: usize::MAX,
+        min_p: None,
+        ln_min_p: 0.0,
+        t_max,
+        top_k_v: f64::INFINITY,
+        t_min,
+    };
     // Top-k.
     if let Some(k) = p.top_k {
-        let unmasked = t.iter().filter(|v| **v != f64::NEG_INFINITY).count();
-        if k < unmasked {
-            let kth = top_k_key(t, k);
+        if k < row.unmasked() && k <= row.listed() {
+            let kth = top_k_key(row, k);
             // Strict: exactly the first k. HF: every token tied in value with the k-th
             // survives; key(v, i) decreases with i, so the cut at value v with the last index
             // keeps all of them.
-            let cut = if p.strict_top_k { kth } else { key(t[key_index(kth)], n - 1) };
+            let v = key_value(kth);
+            kept.top_k_v = v;
+            let cut = if p.strict_top_k { kth } else { key(v, n - 1) };
             kept.set_cut(cut);
         }
     }
@@ -154,7 +264,7 @@ pub(super) fn filter_row(t: &[f64], p: &SampleOptions) -> Kept {
             let m = t_max;
             let mut s = 0.0f64;
             let mut total = 0usize;
-            for (i, &v) in t.iter().enumerate() {
+            for (i, v) in row.each() {
                 if kept.has(v, i) {
                     s += (v - m).exp();
                     total += 1;
@@ -167,10 +277,10 @@ pub(super) fn filter_row(t: &[f64], p: &SampleOptions) -> Kept {
             let mut c = 256.min(total);
             loop {
                 let mut win = if keys.is_empty() && c == 256.min(total) {
-                    top_keys(t.iter().enumerate().filter(|(i, v)| kept.has(**v, *i)).map(|(i, &v)| key(v, i)), c)
+                    top_keys(row.each().filter(|&(i, v)| kept.has(v, i)).map(|(i, v)| key(v, i)), c)
                 } else {
                     if keys.is_empty() {
-                        keys.extend(t.iter().enumerate().filter(|(i, v)| kept.has(**v, *i)).map(|(i, &v)| key(v, i)));
+                        keys.extend(row.each().filter(|&(i, v)| kept.has(v, i)).map(|(i, v)| key(v, i)));
                     }
                     if c < total {
                         keys.select_nth_unstable_by(c - 1, |a, b| b.cmp(a));
@@ -185,7 +295,7 @@ pub(super) fn filter_row(t: &[f64], p: &SampleOptions) -> Kept {
                         break;
                     }
                     last = Some(kk);
-                    before += (t[key_index(kk)] - lse).exp();
+                    before += (key_value(kk) - lse).exp();
                 }
                 let done = before >= pp || c == total;
                 if done {

@@ -17,7 +17,7 @@ const MAX_LANES: usize = 16;
 /// The `tail.len() < S::F32_LANES` elements of `tail` in the first lanes, `fill` in the rest
 /// (a masked load where the ISA has one: no call to `memcpy` per row end).
 #[inline(always)]
-fn load_padded<S: Isa>(s: S, tail: &[f32], fill: f32) -> S::f32s {
+pub(crate) fn load_padded<S: Isa>(s: S, tail: &[f32], fill: f32) -> S::f32s {
     s.select_f32s(first_lanes(s, tail.len()), s.partial_load_f32s(tail), s.splat_f32s(fill))
 }
 
@@ -38,7 +38,7 @@ pub(crate) fn lanes<S: Isa>(v: S::f32s) -> [f32; MAX_LANES] {
 
 /// A mask that is true in lanes `0..n`.
 #[inline(always)]
-fn first_lanes<S: Isa>(s: S, n: usize) -> S::m32s {
+pub(crate) fn first_lanes<S: Isa>(s: S, n: usize) -> S::m32s {
     let iota: [f32; MAX_LANES] = core::array::from_fn(|i| i as f32);
     let v = S::as_simd_f32s(&iota[..S::F32_LANES]).0[0];
     s.less_than_f32s(v, s.splat_f32s(n as f32))
