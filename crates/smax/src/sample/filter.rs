@@ -17,6 +17,12 @@ pub(super) fn key_index(k: u128) -> usize {
     (u64::MAX - k as u64) as usize
 }
 
+/// Buckets of top-p's mass histogram, and their number per unit of `t` below the max: the
+/// first window holds the nucleus plus at most one bucket's tokens for nuclei within 64 of
+/// the max.
+const HIST_BUCKETS: usize = 1024;
+const HIST_PER_UNIT: f64 = 16.0;
+
 /// One row as the filters see it: its tokens `(index, t)` in index order (`t = -inf` masked).
 /// [`Dense`] lists every token; [`Candidates`] lists a subset outside which every unmasked
 /// token has `t ≤ below()`, which [`Kept::separates`] turns into an exactness check.
@@ -163,36 +169,6 @@ impl Kept {
     }
 }
 
-/// The `c` largest keys of `it` (unordered): a min-heap of size `c` for small `c` (one pass,
-/// most keys rejected by one comparison), else collect and select.
-pub(super) fn top_keys(it: impl Iterator<Item = u128>, c: usize) -> Vec<u128> {
-    use std::cmp::Reverse;
-    use std::collections::BinaryHeap;
-    if c == 0 {
-        return Vec::new();
-    }
-    if c <= 4096 {
-        let mut heap: BinaryHeap<Reverse<u128>> = BinaryHeap::with_capacity(c + 1);
-        for kk in it {
-            if heap.len() < c {
-                heap.push(Reverse(kk));
-            } else if let Some(mut top) = heap.peek_mut() {
-                if kk > top.0 {
-                    *top = Reverse(kk);
-                }
-            }
-        }
-        heap.into_iter().map(|r| r.0).collect()
-    } else {
-        let mut all: Vec<u128> = it.collect();
-        if c < all.len() {
-            all.select_nth_unstable_by(c - 1, |a, b| b.cmp(a));
-            all.truncate(c);
-        }
-        all
-    }
-}
-
 /// The key of the k-th token in the order (`k ≤` the unmasked count): a size-k min-heap over
 /// one pass that rejects most values by one f64 comparison with the heap's smallest value.
 pub(super) fn top_k_key<R: Tokens>(row: &R, k: usize) -> u128 {
@@ -264,29 +240,51 @@ pub(super) fn filter_row<R: Tokens>(row: &R, p: &SampleOptions) -> Kept {
             let m = t_max;
             let mut s = 0.0f64;
             let mut total = 0usize;
+            // The mass by distance below the max, 1/HIST_PER_UNIT wide, the last bucket open:
+            // it sizes the first window of the walk below.
+            let mut hist = [0.0f64; HIST_BUCKETS];
+            let bucket = |v: f64| ((m - v) * HIST_PER_UNIT).min((HIST_BUCKETS - 1) as f64) as usize;
             for (i, v) in row.each() {
                 if kept.has(v, i) {
-                    s += (v - m).exp();
+                    let e = (v - m).exp();
+                    s += e;
                     total += 1;
+                    hist[bucket(v)] += e;
                 }
             }
             let lse = m + s.ln();
-            // The first window comes from one heap pass; wider ones (rare: flat distributions)
-            // from the collected survivors, selected in place.
+            // The first window: every survivor down to the bucket where the mass reaches p (a
+            // prefix of the order, since the buckets follow the values). The walk over it is
+            // the exact one; in the rare case where rounding leaves it short of p, wider
+            // windows follow, selected in place from every survivor.
+            let need = pp * s * (1.0 + 1e-9);
+            let (mut acc, mut last_b) = (0.0f64, HIST_BUCKETS - 1);
+            for (b, &h) in hist.iter().enumerate() {
+                acc += h;
+                if acc >= need {
+                    last_b = b;
+                    break;
+                }
+            }
+            let mut first: Option<Vec<u128>> = Some(
+                row.each().filter(|&(i, v)| kept.has(v, i) && bucket(v) <= last_b).map(|(i, v)| key(v, i)).collect(),
+            );
             let mut keys: Vec<u128> = Vec::new();
-            let mut c = 256.min(total);
+            let mut c = 0;
             loop {
-                let mut win = if keys.is_empty() && c == 256.min(total) {
-                    top_keys(row.each().filter(|&(i, v)| kept.has(v, i)).map(|(i, v)| key(v, i)), c)
-                } else {
-                    if keys.is_empty() {
-                        keys.extend(row.each().filter(|&(i, v)| kept.has(v, i)).map(|(i, v)| key(v, i)));
+                let mut win = match first.take() {
+                    Some(w) => w,
+                    None => {
+                        if keys.is_empty() {
+                            keys.extend(row.each().filter(|&(i, v)| kept.has(v, i)).map(|(i, v)| key(v, i)));
+                        }
+                        if c < total {
+                            keys.select_nth_unstable_by(c - 1, |a, b| b.cmp(a));
+                        }
+                        keys[..c].to_vec()
                     }
-                    if c < total {
-                        keys.select_nth_unstable_by(c - 1, |a, b| b.cmp(a));
-                    }
-                    keys[..c].to_vec()
                 };
+                c = win.len();
                 win.sort_unstable_by(|a, b| b.cmp(a));
                 let mut before = 0.0f64;
                 let mut last = None;
@@ -304,7 +302,7 @@ pub(super) fn filter_row<R: Tokens>(row: &R, p: &SampleOptions) -> Kept {
                     }
                     break;
                 }
-                c = (c * 4).min(total);
+                c = (c * 4).clamp(1, total);
             }
         }
     }

@@ -42,9 +42,11 @@
 //! **Every other row** is converted to `t` in f64. Top-k keeps the k best in a size-k heap in
 //! one pass, rejecting most values with one f64 comparison (`select_nth_unstable` beyond
 //! 4096); top-p needs `Σ exp(t_i − max t)` over the whole row in f64 (one libm `exp` per
-//! token, which bounds its speed), then selects a window of the best 256 tokens the same way,
-//! sorts only those, and widens the window (×4) when their mass is not enough; min-p is one
-//! pass. Rows run in parallel.
+//! token, which bounds its speed) and, in the same pass, a histogram of that mass by distance
+//! below the max (1/16 wide); the tokens down to the bucket where the mass reaches p are
+//! collected in one pass and sorted, and the exact walk runs over them (wider windows, selected
+//! from every token, only when rounding leaves it short). Min-p is one pass. Rows run in
+//! parallel.
 //!
 //! # Randomness
 //! A draw needs one uniform per row: given by the caller ([`Draw::Uniform`]), or from the
