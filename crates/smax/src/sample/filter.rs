@@ -241,7 +241,7 @@ pub(super) fn filter_row<R: Tokens>(row: &R, p: &SampleOptions) -> Kept {
             let mut s = 0.0f64;
             let mut total = 0usize;
             // The mass by distance below the max, 1/HIST_PER_UNIT wide, the last bucket open:
-            // it sizes the first window of the walk below.
+            // it sizes the window of the walk below.
             let mut hist = [0.0f64; HIST_BUCKETS];
             let bucket = |v: f64| ((m - v) * HIST_PER_UNIT).min((HIST_BUCKETS - 1) as f64) as usize;
             for (i, v) in row.each() {
@@ -253,10 +253,10 @@ pub(super) fn filter_row<R: Tokens>(row: &R, p: &SampleOptions) -> Kept {
                 }
             }
             let lse = m + s.ln();
-            // The first window: every survivor down to the bucket where the mass reaches p (a
-            // prefix of the order, since the buckets follow the values). The walk over it is
-            // the exact one; in the rare case where rounding leaves it short of p, wider
-            // windows follow, selected in place from every survivor.
+            // The window: every survivor down to the bucket where the mass reaches p (a prefix
+            // of the order, since the buckets follow the values), sorted; the walk over it is
+            // the exact one. The 1e-9 margin on p covers the different summation order; should
+            // rounding still leave the walk short, the window becomes every survivor.
             let need = pp * s * (1.0 + 1e-9);
             let (mut acc, mut last_b) = (0.0f64, HIST_BUCKETS - 1);
             for (b, &h) in hist.iter().enumerate() {
@@ -266,25 +266,11 @@ pub(super) fn filter_row<R: Tokens>(row: &R, p: &SampleOptions) -> Kept {
                     break;
                 }
             }
-            let mut first: Option<Vec<u128>> = Some(
-                row.each().filter(|&(i, v)| kept.has(v, i) && bucket(v) <= last_b).map(|(i, v)| key(v, i)).collect(),
-            );
-            let mut keys: Vec<u128> = Vec::new();
-            let mut c = 0;
-            loop {
-                let mut win = match first.take() {
-                    Some(w) => w,
-                    None => {
-                        if keys.is_empty() {
-                            keys.extend(row.each().filter(|&(i, v)| kept.has(v, i)).map(|(i, v)| key(v, i)));
-                        }
-                        if c < total {
-                            keys.select_nth_unstable_by(c - 1, |a, b| b.cmp(a));
-                        }
-                        keys[..c].to_vec()
-                    }
-                };
-                c = win.len();
+            let survivors = |upto: usize| -> Vec<u128> {
+                row.each().filter(|&(i, v)| kept.has(v, i) && bucket(v) <= upto).map(|(i, v)| key(v, i)).collect()
+            };
+            let mut win = survivors(last_b);
+            let last = loop {
                 win.sort_unstable_by(|a, b| b.cmp(a));
                 let mut before = 0.0f64;
                 let mut last = None;
@@ -295,14 +281,13 @@ pub(super) fn filter_row<R: Tokens>(row: &R, p: &SampleOptions) -> Kept {
                     last = Some(kk);
                     before += (key_value(kk) - lse).exp();
                 }
-                let done = before >= pp || c == total;
-                if done {
-                    if let Some(l) = last {
-                        kept.set_cut(kept.cut.max(l));
-                    }
-                    break;
+                if before >= pp || win.len() == total {
+                    break last;
                 }
-                c = (c * 4).clamp(1, total);
+                win = survivors(HIST_BUCKETS - 1);
+            };
+            if let Some(l) = last {
+                kept.set_cut(kept.cut.max(l));
             }
         }
     }

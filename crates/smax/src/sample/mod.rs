@@ -44,9 +44,8 @@
 //! 4096); top-p needs `Σ exp(t_i − max t)` over the whole row in f64 (one libm `exp` per
 //! token, which bounds its speed) and, in the same pass, a histogram of that mass by distance
 //! below the max (1/16 wide); the tokens down to the bucket where the mass reaches p are
-//! collected in one pass and sorted, and the exact walk runs over them (wider windows, selected
-//! from every token, only when rounding leaves it short). Min-p is one pass. Rows run in
-//! parallel.
+//! collected in one pass and sorted, and the exact walk runs over them (over every survivor,
+//! should rounding leave it short). Min-p is one pass. Rows run in parallel.
 //!
 //! # Randomness
 //! A draw needs one uniform per row: given by the caller ([`Draw::Uniform`]), or from the
