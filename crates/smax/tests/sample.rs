@@ -15,7 +15,7 @@ use smax::{Error, Par, View, ViewMut};
 fn reference(z: &[f64], p: &SampleOptions) -> Vec<f64> {
     let n = z.len();
     // t = (z − max z)/T: the shift first, so that a small T never makes the largest +inf.
-    let zmax = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let zmax = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max) + 0.0;
     let t: Vec<f64> = z.iter().map(|&v| (v - zmax) / p.temperature).collect();
     // Order: t descending, index ascending (−0 and +0 tie).
     let mut order: Vec<usize> = (0..n).filter(|&i| t[i] != f64::NEG_INFINITY).collect();
@@ -516,6 +516,35 @@ fn f32_rows_through_the_candidate_search_match_the_reference() {
                 let best = (0..n).fold(0, |b, i| if z64[i] > z64[b] { i } else { b });
                 assert_eq!(a[0] as usize, best, "{level:?} n={n} case {case}");
             }
+        }
+    }
+}
+
+/// Rows whose largest logit is a zero of either sign (found by the sampling fuzz target: `max`
+/// may keep either zero, and a build kept −0 where another kept +0, so the f32 and f64 paths
+/// returned log-probabilities of −0 and +0). The shift is by +0 in both.
+#[test]
+fn signed_zero_maxima_give_the_same_bits_on_every_path() {
+    let ninf = f32::NEG_INFINITY;
+    let rows: [&[f32]; 4] = [&[-0.0, ninf], &[0.0, -0.0, -1.0], &[-0.0, 0.0, ninf, -0.0], &[-0.0, -0.0]];
+    for z in rows {
+        let n = z.len();
+        let z64: Vec<f64> = z.iter().map(|&v| v as f64).collect();
+        for p in [
+            SampleOptions { top_k: Some(1), strict_top_k: true, ..Default::default() },
+            SampleOptions { top_k: Some(1), top_p: Some(0.5), ..Default::default() },
+            SampleOptions { min_p: Some(0.9), ..Default::default() },
+            SampleOptions { temperature: 0.5, ..Default::default() },
+        ] {
+            let want = reference(&z64, &p);
+            let (mut a, mut b) = (vec![0.0f64; n], vec![0.0f64; n]);
+            process(View::rows(z, 1, n).unwrap(), ViewMut::rows(&mut a, 1, n).unwrap(), Processed::LogProbs, &p)
+                .unwrap();
+            process(View::rows(&z64, 1, n).unwrap(), ViewMut::rows(&mut b, 1, n).unwrap(), Processed::LogProbs, &p)
+                .unwrap();
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&want), "f32 {z:?} {p:?}: {a:?} vs {want:?}");
+            assert_eq!(bits(&b), bits(&want), "f64 {z:?} {p:?}: {b:?} vs {want:?}");
         }
     }
 }

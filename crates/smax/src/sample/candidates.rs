@@ -26,7 +26,8 @@ pub(super) fn candidates(z: &[f32], p: &SampleOptions) -> Option<Candidates> {
         return None;
     }
     let unmasked = n - facts.masked;
-    let m = facts.max as f64;
+    // `+0` for a max of zeros, as in the f64 path (`max` may keep either zero).
+    let m = facts.max as f64 + 0.0;
     let temp = p.temperature;
     if temp == 0.0 {
         // Greedy: the first index holding the max is the whole answer.

@@ -151,7 +151,8 @@ pub struct SampleStats {
     pub max_kept: usize,
 }
 
-/// Row preparation: `t = (z − max z)/T` in f64 (`T = 0`: `t = z`, greedy); NaN or +inf is an
+/// Row preparation: `t = (z − max z)/T` in f64 (`T = 0`: `t = z`, greedy; a max of zeros is
+/// `+0`); NaN or +inf is an
 /// error naming the row and index. The shift comes first so that a small `T` sends the other
 /// logits to `-inf`, never the largest to `+inf` (whose softmax would be `inf − inf`); every
 /// probability, and the order of the logits, is that of `z/T`.
@@ -170,6 +171,8 @@ fn prepare<T: Element>(z: &[T], temp: f64, row: usize) -> Result<Vec<f64>> {
         return Err(Error::NoValidToken { row });
     }
     if temp > 0.0 {
+        // A max of zeros is +0 whichever zero the comparison kept (`max` may return either).
+        let m = m + 0.0;
         t.iter_mut().for_each(|v| *v = (*v - m) / temp);
     }
     Ok(t)
