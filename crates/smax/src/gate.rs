@@ -107,18 +107,28 @@ fn softmax_into(s: &[f64], out: &mut [f64]) {
     }
 }
 
-/// `w ← w / Σw`, for weights proportional to `exp(scores)`. When every weight underflowed to 0
-/// (a correction bias can choose experts whose softmax weight is below the smallest f64), the
-/// same normalisation in the log domain over the entries `keep` allows: [`softmax_into`] of
-/// their scores, 0 elsewhere, instead of `0/0`.
-fn renormalize_weights(w: &mut [f64], scores: &[f64], keep: impl Fn(usize) -> bool) {
+/// `w ← w / Σw`, for weights proportional to `exp(a_j/τ)` (`a` the chosen experts'
+/// activations). When every weight underflowed to 0 (a correction bias can choose experts whose
+/// softmax weight is below the smallest f64), the same normalisation in the log domain over the
+/// entries `keep` allows: the softmax of `(a_j − max_kept a)/τ`, 0 elsewhere, instead of `0/0`
+/// (shifted by the kept entries' own max, so at least one score is 0 whatever τ).
+fn renormalize_weights(w: &mut [f64], a: &[f64], tau: f64, keep: impl Fn(usize) -> bool) {
     let t: f64 = w.iter().sum();
     if t > 0.0 {
         w.iter_mut().for_each(|v| *v /= t);
         return;
     }
-    let kept: Vec<f64> = scores.iter().enumerate().map(|(j, &v)| if keep(j) { v } else { f64::NEG_INFINITY }).collect();
-    softmax_into(&kept, w);
+    softmax_scaled(a, tau, keep, w);
+}
+
+/// `out = softmax((a_j − max_kept a)/τ)` over the entries `keep` allows, 0 elsewhere: the
+/// weights of those experts, shifted by their own largest activation so that one score is 0
+/// whatever τ (their scores relative to every expert may all have underflowed).
+fn softmax_scaled(a: &[f64], tau: f64, keep: impl Fn(usize) -> bool, out: &mut [f64]) {
+    let mk = a.iter().enumerate().filter(|(j, _)| keep(*j)).fold(f64::NEG_INFINITY, |m, (_, &v)| m.max(v));
+    let kept: Vec<f64> =
+        a.iter().enumerate().map(|(j, &v)| if keep(j) { (v - mk) / tau } else { f64::NEG_INFINITY }).collect();
+    softmax_into(&kept, out);
 }
 
 /// Routes every token (row of `logits`, one column per expert) to `p.k` experts: expert ids
@@ -291,12 +301,9 @@ fn route_token<T: Element>(
     }
     let chosen = &mut idx[..k];
     chosen.sort_unstable_by(cmp);
-    // The chosen experts' scores, shifted by their own largest activation: every weight below
-    // is proportional to `exp(score)`, and the largest score is 0 even when the chosen experts'
-    // `s` all underflowed to `-inf` (a bias can choose them).
-    let mk = chosen.iter().fold(f64::NEG_INFINITY, |m, &i| m.max(act[i]));
+    // The chosen experts' activations: every weight below is proportional to `exp(a/τ)`.
     for (o, &i) in sk.iter_mut().zip(chosen.iter()) {
-        *o = (act[i] - mk) / p.temperature;
+        *o = act[i];
     }
     match p.order {
         GateOrder::SoftmaxThenTopK { renormalize } => {
@@ -304,10 +311,10 @@ fn route_token<T: Element>(
                 *o = prob[i];
             }
             if renormalize {
-                renormalize_weights(w, sk, |_| true);
+                renormalize_weights(w, sk, p.temperature, |_| true);
             }
         }
-        GateOrder::TopKThenSoftmax => softmax_into(sk, w),
+        GateOrder::TopKThenSoftmax => softmax_scaled(sk, p.temperature, |_| true, w),
     }
     if let Some(th) = p.threshold {
         // The largest weight (first of equals) is never dropped: never route to nothing.
@@ -318,7 +325,7 @@ fn route_token<T: Element>(
             }
         }
         // Σw = 0 only when every weight underflowed: then all were below a positive threshold.
-        renormalize_weights(w, sk, |j| j == amax || th <= 0.0);
+        renormalize_weights(w, sk, p.temperature, |j| j == amax || th <= 0.0);
     }
     for j in 0..k {
         exr[j] = chosen[j] as u32;

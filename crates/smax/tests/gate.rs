@@ -282,3 +282,20 @@ fn tiny_temperature_with_a_bias_on_underflowed_experts() {
         assert_eq!(w, vec![1.0, 0.0], "{order:?}");
     }
 }
+
+/// A threshold after a bias that chose experts whose weights all underflowed, first an expert
+/// whose activation is below another chosen one's, at a tiny τ where its score relative to
+/// the chosen ones underflows too (found by the sampling fuzz target: weight NaN). The weight
+/// of the one kept expert is 1.
+#[test]
+fn threshold_over_underflowed_chosen_weights_keeps_one() {
+    let h = [0.0f64, -1.0, -2.0];
+    let bias = [0.0f32, 1e9, 2e9];
+    for order in [GateOrder::SoftmaxThenTopK { renormalize: false }, GateOrder::TopKThenSoftmax] {
+        let p = GateOptions { k: 2, temperature: 1e-310, order, threshold: Some(0.5), ..Default::default() };
+        let (ex, w, _) = route(&h, 3, &p, Some(&bias));
+        let want_ex = if order == GateOrder::TopKThenSoftmax { vec![0, 1] } else { vec![2, 1] };
+        assert_eq!(ex, want_ex, "{order:?}");
+        assert_eq!(w, vec![1.0, 0.0], "{order:?}");
+    }
+}
