@@ -76,6 +76,14 @@ fn reference(z: &[f64], p: &SampleOptions) -> Vec<f64> {
     (0..n).map(|i| if keep[i] { t[i] - lse } else { f64::NEG_INFINITY }).collect()
 }
 
+/// Asserts `got` and `want` equal bit for bit, naming the first differing index.
+fn assert_same_bits(got: &[f64], want: &[f64], what: impl std::fmt::Display) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(g.to_bits() == w.to_bits(), "{what}: [{i}] {g} vs {w}");
+    }
+}
+
 fn processed(z: &[f64], rows: usize, p: &SampleOptions, what: Processed) -> Vec<f64> {
     let n = z.len() / rows;
     let mut out = vec![0.0f64; z.len()];
@@ -129,14 +137,7 @@ fn equals_the_full_sort_reference_bit_for_bit() {
             };
             let want = reference(&z, &p);
             let got = processed(&z, 1, &p, Processed::LogProbs);
-            for i in 0..n {
-                assert!(
-                    got[i].to_bits() == want[i].to_bits(),
-                    "n={n} case {case} {p:?}: [{i}] {} vs {}",
-                    got[i],
-                    want[i]
-                );
-            }
+            assert_same_bits(&got, &want, format!("n={n} case {case} {p:?}"));
         }
     }
 }
@@ -492,14 +493,7 @@ fn f32_rows_through_the_candidate_search_match_the_reference() {
                 let mut got = vec![0.0f64; n];
                 process(View::rows(&z, 1, n).unwrap(), ViewMut::rows(&mut got, 1, n).unwrap(), Processed::LogProbs, &p)
                     .unwrap();
-                for i in 0..n {
-                    assert!(
-                        got[i].to_bits() == want[i].to_bits(),
-                        "{level:?} n={n} case {case} {p:?}: [{i}] {} vs {}",
-                        got[i],
-                        want[i]
-                    );
-                }
+                assert_same_bits(&got, &want, format!("{level:?} n={n} case {case} {p:?}"));
                 for u in [0.0, 0.3, 0.999] {
                     let (mut a, mut b) = ([0u32], [0u32]);
                     let none = None::<(ViewMut<'_, f64>, Processed)>;
@@ -542,9 +536,8 @@ fn signed_zero_maxima_give_the_same_bits_on_every_path() {
                 .unwrap();
             process(View::rows(&z64, 1, n).unwrap(), ViewMut::rows(&mut b, 1, n).unwrap(), Processed::LogProbs, &p)
                 .unwrap();
-            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&a), bits(&want), "f32 {z:?} {p:?}: {a:?} vs {want:?}");
-            assert_eq!(bits(&b), bits(&want), "f64 {z:?} {p:?}: {b:?} vs {want:?}");
+            assert_same_bits(&a, &want, format!("f32 {z:?} {p:?}"));
+            assert_same_bits(&b, &want, format!("f64 {z:?} {p:?}"));
         }
     }
 }

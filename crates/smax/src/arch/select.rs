@@ -3,8 +3,8 @@
 //! blocks holding an entry at or above a moving threshold (the candidate search of top-k and
 //! min-p; the exact decisions stay in the caller, in f64).
 
-use super::rows::load_padded;
-use super::{Isa, SimdLevel, Task, dispatch, inl};
+use super::rows::{load_padded, max};
+use super::{Ahead, Isa, SimdLevel, Task, dispatch, inl};
 
 /// Elements per gated block: one maximum over it decides whether the caller looks inside.
 pub(crate) const GATE_BLOCK: usize = 64;
@@ -79,16 +79,7 @@ impl<F: FnMut(usize, &[f32], f32) -> Option<f32>> Task for Gate<'_, F> {
     fn run<S: Isa>(self, s: S) -> Option<f32> {
         let Gate { x, mut thr, mut visit } = self;
         for (b, blk) in x.chunks(GATE_BLOCK).enumerate() {
-            let (head, tail) = S::as_simd_f32s(blk);
-            let mut mx = s.splat_f32s(f32::NEG_INFINITY);
-            for &v in head {
-                mx = s.max_f32s(mx, v);
-            }
-            let mut m = s.reduce_max_f32s(mx);
-            for &v in tail {
-                m = m.max(v);
-            }
-            if m >= thr {
+            if max(s, blk, Ahead::NONE) >= thr {
                 thr = visit(b * GATE_BLOCK, blk, thr)?;
             }
         }
@@ -99,7 +90,8 @@ impl<F: FnMut(usize, &[f32], f32) -> Option<f32>> Task for Gate<'_, F> {
 /// Calls `visit(start, block, thr)` for every block of [`GATE_BLOCK`] elements whose maximum is
 /// at least the current threshold `thr` (starting at `thr0`); `visit` returns the new
 /// threshold, or `None` to stop (then `gate` returns `None`). Returns the final threshold.
-/// Blocks are visited in order; a block whose entries are all below `thr` (or NaN) is skipped.
+/// Blocks are visited in order; a block whose entries are all below `thr` is skipped (rows
+/// reach the gate after [`scan`] found no NaN in them).
 /// `visit` runs inside the vector region: callers mark it `#[inline(always)]` (see [`inl`]).
 pub(crate) fn gate(
     level: SimdLevel,

@@ -6,8 +6,8 @@
 //! been kept, or the row is redone from every token. Either way the result is the definition's,
 //! bit for bit.
 
-use super::SampleOptions;
 use super::filter::Candidates;
+use super::{SampleOptions, scaled, shift};
 use crate::arch::select::{GATE_BLOCK, gate, scan};
 use crate::arch::{SimdLevel, inl_mut};
 
@@ -26,8 +26,7 @@ pub(super) fn candidates(z: &[f32], p: &SampleOptions) -> Option<Candidates> {
         return None;
     }
     let unmasked = n - facts.masked;
-    // `+0` for a max of zeros, as in the f64 path (`max` may keep either zero).
-    let m = facts.max as f64 + 0.0;
+    let m = shift(facts.max as f64);
     let temp = p.temperature;
     if temp == 0.0 {
         // Greedy: the first index holding the max is the whole answer.
@@ -84,12 +83,12 @@ pub(super) fn candidates(z: &[f32], p: &SampleOptions) -> Option<Candidates> {
     );
     let thr = gate(level, z, floor, visit)?;
     buf.sort_unstable_by_key(|e| e.0);
-    let list: Vec<(usize, f64)> = buf.iter().map(|&(i, v)| (i, (v as f64 - m) / temp)).collect();
+    let list: Vec<(usize, f64)> = buf.iter().map(|&(i, v)| (i, scaled(v as f64, m, temp))).collect();
     if list.iter().any(|e| e.1 == f64::NEG_INFINITY) {
         return None;
     }
     // Every unlisted unmasked token is below `thr`, so at most the f32 just under it.
-    let below = if list.len() == unmasked { f64::NEG_INFINITY } else { (thr.next_down() as f64 - m) / temp };
+    let below = if list.len() == unmasked { f64::NEG_INFINITY } else { scaled(thr.next_down() as f64, m, temp) };
     if below == f64::NEG_INFINITY && list.len() < unmasked {
         return None;
     }

@@ -39,21 +39,30 @@ pub(super) trait Tokens {
     fn below(&self) -> f64;
 }
 
-/// Every token of a row: `t` as [`prepare`] makes it.
-pub(super) struct Dense<'a>(pub(super) &'a [f64]);
+/// Every token of a row: `t` and its unmasked count as [`prepare`] makes them.
+pub(super) struct Dense<'a> {
+    t: &'a [f64],
+    unmasked: usize,
+}
+
+impl<'a> Dense<'a> {
+    pub(super) fn new(t: &'a [f64], unmasked: usize) -> Self {
+        Dense { t, unmasked }
+    }
+}
 
 impl Tokens for Dense<'_> {
     fn each(&self) -> impl Iterator<Item = (usize, f64)> + '_ {
-        self.0.iter().copied().enumerate()
+        self.t.iter().copied().enumerate()
     }
     fn len(&self) -> usize {
-        self.0.len()
+        self.t.len()
     }
     fn unmasked(&self) -> usize {
-        self.0.iter().filter(|v| **v != f64::NEG_INFINITY).count()
+        self.unmasked
     }
     fn listed(&self) -> usize {
-        self.unmasked()
+        self.unmasked
     }
     fn below(&self) -> f64 {
         f64::NEG_INFINITY

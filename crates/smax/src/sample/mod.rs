@@ -152,11 +152,11 @@ pub struct SampleStats {
 }
 
 /// Row preparation: `t = (z − max z)/T` in f64 (`T = 0`: `t = z`, greedy; a max of zeros is
-/// `+0`); NaN or +inf is an
-/// error naming the row and index. The shift comes first so that a small `T` sends the other
-/// logits to `-inf`, never the largest to `+inf` (whose softmax would be `inf − inf`); every
+/// `+0`) and the count of its unmasked entries (`t ≠ -inf`); NaN or +inf is an error naming
+/// the row and index. The shift comes first so that a small `T` sends the other logits to
+/// `-inf`, never the largest to `+inf` (whose softmax would be `inf − inf`); every
 /// probability, and the order of the logits, is that of `z/T`.
-fn prepare<T: Element>(z: &[T], temp: f64, row: usize) -> Result<Vec<f64>> {
+fn prepare<T: Element>(z: &[T], temp: f64, row: usize) -> Result<(Vec<f64>, usize)> {
     let mut t = Vec::with_capacity(z.len());
     let mut m = f64::NEG_INFINITY;
     for (i, v) in z.iter().enumerate() {
@@ -170,12 +170,29 @@ fn prepare<T: Element>(z: &[T], temp: f64, row: usize) -> Result<Vec<f64>> {
     if m == f64::NEG_INFINITY {
         return Err(Error::NoValidToken { row });
     }
-    if temp > 0.0 {
-        // A max of zeros is +0 whichever zero the comparison kept (`max` may return either).
-        let m = m + 0.0;
-        t.iter_mut().for_each(|v| *v = (*v - m) / temp);
+    let mut masked = 0;
+    let m = shift(m);
+    for v in t.iter_mut() {
+        if temp > 0.0 {
+            *v = scaled(*v, m, temp);
+        }
+        masked += (*v == f64::NEG_INFINITY) as usize;
     }
-    Ok(t)
+    Ok((t, z.len() - masked))
+}
+
+/// The shift of a row whose largest logit is `max`: `+0` for a max of zeros, whichever zero
+/// the comparison kept (`max` may return either).
+#[inline]
+fn shift(max: f64) -> f64 {
+    max + 0.0
+}
+
+/// `t = (z − m)/T` with `m` from [`shift`]: the one formula of both paths (every token in
+/// [`prepare`], the candidates in [`candidates`]), so that they give the same `t`, bit for bit.
+#[inline]
+fn scaled(z: f64, m: f64, temp: f64) -> f64 {
+    (z - m) / temp
 }
 
 /// The greedy token: argmax, lowest index on ties.
@@ -249,8 +266,8 @@ fn sample_row<T: Element>(
             return Ok(finish(&c, &kept, u, lp.as_deref_mut()));
         }
     }
-    let t = prepare(z, p.temperature, r)?;
-    let d = Dense(&t);
+    let (t, unmasked) = prepare(z, p.temperature, r)?;
+    let d = Dense::new(&t, unmasked);
     if p.temperature == 0.0 {
         return Ok(greedy(&d, lp));
     }
@@ -447,7 +464,7 @@ pub fn gumbel_max<T: Element>(
     let items: Vec<usize> = (0..rows).collect();
     let out: Vec<Result<Vec<u32>>> = par::map(exec.par, items, |r| {
         let z = &logits.data[r * xs..r * xs + len];
-        let t = prepare(z, temperature, r)?;
+        let (t, _) = prepare(z, temperature, r)?;
         // Masked means `z = -inf`: an unmasked token whose `t` underflowed to `-inf` (tiny T)
         // still counts, after every finite key.
         let mut keys: Vec<u128> = t
