@@ -61,23 +61,19 @@ pub trait Element:
     fn to_f32(self) -> f32;
     /// Rounds from f32 to nearest (ties to even); exact for f32 and f64.
     fn from_f32(v: f32) -> Self;
-    /// The slice itself when `Self` is f32 (the zero-copy paths); `None` otherwise.
+    /// The slice itself when `Self` is `U` (the zero-copy paths: `T::cast::<f32>(x)`); `None`
+    /// otherwise. The test compares constants (f32 and f64 are the only types of their
+    /// [`Repr`]), so it folds away at compile time.
     #[doc(hidden)]
-    fn as_f32(_: &[Self]) -> Option<&[f32]> {
-        None
+    #[inline(always)]
+    fn cast<U: Element>(s: &[Self]) -> Option<&[U]> {
+        same_type::<Self, U>().then(|| bytemuck::cast_slice(s))
     }
+    /// [`Element::cast`] of a mutable slice.
     #[doc(hidden)]
-    fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
-        None
-    }
-    /// The slice itself when `Self` is f64; `None` otherwise.
-    #[doc(hidden)]
-    fn as_f64(_: &[Self]) -> Option<&[f64]> {
-        None
-    }
-    #[doc(hidden)]
-    fn as_f64_mut(_: &mut [Self]) -> Option<&mut [f64]> {
-        None
+    #[inline(always)]
+    fn cast_mut<U: Element>(s: &mut [Self]) -> Option<&mut [U]> {
+        same_type::<Self, U>().then(|| bytemuck::cast_slice_mut(s))
     }
     /// The bytes of a slice (for prefetching).
     #[doc(hidden)]
@@ -88,6 +84,12 @@ pub trait Element:
     /// Rounds a slice of f32 into this type (`dst.len() == src.len()`).
     #[doc(hidden)]
     fn store_f32(src: &[f32], dst: &mut [Self]);
+}
+
+/// Whether `A` and `U` are the same element type.
+#[inline(always)]
+fn same_type<A: Element, U: Element>() -> bool {
+    matches!((A::REPR, U::REPR), (Repr::F32, Repr::F32) | (Repr::F64, Repr::F64))
 }
 
 impl Element for f32 {
@@ -104,12 +106,6 @@ impl Element for f32 {
     }
     fn from_f32(v: f32) -> Self {
         v
-    }
-    fn as_f32(s: &[Self]) -> Option<&[f32]> {
-        Some(s)
-    }
-    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
-        Some(s)
     }
     fn as_bytes(s: &[Self]) -> &[u8] {
         bytemuck::cast_slice(s)
@@ -136,12 +132,6 @@ impl Element for f64 {
     }
     fn from_f32(v: f32) -> Self {
         v as f64
-    }
-    fn as_f64(s: &[Self]) -> Option<&[f64]> {
-        Some(s)
-    }
-    fn as_f64_mut(s: &mut [Self]) -> Option<&mut [f64]> {
-        Some(s)
     }
     fn as_bytes(s: &[Self]) -> &[u8] {
         bytemuck::cast_slice(s)
@@ -292,15 +282,12 @@ fn bf16_load(src: &[bf16], dst: &mut [f32]) {
 /// boundary), written branch-free so it vectorizes inside the caller's SIMD region.
 #[inline(always)]
 fn bf16_store(src: &[f32], dst: &mut [bf16]) {
-    map(src, dst, |v| bf16::from_bits(bf16_bits_rne(v)))
-}
-
-#[inline(always)]
-fn bf16_bits_rne(v: f32) -> u16 {
-    let x = v.to_bits();
-    let rounded = (x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16) as u16;
-    let nan = ((x >> 16) as u16) | 0x0040;
-    if (x & 0x7FFF_FFFF) > 0x7F80_0000 { nan } else { rounded }
+    map(src, dst, |v| {
+        let x = v.to_bits();
+        let rounded = (x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16) as u16;
+        let nan = ((x >> 16) as u16) | 0x0040;
+        bf16::from_bits(if (x & 0x7FFF_FFFF) > 0x7F80_0000 { nan } else { rounded })
+    })
 }
 
 #[cfg(test)]

@@ -172,11 +172,11 @@ pub(crate) fn row_bwd(log: bool, k: f64, y: &[f64], dy: &[f64], dx: &mut [f64]) 
 }
 
 fn f64s<T: Element>(s: &[T]) -> &[f64] {
-    T::as_f64(s).unwrap_or(&[])
+    T::cast::<f64>(s).unwrap_or(&[])
 }
 
 fn f64s_mut<T: Element>(s: &mut [T]) -> &mut [f64] {
-    T::as_f64_mut(s).unwrap_or(&mut [])
+    T::cast_mut::<f64>(s).unwrap_or(&mut [])
 }
 
 pub(crate) fn rows_fwd<T: Element>(f: Fwd, k: f64, opts: &Options, g: RowGeom, x: Option<&[T]>, y: &mut [T]) {

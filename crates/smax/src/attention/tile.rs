@@ -28,7 +28,7 @@ pub(crate) fn rows_f32<'b, T: Element>(
     }
     let start = op.at(b, h, t0);
     let end = op.at(b, h, t0 + n - 1) + d;
-    if let Some(x) = T::as_f32(&op.data[start..end]) {
+    if let Some(x) = T::cast::<f32>(&op.data[start..end]) {
         return MatRef { data: x, rows: n, cols: d, rs: op.st.token, cs: 1 };
     }
     buf.clear();

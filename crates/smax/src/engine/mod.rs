@@ -118,16 +118,22 @@ impl<'a, T: Element> Io<'a, T> {
 /// Calls `f` on the f32 view of `x`, tile by tile when it must be converted.
 #[inline(always)]
 fn read_tiles<'p, T: Element>(x: &[T], pf: Ahead<'p>, mut f: impl FnMut(&[f32], Ahead<'p>)) {
-    if let Some(xf) = T::as_f32(x) {
+    if let Some(xf) = T::cast::<f32>(x) {
         f(xf, pf);
         return;
     }
     let mut buf = [0.0f32; TILE];
     for (i, c) in x.chunks(TILE).enumerate() {
-        let b = &mut buf[..c.len()];
-        T::load_f32(c, b);
-        f(b, pf.skip(i * TILE));
+        f(widen(c, &mut buf), pf.skip(i * TILE));
     }
+}
+
+/// `src` (at most [`TILE`] entries) converted to f32 in `buf`; the converted prefix.
+#[inline(always)]
+pub(crate) fn widen<'b, T: Element>(src: &[T], buf: &'b mut [f32; TILE]) -> &'b [f32] {
+    let t = &mut buf[..src.len()];
+    T::load_f32(src, t);
+    t
 }
 
 /// Calls `f(x_tile, y_tile, pf, direct)` over the f32 views of a row's input and output;
@@ -141,27 +147,23 @@ fn write_tiles<'p, T: Element>(
 ) {
     match io {
         Io::Sep(x, y) => {
-            if let (Some(xf), Some(yf)) = (T::as_f32(x), T::as_f32_mut(y)) {
+            if let (Some(xf), Some(yf)) = (T::cast::<f32>(x), T::cast_mut::<f32>(y)) {
                 f(xf, yf, pf, true);
                 return;
             }
-            let mut bx = [0.0f32; TILE];
-            let mut by = [0.0f32; TILE];
+            let (mut bx, mut by) = ([0.0f32; TILE], [0.0f32; TILE]);
             for (i, (cx, cy)) in x.chunks(TILE).zip(y.chunks_mut(TILE)).enumerate() {
-                let n = cx.len();
-                T::load_f32(cx, &mut bx[..n]);
-                f(&bx[..n], &mut by[..n], pf.skip(i * TILE), false);
-                T::store_f32(&by[..n], cy);
+                let yt = &mut by[..cy.len()];
+                f(widen(cx, &mut bx), yt, pf.skip(i * TILE), false);
+                T::store_f32(yt, cy);
             }
         }
         Io::Same(xy) => {
-            let mut bx = [0.0f32; TILE];
-            let mut by = [0.0f32; TILE];
+            let (mut bx, mut by) = ([0.0f32; TILE], [0.0f32; TILE]);
             for (i, c) in xy.chunks_mut(TILE).enumerate() {
-                let n = c.len();
-                T::load_f32(c, &mut bx[..n]);
-                f(&bx[..n], &mut by[..n], pf.skip(i * TILE), false);
-                T::store_f32(&by[..n], c);
+                let yt = &mut by[..c.len()];
+                f(widen(c, &mut bx), yt, pf.skip(i * TILE), false);
+                T::store_f32(yt, c);
             }
         }
     }
@@ -341,7 +343,7 @@ pub(crate) fn pipe_row<S: Isa, T: Element>(
 ) -> Online {
     if regular(st) {
         if let Some((nx, npf)) = next {
-            if let (Some(xf), Some(nf), Some(yf)) = (T::as_f32(x), T::as_f32(nx), T::as_f32_mut(y)) {
+            if let (Some(xf), Some(nf), Some(yf)) = (T::cast::<f32>(x), T::cast::<f32>(nx), T::cast_mut::<f32>(y)) {
                 if xf.len() == nf.len() && xf.len() == yf.len() {
                     let mut ns = Online::EMPTY;
                     let n = k::Next { x: nf, k: f.k, st: &mut ns, pf: npf };
@@ -374,12 +376,12 @@ fn exp_store_sum_io<S: Isa, T: Element>(s: S, io: &mut Io<'_, T>, m: f32, kk: f3
     );
     match io {
         Io::Sep(x, y) => {
-            if let (Some(xf), Some(yf)) = (T::as_f32(x), T::as_f32_mut(y)) {
+            if let (Some(xf), Some(yf)) = (T::cast::<f32>(x), T::cast_mut::<f32>(y)) {
                 pass(xf, yf, &mut d, pf);
             }
         }
         Io::Same(xy) => {
-            if let Some(yf) = T::as_f32_mut(xy) {
+            if let Some(yf) = T::cast_mut::<f32>(xy) {
                 let mut buf = [0.0f32; TILE];
                 for (i, c) in yf.chunks_mut(TILE).enumerate() {
                     let b = &mut buf[..c.len()];
@@ -433,13 +435,13 @@ pub(crate) fn row_fwd<S: Isa, T: Element>(s: S, f: &Fwd, mut io: Io<'_, T>, pf: 
     // Three-pass on f32 writes the output in pass 2 (so its cache misses overlap the exp
     // arithmetic) and finishes it in cache in pass 3: softmax stores exp and rescales,
     // log-softmax stores (x − m)·k and subtracts ln Σ.
-    if alg == Algorithm::ThreePass && T::as_f32(io.x()).is_some() {
+    if alg == Algorithm::ThreePass && T::cast::<f32>(io.x()).is_some() {
         let log = f.op == FwdOp::LogSoftmax;
         let m = seg_max(s, io.x(), Ahead::NONE);
         if m.is_finite() {
             let d = exp_store_sum_io(s, &mut io, m, f.k, log, pf);
             if regular(Online { m, d }) {
-                if let Some(yf) = T::as_f32_mut(io.y()) {
+                if let Some(yf) = T::cast_mut::<f32>(io.y()) {
                     if log {
                         k::scale_or_shift(s, yf, d.ln() as f32, true);
                     } else {

@@ -29,7 +29,7 @@ impl<T: Element> Task for RowsFwd<'_, T> {
             return;
         }
         if let (true, Some(x), Algorithm::ThreePass, true) = (f.stream, x, f.alg, len >= THREE_PASS_PIPE_MIN_LEN) {
-            if let (Some(xf), Some(yf)) = (T::as_f32(x), T::as_f32_mut(y)) {
+            if let (Some(xf), Some(yf)) = (T::cast::<f32>(x), T::cast_mut::<f32>(y)) {
                 rows_three_pass_pipe(s, &f, xf, yf, rows, len, xs, ys);
                 return;
             }
@@ -281,7 +281,7 @@ impl<T: Element> Task for Seg<'_, T> {
                 SegOut::Sum(d)
             }
             Seg::Scale(y, c) => {
-                if let Some(yf) = T::as_f32_mut(y) {
+                if let Some(yf) = T::cast_mut::<f32>(y) {
                     k::scale_or_shift(s, yf, c, false);
                 }
                 SegOut::None

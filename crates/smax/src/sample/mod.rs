@@ -257,7 +257,7 @@ fn sample_row<T: Element>(
     u: Option<f64>,
     mut lp: Option<&mut [f64]>,
 ) -> Result<(usize, usize)> {
-    if let Some(c) = T::as_f32(z).and_then(|z| candidates(z, p)) {
+    if let Some(c) = T::cast::<f32>(z).and_then(|z| candidates(z, p)) {
         if p.temperature == 0.0 {
             return Ok(greedy(&c, lp));
         }

@@ -9,7 +9,7 @@ use crate::arch::rows::{self as k};
 use crate::arch::{Ahead, Isa, SimdLevel, Task, dispatch, inl};
 use crate::element::{Element, Repr};
 use crate::engine::{BwdRows, RowGeom, plan};
-use crate::engine::{TILE, ahead};
+use crate::engine::{TILE, ahead, widen};
 use crate::error::{Error, Result};
 use crate::layout::{Kind, View, ViewMut};
 use crate::options::Options;
@@ -24,17 +24,13 @@ fn read2<'p, T: Element>(
     (pa, pb): (Ahead<'p>, Ahead<'p>),
     mut f: impl FnMut(&[f32], &[f32], Ahead<'p>, Ahead<'p>),
 ) {
-    if let (Some(af), Some(bf)) = (T::as_f32(a), T::as_f32(b)) {
+    if let (Some(af), Some(bf)) = (T::cast::<f32>(a), T::cast::<f32>(b)) {
         f(af, bf, pa, pb);
         return;
     }
-    let mut ba = [0.0f32; TILE];
-    let mut bb = [0.0f32; TILE];
+    let (mut ba, mut bb) = ([0.0f32; TILE], [0.0f32; TILE]);
     for (i, (ca, cb)) in a.chunks(TILE).zip(b.chunks(TILE)).enumerate() {
-        let n = ca.len();
-        T::load_f32(ca, &mut ba[..n]);
-        T::load_f32(cb, &mut bb[..n]);
-        f(&ba[..n], &bb[..n], pa.skip(i * TILE), pb.skip(i * TILE));
+        f(widen(ca, &mut ba), widen(cb, &mut bb), pa.skip(i * TILE), pb.skip(i * TILE));
     }
 }
 
@@ -92,8 +88,8 @@ fn map<S: Isa, T: Element>(s: S, (log, kk): (bool, f32), (r, zero): (f32, bool),
             }
         },
     );
-    if let (Some(yf), Some(Some(gf))) = (T::as_f32(y), dy.map(T::as_f32)) {
-        if let Some(of) = T::as_f32_mut(dx) {
+    if let (Some(yf), Some(Some(gf))) = (T::cast::<f32>(y), dy.map(T::cast::<f32>)) {
+        if let Some(of) = T::cast_mut::<f32>(dx) {
             run(yf, gf, of, stream);
             return;
         }

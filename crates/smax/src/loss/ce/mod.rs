@@ -114,9 +114,9 @@ impl<T: Element> Task for CeRows<'_, T> {
         let online = pipelined(&c, len, classes.is_some(), g.is_some());
         let three_pass = three_pass_pipelined(&c, len, classes.is_some(), g.is_some());
         if let (true, Some(xf), Some(cl), None, Some((gg, gs))) =
-            ((online || three_pass) && rows > 0, T::as_f32(x), classes, probs, g.as_mut())
+            ((online || three_pass) && rows > 0, T::cast::<f32>(x), classes, probs, g.as_mut())
         {
-            if let Some(gf) = T::as_f32_mut(gg) {
+            if let Some(gf) = T::cast_mut::<f32>(gg) {
                 let p = PlainRows { x: xf, xs, len, classes: &cl[..rows], g: gf, gs: *gs };
                 return if online { rows_pipe(s, &c, p) } else { rows_three_pass_pipe(s, &c, p) };
             }
@@ -131,7 +131,8 @@ impl<T: Element> Task for CeRows<'_, T> {
                 (None, None) => Tgt::Class(0),
             };
             let gr = g.as_mut().map(|(g, gs)| &mut g[r * *gs..r * *gs + len]);
-            let o = if T::as_f64(xr).is_some() { row_f64(&c, xr, tgt, gr) } else { row_f32(s, &c, xr, tgt, gr, pf) };
+            let o =
+                if T::cast::<f64>(xr).is_some() { row_f64(&c, xr, tgt, gr) } else { row_f32(s, &c, xr, tgt, gr, pf) };
             out.push(o);
         }
         out
@@ -142,7 +143,7 @@ impl<T: Element> Task for CeRows<'_, T> {
 #[inline(always)]
 fn tiles<'p, T: Element, S: Isa>(s: S, xf: Xform, x: &[T], pf: Ahead<'p>, mut f: impl FnMut(usize, &[f32], Ahead<'p>)) {
     if xf.is_identity() {
-        if let Some(xs) = T::as_f32(x) {
+        if let Some(xs) = T::cast::<f32>(x) {
             for (i, c) in xs.chunks(TILE).enumerate() {
                 f(i * TILE, c, pf.skip(i * TILE));
             }
@@ -232,9 +233,9 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
         Tgt::Probs(_) => (0.0, 0.0, None),
     };
     let smooth = beta != 0.0;
-    if let (Some(y), Some(xs), 0.0) = (y, T::as_f32(x), xf.cap) {
+    if let (Some(y), Some(xs), 0.0) = (y, T::cast::<f32>(x), xf.cap) {
         // (`T` is f32 here, so the gradient row converts too.)
-        let g = g.and_then(|g| T::as_f32_mut(g));
+        let g = g.and_then(|g| T::cast_mut::<f32>(g));
         // With a gradient, the heavy pass fetches the same block of the next row (while the
         // current row, its gradient and the next row fit in L2); otherwise the usual distance.
         let pf = if g.is_some() && xs.len() <= NEXT_ROW_PREFETCH_MAX { pf.distance(c.row_stride) } else { pf };
@@ -329,7 +330,7 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
     let fix = y.map(|y| (y, ya * ychain(ty)));
     let mut wbuf = [0.0f32; TILE];
     let mut gbuf = [0.0f32; TILE];
-    let direct = xf.is_identity() && T::as_f32(x).is_some();
+    let direct = xf.is_identity() && T::cast::<f32>(x).is_some();
     let mut gopt = Some(g);
     let mut write_tile = inl_mut(
         #[inline(always)]
@@ -355,7 +356,7 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
         },
     );
     if direct {
-        if let (Some(t), Some(gf)) = (T::as_f32(x), gopt.as_deref_mut().and_then(|g| T::as_f32_mut(g))) {
+        if let (Some(t), Some(gf)) = (T::cast::<f32>(x), gopt.as_deref_mut().and_then(|g| T::cast_mut::<f32>(g))) {
             for (i, (tc, gc)) in t.chunks(TILE).zip(gf.chunks_mut(TILE)).enumerate() {
                 write_tile(i * TILE, tc, gc);
             }
