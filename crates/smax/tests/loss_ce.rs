@@ -747,3 +747,76 @@ fn tanh_sampled_ulp() {
     assert!(y[2].is_nan());
     assert_eq!((y[3].to_bits(), y[4].to_bits()), (0.0f32.to_bits(), (-0.0f32).to_bits()));
 }
+
+/// A logit far above the rest at a tiny temperature: `x·k` is past `f32::MAX` while
+/// `(x − max)·k` is not. Every path (short f32 rows, the pipelined online rows, a cap, bf16,
+/// f16, and an ignored row whose lse is asked for) gives the f64 reference's loss, lse and
+/// gradient: the target logit is shifted by the max before it is scaled, and a row whose
+/// transformed logits overflow f32 is computed in f64 (it used to read as an all `-inf` row).
+#[test]
+fn scaled_logits_past_f32_max_follow_the_reference() {
+    // `out_rel`: the rounding of the gradient into `T`.
+    fn case<T: Element>(what: &str, big: f64, k: usize, cap: Option<f64>, tau: f64, out_rel: f64) {
+        let mut rng = Rng(0x5eed_0081);
+        let n = 3;
+        let mut x: Vec<f64> = rng.vec(n * k, 4.0);
+        for r in 0..n {
+            x[r * k + 1] = big;
+        }
+        // The values the call sees.
+        let x: Vec<f64> = x.iter().map(|&v| T::from_f64(v).to_f64()).collect();
+        // Target at the large logit, target elsewhere, ignored row (lse only).
+        let cls = [1i64, (k - 1) as i64, -100];
+        let c = Cfg { red: Reduction::Sum, weights: None, eps: 0.0, lambda: 0.0, cap, tau, ignore: -100 };
+        let want = reference(&x, k, &Tg::Cls(&cls), &c);
+        for level in SimdLevel::available() {
+            let got = run::<T>(&x, k, &Tg::Cls(&cls), &opts(&c).simd(level));
+            let close = |g: f64, w: f64, abs: f64| (g - w).abs() <= 1e-6 * w.abs() + abs;
+            for (r, (g, w)) in got.rows.iter().zip(&want.rows).enumerate() {
+                let at = format!("{what} {level:?} row {r}");
+                assert!(w.0.is_finite() && w.2.is_finite(), "{at}: reference {w:?}");
+                assert!(close(g.0, w.0, 1e-6) && close(g.2, w.2, 0.0), "{at}: {g:?} vs {w:?}");
+            }
+            // The entries are (p − [k = y])·∂t/∂x, with p 0 or 1 but for rounding.
+            let scale = want.grad.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+            assert!(scale > 0.0, "{what}: the target elsewhere has a gradient");
+            for (i, (g, w)) in got.grad.iter().zip(&want.grad).enumerate() {
+                // (Past the range of `T`, the entry rounds to ±inf.)
+                let ok = if T::from_f64(*w).to_f64().is_infinite() {
+                    *g == T::from_f64(*w).to_f64()
+                } else {
+                    close(*g, *w, (1e-6 + out_rel) * scale)
+                };
+                assert!(ok, "{what} {level:?}: grad[{i}] {g} vs {w}");
+            }
+        }
+    }
+    case::<f32>("f32 short", 1e30, 37, None, 1e-9, 0.0);
+    case::<f32>("f32 pipelined", 1e30, 131073, None, 1e-9, 0.0);
+    case::<f32>("f32 cap", 1e30, 37, Some(1e30), 1e-9, 0.0);
+    case::<bf16>("bf16", 1e30, 37, None, 1e-9, 2f64.powi(-8));
+    case::<smax::f16>("f16", 6e4, 37, None, 1e-35, 2f64.powi(-11));
+}
+
+/// f64 logits whose scaled values pass `f64::MAX` (`1e300/1e-10`): from the formulas, the
+/// target at the max has `p = 1`, loss `−ln 1 = 0` and a zero gradient, and its lse
+/// (`≈ 1e310`) rounds to `+inf`; a target elsewhere has loss `≈ 1e310 → +inf` and gradient
+/// `(p − [k = y])/τ` = `+1e10` at the max and `−1e10` at the target.
+#[test]
+fn f64_scaled_logits_past_f64_max() {
+    let x = [0.5f64, 1e300, -3.0, 2.0, 0.5, 1e300, -3.0, 2.0];
+    let mut g = [f64::NAN; 8];
+    let (mut l, mut s) = ([0.0; 2], [0.0; 2]);
+    for level in SimdLevel::available() {
+        cross_entropy(
+            View::rows(&x, 2, 4).unwrap(),
+            Targets::Classes(&[1, 3]),
+            Some(ViewMut::rows(&mut g, 2, 4).unwrap()),
+            RowOutputs { loss: Some(&mut l), lse: Some(&mut s), ..Default::default() },
+            &CrossEntropyOptions::default().reduction(Reduction::Sum).temperature(1e-10).simd(level),
+        )
+        .unwrap();
+        assert_eq!((l, s), ([0.0, f64::INFINITY], [f64::INFINITY; 2]), "{level:?}");
+        assert_eq!(g, [0.0, 0.0, 0.0, 0.0, 0.0, 1e10, 0.0, -1e10], "{level:?}");
+    }
+}

@@ -205,10 +205,25 @@ fn class_row(c: &Ce<'_>, xr: &[f32], yi: usize, m: f32, d: f64) -> (RowOut, f64,
     let k64 = kf as f64;
     let alpha = c.weights.map_or(1.0, |w| w[yi] as f64);
     let lse = m as f64 * k64 + d.ln();
-    let ty = (xr[yi] * kf) as f64;
     let a = c.main_scale * alpha + c.z_scale * 2.0 * c.lambda * lse;
-    let out = RowOut { loss: alpha * (lse - ty), z: c.lambda * lse * lse, lse };
+    let out = RowOut { loss: alpha * target_term(xr[yi], m, k64, d), z: c.lambda * lse * lse, lse };
     (out, a, (c.main_scale * alpha) as f32 * kf)
+}
+
+/// `lse − x_y·k = ln d − (x_y − m)·k` for a regular row with max `m` and `d = Σ exp((x − m)·k)`:
+/// the target logit is shifted by the max before it is scaled, in f64 (where the difference
+/// of two f32 values is exact), so a large `x_y·k` neither overflows f32 nor cancels against
+/// `lse`.
+#[inline(always)]
+fn target_term(xy: f32, m: f32, k: f64, d: f64) -> f64 {
+    d.ln() - (xy as f64 - m as f64) * k
+}
+
+/// Whether the transformed logits of a row overflowed f32 although the row itself has no
+/// NaN or `+inf` and is not all `-inf` (`x·k` or `cap·k` past `f32::MAX`): such a row is
+/// computed in f64 ([`row_f64`]), where its scaled logits are ordinary numbers.
+fn transform_overflowed<T: Element>(x: &[T], sp: Special) -> bool {
+    sp == Special::AllNegInf && x.iter().any(|v| v.to_f64() > f64::NEG_INFINITY)
 }
 
 /// One row on the f32 compute path.
@@ -294,14 +309,19 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
         );
     }
     if !regular(k::Online { m, d }) {
-        return special_row(c, classify(x), g);
+        let sp = classify(x);
+        if transform_overflowed(x, sp) {
+            return row_f64(c, x, tgt, g);
+        }
+        return special_row(c, sp, g);
     }
     let lse = m as f64 + d.ln();
     // Loss: Σ_k u_k (lse − t_k) with u = α e_y + β v (hard) or u (soft).
     let (loss, big_u, ty) = match y {
         Some(y) => {
-            let ty = xf.apply1(x[y].to_f32()) as f64;
-            let mut l = alpha * (lse - ty);
+            let ty = xf.apply1(x[y].to_f32());
+            let mut l = alpha * target_term(ty, m, 1.0, d);
+            let ty = ty as f64;
             if smooth {
                 l += beta * (c.wsum * lse - sv);
             }
@@ -411,7 +431,13 @@ fn lse_only<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], pf: Ahead) -> f64 {
             |_, t, p| k::sum_exp(s, t, m, 1.0, &mut d, p),
         );
     }
-    if regular(k::Online { m, d }) { m as f64 + d.ln() } else { crate::engine::special_lse(classify(x)) }
+    if regular(k::Online { m, d }) {
+        return m as f64 + d.ln();
+    }
+    match classify(x) {
+        sp if transform_overflowed(x, sp) => row_f64(c, x, Tgt::Class(c.ignore_index), None).lse,
+        sp => crate::engine::special_lse(sp),
+    }
 }
 
 mod pipe;

@@ -108,8 +108,7 @@ pub(super) fn row_f32_hard<S: Isa>(
         return special_row(c, classify(x), g);
     }
     let lse = m as f64 * k64 + d.ln();
-    let ty = (x[y] * kf) as f64;
-    let mut loss = alpha * (lse - ty);
+    let mut loss = alpha * target_term(x[y], m, k64, d);
     if smooth {
         loss += beta * (c.wsum * lse - sv * k64);
     }

@@ -5,37 +5,44 @@ use super::*;
 
 use crate::scalar64::Sum;
 
-fn xf64(c: &Ce<'_>, v: f64) -> f64 {
-    if c.cap64 == 0.0 || v == f64::NEG_INFINITY { v * c.k64 } else { c.cap64 * (v / c.cap64).tanh() * c.k64 }
+/// The logit before the scale `k`: `x`, or `cap·tanh(x/cap)` with a cap (monotone in `x`, so
+/// the row's max is the max of these).
+fn capped(c: &Ce<'_>, v: f64) -> f64 {
+    if c.cap64 == 0.0 || v == f64::NEG_INFINITY { v } else { c.cap64 * (v / c.cap64).tanh() }
 }
 
-fn chain64(c: &Ce<'_>, t: f64) -> f64 {
+/// `∂t/∂x` for `t = k·capped(x)`, from the capped value `q`.
+fn chain64(c: &Ce<'_>, q: f64) -> f64 {
     if c.cap64 == 0.0 {
         c.k64
-    } else if t == f64::NEG_INFINITY {
+    } else if q == f64::NEG_INFINITY {
         0.0
     } else {
-        let r = t / (c.cap64 * c.k64);
+        let r = q / c.cap64;
         c.k64 * (1.0 - r * r).max(0.0)
     }
 }
 
-/// One f64 row (`x` is f64; `T` is f64 here, the generic keeps one task type).
+/// One f64 row (`x` is f64, or an f32-path row whose scaled logits overflow f32; the generic
+/// keeps one task type). The row is shifted by its max before the scale:
+/// `u = (capped(x) − m)·k ≤ 0`, `lse = m·k + ln Σ exp(u)`, and every loss term `lse − t_i` is
+/// `ln d − u_i`, so no scaled logit is formed (it may overflow f64 when `|x|·k` does).
 pub(crate) fn row_f64<T: Element>(c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Option<&mut [T]>) -> RowOut {
     let kk = x.len();
-    let t: Vec<f64> = x.iter().map(|v| xf64(c, v.to_f64())).collect();
+    let q: Vec<f64> = x.iter().map(|v| capped(c, v.to_f64())).collect();
     let mut m = f64::NEG_INFINITY;
     let mut nan = false;
-    for &v in &t {
+    for &v in &q {
         nan |= v.is_nan();
         if v > m {
             m = v;
         }
     }
+    let u: Vec<f64> = q.iter().map(|&v| (v - m) * c.k64).collect();
     let mut d = Sum::default();
     if !nan && m.is_finite() {
-        for &v in &t {
-            d.add((v - m).exp());
+        for &v in &u {
+            d.add(v.exp());
         }
     }
     let d = d.get();
@@ -45,7 +52,7 @@ pub(crate) fn row_f64<T: Element>(c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Optio
             if let Some(g) = g {
                 crate::engine::fill(g, 0.0);
             }
-            let lse = if lse_reg { m + d.ln() } else { crate::engine::special_lse(classify(x)) };
+            let lse = if lse_reg { m * c.k64 + d.ln() } else { crate::engine::special_lse(classify(x)) };
             return RowOut { loss: 0.0, z: 0.0, lse };
         }
         Tgt::Class(y) => {
@@ -58,40 +65,45 @@ pub(crate) fn row_f64<T: Element>(c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Optio
     if !lse_reg {
         return special_row(c, classify(x), g);
     }
-    let lse = m + d.ln();
+    // (`+inf` when `m·k` is past f64: the rounding of a value that large.)
+    let lse = m * c.k64 + d.ln();
+    let ld = d.ln();
     let w = |i: usize| c.weights.map_or(1.0, |w| w[i] as f64);
     // v_k: the per-class target mass that is not the one-hot part.
     let v: Vec<f64> = match tgt {
         Tgt::Probs(q) => (0..kk).map(|i| w(i) * ((1.0 - c.eps) * q[i].to_f64() + c.eps / kk as f64)).collect(),
         Tgt::Class(_) => (0..kk).map(w).collect(),
     };
+    // Σ v_i (lse − t_i) = Σ v_i (ln d − u_i).
     let (mut sv, mut su) = (Sum::default(), Sum::default());
     for i in 0..kk {
         if v[i] != 0.0 {
-            sv.add(v[i] * t[i]);
+            sv.add(v[i] * (ld - u[i]));
         }
         su.add(v[i]);
     }
     let (sv, su) = (sv.get(), su.get());
     let (loss, big_u, b) = match y {
         Some(y) => {
-            let mut l = alpha * (lse - t[y]);
+            let mut l = alpha * (ld - u[y]);
             if beta != 0.0 {
-                l += beta * (c.wsum * lse - sv);
+                l += beta * sv;
             }
             (l, alpha + beta * c.wsum, c.main_scale * beta)
         }
-        None => (su * lse - sv, su, c.main_scale),
+        None => (sv, su, c.main_scale),
     };
     let z = c.lambda * lse * lse;
     if let Some(g) = g {
-        let a = c.main_scale * big_u + c.z_scale * 2.0 * c.lambda * lse;
+        // (Without a z-loss its term is 0, also when `lse` is `+inf`.)
+        let zt = if c.lambda == 0.0 { 0.0 } else { c.z_scale * 2.0 * c.lambda * lse };
+        let a = c.main_scale * big_u + zt;
         for i in 0..kk {
-            let mut gi = (t[i] - lse).exp() * a - b * v[i];
+            let mut gi = (u[i] - ld).exp() * a - b * v[i];
             if y == Some(i) {
                 gi -= c.main_scale * alpha;
             }
-            g[i] = T::from_f64(gi * chain64(c, t[i]));
+            g[i] = T::from_f64(gi * chain64(c, q[i]));
         }
     }
     RowOut { loss, z, lse }
