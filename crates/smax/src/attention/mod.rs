@@ -387,14 +387,16 @@ defaults! {
 /// with [`AttentionOptions::with_variant`].
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionOptions<'a, V = ()> {
-    /// Multiplies `q·k`; `None` for `1/sqrt(head_dim)`. Must be finite.
+    /// Multiplies `q·k`; `None` for `1/sqrt(head_dim)`. Must be finite, and without a soft cap
+    /// `scale/τ` must be finite in f32 (the scores are `q·k` times that factor).
     pub scale: Option<f32>,
     /// TempScale's τ (A7, Zhou et al. 2024): divides the scores after bias and masks. τ < 1
     /// sharpens attention. Finite and > 0 with `1/τ` finite in f32 (the scores are f32);
     /// default 1.
     pub temperature: f64,
     /// Logit soft cap `c` (Gemma 2): `q·k·scale` becomes `c·tanh(q·k·scale/c)` before the bias
-    /// and τ. Finite and > 0; `None` (default) for none. The backward includes its derivative.
+    /// and τ. Finite and > 0 with `c/τ` finite in f32; `None` (default) for none. The backward
+    /// includes its derivative.
     pub softcap: Option<f32>,
     /// Causal mask (`j ≤ p_i`).
     pub causal: bool,

@@ -137,11 +137,14 @@ pub(crate) fn scores<'a>(s: &AttentionShape, o: &AttentionOptions<'a>) -> Result
     if !(o.temperature.is_finite() && o.temperature > 0.0 && t.is_finite() && t > 0.0 && (1.0 / t).is_finite()) {
         return Err(Error::bad_parameter("temperature", t, "finite and > 0, with 1/temperature finite"));
     }
+    // The kernels multiply `q·k` by `scale/τ`, or the capped `c·tanh(q·k·scale/c)` by `1/τ`:
+    // the factor, or the largest capped score over τ, must be finite in f32.
     let cap = match o.softcap {
-        None => 0.0,
-        Some(c) if c.is_finite() && c > 0.0 => c,
+        None if (scale / t).is_finite() => 0.0,
+        None => return Err(Error::bad_parameter("scale", scale, "finite, with scale/temperature finite in f32")),
+        Some(c) if c.is_finite() && c > 0.0 && (c / t).is_finite() => c,
         Some(c) => {
-            return Err(Error::bad_parameter("softcap", c, "finite and > 0"));
+            return Err(Error::bad_parameter("softcap", c, "finite and > 0, with softcap/temperature finite in f32"));
         }
     };
     if let Some(b) = o.bias {
