@@ -104,6 +104,7 @@ pub fn fit_temperature<T: Element>(logits: View<'_, T>, targets: &[i64], opts: &
                 e1 += p * v;
                 e2 += p * v * v;
             }
+            // (`y < k`: `check_labels` above.)
             f += l - b * zr[y as usize];
             g += e1 - zr[y as usize];
             h += e2 - e1 * e1;
@@ -424,6 +425,7 @@ pub fn mahalanobis_fit(
     let cov_len = product("covariance", &[dim, dim])?;
     let mut means = vec![vec![0.0; dim]; classes];
     let mut counts = vec![0usize; classes];
+    // (Every `y < classes`: `check_labels` above; `f` holds `n·dim` features.)
     for (i, &y) in labels.iter().enumerate() {
         counts[y as usize] += 1;
         for d in 0..dim {

@@ -352,6 +352,7 @@ pub fn dequantize(codes: &[u16], zero: Option<&[bool]>, q: &Quantizer, out: &mut
     Ok(())
 }
 
+/// (`sorted` is non-empty, from `nonempty_finite`, and `pct ∈ [0, 1]`: `lo ≤ hi < len`.)
 fn quantile(sorted: &[f64], pct: f64) -> f64 {
     let pos = pct * (sorted.len() - 1) as f64;
     let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);

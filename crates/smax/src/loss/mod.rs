@@ -333,6 +333,7 @@ fn plan<'w, T>(v: &Checked<'_, T>, need_lse: bool, opts: &CrossEntropyOptions<'w
         None => rows,
     };
     let mean_den = match (v.classes, opts.class_weights) {
+        // (Targets and the weights' length were validated by `check` before the plan.)
         (Some(c), Some(w)) => c.iter().filter(|&&t| t != opts.ignore_index).map(|&t| w[t as usize] as f64).sum::<f64>(),
         _ => valid_rows as f64,
     };

@@ -6,6 +6,11 @@
 //! through f32 tiles of [`TILE`] elements, a multiple of the reduction block, so the tiling
 //! never changes a result; plain f32 is cut into the same tiles without a copy); f64 runs the
 //! scalar body in [`row_f64`].
+//!
+//! Indexing invariant: `cross_entropy` validates before any row runs that every class target
+//! is in `[0, len)` or the ignore index (`check::targets`), that class weights have `len`
+//! entries and that soft targets and gradients have the logits' shape, so the row functions
+//! index `x[y]`, `w[y]` and `g[y]` without a check that could fire.
 
 use crate::arch::rows::{self as k, Sub, Xform};
 use crate::arch::{Ahead, Isa, Task, inl_mut};

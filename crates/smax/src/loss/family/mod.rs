@@ -5,6 +5,11 @@
 //! whatever the element type, so their accuracy is that of f64 before the final rounding to
 //! `T`. Rows run in parallel; reductions run in row order, so results do not depend on the
 //! thread count. They share [`LossOptions`] for reduction, ignore index and threading.
+//!
+//! Indexing invariant: [`drive_classes`] (and `uskd_loss`, `tempnet_loss`, `normalized_softmax_loss` through
+//! `check_targets`) validates every target against the row length before a row runs, and the
+//! drivers take second inputs and gradients only with the logits' layout, so the per-row
+//! closures index `x[t]`, `teacher[t]` and `g[k]` without a check that could fire.
 
 use crate::element::Element;
 use crate::error::{Error, Result};
