@@ -43,7 +43,8 @@ pub(crate) fn lse(values: impl Iterator<Item = f64> + Clone) -> f64 {
     m + s.get().ln()
 }
 
-/// Neumaier-compensated running sum.
+/// Neumaier-compensated running sum. An infinite sum is returned as it is (the compensation
+/// of an infinite term is `inf − inf = NaN`, which must not turn `+inf` into NaN).
 #[derive(Default, Clone, Copy)]
 pub(crate) struct Sum {
     s: f64,
@@ -61,7 +62,7 @@ impl Sum {
         self.s = t;
     }
     pub(crate) fn get(self) -> f64 {
-        self.s + self.c
+        if self.s.is_finite() { self.s + self.c } else { self.s }
     }
 }
 

@@ -71,7 +71,10 @@ fn reference(x: &[f64], k: usize, tg: &Tg, c: &Cfg) -> Ref {
         let t: Vec<f64> = xr.iter().map(|&v| t_of(c, v)).collect();
         out.max_t = t.iter().filter(|v| v.is_finite()).fold(out.max_t, |a, v| a.max(v.abs()));
         let m = t.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let lse = m + fsum(t.iter().map(|&v| (v - m).exp())).ln();
+        // Shifted by the max throughout: `lse − t_i = ln d − (t_i − m)`, and `p_i` from the
+        // shifted logit, so `ln d` is not lost in a large `lse`.
+        let ld = fsum(t.iter().map(|&v| (v - m).exp())).ln();
+        let lse = m + ld;
         if !valid[r] {
             out.rows.push((0.0, 0.0, lse));
             continue;
@@ -83,12 +86,12 @@ fn reference(x: &[f64], k: usize, tg: &Tg, c: &Cfg) -> Ref {
             Tg::Probs(q) => (0..k).map(|i| w(i) * ((1.0 - c.eps) * q[r * k + i] + c.eps / k as f64)).collect(),
         };
         let big_u = fsum(u.iter().copied());
-        let loss = fsum((0..k).filter(|&i| u[i] != 0.0).map(|i| u[i] * (lse - t[i])));
+        let loss = fsum((0..k).filter(|&i| u[i] != 0.0).map(|i| u[i] * (ld - (t[i] - m))));
         let z = c.lambda * lse * lse;
         out.rows.push((loss, z, lse));
         let a = s * big_u + sz * 2.0 * c.lambda * lse;
         for i in 0..k {
-            let p = (t[i] - lse).exp();
+            let p = ((t[i] - m) - ld).exp();
             out.grad[r * k + i] = (a * p - s * u[i]) * dt_of(c, xr[i]);
             // With a cap, the chain factor 1 − tanh² is formed from the capped value, so its
             // relative error grows as 1/(1 − tanh²) (documented on `cross_entropy`).
@@ -818,5 +821,41 @@ fn f64_scaled_logits_past_f64_max() {
         .unwrap();
         assert_eq!((l, s), ([0.0, f64::INFINITY], [f64::INFINITY; 2]), "{level:?}");
         assert_eq!(g, [0.0, 0.0, 0.0, 0.0, 0.0, 1e10, 0.0, -1e10], "{level:?}");
+    }
+}
+
+/// Label smoothing over logits near `f32::MAX`: the smoothing sum `Σ v·t` overflows f32 block
+/// sums (`inf`, or `inf − inf = NaN` beside a masked logit), and such rows are computed in
+/// f64. Loss and lse follow the f64 reference (`+inf` where a masked logit carries target mass,
+/// as the formula gives), the gradient too; with and without class weights, f32 and bf16.
+#[test]
+fn smoothing_over_logits_near_f32_max_follows_the_reference() {
+    fn case<T: Element>(weights: Option<&[f32]>, out_rel: f64) {
+        let big = f32::MAX as f64 * 0.9;
+        let x: Vec<f64> =
+            [big, big, 1.0, 0.0, big, big, f64::NEG_INFINITY, 0.0].iter().map(|&v| T::from_f64(v).to_f64()).collect();
+        let cls = [2i64, 0];
+        let c = Cfg { red: Reduction::Sum, weights, eps: 0.1, lambda: 0.0, cap: None, tau: 1.0, ignore: -100 };
+        let want = reference(&x, 4, &Tg::Cls(&cls), &c);
+        // (Row 1's loss is `ε/K·w·(lse − (−inf)) = +inf`; the reference's compensated sum
+        // turns that into NaN, so it is written here.)
+        let want_loss = [want.rows[0].0, f64::INFINITY];
+        for level in SimdLevel::available() {
+            let got = run::<T>(&x, 4, &Tg::Cls(&cls), &opts(&c).simd(level));
+            let at = format!("{} {weights:?} {level:?}", T::NAME);
+            for ((g, w), wl) in got.rows.iter().zip(&want.rows).zip(want_loss) {
+                let same = |a: f64, b: f64| a == b || (a - b).abs() <= 1e-6 * b.abs();
+                assert!(same(g.0, wl) && same(g.2, w.2), "{at}: {g:?} vs {wl} {w:?}");
+            }
+            let scale = want.grad.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+            for (i, (g, w)) in got.grad.iter().zip(&want.grad).enumerate() {
+                assert!((g - w).abs() <= (1e-6 + out_rel) * scale, "{at}: grad[{i}] {g} vs {w}");
+            }
+        }
+    }
+    let w = [1.0f32, 0.5, 2.0, 1.5];
+    for weights in [None, Some(&w[..])] {
+        case::<f32>(weights, 0.0);
+        case::<bf16>(weights, 2f64.powi(-8));
     }
 }

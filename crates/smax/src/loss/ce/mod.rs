@@ -320,6 +320,13 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
         }
         return special_row(c, sp, g);
     }
+    if !(sv.is_finite() && su.is_finite()) {
+        // A regular row whose smoothing or soft-target sum `Σ v·t` is not finite: its f32
+        // block sums overflowed (logits near `f32::MAX` give `inf`, or `inf − inf = NaN`
+        // beside a `-inf` logit), or a masked logit carries target mass (`-inf`). The f64 row
+        // sums the shifted logits and gives the loss exactly (`+inf` for mass on a masked one).
+        return row_f64(c, x, tgt, g);
+    }
     let lse = m as f64 + d.ln();
     // Loss: Σ_k u_k (lse − t_k) with u = α e_y + β v (hard) or u (soft).
     let (loss, big_u, ty) = match y {

@@ -107,6 +107,10 @@ pub(super) fn row_f32_hard<S: Isa>(
     if !regular(k::Online { m, d }) {
         return special_row(c, classify(x), g);
     }
+    if !sv.is_finite() {
+        // The smoothing sum overflowed or met a masked logit: the f64 row (as in `row_f32`).
+        return row_f64(c, x, Tgt::Class(y as i64), g);
+    }
     let lse = m as f64 * k64 + d.ln();
     let mut loss = alpha * target_term(x[y], m, k64, d);
     if smooth {
