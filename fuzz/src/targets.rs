@@ -22,7 +22,9 @@ use crate::input::{Input, LEN_CAP};
 /// The largest buffer a target builds.
 const MAX_ELEMS: usize = 4096;
 
-const TEMPERATURES: [f64; 4] = [1.0, 0.5, 2.0, 0.05];
+/// Ordinary temperatures, and a tiny one whose `1/τ` is finite but scales ordinary logits past
+/// f32 (the shift by the max must come before the scale).
+const TEMPERATURES: [f64; 5] = [1.0, 0.5, 2.0, 0.05, 1e-9];
 
 /// Bitwise equality of two results (NaN payloads included).
 fn same_bits<T: Element>(a: &[T], b: &[T]) -> bool {
@@ -225,7 +227,7 @@ fn cross_entropy_t<T: Element>(i: &mut Input) {
         Some((r.loss.to_bits(), r.z_loss.to_bits(), g, loss_rows))
     };
     let (a, b) = (run(Par::Seq), run(Par::Rayon));
-    match (a, b) {
+    match (&a, &b) {
         (Some(a), Some(b)) => {
             assert_eq!((a.0, a.1), (b.0, b.1), "thread count changed the loss");
             assert!(same_bits(&a.2, &b.2), "thread count changed the gradient");
@@ -233,6 +235,31 @@ fn cross_entropy_t<T: Element>(i: &mut Input) {
         }
         (None, None) => {}
         _ => panic!("one thread and the pool disagree on success"),
+    }
+    // Special values: a row of finite logits has an lse that is a number or `±inf` (the
+    // rounding of one past the type), and against a class target a loss `lse − t_y ≥ 0` that
+    // is not NaN (`+inf` when it is past the type).
+    let Some(a) = a else { return };
+    if probs || !want_rows {
+        return;
+    }
+    let shown = rows.min(LEN_CAP);
+    for r in 0..shown {
+        let xr = &x[r * len..(r + 1) * len];
+        if !xr.iter().all(|v| v.to_f64().is_finite()) {
+            continue;
+        }
+        let (l, s) = (a.3[r], a.3[shown + r]);
+        // (`-inf` is the rounding of an lse below `-f64::MAX`: `max x/τ` is, and a cap only
+        // raises negative logits.)
+        let floor = xr.iter().map(|v| v.to_f64()).fold(f64::NEG_INFINITY, f64::max) / opts.temperature;
+        assert!(
+            !s.is_nan() && (s > f64::NEG_INFINITY || floor == f64::NEG_INFINITY),
+            "row {r}: lse {s} of finite logits"
+        );
+        if classes[r] != opts.ignore_index {
+            assert!(!l.is_nan() && l >= -1e-6 * (1.0 + s.abs()), "row {r}: loss {l} (lse {s}) of finite logits");
+        }
     }
 }
 
