@@ -781,27 +781,17 @@ fn bad_input_is_a_typed_error() {
     )
     .unwrap_err();
     assert!(matches!(e, Error::BadParameter { name: "scale", .. }), "{e}");
-    // Each finite, but `scale/τ = 1e39` is not (the kernels scale q·k by the quotient).
-    let e = attention(
-        smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
-        smax::attention::AttentionOutputs::new(&mut out, None),
-        &o.scale(1e30).temperature(1e-9),
-    )
-    .unwrap_err();
-    assert!(matches!(e, Error::BadParameter { name: "scale", .. }), "{e}");
-    // With a cap the scores are at most `c/τ`: that must be finite instead.
-    let e = attention(
-        smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
-        smax::attention::AttentionOutputs::new(&mut out, None),
-        &o.softcap(1e30).temperature(1e-9),
-    )
-    .unwrap_err();
-    assert!(matches!(e, Error::BadParameter { name: "softcap", .. }), "{e}");
-    let capped = attention(
-        smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x)),
-        smax::attention::AttentionOutputs::new(&mut out, None),
-        &o.scale(1e30).softcap(1.0).temperature(1e-9),
-    );
+    // Each finite, but `scale/τ = 1e39` is not (the kernels scale q·k by the quotient); with a
+    // cap the scores are at most `c/τ`, which must be finite instead.
+    let mut quotient = |o: &smax::attention::AttentionOptions| {
+        let io = smax::attention::AttentionInputs::new(s, Heads::new(&x), Heads::new(&x), Heads::new(&x));
+        attention(io, smax::attention::AttentionOutputs::new(&mut out, None), o)
+    };
+    for (q, name) in [(o.scale(1e30).temperature(1e-9), "scale"), (o.softcap(1e30).temperature(1e-9), "softcap")] {
+        let e = quotient(&q).unwrap_err();
+        assert!(matches!(e, Error::BadParameter { name: n, .. } if n == name), "{e}");
+    }
+    let capped = quotient(&o.scale(1e30).softcap(1.0).temperature(1e-9));
     assert!(capped.is_ok() && out.iter().all(|v| v.is_finite()), "{capped:?}");
     for c in [0.0f32, -2.0, f32::NAN, f32::INFINITY] {
         let e = attention(
