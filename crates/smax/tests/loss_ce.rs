@@ -859,3 +859,34 @@ fn smoothing_over_logits_near_f32_max_follows_the_reference() {
         case::<bf16>(weights, 2f64.powi(-8));
     }
 }
+
+/// A target class of weight 0 contributes 0 to its row's loss, also when its logit is masked
+/// (`-inf`) or scales past f32 (`-1e30` at τ = 1e-9 on bf16): `0·inf` gave NaN. The rest of the
+/// row's loss is the smoothing part alone, `ε/K·Σ_k w_k (lse − t_k)`, here with all weights 0
+/// but the first: `ε/2·(lse − t_0)`.
+#[test]
+fn zero_weight_target_with_a_masked_logit_contributes_nothing() {
+    fn case<T: Element>(x1: f64, tau: f64) {
+        let x: Vec<T> = [1.0, x1].iter().map(|&v| T::from_f64(v)).collect();
+        let w = [1.0f32, 0.0];
+        let mut l = [f64::NAN];
+        let mut lse = [f64::NAN];
+        let o = CrossEntropyOptions::default().class_weights(&w).label_smoothing(0.1).temperature(tau);
+        for level in SimdLevel::available() {
+            cross_entropy(
+                View::rows(&x, 1, 2).unwrap(),
+                Targets::Classes(&[1]),
+                None,
+                RowOutputs { loss: Some(&mut l), lse: Some(&mut lse), ..Default::default() },
+                &o.simd(level),
+            )
+            .unwrap();
+            let want = 0.1 / 2.0 * (lse[0] - 1.0 / tau);
+            assert!((l[0] - want).abs() <= 1e-6 * (1.0 + want.abs()), "{} {level:?}: {} vs {want}", T::NAME, l[0]);
+        }
+    }
+    case::<f32>(f64::NEG_INFINITY, 1.0);
+    case::<f64>(f64::NEG_INFINITY, 1.0);
+    case::<bf16>(f64::NEG_INFINITY, 1.0);
+    case::<bf16>(-1e30, 1e-9);
+}

@@ -211,17 +211,18 @@ fn class_row(c: &Ce<'_>, xr: &[f32], yi: usize, m: f32, d: f64) -> (RowOut, f64,
     let alpha = c.weights.map_or(1.0, |w| w[yi] as f64);
     let lse = m as f64 * k64 + d.ln();
     let a = c.main_scale * alpha + c.z_scale * 2.0 * c.lambda * lse;
-    let out = RowOut { loss: alpha * target_term(xr[yi], m, k64, d), z: c.lambda * lse * lse, lse };
+    let out = RowOut { loss: target_term(alpha, xr[yi], m, k64, d), z: c.lambda * lse * lse, lse };
     (out, a, (c.main_scale * alpha) as f32 * kf)
 }
 
-/// `lse − x_y·k = ln d − (x_y − m)·k` for a regular row with max `m` and `d = Σ exp((x − m)·k)`:
-/// the target logit is shifted by the max before it is scaled, in f64 (where the difference
-/// of two f32 values is exact), so a large `x_y·k` neither overflows f32 nor cancels against
-/// `lse`.
+/// `α·(lse − x_y·k) = α·(ln d − (x_y − m)·k)` for a regular row with max `m` and
+/// `d = Σ exp((x − m)·k)`: the target logit is shifted by the max before it is scaled, in f64
+/// (where the difference of two f32 values is exact), so a large `x_y·k` neither overflows f32
+/// nor cancels against `lse`. A target of weight `α = 0` contributes 0, also when its logit is
+/// masked (`0·inf` would be NaN).
 #[inline(always)]
-fn target_term(xy: f32, m: f32, k: f64, d: f64) -> f64 {
-    d.ln() - (xy as f64 - m as f64) * k
+fn target_term(alpha: f64, xy: f32, m: f32, k: f64, d: f64) -> f64 {
+    if alpha == 0.0 { 0.0 } else { alpha * (d.ln() - (xy as f64 - m as f64) * k) }
 }
 
 /// Whether the transformed logits of a row overflowed f32 although the row itself has no
@@ -332,7 +333,7 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
     let (loss, big_u, ty) = match y {
         Some(y) => {
             let ty = xf.apply1(x[y].to_f32());
-            let mut l = alpha * target_term(ty, m, 1.0, d);
+            let mut l = target_term(alpha, ty, m, 1.0, d);
             let ty = ty as f64;
             if smooth {
                 l += beta * (c.wsum * lse - sv);

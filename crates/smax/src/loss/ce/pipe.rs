@@ -112,7 +112,7 @@ pub(super) fn row_f32_hard<S: Isa>(
         return row_f64(c, x, Tgt::Class(y as i64), g);
     }
     let lse = m as f64 * k64 + d.ln();
-    let mut loss = alpha * target_term(x[y], m, k64, d);
+    let mut loss = target_term(alpha, x[y], m, k64, d);
     if smooth {
         loss += beta * (c.wsum * lse - sv * k64);
     }
