@@ -244,6 +244,8 @@ fn cross_entropy_t<T: Element>(i: &mut Input) {
         return;
     }
     let shown = rows.min(LEN_CAP);
+    // The target mass per row is at most `Σ|w|` (1 without weights).
+    let mass = weights.as_ref().map_or(1.0, |w| w.iter().map(|&v| (v as f64).abs()).sum::<f64>()).max(1.0);
     for r in 0..shown {
         let xr = &x[r * len..(r + 1) * len];
         if !xr.iter().all(|v| v.to_f64().is_finite()) {
@@ -258,10 +260,9 @@ fn cross_entropy_t<T: Element>(i: &mut Input) {
             "row {r}: lse {s} of finite logits"
         );
         // `ℓ = Σ u_k (lse − t_k) ≥ 0`, within the documented rounding: a few f32 roundings of
-        // `lse` and `t` per unit of target mass (`U ≤ Σ|w|`, 1 without weights).
-        let mass = weights.as_ref().map_or(1.0, |w| w.iter().map(|&v| (v as f64).abs()).sum::<f64>());
+        // `lse` and `t` per unit of target mass.
         let tmax = xr.iter().map(|v| v.to_f64().abs()).fold(0.0, f64::max) / opts.temperature;
-        let tol = 1e-5 * mass.max(1.0) * (1.0 + s.abs() + tmax);
+        let tol = 1e-5 * mass * (1.0 + s.abs() + tmax);
         if classes[r] != opts.ignore_index {
             assert!(!l.is_nan() && l >= -tol, "row {r}: loss {l} (lse {s}) of finite logits");
         }

@@ -124,11 +124,18 @@ fn renormalize_weights(w: &mut [f64], a: &[f64], tau: f64, keep: impl Fn(usize) 
 /// `out = softmax((a_j − max_kept a)/τ)` over the entries `keep` allows, 0 elsewhere: the
 /// weights of those experts, shifted by their own largest activation so that one score is 0
 /// whatever τ (their scores relative to every expert may all have underflowed).
+/// Written straight into `out` (no scratch: it runs per token for `TopKThenSoftmax`); the
+/// largest kept score is 0, so `exp` of the scores needs no further shift.
 fn softmax_scaled(a: &[f64], tau: f64, keep: impl Fn(usize) -> bool, out: &mut [f64]) {
     let mk = a.iter().enumerate().filter(|(j, _)| keep(*j)).fold(f64::NEG_INFINITY, |m, (_, &v)| m.max(v));
-    let kept: Vec<f64> =
-        a.iter().enumerate().map(|(j, &v)| if keep(j) { (v - mk) / tau } else { f64::NEG_INFINITY }).collect();
-    softmax_into(&kept, out);
+    let mut sum = 0.0;
+    for (j, (o, &v)) in out.iter_mut().zip(a).enumerate() {
+        *o = if keep(j) { ((v - mk) / tau).exp() } else { 0.0 };
+        sum += *o;
+    }
+    for o in out.iter_mut() {
+        *o /= sum;
+    }
 }
 
 /// Routes every token (row of `logits`, one column per expert) to `p.k` experts: expert ids

@@ -218,11 +218,17 @@ fn class_row(c: &Ce<'_>, xr: &[f32], yi: usize, m: f32, d: f64) -> (RowOut, f64,
 /// `α·(lse − x_y·k) = α·(ln d − (x_y − m)·k)` for a regular row with max `m` and
 /// `d = Σ exp((x − m)·k)`: the target logit is shifted by the max before it is scaled, in f64
 /// (where the difference of two f32 values is exact), so a large `x_y·k` neither overflows f32
-/// nor cancels against `lse`. A target of weight `α = 0` contributes 0, also when its logit is
-/// masked (`0·inf` would be NaN).
+/// nor cancels against `lse`.
 #[inline(always)]
 fn target_term(alpha: f64, xy: f32, m: f32, k: f64, d: f64) -> f64 {
-    if alpha == 0.0 { 0.0 } else { alpha * (d.ln() - (xy as f64 - m as f64) * k) }
+    weighted(alpha, d.ln() - (xy as f64 - m as f64) * k)
+}
+
+/// `α·(lse − t_y)` given `lse − t_y`: a target of weight `α = 0` contributes 0, also when its
+/// logit is masked (`0·inf` would be NaN). Every row path forms the target's loss through it.
+#[inline(always)]
+fn weighted(alpha: f64, lse_minus_ty: f64) -> f64 {
+    if alpha == 0.0 { 0.0 } else { alpha * lse_minus_ty }
 }
 
 /// Whether the transformed logits of a row overflowed f32 although the row itself has no

@@ -85,8 +85,7 @@ pub(crate) fn row_f64<T: Element>(c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Optio
     let (sv, su) = (sv.get(), su.get());
     let (loss, big_u, b) = match y {
         Some(y) => {
-            // (As `target_term`: a target of weight 0 contributes 0, masked or not.)
-            let mut l = if alpha == 0.0 { 0.0 } else { alpha * (ld - u[y]) };
+            let mut l = weighted(alpha, ld - u[y]);
             if beta != 0.0 {
                 l += beta * sv;
             }
