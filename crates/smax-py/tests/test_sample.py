@@ -1,0 +1,119 @@
+"""sample and process: greedy, determinism, the kept sets against a float64 reference of the
+definitions and against Hugging Face's warpers; calibration helpers against formulas."""
+
+import numpy as np
+import pytest
+import scipy.special as sp
+
+import smax
+
+RNG = np.random.default_rng(5)
+
+
+def kept_reference(z, temperature=1.0, top_k=None, top_p=None, min_p=None):
+    """The kept set of one row by the definitions, in float64."""
+    t = z.astype(np.float64) / temperature
+    keep = np.isfinite(t)
+    if top_k is not None:
+        kth = np.sort(t[keep])[::-1][min(top_k, keep.sum()) - 1]
+        keep &= t >= kth
+    if top_p is not None:
+        p = np.where(keep, np.exp(t - t[keep].max()), 0)
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")
+        csum = np.cumsum(p[order])
+        n = int(np.searchsorted(csum, top_p - 1e-12)) + 1
+        kk = np.zeros_like(keep)
+        kk[order[:n]] = True
+        keep &= kk
+    if min_p is not None:
+        p = np.where(keep, np.exp(t - t[keep].max()), 0)
+        keep &= p >= min_p * p.max()
+    return keep
+
+
+@pytest.mark.parametrize("params", [dict(top_k=5), dict(top_p=0.8), dict(min_p=0.1), dict(top_k=40, top_p=0.9, temperature=0.7)])
+def test_process_keeps_the_defined_set(params):
+    z = RNG.standard_normal((8, 500)) * 3
+    p = smax.process(z, dtype=np.float64, **params)
+    for row in range(8):
+        keep = kept_reference(z[row], **params)
+        np.testing.assert_array_equal(p[row] > 0, keep)
+        t = z[row] / params.get("temperature", 1.0)
+        want = np.where(keep, np.exp(t - t[keep].max()), 0)
+        np.testing.assert_allclose(p[row], want / want.sum(), rtol=1e-12, atol=1e-300)
+    lp = smax.process(z, log=True, **params)
+    np.testing.assert_array_equal(np.isfinite(lp), p > 0)
+
+
+def test_greedy_seeded_and_uniform_draws():
+    z = RNG.standard_normal((16, 1000)).astype(np.float32)
+    np.testing.assert_array_equal(smax.sample(z, temperature=0), z.argmax(-1))
+    a = smax.sample(z, top_p=0.9, seed=123, step=4)
+    np.testing.assert_array_equal(a, smax.sample(z, top_p=0.9, seed=123, step=4))
+    # Each row depends on its own seed only: the same row alone gives the same token.
+    seeds = np.arange(16, dtype=np.uint64) * 977
+    both = smax.sample(z, top_k=50, seed=seeds, step=2)
+    np.testing.assert_array_equal(smax.sample(z[3:4], top_k=50, seed=seeds[3:4], step=2), both[3:4])
+    # A uniform u picks the token where the kept set's cumulative mass passes u.
+    u = np.full(16, 0.0)
+    first = smax.sample(z, top_k=3, uniforms=u)
+    p = smax.process(z, top_k=3, dtype=np.float64)
+    assert all(p[i, first[i]] > 0 for i in range(16))
+    assert smax.sample(z.reshape(2, 8, 1000), temperature=0).shape == (2, 8)
+
+
+def test_sampling_errors():
+    z = np.zeros((2, 5), np.float32)
+    with pytest.raises(smax.SmaxError, match="top_p"):
+        smax.sample(z, top_p=1.5)
+    bad = z.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(smax.SmaxError):
+        smax.sample(bad)
+    with pytest.raises(smax.SmaxError):
+        smax.sample(np.full((1, 4), -np.inf, np.float32))
+
+
+def test_hugging_face_warpers_keep_the_same_sets():
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    from smax import hf
+
+    scores = torch.tensor(RNG.standard_normal((6, 300)) * 2, dtype=torch.float32)
+    ids = torch.zeros((6, 1), dtype=torch.long)
+    pairs = [
+        (hf.TopKLogitsWarper(20), tf.TopKLogitsWarper(20)),
+        (hf.TopPLogitsWarper(0.85), tf.TopPLogitsWarper(0.85)),
+        (hf.MinPLogitsWarper(0.05), tf.MinPLogitsWarper(0.05)),
+    ]
+    for ours, theirs in pairs:
+        a = ours(ids, scores.clone())
+        b = theirs(ids, scores.clone())
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b)), type(ours).__name__
+        # Same distribution: softmax of both agrees.
+        torch.testing.assert_close(torch.softmax(a, -1), torch.softmax(b, -1), rtol=1e-5, atol=1e-7)
+    t = hf.TemperatureLogitsWarper(0.5)(ids, scores)
+    torch.testing.assert_close(torch.softmax(t, -1), torch.softmax(scores / 0.5, -1), rtol=1e-5, atol=1e-7)
+
+
+def test_calibration_against_formulas():
+    z = RNG.standard_normal((400, 7)) * 2
+    # Labels that agree with the logits often, so the fitted temperature is interior.
+    y = np.argmax(z + RNG.standard_normal((400, 7)) * 2, axis=-1)
+    p = sp.softmax(z, axis=-1)
+    np.testing.assert_allclose(smax.brier_score(z, y), np.mean(np.sum((p - np.eye(7)[y]) ** 2, -1)), rtol=1e-12)
+    np.testing.assert_allclose(smax.ood_scores(z, "msp"), p.max(-1), rtol=1e-13)
+    np.testing.assert_allclose(smax.ood_scores(z, "energy"), sp.logsumexp(z, axis=-1), rtol=1e-13)
+    np.testing.assert_allclose(smax.ood_scores(z, "max_logit"), z.max(-1))
+    conf, correct = p.max(-1), p.argmax(-1) == y
+    idx = np.minimum((conf * 10).astype(int), 9)
+    ece = sum(abs(correct[idx == m].mean() - conf[idx == m].mean()) * (idx == m).mean() for m in range(10) if (idx == m).any())
+    c = smax.calibration_error(z, y, bins=10)
+    np.testing.assert_allclose(c.ece, ece, rtol=1e-12)
+    assert sum(b[2] for b in c.bins) == 400
+    fit = smax.fit_temperature(z, y)
+    # The fitted T minimises the NLL: nearby temperatures do no better.
+    nll = lambda t: -np.mean(sp.log_softmax(z / t, axis=-1)[np.arange(400), y])
+    assert fit.converged and not fit.capped and nll(fit.temperature) <= min(nll(fit.temperature * 1.01), nll(fit.temperature / 1.01))
+    np.testing.assert_allclose(fit.nll_after, nll(fit.temperature), rtol=1e-10)
