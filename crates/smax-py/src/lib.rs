@@ -18,6 +18,7 @@ mod calib;
 mod core;
 mod decode;
 mod loss;
+mod route;
 
 pyo3::create_exception!(_smax, SmaxError, PyValueError, "An error smax returned for the given input (a `ValueError`).");
 
@@ -85,5 +86,6 @@ fn _smax(m: &Bound<'_, PyModule>) -> PyResult<()> {
     attn::register(m)?;
     decode::register(m)?;
     calib::register(m)?;
+    route::register(m)?;
     Ok(())
 }

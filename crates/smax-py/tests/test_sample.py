@@ -117,3 +117,51 @@ def test_calibration_against_formulas():
     nll = lambda t: -np.mean(sp.log_softmax(z / t, axis=-1)[np.arange(400), y])
     assert fit.converged and not fit.capped and nll(fit.temperature) <= min(nll(fit.temperature * 1.01), nll(fit.temperature / 1.01))
     np.testing.assert_allclose(fit.nll_after, nll(fit.temperature), rtol=1e-10)
+
+
+def test_gate_against_a_float64_reference():
+    z = RNG.standard_normal((50, 8))
+    experts, weights, stats = smax.gate(z, 2)
+    p = sp.softmax(z, axis=-1)
+    top = np.argsort(-p, axis=-1, kind="stable")[:, :2]
+    np.testing.assert_array_equal(experts, top)
+    np.testing.assert_allclose(weights, np.take_along_axis(p, top, -1), rtol=1e-6)
+    _, w_renorm, _ = smax.gate(z, 2, renormalize=True)
+    np.testing.assert_allclose(w_renorm.sum(-1), 1.0, rtol=1e-6)
+    _, w_topk, _ = smax.gate(z, 2, order="topk_softmax")
+    np.testing.assert_allclose(w_topk, sp.softmax(np.take_along_axis(z, top, -1), axis=-1), rtol=1e-6)
+    assert sum(stats.tokens_per_expert) == 100
+    np.testing.assert_allclose(stats.mean_prob, p.mean(0), rtol=1e-12)
+    f = np.bincount(top.reshape(-1), minlength=8) / 100
+    np.testing.assert_allclose(stats.aux_loss, 8 * np.sum(f * p.mean(0)), rtol=1e-12)
+    # The correction bias moves the choice, not the weights.
+    bias = np.zeros(8, np.float32)
+    bias[5] = 100.0
+    e2, w2, _ = smax.gate(z, 1, bias=bias)
+    assert np.all(e2[:, 0] == 5)
+    np.testing.assert_allclose(w2[:, 0], p[:, 5], rtol=1e-6)
+    with pytest.raises(smax.SmaxError, match="k"):
+        smax.gate(z, 9)
+
+
+def test_quantizers_round_trip():
+    p = sp.softmax(RNG.standard_normal((64, 100)) * 3, axis=-1).astype(np.float32)
+    q = smax.Quantizer("log2", 4)
+    codes, zero, recon, rep = smax.quantize(p, q)
+    # Plain log2: x̂ = 2^-q with q = clamp(round(-log2 x), 0, 15); zeros past the last level.
+    want_q = np.clip(np.round(-np.log2(p.astype(np.float64))), 0, 15)
+    np.testing.assert_array_equal(codes, want_q)
+    np.testing.assert_allclose(recon[~zero], 2.0 ** -want_q[~zero], rtol=1e-7)
+    np.testing.assert_allclose(rep.mse, np.mean((recon.astype(np.float64) - p) ** 2), rtol=1e-6)
+    np.testing.assert_array_equal(smax.dequantize(codes, q, zero), recon)
+    u = smax.Quantizer("fixed_point", 8)
+    c8, _, r8, _ = smax.quantize(p, u)
+    np.testing.assert_array_equal(c8, np.clip(np.round(p.astype(np.float64) * 256), 0, 255))
+    cal = smax.Quantizer.calibrate("log_sqrt2", p, 4)
+    assert cal.kind == "log_sqrt2" and 0 < cal.delta <= p.max()
+    s = smax.Quantizer.calibrate("sulq", p, 4)
+    assert s.eta > 0 and s.y_min < s.y_max
+    with pytest.raises(smax.SmaxError):
+        smax.quantize(p, smax.Quantizer("log2", 0))
+    with pytest.raises(ValueError, match="kind"):
+        smax.quantize(p, smax.Quantizer("cubic", 4))

@@ -21,6 +21,7 @@ PyTorch users: :mod:`smax.torch` registers the same kernels as autograd-aware cu
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import NamedTuple
 
@@ -53,6 +54,12 @@ __all__ = [
     "ood_scores",
     "TemperatureFit",
     "Calibration",
+    "gate",
+    "GateStats",
+    "Quantizer",
+    "quantize",
+    "dequantize",
+    "QuantReport",
 ]
 
 __version__ = "0.1.0"
@@ -622,3 +629,125 @@ def ood_scores(logits, score="msp", *, temperature=1.0):
     if not _smax.ood_scores(x2, out, score, float(temperature)):
         _copied(_smax.ood_scores(np.ascontiguousarray(x2), out, score, float(temperature)))
     return out.reshape(x.shape[:-1])
+
+
+class GateStats(NamedTuple):
+    """Load-balancing statistics of :func:`gate`: assignments per expert, the mean router
+    probability per expert, and the Switch Transformer auxiliary loss without its coefficient
+    (``E·Σ f_i·P_i``, 1 when balanced)."""
+
+    tokens_per_expert: list
+    mean_prob: list
+    aux_loss: float
+
+
+def gate(
+    logits,
+    k=2,
+    *,
+    order="softmax_topk",
+    renormalize=False,
+    temperature=1.0,
+    activation="identity",
+    threshold=None,
+    routed_scaling_factor=1.0,
+    bias=None,
+):
+    """Mixture-of-experts routing of each token (row of ``logits``, ``[tokens, experts]``) to
+    ``k`` experts, in f64.
+
+    ``order="softmax_topk"`` takes the softmax over every expert and keeps the top k (Switch,
+    GShard, Mixtral; ``renormalize=True`` divides the kept weights by their sum);
+    ``"topk_softmax"`` keeps the top k logits and takes the softmax over them (Shazeer et al.
+    2017). ``bias`` (one per expert) shifts the selection only (DeepSeek-V3's correction bias);
+    ``activation`` (``"tanh"``, ``"sigmoid"``) and ``temperature`` transform the logits first;
+    ``threshold`` drops weights below it and renormalises (the largest is kept);
+    ``routed_scaling_factor`` multiplies the final weights. Ties go to the lower index.
+
+    Returns ``(experts, weights, stats)``: int64 and float32 ``[tokens, k]`` (best first) and
+    :class:`GateStats`.
+    """
+    x = _float_array(logits, "logits")
+    if x.ndim != 2:
+        raise ValueError("logits must be 2-D [tokens, experts]")
+    experts = np.empty((x.shape[0], int(k)), np.uint32)
+    weights = np.empty((x.shape[0], int(k)), np.float32)
+    b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
+    args = (
+        int(k),
+        order,
+        bool(renormalize),
+        float(temperature),
+        activation,
+        None if threshold is None else float(threshold),
+        float(routed_scaling_factor),
+    )
+    r = _smax.gate(x, experts, weights, *args, b)
+    if r is None:
+        r = _copied(_smax.gate(np.ascontiguousarray(x), experts, weights, *args, b))
+    return experts.astype(np.int64), weights, GateStats(*r)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantizer:
+    """A quantizer of probabilities (softmax outputs) and its parameters.
+
+    ``kind``: ``"uniform"`` (asymmetric over ``[min, max]``), ``"fixed_point"`` (scale
+    ``2^-bits``, the deployed u8 softmax), ``"log2"`` (FQ-ViT / PTQ4ViT: ``Δ·2^-q``;
+    ``zero_mode`` ``"zero"`` or ``"clamp"``), ``"log_sqrt2"`` (RepQ-ViT, base √2) or ``"sulq"``
+    (I&S-ViT's shift-uniform-log2 with shift ``eta`` over ``[y_min, y_max]``; ``exponent``
+    ``"rounded"``/``"exact"``, ``levels`` ``"bits"``/``"released"``). :meth:`calibrate` fits the
+    log√2 and SULQ parameters to data.
+    """
+
+    kind: str
+    bits: int
+    delta: float = 1.0
+    min: float = 0.0
+    max: float = 1.0
+    eta: float = 0.0
+    y_min: float = 0.0
+    y_max: float = 0.0
+    zero_mode: str = "zero"
+    exponent: str = "rounded"
+    levels: str = "bits"
+
+    @classmethod
+    def calibrate(cls, kind, values, bits, *, exponent="rounded", levels="bits"):
+        """RepQ-ViT's Δ search (``kind="log_sqrt2"``: the 0.999/0.9999/0.99999 quantiles and the
+        max, smallest reconstruction error wins) or I&S-ViT's η search (``"sulq"``)."""
+        v = np.ascontiguousarray(np.asarray(values, np.float32).reshape(-1))
+        delta, eta, y_min, y_max = _smax.calibrate_quantizer(v, kind, int(bits), exponent, levels)
+        if kind == "log_sqrt2":
+            return cls(kind, int(bits), delta=delta)
+        return cls(kind, int(bits), eta=eta, y_min=y_min, y_max=y_max, exponent=exponent, levels=levels)
+
+
+class QuantReport(NamedTuple):
+    """Round-trip statistics of :func:`quantize`."""
+
+    mse: float
+    max_abs_err: float
+    clamped: int
+    saturated: int
+
+
+def quantize(x, quantizer: Quantizer):
+    """Quantizes probabilities ``x`` (float32, any shape). Returns ``(codes, zero, recon,
+    report)``: uint16 codes, the bool flags of inputs that the log quantizers reconstruct as
+    exactly 0, the float32 reconstruction and a :class:`QuantReport`."""
+    a = np.ascontiguousarray(np.asarray(x, np.float32))
+    codes = np.empty(a.shape, np.uint16)
+    zero = np.empty(a.shape, np.bool_)
+    recon = np.empty(a.shape, np.float32)
+    r = _smax.quantize(a, quantizer, codes, zero, recon)
+    return codes, zero, recon, QuantReport(*r)
+
+
+def dequantize(codes, quantizer: Quantizer, zero=None):
+    """The float32 reconstruction of ``codes`` (and the zero flags of :func:`quantize`)."""
+    c = np.ascontiguousarray(np.asarray(codes, np.uint16))
+    out = np.empty(c.shape, np.float32)
+    z = None if zero is None else np.ascontiguousarray(np.asarray(zero, np.bool_))
+    _smax.dequantize(c, quantizer, out, z)
+    return out
