@@ -472,9 +472,9 @@ def _attn_kwargs(mask: Optional[Tensor], is_causal: bool, scale: Optional[float]
     kw = {"causal": is_causal, "scale": scale, "query_offset": 0}
     if mask is not None:
         if mask.dtype == torch.bool:
-            kw["mask"] = mask.numpy()
+            kw["mask"] = mask.detach().numpy()
         else:
-            kw["bias"] = mask.to(torch.float32).numpy()
+            kw["bias"] = mask.detach().to(torch.float32).numpy()
     return kw
 
 
