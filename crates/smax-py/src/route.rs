@@ -64,7 +64,9 @@ fn gate(
         "tanh" => Activation::Tanh,
         "sigmoid" => Activation::Sigmoid,
         a => {
-            return Err(PyValueError::new_err(format!("activation must be 'identity', 'tanh' or 'sigmoid', not {a:?}")));
+            return Err(PyValueError::new_err(format!(
+                "activation must be 'identity', 'tanh' or 'sigmoid', not {a:?}"
+            )));
         }
     };
     let mut o = GateOptions::default()

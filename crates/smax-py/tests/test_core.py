@@ -228,3 +228,26 @@ def test_the_gil_is_released_during_a_call():
         ticks += 1
     t.join()
     assert ticks > 1000, ticks
+
+
+def test_expressible_strides_are_read_in_place_and_others_copied_once():
+    import tracemalloc
+
+    big = RNG.standard_normal((256, 1024)).astype(np.float32)
+
+    def peak(fn):
+        tracemalloc.start()
+        fn()
+        p = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return p
+
+    for name, x, axis in [("sliced", big[:, 5:900], -1), ("axis 0", big, 0), ("fortran", np.asfortranarray(big), 0)]:
+        out = np.empty_like(x)
+        # NumPy reports its allocations to tracemalloc: no copy of x is made.
+        assert peak(lambda: smax.softmax(x, axis, out=out)) < 64 * 1024, name
+        np.testing.assert_allclose(out, ref_softmax(np.asarray(x, np.float64), axis), rtol=2e-6)
+    rev = big[::-1]
+    out = np.empty_like(rev)
+    assert peak(lambda: smax.softmax(rev, out=out)) >= rev.nbytes  # negative strides: one copy
+    np.testing.assert_allclose(out, ref_softmax(rev.astype(np.float64), -1), rtol=2e-6)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import smax as _s
+from smax import _smax as _native
 
 __all__ = [
     "softmax",
@@ -38,7 +39,8 @@ _SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 def _np(t: Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor's memory (no copy; bfloat16 through ml_dtypes)."""
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(_s.bfloat16)
     return t.numpy()
@@ -52,17 +54,59 @@ def _t(a: np.ndarray) -> Tensor:
 
 
 def _usable(*ts: Optional[Tensor]) -> bool:
-    return all(t is None or (t.device.type == "cpu" and t.dtype in _SUPPORTED) for t in ts)
+    return all(t is None or (t.is_cpu and t.dtype in _SUPPORTED) for t in ts)
+
+
+def _eager() -> bool:
+    """True outside torch.compile's tracing: calls then skip the custom-op dispatcher."""
+    return not torch.compiler.is_compiling()
+
+
+def _eager_function(name, impl, setup, backward):
+    """An autograd.Function running `impl` with the custom op's own autograd formula: the eager
+    path, which skips the dispatcher's per-call cost (tens of microseconds)."""
+
+    def forward(ctx, *args):
+        out = impl(*args)
+        ctx.eager = True  # the backward may call implementations directly too
+        setup(ctx, args, out)
+        return out
+
+    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    return fn.apply
+
+
+def _dispatch(op, eager_fn, impl, differentiable, *args):
+    """Under torch.compile: the custom op (traceable, with its fake kernel). Eager: the
+    autograd.Function when a gradient is needed, else the implementation itself."""
+    if not _eager():
+        return op(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+        return eager_fn(*args)
+    return impl(*args)
 
 
 # --- softmax, log_softmax ---------------------------------------------------------------------
 
 
-@torch.library.custom_op("smax::normalize", mutates_args=(), device_types="cpu")
-def _normalize(x: Tensor, dim: int, temperature: float, log: bool) -> Tensor:
-    y = torch.empty_like(x)
-    (_s.log_softmax if log else _s.softmax)(_np(x), axis=dim, temperature=temperature, out=_np(y))
+def _normalize_impl(x: Tensor, dim: int, temperature: float, log: bool) -> Tensor:
+    xn = _np(x)
+    if x.dtype == torch.bfloat16:
+        y = torch.empty_like(x)
+        yn = _np(y)
+    else:
+        # NumPy allocates the output (keeping x's memory order) and torch wraps it: the
+        # cheapest pair of views for small calls.
+        yn = np.empty_like(xn)
+        y = torch.from_numpy(yn)
+    # The native call first (the common case, a fraction of a microsecond); the package's
+    # function copies what no smax layout expresses, and handles 0-d tensors.
+    if x.dim() == 0 or not _native.normalize("log_softmax" if log else "softmax", xn, yn, dim, temperature, "nan"):
+        (_s.log_softmax if log else _s.softmax)(xn, axis=dim, temperature=temperature, out=yn)
     return y
+
+
+_normalize = torch.library.custom_op("smax::normalize", mutates_args=(), device_types="cpu")(_normalize_impl)
 
 
 @_normalize.register_fake
@@ -70,12 +114,16 @@ def _(x, dim, temperature, log):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("smax::normalize_backward", mutates_args=(), device_types="cpu")
-def _normalize_backward(y: Tensor, dy: Tensor, dim: int, temperature: float, log: bool) -> Tensor:
+def _normalize_backward_impl(y: Tensor, dy: Tensor, dim: int, temperature: float, log: bool) -> Tensor:
     dx = torch.empty_like(y)
     f = _s.log_softmax_backward if log else _s.softmax_backward
     f(_np(y), _np(dy.to(y.dtype)), axis=dim, temperature=temperature, out=_np(dx))
     return dx
+
+
+_normalize_backward = torch.library.custom_op("smax::normalize_backward", mutates_args=(), device_types="cpu")(
+    _normalize_backward_impl
+)
 
 
 @_normalize_backward.register_fake
@@ -90,33 +138,41 @@ def _normalize_setup(ctx, inputs, output):
 
 def _normalize_bwd(ctx, dy):
     (y,) = ctx.saved_tensors
-    return _normalize_backward(y, dy.contiguous(), ctx.dim, ctx.temperature, ctx.log), None, None, None
+    back = _normalize_backward_impl if getattr(ctx, "eager", False) else _normalize_backward
+    return back(y, dy.contiguous(), ctx.dim, ctx.temperature, ctx.log), None, None, None
 
 
 _normalize.register_autograd(_normalize_bwd, setup_context=_normalize_setup)
+_normalize_eager = _eager_function("Normalize", _normalize_impl, _normalize_setup, _normalize_bwd)
 
 
 def softmax(x: Tensor, dim: int = -1, *, temperature: float = 1.0) -> Tensor:
     """``torch.softmax(x / temperature, dim)`` through smax (see :func:`smax.softmax` for the
     numerics), differentiable. Non-CPU tensors use PyTorch's op."""
-    if not _usable(x):
+    if not (x.is_cpu and x.dtype in _SUPPORTED):
         return torch.softmax(x / temperature, dim)
-    return _normalize(x, dim, float(temperature), False)
+    if not (x.requires_grad and torch.is_grad_enabled()) and _eager():
+        return _normalize_impl(x, dim, float(temperature), False)
+    return _dispatch(_normalize, _normalize_eager, _normalize_impl, (x,), x, dim, float(temperature), False)
 
 
 def log_softmax(x: Tensor, dim: int = -1, *, temperature: float = 1.0) -> Tensor:
     """``torch.log_softmax(x / temperature, dim)`` through smax, differentiable."""
-    if not _usable(x):
+    if not (x.is_cpu and x.dtype in _SUPPORTED):
         return torch.log_softmax(x / temperature, dim)
-    return _normalize(x, dim, float(temperature), True)
+    if not (x.requires_grad and torch.is_grad_enabled()) and _eager():
+        return _normalize_impl(x, dim, float(temperature), True)
+    return _dispatch(_normalize, _normalize_eager, _normalize_impl, (x,), x, dim, float(temperature), True)
 
 
 # --- logsumexp --------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("smax::logsumexp", mutates_args=(), device_types="cpu")
-def _logsumexp(x: Tensor, dim: int, temperature: float) -> Tensor:
+def _logsumexp_impl(x: Tensor, dim: int, temperature: float) -> Tensor:
     return _t(_s.logsumexp(_np(x), axis=dim, temperature=temperature))
+
+
+_logsumexp = torch.library.custom_op("smax::logsumexp", mutates_args=(), device_types="cpu")(_logsumexp_impl)
 
 
 @_logsumexp.register_fake
@@ -133,11 +189,12 @@ def _lse_setup(ctx, inputs, output):
 
 def _lse_bwd(ctx, g):
     (x,) = ctx.saved_tensors
-    p = _normalize(x, ctx.dim, ctx.temperature, False)
+    p = (_normalize_impl if getattr(ctx, "eager", False) else _normalize)(x, ctx.dim, ctx.temperature, False)
     return p * (g.unsqueeze(ctx.dim) / ctx.temperature), None, None
 
 
 _logsumexp.register_autograd(_lse_bwd, setup_context=_lse_setup)
+_logsumexp_eager = _eager_function("LogSumExp", _logsumexp_impl, _lse_setup, _lse_bwd)
 
 
 def logsumexp(x: Tensor, dim: int = -1, keepdim: bool = False, *, temperature: float = 1.0) -> Tensor:
@@ -146,15 +203,14 @@ def logsumexp(x: Tensor, dim: int = -1, keepdim: bool = False, *, temperature: f
     if not _usable(x):
         r = torch.logsumexp(x / temperature, dim)
     else:
-        r = _logsumexp(x, dim % max(x.dim(), 1), float(temperature))
+        r = _dispatch(_logsumexp, _logsumexp_eager, _logsumexp_impl, (x,), x, dim % max(x.dim(), 1), float(temperature))
     return r.unsqueeze(dim) if keepdim else r
 
 
 # --- cross-entropy ----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("smax::cross_entropy", mutates_args=(), device_types="cpu")
-def _cross_entropy(
+def _cross_entropy_impl(
     logits: Tensor,
     target: Tensor,
     weight: Optional[Tensor],
@@ -185,6 +241,11 @@ def _cross_entropy(
     return loss_t, (_t(grad) if grad is not None else logits.new_empty(0))
 
 
+_cross_entropy = torch.library.custom_op("smax::cross_entropy", mutates_args=(), device_types="cpu")(
+    _cross_entropy_impl
+)
+
+
 @_cross_entropy.register_fake
 def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, temperature, compute_grad):
     loss = logits.new_empty((logits.shape[0],) if reduction == "none" else ())
@@ -206,6 +267,19 @@ def _ce_bwd(ctx, g_loss, _g_grad):
 
 
 _cross_entropy.register_autograd(_ce_bwd, setup_context=_ce_setup)
+
+
+def _ce_bwd_eager(ctx, g_loss, g_grad):
+    # The gradient stays saved (a second backward through a retained graph, as gradcheck
+    # runs, needs it again), so autograd copies it once into a fresh `.grad`.
+    (grad,) = ctx.saved_tensors
+    if ctx.reduction != "none" and grad.numel() and g_loss.item() == 1.0:
+        # The loss is the graph's output: the fused gradient as it is, no pass over it.
+        return grad, None, None, None, None, None, None, None, None, None
+    return _ce_bwd(ctx, g_loss, g_grad)
+
+
+_cross_entropy_eager = _eager_function("CrossEntropy", _cross_entropy_impl, _ce_setup, _ce_bwd_eager)
 
 
 def cross_entropy(
@@ -248,7 +322,11 @@ def cross_entropy(
         x2, t2 = x, target
     t2 = t2.to(x2.dtype) if probs else t2.to(torch.int64)
     need = torch.is_grad_enabled() and x.requires_grad
-    loss, _ = _cross_entropy(
+    loss, _ = _dispatch(
+        _cross_entropy,
+        _cross_entropy_eager,
+        _cross_entropy_impl,
+        (x2,),
         x2,
         t2.contiguous(),
         weight,
@@ -313,8 +391,7 @@ class CrossEntropyLoss(torch.nn.Module):
 # --- linear cross-entropy ---------------------------------------------------------------------
 
 
-@torch.library.custom_op("smax::linear_cross_entropy", mutates_args=(), device_types="cpu")
-def _linear_ce(
+def _linear_ce_impl(
     h: Tensor,
     w: Tensor,
     target: Tensor,
@@ -351,6 +428,11 @@ def _linear_ce(
     )
 
 
+_linear_ce = torch.library.custom_op("smax::linear_cross_entropy", mutates_args=(), device_types="cpu")(
+    _linear_ce_impl
+)
+
+
 @_linear_ce.register_fake
 def _(h, w, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, compute_grad):
     loss = h.new_empty((h.shape[0],) if reduction == "none" else ())
@@ -375,6 +457,18 @@ def _lce_bwd(ctx, g_loss, *_):
 
 
 _linear_ce.register_autograd(_lce_bwd, setup_context=_lce_setup)
+
+
+def _lce_bwd_eager(ctx, g_loss, *rest):
+    # As `_ce_bwd_eager`: the gradients stay saved for a second backward.
+    dh, dw, db = ctx.saved_tensors
+    if (dh.numel() or dw.numel()) and g_loss.item() == 1.0:
+        # The loss is the graph's output: the gradients of the forward as they are.
+        return dh, dw, None, (db if ctx.has_bias else None), None, None, None, None, None, None
+    return _lce_bwd(ctx, g_loss, *rest)
+
+
+_linear_ce_eager = _eager_function("LinearCrossEntropy", _linear_ce_impl, _lce_setup, _lce_bwd_eager)
 
 
 def linear_cross_entropy(
@@ -415,7 +509,11 @@ def linear_cross_entropy(
     h2 = h.reshape(-1, h.shape[-1]).to(torch.float32).contiguous()
     w2 = w.to(torch.float32).contiguous()
     b2 = None if bias is None else bias.to(torch.float32).contiguous()
-    loss, *_ = _linear_ce(
+    loss, *_ = _dispatch(
+        _linear_ce,
+        _linear_ce_eager,
+        _linear_ce_impl,
+        (h2, w2, b2),
         h2,
         w2,
         target.reshape(-1).to(torch.int64).contiguous(),
@@ -478,12 +576,14 @@ def _attn_kwargs(mask: Optional[Tensor], is_causal: bool, scale: Optional[float]
     return kw
 
 
-@torch.library.custom_op("smax::sdpa", mutates_args=(), device_types="cpu")
-def _sdpa(
+def _sdpa_impl(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: Optional[float]
 ) -> tuple[Tensor, Tensor]:
     out, lse = _s.attention(_np(q), _np(k), _np(v), return_lse=True, **_attn_kwargs(mask, is_causal, scale))
     return _t(out), torch.from_numpy(lse)
+
+
+_sdpa = torch.library.custom_op("smax::sdpa", mutates_args=(), device_types="cpu")(_sdpa_impl)
 
 
 @_sdpa.register_fake
@@ -491,8 +591,7 @@ def _(q, k, v, mask, is_causal, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("smax::sdpa_backward", mutates_args=(), device_types="cpu")
-def _sdpa_backward(
+def _sdpa_backward_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -507,6 +606,11 @@ def _sdpa_backward(
         _np(q), _np(k), _np(v), _np(out), lse.numpy(), _np(d_out.to(q.dtype)), **_attn_kwargs(mask, is_causal, scale)
     )
     return tuple(_t(g) for g in grads)
+
+
+_sdpa_backward = torch.library.custom_op("smax::sdpa_backward", mutates_args=(), device_types="cpu")(
+    _sdpa_backward_impl
+)
 
 
 @_sdpa_backward.register_fake
@@ -524,11 +628,13 @@ def _sdpa_setup(ctx, inputs, output):
 def _sdpa_bwd(ctx, d_out, _d_lse):
     q, k, v, mask, out, lse = ctx.saved_tensors
     m = mask if ctx.has_mask else None
-    dq, dk, dv = _sdpa_backward(q, k, v, out, lse, d_out.contiguous(), m, ctx.is_causal, ctx.scale)
+    back = _sdpa_backward_impl if getattr(ctx, "eager", False) else _sdpa_backward
+    dq, dk, dv = back(q, k, v, out, lse, d_out.contiguous(), m, ctx.is_causal, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
 _sdpa.register_autograd(_sdpa_bwd, setup_context=_sdpa_setup)
+_sdpa_eager = _eager_function("Sdpa", _sdpa_impl, _sdpa_setup, _sdpa_bwd)
 
 
 def scaled_dot_product_attention(
@@ -556,5 +662,6 @@ def scaled_dot_product_attention(
         raise ValueError("query and key have different head counts; pass enable_gqa=True for grouped-query attention")
     if attn_mask is not None and attn_mask.device.type != "cpu":
         raise ValueError("attn_mask must be on the CPU with the other tensors")
-    out, _ = _sdpa(query, key, value, attn_mask, bool(is_causal), None if scale is None else float(scale))
+    args = (query, key, value, attn_mask, bool(is_causal), None if scale is None else float(scale))
+    out, _ = _dispatch(_sdpa, _sdpa_eager, _sdpa_impl, (query, key, value), *args)
     return out
