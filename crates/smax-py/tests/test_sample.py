@@ -165,3 +165,28 @@ def test_quantizers_round_trip():
         smax.quantize(p, smax.Quantizer("log2", 0))
     with pytest.raises(ValueError, match="kind"):
         smax.quantize(p, smax.Quantizer("cubic", 4))
+
+
+def test_processors_run_inside_transformers_generate():
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    from smax import hf
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32)
+    model = tf.GPT2LMHeadModel(cfg).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    seen = []
+
+    class Spy(tf.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen.append(scores.clone())
+            return scores
+
+    procs = tf.LogitsProcessorList([hf.SmaxLogitsWarper(top_k=1), Spy()])
+    out = model.generate(ids, do_sample=True, max_new_tokens=5, logits_processor=procs, pad_token_id=0)
+    assert out.shape == (1, 8)
+    # top-1 leaves one finite score per step: sampling must pick it.
+    for step, scores in enumerate(seen):
+        finite = torch.isfinite(scores[0]).nonzero().flatten()
+        assert finite.tolist() == [out[0, 3 + step].item()]
