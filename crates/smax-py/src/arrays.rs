@@ -206,3 +206,24 @@ pub(crate) fn slice_mut<'a, T: NpElement>(a: &'a mut PyReadwriteArrayDyn<'_, T>,
 pub(crate) fn extent(l: &Layout) -> PyResult<usize> {
     l.required_len().ok_or_else(|| PyValueError::new_err("the array addresses more elements than fit in usize"))
 }
+
+/// The row layout of a 2-D `[rows, row length]` array (`what` names it in the error), or
+/// `None` when its rows are not of unit stride (the caller copies it).
+pub(crate) fn rows_2d(a: &Bound<'_, PyUntypedArray>, what: &str) -> PyResult<Option<Layout>> {
+    if a.ndim() != 2 {
+        return Err(PyValueError::new_err(format!("{what} must be 2-D")));
+    }
+    Ok(match layout_for(a, 1) {
+        Some((l, Kind::Rows)) => Some(l),
+        _ => None,
+    })
+}
+
+/// The element count of `a`, which must be C-contiguous (and 1-D when `one_d`).
+pub(crate) fn contiguous(a: &Bound<'_, PyUntypedArray>, what: &str, one_d: bool) -> PyResult<usize> {
+    if !a.is_c_contiguous() || (one_d && a.ndim() != 1) {
+        let shape = if one_d { "a contiguous 1-D array" } else { "C-contiguous" };
+        return Err(PyValueError::new_err(format!("{what} must be {shape}")));
+    }
+    Ok(a.len())
+}

@@ -154,6 +154,32 @@ fn shape_of(q: &Operand, k: &Operand) -> PyResult<smax::attention::AttentionShap
     })
 }
 
+/// The three operands' geometry and the call's shape.
+struct Operands {
+    ops: [Operand; 3],
+    shape: smax::attention::AttentionShape,
+}
+
+impl Operands {
+    fn of([q, k, v]: [&Bound<'_, PyUntypedArray>; 3]) -> PyResult<Self> {
+        let ops = [operand(q, "q", true)?, operand(k, "k", true)?, operand(v, "v", true)?];
+        if ops[1].shape != ops[2].shape {
+            return Err(PyValueError::new_err(format!(
+                "k {:?} and v {:?} differ in shape",
+                ops[1].shape, ops[2].shape
+            )));
+        }
+        let shape = shape_of(&ops[0], &ops[1])?;
+        Ok(Operands { ops, shape })
+    }
+
+    /// The inputs of a call over the arrays read as `reads` (q, k, v).
+    fn inputs<'a, T: NpElement>(&self, reads: [&'a numpy::PyReadonlyArrayDyn<'_, T>; 3]) -> AttentionInputs<'a, T> {
+        let h = |i: usize| Heads::strided(slice(reads[i], self.ops[i].extent), head_strides(&self.ops[i]));
+        AttentionInputs::new(self.shape, h(0), h(1), h(2))
+    }
+}
+
 fn check_contiguous(a: &Bound<'_, PyUntypedArray>, what: &str, n: usize) -> PyResult<()> {
     if !a.is_c_contiguous() || a.len() != n {
         return Err(PyValueError::new_err(format!("{what} must be C-contiguous with {n} elements")));
@@ -168,22 +194,14 @@ fn fwd<T: AttnElement + NpElement>(
     o: Opts,
     extras: Extras<'_>,
 ) -> PyResult<()> {
-    let (qo, ko, vo) = (operand(q, "q", true)?, operand(k, "k", true)?, operand(v, "v", true)?);
-    if ko.shape != vo.shape {
-        return Err(PyValueError::new_err(format!("k {:?} and v {:?} differ in shape", ko.shape, vo.shape)));
-    }
-    let shape = shape_of(&qo, &ko)?;
+    let ops = Operands::of([q, k, v])?;
+    let shape = ops.shape;
     check_contiguous(out, "out", shape.out_len())?;
     if let Some(l) = lse {
         check_contiguous(l, "lse", shape.lse_len())?;
     }
     let (qr, kr, vr) = (read::<T>(q)?, read::<T>(k)?, read::<T>(v)?);
-    let inputs = AttentionInputs::new(
-        shape,
-        Heads::strided(slice(&qr, qo.extent), head_strides(&qo)),
-        Heads::strided(slice(&kr, ko.extent), head_strides(&ko)),
-        Heads::strided(slice(&vr, vo.extent), head_strides(&vo)),
-    );
+    let inputs = ops.inputs([&qr, &kr, &vr]);
     let mut ow = write::<T>(out)?;
     let os = slice_mut(&mut ow, shape.out_len());
     let mut lw = lse.map(write::<f32>).transpose()?;
@@ -236,11 +254,8 @@ fn bwd<T: AttnElement + NpElement>(
     o: Opts,
     extras: Extras<'_>,
 ) -> PyResult<()> {
-    let (qo, ko, vo) = (operand(q, "q", true)?, operand(k, "k", true)?, operand(v, "v", true)?);
-    if ko.shape != vo.shape {
-        return Err(PyValueError::new_err(format!("k {:?} and v {:?} differ in shape", ko.shape, vo.shape)));
-    }
-    let shape = shape_of(&qo, &ko)?;
+    let ops = Operands::of([q, k, v])?;
+    let shape = ops.shape;
     let (n_out, n_lse, n_kv) = (shape.out_len(), shape.lse_len(), shape.kv_len_elems());
     for (a, what, n) in [(out, "out", n_out), (d_out, "d_out", n_out), (dq, "dq", n_out), (lse, "lse", n_lse)] {
         check_contiguous(a, what, n)?;
@@ -248,12 +263,7 @@ fn bwd<T: AttnElement + NpElement>(
     check_contiguous(dk, "dk", n_kv)?;
     check_contiguous(dv, "dv", n_kv)?;
     let (qr, kr, vr) = (read::<T>(q)?, read::<T>(k)?, read::<T>(v)?);
-    let inputs = AttentionInputs::new(
-        shape,
-        Heads::strided(slice(&qr, qo.extent), head_strides(&qo)),
-        Heads::strided(slice(&kr, ko.extent), head_strides(&ko)),
-        Heads::strided(slice(&vr, vo.extent), head_strides(&vo)),
-    );
+    let inputs = ops.inputs([&qr, &kr, &vr]);
     let (or, lr, dor) = (read::<T>(out)?, read::<f32>(lse)?, read::<T>(d_out)?);
     let (os, ls, dos) = (slice(&or, n_out), slice(&lr, n_lse), slice(&dor, n_out));
     let (mut qw, mut kw, mut vw) = (write::<T>(dq)?, write::<T>(dk)?, write::<T>(dv)?);

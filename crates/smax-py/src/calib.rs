@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use smax::calibrate::{Binning, CalibrationOptions, FitOptions, OodOptions, OodScore};
 use smax::{Element, View};
 
-use crate::arrays::{Kind, dispatch, dtype_of, extent, layout_for, read, slice, slice_mut, write};
+use crate::arrays::{contiguous, dispatch, dtype_of, extent, read, rows_2d, slice, slice_mut, write};
 use crate::{err, run};
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -18,22 +18,21 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-/// The rows layout of a 2-D logits array, or `None` when its rows are not of unit stride.
-fn rows_layout(logits: &Bound<'_, PyUntypedArray>) -> PyResult<Option<smax::Layout>> {
-    if logits.ndim() != 2 {
-        return Err(PyValueError::new_err("logits must be 2-D [samples, classes]"));
-    }
-    Ok(match layout_for(logits, 1) {
-        Some((l, Kind::Rows)) => Some(l),
-        _ => None,
-    })
-}
-
-fn labels<'py>(t: &Bound<'py, PyUntypedArray>) -> PyResult<numpy::PyReadonlyArrayDyn<'py, i64>> {
-    if t.ndim() != 1 || !t.is_c_contiguous() {
-        return Err(PyValueError::new_err("labels must be a contiguous 1-D int64 array"));
-    }
-    read::<i64>(t)
+/// Reads the logits (rows of layout `l`) and the int64 labels and runs `f` on them with the
+/// GIL released.
+fn with_labels<T: Element + NpElement, R: Send>(
+    py: Python<'_>,
+    logits: &Bound<'_, PyUntypedArray>,
+    l: smax::Layout,
+    labels: &Bound<'_, PyUntypedArray>,
+    f: impl FnOnce(View<'_, T>, &[i64]) -> smax::Result<R> + Send,
+) -> PyResult<R> {
+    let xr = read::<T>(logits)?;
+    let xs = slice(&xr, extent(&l)?);
+    let n = contiguous(labels, "labels", true)?;
+    let lr = read::<i64>(labels)?;
+    let ls = slice(&lr, n);
+    run(py, move |_| f(View::new(xs, l)?, ls)).map_err(err)
 }
 
 /// The result of a calibration call on rows the caller made unit-stride: `None` when they are
@@ -53,7 +52,7 @@ fn fit_temperature(
     t_min: f64,
     t_max: f64,
 ) -> Maybe<Fit> {
-    let Some(l) = rows_layout(logits)? else { return Ok(None) };
+    let Some(l) = rows_2d(logits, "logits")? else { return Ok(None) };
     let o = FitOptions::default().t_min(t_min).t_max(t_max);
     dispatch!(dtype_of(logits)?, fit(py, logits, l, labels, o)).map(Some)
 }
@@ -65,11 +64,7 @@ fn fit<T: Element + NpElement>(
     t: &Bound<'_, PyUntypedArray>,
     o: FitOptions,
 ) -> PyResult<Fit> {
-    let xr = read::<T>(logits)?;
-    let xs = slice(&xr, extent(&l)?);
-    let lr = labels(t)?;
-    let ls = slice(&lr, t.len());
-    let f = run(py, move |_| smax::calibrate::fit_temperature(View::new(xs, l)?, ls, &o)).map_err(err)?;
+    let f = with_labels(py, logits, l, t, |x: View<'_, T>, y| smax::calibrate::fit_temperature(x, y, &o))?;
     Ok((f.temperature, f.nll_before, f.nll_after, f.iterations, f.converged, f.capped))
 }
 
@@ -91,7 +86,7 @@ fn calibration_error(
         "mass" => Binning::EqualMass(bins),
         other => return Err(PyValueError::new_err(format!("binning must be 'width' or 'mass', not {other:?}"))),
     };
-    let Some(l) = rows_layout(logits)? else { return Ok(None) };
+    let Some(l) = rows_2d(logits, "logits")? else { return Ok(None) };
     let o = CalibrationOptions { binning: b, ..Default::default() };
     dispatch!(dtype_of(logits)?, cal(py, logits, l, labels, o)).map(Some)
 }
@@ -103,11 +98,7 @@ fn cal<T: Element + NpElement>(
     t: &Bound<'_, PyUntypedArray>,
     o: CalibrationOptions,
 ) -> PyResult<Cal> {
-    let xr = read::<T>(logits)?;
-    let xs = slice(&xr, extent(&l)?);
-    let lr = labels(t)?;
-    let ls = slice(&lr, t.len());
-    let c = run(py, move |_| smax::calibrate::calibration_error(View::new(xs, l)?, ls, &o)).map_err(err)?;
+    let c = with_labels(py, logits, l, t, |x: View<'_, T>, y| smax::calibrate::calibration_error(x, y, &o))?;
     let bins = c.bins.iter().map(|b| (b.lo, b.hi, b.count, b.accuracy, b.confidence)).collect();
     Ok((c.ece, c.ece_l2, c.mce, bins))
 }
@@ -115,7 +106,7 @@ fn cal<T: Element + NpElement>(
 /// The multi-class Brier score `mean Σ_k (p_k − onehot_k)²`.
 #[pyfunction]
 fn brier_score(py: Python<'_>, logits: &Bound<'_, PyUntypedArray>, labels: &Bound<'_, PyUntypedArray>) -> Maybe<f64> {
-    let Some(l) = rows_layout(logits)? else { return Ok(None) };
+    let Some(l) = rows_2d(logits, "logits")? else { return Ok(None) };
     dispatch!(dtype_of(logits)?, brier(py, logits, l, labels)).map(Some)
 }
 
@@ -125,11 +116,7 @@ fn brier<T: Element + NpElement>(
     l: smax::Layout,
     t: &Bound<'_, PyUntypedArray>,
 ) -> PyResult<f64> {
-    let xr = read::<T>(logits)?;
-    let xs = slice(&xr, extent(&l)?);
-    let lr = labels(t)?;
-    let ls = slice(&lr, t.len());
-    run(py, move |_| smax::calibrate::brier_score(View::new(xs, l)?, ls)).map_err(err)
+    with_labels(py, logits, l, t, |x: View<'_, T>, y| smax::calibrate::brier_score(x, y))
 }
 
 /// Per-row out-of-distribution scores into `out` (float64): `"msp"`, `"max_logit"` or
@@ -151,10 +138,8 @@ fn ood_scores(
             return Err(PyValueError::new_err(format!("score must be 'msp', 'max_logit' or 'energy', not {other:?}")));
         }
     };
-    let Some(l) = rows_layout(logits)? else { return Ok(false) };
-    if out.ndim() != 1 || !out.is_c_contiguous() {
-        return Err(PyValueError::new_err("out must be a contiguous 1-D float64 array"));
-    }
+    let Some(l) = rows_2d(logits, "logits")? else { return Ok(false) };
+    contiguous(out, "out", true)?;
     let o = OodOptions { score: s, ..Default::default() };
     dispatch!(dtype_of(logits)?, ood(py, logits, l, out, o))?;
     Ok(true)

@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use smax::sample::{Draw, Processed, SampleOptions};
 use smax::{Element, View, ViewMut};
 
-use crate::arrays::{Kind, dispatch, dtype_of, extent, layout_for, read, slice, slice_mut, write};
+use crate::arrays::{contiguous, dispatch, dtype_of, extent, read, rows_2d, slice, slice_mut, write};
 use crate::{err, run};
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -22,16 +22,6 @@ fn options(temperature: f64, top_k: Option<usize>, top_p: Option<f64>, min_p: Op
     o.top_p = top_p;
     o.min_p = min_p;
     o
-}
-
-fn rows_layout(logits: &Bound<'_, PyUntypedArray>) -> PyResult<Option<smax::Layout>> {
-    if logits.ndim() != 2 {
-        return Err(PyValueError::new_err("logits must be 2-D [rows, vocabulary]"));
-    }
-    Ok(match layout_for(logits, 1) {
-        Some((l, Kind::Rows)) => Some(l),
-        _ => None,
-    })
 }
 
 /// Draws one token per row of the 2-D `logits` into `tokens` (uint32, one per row) after
@@ -53,17 +43,10 @@ fn sample(
     step: u64,
     uniforms: Option<&Bound<'_, PyUntypedArray>>,
 ) -> PyResult<bool> {
-    let Some(l) = rows_layout(logits)? else { return Ok(false) };
+    let Some(l) = rows_2d(logits, "logits")? else { return Ok(false) };
     let o = options(temperature, top_k, top_p, min_p);
     dispatch!(dtype_of(logits)?, draw(py, logits, l, tokens, seeds, step, uniforms, o))?;
     Ok(true)
-}
-
-fn contiguous(a: &Bound<'_, PyUntypedArray>, what: &str) -> PyResult<usize> {
-    if !a.is_c_contiguous() || a.ndim() != 1 {
-        return Err(PyValueError::new_err(format!("{what} must be a contiguous 1-D array")));
-    }
-    Ok(a.len())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -79,14 +62,14 @@ fn draw<T: Element + NpElement>(
 ) -> PyResult<()> {
     let xr = read::<T>(logits)?;
     let xs = slice(&xr, extent(&l)?);
-    let nt = contiguous(tokens, "tokens")?;
+    let nt = contiguous(tokens, "tokens", true)?;
     let mut tw = write::<u32>(tokens)?;
     let ts = slice_mut(&mut tw, nt);
-    let ns = contiguous(seeds, "seeds")?;
+    let ns = contiguous(seeds, "seeds", true)?;
     let sr = read::<u64>(seeds)?;
     let ss = slice(&sr, ns);
     let ur = match uniforms {
-        Some(u) => Some((read::<f64>(u)?, contiguous(u, "uniforms")?)),
+        Some(u) => Some((read::<f64>(u)?, contiguous(u, "uniforms", true)?)),
         None => None,
     };
     let us = ur.as_ref().map(|(u, n)| slice(u, *n));
@@ -118,14 +101,11 @@ fn process(
     top_p: Option<f64>,
     min_p: Option<f64>,
 ) -> PyResult<Option<Vec<usize>>> {
-    let Some(l) = rows_layout(logits)? else { return Ok(None) };
+    let Some(l) = rows_2d(logits, "logits")? else { return Ok(None) };
     if out.shape() != logits.shape() {
         return Err(PyValueError::new_err("out must have the logits' shape"));
     }
-    let lo = match layout_for(out, 1) {
-        Some((l, Kind::Rows)) => l,
-        _ => return Ok(None),
-    };
+    let Some(lo) = rows_2d(out, "out")? else { return Ok(None) };
     let o = options(temperature, top_k, top_p, min_p);
     let what = if log { Processed::LogProbs } else { Processed::Probs };
     let f64_out = out.dtype().is_equiv_to(&numpy::dtype::<f64>(py));

@@ -10,7 +10,7 @@ use smax::loss::{
 };
 use smax::{Element, View, ViewMut};
 
-use crate::arrays::{Kind, dispatch, dtype_of, extent, layout_for, read, slice, slice_mut, write};
+use crate::arrays::{Kind, dispatch, dtype_of, extent, layout_for, read, rows_2d, slice, slice_mut, write};
 use crate::{err, run};
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -85,12 +85,9 @@ fn cross_entropy(
     z_out: Option<&Bound<'_, PyUntypedArray>>,
     lse_out: Option<&Bound<'_, PyUntypedArray>>,
 ) -> PyResult<Option<Report>> {
-    if logits.ndim() != 2 {
-        return Err(PyValueError::new_err("logits must be 2-D [rows, classes]"));
-    }
     let red = self::reduction(reduction)?;
     let d = dtype_of(logits)?;
-    let Some((ll, Kind::Rows)) = layout_for(logits, 1) else { return Ok(None) };
+    let Some(ll) = rows_2d(logits, "logits")? else { return Ok(None) };
     let lg = match grad {
         Some(g) => {
             if g.shape() != logits.shape() || !g.dtype().is_equiv_to(&logits.dtype()) {

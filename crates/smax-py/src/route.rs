@@ -7,7 +7,7 @@ use smax::gate::{Activation, GateOptions, GateOrder};
 use smax::quant::{Quantizer, SulqExponent, SulqLevels, ZeroMode};
 use smax::{Element, View};
 
-use crate::arrays::{Kind, dispatch, dtype_of, extent, layout_for, read, slice, slice_mut, write};
+use crate::arrays::{contiguous, dispatch, dtype_of, extent, read, rows_2d, slice, slice_mut, write};
 use crate::{err, run};
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -18,9 +18,10 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-fn contiguous(a: &Bound<'_, PyUntypedArray>, what: &str, n: usize) -> PyResult<()> {
-    if !a.is_c_contiguous() || a.len() != n {
-        return Err(PyValueError::new_err(format!("{what} must be C-contiguous with {n} elements")));
+/// `a`'s element count, which must be `n`, C-contiguous.
+fn sized(a: &Bound<'_, PyUntypedArray>, what: &str, n: usize) -> PyResult<()> {
+    if contiguous(a, what, false)? != n {
+        return Err(PyValueError::new_err(format!("{what} must hold {n} elements")));
     }
     Ok(())
 }
@@ -50,10 +51,7 @@ fn gate(
     routed_scaling_factor: f64,
     bias: Option<&Bound<'_, PyUntypedArray>>,
 ) -> PyResult<Option<Stats>> {
-    if logits.ndim() != 2 {
-        return Err(PyValueError::new_err("logits must be 2-D [tokens, experts]"));
-    }
-    let Some((l, Kind::Rows)) = layout_for(logits, 1) else { return Ok(None) };
+    let Some(l) = rows_2d(logits, "logits")? else { return Ok(None) };
     let order = match order {
         "softmax_topk" => GateOrder::SoftmaxThenTopK { renormalize },
         "topk_softmax" => GateOrder::TopKThenSoftmax,
@@ -91,11 +89,11 @@ fn route<T: Element + NpElement>(
     let xr = read::<T>(logits)?;
     let xs = slice(&xr, extent(&l)?);
     let (ne, nw) = (experts.len(), weights.len());
-    contiguous(experts, "experts", ne)?;
-    contiguous(weights, "weights", nw)?;
+    sized(experts, "experts", ne)?;
+    sized(weights, "weights", nw)?;
     let br = match bias {
         Some(b) => {
-            contiguous(b, "bias", b.len())?;
+            sized(b, "bias", b.len())?;
             Some((read::<f32>(b)?, b.len()))
         }
         None => None,
@@ -191,7 +189,7 @@ fn quantize(
     let q = spec.quantizer()?;
     let n = x.len();
     for (a, what) in [(x, "x"), (codes, "codes"), (zero, "zero"), (recon, "recon")] {
-        contiguous(a, what, n)?;
+        sized(a, what, n)?;
     }
     let xr = read::<f32>(x)?;
     let xs = slice(&xr, n);
@@ -214,13 +212,13 @@ fn dequantize(
 ) -> PyResult<()> {
     let q = spec.quantizer()?;
     let n = codes.len();
-    contiguous(codes, "codes", n)?;
-    contiguous(out, "out", n)?;
+    sized(codes, "codes", n)?;
+    sized(out, "out", n)?;
     let cr = read::<u16>(codes)?;
     let cs = slice(&cr, n);
     let zr = match zero {
         Some(z) => {
-            contiguous(z, "zero", n)?;
+            sized(z, "zero", n)?;
             Some(read::<bool>(z)?)
         }
         None => None,
@@ -245,7 +243,7 @@ fn calibrate_quantizer(
     levels: &str,
 ) -> PyResult<(f64, f64, f64, f64)> {
     let n = calib.len();
-    contiguous(calib, "calib", n)?;
+    sized(calib, "calib", n)?;
     let cr = read::<f32>(calib)?;
     let cs = slice(&cr, n);
     let q = match kind {
