@@ -51,6 +51,12 @@ def test_greedy_seeded_and_uniform_draws():
     np.testing.assert_array_equal(smax.sample(z, temperature=0), z.argmax(-1))
     a = smax.sample(z, top_p=0.9, seed=123, step=4)
     np.testing.assert_array_equal(a, smax.sample(z, top_p=0.9, seed=123, step=4))
+    # One int seed gives the rows distinct seeds: identical rows draw independently.
+    same = np.tile(z[:1], (64, 1))
+    draws = smax.sample(same, seed=7)
+    assert len(set(draws.tolist())) > 16
+    np.testing.assert_array_equal(smax.sample(same[:5], seed=7), draws[:5])
+    np.testing.assert_array_equal(smax.sample(same, seed=(7 << 32) + np.arange(64, dtype=np.uint64)), draws)
     # Each row depends on its own seed only: the same row alone gives the same token.
     seeds = np.arange(16, dtype=np.uint64) * 977
     both = smax.sample(z, top_k=50, seed=seeds, step=2)

@@ -533,15 +533,21 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=
 
     Exact: every decision is taken in f64 over the true distribution (no approximate
     top-p). The draw is ``uniforms`` (one per row, in ``[0, 1)``) or smax's counter-based
-    generator keyed by ``seed`` (an int, or one per row) and ``step``, so a row's token depends
-    only on its logits, parameters, seed and step: not on its batch neighbours or the thread
-    count. NaN or ``+inf`` logits, or a row with every token masked, raise :class:`SmaxError`.
+    generator keyed by a seed per row and ``step``: ``seed`` is one per row (a request's own
+    seed), or an int ``s`` that gives row ``r`` the seed ``s·2³² + r`` (independent draws
+    across the batch; a shared seed would give every row the same uniform). A row's token
+    depends only on its logits, parameters, seed and step: not on its batch neighbours or the
+    thread count. NaN or ``+inf`` logits, or a row with every token masked, raise :class:`SmaxError`.
     Returns int64 token ids of shape ``logits.shape[:-1]``.
     """
     x, x2 = _rows2d(logits)
     rows = x2.shape[0]
     tokens = np.empty(rows, np.uint32)
-    seeds = np.ascontiguousarray(np.broadcast_to(np.asarray(seed, dtype=np.uint64), (rows,)))
+    if np.ndim(seed) == 0:
+        # One seed for the call: a distinct seed per row, so the rows draw independently.
+        seeds = (np.uint64(int(seed) % 2**64) << np.uint64(32)) + np.arange(rows, dtype=np.uint64)
+    else:
+        seeds = np.ascontiguousarray(np.asarray(seed, dtype=np.uint64).reshape(-1))
     u = None if uniforms is None else np.ascontiguousarray(np.asarray(uniforms, np.float64).reshape(-1))
     opts = (float(temperature), _opt_int(top_k), _opt_float(top_p), _opt_float(min_p))
     if not _smax.sample(x2, tokens, *opts, seeds, int(step), u):
