@@ -3,19 +3,25 @@
 //! `candle_nn::ops::softmax` is a composition of five tensor ops, and its fast path
 //! `softmax_last_dim` records no backward (its gradient is silently dropped);
 //! `candle_nn::loss::cross_entropy` materialises the log-softmax and has no `ignore_index`,
-//! class weights or label smoothing. This crate swaps one call for each:
+//! class weights or label smoothing; candle-nn's CPU flash attention has no backward. This
+//! crate swaps one call for each:
 //!
 //! | candle | smax-candle |
 //! |---|---|
-//! | `candle_nn::ops::softmax(&x, D::Minus1)?` | `smax_candle::softmax(&x, D::Minus1)?` |
-//! | `candle_nn::ops::log_softmax(&x, 1)?` | `smax_candle::log_softmax(&x, 1)?` |
-//! | `x.log_sum_exp(1)?` | `smax_candle::logsumexp(&x, 1)?` |
-//! | `candle_nn::loss::cross_entropy(&logits, &y)?` | `smax_candle::cross_entropy(&logits, &y, &CrossEntropyOptions::default())?` |
+//! | `candle_nn::ops::softmax(&x, D::Minus1)?` | [`softmax`]`(&x, D::Minus1)?` |
+//! | `candle_nn::ops::log_softmax(&x, 1)?` | [`log_softmax`]`(&x, 1)?` |
+//! | `x.log_sum_exp(1)?` | [`logsumexp`]`(&x, 1)?` |
+//! | `candle_nn::loss::cross_entropy(&logits, &y)?` | [`cross_entropy`]`(&logits, &y, &CrossEntropyOptions::default())?` |
+//! | `cross_entropy(&h.matmul(&w.t()?)?, &y)?` | [`linear_cross_entropy`]`(&h, &w, &y, &LinearCrossEntropyOptions::default())?` (never forms the logits) |
+//! | — | [`stablemax_cross_entropy`]`(&logits, &y, &LossOptions::default())?` |
+//! | `candle_nn::attention::cpu_flash::flash_attn` (no backward) | [`flash_attn`]`(&q, &k, &v, &AttentionOptions::default().causal(true))?` |
+//! | `candle_transformers::generation::LogitsProcessor` | [`LogitsProcessor`] (same constructor, `Sampling` and `sample`; exact filters, batched, per-row seeds) |
 //!
 //! Each op is a candle `CustomOp` whose CPU forward runs smax on the tensor's storage (any
 //! dimension, through smax's axis layouts: no transpose; a tensor that is not contiguous is
 //! gathered once) and whose backward runs smax's backward kernel, so gradients reach upstream
-//! variables. f32, f64, f16 and bf16. The numerics are smax's: each row shifted by its maximum,
+//! variables. f32, f64, f16 and bf16 (attention: f32, f16, bf16; the linear cross-entropy
+//! computes in f32). The numerics are smax's: each row shifted by its maximum,
 //! documented results for NaN, `±inf` and fully masked rows, an error bound of a few ULP of the
 //! compute type (f32 for f32/f16/bf16, f64 for f64), and bits that do not depend on the thread
 //! count. Tensors on other devices use candle-nn's compositions (which have a backward).
@@ -23,13 +29,19 @@
 //! Gradients are first order: the backward ops themselves record no backward.
 
 use std::borrow::Cow;
-use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::shape::Dim;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout as CLayout, Result, Shape, Tensor};
-use smax::loss::{CrossEntropyOptions, Reduction, RowOutputs, Targets};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout as CLayout, Result, Shape, Tensor};
 use smax::{Element, Layout, Options, View, ViewMut};
+
+mod attention;
+mod loss;
+mod sampling;
+
+pub use attention::{attention_composed, flash_attn};
+pub use loss::{cross_entropy, linear_cross_entropy, stablemax_cross_entropy};
+pub use sampling::{LogitsProcessor, Sampling};
 
 /// A smax error as a candle error (its message kept).
 fn smax_err(e: smax::Error) -> candle_core::Error {
@@ -248,170 +260,6 @@ pub fn logsumexp_with<D: Dim>(x: &Tensor, dim: D, opts: &Options) -> Result<Tens
         return xs.log_sum_exp(dim);
     }
     x.apply_op1(LogSumExp { dim, opts: *opts })
-}
-
-/// The fused cross-entropy op: `(logits, targets) → loss`, the gradient computed in the same
-/// pass and kept for the backward.
-struct CrossEntropy {
-    opts: CrossEntropyOptions<'static>,
-    weights: Option<Vec<f32>>,
-    want_grad: bool,
-    grad: Mutex<Option<Tensor>>,
-}
-
-impl CrossEntropy {
-    fn run<T: Element>(&self, x: &[T], l: Layout, t: Tgt<'_, T>) -> Result<(Vec<f64>, Option<Vec<T>>)> {
-        let mut o = self.opts;
-        o.class_weights = self.weights.as_deref();
-        let rows = l.row_count();
-        let mut grad = self.want_grad.then(|| vec![T::default(); x.len()]);
-        let mut per_row = vec![0.0f64; rows];
-        let mut z_row = vec![0.0f64; rows];
-        let none = o.reduction == Reduction::None;
-        let targets = match t {
-            Tgt::Classes(c) => Targets::Classes(c),
-            Tgt::Probs(q) => Targets::Probs(View::new(q, l).map_err(smax_err)?),
-        };
-        let g = match grad.as_deref_mut() {
-            Some(g) => Some(ViewMut::new(g, l).map_err(smax_err)?),
-            None => None,
-        };
-        let rows_out = if none {
-            RowOutputs { loss: Some(&mut per_row), z_loss: Some(&mut z_row), lse: None }
-        } else {
-            RowOutputs::default()
-        };
-        let r = smax::loss::cross_entropy(View::new(x, l).map_err(smax_err)?, targets, g, rows_out, &o)
-            .map_err(smax_err)?;
-        let loss =
-            if none { per_row.iter().zip(&z_row).map(|(a, b)| a + b).collect() } else { vec![r.loss + r.z_loss] };
-        Ok((loss, grad))
-    }
-
-    fn store<T: candle_core::WithDType>(&self, grad: Option<Vec<T>>, dims: &[usize]) -> Result<()> {
-        if let Some(g) = grad {
-            let t = Tensor::from_vec(g, dims, &Device::Cpu)?;
-            *self.grad.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
-        }
-        Ok(())
-    }
-}
-
-/// Targets as read from their storage.
-#[derive(Clone, Copy)]
-enum Tgt<'a, T> {
-    Classes(&'a [i64]),
-    Probs(&'a [T]),
-}
-
-/// The loss values in the logits' element type.
-fn cast_loss<T: Element>(v: &[f64]) -> Vec<T> {
-    v.iter().map(|&x| T::from_f64(x)).collect()
-}
-
-impl CustomOp2 for CrossEntropy {
-    fn name(&self) -> &'static str {
-        "smax-cross-entropy"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &CLayout, s2: &CpuStorage, l2: &CLayout) -> Result<(CpuStorage, Shape)> {
-        let dims = l1.dims();
-        let lay = Layout::rows(dims[0], dims[1]);
-        let classes: Option<Cow<'_, [i64]>> = match s2 {
-            CpuStorage::I64(c) => Some(elements(c, l2)),
-            CpuStorage::U32(c) => Some(Cow::Owned(elements(c, l2).iter().map(|&v| v as i64).collect())),
-            CpuStorage::U8(c) => Some(Cow::Owned(elements(c, l2).iter().map(|&v| v as i64).collect())),
-            _ => None,
-        };
-        let shape = if self.opts.reduction == Reduction::None { Shape::from(dims[0]) } else { Shape::from(()) };
-        macro_rules! go {
-            ($x:expr, $q:expr, $var:ident) => {{
-                let x = elements($x, l1);
-                let (loss, grad) = match (&classes, $q) {
-                    (Some(c), _) => self.run(&x, lay, Tgt::Classes(c))?,
-                    (None, Some(q)) => self.run(&x, lay, Tgt::Probs(&elements(q, l2)))?,
-                    (None, None) => {
-                        return Err(candle_core::Error::Msg(
-                            "targets must be class indices (u8, u32, i64) or probabilities of the logits' dtype".into(),
-                        ));
-                    }
-                };
-                self.store(grad, dims)?;
-                CpuStorage::$var(cast_loss(&loss))
-            }};
-        }
-        let out = match s1 {
-            CpuStorage::F32(x) => go!(x, if let CpuStorage::F32(q) = s2 { Some(q) } else { None }, F32),
-            CpuStorage::F64(x) => go!(x, if let CpuStorage::F64(q) = s2 { Some(q) } else { None }, F64),
-            CpuStorage::F16(x) => go!(x, if let CpuStorage::F16(q) = s2 { Some(q) } else { None }, F16),
-            CpuStorage::BF16(x) => go!(x, if let CpuStorage::BF16(q) = s2 { Some(q) } else { None }, BF16),
-            other => return Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), self.name())),
-        };
-        Ok((out, shape))
-    }
-
-    fn bwd(&self, _x: &Tensor, _t: &Tensor, _loss: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = self.grad.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let Some(grad) = grad else {
-            return Err(candle_core::Error::Msg(
-                "smax cross_entropy: the forward computed no gradient (the logits were not tracked)".into(),
-            ));
-        };
-        let g = if self.opts.reduction == Reduction::None { g.unsqueeze(1)? } else { g.clone() };
-        Ok((Some(grad.broadcast_mul(&g)?), None))
-    }
-}
-
-/// Fused softmax cross-entropy of `logits` (`[N, C]`, or `[C]` for one sample) against
-/// `targets` (class indices `[N]` as u8/u32/i64, or probabilities of the logits' shape and
-/// dtype), with every option of smax's [`CrossEntropyOptions`]: reduction (PyTorch's mean
-/// divides by the summed class weight of the non-ignored rows: ignored tokens never count),
-/// `ignore_index`, class weights, label smoothing, PaLM's z-loss (added to the returned loss),
-/// a logit soft cap and a temperature.
-///
-/// The gradient is computed in the same pass as the loss when `logits` is tracked (a `Var`,
-/// or computed from one) and scaled by the upstream gradient in the backward: the logits are
-/// read once. The loss has the logits' dtype (`[N]` for `Reduction::None`, a scalar
-/// otherwise). Non-CPU tensors use candle-nn's `cross_entropy` (class indices, mean, no other
-/// option; anything else is an error there). Errors: targets out of range (naming the row),
-/// parameters out of range, shapes that disagree.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor, opts: &CrossEntropyOptions<'_>) -> Result<Tensor> {
-    let (x, t) = if logits.rank() == 1 {
-        let t = if targets.dtype().is_float() { targets.unsqueeze(0)? } else { targets.reshape(1)? };
-        (logits.unsqueeze(0)?, t)
-    } else {
-        (logits.clone(), targets.clone())
-    };
-    if x.rank() != 2 {
-        return Err(candle_core::Error::Msg(format!(
-            "smax cross_entropy: logits must be [N, C], not {:?}",
-            logits.dims()
-        )));
-    }
-    if !x.device().is_cpu() {
-        return candle_nn::loss::cross_entropy(&x, &t);
-    }
-    // The options without their borrowed weights, which the op owns instead.
-    let opts_static = CrossEntropyOptions {
-        reduction: opts.reduction,
-        ignore_index: opts.ignore_index,
-        class_weights: None,
-        label_smoothing: opts.label_smoothing,
-        z_loss: opts.z_loss,
-        softcap: opts.softcap,
-        temperature: opts.temperature,
-        grad_scale: opts.grad_scale,
-        all_ignored: opts.all_ignored,
-        exec: opts.exec,
-    };
-    let op = CrossEntropy {
-        opts: opts_static,
-        weights: opts.class_weights.map(<[f32]>::to_vec),
-        want_grad: x.track_op(),
-        grad: Mutex::new(None),
-    };
-    let loss = x.apply_op2(&t, op)?;
-    if logits.rank() == 1 && opts.reduction == Reduction::None { loss.squeeze(0) } else { Ok(loss) }
 }
 
 /// The element types this crate computes in.
