@@ -65,13 +65,15 @@ pub trait Element:
     /// otherwise. The test compares constants (f32 and f64 are the only types of their
     /// [`Repr`]), so it folds away at compile time.
     #[doc(hidden)]
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn cast<U: Element>(s: &[Self]) -> Option<&[U]> {
         same_type::<Self, U>().then(|| bytemuck::cast_slice(s))
     }
     /// [`Element::cast`] of a mutable slice.
     #[doc(hidden)]
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn cast_mut<U: Element>(s: &mut [Self]) -> Option<&mut [U]> {
         same_type::<Self, U>().then(|| bytemuck::cast_slice_mut(s))
     }
@@ -87,7 +89,8 @@ pub trait Element:
 }
 
 /// Whether `A` and `U` are the same element type.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn same_type<A: Element, U: Element>() -> bool {
     matches!((A::REPR, U::REPR), (Repr::F32, Repr::F32) | (Repr::F64, Repr::F64))
 }
@@ -168,11 +171,13 @@ macro_rules! narrow {
             fn as_bytes(s: &[Self]) -> &[u8] {
                 bytemuck::cast_slice(s)
             }
-            #[inline(always)]
+            #[cfg_attr(not(debug_assertions), inline(always))]
+            #[cfg_attr(debug_assertions, inline)]
             fn load_f32(src: &[Self], dst: &mut [f32]) {
                 $load(src, dst)
             }
-            #[inline(always)]
+            #[cfg_attr(not(debug_assertions), inline(always))]
+            #[cfg_attr(debug_assertions, inline)]
             fn store_f32(src: &[f32], dst: &mut [Self]) {
                 $store(src, dst)
             }
@@ -186,26 +191,30 @@ narrow!(bf16, "bf16", bf16_load, bf16_store);
 /// eight lanes per instruction); otherwise branch-free software that vectorizes inside the
 /// caller's SIMD region, subnormals through one exact f32 subtraction (Giesen's method).
 /// (`half`'s slice conversion is an outlined call of 4-lane steps per tile, slower here.)
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn f16_load(src: &[f16], dst: &mut [f32]) {
     crate::arch::half_conv::f16_to_f32(src, dst, f16_load_soft)
 }
 
 /// [`f16_load`] in software (CPUs without F16C).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn f16_load_soft(src: &[f16], dst: &mut [f32]) {
     map(src, dst, |h| f32::from_bits(f16_to_f32_bits(h.to_bits())))
 }
 
 /// `dst[i] = f(src[i])`: a plain loop, which vectorizes inside the caller's SIMD region.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn map<A: Copy, B>(src: &[A], dst: &mut [B], f: impl Fn(A) -> B) {
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = f(s);
     }
 }
 
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn f16_to_f32_bits(h: u16) -> u32 {
     let h = h as u32;
     let sign = (h & 0x8000) << 16;
@@ -232,18 +241,21 @@ fn f16_to_f32_bits(h: u16) -> u32 {
 /// both paths). With F16C as [`f16_load`]; otherwise branch-free software, subnormal results
 /// rounded through one f32 addition of 0.5, whose ulp is the f16 subnormal step 2⁻²⁴
 /// (Giesen's method).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn f16_store(src: &[f32], dst: &mut [f16]) {
     crate::arch::half_conv::f32_to_f16(src, dst, f16_store_soft)
 }
 
 /// [`f16_store`] in software (CPUs without F16C).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn f16_store_soft(src: &[f32], dst: &mut [f16]) {
     map(src, dst, |v| f16::from_bits(f32_to_f16_bits(v)))
 }
 
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn f32_to_f16_bits(v: f32) -> u16 {
     let x = v.to_bits();
     let sign = (x >> 16) & 0x8000;
@@ -268,7 +280,8 @@ fn f32_to_f16_bits(v: f32) -> u16 {
 /// bf16 → f32 is exact: the bf16 bits are the high half of the f32 (a NaN is quieted, as
 /// `bf16::to_f32` does). A plain loop, inlined into the caller's SIMD region, where it
 /// vectorizes (`half`'s slice conversion is a scalar call).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn bf16_load(src: &[bf16], dst: &mut [f32]) {
     map(src, dst, |s| {
         let b = s.to_bits();
@@ -280,7 +293,8 @@ fn bf16_load(src: &[bf16], dst: &mut [f32]) {
 /// f32 → bf16, round to nearest, ties to even; NaN stays NaN (quieted, sign and high payload
 /// kept), overflow rounds to ±inf. Bit for bit `bf16::from_f32` (tested over every rounding
 /// boundary), written branch-free so it vectorizes inside the caller's SIMD region.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn bf16_store(src: &[f32], dst: &mut [bf16]) {
     map(src, dst, |v| {
         let x = v.to_bits();

@@ -15,7 +15,8 @@ struct MapTask<'a> {
     y: &'a mut [f32],
 }
 
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn apply<S: Isa>(s: S, f: Fun, v: S::f32s) -> S::f32s {
     match f {
         Fun::Exp => crate::arch::exp::exp(s, v),
@@ -25,7 +26,8 @@ fn apply<S: Isa>(s: S, f: Fun, v: S::f32s) -> S::f32s {
 
 impl Task for MapTask<'_> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) {
         let (xh, xt) = S::as_simd_f32s(self.x);
         let n = xh.len() * S::F32_LANES;

@@ -9,7 +9,8 @@ use super::{Isa, inl};
 
 const MAX_LANES: usize = 16;
 
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn pad<S: Isa>(t: &[f32]) -> S::f32s {
     let mut buf = [0.0f32; MAX_LANES];
     buf[..t.len()].copy_from_slice(t);
@@ -18,7 +19,8 @@ fn pad<S: Isa>(t: &[f32]) -> S::f32s {
 
 /// `out_j = f(out_j, a_j, b_j, c_j)` over equal-length slices (missing inputs pass `&[]`
 /// and read as zeros).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn zip4<S: Isa>(
     s: S,
     out: &mut [f32],
@@ -45,7 +47,8 @@ fn zip4<S: Isa>(
     }
     if full < w {
         let get = inl(
-            #[inline(always)]
+            #[cfg_attr(not(debug_assertions), inline(always))]
+            #[cfg_attr(debug_assertions, inline)]
             |x: &[f32]| {
                 if x.is_empty() { z } else { pad::<S>(&x[full..w]) }
             },
@@ -58,7 +61,8 @@ fn zip4<S: Isa>(
 }
 
 /// `acc_j = max(acc_j, x_j)`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn max<S: Isa>(s: S, acc: &mut [f32], x: &[f32]) {
     zip4(
         s,
@@ -66,13 +70,15 @@ pub(crate) fn max<S: Isa>(s: S, acc: &mut [f32], x: &[f32]) {
         x,
         &[],
         &[],
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |o, a, _, _| s.max_f32s(o, a),
     );
 }
 
 /// `acc_j += exp((x_j − m_j)·k)`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn sum_exp<S: Isa>(s: S, acc: &mut [f32], x: &[f32], m: &[f32], k: f32) {
     let vk = s.splat_f32s(k);
     zip4(
@@ -81,13 +87,15 @@ pub(crate) fn sum_exp<S: Isa>(s: S, acc: &mut [f32], x: &[f32], m: &[f32], k: f3
         x,
         m,
         &[],
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |o, a, mm, _| s.add_f32s(o, exp(s, s.mul_f32s(s.sub_f32s(a, mm), vk))),
     );
 }
 
 /// `y_j = exp((x_j − m_j)·k)·c_j`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn write_softmax<S: Isa>(s: S, y: &mut [f32], x: &[f32], m: &[f32], c: &[f32], k: f32) {
     let vk = s.splat_f32s(k);
     zip4(
@@ -96,13 +104,15 @@ pub(crate) fn write_softmax<S: Isa>(s: S, y: &mut [f32], x: &[f32], m: &[f32], c
         x,
         m,
         c,
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |_, a, mm, cc| s.mul_f32s(exp(s, s.mul_f32s(s.sub_f32s(a, mm), vk)), cc),
     );
 }
 
 /// `y_j = (x_j − m_j)·k − ls_j`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn write_log_softmax<S: Isa>(s: S, y: &mut [f32], x: &[f32], m: &[f32], ls: &[f32], k: f32) {
     let vk = s.splat_f32s(k);
     zip4(
@@ -111,13 +121,15 @@ pub(crate) fn write_log_softmax<S: Isa>(s: S, y: &mut [f32], x: &[f32], m: &[f32
         x,
         m,
         ls,
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |_, a, mm, l| s.sub_f32s(s.mul_f32s(s.sub_f32s(a, mm), vk), l),
     );
 }
 
 /// `acc_j += a_j·b_j`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn fma<S: Isa>(s: S, acc: &mut [f32], a: &[f32], b: &[f32]) {
     zip4(
         s,
@@ -125,13 +137,15 @@ pub(crate) fn fma<S: Isa>(s: S, acc: &mut [f32], a: &[f32], b: &[f32]) {
         a,
         b,
         &[],
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |o, x, y, _| s.mul_add_f32s(x, y, o),
     );
 }
 
 /// `acc_j += a_j`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn add<S: Isa>(s: S, acc: &mut [f32], a: &[f32]) {
     zip4(
         s,
@@ -139,13 +153,15 @@ pub(crate) fn add<S: Isa>(s: S, acc: &mut [f32], a: &[f32]) {
         a,
         &[],
         &[],
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |o, x, _, _| s.add_f32s(o, x),
     );
 }
 
 /// `dx_j = y_j·(dy_j − dot_j)`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn softmax_bwd<S: Isa>(s: S, dx: &mut [f32], y: &[f32], dy: &[f32], dot: &[f32]) {
     zip4(
         s,
@@ -153,13 +169,15 @@ pub(crate) fn softmax_bwd<S: Isa>(s: S, dx: &mut [f32], y: &[f32], dy: &[f32], d
         y,
         dy,
         dot,
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |_, a, g, d| s.mul_f32s(a, s.sub_f32s(g, d)),
     );
 }
 
 /// `dx_j = dy_j − exp(y_j)·sum_j`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn log_softmax_bwd<S: Isa>(s: S, dx: &mut [f32], y: &[f32], dy: &[f32], sum: &[f32]) {
     zip4(
         s,
@@ -167,7 +185,8 @@ pub(crate) fn log_softmax_bwd<S: Isa>(s: S, dx: &mut [f32], y: &[f32], dy: &[f32
         y,
         dy,
         sum,
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |_, a, g, t| s.sub_f32s(g, s.mul_f32s(exp(s, a), t)),
     );
 }

@@ -25,7 +25,8 @@ pub(crate) const DENORM_CUTOFF: f32 = f32::from_bits(0xc2ae_ac4f);
 /// `exp(x)` for `x <= 88.7`, accurate to ≤ 2 ULP on `[-87.33654, 0]`, +0 below, NaN for NaN.
 /// Inputs above `88.72` are outside the contract (the softmax kernels only pass `x <= 0`,
 /// up to a rounding-level positive excess).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn exp<S: Isa>(s: S, x: S::f32s) -> S::f32s {
     let magic = s.splat_f32s(MAGIC_BIAS);
     let n = s.mul_add_f32s(x, s.splat_f32s(LOG2E), magic);
@@ -51,7 +52,8 @@ pub(crate) fn exp<S: Isa>(s: S, x: S::f32s) -> S::f32s {
 /// (up to polynomial error). The product `x·k` is carried as an unevaluated sum `hi + lo`
 /// (`lo` from a fused multiply-add), so its rounding does not reach the result.
 /// Valid for `|x·k| < 2^22`; no clamping, no cutoff.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn exp_ext<S: Isa>(s: S, x: S::f32s, k: S::f32s) -> (S::f32s, S::f32s) {
     let magic = s.splat_f32s(MAGIC_BIAS);
     let hi = s.mul_f32s(x, k);
@@ -69,7 +71,8 @@ pub(crate) fn exp_ext<S: Isa>(s: S, x: S::f32s, k: S::f32s) -> (S::f32s, S::f32s
 }
 
 /// `2^d` for integer-valued `d <= 0`; exactly +0 for `d <= -127` (including `-inf`).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn pow2_nonpositive<S: Isa>(s: S, d: S::f32s) -> S::f32s {
     let d = s.max_f32s(d, s.splat_f32s(-127.0));
     let b = s.add_f32s(d, s.splat_f32s(MAGIC_BIAS));
@@ -94,7 +97,8 @@ const TANH_T: [f32; 7] = [
 /// `sign(x)·(1 − e)/(1 + e)` with `e = exp(−2|x|)` (where the subtraction loses at most a
 /// factor 1.8 of `exp`'s relative error). `±inf → ±1`, NaN → NaN, `−0 → −0`. The accuracy is
 /// asserted by a sampled test against f64 (`tanh_sampled`, ≤ 4 ULP).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn tanh<S: Isa>(s: S, x: S::f32s) -> S::f32s {
     let one = s.splat_f32s(1.0);
     let ax = s.abs_f32s(x);

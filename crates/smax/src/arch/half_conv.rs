@@ -10,7 +10,8 @@
 macro_rules! with_f16c {
     ($(#[$doc:meta])* $name:ident, $fast:ident, $from:ty, $to:ty) => {
         $(#[$doc])*
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         pub(crate) fn $name(src: &[$from], dst: &mut [$to], soft: impl FnOnce(&[$from], &mut [$to])) {
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {

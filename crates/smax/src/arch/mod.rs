@@ -13,6 +13,12 @@
 //!
 //! `unsafe` in the crate lives in this module only: the non-temporal stores and the prefetch
 //! hints below.
+//!
+//! Inlining: the kernels' helpers and closures are `#[inline(always)]` in builds without debug
+//! assertions, so they compile inside the target-feature region [`dispatch`] opens, and only
+//! `#[inline]` with debug assertions. Unoptimised code gets a stack slot per temporary: forced
+//! inlining made one AVX-512 kernel's frame 7.2 MB at opt-level 0, which overflowed the main
+//! thread's 8 MiB stack (and rayon's smaller ones) of any debug build that called it.
 
 pub(crate) mod cols;
 pub(crate) mod exp;
@@ -125,11 +131,13 @@ macro_rules! plain_stores {
     ($(#[$cfg:meta])* $t:ty) => {
         $(#[$cfg])*
         impl Isa for $t {
-            #[inline(always)]
+            #[cfg_attr(not(debug_assertions), inline(always))]
+            #[cfg_attr(debug_assertions, inline)]
             fn stream_f32s(self, dst: &mut Self::f32s, v: Self::f32s) {
                 *dst = v;
             }
-            #[inline(always)]
+            #[cfg_attr(not(debug_assertions), inline(always))]
+            #[cfg_attr(debug_assertions, inline)]
             fn stream_fence(self) {}
         }
     };
@@ -147,7 +155,8 @@ macro_rules! x86_streaming_stores {
     ($t:ty, $reg:ident, $stream:ident, $bytes:literal) => {
         #[cfg(target_arch = "x86_64")]
         impl Isa for $t {
-            #[inline(always)]
+            #[cfg_attr(not(debug_assertions), inline(always))]
+            #[cfg_attr(debug_assertions, inline)]
             fn stream_f32s(self, dst: &mut Self::f32s, v: Self::f32s) {
                 use core::arch::x86_64::{$reg, $stream};
                 let p = dst as *mut Self::f32s as *mut f32;
@@ -161,7 +170,8 @@ macro_rules! x86_streaming_stores {
                     *dst = v;
                 }
             }
-            #[inline(always)]
+            #[cfg_attr(not(debug_assertions), inline(always))]
+            #[cfg_attr(debug_assertions, inline)]
             fn stream_fence(self) {
                 // SAFETY: `sfence` has no memory operands; both x86 tokens imply SSE.
                 unsafe { core::arch::x86_64::_mm_sfence() }
@@ -173,16 +183,18 @@ macro_rules! x86_streaming_stores {
 x86_streaming_stores!(pulp::x86::V3, __m256, _mm256_stream_ps, 32);
 x86_streaming_stores!(pulp::x86::V4, __m512, _mm512_stream_ps, 64);
 
-/// Identity, so a closure can carry `#[inline(always)]` (attributes are allowed on closures
+/// Identity, so a closure can carry the inlining attribute (attributes are allowed on closures
 /// in argument position only). Every closure in a kernel needs it: a closure that is not
 /// inlined is compiled outside the target-feature region and its SIMD calls stop inlining.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn inl<F>(f: F) -> F {
     f
 }
 
 /// [`inl`] for closures that are called through `&mut`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn inl_mut<F>(f: F) -> F {
     f
 }
@@ -191,7 +203,8 @@ pub(crate) fn inl_mut<F>(f: F) -> F {
 pub(crate) const PREFETCH_AHEAD: usize = 4096;
 
 /// The `(address, bytes)` of a slice, for [`Ahead::with_write`].
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn write_range<T>(out: &[T]) -> (usize, usize) {
     (out.as_ptr() as usize, core::mem::size_of_val(out))
 }
@@ -222,7 +235,8 @@ impl<'a> Ahead<'a> {
     pub(crate) const NONE: Ahead<'static> = Ahead { bytes: &[], elem: 1, dist: PREFETCH_AHEAD, write: (0, 0) };
 
     /// The domain `bytes`, made of elements of `elem` bytes.
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     pub(crate) fn new(bytes: &'a [u8], elem: usize) -> Self {
         Ahead { bytes, elem, dist: PREFETCH_AHEAD, write: (0, 0) }
     }
@@ -230,20 +244,23 @@ impl<'a> Ahead<'a> {
     /// Also prefetches the same offsets of an output range `(address, bytes)` (see
     /// [`write_range`]): the next row's output lines are in cache before its stores arrive, so
     /// their read-for-ownership does not stall the pass.
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     pub(crate) fn with_write(self, range: (usize, usize)) -> Self {
         Ahead { write: range, ..self }
     }
 
     /// The same domain with another prefetch distance (for example one row stride: each
     /// iteration then fetches the same offsets of the next row).
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     pub(crate) fn distance(self, dist: usize) -> Self {
         Ahead { dist, ..self }
     }
 
     /// The same domain, starting `elems` elements later.
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     pub(crate) fn skip(self, elems: usize) -> Self {
         let b = (elems * self.elem).min(self.bytes.len());
         let wb = b.min(self.write.1);
@@ -259,7 +276,8 @@ impl<'a> Ahead<'a> {
     /// set distance) elements after element `at`, as far as the domain reaches, and the same
     /// offsets of the output range of [`Ahead::with_write`]. Called once per unrolled
     /// iteration of a heavy loop, so the hints are spread evenly over the arithmetic.
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     pub(crate) fn span(self, at: usize, n: usize) {
         let start = (at + self.dist) * self.elem;
         if start >= self.bytes.len() {
@@ -289,8 +307,8 @@ impl<'a> Ahead<'a> {
     }
 }
 
-/// A kernel body generic over the ISA. `run` must be `#[inline(always)]` so that it is
-/// compiled inside the target-feature region [`dispatch`] opens.
+/// A kernel body generic over the ISA. `run` must carry the kernels' inlining attribute (see the
+/// module docs) so that it is compiled inside the target-feature region [`dispatch`] opens.
 pub(crate) trait Task {
     type Output;
     fn run<S: Isa>(self, s: S) -> Self::Output;
@@ -332,7 +350,8 @@ struct Enter<T, S> {
 
 impl<T: Task, S: Isa> pulp::WithSimd for Enter<T, S> {
     type Output = T::Output;
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn with_simd<S2: Simd>(self, _simd: S2) -> Self::Output {
         self.task.run(self.s)
     }

@@ -24,7 +24,8 @@ struct Scan<'a>(&'a [f32]);
 
 impl Task for Scan<'_> {
     type Output = RowFacts;
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) -> RowFacts {
         let ninf = s.splat_f32s(f32::NEG_INFINITY);
         let inf = s.splat_f32s(f32::INFINITY);
@@ -36,7 +37,8 @@ impl Task for Scan<'_> {
             let (mut mx, mut bad, mut masked) = (ninf, zero, zero);
             // `v < inf` is false exactly for NaN and +inf.
             let step = inl(
-                #[inline(always)]
+                #[cfg_attr(not(debug_assertions), inline(always))]
+                #[cfg_attr(debug_assertions, inline)]
                 |v: S::f32s, mx: S::f32s, bad: S::f32s, masked: S::f32s| {
                     (
                         s.max_f32s(mx, v),
@@ -75,7 +77,8 @@ struct Gate<'a, F> {
 
 impl<F: FnMut(usize, &[f32], f32) -> Option<f32>> Task for Gate<'_, F> {
     type Output = Option<f32>;
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) -> Option<f32> {
         let Gate { x, mut thr, mut visit } = self;
         for (b, blk) in x.chunks(GATE_BLOCK).enumerate() {
@@ -92,7 +95,7 @@ impl<F: FnMut(usize, &[f32], f32) -> Option<f32>> Task for Gate<'_, F> {
 /// threshold, or `None` to stop (then `gate` returns `None`). Returns the final threshold.
 /// Blocks are visited in order; a block whose entries are all below `thr` is skipped (rows
 /// reach the gate after [`scan`] found no NaN in them).
-/// `visit` runs inside the vector region: callers mark it `#[inline(always)]` (see [`inl`]).
+/// `visit` runs inside the vector region: callers give it the kernels' inlining attribute (see [`inl`]).
 pub(crate) fn gate(
     level: SimdLevel,
     x: &[f32],

@@ -122,17 +122,20 @@ pub(crate) struct Clip {
 }
 
 impl Clip {
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     pub fn r(&self, p: f32) -> f32 {
         (self.zeta - self.gamma) * p + self.gamma
     }
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     pub fn w(&self, p: f32) -> f32 {
         let r = self.r(p);
         if r.is_nan() { r } else { r.clamp(0.0, 1.0) }
     }
     /// `u = g·(ζ − γ)·1[0 ≤ r ≤ 1]` (inclusive, as `torch.clamp`'s backward).
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     pub fn u(&self, p: f32, g: f32) -> f32 {
         let r = self.r(p);
         if (0.0..=1.0).contains(&r) { g * (self.zeta - self.gamma) } else { 0.0 }
@@ -464,7 +467,8 @@ struct DsTile<'a> {
 
 impl Task for DsTile<'_> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, _s: S) {
         let DsTile { p, dp, dd, kn, c, clip, mut db, dcap } = self;
         for (r, ((pr, dr), &di)) in p.chunks(kn).zip(dp.chunks_mut(kn)).zip(dd).enumerate() {

@@ -488,7 +488,8 @@ struct AsyncTile<'a, 'b, T> {
 
 impl<T> Task for AsyncTile<'_, '_, T> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) {
         let AsyncTile { cx, b, rows, j0, kn, t, win, den, flag, vis } = self;
         for (r, row) in t.chunks_mut(kn).enumerate() {

@@ -61,7 +61,8 @@ impl Scores<'_> {
     /// inside (`cap(t) = t` without a soft cap). With a soft cap and `dcap`, also writes
     /// `1 − tanh²(x·scale/cap)` there (the backward's chain factor). Returns the visible range
     /// relative to `j0`.
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     pub fn prep_row<S: crate::arch::Isa>(
         &self,
         s: S,

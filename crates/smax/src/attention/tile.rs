@@ -63,7 +63,8 @@ pub(crate) fn all_finite(level: SimdLevel, m: &MatRef<'_>) -> bool {
     struct Scan<'a, 'b>(&'a MatRef<'b>);
     impl Task for Scan<'_, '_> {
         type Output = bool;
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         fn run<S: Isa>(self, s: S) -> bool {
             let m = self.0;
             if m.rs == m.cols {
@@ -175,7 +176,8 @@ impl Rows<'_> {
         }
     }
     /// `(query head, query)` of row `r`.
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     pub fn get(&self, r: usize) -> (usize, usize) {
         match self {
             Rows::Block { h, i0, .. } => (*h, i0 + r),
@@ -243,7 +245,8 @@ pub(crate) struct OnlineTile<'a, 'b> {
 
 impl Task for OnlineTile<'_, '_> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) {
         let OnlineTile { sc, b, rows, j0, kn, d, t, st, mut vis } = self;
         for (r, row) in t.chunks_mut(kn).enumerate() {
@@ -355,7 +358,8 @@ pub(crate) struct ProbTile<'a, 'b> {
 
 impl Task for ProbTile<'_, '_> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) {
         let ProbTile { sc, at, t, lse, mut vis, mut dcap } = self;
         let kn = at.kn;

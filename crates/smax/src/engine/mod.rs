@@ -58,7 +58,8 @@ pub(crate) fn row_geom(x: &Layout, y: &Layout) -> Option<RowGeom> {
 }
 
 /// The prefetch domain of `data` (see [`Ahead`]).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn ahead<T: Element>(data: &[T]) -> Ahead<'_> {
     Ahead::new(T::as_bytes(data), core::mem::size_of::<T>())
 }
@@ -116,7 +117,8 @@ impl<'a, T: Element> Io<'a, T> {
 }
 
 /// Calls `f` on the f32 view of `x`, tile by tile when it must be converted.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn read_tiles<'p, T: Element>(x: &[T], pf: Ahead<'p>, mut f: impl FnMut(&[f32], Ahead<'p>)) {
     if let Some(xf) = T::cast::<f32>(x) {
         f(xf, pf);
@@ -129,7 +131,8 @@ fn read_tiles<'p, T: Element>(x: &[T], pf: Ahead<'p>, mut f: impl FnMut(&[f32], 
 }
 
 /// `src` (at most [`TILE`] entries) converted to f32 in `buf`; the converted prefix.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn widen<'b, T: Element>(src: &[T], buf: &'b mut [f32; TILE]) -> &'b [f32] {
     let t = &mut buf[..src.len()];
     T::load_f32(src, t);
@@ -139,7 +142,8 @@ pub(crate) fn widen<'b, T: Element>(src: &[T], buf: &'b mut [f32; TILE]) -> &'b 
 /// Calls `f(x_tile, y_tile, pf, direct)` over the f32 views of a row's input and output;
 /// `direct` is false when `y_tile` is a stack tile copied to the output afterwards (streaming
 /// stores must not go there: they would evict the tile just before it is read back).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn write_tiles<'p, T: Element>(
     io: &mut Io<'_, T>,
     pf: Ahead<'p>,
@@ -215,7 +219,8 @@ pub(crate) fn special_lse(sp: Special) -> f64 {
 }
 
 /// True when `(m, d)` describe a row with a finite max and a usable sum.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn regular(st: Online) -> bool {
     st.m.is_finite() && st.d.is_finite() && st.d > 0.0
 }
@@ -223,13 +228,15 @@ pub(crate) fn regular(st: Online) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Segment statistics (a whole short row, or one chunk of a long row).
 
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn seg_max<S: Isa, T: Element>(s: S, x: &[T], pf: Ahead) -> f32 {
     let mut m = f32::NEG_INFINITY;
     read_tiles(
         x,
         pf,
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |t, p| {
             let v = k::max(s, t, p);
             if v > m || v.is_nan() {
@@ -240,13 +247,15 @@ pub(crate) fn seg_max<S: Isa, T: Element>(s: S, x: &[T], pf: Ahead) -> f32 {
     m
 }
 
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn seg_sum<S: Isa, T: Element>(s: S, x: &[T], m: f32, kk: f32, pf: Ahead) -> f64 {
     let mut acc = 0.0f64;
     read_tiles(
         x,
         pf,
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |t, p| k::sum_exp(s, t, m, kk, &mut acc, p),
     );
     acc
@@ -261,7 +270,8 @@ pub(crate) trait RowFold: Sized {
 
 impl RowFold for Online {
     const EMPTY: Self = Online::EMPTY;
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn add<S: Isa>(&mut self, s: S, tile: &[f32], kk: f32, pf: Ahead) {
         k::online(s, tile, kk, self, pf)
     }
@@ -269,33 +279,38 @@ impl RowFold for Online {
 
 impl RowFold for Ext {
     const EMPTY: Self = Ext::EMPTY;
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn add<S: Isa>(&mut self, s: S, tile: &[f32], kk: f32, pf: Ahead) {
         k::ext(s, tile, kk, self, pf)
     }
 }
 
 /// The running state `St` of a segment at inverse temperature `kk`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn seg_fold<St: RowFold, S: Isa, T: Element>(s: S, x: &[T], kk: f32, pf: Ahead) -> St {
     let mut st = St::EMPTY;
     read_tiles(
         x,
         pf,
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |t, p| st.add(s, t, kk, p),
     );
     st
 }
 
 /// The online `(max, sum)` of a segment.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn seg_online<S: Isa, T: Element>(s: S, x: &[T], kk: f32, pf: Ahead) -> Online {
     seg_fold(s, x, kk, pf)
 }
 
 /// Whether an extended-exponent state can be used as is (else: redo with the online pass).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn ext_usable(e: &Ext, kk: f32) -> bool {
     !e.nonfinite && (e.m * kk).abs() < k::EXT_LIMIT
 }
@@ -305,19 +320,22 @@ pub(crate) fn ext_to_online(e: &Ext, kk: f32) -> Online {
 }
 
 /// Writes the output of a regular row from its statistics.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn seg_write<S: Isa, T: Element>(s: S, f: &Fwd, io: &mut Io<'_, T>, st: Online, pf: Ahead) {
     let map = row_map(f, st);
     write_tiles(
         io,
         pf,
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |x, y, p, direct| k::write_row(s, x, y, map, f.stream && direct, p, None),
     );
 }
 
 /// The write map of a regular row from its statistics.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn row_map(f: &Fwd, st: Online) -> k::RowMap {
     match f.op {
         FwdOp::Softmax => k::RowMap::Softmax { m: st.m, k: f.k, c: (1.0 / st.d) as f32 },
@@ -331,7 +349,8 @@ fn row_map(f: &Fwd, st: Online) -> k::RowMap {
 /// the next row's online pass runs inside this row's write loop (software pipelining across
 /// rows; see `rows::write_map`). Every output and state is bit for bit what [`row_fwd`] with
 /// [`Algorithm::Online`] computes.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn pipe_row<S: Isa, T: Element>(
     s: S,
     f: &Fwd,
@@ -365,11 +384,13 @@ pub(crate) fn pipe_row<S: Isa, T: Element>(
 /// Three-pass pass 2 on f32 data: `y = exp((x − m)·k)` stored (with `shifted`, the
 /// log-softmax form `y = (x − m)·k`), `Σ exp((x − m)·k)` returned. In place, each tile is
 /// copied aside first (the kernel reads and writes separate slices).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn exp_store_sum_io<S: Isa, T: Element>(s: S, io: &mut Io<'_, T>, m: f32, kk: f32, shifted: bool, pf: Ahead) -> f64 {
     let mut d = 0.0f64;
     let pass = inl_mut(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |x: &[f32], y: &mut [f32], d: &mut f64, p: Ahead| {
             if shifted { k::shift_store_sum(s, x, y, m, kk, d, p) } else { k::exp_store_sum(s, x, y, m, kk, d, p) }
         },
@@ -403,7 +424,8 @@ pub(crate) fn fill<T: Element>(y: &mut [T], v: f64) {
 }
 
 /// Statistics of a short row (≤ one chunk) for `alg` (not `ThreePass`'s store variant).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 /// `pf` is the prefetch domain for the heavy pass (the max pass of three-pass reads what the
 /// previous row's heavy pass prefetched).
 pub(crate) fn row_stats<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f32, pf: Ahead) -> Online {
@@ -424,7 +446,8 @@ pub(crate) fn row_stats<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f
 }
 
 /// Computes one short row of softmax or log-softmax.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 /// `pf`: the prefetch domain of the row's input (see [`Ahead`]).
 pub(crate) fn row_fwd<S: Isa, T: Element>(s: S, f: &Fwd, mut io: Io<'_, T>, pf: Ahead) {
     let n = io.x().len();
@@ -465,7 +488,8 @@ pub(crate) fn row_fwd<S: Isa, T: Element>(s: S, f: &Fwd, mut io: Io<'_, T>, pf: 
 }
 
 /// The logsumexp of one short row (f64 result).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn row_lse<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f32, k64: f64, pf: Ahead) -> f64 {
     if x.is_empty() {
         return f64::NEG_INFINITY;

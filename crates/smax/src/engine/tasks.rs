@@ -18,7 +18,8 @@ pub(crate) struct RowsFwd<'a, T> {
 
 impl<T: Element> Task for RowsFwd<'_, T> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) {
         let RowsFwd { f, x, y, g: RowGeom { rows, len, xs, ys }, pipe } = self;
         if rows == 0 || len == 0 {
@@ -69,7 +70,8 @@ std::thread_local! {
 /// Runs `f` on a scratch row of `len` f32s owned by the calling thread (allocated on its first
 /// use, grown when a longer row comes, and kept for the thread's next call), for the
 /// pipelined three-pass paths here and in the cross-entropy. The contents are unspecified.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     let mut buf = SCRATCH.with(|c| c.take());
     if buf.len() < len {
@@ -89,7 +91,8 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
 /// fence at the end orders the task's streaming stores. Tasks hold `par::rows_per_task` rows
 /// (16 Ki elements: one row from 16 Ki up), so on longer rows the gain is the write streamed
 /// from a cached row rather than the overlap (PERF.md).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 #[allow(clippy::too_many_arguments)]
 fn rows_three_pass_pipe<S: Isa>(
     s: S,
@@ -104,7 +107,8 @@ fn rows_three_pass_pipe<S: Isa>(
     let log = f.op == FwdOp::LogSoftmax;
     with_scratch(
         len,
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |b| {
             let mut m = k::max(s, &x[..len], Ahead::NONE);
             for r in 0..rows {
@@ -138,7 +142,8 @@ fn rows_three_pass_pipe<S: Isa>(
 }
 
 /// The pipelined form of [`RowsFwd`] (`rows ≥ 1`, `len ≥ 1`).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 #[allow(clippy::too_many_arguments)]
 fn rows_pipe<S: Isa, T: Element>(s: S, f: &Fwd, x: &[T], y: &mut [T], rows: usize, len: usize, xs: usize, ys: usize) {
     if len > crate::par::CHUNK {
@@ -158,7 +163,8 @@ fn rows_pipe<S: Isa, T: Element>(s: S, f: &Fwd, x: &[T], y: &mut [T], rows: usiz
 /// chunk of row `r + 1` is read, and row `r + 1`'s chunk states merge in chunk order, so every
 /// row is bit for bit what the chunk-parallel path computes; the rows of a group run on one
 /// thread with no barrier between them.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 #[allow(clippy::too_many_arguments)]
 fn long_rows_pipe<S: Isa, T: Element>(
     s: S,
@@ -173,7 +179,8 @@ fn long_rows_pipe<S: Isa, T: Element>(
     use crate::par::CHUNK;
     let row = |r: usize| &x[r * xs..r * xs + len];
     let stats = crate::arch::inl(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |xr: &[T]| {
             let mut st = Online::EMPTY;
             for c in xr.chunks(CHUNK) {
@@ -220,7 +227,8 @@ pub(crate) struct RowsLse<'a, T> {
 
 impl<T: Element> Task for RowsLse<'_, T> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) {
         for (r, o) in self.out.iter_mut().enumerate() {
             let xr = &self.x[r * self.xs..r * self.xs + self.len];
@@ -267,7 +275,8 @@ pub(crate) fn merge_online(outs: &[SegOut], k: f32) -> Online {
 
 impl<T: Element> Task for Seg<'_, T> {
     type Output = SegOut;
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) -> SegOut {
         match self {
             // Every pass over a chunk of a long row reads from memory: all prefetch.

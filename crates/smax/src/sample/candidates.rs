@@ -54,7 +54,8 @@ pub(super) fn candidates(z: &[f32], p: &SampleOptions) -> Option<Candidates> {
     let mut cap = top_k.map_or(usize::MAX, |k| 2 * k + GATE_BLOCK);
     let mut buf: Vec<(usize, f32)> = Vec::with_capacity(top_k.map_or(4 * GATE_BLOCK, |k| 2 * k + 2 * GATE_BLOCK));
     let visit = inl_mut(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |start: usize, blk: &[f32], thr: f32| -> Option<f32> {
             for (j, &v) in blk.iter().enumerate() {
                 if v >= thr && v != f32::NEG_INFINITY {

@@ -27,7 +27,8 @@ struct ColBlock<'a, T> {
 impl<T> ColBlock<'_, T> {
     /// Axis step `k` of this block's columns, read from `src` (a slab laid out as the output)
     /// or, without one, from the block's own piece (in place).
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn step<'s>(&'s self, src: Option<&'s [T]>, k: usize) -> &'s [T] {
         match src {
             Some(x) => &x[k * self.inner + self.j0..][..self.pieces[k].len()],
@@ -72,7 +73,8 @@ fn columns_f64<T: Element>((outer, axis, inner): Dims, out: &mut [T], mut col: i
     }
 }
 
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn load<T: Element>(src: &[T], buf: &mut [f32]) {
     T::load_f32(src, buf)
 }
@@ -85,7 +87,8 @@ struct ColsFwd<'a, T> {
 
 impl<T: Element> Task for ColsFwd<'_, T> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) {
         let ColsFwd { x, out: mut blk, f } = self;
         let axis = blk.pieces.len();
@@ -160,7 +163,8 @@ struct ColsLse<'a, T> {
 
 impl<T: Element> Task for ColsLse<'_, T> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) {
         let ColsLse { kk, k64, x, axis, inner, j0, out } = self;
         let w = out.len();
@@ -262,7 +266,8 @@ struct ColsBwd<'a, T> {
 
 impl<T: Element> Task for ColsBwd<'_, T> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) {
         let ColsBwd { log, kk, y, dy, dx: mut blk } = self;
         let axis = blk.pieces.len();
@@ -277,7 +282,8 @@ impl<T: Element> Task for ColsBwd<'_, T> {
         let (a32, a64, ym, r, by, bg, out) =
             (&mut a32[..w], &mut a64[..w], &mut ym[..w], &mut r[..w], &mut by[..w], &mut bg[..w], &mut out[..w]);
         let load_step = inl(
-            #[inline(always)]
+            #[cfg_attr(not(debug_assertions), inline(always))]
+            #[cfg_attr(debug_assertions, inline)]
             |blk: &ColBlock<'_, T>, k: usize, by: &mut [f32], bg: &mut [f32]| {
                 load(blk.step(Some(y), k), by);
                 load(blk.step(dy, k), bg);

@@ -17,7 +17,8 @@ use crate::par::{self, CHUNK};
 use crate::scalar64;
 
 /// Calls `f` on f32 tiles of two equally long inputs.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn read2<'p, T: Element>(
     a: &[T],
     b: &[T],
@@ -35,7 +36,8 @@ fn read2<'p, T: Element>(
 }
 
 /// The reduction of one segment: `(Σ y·dy or Σ dy, max y)`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 /// `py`, `pg`: prefetch domains of `y` and `dy`.
 fn reduce<S: Isa, T: Element>(s: S, log: bool, y: &[T], dy: &[T], py: Ahead, pg: Ahead) -> (f64, f32) {
     let mut acc = 0.0f64;
@@ -45,7 +47,8 @@ fn reduce<S: Isa, T: Element>(s: S, log: bool, y: &[T], dy: &[T], py: Ahead, pg:
             dy,
             y,
             (pg, py),
-            #[inline(always)]
+            #[cfg_attr(not(debug_assertions), inline(always))]
+            #[cfg_attr(debug_assertions, inline)]
             |g, yy, p1, p2| k::sum_and_max(s, g, yy, &mut acc, &mut mx, p1, p2),
         );
     } else {
@@ -53,7 +56,8 @@ fn reduce<S: Isa, T: Element>(s: S, log: bool, y: &[T], dy: &[T], py: Ahead, pg:
             y,
             dy,
             (py, pg),
-            #[inline(always)]
+            #[cfg_attr(not(debug_assertions), inline(always))]
+            #[cfg_attr(debug_assertions, inline)]
             |yy, g, p1, p2| k::dot(s, yy, g, &mut acc, p1, p2),
         );
     }
@@ -71,7 +75,8 @@ struct Grad<'a, T> {
 /// The map of one segment from its reduction `r` (`zero`: the log-softmax row whose outputs
 /// were all `-inf`, whose gradient is 0). With `stream` (a large f32 gradient), `dx` is written
 /// past the cache.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn map<S: Isa, T: Element>(s: S, (log, kk): (bool, f32), (r, zero): (f32, bool), seg: Grad<'_, T>, stream: bool) {
     let Grad { y, dy, dx } = seg;
     if zero {
@@ -79,7 +84,8 @@ fn map<S: Isa, T: Element>(s: S, (log, kk): (bool, f32), (r, zero): (f32, bool),
         return;
     }
     let run = inl(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |yy: &[f32], g: &[f32], o: &mut [f32], stream: bool| {
             if log {
                 k::log_softmax_bwd(s, yy, g, o, r, kk, stream);
@@ -110,7 +116,8 @@ fn map<S: Isa, T: Element>(s: S, (log, kk): (bool, f32), (r, zero): (f32, bool),
 }
 
 /// One row: its reduction, then its map.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn row_bwd<S: Isa, T: Element>(s: S, (log, kk): (bool, f32), row: Grad<'_, T>, (py, pg): (Ahead, Ahead), stream: bool) {
     let Grad { y, dy, dx } = row;
     let (acc, mx) = match dy {
@@ -134,7 +141,8 @@ struct RowsBwd<'a, T> {
 
 impl<T: Element> Task for RowsBwd<'_, T> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) {
         let RowsBwd { log, kk, y, dy, dx, rows, g, gs, stream } = self;
         // Prefetch domains run to the end of the inputs, as in the forward tasks (the in-place
@@ -156,7 +164,8 @@ enum SegBwd<'a, T> {
 
 impl<T: Element> Task for SegBwd<'_, T> {
     type Output = (f64, f32);
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) -> (f64, f32) {
         match self {
             SegBwd::Reduce(log, y, dy) => reduce(s, log, y, dy, ahead(y), ahead(dy)),

@@ -4,7 +4,8 @@ use super::*;
 
 /// `x_i = exp(x_i − m)` in place; returns `Σ x_i` (f32 inside blocks of [`BLOCK`], f64 across).
 /// `m` must not be `-inf` (callers skip fully masked rows); entries equal to `-inf` become 0.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn exp_shift_inplace_sum<S: Isa>(s: S, x: &mut [f32], m: f32) -> f64 {
     let vm = s.splat_f32s(m);
     let mut total = 0.0f64;
@@ -40,7 +41,8 @@ pub(crate) fn exp_shift_inplace_sum<S: Isa>(s: S, x: &mut [f32], m: f32) -> f64 
 
 /// True when every element of `x` is finite (no NaN, no ±inf): `Σ x_i·0` stays 0 exactly
 /// unless some `x_i·0` is NaN.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn all_finite<S: Isa>(s: S, x: &[f32]) -> bool {
     let (h, t) = S::as_simd_f32s(x);
     let z = s.splat_f32s(0.0);
@@ -58,7 +60,8 @@ pub(crate) fn all_finite<S: Isa>(s: S, x: &[f32]) -> bool {
 
 /// Logit soft-capping in place (Gemma 2's attention): `x ← cap·tanh(x·k/cap)`; with `g`, also
 /// `g ← 1 − tanh²(x·k/cap)`, the derivative of `cap·tanh(t/cap)` with respect to `t`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn softcap_inplace<S: Isa>(s: S, k: f32, cap: f32, x: &mut [f32], g: Option<&mut [f32]>) {
     let (vk, vc, vic, one) = (s.splat_f32s(k), s.splat_f32s(cap), s.splat_f32s(1.0 / cap), s.splat_f32s(1.0));
     let one_lane = |v: S::f32s| -> (S::f32s, S::f32s) {

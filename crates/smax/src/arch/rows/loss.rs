@@ -12,11 +12,13 @@ pub(crate) struct Xform {
 }
 
 impl Xform {
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     pub fn is_identity(&self) -> bool {
         self.k == 1.0 && self.cap == 0.0
     }
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     pub fn apply<S: Isa>(&self, s: S, v: S::f32s) -> S::f32s {
         if self.cap == 0.0 {
             return s.mul_f32s(v, s.splat_f32s(self.k));
@@ -28,7 +30,8 @@ impl Xform {
         s.select_f32s(s.equal_f32s(v, ninf), ninf, t)
     }
     /// The scalar form (one lane of [`Xform::apply`]).
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     pub fn apply1(&self, v: f32) -> f32 {
         let sc = pulp::Scalar::new();
         self.apply(sc, v)
@@ -36,7 +39,8 @@ impl Xform {
 }
 
 /// `t = xf(x)` elementwise.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn xform<S: Isa>(s: S, xf: Xform, x: &[f32], t: &mut [f32]) {
     let (xh, xt) = S::as_simd_f32s(x);
     let n = xh.len() * S::F32_LANES;
@@ -51,11 +55,13 @@ pub(crate) fn xform<S: Isa>(s: S, xf: Xform, x: &[f32], t: &mut [f32]) {
 
 /// `acc += Σ v_i·t_i` in blocks, where a zero weight contributes zero even against an
 /// infinite `t_i` (a class with no target mass never turns the loss into NaN).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn dot_guarded<S: Isa>(s: S, v: &[f32], t: &[f32], acc: &mut f64) {
     let z = s.splat_f32s(0.0);
     let f = inl(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |a: S::f32s, b: S::f32s| s.select_f32s(s.equal_f32s(a, z), z, s.mul_f32s(a, b)),
     );
     for (vb, tb) in v.chunks(BLOCK).zip(t.chunks(BLOCK)) {
@@ -89,7 +95,8 @@ pub(crate) enum Sub<'a> {
 /// The cross-entropy gradient of a tile: `g_i = (exp(t_i − m)·c1 − sub_i)·chain_i`, where
 /// `chain_i = k` without a cap and `k·(1 − (t_i/(c·k))²)` with one (the derivative of
 /// `c·tanh(x/c)·k`, from the capped value itself).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn ce_grad<S: Isa>(s: S, t: &[f32], g: &mut [f32], m: f32, c1: f32, sub: Sub<'_>, xf: Xform) {
     let (vm, vc1) = (s.splat_f32s(m), s.splat_f32s(c1));
     let vk = s.splat_f32s(xf.k);
@@ -98,7 +105,8 @@ pub(crate) fn ce_grad<S: Isa>(s: S, t: &[f32], g: &mut [f32], m: f32, c1: f32, s
     let one = s.splat_f32s(1.0);
     let capped = xf.cap != 0.0;
     let chain = inl(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |tv: S::f32s, gv: S::f32s| {
             if capped {
                 let r = s.mul_f32s(tv, vick);
@@ -112,7 +120,8 @@ pub(crate) fn ce_grad<S: Isa>(s: S, t: &[f32], g: &mut [f32], m: f32, c1: f32, s
         },
     );
     let p = inl(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |tv: S::f32s| s.mul_f32s(exp(s, s.sub_f32s(tv, vm)), vc1),
     );
     let (th, tt) = S::as_simd_f32s(t);
@@ -154,7 +163,8 @@ pub(crate) fn ce_grad<S: Isa>(s: S, t: &[f32], g: &mut [f32], m: f32, c1: f32, s
 
 /// Finishes a cross-entropy gradient over stored exponentials `e_i = exp((x_i − m)·k)`, in
 /// place: `g_i = (e_i·c1 − sub_i)·k`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn ce_finish<S: Isa>(s: S, g: &mut [f32], c1: f32, sub: Sub<'_>, k: f32) {
     let (vc1, vk) = (s.splat_f32s(c1), s.splat_f32s(k));
     let (gh, gt) = S::as_mut_simd_f32s(g);

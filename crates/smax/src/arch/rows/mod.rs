@@ -16,20 +16,23 @@ const MAX_LANES: usize = 16;
 
 /// The `tail.len() < S::F32_LANES` elements of `tail` in the first lanes, `fill` in the rest
 /// (a masked load where the ISA has one: no call to `memcpy` per row end).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn load_padded<S: Isa>(s: S, tail: &[f32], fill: f32) -> S::f32s {
     s.select_f32s(first_lanes(s, tail.len()), s.partial_load_f32s(tail), s.splat_f32s(fill))
 }
 
 /// Stores the first `dst.len() < S::F32_LANES` lanes of `v` (a masked store where the ISA has
 /// one).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn store_partial<S: Isa>(s: S, dst: &mut [f32], v: S::f32s) {
     s.partial_store_f32s(dst, v);
 }
 
 /// Lanes of `v` as an array (first `S::F32_LANES` entries meaningful).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn lanes<S: Isa>(v: S::f32s) -> [f32; MAX_LANES] {
     let mut buf = [0.0f32; MAX_LANES];
     S::as_mut_simd_f32s(&mut buf[..S::F32_LANES]).0[0] = v;
@@ -37,7 +40,8 @@ pub(crate) fn lanes<S: Isa>(v: S::f32s) -> [f32; MAX_LANES] {
 }
 
 /// A mask that is true in lanes `0..n`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn first_lanes<S: Isa>(s: S, n: usize) -> S::m32s {
     let iota: [f32; MAX_LANES] = core::array::from_fn(|i| i as f32);
     let v = S::as_simd_f32s(&iota[..S::F32_LANES]).0[0];
@@ -46,10 +50,12 @@ pub(crate) fn first_lanes<S: Isa>(s: S, n: usize) -> S::m32s {
 
 /// Maximum of `x` (`-inf` for an empty slice). NaN handling is unspecified (it may or may not
 /// be returned); callers detect NaN through the sums instead.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn max<S: Isa>(s: S, x: &[f32], pf: Ahead) -> f32 {
     let op = inl(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |a, v| s.max_f32s(a, v),
     );
     s.reduce_max_f32s(fold4(s, x, f32::NEG_INFINITY, pf, op))
@@ -57,7 +63,8 @@ pub(crate) fn max<S: Isa>(s: S, x: &[f32], pf: Ahead) -> f32 {
 
 /// Folds `x` with `op` into four independent accumulators (so four `op`s are in flight), the
 /// tail padded with `pad` (`op`'s identity), and returns `op(op(a0, a1), op(a2, a3))`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn fold4<S: Isa>(s: S, x: &[f32], pad: f32, pf: Ahead, op: impl Fn(S::f32s, S::f32s) -> S::f32s) -> S::f32s {
     let (head, tail) = S::as_simd_f32s(x);
     let p = s.splat_f32s(pad);
@@ -79,7 +86,8 @@ fn fold4<S: Isa>(s: S, x: &[f32], pad: f32, pf: Ahead, op: impl Fn(S::f32s, S::f
     op(op(a0, a1), op(a2, a3))
 }
 
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 /// `Σ exp((x − m)·k)` over one block; with `y`, stores each `exp((x − m)·k)` there, or with
 /// `shifted`, each `(x − m)·k` (the log-softmax form) instead.
 fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f32]>, shifted: bool, pf: Ahead) -> f32 {
@@ -91,18 +99,21 @@ fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f3
     let (head, tail) = S::as_simd_f32s(x);
     // (t, exp(t)) with t = (x − m)·k; `stored` picks which of the two goes to `y`.
     let te = inl(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |v: S::f32s| {
             let t = s.mul_f32s(s.sub_f32s(v, vm), vk);
             (t, exp(s, t))
         },
     );
     let f = inl(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |v: S::f32s| te(v).1,
     );
     let stored = inl(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |(t, e): (S::f32s, S::f32s)| if shifted { t } else { e },
     );
     match y.as_deref_mut() {
@@ -154,7 +165,8 @@ fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f3
 }
 
 /// `acc += Σ exp((x_i − m)·k)`, in blocks (f32 inside a block, f64 across blocks).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn sum_exp<S: Isa>(s: S, x: &[f32], m: f32, k: f32, acc: &mut f64, pf: Ahead) {
     for (i, blk) in x.chunks(BLOCK).enumerate() {
         *acc += sum_exp_block(s, blk, m, k, None, false, pf.skip(i * BLOCK)) as f64;
@@ -162,7 +174,8 @@ pub(crate) fn sum_exp<S: Isa>(s: S, x: &[f32], m: f32, k: f32, acc: &mut f64, pf
 }
 
 /// `y_i = exp((x_i − m)·k)` and `acc += Σ y_i` (pass 2 of the three-pass algorithm).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn exp_store_sum<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, acc: &mut f64, pf: Ahead) {
     for (i, (blk, yb)) in x.chunks(BLOCK).zip(y.chunks_mut(BLOCK)).enumerate() {
         *acc += sum_exp_block(s, blk, m, k, Some(yb), false, pf.skip(i * BLOCK)) as f64;
@@ -171,7 +184,8 @@ pub(crate) fn exp_store_sum<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f
 
 /// `y_i = (x_i − m)·k` and `acc += Σ exp(y_i)` (log-softmax pass 2: the output row is written
 /// while the exponentials are computed, so its cache misses overlap the arithmetic).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn shift_store_sum<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k: f32, acc: &mut f64, pf: Ahead) {
     for (i, (blk, yb)) in x.chunks(BLOCK).zip(y.chunks_mut(BLOCK)).enumerate() {
         *acc += sum_exp_block(s, blk, m, k, Some(yb), true, pf.skip(i * BLOCK)) as f64;
@@ -185,7 +199,8 @@ pub(crate) fn shift_store_sum<S: Isa>(s: S, x: &[f32], y: &mut [f32], m: f32, k:
 /// `patch = Some((i, v))`, `y_i` is `v` instead (the cross-entropy's target entry), placed
 /// before the store. No prefetch: the callers' pass 2 has fetched `next` into L2. No fence:
 /// the caller orders the streaming stores of a whole task with one `stream_fence`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn finish_max_next<S: Isa>(
     s: S,
@@ -199,7 +214,8 @@ pub(crate) fn finish_max_next<S: Isa>(
 ) -> f32 {
     let vc = s.splat_f32s(c);
     let f = inl(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         move |v: S::f32s| if log { s.sub_f32s(v, vc) } else { s.mul_f32s(v, vc) },
     );
     // `patch` relative to the part of `y` that starts at `at` and runs `len` elements.
@@ -229,7 +245,8 @@ pub(crate) fn finish_max_next<S: Isa>(
 }
 
 /// `y_i *= c` in place, or `y_i −= c` with `sub` (callers pass it as a constant).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn scale_or_shift<S: Isa>(s: S, y: &mut [f32], c: f32, sub: bool) {
     let vc = s.splat_f32s(c);
     let (head, tail) = S::as_mut_simd_f32s(y);
@@ -275,7 +292,8 @@ impl Online {
 /// One online step per block: block max, rescale the running sum if the max grew, then add the
 /// block's `Σ exp((x − m)·k)`. Blocks that are entirely `-inf` add nothing, but are scanned for
 /// NaN so that a NaN can never hide in a masked block.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn online<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Online, pf: Ahead) {
     for (i, blk) in x.chunks(BLOCK).enumerate() {
         online_block(s, blk, k, st, pf.skip(i * BLOCK));
@@ -283,7 +301,8 @@ pub(crate) fn online<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Online, pf: Ahead
 }
 
 /// One block of [`online`].
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn online_block<S: Isa>(s: S, blk: &[f32], k: f32, st: &mut Online, pf: Ahead) {
     let bm = max(s, blk, Ahead::NONE);
     if bm == f32::NEG_INFINITY {
@@ -357,7 +376,8 @@ const EXT_FLOOR: f32 = 4_194_000.0;
 /// `2^d` for an integer-valued `d <= 0`, exactly (built from the bits); `0` below `2^-1022`,
 /// where the scaled term is below `2^-1000` of the one it is added to (an [`Ext`] block value
 /// is at least `2^-0.5`: its largest lane contributes `p·2^0`).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn pow2_f64(d: f64) -> f64 {
     if d < -1022.0 { 0.0 } else { f64::from_bits(((d as i64 + 1023) as u64) << 52) }
 }
@@ -368,7 +388,8 @@ fn pow2_f64(d: f64) -> f64 {
 /// each block the lanes are brought to the block's largest exponent in registers (exact
 /// powers of two), summed in f32 like every other block reduction here, and the block's one
 /// `(value, exponent)` pair is merged into `st` in f64.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn ext<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Ext, pf: Ahead) {
     let vk = s.splat_f32s(k);
     // `x ≥ −EXT_FLOOR/k` keeps `x·k` within `exp_ext`'s range (`k > 0`, validated).
@@ -384,7 +405,8 @@ pub(crate) fn ext<S: Isa>(s: S, x: &[f32], k: f32, st: &mut Ext, pf: Ahead) {
         let mut mx = s.splat_f32s(f32::NEG_INFINITY);
         let mut bad = zero;
         let mut step = inl_mut(
-            #[inline(always)]
+            #[cfg_attr(not(debug_assertions), inline(always))]
+            #[cfg_attr(debug_assertions, inline)]
             |xv: S::f32s, keep: Option<S::m32s>, v: &mut S::f32s, e: &mut S::f32s| {
                 let xs = s.mul_f32s(xv, vk);
                 bad = s.add_f32s(bad, s.mul_f32s(xs, zero));

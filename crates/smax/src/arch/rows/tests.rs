@@ -26,7 +26,8 @@ struct WritePass<'a> {
 
 impl Task for WritePass<'_> {
     type Output = (f32, f64);
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) -> (f32, f64) {
         let (m, k, c) = (0.75f32, 1.25f32, 0.3f32);
         let WritePass { kind, log, stream, io: (x, y), other } = self;

@@ -9,7 +9,8 @@ use super::*;
 /// a buffer from the system allocator is usually 16 bytes past a page boundary, and a grid
 /// counted from the row start would then never stream at all. The map is elementwise, so
 /// where the grid starts does not change a single output bit.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(super) fn stream_peel<S: Isa>(y: &[f32], stream: bool) -> usize {
     let align = S::F32_LANES * core::mem::size_of::<f32>();
     let mis = y.as_ptr() as usize % align;
@@ -29,7 +30,8 @@ pub(super) struct Store<'p> {
 }
 
 /// One block of [`write_map`] (no fence).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(super) fn write_block<S: Isa>(
     s: S,
     (x, y): (&[f32], &mut [f32]),
@@ -46,7 +48,8 @@ pub(super) fn write_block<S: Isa>(
     // same line would read the line back and stall every later store behind it).
     let pj = patch.filter(|p| p.0 < n).map(|(i, _)| i / l);
     let fp = inl(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |j: usize, v: S::f32s| {
             let v = f(v);
             match patch {
@@ -101,7 +104,8 @@ pub(crate) struct Next<'a, 'p> {
 /// read pass would leave the write bandwidth idle half the time. Bit for bit the same as the
 /// two calls made separately: the same blocks, in the same order, through the same code. The
 /// callers pass `next` as a constant `None` or `Some`, so each inlined copy compiles one loop.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn write_map<S: Isa>(
     s: S,
     (x, y): (&[f32], &mut [f32]),
@@ -110,7 +114,8 @@ fn write_map<S: Isa>(
     f: impl Fn(S::f32s) -> S::f32s,
 ) {
     let at = inl(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |i: usize| Store { stream, fill, pf: pf.skip(i) },
     );
     let h = stream_peel::<S>(y, stream);
@@ -154,7 +159,8 @@ pub(crate) enum RowMap {
 /// `y_i = map(x_i)`; with `stream`, aligned full vectors bypass the cache; with `next`, fused
 /// with the online pass over the next row (see [`write_map`]). Callers pass `map` and `next`
 /// as constants of their branch, so each inlined copy compiles one map and one loop.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn write_row<S: Isa>(
     s: S,
     x: &[f32],
@@ -168,7 +174,8 @@ pub(crate) fn write_row<S: Isa>(
         RowMap::Softmax { m, k, c } => {
             let (vm, vk, vc) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(c));
             let f = inl(
-                #[inline(always)]
+                #[cfg_attr(not(debug_assertions), inline(always))]
+                #[cfg_attr(debug_assertions, inline)]
                 move |v: S::f32s| s.mul_f32s(exp(s, s.mul_f32s(s.sub_f32s(v, vm), vk)), vc),
             );
             write_map(s, (x, y), Store { stream, fill: f32::NEG_INFINITY, pf }, next, f)
@@ -176,7 +183,8 @@ pub(crate) fn write_row<S: Isa>(
         RowMap::LogSoftmax { m, k, ls } => {
             let (vm, vk, vl) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(-ls));
             let f = inl(
-                #[inline(always)]
+                #[cfg_attr(not(debug_assertions), inline(always))]
+                #[cfg_attr(debug_assertions, inline)]
                 move |v: S::f32s| s.mul_add_f32s(s.sub_f32s(v, vm), vk, vl),
             );
             write_map(s, (x, y), Store { stream, fill: 0.0, pf }, next, f)
@@ -184,7 +192,8 @@ pub(crate) fn write_row<S: Isa>(
     }
 }
 
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn dot_block<S: Isa>(s: S, a: &[f32], b: &[f32], pa: Ahead, pb: Ahead) -> f32 {
     let z = s.splat_f32s(0.0);
     let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
@@ -211,7 +220,8 @@ fn dot_block<S: Isa>(s: S, a: &[f32], b: &[f32], pa: Ahead, pb: Ahead) -> f32 {
 }
 
 /// `acc += Σ a_i·b_i` in blocks.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn dot<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, pa: Ahead, pb: Ahead) {
     for (i, (x, y)) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).enumerate() {
         *acc += dot_block(s, x, y, pa.skip(i * BLOCK), pb.skip(i * BLOCK)) as f64;
@@ -219,12 +229,14 @@ pub(crate) fn dot<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, pa: Ahead, 
 }
 
 /// `acc += Σ a_i` in blocks, and `mx = max(mx, max_i b_i)`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(crate) fn sum_and_max<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, mx: &mut f32, pa: Ahead, pb: Ahead) {
     for (i, (x, y)) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).enumerate() {
         let (pa, pb) = (pa.skip(i * BLOCK), pb.skip(i * BLOCK));
         let op = inl(
-            #[inline(always)]
+            #[cfg_attr(not(debug_assertions), inline(always))]
+            #[cfg_attr(debug_assertions, inline)]
             |a, v| s.add_f32s(a, v),
         );
         *acc += s.reduce_sum_f32s(fold4(s, x, 0.0, pa, op)) as f64;
@@ -237,24 +249,28 @@ pub(crate) fn sum_and_max<S: Isa>(s: S, a: &[f32], b: &[f32], acc: &mut f64, mx:
 
 /// Softmax backward map: `dx_i = (y_i·(dy_i − dot))·k` (`k = 1/τ`; multiplying by 1 is exact).
 /// With `stream`, aligned full vectors of `dx` bypass the cache.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn softmax_bwd<S: Isa>(s: S, y: &[f32], dy: &[f32], dx: &mut [f32], dot: f32, k: f32, stream: bool) {
     let (vd, vk) = (s.splat_f32s(dot), s.splat_f32s(k));
     let f = inl(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |a: S::f32s, g: S::f32s| s.mul_f32s(s.mul_f32s(a, s.sub_f32s(g, vd)), vk),
     );
     map2::<S>(s, y, dy, dx, stream, f);
 }
 
 /// Log-softmax backward map: `dx_i = (dy_i − exp(y_i)·sum)·k`, as [`softmax_bwd`].
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn log_softmax_bwd<S: Isa>(s: S, y: &[f32], dy: &[f32], dx: &mut [f32], sum: f32, k: f32, stream: bool) {
     let (vs, vk) = (s.splat_f32s(-sum), s.splat_f32s(k));
     let f = inl(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |a: S::f32s, g: S::f32s| s.mul_f32s(s.mul_add_f32s(exp(s, a), vs, g), vk),
     );
     map2::<S>(s, y, dy, dx, stream, f);
@@ -262,7 +278,8 @@ pub(crate) fn log_softmax_bwd<S: Isa>(s: S, y: &[f32], dy: &[f32], dx: &mut [f32
 
 /// `out_i = f(a_i, b_i)`; with `stream`, the unaligned head of `out` is peeled (see
 /// [`stream_peel`]) and the aligned full vectors bypass the cache.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn map2<S: Isa>(s: S, a: &[f32], b: &[f32], out: &mut [f32], stream: bool, f: impl Fn(S::f32s, S::f32s) -> S::f32s) {
     let h = stream_peel::<S>(out, stream);
     if h > 0 {

@@ -113,7 +113,8 @@ pub(crate) struct CeRows<'a, T> {
 
 impl<T: Element> Task for CeRows<'_, T> {
     type Output = Vec<RowOut>;
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) -> Vec<RowOut> {
         let CeRows { c, x, xs, len, classes, probs, mut g, rows } = self;
         let online = pipelined(&c, len, classes.is_some(), g.is_some());
@@ -145,7 +146,8 @@ impl<T: Element> Task for CeRows<'_, T> {
 }
 
 /// Calls `f(offset, t)` over the transformed f32 view of `x` (zero-copy for plain f32).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn tiles<'p, T: Element, S: Isa>(s: S, xf: Xform, x: &[T], pf: Ahead<'p>, mut f: impl FnMut(usize, &[f32], Ahead<'p>)) {
     if xf.is_identity() {
         if let Some(xs) = T::cast::<f32>(x) {
@@ -166,7 +168,8 @@ fn tiles<'p, T: Element, S: Isa>(s: S, xf: Xform, x: &[T], pf: Ahead<'p>, mut f:
 }
 
 /// The soft-target weights of a tile: `u = w ⊙ ((1 − ε)·q + ε/K)` (`w = 1` without weights).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn soft_u<T: Element>(c: &Ce<'_>, q: &[T], off: usize, u: &mut [f32]) {
     T::load_f32(q, u);
     let (a, b) = ((1.0 - c.eps) as f32, (c.eps / c.classes) as f32);
@@ -204,7 +207,8 @@ fn special_row<T: Element>(c: &Ce<'_>, sp: Special, g: Option<&mut [T]>) -> RowO
 /// constant `A = s·α + s_z·2λ·lse` (the gradient is `A·p` before the chain factor `k`), and
 /// the target's correction `s·α·k` subtracted from its gradient entry. The two pipelined
 /// paths share it, so they agree with each other and with [`row_f32_hard`] term by term.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn class_row(c: &Ce<'_>, xr: &[f32], yi: usize, m: f32, d: f64) -> (RowOut, f64, f32) {
     let kf = c.xf.k;
     let k64 = kf as f64;
@@ -219,14 +223,16 @@ fn class_row(c: &Ce<'_>, xr: &[f32], yi: usize, m: f32, d: f64) -> (RowOut, f64,
 /// `d = Σ exp((x − m)·k)`: the target logit is shifted by the max before it is scaled, in f64
 /// (where the difference of two f32 values is exact), so a large `x_y·k` neither overflows f32
 /// nor cancels against `lse`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn target_term(alpha: f64, xy: f32, m: f32, k: f64, d: f64) -> f64 {
     weighted(alpha, d.ln() - (xy as f64 - m as f64) * k)
 }
 
 /// `α·(lse − t_y)` given `lse − t_y`: a target of weight `α = 0` contributes 0, also when its
 /// logit is masked (`0·inf` would be NaN). Every row path forms the target's loss through it.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn weighted(alpha: f64, lse_minus_ty: f64) -> f64 {
     if alpha == 0.0 { 0.0 } else { alpha * lse_minus_ty }
 }
@@ -239,7 +245,8 @@ fn transform_overflowed<T: Element>(x: &[T], sp: Special) -> bool {
 }
 
 /// One row on the f32 compute path.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Option<&mut [T]>, pf: Ahead) -> RowOut {
     let kk = x.len();
     let xf = c.xf;
@@ -279,7 +286,8 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
         xf,
         x,
         pf,
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |off, t, p| {
             let bm = match (tgt, c.weights) {
                 (Tgt::Probs(q), _) => {
@@ -316,7 +324,8 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
             xf,
             x,
             Ahead::NONE,
-            #[inline(always)]
+            #[cfg_attr(not(debug_assertions), inline(always))]
+            #[cfg_attr(debug_assertions, inline)]
             |_, t, p| k::sum_exp(s, t, m, 1.0, &mut d, p),
         );
     }
@@ -372,7 +381,8 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
     let direct = xf.is_identity() && T::cast::<f32>(x).is_some();
     let mut gopt = Some(g);
     let mut write_tile = inl_mut(
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |off: usize, t: &[f32], gt: &mut [f32]| {
             let n = t.len();
             let sub = match tgt {
@@ -409,7 +419,8 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
         xf,
         x,
         Ahead::NONE,
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |off, t, _| {
             if let Some(gc) = gchunks.next() {
                 let n = t.len();
@@ -423,7 +434,8 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
 
 /// The log-sum-exp of the transformed logits of a row (for ignored rows whose lse is asked
 /// for).
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn lse_only<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], pf: Ahead) -> f64 {
     let mut m = f32::NEG_INFINITY;
     tiles(
@@ -431,7 +443,8 @@ fn lse_only<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], pf: Ahead) -> f64 {
         c.xf,
         x,
         pf,
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |_, t, p| {
             let bm = k::max(s, t, p);
             if bm > m || bm.is_nan() {
@@ -446,7 +459,8 @@ fn lse_only<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], pf: Ahead) -> f64 {
             c.xf,
             x,
             Ahead::NONE,
-            #[inline(always)]
+            #[cfg_attr(not(debug_assertions), inline(always))]
+            #[cfg_attr(debug_assertions, inline)]
             |_, t, p| k::sum_exp(s, t, m, 1.0, &mut d, p),
         );
     }

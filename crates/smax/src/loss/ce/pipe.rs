@@ -9,7 +9,8 @@ use super::*;
 /// target's `−s·α·k`), carries the online (max, Σ) pass over row `r + 1` in the same loop, so
 /// the logits are read from memory once and the gradient streams out: two passes' work,
 /// one pass's traffic. Bit for bit what each row computes alone through this path.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(super) fn rows_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOut> {
     let PlainRows { x, xs, len, classes, g, gs } = p;
     let rows = classes.len();
@@ -65,7 +66,8 @@ pub(super) fn rows_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOu
 /// Pass 1 takes the max (and the smoothing dot) of the raw logits, pass 2 stores
 /// `exp((x − m)·k)` into the gradient row and sums it, pass 3 finishes the gradient in place
 /// while the row is still in cache. The temperature is folded into `k`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn row_f32_hard<S: Isa>(
     s: S,
@@ -139,7 +141,8 @@ pub(super) fn row_f32_hard<S: Isa>(
 /// stores its exponentials in a cached scratch row; pass 3 streams the gradient out of it
 /// while pass 1 (the max) of row `r + 1` runs in the same loop. Ignored and special rows go
 /// through [`row_f32_hard`]'s own code. Bit for bit what each row computes alone.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 pub(super) fn rows_three_pass_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -> Vec<RowOut> {
     let PlainRows { x, xs, len, classes, g, gs } = p;
     let rows = classes.len();
@@ -148,7 +151,8 @@ pub(super) fn rows_three_pass_pipe<S: Isa>(s: S, c: &Ce<'_>, p: PlainRows<'_>) -
     let row = |r: usize| &x[r * xs..r * xs + len];
     crate::engine::with_scratch(
         len,
-        #[inline(always)]
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
         |b| {
             let mut m = k::max(s, row(0), Ahead::NONE);
             for (r, &y) in classes.iter().enumerate() {

@@ -17,7 +17,8 @@ pub(super) struct TileFwd<'a> {
 
 impl Task for TileFwd<'_> {
     type Output = ();
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) {
         let TileFwd { t, vb, bias, xf, st, y, j0, smooth } = self;
         for (r, (row, tok)) in t.chunks_mut(vb).zip(st.iter_mut()).enumerate() {
@@ -68,7 +69,8 @@ impl Task for TileFwd<'_> {
 }
 
 /// `row = cap(row + bias)`.
-#[inline(always)]
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
 fn prep_row<S: Isa>(s: S, row: &mut [f32], bias: Option<&[f32]>, xf: Xform) {
     if let Some(b) = bias {
         for (o, &bv) in row.iter_mut().zip(b) {
@@ -112,7 +114,8 @@ pub(super) struct TileBwd<'a> {
 
 impl Task for TileBwd<'_> {
     type Output = f32;
-    #[inline(always)]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) -> f32 {
         let TileBwd { t, vb, bias, st, y, j0, c } = self;
         let mut mx = 0.0f32;
