@@ -1,0 +1,273 @@
+//! smax-burn's operations against burn's own, forward and forward+backward (Autodiff), at the
+//! core's 256 MiB shapes and at attention's, plus the adapter's overhead over calling smax
+//! directly. Prints a table and writes JSON records (`op`, `dtype`, `rows`, `cols`, `threads`,
+//! `impl`, `median_s`, `gb_per_s`, as `smax bench --json`) with `--json PATH`.
+//!
+//! ```text
+//! cargo run --release -p smax-burn --example bench -- [--quick] [--json out.json]
+//! ```
+//!
+//! `impl`: `burn` (burn's `activation::softmax` / `log_softmax`, the max-shifted `logsumexp`
+//! composition, `nn::loss::CrossEntropyLoss`, and the matmul/softmax attention composition),
+//! `smax-burn` (this crate, on the Flex backend), `smax` (the library on a `Vec`, output
+//! allocated per call: the overhead baseline).
+
+use std::time::Instant;
+
+use burn::tensor::{Device, Distribution, Int, Tensor, activation};
+use smax::attention::AttentionOptions;
+
+struct Rec {
+    op: &'static str,
+    rows: usize,
+    cols: usize,
+    imp: &'static str,
+    median_s: f64,
+    bytes: f64,
+}
+
+fn time(mut f: impl FnMut(), budget: f64) -> f64 {
+    f();
+    let mut ts = Vec::new();
+    let start = Instant::now();
+    while ts.len() < 3 || (start.elapsed().as_secs_f64() < budget && ts.len() < 30) {
+        let t = Instant::now();
+        f();
+        ts.push(t.elapsed().as_secs_f64());
+    }
+    ts.sort_by(f64::total_cmp);
+    ts[ts.len() / 2]
+}
+
+/// Forces the tensor's computation (burn may defer) by reading one element.
+fn sync<const D: usize>(t: Tensor<D>) {
+    let _ = t.flatten::<1>(0, D - 1).narrow(0, 0, 1).into_data();
+}
+
+fn main() -> Result<(), smax::Error> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let json = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
+    let budget = if quick { 0.3 } else { 1.5 };
+    let (rows, cols) = if quick { (256, 32768) } else { (2048, 32768) };
+    let threads = rayon::current_num_threads();
+    let dev = Device::default();
+    let mut recs = Vec::new();
+    let mut push = |op, rows, cols, imp, median_s, bytes| recs.push(Rec { op, rows, cols, imp, median_s, bytes });
+    let n = (rows * cols) as f64;
+
+    let x = Tensor::<2>::random([rows, cols], Distribution::Normal(0.0, 4.0), &dev);
+    let xs: Vec<f32> = x.clone().into_data().try_to_vec::<f32>().unwrap_or_default();
+    let lay = smax::Layout::rows(rows, cols);
+    let o = smax::Options::default();
+    let fwd = 8.0 * n;
+    push("softmax", rows, cols, "burn", time(|| sync(activation::softmax(x.clone(), 1)), budget), fwd);
+    push("softmax", rows, cols, "smax-burn", time(|| sync(smax_burn::softmax(x.clone(), 1).unwrap()), budget), fwd);
+    push(
+        "softmax",
+        rows,
+        cols,
+        "smax",
+        time(|| drop(smax::softmax_to_vec(smax::View::new(&xs, lay).unwrap(), &o)), budget),
+        fwd,
+    );
+    push("log_softmax", rows, cols, "burn", time(|| sync(activation::log_softmax(x.clone(), 1)), budget), fwd);
+    push(
+        "log_softmax",
+        rows,
+        cols,
+        "smax-burn",
+        time(|| sync(smax_burn::log_softmax(x.clone(), 1).unwrap()), budget),
+        fwd,
+    );
+    push(
+        "log_softmax",
+        rows,
+        cols,
+        "smax",
+        time(|| drop(smax::log_softmax_to_vec(smax::View::new(&xs, lay).unwrap(), &o)), budget),
+        fwd,
+    );
+    let lse = |x: Tensor<2>| {
+        let m = x.clone().max_dim(1);
+        (x - m.clone()).exp().sum_dim(1).log() + m
+    };
+    push("logsumexp", rows, cols, "burn", time(|| sync(lse(x.clone())), budget), 4.0 * n);
+    push(
+        "logsumexp",
+        rows,
+        cols,
+        "smax-burn",
+        time(|| sync(smax_burn::logsumexp(x.clone(), 1).unwrap()), budget),
+        4.0 * n,
+    );
+    push(
+        "logsumexp",
+        rows,
+        cols,
+        "smax",
+        time(|| drop(smax::logsumexp_to_vec(smax::View::new(&xs, lay).unwrap(), &o)), budget),
+        4.0 * n,
+    );
+    drop(xs);
+
+    // Forward+backward under Autodiff (the gradient of Σ y).
+    let xa = x.clone().autodiff().require_grad();
+    let fb = 16.0 * n;
+    push(
+        "softmax_fwd_bwd",
+        rows,
+        cols,
+        "burn",
+        time(|| drop(xa.grad(&activation::softmax(xa.clone(), 1).sum().backward())), budget),
+        fb,
+    );
+    push(
+        "softmax_fwd_bwd",
+        rows,
+        cols,
+        "smax-burn",
+        time(|| drop(xa.grad(&smax_burn::softmax(xa.clone(), 1).unwrap().sum().backward())), budget),
+        fb,
+    );
+    push(
+        "log_softmax_fwd_bwd",
+        rows,
+        cols,
+        "burn",
+        time(|| drop(xa.grad(&activation::log_softmax(xa.clone(), 1).sum().backward())), budget),
+        fb,
+    );
+    push(
+        "log_softmax_fwd_bwd",
+        rows,
+        cols,
+        "smax-burn",
+        time(|| drop(xa.grad(&smax_burn::log_softmax(xa.clone(), 1).unwrap().sum().backward())), budget),
+        fb,
+    );
+    drop((x, xa));
+
+    // Cross-entropy with padding: burn's loss against smax-burn's.
+    let (cr, cc) = if quick { (512, 16384) } else { (4096, 16384) };
+    let cn = (cr * cc) as f64;
+    let x = Tensor::<2>::random([cr, cc], Distribution::Normal(0.0, 4.0), &dev);
+    let tv: Vec<i64> = (0..cr as i64).map(|i| (i * 7919) % cc as i64).collect();
+    let t = Tensor::<1, Int>::from_data(tv.as_slice(), &dev);
+    let theirs = burn::nn::loss::CrossEntropyLossConfig::new().with_pad_tokens(Some(vec![0])).init(&dev);
+    let ours = smax_burn::CrossEntropyLossConfig::new().with_pad_tokens(Some(vec![0])).init();
+    push("cross_entropy", cr, cc, "burn", time(|| sync(theirs.forward(x.clone(), t.clone())), budget), 4.0 * cn);
+    push(
+        "cross_entropy",
+        cr,
+        cc,
+        "smax-burn",
+        time(|| sync(ours.forward(x.clone(), t.clone()).unwrap()), budget),
+        4.0 * cn,
+    );
+    let xa = x.clone().autodiff().require_grad();
+    let ta = t.clone();
+    push(
+        "cross_entropy_fwd_bwd",
+        cr,
+        cc,
+        "burn",
+        time(|| drop(xa.grad(&theirs.forward(xa.clone(), ta.clone()).backward())), budget),
+        8.0 * cn,
+    );
+    push(
+        "cross_entropy_fwd_bwd",
+        cr,
+        cc,
+        "smax-burn",
+        time(|| drop(xa.grad(&ours.forward(xa.clone(), ta.clone()).unwrap().backward())), budget),
+        8.0 * cn,
+    );
+    drop((x, xa));
+
+    // Attention, causal 1x8xSx64, against the composition.
+    let s = if quick { 512 } else { 2048 };
+    let qkv = || Tensor::<4>::random([1, 8, s, 64], Distribution::Normal(0.0, 1.0), &dev);
+    let (q, k, v) = (qkv(), qkv(), qkv());
+    let ao = AttentionOptions::default().causal(true);
+    let ab = 4.0 * (4 * 8 * s * 64) as f64;
+    push(
+        "attention",
+        8 * s,
+        64,
+        "burn",
+        time(|| sync(smax_burn::composed::attention(q.clone(), k.clone(), v.clone(), &ao).unwrap()), budget),
+        ab,
+    );
+    push(
+        "attention",
+        8 * s,
+        64,
+        "smax-burn",
+        time(|| sync(smax_burn::attention(q.clone(), k.clone(), v.clone(), &ao).unwrap()), budget),
+        ab,
+    );
+    let (qa, ka, va) = (q.autodiff().require_grad(), k.autodiff().require_grad(), v.autodiff().require_grad());
+    push(
+        "attention_fwd_bwd",
+        8 * s,
+        64,
+        "burn",
+        time(
+            || {
+                drop(qa.grad(
+                    &smax_burn::composed::attention(qa.clone(), ka.clone(), va.clone(), &ao).unwrap().sum().backward(),
+                ))
+            },
+            budget,
+        ),
+        2.0 * ab,
+    );
+    push(
+        "attention_fwd_bwd",
+        8 * s,
+        64,
+        "smax-burn",
+        time(
+            || drop(qa.grad(&smax_burn::attention(qa.clone(), ka.clone(), va.clone(), &ao).unwrap().sum().backward())),
+            budget,
+        ),
+        2.0 * ab,
+    );
+
+    println!(
+        "{:<22} {:>12} {:>3} {:<10} {:>10} {:>7} {:>8} {:>9}",
+        "op", "shape", "thr", "impl", "median ms", "GB/s", "x burn", "overhead"
+    );
+    for r in &recs {
+        let base = recs.iter().find(|c| c.op == r.op && c.imp == "burn").map(|c| c.median_s / r.median_s);
+        let smax = recs.iter().find(|c| c.op == r.op && c.imp == "smax").filter(|_| r.imp == "smax-burn");
+        println!(
+            "{:<22} {:>12} {:>3} {:<10} {:>10.2} {:>7.2} {:>8} {:>9}",
+            r.op,
+            format!("{}x{}", r.rows, r.cols),
+            threads,
+            r.imp,
+            r.median_s * 1e3,
+            r.bytes / r.median_s / 1e9,
+            base.map(|b| format!("{b:.2}")).unwrap_or_default(),
+            smax.map(|c| format!("{:+.1}%", (r.median_s / c.median_s - 1.0) * 100.0)).unwrap_or_default(),
+        );
+    }
+    if let Some(path) = json {
+        let body: Vec<String> = recs
+            .iter()
+            .map(|r| {
+                format!(
+                    "  {{\"op\": \"{}\", \"dtype\": \"f32\", \"rows\": {}, \"cols\": {}, \"threads\": {threads}, \"impl\": \"{}\", \"median_s\": {:e}, \"gb_per_s\": {:.4}}}",
+                    r.op, r.rows, r.cols, r.imp, r.median_s, r.bytes / r.median_s / 1e9
+                )
+            })
+            .collect();
+        std::fs::write(&path, format!("[\n{}\n]\n", body.join(",\n"))).map_err(|e| smax::Error::Unsupported {
+            what: "--json",
+            why: if e.kind() == std::io::ErrorKind::NotFound { "directory not found" } else { "cannot write the file" },
+        })?;
+    }
+    Ok(())
+}
