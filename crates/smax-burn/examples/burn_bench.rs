@@ -4,7 +4,7 @@
 //! `impl`, `median_s`, `gb_per_s`, as `smax bench --json`) with `--json PATH`.
 //!
 //! ```text
-//! cargo run --release -p smax-burn --example bench -- [--quick] [--json out.json]
+//! cargo run --release -p smax-burn --example burn_bench -- [--quick] [--json out.json]
 //! ```
 //!
 //! `impl`: `burn` (burn's `activation::softmax` / `log_softmax`, the max-shifted `logsumexp`

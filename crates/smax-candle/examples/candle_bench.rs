@@ -4,7 +4,7 @@
 //! `gb_per_s`, as `smax bench --json`) with `--json PATH`.
 //!
 //! ```text
-//! cargo run --release -p smax-candle --example bench -- [--quick] [--json out.json]
+//! cargo run --release -p smax-candle --example candle_bench -- [--quick] [--json out.json]
 //! ```
 //!
 //! `impl`: `candle` (candle's fastest op with the same result: `softmax_last_dim` for the
