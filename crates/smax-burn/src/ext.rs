@@ -148,50 +148,31 @@ fn tensor<E: burn::backend::Element>(v: Vec<E>, shape: impl Into<Shape>) -> Flex
     FlexTensor::from_data(TensorData::new(v, shape))
 }
 
-/// Runs `$body` with `$E` bound to the element type of the float dtype `$dt`; other dtypes are
-/// an error.
-macro_rules! float_dispatch {
-    ($dt:expr, |$E:ident| $body:expr) => {
+/// Runs `$body` with `$E` bound to the element type of `$dt` among the listed
+/// `DType => type` pairs; any other dtype is an error naming `$accepted`.
+macro_rules! dtype_dispatch {
+    ($dt:expr, [$($v:ident => $t:ty),+], $accepted:expr, |$E:ident| $body:expr) => {
         match $dt {
-            DType::F32 => {
-                type $E = f32;
+            $(DType::$v => {
+                type $E = $t;
                 $body
-            }
-            DType::F64 => {
-                type $E = f64;
-                $body
-            }
-            DType::F16 => {
-                type $E = half::f16;
-                $body
-            }
-            DType::BF16 => {
-                type $E = half::bf16;
-                $body
-            }
-            other => Err(bad("dtype", format!("{other:?}"), "f32, f64, f16 or bf16")),
+            })+
+            other => Err(bad("dtype", format!("{other:?}"), $accepted)),
         }
     };
 }
 
-/// As `float_dispatch!`, for attention's f32, f16 and bf16.
+/// `dtype_dispatch!` over the normalisers' and losses' f32, f64, f16, bf16.
+macro_rules! float_dispatch {
+    ($dt:expr, |$E:ident| $body:expr) => {
+        dtype_dispatch!($dt, [F32 => f32, F64 => f64, F16 => half::f16, BF16 => half::bf16], "f32, f64, f16 or bf16", |$E| $body)
+    };
+}
+
+/// `dtype_dispatch!` over attention's f32, f16, bf16.
 macro_rules! attn_dispatch {
     ($dt:expr, |$E:ident| $body:expr) => {
-        match $dt {
-            DType::F32 => {
-                type $E = f32;
-                $body
-            }
-            DType::F16 => {
-                type $E = half::f16;
-                $body
-            }
-            DType::BF16 => {
-                type $E = half::bf16;
-                $body
-            }
-            other => Err(bad("dtype", format!("{other:?}"), "f32, f16 or bf16")),
-        }
+        dtype_dispatch!($dt, [F32 => f32, F16 => half::f16, BF16 => half::bf16], "f32, f16 or bf16", |$E| $body)
     };
 }
 

@@ -182,18 +182,7 @@ fn cross_entropy_padded(
         return composed::cross_entropy(Tensor::from_dispatch(xd), targets, opts, pad_tokens);
     }
     let args = CeArgs {
-        opts: CrossEntropyOptions {
-            reduction: opts.reduction,
-            ignore_index: opts.ignore_index,
-            class_weights: None,
-            label_smoothing: opts.label_smoothing,
-            z_loss: opts.z_loss,
-            softcap: opts.softcap,
-            temperature: opts.temperature,
-            grad_scale: opts.grad_scale,
-            all_ignored: opts.all_ignored,
-            exec: opts.exec,
-        },
+        opts: opts.without_class_weights(),
         class_weights: opts.class_weights.map(<[f32]>::to_vec),
         pad_tokens: pad_tokens.to_vec(),
         want_grad: false,
@@ -216,25 +205,10 @@ fn cross_entropy_padded(
 /// about `1e-6` relative for f32. Other backends and dtypes: burn's matmul/softmax
 /// composition (materialises the scores; a row with no key gives NaN there).
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, opts: &AttentionOptions<'_>) -> Result<Tensor<4>> {
-    if opts.bias.is_some() || opts.keep.is_some() {
-        return Err(Error::Unsupported {
-            what: "attention options",
-            why: "smax-burn takes causal, window, positions, scale, softcap and temperature; not a borrowed bias or mask",
-        });
-    }
-    let owned = AttentionOptions {
-        scale: opts.scale,
-        temperature: opts.temperature,
-        softcap: opts.softcap,
-        causal: opts.causal,
-        positions: opts.positions,
-        window: opts.window,
-        bias: None,
-        keep: None,
-        tiles: opts.tiles,
-        exec: opts.exec,
-        variant: (),
-    };
+    let owned = opts.without_borrows().ok_or(Error::Unsupported {
+        what: "attention options",
+        why: "smax-burn takes causal, window, positions, scale, softcap and temperature; not a borrowed bias or mask",
+    })?;
     let (qd, kd, vd) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
     let same = qd.dtype() == kd.dtype() && kd.dtype() == vd.dtype();
     if !(same && on_smax(&qd, &ATTN_FLOATS) && on_smax(&kd, &ATTN_FLOATS) && on_smax(&vd, &ATTN_FLOATS)) {

@@ -187,25 +187,12 @@ impl Flash {
 
 /// The options without borrowed bias or mask (which this adapter does not take).
 fn owned(o: &AttentionOptions<'_>) -> Result<AttentionOptions<'static>> {
-    if o.bias.is_some() || o.keep.is_some() {
-        return Err(candle_core::Error::Msg(
+    o.without_borrows().ok_or_else(|| {
+        candle_core::Error::Msg(
             "smax flash_attn takes causal, window, positions, scale, soft cap and temperature; \
              a borrowed bias or mask is not supported through candle"
                 .into(),
-        ));
-    }
-    Ok(AttentionOptions {
-        scale: o.scale,
-        temperature: o.temperature,
-        softcap: o.softcap,
-        causal: o.causal,
-        positions: o.positions,
-        window: o.window,
-        bias: None,
-        keep: None,
-        tiles: o.tiles,
-        exec: o.exec,
-        variant: (),
+        )
     })
 }
 

@@ -217,18 +217,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, opts: &CrossEntropyOptio
         return candle_nn::loss::cross_entropy(&x, &t);
     }
     // The options without their borrowed weights, which the op owns instead.
-    let owned = CrossEntropyOptions {
-        reduction: opts.reduction,
-        ignore_index: opts.ignore_index,
-        class_weights: None,
-        label_smoothing: opts.label_smoothing,
-        z_loss: opts.z_loss,
-        softcap: opts.softcap,
-        temperature: opts.temperature,
-        grad_scale: opts.grad_scale,
-        all_ignored: opts.all_ignored,
-        exec: opts.exec,
-    };
+    let owned = opts.without_class_weights();
     let kind = Kind::Softmax { opts: owned, weights: opts.class_weights.map(<[f32]>::to_vec) };
     apply_fused(logits, &x, &t, kind)
 }

@@ -1368,3 +1368,23 @@ fn sizes_with_no_batch_and_absurd_tiles_are_checked() {
     let huge = run(smax::attention::AttentionTiles { q: usize::MAX, kv: usize::MAX });
     assert_eq!(huge, run(smax::attention::AttentionTiles { q: ql, kv: kl }));
 }
+
+#[test]
+fn without_borrows_keeps_every_setting_and_refuses_a_bias_or_mask() {
+    let o = AttentionOptions::<()>::default()
+        .causal(true)
+        .scale(0.3)
+        .softcap(5.0)
+        .temperature(0.8)
+        .window(smax::attention::Window { left: 3, right: 1 })
+        .positions(QueryPositions::Offset(-2));
+    let w = o.without_borrows().expect("nothing borrowed");
+    assert_eq!((w.scale, w.softcap, w.temperature, w.causal), (Some(0.3), Some(5.0), 0.8, true));
+    assert_eq!((w.window, w.positions, w.tiles), (o.window, o.positions, o.tiles));
+    let bias = [0.0f32; 4];
+    let b = ScoreBias { data: &bias, strides: ScoreStrides::shared(4) };
+    assert!(o.bias(b).without_borrows().is_none());
+    let keep = [true; 4];
+    let k = KeepMask { data: &keep, strides: ScoreStrides::shared(4) };
+    assert!(o.keep(k).without_borrows().is_none());
+}

@@ -890,3 +890,22 @@ fn zero_weight_target_with_a_masked_logit_contributes_nothing() {
     case::<bf16>(f64::NEG_INFINITY, 1.0);
     case::<bf16>(-1e30, 1e-9);
 }
+
+#[test]
+fn without_class_weights_keeps_every_other_setting() {
+    let w = [1.0f32, 2.0];
+    let o = CrossEntropyOptions::default()
+        .reduction(Reduction::Sum)
+        .ignore_index(3)
+        .class_weights(&w)
+        .label_smoothing(0.1)
+        .z_loss(1e-3)
+        .softcap(30.0)
+        .temperature(0.9)
+        .grad_scale(2.0)
+        .all_ignored(AllIgnored::Nan);
+    let u = o.without_class_weights();
+    assert!(u.class_weights.is_none());
+    // Every other field equal: the options print the same once the weights are put back.
+    assert_eq!(format!("{:?}", CrossEntropyOptions { class_weights: Some(&w), ..u }), format!("{o:?}"));
+}

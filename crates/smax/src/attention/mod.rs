@@ -445,6 +445,18 @@ impl<'a> AttentionOptions<'a> {
     }
 }
 
+impl<V: Copy> AttentionOptions<'_, V> {
+    /// The same options when they borrow nothing (no `bias`, no `keep` mask), with any
+    /// lifetime: for a caller that stores them (an adapter's op that runs its backward later);
+    /// `None` when a bias or mask is set.
+    pub fn without_borrows<'b>(&self) -> Option<AttentionOptions<'b, V>> {
+        if self.bias.is_some() || self.keep.is_some() {
+            return None;
+        }
+        Some(self.with_parts(None, None, self.variant))
+    }
+}
+
 impl<'a, V> AttentionOptions<'a, V> {
     /// The options without the variant's parameters (what the shared validation reads).
     pub(crate) fn base(&self) -> AttentionOptions<'a> {
@@ -452,6 +464,16 @@ impl<'a, V> AttentionOptions<'a, V> {
     }
 
     fn map_variant<W>(&self, variant: W) -> AttentionOptions<'a, W> {
+        self.with_parts(self.bias, self.keep, variant)
+    }
+
+    /// These options with another bias, mask and variant.
+    fn with_parts<'b, W>(
+        &self,
+        bias: Option<ScoreBias<'b>>,
+        keep: Option<KeepMask<'b>>,
+        variant: W,
+    ) -> AttentionOptions<'b, W> {
         AttentionOptions {
             scale: self.scale,
             temperature: self.temperature,
@@ -459,8 +481,8 @@ impl<'a, V> AttentionOptions<'a, V> {
             causal: self.causal,
             positions: self.positions,
             window: self.window,
-            bias: self.bias,
-            keep: self.keep,
+            bias,
+            keep,
             tiles: self.tiles,
             exec: self.exec,
             variant,

@@ -123,6 +123,24 @@ setters!(CrossEntropyOptions<'w> {
 } some { class_weights: &'w [f32], softcap: f64 });
 
 impl CrossEntropyOptions<'_> {
+    /// The same options without class weights, which are the one borrowed field: for a caller
+    /// that keeps them itself (an adapter's op that outlives the caller's slice) and sets
+    /// `class_weights` again just before the call.
+    pub fn without_class_weights(&self) -> CrossEntropyOptions<'static> {
+        CrossEntropyOptions {
+            reduction: self.reduction,
+            ignore_index: self.ignore_index,
+            class_weights: None,
+            label_smoothing: self.label_smoothing,
+            z_loss: self.z_loss,
+            softcap: self.softcap,
+            temperature: self.temperature,
+            grad_scale: self.grad_scale,
+            all_ignored: self.all_ignored,
+            exec: self.exec,
+        }
+    }
+
     /// `f32_compute`: the logits are computed in f32 (every element type but f64).
     fn check(&self, f32_compute: bool) -> Result<()> {
         let bad = |name, value: f64, expected| Err(Error::bad_parameter(name, value, expected));
