@@ -88,6 +88,12 @@ fn normalize<const D: usize>(x: Tensor<D>, dim: usize, log: bool, opts: &Options
     check_dim::<D>(dim)?;
     let xd = x.into_dispatch();
     if !on_smax(&xd, &FLOATS) {
+        if opts.masked_row != smax::MaskedRow::Nan {
+            return Err(Error::Unsupported {
+                what: "masked_row",
+                why: "burn's softmax, which other backends run, gives NaN for fully masked rows",
+            });
+        }
         let x = Tensor::<D>::from_dispatch(xd) / opts.temperature;
         return Ok(if log {
             burn::tensor::activation::log_softmax(x, dim)

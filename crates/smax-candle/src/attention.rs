@@ -163,8 +163,12 @@ impl Flash {
         );
         let shape = shape_of(&q, &k, &v)?;
         let (n_out, n_kv) = (shape.out_len(), shape.kv_len_elems());
-        let out = &slices[3].0[slices[3].1.start_offset()..][..n_out];
-        let d_out = &slices[4].0[slices[4].1.start_offset()..][..n_out];
+        let part = |i: usize, what: &str| -> Result<&[T]> {
+            let (v, l) = slices[i];
+            v.get(l.start_offset()..l.start_offset() + n_out)
+                .ok_or_else(|| candle_core::Error::Msg(format!("smax flash_attn backward: {what} is not {:?}", q.dims)))
+        };
+        let (out, d_out) = (part(3, "out")?, part(4, "d_out")?);
         let (mut dq, mut dk, mut dv) = (vec![T::default(); n_out], vec![T::default(); n_kv], vec![T::default(); n_kv]);
         let inputs = AttentionInputs::new(shape, q.heads(), k.heads(), v.heads());
         smax::attention::attention_backward(

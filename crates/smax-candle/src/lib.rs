@@ -178,6 +178,11 @@ impl CustomOp2 for NormalizeBwd {
 fn normalize<D: Dim>(x: &Tensor, dim: D, norm: Norm, opts: &Options) -> Result<Tensor> {
     let dim = dim.to_index(x.shape(), "smax softmax")?;
     if !x.device().is_cpu() {
+        if opts.masked_row != smax::MaskedRow::Nan {
+            return Err(candle_core::Error::Msg(
+                "smax softmax off the CPU runs candle-nn's, whose fully masked rows are NaN".into(),
+            ));
+        }
         let xs = if opts.temperature == 1.0 { x.clone() } else { (x / opts.temperature)? };
         return match norm {
             Norm::Softmax => candle_nn::ops::softmax(&xs, dim),

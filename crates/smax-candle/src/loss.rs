@@ -175,6 +175,33 @@ impl CustomOp2 for Fused {
     }
 }
 
+/// Off the CPU the losses run candle-nn's `cross_entropy`, which has only PyTorch's defaults
+/// (mean over every row, no ignore index, weights, smoothing, z-loss, cap or temperature): any
+/// other option is an error there rather than silently dropped.
+fn check_default_options(
+    reduction: Reduction,
+    weighted: bool,
+    label_smoothing: f64,
+    z_loss: f64,
+    softcap: Option<f64>,
+    temperature: f64,
+) -> Result<()> {
+    if reduction != Reduction::Mean
+        || weighted
+        || label_smoothing != 0.0
+        || z_loss != 0.0
+        || softcap.is_some()
+        || temperature != 1.0
+    {
+        return Err(candle_core::Error::Msg(
+            "smax cross-entropy off the CPU runs candle-nn's, which takes only the default options \
+             (mean, no weights, smoothing, z-loss, cap or temperature)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// `[N, C]` logits and matching targets from `[N, C]` or `[C]` (one sample).
 fn as_rows(logits: &Tensor, targets: &Tensor, what: &str) -> Result<(Tensor, Tensor)> {
     let (x, t) = if logits.rank() == 1 {
@@ -209,11 +236,20 @@ fn apply_fused(logits: &Tensor, x: &Tensor, t: &Tensor, kind: Kind) -> Result<Te
 /// dtype (`[N]` for `Reduction::None`, a scalar otherwise). Accuracy: as smax's
 /// `cross_entropy`, a few ULP of f32 (f64 for f64 logits) relative to the loss plus a term in
 /// the row's log-sum-exp magnitude. Non-CPU tensors use candle-nn's `cross_entropy` (class
-/// indices, mean, no other option). Errors: targets out of range (naming the row), parameters
-/// out of range, shapes that disagree.
+/// indices, mean, no other option: any other is an error there). Errors: targets out of range
+/// (naming the row), parameters out of range, shapes that disagree.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, opts: &CrossEntropyOptions<'_>) -> Result<Tensor> {
     let (x, t) = as_rows(logits, targets, "cross_entropy")?;
     if !x.device().is_cpu() {
+        let o = opts;
+        check_default_options(
+            o.reduction,
+            o.class_weights.is_some(),
+            o.label_smoothing,
+            o.z_loss,
+            o.softcap,
+            o.temperature,
+        )?;
         return candle_nn::loss::cross_entropy(&x, &t);
     }
     // The options without their borrowed weights, which the op owns instead.
@@ -330,7 +366,8 @@ impl CustomOp3 for LinearCe {
 /// the conversion) and the loss has `h`'s dtype. Accuracy: the logits are f32 dot products of
 /// length `D`; past them, as [`cross_entropy`]. `Reduction::None` gives the per-token loss and
 /// is forward-only (its backward is an error: `dW` would need one scale per token). Non-CPU
-/// tensors: the materialised `h·Wᵀ` through [`cross_entropy`]'s fallback (mean only).
+/// tensors: the materialised `h·Wᵀ` through [`cross_entropy`]'s fallback (default options
+/// only).
 pub fn linear_cross_entropy(
     h: &Tensor,
     w: &Tensor,
@@ -347,6 +384,8 @@ pub fn linear_cross_entropy(
         )));
     }
     if !h.device().is_cpu() {
+        let o = opts;
+        check_default_options(o.reduction, false, o.label_smoothing, o.z_loss, o.softcap, 1.0)?;
         return candle_nn::loss::cross_entropy(&h2.matmul(&w.t()?)?, &t);
     }
     let dtype = h.dtype();
@@ -354,4 +393,21 @@ pub fn linear_cross_entropy(
     let op = LinearCe { opts: *opts, want: (hf.track_op(), wf.track_op()), grads: Mutex::new((None, None)) };
     let loss = hf.apply_op3(&wf, &t, op)?.to_dtype(dtype)?;
     if opts.reduction == Reduction::None { loss.reshape(&h.dims()[..h.rank() - 1]) } else { Ok(loss) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn off_cpu_fallback_refuses_every_option_it_would_drop() {
+        assert!(check_default_options(Reduction::Mean, false, 0.0, 0.0, None, 1.0).is_ok());
+        assert!(check_default_options(Reduction::Sum, false, 0.0, 0.0, None, 1.0).is_err());
+        assert!(check_default_options(Reduction::None, false, 0.0, 0.0, None, 1.0).is_err());
+        assert!(check_default_options(Reduction::Mean, true, 0.0, 0.0, None, 1.0).is_err());
+        assert!(check_default_options(Reduction::Mean, false, 0.1, 0.0, None, 1.0).is_err());
+        assert!(check_default_options(Reduction::Mean, false, 0.0, 1e-4, None, 1.0).is_err());
+        assert!(check_default_options(Reduction::Mean, false, 0.0, 0.0, Some(30.0), 1.0).is_err());
+        assert!(check_default_options(Reduction::Mean, false, 0.0, 0.0, None, 2.0).is_err());
+    }
 }

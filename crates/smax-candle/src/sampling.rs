@@ -161,7 +161,9 @@ impl LogitsProcessor {
         let x = if x.dtype() == DType::F64 { x } else { x.to_dtype(DType::F32)? };
         let x = x.contiguous()?;
         let (s, l) = x.storage_and_layout();
-        let Storage::Cpu(c) = &*s else { unreachable!("moved to the CPU above") };
+        let Storage::Cpu(c) = &*s else {
+            return Err(candle_core::Error::Msg("smax sampling: logits not on the CPU after the copy".into()));
+        };
         let start = l.start_offset();
         let tokens = match x.dtype() {
             DType::F64 => self.draw(&c.as_slice::<f64>()?[start..start + b * v], b, seeds)?,
