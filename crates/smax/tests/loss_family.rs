@@ -793,3 +793,59 @@ fn uskd_ranking_of_a_confident_student_does_not_depend_on_class_order() {
         close(b.total, a.total, 1e-12, "total under a permutation of the non-target classes");
     }
 }
+
+/// ⊥Grad's definition in plain f64.
+fn ortho_reference(w: &[f64], g: &[f64], renormalize: bool) -> Vec<f64> {
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let c = dot(w, g) / (dot(w, w) + 1e-30);
+    let p: Vec<f64> = g.iter().zip(w).map(|(gi, wi)| gi - c * wi).collect();
+    let s = if renormalize { dot(g, g).sqrt() / (dot(&p, &p).sqrt() + 1e-30) } else { 1.0 };
+    p.iter().map(|v| v * s).collect()
+}
+
+#[test]
+fn orthogonal_gradient_matches_its_definition_and_edge_cases() {
+    use smax::loss::{OrthoGradOptions, orthogonal_gradient};
+    let w: Vec<f64> = (0..257).map(|i| ((i * 37 % 101) as f64 - 50.0) / 17.0).collect();
+    let g: Vec<f64> = (0..257).map(|i| ((i * 53 % 89) as f64 - 44.0) / 9.0 + w[i] * 0.7).collect();
+    for renormalize in [true, false] {
+        let o = OrthoGradOptions::default().renormalize(renormalize);
+        let want = ortho_reference(&w, &g, renormalize);
+        let mut got = g.clone();
+        orthogonal_gradient(&w, &mut got, &o).unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        // Orthogonal to w; with renormalize, as long as g.
+        let wg: f64 = got.iter().zip(&w).map(|(a, b)| a * b).sum();
+        assert!(wg.abs() <= 1e-9, "w·g⊥ = {wg}");
+        if renormalize {
+            let n = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            assert!((n(&got) - n(&g)).abs() <= 1e-12 * n(&g));
+        }
+        // f32 against the same reference, rounded once.
+        let (w32, mut g32): (Vec<f32>, Vec<f32>) =
+            (w.iter().map(|&v| v as f32).collect(), g.iter().map(|&v| v as f32).collect());
+        let want32 = ortho_reference(
+            &w32.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            &g32.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            renormalize,
+        );
+        orthogonal_gradient(&w32, &mut g32, &o).unwrap();
+        for (a, b) in g32.iter().zip(&want32) {
+            assert!((*a as f64 - b).abs() <= 2f64.powi(-24) * b.abs().max(1e-30) * 1.01, "{a} vs {b}");
+        }
+    }
+    // w = 0: the plain gradient; g = 0 stays 0; g parallel to w vanishes; lengths must agree.
+    let o = OrthoGradOptions::default();
+    let mut g2 = vec![1.0f64, -2.0, 3.0];
+    orthogonal_gradient(&[0.0, 0.0, 0.0], &mut g2, &o).unwrap();
+    assert_eq!(g2, [1.0, -2.0, 3.0]);
+    let mut z = vec![0.0f64; 3];
+    orthogonal_gradient(&[1.0, 2.0, 3.0], &mut z, &o).unwrap();
+    assert_eq!(z, [0.0; 3]);
+    let mut par = vec![2.0f64, 4.0, 6.0];
+    orthogonal_gradient(&[1.0, 2.0, 3.0], &mut par, &o).unwrap();
+    assert!(par.iter().all(|v| v.abs() <= 1e-15), "{par:?}");
+    assert!(orthogonal_gradient(&[1.0f32, 2.0], &mut [1.0f32], &o).is_err());
+}

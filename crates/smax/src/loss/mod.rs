@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | [`cross_entropy`] | fused softmax cross-entropy over given logits: PyTorch's reduction, `ignore_index`, class weights, label smoothing, probability targets; PaLM z-loss, soft cap, temperature; SIMD, at memory speed | L1, L2 |
 //! | [`linear_cross_entropy`] | the same over `h·Wᵀ + b` without the `N x V` logits (Cut Cross-Entropy), gradients for `h`, `W`, `b` | L9 |
-//! | [`stablemax`], [`stablemax_cross_entropy`], [`softmax_collapse_fraction`] | StableMax and its loss; the Softmax-Collapse diagnostic | N5, N5b |
+//! | [`stablemax`], [`stablemax_cross_entropy`], [`softmax_collapse_fraction`], [`orthogonal_gradient`] | StableMax and its loss; the Softmax-Collapse diagnostic; ⊥Grad | N5, N5b, N5c |
 //! | [`spherical_z_loss`] | de Brébisson & Vincent's Z-loss (caller sets `a`, `b`) | L3 |
 //! | [`comp_sum_loss`] | the comp-sum τ-family: sum-exponential, CE, GCE, MAE | L5 |
 //! | [`nkd_loss`], [`uskd_loss`], [`hinton_kd_loss`] | normalised, teacher-free and classic knowledge distillation | L6, L6b, L11 |
@@ -33,10 +33,11 @@ mod family;
 mod linear;
 
 pub use family::{
-    CompSum, CosineGrads, Decoupled, HintonKd, LossOptions, Nkd, NormalizedSoftmax, SphericalZ, StablemaxOptions,
-    StablemaxOutput, TempNet, UskdOptions, UskdRanking, UskdReport, comp_sum_loss, decoupled_softmax_loss,
-    hinton_kd_loss, nkd_loss, normalized_softmax_loss, novel_class_prototype, softmax_collapse_fraction,
-    spherical_z_loss, stablemax, stablemax_cross_entropy, tempnet_loss, uskd_loss,
+    CompSum, CosineGrads, Decoupled, HintonKd, LossOptions, Nkd, NormalizedSoftmax, OrthoGradOptions, SphericalZ,
+    StablemaxOptions, StablemaxOutput, TempNet, UskdOptions, UskdRanking, UskdReport, comp_sum_loss,
+    decoupled_softmax_loss, hinton_kd_loss, nkd_loss, normalized_softmax_loss, novel_class_prototype,
+    orthogonal_gradient, softmax_collapse_fraction, spherical_z_loss, stablemax, stablemax_cross_entropy, tempnet_loss,
+    uskd_loss,
 };
 
 pub use linear::{

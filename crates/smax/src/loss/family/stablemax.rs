@@ -134,3 +134,56 @@ pub fn softmax_collapse_fraction<T: Element>(logits: View<'_, T>) -> Result<f64>
     }
     Ok(collapsed as f64 / rows as f64)
 }
+
+// ---------------------------------------------------------------------------------------------
+// ⊥Grad (N5c).
+
+defaults! {
+    /// Options of [`orthogonal_gradient`]. `Default`: rescaled to the gradient's norm, as the
+    /// paper's released code does.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct OrthoGradOptions {
+        /// Rescale `g⊥` to `‖g‖` (the released code's step); `false` keeps the bare projection.
+        pub renormalize: bool = true,
+        /// Accepted for the uniform options shape; the call is sequential (four passes over
+        /// one tensor) and reads neither field.
+        pub exec: Exec = Exec::default(),
+    }
+}
+
+setters!(OrthoGradOptions { renormalize: bool });
+
+/// ⊥Grad (Prieto et al. 2025, "Grokking at the Edge of Numerical Stability"): replaces the
+/// gradient `g` of one parameter tensor `w` (flattened) by its component orthogonal to `w`,
+/// `g⊥ = g − ((w·g)/(w·w + 1e−30))·w`, then, with `renormalize` (the default, as the paper's
+/// code), rescales it to the gradient's norm: `g⊥·‖g‖/(‖g⊥‖ + 1e−30)`. It removes the "naive
+/// loss minimisation" direction, which only scales the weights (and so the logits) and drives
+/// Softmax Collapse; hand the result to the base optimizer (AdamW, SGD). Call it once per
+/// parameter tensor per step.
+///
+/// Dot products and norms in f64 (compensated sums), the update rounded once to `T`. `w = 0`
+/// leaves `g` unchanged (the projection is 0); `g = 0` stays 0. NaN in either propagates to
+/// `g`. Errors: `w` and `g` of different lengths.
+pub fn orthogonal_gradient<T: Element>(w: &[T], g: &mut [T], opts: &OrthoGradOptions) -> Result<()> {
+    if w.len() != g.len() {
+        return Err(Error::LengthMismatch { what: "gradient", len: g.len(), expected: w.len() });
+    }
+    let ww = fsum(w.iter().map(|v| v.to_f64() * v.to_f64()));
+    let wg = fsum(w.iter().zip(g.iter()).map(|(a, b)| a.to_f64() * b.to_f64()));
+    let c = wg / (ww + 1e-30);
+    let scale = if opts.renormalize {
+        let gg = fsum(g.iter().map(|v| v.to_f64() * v.to_f64()));
+        // ‖g⊥‖² = ‖g‖² − 2c(w·g) + c²‖w‖², summed directly for accuracy.
+        let pp = fsum(w.iter().zip(g.iter()).map(|(a, b)| {
+            let d = b.to_f64() - c * a.to_f64();
+            d * d
+        }));
+        gg.sqrt() / (pp.sqrt() + 1e-30)
+    } else {
+        1.0
+    };
+    for (gi, wi) in g.iter_mut().zip(w) {
+        *gi = T::from_f64((gi.to_f64() - c * wi.to_f64()) * scale);
+    }
+    Ok(())
+}
