@@ -375,7 +375,7 @@ pub mod composed {
     pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, o: &AttentionOptions<'_>) -> Result<Tensor<4>> {
         let [b, hq, sq, d] = q.dims();
         let [_, hkv, skv, _] = k.dims();
-        if hkv == 0 || hq % hkv != 0 || k.dims() != v.dims() {
+        if hkv == 0 || hq % hkv != 0 || k.dims() != v.dims() || k.dims()[0] != b || k.dims()[3] != d {
             return Err(Error::Unsupported {
                 what: "attention shapes",
                 why: "q_heads must be a multiple of kv_heads; k and v equal",

@@ -849,3 +849,34 @@ fn orthogonal_gradient_matches_its_definition_and_edge_cases() {
     assert!(par.iter().all(|v| v.abs() <= 1e-15), "{par:?}");
     assert!(orthogonal_gradient(&[1.0f32, 2.0], &mut [1.0f32], &o).is_err());
 }
+
+#[test]
+fn normalized_softmax_zero_vectors_have_zero_gradient() {
+    // x row 0 is zero, class 1's weight is zero: their gradients are 0, not ~1e12; the other
+    // entries are unchanged by the zero vectors' presence (checked against finite differences).
+    let x = [0.0, 0.0, 1.0, -2.0];
+    let w = [1.0, 0.5, 0.0, 0.0, -1.0, 1.0];
+    let (mut dx, mut dw) = ([0.0f64; 4], [0.0f64; 6]);
+    let o = LossOptions::default().with_params(smax::loss::NormalizedSoftmax { temperature: 0.5 });
+    let grads = CosineGrads { dx: Some(&mut dx), dw: Some(&mut dw) };
+    normalized_softmax_loss(&x, &w, 2, &[0, 2], grads, &o).unwrap();
+    assert_eq!(&dx[..2], &[0.0, 0.0]);
+    assert_eq!(&dw[2..4], &[0.0, 0.0]);
+    let loss =
+        |x: &[f64], w: &[f64]| normalized_softmax_loss(x, w, 2, &[0, 2], CosineGrads::default(), &o).unwrap().loss;
+    let h = 1e-6;
+    for d in 2..4 {
+        let (mut xp, mut xm) = (x, x);
+        xp[d] += h;
+        xm[d] -= h;
+        let fd = (loss(&xp, &w) - loss(&xm, &w)) / (2.0 * h);
+        assert!((dx[d] - fd).abs() <= 1e-7, "dx[{d}] {} vs {fd}", dx[d]);
+    }
+    for d in [0usize, 1, 4, 5] {
+        let (mut wp, mut wm) = (w, w);
+        wp[d] += h;
+        wm[d] -= h;
+        let fd = (loss(&x, &wp) - loss(&x, &wm)) / (2.0 * h);
+        assert!((dw[d] - fd).abs() <= 1e-7, "dw[{d}] {} vs {fd}", dw[d]);
+    }
+}

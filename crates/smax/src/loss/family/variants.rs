@@ -175,7 +175,11 @@ pub fn normalized_softmax_loss(
     let (b, c) = (x.len() / dim, w.len() / dim);
     check_targets(targets, b, c, o.ignore_index)?;
     let norm = |v: &[f64]| fsum(v.iter().map(|a| a * a)).sqrt().max(1e-12);
+    // The gradient's 1/‖v‖ factor: 0 for a zero vector (its cosine is 0 whatever it points
+    // at, and the spec gives it a zero gradient), not 1/1e-12.
+    let inv = |v: &[f64]| if v.iter().all(|&a| a == 0.0) { 0.0 } else { 1.0 / norm(v) };
     let wn: Vec<f64> = (0..c).map(|k| norm(&w[k * dim..(k + 1) * dim])).collect();
+    let w_inv: Vec<f64> = (0..c).map(|k| inv(&w[k * dim..(k + 1) * dim])).collect();
     let mut cos = vec![0.0f64; b * c];
     for i in 0..b {
         let xi = &x[i * dim..(i + 1) * dim];
@@ -209,11 +213,11 @@ pub fn normalized_softmax_loss(
         }
         for i in 0..b {
             let xi = &x[i * dim..(i + 1) * dim];
-            let xn = norm(xi);
+            let (xn, x_inv) = (norm(xi), inv(xi));
             for d in 0..dim {
                 dx[i * dim + d] = fsum((0..c).map(|k| {
                     let gk = g[i * c + k] / temperature;
-                    gk * (w[k * dim + d] / wn[k] - cos[i * c + k] * xi[d] / xn) / xn
+                    gk * (w[k * dim + d] / wn[k] - cos[i * c + k] * xi[d] / xn) * x_inv
                 }));
             }
         }
@@ -227,7 +231,7 @@ pub fn normalized_softmax_loss(
                 dw[k * dim + d] = fsum((0..b).map(|i| {
                     let xi = &x[i * dim..(i + 1) * dim];
                     let gk = g[i * c + k] / temperature;
-                    gk * (xi[d] / norm(xi) - cos[i * c + k] * w[k * dim + d] / wn[k]) / wn[k]
+                    gk * (xi[d] / norm(xi) - cos[i * c + k] * w[k * dim + d] / wn[k]) * w_inv[k]
                 }));
             }
         }
