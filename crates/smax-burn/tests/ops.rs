@@ -243,6 +243,11 @@ fn bad_input_is_an_error_not_a_panic() {
     assert!(
         smax_burn::attention(q.clone(), q.clone(), q.clone(), &AttentionOptions::default().temperature(-1.0)).is_err()
     );
+    // The composition (what other backends run) checks the same shapes instead of panicking.
+    let k16 = values([1, 3, 4, 16], 2, 1.0).cast(DType::F32);
+    assert!(smax_burn::composed::attention(q.clone(), k16.clone(), k16, &AttentionOptions::default()).is_err());
+    let k2 = values([2, 3, 4, 8], 2, 1.0).cast(DType::F32);
+    assert!(smax_burn::composed::attention(q.clone(), k2.clone(), k2, &AttentionOptions::default()).is_err());
     // After an error the next call works.
     assert!(smax_burn::softmax(x, 1).is_ok());
 }
