@@ -123,13 +123,6 @@ fn record<const N: usize>(r: smax::Result<[FlexTensor; N]>, dtype: DType) -> [Fl
     })
 }
 
-/// The smax layout normalising a contiguous tensor of `dims` over `dim`.
-fn axis_layout(dims: &[usize], dim: usize) -> Layout {
-    let outer = dims[..dim].iter().product();
-    let inner: usize = dims[dim + 1..].iter().product();
-    if inner == 1 { Layout::rows(outer, dims[dim]) } else { Layout::axis(outer, dims[dim], inner) }
-}
-
 /// The tensor itself when row-major contiguous, else a contiguous copy.
 fn contiguous(t: &FlexTensor) -> FlexTensor {
     if t.is_contiguous() { t.clone() } else { t.to_contiguous() }
@@ -181,7 +174,7 @@ fn normalize<E: Element + burn::backend::Element + bytemuck::Pod>(
     args: NormArgs,
 ) -> smax::Result<[FlexTensor; 1]> {
     let shape = x.shape();
-    let l = axis_layout(&shape, args.dim);
+    let l = Layout::for_axis(&shape, args.dim)?;
     let x = contiguous(x);
     let mut y = vec![E::default(); shape.num_elements()];
     let (xv, yv) = (View::new(elems::<E>(&x)?, l)?, ViewMut::new(&mut y, l)?);
@@ -196,7 +189,7 @@ fn normalize_backward<E: Element + burn::backend::Element + bytemuck::Pod>(
     args: NormArgs,
 ) -> smax::Result<[FlexTensor; 1]> {
     let shape = y.shape();
-    let l = axis_layout(&shape, args.dim);
+    let l = Layout::for_axis(&shape, args.dim)?;
     let (y, dy) = (contiguous(y), contiguous(dy));
     let mut dx = vec![E::default(); shape.num_elements()];
     let (yv, dv) = (View::new(elems::<E>(&y)?, l)?, View::new(elems::<E>(&dy)?, l)?);
@@ -211,7 +204,7 @@ fn logsumexp<E: Element + burn::backend::Element + bytemuck::Pod>(
     args: NormArgs,
 ) -> smax::Result<[FlexTensor; 1]> {
     let shape = x.shape();
-    let l = axis_layout(&shape, args.dim);
+    let l = Layout::for_axis(&shape, args.dim)?;
     let x = contiguous(x);
     let out = smax::logsumexp_to_vec(View::new(elems::<E>(&x)?, l)?, &args.opts)?;
     let mut dims = shape.to_vec();
@@ -417,9 +410,10 @@ impl<B: SmaxBackend> Backward<B, 1> for LogSumExpBackward {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [parent] = ops.parents;
         let g = grads.consume::<B>(&ops.node);
-        let (p, args) = ops.state;
+        let (x, args) = ops.state;
         if let Some(node) = parent {
             // ∂lse/∂x = softmax(x/τ)/τ, broadcast over the reduced dimension.
+            let p = B::smax_normalize(x, NormArgs { log: false, ..args });
             let shape = p.shape();
             let g = B::float_expand(g, shape);
             let mut dx = B::float_mul(p, g);
@@ -499,9 +493,10 @@ impl<B: SmaxBackend, C: CheckpointStrategy> SmaxBackend for Autodiff<B, C> {
         let node = x.node();
         match LogSumExpBackward.prepare::<C>([node]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
+                // The backward recomputes softmax from x (shared, not copied): the forward
+                // makes no full-size tensor beyond its output.
                 let xp = x.into_primitive();
-                let p = B::smax_normalize(xp.clone(), NormArgs { log: false, ..args });
-                prep.finish((p, args), B::smax_logsumexp(xp, args))
+                prep.finish((xp.clone(), args), B::smax_logsumexp(xp, args))
             }
             OpsKind::UnTracked(prep) => prep.finish(B::smax_logsumexp(x.into_primitive(), args)),
         }

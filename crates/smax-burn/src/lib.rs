@@ -306,7 +306,7 @@ impl CrossEntropyLoss {
 /// log-softmax, the attention scores).
 pub mod composed {
     use burn::tensor::{Int, Tensor, activation};
-    use smax::attention::{AttentionOptions, QueryPositions};
+    use smax::attention::AttentionOptions;
     use smax::loss::{CrossEntropyOptions, Reduction};
 
     use crate::{Error, Result};
@@ -397,22 +397,9 @@ pub mod composed {
         }
         s = s / o.temperature;
         if o.causal || o.window.is_some() {
-            let off = match o.positions {
-                QueryPositions::BottomRight => skv as i64 - sq as i64,
-                QueryPositions::Offset(x) => x,
-            };
-            let mut mask = vec![0.0f32; sq * skv];
+            let mut mask = vec![f32::NEG_INFINITY; sq * skv];
             for i in 0..sq {
-                let p = i as i64 + off;
-                for j in 0..skv as i64 {
-                    let mut ok = !o.causal || j <= p;
-                    if let Some(w) = o.window {
-                        ok &= j >= p - w.left as i64 && j <= p + w.right as i64;
-                    }
-                    if !ok {
-                        mask[i * skv + j as usize] = f32::NEG_INFINITY;
-                    }
-                }
+                mask[i * skv..(i + 1) * skv][o.visible_keys(sq, skv, i)].fill(0.0);
             }
             let m = Tensor::<1>::from_data(mask.as_slice(), (&s.device(), s.dtype())).reshape([1, 1, sq, skv]);
             s = s + m;

@@ -7,7 +7,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout as CLayout, Result, Shape, Storage, Tensor};
 use smax::attention::{
     AttentionGrads, AttentionInputs, AttentionOptions, AttentionOutputs, AttentionShape, AttnElement, HeadStrides,
-    Heads, QueryPositions,
+    Heads,
 };
 
 use crate::smax_err;
@@ -252,23 +252,9 @@ pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOp
     }
     s = (s / opts.temperature)?;
     if opts.causal || opts.window.is_some() {
-        let off = match opts.positions {
-            QueryPositions::BottomRight => skv as i64 - sq as i64,
-            QueryPositions::Offset(o) => o,
-        };
-        let mut mask = vec![0.0f32; sq * skv];
+        let mut mask = vec![f32::NEG_INFINITY; sq * skv];
         for i in 0..sq {
-            let p = i as i64 + off;
-            for j in 0..skv {
-                let j64 = j as i64;
-                let mut ok = !opts.causal || j64 <= p;
-                if let Some(w) = opts.window {
-                    ok &= j64 >= p - w.left as i64 && j64 <= p + w.right as i64;
-                }
-                if !ok {
-                    mask[i * skv + j] = f32::NEG_INFINITY;
-                }
-            }
+            mask[i * skv..(i + 1) * skv][opts.visible_keys(sq, skv, i)].fill(0.0);
         }
         let mask = Tensor::from_vec(mask, (sq, skv), q.device())?.to_dtype(s.dtype())?;
         s = s.broadcast_add(&mask)?;

@@ -57,14 +57,6 @@ fn elements<'a, T: Copy>(v: &'a [T], l: &CLayout) -> Cow<'a, [T]> {
     }
 }
 
-/// The smax layout normalising a contiguous tensor of `dims` over `dim`: rows when `dim` is
-/// the last non-trivial axis, else `[outer, dim, inner]` (vectorised across `inner`).
-fn axis_layout(dims: &[usize], dim: usize) -> Layout {
-    let outer = dims[..dim].iter().product();
-    let inner: usize = dims[dim + 1..].iter().product();
-    if inner == 1 { Layout::rows(outer, dims[dim]) } else { Layout::axis(outer, dims[dim], inner) }
-}
-
 /// Runs `$f::<T>(slice, $args)` for the float storage `$s`, rewrapping a `Vec<T>` result;
 /// other dtypes are an error naming the op.
 macro_rules! per_float {
@@ -113,7 +105,7 @@ impl CustomOp1 for Normalize {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &CLayout) -> Result<(CpuStorage, Shape)> {
-        let lay = axis_layout(l.dims(), self.dim);
+        let lay = Layout::for_axis(l.dims(), self.dim).map_err(smax_err)?;
         let out = per_float!(s, self.name(), |v| normalize_rows(&elements(v, l), lay, self.norm, &self.opts)?);
         Ok((out, l.shape().clone()))
     }
@@ -149,7 +141,7 @@ impl CustomOp2 for NormalizeBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &CLayout, s2: &CpuStorage, l2: &CLayout) -> Result<(CpuStorage, Shape)> {
-        let lay = axis_layout(l1.dims(), self.dim);
+        let lay = Layout::for_axis(l1.dims(), self.dim).map_err(smax_err)?;
         let out = match (s1, s2) {
             (CpuStorage::F32(y), CpuStorage::F32(d)) => {
                 CpuStorage::F32(backward_rows(&elements(y, l1), &elements(d, l2), lay, self.norm, &self.opts)?)
@@ -235,7 +227,7 @@ impl CustomOp1 for LogSumExp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &CLayout) -> Result<(CpuStorage, Shape)> {
-        let lay = axis_layout(l.dims(), self.dim);
+        let lay = Layout::for_axis(l.dims(), self.dim).map_err(smax_err)?;
         let out = per_float!(s, self.name(), |v| lse_rows(&elements(v, l), lay, &self.opts)?);
         let mut dims = l.dims().to_vec();
         dims.remove(self.dim);

@@ -45,6 +45,21 @@ impl Layout {
         Layout { kind: Kind::Axis { outer, axis, inner } }
     }
 
+    /// The layout normalising a contiguous row-major tensor of shape `dims` over axis `axis`:
+    /// [`Layout::rows`] when every axis after it has size 1, else [`Layout::axis`] with the
+    /// axes before and after it collapsed. Errors: [`Error::BadParameter`] for an axis out of
+    /// range, [`Error::SizeOverflow`] when a product of sizes overflows `usize`.
+    pub fn for_axis(dims: &[usize], axis: usize) -> Result<Self> {
+        if axis >= dims.len() {
+            return Err(Error::bad_parameter("axis", axis, "less than the number of dimensions"));
+        }
+        let product = |d: &[usize]| d.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+        let overflow = || Error::SizeOverflow { what: "tensor", shape: format!("{dims:?}") };
+        let outer = product(&dims[..axis]).ok_or_else(overflow)?;
+        let inner = product(&dims[axis + 1..]).ok_or_else(overflow)?;
+        Ok(if inner == 1 { Layout::rows(outer, dims[axis]) } else { Layout::axis(outer, dims[axis], inner) })
+    }
+
     /// Number of rows (independent normalisations).
     pub fn row_count(&self) -> usize {
         match self.kind {

@@ -1388,3 +1388,32 @@ fn without_borrows_keeps_every_setting_and_refuses_a_bias_or_mask() {
     let k = KeepMask { data: &keep, strides: ScoreStrides::shared(4) };
     assert!(o.keep(k).without_borrows().is_none());
 }
+
+#[test]
+fn visible_keys_is_the_reference_mask() {
+    // Every causal/window/offset combination on small lengths, and the bottom-right default.
+    for (sq, skv) in [(1usize, 1usize), (5, 9), (9, 5), (7, 7), (3, 0)] {
+        for causal in [false, true] {
+            for window in [None, Some((0, 0)), Some((2, 1)), Some((usize::MAX, 3))] {
+                for offset in [-4i64, 0, 2, skv as i64 - sq as i64, 1000, -1000] {
+                    let mut cfg = Cfg::new(AttentionShape::new(1, 1, sq, skv, 4));
+                    (cfg.causal, cfg.window, cfg.offset) = (causal, window, offset);
+                    let o = cfg.opts();
+                    for i in 0..sq {
+                        let r = o.visible_keys(sq, skv, i);
+                        for j in 0..skv {
+                            assert_eq!(
+                                r.contains(&j),
+                                cfg.visible(0, 0, i, j),
+                                "{causal} {window:?} {offset} i {i} j {j}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let o = AttentionOptions::<()>::default().causal(true);
+    assert_eq!(o.visible_keys(2, 5, 0), 0..4);
+    assert_eq!(o.visible_keys(2, 5, 1), 0..5);
+}

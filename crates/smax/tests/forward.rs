@@ -726,3 +726,30 @@ fn two_pass_rows_with_entries_far_below_the_max() {
         }
     }
 }
+
+#[test]
+fn layout_for_axis_collapses_the_other_axes() {
+    use smax::Layout;
+    assert_eq!(Layout::for_axis(&[3, 5, 7], 2).unwrap(), Layout::rows(15, 7));
+    assert_eq!(Layout::for_axis(&[3, 5, 7], 1).unwrap(), Layout::axis(3, 5, 7));
+    assert_eq!(Layout::for_axis(&[3, 5, 7], 0).unwrap(), Layout::axis(1, 3, 35));
+    assert_eq!(Layout::for_axis(&[4, 6, 1, 1], 1).unwrap(), Layout::rows(4, 6));
+    assert!(matches!(Layout::for_axis(&[3, 5], 2), Err(smax::Error::BadParameter { .. })));
+    assert!(matches!(Layout::for_axis(&[usize::MAX, 2, 3], 2), Err(smax::Error::SizeOverflow { .. })));
+    // Softmax over axis 1 through it equals softmax of the transposed rows.
+    let x: Vec<f32> = (0..24).map(|i| ((i * 7) % 11) as f32 * 0.5).collect();
+    let y = smax::softmax_to_vec(
+        smax::View::new(&x, Layout::for_axis(&[2, 3, 4], 1).unwrap()).unwrap(),
+        &Options::default(),
+    )
+    .unwrap();
+    for o in 0..2 {
+        for i in 0..4 {
+            let col: Vec<f32> = (0..3).map(|k| x[o * 12 + k * 4 + i]).collect();
+            let want = smax::softmax_to_vec(smax::View::rows(&col, 1, 3).unwrap(), &Options::default()).unwrap();
+            for k in 0..3 {
+                assert_eq!(y[o * 12 + k * 4 + i], want[k]);
+            }
+        }
+    }
+}

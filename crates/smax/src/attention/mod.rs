@@ -445,6 +445,17 @@ impl<'a> AttentionOptions<'a> {
     }
 }
 
+impl<V> AttentionOptions<'_, V> {
+    /// The keys `lo..hi` that query `i` of `q_len` may attend to among `kv_len` under
+    /// `causal`, `window` and `positions`: the rule every kernel applies (a `bias` or `keep`
+    /// mask comes on top). An empty range means the query sees no key (its output is 0).
+    pub fn visible_keys(&self, q_len: usize, kv_len: usize, i: usize) -> core::ops::Range<usize> {
+        let p = scores::position_of(i, scores::query_offset(self.positions, q_len, kv_len));
+        let (lo, hi) = scores::key_range(self.causal, self.window, p, kv_len);
+        lo..hi
+    }
+}
+
 impl<V: Copy> AttentionOptions<'_, V> {
     /// The same options when they borrow nothing (no `bias`, no `keep` mask), with any
     /// lifetime: for a caller that stores them (an adapter's op that runs its backward later);

@@ -28,32 +28,53 @@ pub(crate) struct Scores<'a> {
     pub keep: Option<KeepMask<'a>>,
 }
 
+/// `x` as i64, saturating (lengths past i64::MAX are positions past every key).
+fn wide(x: usize) -> i64 {
+    i64::try_from(x).unwrap_or(i64::MAX)
+}
+
+/// The key position of query 0 under `positions` for `q_len` queries and `kv_len` keys.
+pub(crate) fn query_offset(positions: QueryPositions, q_len: usize, kv_len: usize) -> i64 {
+    match positions {
+        QueryPositions::BottomRight => wide(kv_len).saturating_sub(wide(q_len)),
+        QueryPositions::Offset(x) => x,
+    }
+}
+
+/// The key position of query `i`, `i + offset`, saturating at the ends of i64.
+pub(crate) fn position_of(i: usize, offset: i64) -> i64 {
+    wide(i).saturating_add(offset)
+}
+
+/// The keys `[lo, hi)` that `causal` and `window` allow for a query at key position `p`.
+pub(crate) fn key_range(causal: bool, window: Option<Window>, p: i64, kv_len: usize) -> (usize, usize) {
+    let n = wide(kv_len);
+    let mut lo = 0i64;
+    let mut hi = n;
+    if causal {
+        hi = hi.min(p.saturating_add(1));
+    }
+    if let Some(w) = window {
+        lo = lo.max(p.saturating_sub(wide(w.left)));
+        hi = hi.min(p.saturating_add(wide(w.right)).saturating_add(1));
+    }
+    let lo = lo.clamp(0, n) as usize;
+    let hi = hi.clamp(0, n) as usize;
+    (lo, hi.max(lo))
+}
+
 impl Scores<'_> {
     /// The key position of query `i`, `i + offset`, saturating at the ends of i64 (masks and
     /// position rules read it from here only).
     #[inline]
     pub fn position(&self, i: usize) -> i64 {
-        i64::try_from(i).unwrap_or(i64::MAX).saturating_add(self.offset)
+        position_of(i, self.offset)
     }
 
     /// The keys `[lo, hi)` that causal and window allow for query `i`.
     #[inline]
     pub fn range(&self, i: usize) -> (usize, usize) {
-        let wide = |x: usize| i64::try_from(x).unwrap_or(i64::MAX);
-        let p = self.position(i);
-        let n = wide(self.kv_len);
-        let mut lo = 0i64;
-        let mut hi = n;
-        if self.causal {
-            hi = hi.min(p.saturating_add(1));
-        }
-        if let Some(w) = self.window {
-            lo = lo.max(p.saturating_sub(wide(w.left)));
-            hi = hi.min(p.saturating_add(wide(w.right)).saturating_add(1));
-        }
-        let lo = lo.clamp(0, n) as usize;
-        let hi = hi.clamp(0, n) as usize;
-        (lo, hi.max(lo))
+        key_range(self.causal, self.window, self.position(i), self.kv_len)
     }
 
     /// Turns raw products `q_i·k_j` for keys `j0..j0+row.len()` into scores, in place:
@@ -154,14 +175,7 @@ pub(crate) fn scores<'a>(s: &AttentionShape, o: &AttentionOptions<'a>) -> Result
     if let Some(k) = o.keep {
         check_score_tensor("keep", k.data.len(), k.strides, s)?;
     }
-    let offset = match o.positions {
-        // Saturating, as `Scores::position`: lengths past i64::MAX are positions past every key.
-        QueryPositions::BottomRight => {
-            let wide = |x: usize| i64::try_from(x).unwrap_or(i64::MAX);
-            wide(s.kv_len).saturating_sub(wide(s.q_len))
-        }
-        QueryPositions::Offset(x) => x,
-    };
+    let offset = query_offset(o.positions, s.q_len, s.kv_len);
     Ok(Scores {
         c: scale / t,
         scale,
