@@ -16,9 +16,10 @@
 //!
 //! Inlining: the kernels' helpers and closures are `#[inline(always)]` in builds without debug
 //! assertions, so they compile inside the target-feature region [`dispatch`] opens, and only
-//! `#[inline]` with debug assertions. Unoptimised code gets a stack slot per temporary: forced
-//! inlining made one AVX-512 kernel's frame 7.2 MB at opt-level 0, which overflowed the main
-//! thread's 8 MiB stack (and rayon's smaller ones) of any debug build that called it.
+//! `#[inline]` with debug assertions. Unoptimised code gets a stack slot per temporary, so
+//! forcing the whole kernel into one function at opt-level 0 gives it a frame of megabytes,
+//! more than a thread's stack: a debug build would overflow it on the first call (PERF.md,
+//! "Debug builds").
 
 pub(crate) mod cols;
 pub(crate) mod exp;
