@@ -164,11 +164,22 @@ pub fn fit_temperature<T: Element>(logits: View<'_, T>, targets: &[i64], opts: &
     Ok(TemperatureFit { temperature, nll_before, nll_after: f, iterations, converged, capped })
 }
 
+/// The equal-width bin of a confidence `c ∈ [0, 1]` among `m ≥ 1` bins: `⌈c·m⌉ − 1`, clamped
+/// to `[0, m − 1]` (bins closed on the right: `(k/m, (k+1)/m]`, the first also takes 0). A NaN
+/// confidence goes to bin 0. The rule [`Binning::EqualWidth`] uses, exposed so that a streaming
+/// evaluator (the `smax eval` command) bins exactly as [`calibration_error`] does.
+pub fn equal_width_bin(c: f64, m: usize) -> usize {
+    // `as usize` saturates: NaN and negatives give 0, huge values `usize::MAX`.
+    ((c * m as f64).ceil() as usize).saturating_sub(1).min(m.saturating_sub(1))
+}
+
 /// How [`calibration_error`] bins the confidences.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Binning {
-    /// `M` bins of equal width: `[m/M, (m+1)/M)`, the last closed `[(M−1)/M, 1]`, so 0 and 1
-    /// are both counted (index `min(⌊c·M⌋, M − 1)`).
+    /// `M` bins of equal width, closed on the right as in Guo et al. 2017: bin `m` (from 0)
+    /// holds `(m/M, (m+1)/M]`, so a confidence of exactly 1 lands in the last bin and one on an
+    /// inner edge in the bin below it; the first bin also takes 0 (`[0, 1/M]`). The index is
+    /// [`equal_width_bin`]`(c, M) = ⌈c·M⌉ − 1` clamped to `[0, M − 1]`.
     EqualWidth(usize),
     /// `M` bins of (as nearly as possible) equal count over the confidences sorted ascending
     /// (ties by sample index): bin m holds samples `⌊m·n/M⌋ .. ⌊(m+1)·n/M⌋`; with fewer samples
@@ -251,7 +262,7 @@ pub fn calibration_error<T: Element>(
     match binning {
         Binning::EqualWidth(_) => {
             for (i, &c) in conf.iter().enumerate() {
-                members[((c * m as f64).floor() as usize).min(m - 1)].push(i);
+                members[equal_width_bin(c, m)].push(i);
             }
         }
         Binning::EqualMass(_) => {

@@ -241,6 +241,22 @@ fn calibration_error_d4_brier_and_ood_d5() {
     )
     .unwrap();
     assert_eq!(c1.bins[9].count, 1);
+    // A confidence on an inner edge belongs to the bin it closes (bins are `(k/M, (k+1)/M]`):
+    // equal logits give exactly 1/2 and 1/4.
+    for (z, k, m, want) in [(&[0.0, 0.0][..], 2, 10, 4), (&[0.0; 4][..], 4, 4, 0), (&[0.0; 4][..], 4, 8, 1)] {
+        let c = calibration_error(
+            View::rows(z, 1, k).unwrap(),
+            &[0],
+            &smax::calibrate::CalibrationOptions { binning: Binning::EqualWidth(m), ..Default::default() },
+        )
+        .unwrap();
+        assert_eq!(c.bins[want].count, 1, "{z:?} among {m} bins");
+        assert_eq!(smax::calibrate::equal_width_bin(c.bins[want].confidence, m), want);
+    }
+    assert_eq!(smax::calibrate::equal_width_bin(0.0, 15), 0);
+    assert_eq!(smax::calibrate::equal_width_bin(1.0, 15), 14);
+    assert_eq!(smax::calibrate::equal_width_bin(f64::NAN, 15), 0);
+    assert_eq!(smax::calibrate::equal_width_bin(7.0 / 15.0 + 1e-12, 15), 7);
     // Equal mass: 3 bins of 2.
     let cm = calibration_error(
         View::rows(&Z, 6, 3).unwrap(),

@@ -616,8 +616,8 @@ def fit_temperature(logits, labels, *, t_min=1e-3, t_max=1e3):
 def calibration_error(logits, labels, *, bins=15, binning="width"):
     """Expected and maximum calibration error of ``softmax(logits)`` (Guo et al. 2017):
     confidence ``max p``, correct when the argmax (lowest index on ties) is the label;
-    ``bins`` equal-width (``"width"``; a confidence of 1 lands in the last bin) or
-    equal-count (``"mass"``) bins. Returns a :class:`Calibration`."""
+    ``bins`` equal-width (``"width"``; closed on the right, ``(k/M, (k+1)/M]``, so a
+    confidence of 1 lands in the last bin) or equal-count (``"mass"``) bins. Returns a :class:`Calibration`."""
     return Calibration(*_with_rows(_smax.calibration_error, logits, _labels(labels), int(bins), binning))
 
 
