@@ -367,3 +367,123 @@ fn special_rows_give_the_z_loss_cross_entropy_gives() {
     assert_eq!(got.z.is_nan(), want.z.is_nan(), "linear {} vs cross_entropy {}", got.z, want.z);
     assert_eq!(got.z == f64::INFINITY, want.z == f64::INFINITY, "linear {} vs cross_entropy {}", got.z, want.z);
 }
+
+/// CCE's filter (its code: `|p − onehot| < ε` on a whole tile, then the soft cap's chain factor)
+/// in f64: the tiles it skips, and `dh`, `dW` summed over the tiles it keeps (mean reduction).
+fn filtered_reference(p: &Problem, cap: f64, f: f64, bn: usize, bv: usize) -> (Vec<bool>, Vec<f64>, Vec<f64>) {
+    let (n, d, v) = (p.n, p.d, p.v);
+    let valid = p.y.iter().filter(|&&t| t != -100).count() as f64;
+    let (mut pre, mut post) = (vec![0.0f64; n * v], vec![0.0f64; n * v]);
+    for i in 0..n {
+        if p.y[i] == -100 {
+            continue;
+        }
+        let raw: Vec<f64> = (0..v)
+            .map(|j| (0..d).map(|k| p.h[i * d + k] as f64 * p.w[j * d + k] as f64).sum::<f64>())
+            .collect();
+        let z: Vec<f64> = raw.iter().map(|&x| cap * (x / cap).tanh()).collect();
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + z.iter().map(|&t| (t - m).exp()).sum::<f64>().ln();
+        for j in 0..v {
+            let g = (z[j] - lse).exp() - if j as i64 == p.y[i] { 1.0 } else { 0.0 };
+            pre[i * v + j] = g;
+            post[i * v + j] = g * (1.0 - (z[j] / cap).powi(2)) / valid;
+        }
+    }
+    let mut skipped = Vec::new();
+    let (mut dh, mut dw) = (vec![0.0f64; n * d], vec![0.0f64; v * d]);
+    for j0 in (0..v).step_by(bv) {
+        for i0 in (0..n).step_by(bn) {
+            let (i1, j1) = ((i0 + bn).min(n), (j0 + bv).min(v));
+            let skip = (i0..i1).all(|i| (j0..j1).all(|j| pre[i * v + j].abs() < f));
+            skipped.push(skip);
+            if skip {
+                continue;
+            }
+            for i in i0..i1 {
+                for j in j0..j1 {
+                    for k in 0..d {
+                        dh[i * d + k] += post[i * v + j] * p.w[j * d + k] as f64;
+                        dw[j * d + k] += post[i * v + j] * p.h[i * d + k] as f64;
+                    }
+                }
+            }
+        }
+    }
+    (skipped, dh, dw)
+}
+
+#[test]
+fn gradient_filter_measures_p_minus_onehot_before_the_cap_chain_factor() {
+    // A tight soft cap makes the chain factor small for the large logits, so the gradient after
+    // it is far below `p − onehot`: a filter measured after the factor would skip tiles that
+    // CCE's code keeps.
+    let mut rng = Rng(31);
+    let mut p = problem(&mut rng, 48, 8, 640);
+    for w in p.w.iter_mut() {
+        *w *= 3.0;
+    }
+    let (bn, bv, cap) = (16, 64, 2.0);
+    // Each tile's largest |p − onehot| and largest gradient after the chain factor, in f64.
+    let (pre_max, post_max): (Vec<f64>, Vec<f64>) = {
+        let mut pre = Vec::new();
+        let mut post = Vec::new();
+        let valid = p.y.iter().filter(|&&t| t != -100).count() as f64;
+        let (n, d, v) = (p.n, p.d, p.v);
+        let mut gpre = vec![0.0f64; n * v];
+        let mut gpost = vec![0.0f64; n * v];
+        for i in (0..n).filter(|&i| p.y[i] != -100) {
+            let z: Vec<f64> = (0..v)
+                .map(|j| cap * ((0..d).map(|k| p.h[i * d + k] as f64 * p.w[j * d + k] as f64).sum::<f64>() / cap).tanh())
+                .collect();
+            let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + z.iter().map(|&t| (t - m).exp()).sum::<f64>().ln();
+            for j in 0..v {
+                let g = (z[j] - lse).exp() - if j as i64 == p.y[i] { 1.0 } else { 0.0 };
+                gpre[i * v + j] = g.abs();
+                gpost[i * v + j] = (g * (1.0 - (z[j] / cap).powi(2))).abs() / valid;
+            }
+        }
+        for j0 in (0..v).step_by(bv) {
+            for i0 in (0..n).step_by(bn) {
+                let cells = || (i0..(i0 + bn).min(n)).flat_map(move |i| (j0..(j0 + bv).min(v)).map(move |j| i * v + j));
+                pre.push(cells().map(|c| gpre[c]).fold(0.0, f64::max));
+                post.push(cells().map(|c| gpost[c] * valid).fold(0.0, f64::max));
+            }
+        }
+        (pre, post)
+    };
+    // Thresholds halfway (geometrically) between consecutive tile maxima, far from every maximum
+    // in relative terms, chosen where the two measures decide differently.
+    let mut sorted = pre_max.clone();
+    sorted.sort_by(f64::total_cmp);
+    let mut tested = 0;
+    for w in sorted.windows(2) {
+        let f = (w[0] * w[1]).sqrt();
+        let near = |x: &f64| (x / f - 1.0).abs() < 1e-3;
+        if w[1] < w[0] * 1.01 || pre_max.iter().chain(&post_max).any(near) {
+            continue;
+        }
+        let differs = pre_max.iter().zip(&post_max).filter(|(a, b)| (**a < f) != (**b < f)).count();
+        if differs == 0 {
+            continue;
+        }
+        let (skipped, dh, dw) = filtered_reference(&p, cap, f, bn, bv);
+        assert!(skipped.iter().any(|&s| s) && skipped.iter().any(|&s| !s), "threshold {f} decides nothing");
+        let o = LinearCrossEntropyOptions {
+            tiles: LinearTiles { tokens: bn, vocab: bv },
+            softcap: Some(cap),
+            filter: Some(f as f32),
+            ..Default::default()
+        };
+        let got = fused(&p, false, &o);
+        let tol = 1e-5 * dh.iter().chain(&dw).fold(1e-30f64, |a, v| a.max(v.abs()));
+        for (name, g, w) in [("dh", &got.dh, &dh), ("dw", &got.dw, &dw)] {
+            for (i, (a, b)) in g.iter().zip(w.iter()).enumerate() {
+                assert!((a - b).abs() <= tol, "filter {f}: {name}[{i}] {a} vs {b} ({differs} tiles decide differently)");
+            }
+        }
+        tested += 1;
+    }
+    assert!(tested >= 3, "only {tested} thresholds separate the two measures");
+}

@@ -56,9 +56,11 @@ defaults! {
         /// The mean over zero valid tokens.
         pub all_ignored: AllIgnored = AllIgnored::Zero,
         /// Gradient filtering (CCE §4.3), off by default (exact): skip a tile's two gradient
-        /// products when every entry of its logit gradient is below `filter` times the per-token
-        /// scale of the reduction (i.e. `|p − q| < filter` for a plain mean). CCE's value for
-        /// bf16 accumulation is `2⁻¹²`; for f32, `2⁻²⁸`.
+        /// products (`dh`, `dW`; `dbias` is never filtered) when every entry of its logit
+        /// gradient, taken before the soft cap's chain factor as CCE's code does, is below
+        /// `filter` times the per-token scale of the reduction (i.e. `|p − q| < filter` for a
+        /// plain mean, `q` the smoothed one-hot target). CCE's value for bf16 accumulation is
+        /// `2⁻¹²`; for f32, `2⁻²⁸`.
         pub filter: Option<f32> = None,
         /// Tile sizes.
         pub tiles: LinearTiles = LinearTiles::default(),
@@ -298,6 +300,7 @@ impl Sweep<'_, '_> {
             beta,
             big_u: alpha + beta * v as f64,
             ignore: opts.ignore_index,
+            pre_chain: opts.filter.is_some() && opts.softcap.is_some(),
         };
         for j0 in (0..v).step_by(bv) {
             let vb = bv.min(v - j0);

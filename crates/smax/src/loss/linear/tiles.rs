@@ -98,10 +98,14 @@ pub(super) struct GradConsts {
     pub(super) beta: f64,
     pub(super) big_u: f64,
     pub(super) ignore: i64,
+    /// Measure the filter on the gradient before the soft cap's chain factor (CCE's code
+    /// compares `p − onehot`, then applies the chain factor); only set with a cap and a filter.
+    pub(super) pre_chain: bool,
 }
 
 /// Backward work on some rows of a tile: the tile becomes `∂loss/∂logits` in place; returns the
-/// largest magnitude (for filtering).
+/// largest magnitude of the gradient before the soft cap's chain factor (for filtering; equal
+/// to the largest of the tile without a cap).
 pub(super) struct TileBwd<'a> {
     pub(super) t: &'a mut [f32],
     pub(super) vb: usize,
@@ -155,8 +159,30 @@ impl Task for TileBwd<'_> {
                     };
                     ch[yr - off] -= (c.scale * c.alpha * ch_y) as f32;
                 }
-                for &g in ch.iter() {
-                    mx = mx.max(g.abs());
+                if c.pre_chain {
+                    // Before the chain factor a non-target entry is `f(t) = a·exp(t − lse) − s·β`,
+                    // monotone in the capped logit `t`, so its largest magnitude over the chunk
+                    // is at the chunk's smallest or largest non-target logit; the target entry
+                    // is `f(t_y) − s·α`.
+                    let yi = (off..off + n).contains(&yr).then(|| yr - off);
+                    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+                    for (i, &t) in buf[..n].iter().enumerate() {
+                        if Some(i) != yi {
+                            lo = lo.min(t);
+                            hi = hi.max(t);
+                        }
+                    }
+                    let f = |t: f32| a * (t as f64 - lse).exp() - c.scale * c.beta;
+                    if lo <= hi {
+                        mx = mx.max(f(lo).abs().max(f(hi).abs()) as f32);
+                    }
+                    if let Some(i) = yi {
+                        mx = mx.max((f(buf[i]) - c.scale * c.alpha).abs() as f32);
+                    }
+                } else {
+                    for &g in ch.iter() {
+                        mx = mx.max(g.abs());
+                    }
                 }
             }
         }
