@@ -79,14 +79,10 @@ setters!(FitOptions { t_min: f64, t_max: f64 });
 /// Errors: an empty set, non-finite logits, labels out of range or of the wrong length,
 /// `0 < t_min < t_max` violated.
 pub fn fit_temperature<T: Element>(logits: View<'_, T>, targets: &[i64], opts: &FitOptions) -> Result<TemperatureFit> {
-    let FitOptions { t_min, t_max, .. } = *opts;
     let labels = targets;
     let (n, k, s) = rows_of(&logits, "logits")?;
     if n == 0 || k == 0 {
         return Err(Error::bad_parameter("validation set", "empty", "at least one sample with at least one class"));
-    }
-    if !(t_min > 0.0 && t_min < t_max && t_max.is_finite()) {
-        return Err(Error::bad_parameter("t_min/t_max", format!("{t_min}/{t_max}"), "0 < t_min < t_max < inf"));
     }
     check_labels(labels, n, k)?;
     let z: Vec<Vec<f64>> = (0..n).map(|r| row(&logits, r, s, k)).collect();
@@ -94,29 +90,55 @@ pub fn fit_temperature<T: Element>(logits: View<'_, T>, targets: &[i64], opts: &
         check_finite(zr, r)?;
     }
     // (NLL, dNLL/dβ, d²NLL/dβ²) at β.
-    let eval = |b: f64| -> (f64, f64, f64) {
+    let eval = |b: f64| -> Result<(f64, f64, f64)> {
         let (mut f, mut g, mut h) = (0.0, 0.0, 0.0);
         for (zr, &y) in z.iter().zip(labels) {
-            let l = lse(zr, b);
-            let (mut e1, mut e2) = (0.0, 0.0);
-            for &v in zr {
-                let p = (v * b - l).exp();
-                e1 += p * v;
-                e2 += p * v * v;
-            }
             // (`y < k`: `check_labels` above.)
-            f += l - b * zr[y as usize];
-            g += e1 - zr[y as usize];
-            h += e2 - e1 * e1;
+            let [a, b1, b2] = nll_moments(zr, y as usize, b)?;
+            f += a;
+            g += b1;
+            h += b2;
         }
         let nf = n as f64;
-        (f / nf, g / nf, h / nf)
+        Ok((f / nf, g / nf, h / nf))
     };
+    fit_temperature_with(eval, opts)
+}
+
+/// One sample's terms of the temperature-scaling objective at `β = 1/T`:
+/// `[NLL, dNLL/dβ, d²NLL/dβ²] = [lse(βz) − β·z_y, E_β[z] − z_y, Var_β[z]]`, in f64 (the
+/// probabilities `exp(βz − lse(βz))`). [`fit_temperature`] sums these over its rows. Errors:
+/// `y ≥ z.len()` ([`Error::TargetOutOfRange`]). Non-finite logits give non-finite terms.
+pub fn nll_moments(z: &[f64], y: usize, beta: f64) -> Result<[f64; 3]> {
+    check_labels(&[y as i64], 1, z.len())?;
+    let l = lse(z, beta);
+    let (mut e1, mut e2) = (0.0, 0.0);
+    for &v in z {
+        let p = (v * beta - l).exp();
+        e1 += p * v;
+        e2 += p * v * v;
+    }
+    Ok([l - beta * z[y], e1 - z[y], e2 - e1 * e1])
+}
+
+/// The solver of [`fit_temperature`] on any data source: `eval(β)` returns the mean
+/// `(NLL, dNLL/dβ, d²NLL/dβ²)` over the validation set at `β = 1/T` (for instance the means of
+/// [`nll_moments`] over rows streamed from a file, as `smax eval` does). Newton on β from β = 1
+/// inside the bracket `[1/t_max, 1/t_min]`, bisection whenever a step leaves it or fails to
+/// lower the NLL, tolerance 1e-12 on the gradient or the step, at most 200 iterations; the
+/// caps are tried last when the NLL still falls towards one (separable or all-wrong data).
+/// `eval` is called about 2–30 times. Errors: `0 < t_min < t_max < ∞` violated, and any error
+/// `eval` returns.
+pub fn fit_temperature_with(mut eval: impl FnMut(f64) -> Result<(f64, f64, f64)>, opts: &FitOptions) -> Result<TemperatureFit> {
+    let FitOptions { t_min, t_max, .. } = *opts;
+    if !(t_min > 0.0 && t_min < t_max && t_max.is_finite()) {
+        return Err(Error::bad_parameter("t_min/t_max", format!("{t_min}/{t_max}"), "0 < t_min < t_max < inf"));
+    }
     let (b_lo0, b_hi0) = (1.0 / t_max, 1.0 / t_min);
     let (mut lo, mut hi) = (b_lo0, b_hi0);
-    let nll_before = eval(1.0).0;
+    let nll_before = eval(1.0)?.0;
     let mut b = 1.0f64.clamp(lo, hi);
-    let (mut f, mut g, mut h) = eval(b);
+    let (mut f, mut g, mut h) = eval(b)?;
     let mut iterations = 0;
     let mut converged = false;
     while iterations < 200 {
@@ -133,10 +155,10 @@ pub fn fit_temperature<T: Element>(logits: View<'_, T>, targets: &[i64], opts: &
         }
         let newton = if h > 0.0 { b - g / h } else { f64::NAN };
         let mut nb = if newton.is_finite() && newton > lo && newton < hi { newton } else { 0.5 * (lo + hi) };
-        let (mut nf, mut ng, mut nh) = eval(nb);
+        let (mut nf, mut ng, mut nh) = eval(nb)?;
         if nf > f && nb != 0.5 * (lo + hi) {
             nb = 0.5 * (lo + hi);
-            (nf, ng, nh) = eval(nb);
+            (nf, ng, nh) = eval(nb)?;
         }
         let step = (nb - b).abs();
         (b, f, g, h) = (nb, nf, ng, nh);
@@ -151,7 +173,7 @@ pub fn fit_temperature<T: Element>(logits: View<'_, T>, targets: &[i64], opts: &
     for cap in [b_hi0, b_lo0] {
         let towards = if cap > b { g < 0.0 } else { g > 0.0 };
         if towards && b != cap {
-            let fc = eval(cap).0;
+            let fc = eval(cap)?.0;
             if fc <= f {
                 (b, f) = (cap, fc);
             }
