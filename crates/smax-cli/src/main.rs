@@ -1,6 +1,8 @@
-//! `smax`: the command-line tool. `smax bench` times every normaliser side by side with the
-//! naive loop, the peers (candle-nn, rten-vecmath) and the memory rooflines (a plain copy and
-//! a plain read of the same bytes).
+//! `smax`: the command-line tool. `smax eval` judges a model's logits from a file (accuracy,
+//! NLL, Brier, calibration with a fitted temperature, OOD separability, a reliability
+//! diagram); `smax bench` times every normaliser side by side with the naive loop, the peers
+//! (candle-nn, rten-vecmath) and the memory rooflines (a plain copy and a plain read of the
+//! same bytes).
 
 mod alloc;
 mod bench;
@@ -9,6 +11,7 @@ mod bench_core;
 mod bench_decode;
 mod bench_linear;
 mod bench_loss;
+mod eval;
 mod measure;
 mod peers;
 
@@ -26,6 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Evaluate logits from a file: accuracy, NLL, Brier, ECE, temperature, OOD, plots.
+    Eval(eval::Args),
     /// Time each op side by side (smax's algorithms, naive, peers, copy/read rooflines).
     Bench(bench::Args),
     /// Print the SIMD levels this CPU has and the one smax uses.
@@ -35,6 +40,7 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
+        Cmd::Eval(a) => eval::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Info => {
             let avail: Vec<_> = smax::SimdLevel::available().iter().map(|l| l.name()).collect();

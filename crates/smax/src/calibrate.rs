@@ -44,7 +44,7 @@ pub struct TemperatureFit {
     pub nll_after: f64,
     /// Newton / bisection iterations used.
     pub iterations: usize,
-    /// Whether `|dNLL/dβ|` or the step fell below the tolerance (1e-12).
+    /// Whether `|dNLL/dβ|` or the step fell below [`FitOptions::tolerance`].
     pub converged: bool,
     /// Whether the fit hit `t_min` or `t_max` (separable or all-wrong data).
     pub capped: bool,
@@ -59,19 +59,23 @@ defaults! {
         pub t_min: f64 = 1e-3,
         /// Largest temperature.
         pub t_max: f64 = 1e3,
+        /// Convergence: stop when `|dNLL/dβ|` or the relative step in β falls below it
+        /// (`0 ≤ tolerance < 1`). The default, 1e-12, suits f64 objectives; an objective
+        /// computed in f32 carries ~1e-7 relative noise and needs about 1e-6.
+        pub tolerance: f64 = 1e-12,
         /// Execution settings (the fit runs on the calling thread in scalar f64: neither field
         /// changes anything; kept for the one options shape).
         pub exec: Exec = Exec::default(),
     }
 }
 
-setters!(FitOptions { t_min: f64, t_max: f64 });
+setters!(FitOptions { t_min: f64, t_max: f64, tolerance: f64 });
 
 /// Temperature scaling (Guo et al. 2017; D3): `T* = argmin_T mean(−log_softmax(z_i/T)_{y_i})`.
 /// The NLL is convex in `β = 1/T` (`dNLL/dβ = mean(E_β[z] − z_y)`,
 /// `d²NLL/dβ² = mean(Var_β[z]) ≥ 0`), so the fit runs Newton on β from β = 1, falling back to
 /// bisection on the bracketing interval whenever a step leaves it or fails to decrease the
-/// NLL; tolerance 1e-12 on the gradient or the step; at most 200 iterations. `T` is confined
+/// NLL; [`FitOptions::tolerance`] (1e-12) on the gradient or the step; at most 200 iterations. `T` is confined
 /// to `[t_min, t_max]` of [`FitOptions`] (defaults 1e-3 and 1e3), which caps
 /// separable (T → 0) and all-wrong (T → ∞) data, reported by `capped`. Accuracy is unchanged
 /// by construction (argmax is invariant to T).
@@ -125,25 +129,32 @@ pub fn nll_moments(z: &[f64], y: usize, beta: f64) -> Result<[f64; 3]> {
 /// `(NLL, dNLL/dβ, d²NLL/dβ²)` over the validation set at `β = 1/T` (for instance the means of
 /// [`nll_moments`] over rows streamed from a file, as `smax eval` does). Newton on β from β = 1
 /// inside the bracket `[1/t_max, 1/t_min]`, bisection whenever a step leaves it or fails to
-/// lower the NLL, tolerance 1e-12 on the gradient or the step, at most 200 iterations; the
+/// lower the NLL, [`FitOptions::tolerance`] on the gradient or the step, at most 200 iterations; the
 /// caps are tried last when the NLL still falls towards one (separable or all-wrong data).
 /// `eval` is called about 2–30 times. Errors: `0 < t_min < t_max < ∞` violated, and any error
 /// `eval` returns.
-pub fn fit_temperature_with(mut eval: impl FnMut(f64) -> Result<(f64, f64, f64)>, opts: &FitOptions) -> Result<TemperatureFit> {
-    let FitOptions { t_min, t_max, .. } = *opts;
+pub fn fit_temperature_with(
+    mut eval: impl FnMut(f64) -> Result<(f64, f64, f64)>,
+    opts: &FitOptions,
+) -> Result<TemperatureFit> {
+    let FitOptions { t_min, t_max, tolerance: tol, .. } = *opts;
     if !(t_min > 0.0 && t_min < t_max && t_max.is_finite()) {
         return Err(Error::bad_parameter("t_min/t_max", format!("{t_min}/{t_max}"), "0 < t_min < t_max < inf"));
     }
+    if !(0.0..1.0).contains(&tol) {
+        return Err(Error::bad_parameter("tolerance", tol, "0 <= tolerance < 1"));
+    }
     let (b_lo0, b_hi0) = (1.0 / t_max, 1.0 / t_min);
     let (mut lo, mut hi) = (b_lo0, b_hi0);
-    let nll_before = eval(1.0)?.0;
+    let at_one = eval(1.0)?;
+    let nll_before = at_one.0;
     let mut b = 1.0f64.clamp(lo, hi);
-    let (mut f, mut g, mut h) = eval(b)?;
+    let (mut f, mut g, mut h) = if b == 1.0 { at_one } else { eval(b)? };
     let mut iterations = 0;
     let mut converged = false;
     while iterations < 200 {
         iterations += 1;
-        if g.abs() < 1e-12 {
+        if g.abs() < tol.max(f64::MIN_POSITIVE) {
             converged = true;
             break;
         }
@@ -162,7 +173,7 @@ pub fn fit_temperature_with(mut eval: impl FnMut(f64) -> Result<(f64, f64, f64)>
         }
         let step = (nb - b).abs();
         (b, f, g, h) = (nb, nf, ng, nh);
-        if step <= 1e-12 * b.max(1.0) {
+        if step <= tol * b.max(1.0) {
             converged = true;
             break;
         }
