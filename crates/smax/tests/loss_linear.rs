@@ -378,9 +378,8 @@ fn filtered_reference(p: &Problem, cap: f64, f: f64, bn: usize, bv: usize) -> (V
         if p.y[i] == -100 {
             continue;
         }
-        let raw: Vec<f64> = (0..v)
-            .map(|j| (0..d).map(|k| p.h[i * d + k] as f64 * p.w[j * d + k] as f64).sum::<f64>())
-            .collect();
+        let raw: Vec<f64> =
+            (0..v).map(|j| (0..d).map(|k| p.h[i * d + k] as f64 * p.w[j * d + k] as f64).sum::<f64>()).collect();
         let z: Vec<f64> = raw.iter().map(|&x| cap * (x / cap).tanh()).collect();
         let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let lse = m + z.iter().map(|&t| (t - m).exp()).sum::<f64>().ln();
@@ -434,7 +433,9 @@ fn gradient_filter_measures_p_minus_onehot_before_the_cap_chain_factor() {
         let mut gpost = vec![0.0f64; n * v];
         for i in (0..n).filter(|&i| p.y[i] != -100) {
             let z: Vec<f64> = (0..v)
-                .map(|j| cap * ((0..d).map(|k| p.h[i * d + k] as f64 * p.w[j * d + k] as f64).sum::<f64>() / cap).tanh())
+                .map(|j| {
+                    cap * ((0..d).map(|k| p.h[i * d + k] as f64 * p.w[j * d + k] as f64).sum::<f64>() / cap).tanh()
+                })
                 .collect();
             let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let lse = m + z.iter().map(|&t| (t - m).exp()).sum::<f64>().ln();
@@ -480,7 +481,10 @@ fn gradient_filter_measures_p_minus_onehot_before_the_cap_chain_factor() {
         let tol = 1e-5 * dh.iter().chain(&dw).fold(1e-30f64, |a, v| a.max(v.abs()));
         for (name, g, w) in [("dh", &got.dh, &dh), ("dw", &got.dw, &dw)] {
             for (i, (a, b)) in g.iter().zip(w.iter()).enumerate() {
-                assert!((a - b).abs() <= tol, "filter {f}: {name}[{i}] {a} vs {b} ({differs} tiles decide differently)");
+                assert!(
+                    (a - b).abs() <= tol,
+                    "filter {f}: {name}[{i}] {a} vs {b} ({differs} tiles decide differently)"
+                );
             }
         }
         tested += 1;
