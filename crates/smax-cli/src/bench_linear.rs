@@ -60,7 +60,16 @@ fn mm(
 
 /// The materialized path: logits, smax's fused cross-entropy into a gradient buffer, then the
 /// two gradient products. Returns the loss.
-fn materialized(h: &[f32], w: &[f32], y: &[i64], n: usize, d: usize, v: usize, dh: &mut [f32], dw: &mut [f32]) -> f64 {
+pub(crate) fn materialized(
+    h: &[f32],
+    w: &[f32],
+    y: &[i64],
+    n: usize,
+    d: usize,
+    v: usize,
+    dh: &mut [f32],
+    dw: &mut [f32],
+) -> f64 {
     let mut z = vec![0.0f32; n * v];
     mm(&mut z, h, d, 1, w, 1, d, n, d, v);
     let mut g = vec![0.0f32; n * v];
@@ -78,7 +87,16 @@ fn materialized(h: &[f32], w: &[f32], y: &[i64], n: usize, d: usize, v: usize, d
     r.loss
 }
 
-fn fused(h: &[f32], w: &[f32], y: &[i64], n: usize, d: usize, v: usize, dh: &mut [f32], dw: &mut [f32]) -> f64 {
+pub(crate) fn fused(
+    h: &[f32],
+    w: &[f32],
+    y: &[i64],
+    n: usize,
+    d: usize,
+    v: usize,
+    dh: &mut [f32],
+    dw: &mut [f32],
+) -> f64 {
     linear_cross_entropy(
         LinearShape { n, d, v },
         LinearInputs { h, w, bias: None, targets: y },
@@ -91,7 +109,7 @@ fn fused(h: &[f32], w: &[f32], y: &[i64], n: usize, d: usize, v: usize, dh: &mut
     .loss
 }
 
-fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+pub(crate) fn max_rel(a: &[f32], b: &[f32]) -> f64 {
     let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64)).max(f64::MIN_POSITIVE);
     a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
 }

@@ -14,6 +14,7 @@ mod bench_loss;
 mod eval;
 mod measure;
 mod peers;
+mod repro;
 
 use clap::{Parser, Subcommand};
 
@@ -31,6 +32,8 @@ struct Cli {
 enum Cmd {
     /// Evaluate logits from a file: accuracy, NLL, Brier, ECE, temperature, OOD, plots.
     Eval(eval::Args),
+    /// Reproduce a paper's claim at small scale (smax repro --list).
+    Repro(repro::Args),
     /// Time each op side by side (smax's algorithms, naive, peers, copy/read rooflines).
     Bench(bench::Args),
     /// Print the SIMD levels this CPU has and the one smax uses.
@@ -41,6 +44,7 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Eval(a) => eval::run(a),
+        Cmd::Repro(a) => repro::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Info => {
             let avail: Vec<_> = smax::SimdLevel::available().iter().map(|l| l.name()).collect();

@@ -5,7 +5,7 @@
 //! row's confidence or scores.
 
 mod arrays;
-mod metrics;
+pub mod metrics;
 mod plot;
 
 use std::io::IsTerminal;
