@@ -25,7 +25,7 @@
 use crate::check::try_vec;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::layout::View;
+use crate::layout::{View, ViewMut};
 use crate::options::{Exec, defaults, setters};
 use crate::par;
 
@@ -345,6 +345,115 @@ fn route_token<T: Element>(
         *a += b;
     }
     Ok(())
+}
+
+/// What [`gate_backward`] returns besides the logits' gradient.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GateGrads {
+    /// `∂L/∂τ` summed over the tokens (M2's learnable temperature).
+    pub temperature: f64,
+}
+
+/// The backward pass of [`gate`] (ALGORITHMS.md M1–M3): from the upstream gradient `dweights`
+/// of the weights `gate` returned (`tokens x k`, best first), the gradient of the router
+/// logits into `dlogits` (the logits' shape) and `∂L/∂τ`. The routing is recomputed from
+/// `logits`, `bias` and `p` (so it is the forward's own); the selection and the threshold are
+/// piecewise constant and pass no gradient. With `s = a(h)/τ` and the kept experts `K`
+/// (chosen, and not dropped by the threshold):
+///
+/// - softmax then top-k without renormalisation and no threshold: the weights are
+///   `ρ·softmax(s)_j`, so `∂L/∂s_i = y_i(ḡ_i − Σ_j ḡ_j y_j)` with `y = softmax(s)` over every
+///   expert and `ḡ_i = ρ·dweights` at the kept experts, 0 elsewhere;
+/// - otherwise (renormalised, top-k then softmax, or a threshold): the weights are
+///   `ρ·softmax(s_K)`, the same formula with `y` the softmax over `K` and 0 outside it;
+///
+/// then `∂L/∂h_i = a'(h_i)·∂L/∂s_i/τ` (`a'` = 1, `1 − tanh²`, `σ(1 − σ)`; 0 at a masked
+/// expert) and `∂L/∂τ = −(1/τ)·Σ_i s_i·∂L/∂s_i` (M2: `−Σ ḡ_i g_i (h_i − Σ g_j h_j)/τ²`).
+/// `ρ` is `routed_scaling_factor`. Computed in f64 per token (the softmax over `K` in the log
+/// domain, so weights that underflowed still get their gradient); tested against finite
+/// differences of an f64 forward.
+///
+/// Errors: those of [`gate`], and `dweights` or `dlogits` of the wrong size.
+pub fn gate_backward<T: Element>(
+    logits: View<'_, T>,
+    bias: Option<&[f32]>,
+    dweights: &[f32],
+    dlogits: ViewMut<'_, T>,
+    p: &GateOptions,
+) -> Result<GateGrads> {
+    let (tokens, e, xs) = logits.row_geometry("logits", "gating takes row layouts (experts along the last axis)")?;
+    validate(p, bias, tokens, e, dweights.len(), dweights.len())?;
+    let (dt, de, ds) =
+        dlogits.layout.row_geometry("dlogits", "gating takes row layouts (experts along the last axis)")?;
+    if (dt, de) != (tokens, e) {
+        return Err(Error::ShapeMismatch {
+            what: "dlogits",
+            got: dlogits.layout.describe(),
+            expected: logits.layout.describe(),
+        });
+    }
+    let k = p.k;
+    if tokens == 0 {
+        return Ok(GateGrads { temperature: 0.0 });
+    }
+    let tau = p.temperature;
+    let renorm = p.threshold.is_some() || !matches!(p.order, GateOrder::SoftmaxThenTopK { renormalize: false });
+    let per = par::rows_per_task(e);
+    let rows: Vec<(usize, &mut [T])> =
+        dlogits.data.chunks_mut((per * ds).max(1)).enumerate().map(|(g, c)| (g * per, c)).collect();
+    let parts = par::map(p.exec.par, rows, |(r0, out)| {
+        let mut sc = Scratch::new(e, k);
+        let (mut exr, mut wr) = (vec![0u32; k], vec![0.0f32; k]);
+        let (mut gbar, mut y, mut keep) = (vec![0.0f64; e], vec![0.0f64; e], vec![false; e]);
+        let mut dtau = 0.0;
+        for r in r0..(r0 + per).min(tokens) {
+            let h = &logits.data[r * xs..r * xs + e];
+            route_token(h, r, p, bias, &mut sc, &mut exr, &mut wr)?;
+            gbar.fill(0.0);
+            keep.fill(false);
+            for j in 0..k {
+                let i = exr[j] as usize;
+                if sc.w[j] != 0.0 {
+                    keep[i] = true;
+                    gbar[i] = p.routed_scaling_factor * dweights[r * k + j] as f64;
+                }
+            }
+            if renorm {
+                // softmax over K, in the log domain.
+                let mk = (0..e).filter(|&i| keep[i]).fold(f64::NEG_INFINITY, |m, i| m.max(sc.s[i]));
+                let mut z = 0.0;
+                for i in 0..e {
+                    y[i] = if keep[i] { (sc.s[i] - mk).exp() } else { 0.0 };
+                    z += y[i];
+                }
+                y.iter_mut().for_each(|v| *v /= z);
+            } else {
+                y.copy_from_slice(&sc.prob);
+            }
+            let dot: f64 = (0..e).map(|i| gbar[i] * y[i]).sum();
+            let row = &mut out[(r - r0) * ds..(r - r0) * ds + e];
+            for i in 0..e {
+                let gs = if y[i] == 0.0 { 0.0 } else { y[i] * (gbar[i] - dot) };
+                if gs != 0.0 {
+                    dtau -= sc.s[i] * gs / tau;
+                }
+                let a = sc.act[i];
+                let da = match p.activation {
+                    _ if a == f64::NEG_INFINITY => 0.0,
+                    Activation::Identity => 1.0,
+                    Activation::Tanh => 1.0 - a * a,
+                    Activation::Sigmoid => a * (1.0 - a),
+                };
+                row[i] = T::from_f64(da * gs / tau);
+            }
+        }
+        Ok(dtau)
+    });
+    let mut temperature = 0.0;
+    for part in parts {
+        temperature += part?;
+    }
+    Ok(GateGrads { temperature })
 }
 
 /// Merges the tasks' statistics in task order into [`GateStats`].

@@ -299,3 +299,108 @@ fn threshold_over_underflowed_chosen_weights_keeps_one() {
         assert_eq!(w, vec![1.0, 0.0], "{order:?}");
     }
 }
+
+/// The weights for a fixed chosen set and kept set, in f64: what `gate` computes once the
+/// selection and the threshold are decided (they are piecewise constant).
+fn weights_fixed(h: &[f64], tau: f64, p: &GateOptions, chosen: &[u32], kept: &[bool]) -> Vec<f64> {
+    let act = |v: f64| match p.activation {
+        Activation::Identity => v,
+        Activation::Tanh => v.tanh(),
+        Activation::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+    };
+    let s: Vec<f64> = h.iter().map(|&v| act(v) / tau).collect();
+    let renorm = p.threshold.is_some() || !matches!(p.order, GateOrder::SoftmaxThenTopK { renormalize: false });
+    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = if renorm {
+        chosen.iter().zip(kept).filter(|(_, k)| **k).map(|(&i, _)| (s[i as usize] - m).exp()).sum()
+    } else {
+        s.iter().map(|v| (v - m).exp()).sum()
+    };
+    chosen
+        .iter()
+        .zip(kept)
+        .map(|(&i, &k)| if k { p.routed_scaling_factor * (s[i as usize] - m).exp() / z } else { 0.0 })
+        .collect()
+}
+
+#[test]
+fn backward_matches_finite_differences() {
+    use smax::ViewMut;
+    use smax::gate::gate_backward;
+    let mut rng = Rng(77);
+    let (tokens, e) = (5, 9);
+    for order in [
+        GateOrder::SoftmaxThenTopK { renormalize: false },
+        GateOrder::SoftmaxThenTopK { renormalize: true },
+        GateOrder::TopKThenSoftmax,
+    ] {
+        for activation in [Activation::Identity, Activation::Tanh, Activation::Sigmoid] {
+            for (k, tau, threshold) in [(3, 1.0, None), (2, 0.7, None), (9, 1.3, None), (4, 0.8, Some(0.08))] {
+                let p = GateOptions {
+                    k,
+                    order,
+                    temperature: tau,
+                    activation,
+                    threshold,
+                    routed_scaling_factor: 2.5,
+                    ..Default::default()
+                };
+                let h = rng.vec(tokens * e, 2.0);
+                let c = rng.vec(tokens * k, 1.0);
+                let dw: Vec<f32> = c.iter().map(|&v| v as f32).collect();
+                let (ex, w, _) = route(&h, e, &p, None);
+                let mut dh = vec![0.0f64; tokens * e];
+                let g = gate_backward(
+                    View::rows(&h, tokens, e).unwrap(),
+                    None,
+                    &dw,
+                    ViewMut::rows(&mut dh, tokens, e).unwrap(),
+                    &p,
+                )
+                .unwrap();
+                // L = Σ c·weights, with the routing decisions held fixed.
+                let loss = |h: &[f64], tau: f64| -> f64 {
+                    (0..tokens)
+                        .map(|r| {
+                            let chosen = &ex[r * k..(r + 1) * k];
+                            let kept: Vec<bool> = w[r * k..(r + 1) * k].iter().map(|&v| v != 0.0).collect();
+                            let wr = weights_fixed(&h[r * e..(r + 1) * e], tau, &p, chosen, &kept);
+                            wr.iter().zip(&c[r * k..(r + 1) * k]).map(|(a, b)| a * (*b as f32 as f64)).sum::<f64>()
+                        })
+                        .sum()
+                };
+                let eps = 1e-6;
+                for i in 0..tokens * e {
+                    let (mut hp, mut hm) = (h.clone(), h.clone());
+                    hp[i] += eps;
+                    hm[i] -= eps;
+                    let fd = (loss(&hp, tau) - loss(&hm, tau)) / (2.0 * eps);
+                    assert!((dh[i] - fd).abs() <= 1e-7 + 1e-6 * fd.abs(), "{p:?}: dlogits[{i}] {} vs {fd}", dh[i]);
+                }
+                let fd = (loss(&h, tau + eps) - loss(&h, tau - eps)) / (2.0 * eps);
+                assert!((g.temperature - fd).abs() <= 1e-7 + 1e-6 * fd.abs(), "{p:?}: dtau {} vs {fd}", g.temperature);
+                // The forward the test holds fixed is the forward `gate` computed.
+                for r in 0..tokens {
+                    let kept: Vec<bool> = w[r * k..(r + 1) * k].iter().map(|&v| v != 0.0).collect();
+                    let want = weights_fixed(&h[r * e..(r + 1) * e], tau, &p, &ex[r * k..(r + 1) * k], &kept);
+                    close(&w[r * k..(r + 1) * k], &want);
+                }
+            }
+        }
+    }
+    // Masked experts get no gradient; a bad dlogits shape is an error.
+    let p = GateOptions { k: 2, ..Default::default() };
+    let h = [1.0, f64::NEG_INFINITY, 0.5, -0.3];
+    let mut dh = [7.0f64; 4];
+    gate_backward(View::rows(&h, 1, 4).unwrap(), None, &[1.0, -1.0], ViewMut::rows(&mut dh, 1, 4).unwrap(), &p)
+        .unwrap();
+    assert_eq!(dh[1], 0.0);
+    let mut short = [0.0f64; 3];
+    assert!(
+        gate_backward(View::rows(&h, 1, 4).unwrap(), None, &[1.0, -1.0], ViewMut::rows(&mut short, 1, 3).unwrap(), &p)
+            .is_err()
+    );
+    assert!(
+        gate_backward(View::rows(&h, 1, 4).unwrap(), None, &[1.0], ViewMut::rows(&mut dh, 1, 4).unwrap(), &p).is_err()
+    );
+}
