@@ -722,3 +722,99 @@ fn variants_are_bitwise_identical_across_thread_counts() {
         .collect();
     assert!(results[1] == results[0] && results[2] == results[0]);
 }
+
+/// The f64 reference of LSSA / LSSAR over `[1, hq, ql, d]` queries and `[1, 1, kl, d]` keys and
+/// values (every query head shares the one KV head), with causal masking at a query offset and
+/// an optional keep mask.
+#[allow(clippy::too_many_arguments)]
+fn lssa_ref(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    (hq, ql, kl, d): (usize, usize, usize, usize),
+    offset: i64,
+    keep: Option<&[bool]>,
+    lssa: Lssa,
+) -> Vec<f64> {
+    let mut out = vec![0.0f64; hq * ql * d];
+    for h in 0..hq {
+        let qh = &q[h * ql * d..(h + 1) * ql * d];
+        for i in 0..ql {
+            let p = i as i64 + offset;
+            let vis: Vec<bool> =
+                (0..kl).map(|j| j as i64 <= p && keep.is_none_or(|m| m[(h * ql + i) * kl + j])).collect();
+            let cos: Vec<f64> = (0..kl).map(|j| cosines(qh, k, d, i, j)).collect();
+            let off = if p < lssa.offset_rows as i64 { 0.0 } else { 1.0 };
+            let w = lssa_row(&cos, &vis, d, lssa.reweight.map(|x| x as f64), off);
+            for j in 0..kl {
+                for t in 0..d {
+                    out[(h * ql + i) * d + t] += w[j] * v[j * d + t];
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn lssa_backward_matches_finite_differences() {
+    use smax::attention::{AttentionGrads, attention_lssa_backward};
+    let mut rng = Rng(91);
+    let (hq, ql, kl, d) = (2, 5, 7, 4);
+    let s = AttentionShape::new(1, hq, ql, kl, d).kv_heads(1);
+    let (q, k, v) =
+        (f32s(rng.vec(s.out_len(), 1.0)), f32s(rng.vec(s.kv_len_elems(), 1.0)), f32s(rng.vec(s.kv_len_elems(), 1.0)));
+    let c = rng.vec(s.out_len(), 1.0);
+    let keep: Vec<bool> = (0..hq * ql * kl).map(|i| (i * 7) % 5 != 1).collect();
+    let st = ScoreStrides::contiguous(hq, ql, kl);
+    for use_keep in [false, true] {
+        for lssa in
+            [Lssa { reweight: None, offset_rows: 3 }, Lssa { reweight: Some(3.0), offset_rows: 0 }, Lssa::default()]
+        {
+            let mut o = AttentionOptions::default().causal(true).positions(QueryPositions::Offset(2));
+            if use_keep {
+                o = o.keep(KeepMask { data: &keep, strides: st });
+            }
+            let cf: Vec<f32> = c.iter().map(|&x| x as f32).collect();
+            let (mut dq, mut dk, mut dv) = (vec![0.0f32; q.len()], vec![0.0f32; k.len()], vec![0.0f32; v.len()]);
+            attention_lssa_backward(
+                smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+                &cf,
+                AttentionGrads::new(&mut dq, &mut dk, &mut dv),
+                &o.with_variant(lssa),
+            )
+            .unwrap();
+            let (qw, kw, vw) = (wide(&q), wide(&k), wide(&v));
+            let km = use_keep.then_some(&keep[..]);
+            let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+                lssa_ref(q, k, v, (hq, ql, kl, d), 2, km, lssa).iter().zip(&cf).map(|(a, b)| a * *b as f64).sum()
+            };
+            let eps = 1e-6;
+            for (name, got, which) in [("dq", &dq, 0), ("dk", &dk, 1), ("dv", &dv, 2)] {
+                let scale = got.iter().fold(1e-3f64, |m, &x| m.max(x.abs() as f64));
+                for i in 0..got.len() {
+                    let mut xs = [qw.clone(), kw.clone(), vw.clone()];
+                    xs[which][i] += eps;
+                    let up = loss(&xs[0], &xs[1], &xs[2]);
+                    xs[which][i] -= 2.0 * eps;
+                    let dn = loss(&xs[0], &xs[1], &xs[2]);
+                    let fd = (up - dn) / (2.0 * eps);
+                    assert!(
+                        (got[i] as f64 - fd).abs() <= 2e-5 * scale,
+                        "{lssa:?} keep {use_keep}: {name}[{i}] {} vs {fd}",
+                        got[i]
+                    );
+                }
+            }
+        }
+    }
+    // Options that do not apply are refused, as in the forward.
+    let (mut dq, mut dk, mut dv) = (vec![0.0f32; q.len()], vec![0.0f32; k.len()], vec![0.0f32; v.len()]);
+    let r = attention_lssa_backward(
+        smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+        &vec![0.0f32; q.len()],
+        AttentionGrads::new(&mut dq, &mut dk, &mut dv),
+        &AttentionOptions::default().scale(0.5).with_variant(Lssa::default()),
+    );
+    assert!(r.is_err());
+}

@@ -316,3 +316,200 @@ fn lssar_pass<T: Element>(
     }
     st
 }
+
+/// The backward pass of [`attention_lssa`] (LSSA and LSSAR): from the upstream gradient
+/// `d_out` (`[batch, q_heads, q_len, head_dim]`, contiguous) the gradients of the queries, keys
+/// and values into `grads` (contiguous `bhsd`; `d_bias` must be `None`). Per query row, in
+/// f64, with the row's weights recomputed (O(kv_len) memory per row):
+///
+/// - `dv_j += w_ij·dO_i`, `dw_ij = dO_i·v_j`;
+/// - LSSAR: `z_ij = p·ln u_ij` with `u_ij = N_i·A_ij − o_i` on the positive entries `P_i`, so
+///   `dA_ij = N_i·(p/u_ij)·w_ij(dw_ij − Σ_l w_il dw_il)` on `P_i` (0 elsewhere); a row with no
+///   positive entry is its LSSA row (the forward's fallback) and takes `dA = dw`;
+/// - `A_ij = sp_ij/Σ_l sp_il`: `dsp_ij = (dA_ij − Σ_l A_il dA_il)/Σ_l sp_il`;
+/// - `sp = softplus(x)`, `x_ij = s_i·c_ij`: `dc_ij = dsp_ij·σ(x_ij)·s_i` (`s_i = ln d·ln N_i`
+///   depends on the count of visible keys only);
+/// - `c_ij = q̂_i·k̂_j` and `x̂ = x/max(‖x‖, 1e−12)`: `dq_i = (dq̂_i − q̂_i(q̂_i·dq̂_i))/‖q_i‖`
+///   (`dq̂_i/1e−12` where the floor is active), the same for the keys after their sums over
+///   every query row and query head of the group.
+///
+/// Masks as the forward; masked pairs and rows with no visible key pass no gradient.
+/// Returns the forward's [`LssaStats`] (uniform LSSAR rows). Tested against finite differences
+/// of an f64 forward. Errors: as [`attention_lssa`], and gradient buffers of the wrong size.
+pub fn attention_lssa_backward<T: AttnElement>(
+    inputs: AttentionInputs<'_, T>,
+    d_out: &[T],
+    grads: super::AttentionGrads<'_, T>,
+    opts: &AttentionOptions<'_, Lssa>,
+) -> Result<LssaStats> {
+    let AttentionInputs { shape, q, k, v } = inputs;
+    let (lssa, base) = (&opts.variant, &opts.base());
+    if base.scale.is_some() || base.temperature != 1.0 || base.bias.is_some() || base.softcap.is_some() {
+        return Err(Error::Unsupported {
+            what: "attention_lssa_backward options",
+            why: "scale, temperature, softcap and bias do not apply to softplus attention (use causal, window or keep)",
+        });
+    }
+    if shape.head_dim < 2 {
+        return Err(Error::bad_parameter(
+            "head_dim",
+            shape.head_dim,
+            ">= 2 for softplus attention (ln d scales the cosines)",
+        ));
+    }
+    if let Some(p) = lssa.reweight
+        && !(p.is_finite() && p > 0.0)
+    {
+        return Err(Error::bad_parameter("reweight power p", p, "finite and > 0"));
+    }
+    if grads.d_bias.is_some() {
+        return Err(Error::Unsupported { what: "d_bias", why: "softplus attention takes no score bias" });
+    }
+    let cx = check(&shape, q, k, v, base)?;
+    check_out("d_out", d_out.len(), shape.out_len())?;
+    let super::AttentionGrads { dq, dk, dv, .. } = grads;
+    check_out("dq", dq.len(), shape.out_len())?;
+    check_out("dk", dk.len(), shape.kv_len_elems())?;
+    check_out("dv", dv.len(), shape.kv_len_elems())?;
+    for g in [&mut *dq, &mut *dk, &mut *dv] {
+        g.fill(T::from_f32(0.0));
+    }
+    let (d, ql, kl) = (shape.head_dim, shape.q_len, shape.kv_len);
+    if shape.out_len() == 0 || kl == 0 {
+        return Ok(LssaStats::default());
+    }
+    let grp = shape.group();
+    // One task per (batch, KV head): it owns that head's dk, dv and its query heads' dq.
+    let tasks: Vec<(usize, (&mut [T], (&mut [T], &mut [T])))> =
+        dq.chunks_mut(grp * ql * d).zip(dk.chunks_mut(kl * d).zip(dv.chunks_mut(kl * d))).enumerate().collect();
+    let uniform = std::sync::atomic::AtomicUsize::new(0);
+    crate::par::for_each(cx.par, tasks, |_, (bg, (dqg, (dkg, dvg)))| {
+        let (b, g) = (bg / shape.kv_heads, bg % shape.kv_heads);
+        let n = lssa_backward_group(&cx, &shape, lssa, d_out, (b, g), dqg, dkg, dvg);
+        uniform.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    });
+    Ok(LssaStats { uniform_rows: uniform.into_inner() })
+}
+
+/// `(x̂, ‖x‖)` of one row in f64 (`x̂ = x/max(‖x‖, 1e−12)`).
+fn unit64<T: Element>(x: &[T]) -> (Vec<f64>, f64) {
+    let v: Vec<f64> = x.iter().map(|t| t.to_f64()).collect();
+    let n = v.iter().map(|a| a * a).sum::<f64>().sqrt();
+    let f = n.max(1e-12);
+    (v.iter().map(|a| a / f).collect(), n)
+}
+
+/// `dx = (dx̂ − x̂(x̂·dx̂))/‖x‖`, or `dx̂/1e−12` where the norm floor is active.
+fn unit_backward(xh: &[f64], norm: f64, dxh: &[f64], out: &mut [f64]) {
+    if norm <= 1e-12 {
+        for (o, g) in out.iter_mut().zip(dxh) {
+            *o = g / 1e-12;
+        }
+        return;
+    }
+    let dot: f64 = xh.iter().zip(dxh).map(|(a, b)| a * b).sum();
+    for ((o, g), x) in out.iter_mut().zip(dxh).zip(xh) {
+        *o = (g - x * dot) / norm;
+    }
+}
+
+/// One (batch, KV head) group of [`attention_lssa_backward`]; returns its uniform LSSAR rows.
+#[allow(clippy::too_many_arguments)]
+fn lssa_backward_group<T: Element>(
+    cx: &Checked<'_, T>,
+    s: &AttentionShape,
+    lssa: &Lssa,
+    d_out: &[T],
+    (b, g): (usize, usize),
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) -> usize {
+    let (d, ql, kl, grp) = (s.head_dim, s.q_len, s.kv_len, s.group());
+    let sc = &cx.sc;
+    let ln_d = (d as f64).ln();
+    let keys: Vec<(Vec<f64>, f64)> = (0..kl).map(|j| unit64(cx.k.row(b, g, j, d))).collect();
+    let vals: Vec<Vec<f64>> = (0..kl).map(|j| cx.v.row(b, g, j, d).iter().map(|t| t.to_f64()).collect()).collect();
+    let (mut dkh, mut dv64) = (vec![0.0f64; kl * d], vec![0.0f64; kl * d]);
+    let mut uniform = 0;
+    let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let sp = |x: f64| x.max(0.0) + (-x.abs()).exp().ln_1p();
+    for hq in 0..grp {
+        let h = g * grp + hq;
+        for i in 0..ql {
+            let (lo, hi) = sc.range(i);
+            let vis: Vec<usize> =
+                (lo..hi).filter(|&j| sc.keep.is_none_or(|kp| kp.data[kp.strides.at(b, h, i) + j])).collect();
+            if vis.is_empty() {
+                continue;
+            }
+            let nn = vis.len() as f64;
+            let scale = ln_d * nn.ln();
+            let (qh, qn) = unit64(cx.q.row(b, h, i, d));
+            let go: Vec<f64> = d_out[((b * s.q_heads + h) * ql + i) * d..][..d].iter().map(|t| t.to_f64()).collect();
+            let x: Vec<f64> =
+                vis.iter().map(|&j| scale * qh.iter().zip(&keys[j].0).map(|(a, c)| a * c).sum::<f64>()).collect();
+            let spv: Vec<f64> = x.iter().map(|&x| sp(x)).collect();
+            let tot: f64 = spv.iter().sum();
+            let a: Vec<f64> = spv.iter().map(|v| v / tot).collect();
+            // The weights (LSSAR, or LSSA) and dL/dA.
+            let dw: Vec<f64> = vis.iter().map(|&j| go.iter().zip(&vals[j]).map(|(p, q)| p * q).sum()).collect();
+            let (w, da) = match lssa.reweight {
+                None => (a.clone(), dw.clone()),
+                Some(p) => {
+                    let p = p as f64;
+                    let off = if (sc.position(i) as i128) < lssa.offset_rows as i128 { 0.0 } else { 1.0 };
+                    let u: Vec<f64> = a.iter().map(|&a| nn * a - off).collect();
+                    let z: Vec<f64> = u.iter().map(|&u| if u > 0.0 { p * u.ln() } else { f64::NEG_INFINITY }).collect();
+                    let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    if m == f64::NEG_INFINITY {
+                        uniform += 1;
+                        (a.clone(), dw.clone())
+                    } else {
+                        let e: Vec<f64> = z.iter().map(|&z| (z - m).exp()).collect();
+                        let t: f64 = e.iter().sum();
+                        let w: Vec<f64> = e.iter().map(|v| v / t).collect();
+                        let wd: f64 = w.iter().zip(&dw).map(|(a, b)| a * b).sum();
+                        let da = (0..w.len())
+                            .map(|l| if u[l] > 0.0 { nn * p / u[l] * w[l] * (dw[l] - wd) } else { 0.0 })
+                            .collect();
+                        (w, da)
+                    }
+                }
+            };
+            for (l, &j) in vis.iter().enumerate() {
+                for (o, &gv) in dv64[j * d..(j + 1) * d].iter_mut().zip(&go) {
+                    *o += w[l] * gv;
+                }
+            }
+            let ad: f64 = a.iter().zip(&da).map(|(x, y)| x * y).sum();
+            let mut dqh = vec![0.0f64; d];
+            for (l, &j) in vis.iter().enumerate() {
+                let dc = (da[l] - ad) / tot * sigmoid(x[l]) * scale;
+                if dc == 0.0 {
+                    continue;
+                }
+                for t in 0..d {
+                    dqh[t] += dc * keys[j].0[t];
+                    dkh[j * d + t] += dc * qh[t];
+                }
+            }
+            let mut dqi = vec![0.0f64; d];
+            unit_backward(&qh, qn, &dqh, &mut dqi);
+            for (o, &v) in dq[(hq * ql + i) * d..][..d].iter_mut().zip(&dqi) {
+                *o = T::from_f64(v);
+            }
+        }
+    }
+    let mut dkj = vec![0.0f64; d];
+    for j in 0..kl {
+        unit_backward(&keys[j].0, keys[j].1, &dkh[j * d..(j + 1) * d], &mut dkj);
+        for (o, &v) in dk[j * d..(j + 1) * d].iter_mut().zip(&dkj) {
+            *o = T::from_f64(v);
+        }
+        for (o, &v) in dv[j * d..(j + 1) * d].iter_mut().zip(&dv64[j * d..(j + 1) * d]) {
+            *o = T::from_f64(v);
+        }
+    }
+    uniform
+}

@@ -101,7 +101,7 @@ pub use decode::{
 };
 pub use flash::attention;
 pub use inline::{Inline, InlineKernel, InlineLocal, inline_attention};
-pub use lssa::{Lssa, LssaStats, attention_lssa};
+pub use lssa::{Lssa, LssaStats, attention_lssa, attention_lssa_backward};
 
 use crate::element::Element;
 use crate::error::{Error, Result};
