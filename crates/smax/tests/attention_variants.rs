@@ -818,3 +818,112 @@ fn lssa_backward_matches_finite_differences() {
     );
     assert!(r.is_err());
 }
+
+/// The local term of InLine in f64 (1 prefix token, an `hh x ww` grid), added to `out`.
+fn inline_local_ref(out: &mut [f64], v: &[f64], kern: &[f64], (hh, ww, d): (i64, i64, usize)) {
+    for y in 0..hh {
+        for x in 0..ww {
+            let t = 1 + (y * ww + x) as usize;
+            for ch in 0..d {
+                for ky in 0..3i64 {
+                    for kx in 0..3i64 {
+                        let (yy, xx) = (y + ky - 1, x + kx - 1);
+                        if (0..hh).contains(&yy) && (0..ww).contains(&xx) {
+                            let src = 1 + (yy * ww + xx) as usize;
+                            out[t * d + ch] += kern[ch * 9 + (ky * 3 + kx) as usize] * v[src * d + ch];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn inline_backward_matches_finite_differences() {
+    use smax::attention::{AttentionGrads, Inline, inline_attention_backward};
+    let mut rng = Rng(23);
+    let (hq, hh, ww, d) = (2usize, 2i64, 3i64, 4usize);
+    let n = 1 + (hh * ww) as usize;
+    let s = AttentionShape::new(1, hq, n, n, d).kv_heads(1);
+    let (q, k, v) =
+        (f32s(rng.vec(s.out_len(), 1.0)), f32s(rng.vec(s.kv_len_elems(), 1.0)), f32s(rng.vec(s.kv_len_elems(), 1.0)));
+    let kern = f32s(rng.vec(hq * d * 9, 0.5));
+    let c: Vec<f32> = f32s(rng.vec(s.out_len(), 1.0));
+    type Phi = fn(f64) -> f64;
+    let kernels: [(InlineKernel, Phi); 4] = [
+        (InlineKernel::Identity, |x| x),
+        (InlineKernel::Relu, |x| x.max(0.0)),
+        (InlineKernel::LeakyRelu(0.1), |x| if x >= 0.0 { x } else { 0.1 * x }),
+        (InlineKernel::Exp02, |x| (0.2 * x).exp()),
+    ];
+    for (kernel, phi) in kernels {
+        for with_local in [false, true] {
+            let local =
+                with_local.then_some(InlineLocal { height: hh as usize, width: ww as usize, prefix: 1, kernel: &kern });
+            let (mut dq, mut dk, mut dv) = (vec![0.0f32; q.len()], vec![0.0f32; k.len()], vec![0.0f32; v.len()]);
+            let mut dkern = vec![0.0f32; kern.len()];
+            inline_attention_backward(
+                smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+                &c,
+                AttentionGrads::new(&mut dq, &mut dk, &mut dv),
+                with_local.then_some(&mut dkern[..]),
+                &AttentionOptions::default().with_variant(Inline { kernel, local }),
+            )
+            .unwrap();
+            let loss = |x: &[Vec<f64>; 4]| -> f64 {
+                let [q, k, v, kn] = x;
+                let mut total = 0.0;
+                for h in 0..hq {
+                    let mut o = inline_ref(&q[h * n * d..(h + 1) * n * d], k, v, n, n, d, phi);
+                    if with_local {
+                        inline_local_ref(&mut o, v, &kn[h * d * 9..(h + 1) * d * 9], (hh, ww, d));
+                    }
+                    total += o.iter().zip(&c[h * n * d..(h + 1) * n * d]).map(|(a, b)| a * *b as f64).sum::<f64>();
+                }
+                total
+            };
+            let base = [wide(&q), wide(&k), wide(&v), wide(&kern)];
+            let eps = 1e-6;
+            let mut outs: Vec<(&str, &[f32], usize)> = vec![("dq", &dq, 0), ("dk", &dk, 1), ("dv", &dv, 2)];
+            if with_local {
+                outs.push(("dkern", &dkern, 3));
+            }
+            for (name, got, which) in outs {
+                let scale = got.iter().fold(1e-3f64, |m, &x| m.max(x.abs() as f64));
+                for i in 0..got.len() {
+                    let mut x = base.clone();
+                    x[which][i] += eps;
+                    let up = loss(&x);
+                    x[which][i] -= 2.0 * eps;
+                    let fd = (up - loss(&x)) / (2.0 * eps);
+                    // ReLU's kink: a coordinate within eps of 0 has no derivative to compare.
+                    if matches!(kernel, InlineKernel::Relu | InlineKernel::LeakyRelu(_))
+                        && which < 2
+                        && base[which][i].abs() < 1e-4
+                    {
+                        continue;
+                    }
+                    assert!(
+                        (got[i] as f64 - fd).abs() <= 2e-5 * scale,
+                        "{kernel:?} local {with_local}: {name}[{i}] {} vs {fd}",
+                        got[i]
+                    );
+                }
+            }
+        }
+    }
+    // A local term needs its kernel gradient buffer.
+    let (mut dq, mut dk, mut dv) = (vec![0.0f32; q.len()], vec![0.0f32; k.len()], vec![0.0f32; v.len()]);
+    let local = InlineLocal { height: hh as usize, width: ww as usize, prefix: 1, kernel: &kern };
+    assert!(
+        inline_attention_backward(
+            smax::attention::AttentionInputs::new(s, Heads::new(&q), Heads::new(&k), Heads::new(&v)),
+            &c,
+            AttentionGrads::new(&mut dq, &mut dk, &mut dv),
+            None,
+            &AttentionOptions::default().with_variant(Inline { kernel: InlineKernel::Identity, local: Some(local) }),
+        )
+        .is_err()
+    );
+}

@@ -37,6 +37,26 @@ impl InlineKernel {
             InlineKernel::Exp02 => (0.2 * x).exp(),
         }
     }
+
+    /// φ and φ' in f64 (φ' of ReLU at 0 is 0, of leaky ReLU at 0 is 1, as PyTorch's autograd).
+    #[inline]
+    fn apply_grad64(&self, x: f64) -> (f64, f64) {
+        match *self {
+            InlineKernel::Identity => (x, 1.0),
+            InlineKernel::Relu => (x.max(0.0), if x > 0.0 { 1.0 } else { 0.0 }),
+            InlineKernel::LeakyRelu(s) => {
+                if x >= 0.0 {
+                    (x, 1.0)
+                } else {
+                    (s as f64 * x, s as f64)
+                }
+            }
+            InlineKernel::Exp02 => {
+                let e = (0.2 * x).exp();
+                (e, 0.2 * e)
+            }
+        }
+    }
 }
 
 /// InLine's local term (A6): a 3×3 depthwise convolution of the values over the token grid,
@@ -64,24 +84,13 @@ pub struct Inline<'a> {
     pub local: Option<InlineLocal<'a>>,
 }
 
-/// InLine injective linear attention (Han et al. 2024, A6), non-causal, in `O(N·d²)`:
-/// `o_i = φ(q_i)ᵀ·(c·Σ_j φ(k_j) v_jᵀ) + (1 − N·c·φ(q_i)·k̄_φ)·v̄`, `c = d^{−1/2}/N`, which equals
-/// `Σ_j w_ij v_j` with the weights `w_ij = c·(φ(q_i)·φ(k_j) − φ(q_i)·k̄_φ) + 1/N` (rows sum to 1
-/// exactly; weights can be negative). Plus the optional [`InlineLocal`] term, which needs
-/// `q_len = kv_len = prefix + height·width`.
-///
-/// Shapes and layouts as [`attention`](super::attention) (grouped-query allowed); masks do not
-/// apply (remove padded tokens instead: `-inf` has no meaning in a linear kernel). `Σ φ(k)vᵀ`
-/// and the means accumulate in f32 through `gemm` and f64 sums. Errors: `kv_len = 0`, a local
-/// term whose grid or kernel does not match, the shape and buffer errors of
-/// [`attention`](super::attention), and a head dimension whose `d x d` matrix does not fit in
-/// memory ([`Error::SizeOverflow`](crate::Error::SizeOverflow),
-/// [`Error::Allocation`](crate::Error::Allocation)).
-pub fn inline_attention<'a, T: AttnElement>(
-    inputs: AttentionInputs<'_, T>,
-    out: &mut [T],
+/// The checks [`inline_attention`] and its backward share: the options that do not apply,
+/// the shape, the operands, `kv_len ≥ 1`, the kernel and the local term.
+#[allow(clippy::type_complexity)]
+fn checked<'x, 'a, T>(
+    inputs: AttentionInputs<'x, T>,
     opts: &AttentionOptions<'a, Inline<'a>>,
-) -> Result<()> {
+) -> Result<(AttentionShape, [super::Op<'x, T>; 3], InlineKernel, Option<InlineLocal<'a>>)> {
     let AttentionInputs { shape, q, k, v } = inputs;
     let Inline { kernel, local } = opts.variant;
     let o = opts;
@@ -103,7 +112,6 @@ pub fn inline_attention<'a, T: AttnElement>(
     let qo = resolve("q", q, shape.batch, shape.q_heads, ql, d)?;
     let ko = resolve("k", k, shape.batch, shape.kv_heads, kl, d)?;
     let vo = resolve("v", v, shape.batch, shape.kv_heads, kl, d)?;
-    check_out("out", out.len(), shape.out_len())?;
     if kl == 0 {
         return Err(Error::bad_parameter("kv_len", "0", ">= 1 (InLine attention is undefined over zero keys)"));
     }
@@ -122,6 +130,31 @@ pub fn inline_attention<'a, T: AttnElement>(
         }
         check_out("local kernel", l.kernel.len(), product("local kernel", &[shape.batch, shape.q_heads, d, 9])?)?;
     }
+    Ok((shape, [qo, ko, vo], kernel, local))
+}
+
+/// InLine injective linear attention (Han et al. 2024, A6), non-causal, in `O(N·d²)`:
+/// `o_i = φ(q_i)ᵀ·(c·Σ_j φ(k_j) v_jᵀ) + (1 − N·c·φ(q_i)·k̄_φ)·v̄`, `c = d^{−1/2}/N`, which equals
+/// `Σ_j w_ij v_j` with the weights `w_ij = c·(φ(q_i)·φ(k_j) − φ(q_i)·k̄_φ) + 1/N` (rows sum to 1
+/// exactly; weights can be negative). Plus the optional [`InlineLocal`] term, which needs
+/// `q_len = kv_len = prefix + height·width`.
+///
+/// Shapes and layouts as [`attention`](super::attention) (grouped-query allowed); masks do not
+/// apply (remove padded tokens instead: `-inf` has no meaning in a linear kernel). `Σ φ(k)vᵀ`
+/// and the means accumulate in f32 through `gemm` and f64 sums. Errors: `kv_len = 0`, a local
+/// term whose grid or kernel does not match, the shape and buffer errors of
+/// [`attention`](super::attention), and a head dimension whose `d x d` matrix does not fit in
+/// memory ([`Error::SizeOverflow`](crate::Error::SizeOverflow),
+/// [`Error::Allocation`](crate::Error::Allocation)).
+pub fn inline_attention<'a, T: AttnElement>(
+    inputs: AttentionInputs<'_, T>,
+    out: &mut [T],
+    opts: &AttentionOptions<'a, Inline<'a>>,
+) -> Result<()> {
+    let shape0 = inputs.shape;
+    check_out("out", out.len(), shape0.out_len())?;
+    let (shape, [qo, ko, vo], kernel, local) = checked(inputs, opts)?;
+    let (d, ql) = (shape.head_dim, shape.q_len);
     if shape.out_len() == 0 {
         return Ok(());
     }
@@ -217,4 +250,150 @@ fn add_local_term(l: &InlineLocal<'_>, kern: &[f32], vv: &[f32], d: usize, o32: 
             }
         }
     }
+}
+
+/// The backward pass of [`inline_attention`]: from the upstream gradient `d_out`
+/// (`[batch, q_heads, q_len, head_dim]`, contiguous) the gradients of the queries, keys and
+/// values into `grads` (contiguous `bhsd`; `d_bias` must be `None`) and, with a local term,
+/// of its kernels into `d_local_kernel` (`[batch, q_heads, head_dim, 9]`). With `f = φ(q)`,
+/// `g = φ(k)`, `KV = Σ_j g_j v_jᵀ`, `k̄ = mean g`, `v̄ = mean v` and `c = d^{−1/2}/N`:
+///
+/// - `df_i = c·KV·dO_i − N·c·(v̄·dO_i)·k̄`, `dq_i = φ'(q_i) ⊙ df_i`;
+/// - `dKV = c·Σ_i f_i dO_iᵀ`, `dk̄ = −N·c·Σ_i (v̄·dO_i) f_i`, `dv̄ = Σ_i (1 − N·c·f_i·k̄) dO_i`;
+/// - `dk_j = φ'(k_j) ⊙ (dKV·v_j + dk̄/N)`, `dv_j = dKVᵀ·g_j + dv̄/N`, summed over the query
+///   heads of a group;
+/// - the local term adds `Σ kern·dO` to the values it read and `Σ dO·v` to its kernels.
+///
+/// In f64, `O(N·d²)` per head like the forward. Tested against finite differences of an f64
+/// forward. Errors: as [`inline_attention`], gradient buffers of the wrong size, a `d_bias`,
+/// and a local term without `d_local_kernel` (or the reverse).
+pub fn inline_attention_backward<'a, T: AttnElement>(
+    inputs: AttentionInputs<'_, T>,
+    d_out: &[T],
+    grads: super::AttentionGrads<'_, T>,
+    d_local_kernel: Option<&mut [f32]>,
+    opts: &AttentionOptions<'a, Inline<'a>>,
+) -> Result<()> {
+    let (shape, [qo, ko, vo], kernel, local) = checked(inputs, opts)?;
+    let (d, ql, kl, grp) = (shape.head_dim, shape.q_len, shape.kv_len, shape.group());
+    check_out("d_out", d_out.len(), shape.out_len())?;
+    if grads.d_bias.is_some() {
+        return Err(Error::Unsupported { what: "d_bias", why: "linear attention takes no score bias" });
+    }
+    let super::AttentionGrads { dq, dk, dv, .. } = grads;
+    check_out("dq", dq.len(), shape.out_len())?;
+    check_out("dk", dk.len(), shape.kv_len_elems())?;
+    check_out("dv", dv.len(), shape.kv_len_elems())?;
+    let dkern = match (local, d_local_kernel) {
+        (Some(l), Some(g)) => {
+            check_out("d_local_kernel", g.len(), l.kernel.len())?;
+            g.fill(0.0);
+            Some(g)
+        }
+        (None, None) => None,
+        _ => {
+            return Err(Error::Unsupported {
+                what: "d_local_kernel",
+                why: "is given exactly when the options carry a local term",
+            });
+        }
+    };
+    for g in [&mut *dq, &mut *dk, &mut *dv] {
+        g.fill(T::from_f32(0.0));
+    }
+    if shape.out_len() == 0 {
+        return Ok(());
+    }
+    let c = (1.0 / (d as f64).sqrt()) / kl as f64;
+    let nc = kl as f64 * c;
+    let per_kern = d * 9;
+    let kern_groups: Vec<Option<&mut [f32]>> = match dkern {
+        Some(g) => g.chunks_mut(grp * per_kern).map(Some).collect(),
+        None => (0..shape.batch * shape.kv_heads).map(|_| None).collect(),
+    };
+    let tasks: Vec<_> = dq
+        .chunks_mut(grp * ql * d)
+        .zip(dk.chunks_mut(kl * d).zip(dv.chunks_mut(kl * d)))
+        .zip(kern_groups)
+        .enumerate()
+        .collect();
+    crate::par::for_each(opts.exec.par, tasks, |_, (bg, ((dqg, (dkg, dvg)), mut dkg_kern))| {
+        let (b, hk) = (bg / shape.kv_heads, bg % shape.kv_heads);
+        let load = |op: &super::Op<'_, T>, h: usize, t: usize| -> Vec<f64> {
+            op.row(b, h, t, d).iter().map(|x| x.to_f64()).collect()
+        };
+        let kraw: Vec<Vec<f64>> = (0..kl).map(|j| load(&ko, hk, j)).collect();
+        let vals: Vec<Vec<f64>> = (0..kl).map(|j| load(&vo, hk, j)).collect();
+        let g: Vec<Vec<f64>> = kraw.iter().map(|r| r.iter().map(|&x| kernel.apply_grad64(x).0).collect()).collect();
+        let (mut kv, mut kbar, mut vbar) = (vec![0.0f64; d * d], vec![0.0f64; d], vec![0.0f64; d]);
+        for j in 0..kl {
+            for a in 0..d {
+                kbar[a] += g[j][a] / kl as f64;
+                vbar[a] += vals[j][a] / kl as f64;
+                for bb in 0..d {
+                    kv[a * d + bb] += g[j][a] * vals[j][bb];
+                }
+            }
+        }
+        let (mut dkv, mut dkbar, mut dvbar) = (vec![0.0f64; d * d], vec![0.0f64; d], vec![0.0f64; d]);
+        let mut dv64 = vec![0.0f64; kl * d];
+        for hq in 0..grp {
+            let h = hk * grp + hq;
+            let dor = |i: usize| &d_out[((b * shape.q_heads + h) * ql + i) * d..][..d];
+            for i in 0..ql {
+                let go: Vec<f64> = dor(i).iter().map(|x| x.to_f64()).collect();
+                let (f, fp): (Vec<f64>, Vec<f64>) = load(&qo, h, i).iter().map(|&x| kernel.apply_grad64(x)).unzip();
+                let vd: f64 = vbar.iter().zip(&go).map(|(a, b)| a * b).sum();
+                let fk: f64 = f.iter().zip(&kbar).map(|(a, b)| a * b).sum();
+                for a in 0..d {
+                    let kvd: f64 = (0..d).map(|bb| kv[a * d + bb] * go[bb]).sum();
+                    let df = c * kvd - nc * vd * kbar[a];
+                    dqg[(hq * ql + i) * d + a] = T::from_f64(fp[a] * df);
+                    dkbar[a] -= nc * vd * f[a];
+                    dvbar[a] += (1.0 - nc * fk) * go[a];
+                    for bb in 0..d {
+                        dkv[a * d + bb] += c * f[a] * go[bb];
+                    }
+                }
+            }
+            if let Some(l) = local {
+                let kern = &l.kernel[(b * shape.q_heads + h) * per_kern..][..per_kern];
+                let mut dkh = dkg_kern.as_deref_mut().map(|k| &mut k[hq * per_kern..(hq + 1) * per_kern]);
+                let (hh, ww) = (l.height as i64, l.width as i64);
+                for y in 0..hh {
+                    for x in 0..ww {
+                        let t = l.prefix + (y * ww + x) as usize;
+                        let go = dor(t);
+                        for ky in 0..3i64 {
+                            for kx in 0..3i64 {
+                                let (yy, xx) = (y + ky - 1, x + kx - 1);
+                                if yy < 0 || yy >= hh || xx < 0 || xx >= ww {
+                                    continue;
+                                }
+                                let src = l.prefix + (yy * ww + xx) as usize;
+                                let tap = (ky * 3 + kx) as usize;
+                                for ch in 0..d {
+                                    let gch = go[ch].to_f64();
+                                    dv64[src * d + ch] += kern[ch * 9 + tap] as f64 * gch;
+                                    if let Some(dk) = dkh.as_deref_mut() {
+                                        dk[ch * 9 + tap] += (gch * vals[src][ch]) as f32;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for j in 0..kl {
+            for a in 0..d {
+                let gv: f64 = (0..d).map(|bb| dkv[a * d + bb] * vals[j][bb]).sum();
+                let fp = kernel.apply_grad64(kraw[j][a]).1;
+                dkg[j * d + a] = T::from_f64(fp * (gv + dkbar[a] / kl as f64));
+                let vg: f64 = (0..d).map(|aa| dkv[aa * d + a] * g[j][aa]).sum();
+                dvg[j * d + a] = T::from_f64(dv64[j * d + a] + vg + dvbar[a] / kl as f64);
+            }
+        }
+    });
+    Ok(())
 }

@@ -100,7 +100,7 @@ pub use decode::{
     attention_decode_unified, merge_attention_states, profile_unified_max,
 };
 pub use flash::attention;
-pub use inline::{Inline, InlineKernel, InlineLocal, inline_attention};
+pub use inline::{Inline, InlineKernel, InlineLocal, inline_attention, inline_attention_backward};
 pub use lssa::{Lssa, LssaStats, attention_lssa, attention_lssa_backward};
 
 use crate::element::Element;
