@@ -79,7 +79,7 @@ impl Layout {
     /// Distance between consecutive rows when rows are contiguous runs of elements (row
     /// layouts, and axis layouts with `inner = 1`); `None` for other axis layouts. A single
     /// row's stride is irrelevant and reported as its length.
-    pub(crate) fn row_stride(&self) -> Option<usize> {
+    pub fn row_stride(&self) -> Option<usize> {
         match self.kind {
             // Empty rows all sit at offset 0, whatever the stride (the buffer may be empty).
             Kind::Rows { rows, len, stride } => Some(if rows <= 1 || len == 0 { len } else { stride }),
@@ -173,6 +173,12 @@ impl<'a, T> View<'a, T> {
         self.layout
     }
 
+    /// The buffer the layout addresses (read-only; its length was validated against the
+    /// layout when the view was made).
+    pub fn data(&self) -> &'a [T] {
+        self.data
+    }
+
     /// `(rows, row length, row stride)` of a view that must be a row layout (rows, or an axis
     /// layout with `inner = 1`); `what` names the argument and `why` says what the operation
     /// accepts when it is not. The view itself was validated when it was made.
@@ -211,6 +217,12 @@ impl<'a, T> ViewMut<'a, T> {
     /// The layout.
     pub fn layout(&self) -> Layout {
         self.layout
+    }
+
+    /// The buffer, for a caller that writes through the layout itself (an extension crate's
+    /// kernel); consumes the view.
+    pub fn into_data(self) -> &'a mut [T] {
+        self.data
     }
 
     /// See [`View::row_geometry`].
