@@ -230,23 +230,33 @@ fn inline_head<T: AttnElement>(
 /// Adds InLine's local term (the 3×3 depthwise convolution of the values `vv` over the token
 /// grid, kernel `kern` `[head_dim, 9]`) to the head's output `o32`.
 fn add_local_term(l: &InlineLocal<'_>, kern: &[f32], vv: &[f32], d: usize, o32: &mut [f32]) {
+    // Each output sums its taps in f64 and is rounded once.
+    let mut acc = vec![0.0f64; o32.len()];
+    for_local_taps(l, |t, src, tap| {
+        for ch in 0..d {
+            acc[t * d + ch] += kern[ch * 9 + tap] as f64 * vv[src * d + ch] as f64;
+        }
+    });
+    for (o, a) in o32[l.prefix * d..].iter_mut().zip(&acc[l.prefix * d..]) {
+        *o += *a as f32;
+    }
+}
+
+/// Calls `f(t, src, tap)` for every grid token `t`, every in-grid neighbour `src` of it and
+/// the tap index `ky·3 + kx` that joins them (zero padding: out-of-grid taps are skipped).
+fn for_local_taps(l: &InlineLocal<'_>, mut f: impl FnMut(usize, usize, usize)) {
     let (hh, ww) = (l.height as i64, l.width as i64);
     for y in 0..hh {
         for x in 0..ww {
             let t = l.prefix + (y * ww + x) as usize;
-            for ch in 0..d {
-                let mut a = 0.0f64;
-                for ky in 0..3i64 {
-                    for kx in 0..3i64 {
-                        let (yy, xx) = (y + ky - 1, x + kx - 1);
-                        if yy < 0 || yy >= hh || xx < 0 || xx >= ww {
-                            continue;
-                        }
-                        let src = l.prefix + (yy * ww + xx) as usize;
-                        a += kern[ch * 9 + (ky * 3 + kx) as usize] as f64 * vv[src * d + ch] as f64;
+            for ky in 0..3i64 {
+                for kx in 0..3i64 {
+                    let (yy, xx) = (y + ky - 1, x + kx - 1);
+                    if yy < 0 || yy >= hh || xx < 0 || xx >= ww {
+                        continue;
                     }
+                    f(t, l.prefix + (yy * ww + xx) as usize, (ky * 3 + kx) as usize);
                 }
-                o32[t * d + ch] += a as f32;
             }
         }
     }
@@ -359,30 +369,16 @@ pub fn inline_attention_backward<'a, T: AttnElement>(
             if let Some(l) = local {
                 let kern = &l.kernel[(b * shape.q_heads + h) * per_kern..][..per_kern];
                 let mut dkh = dkg_kern.as_deref_mut().map(|k| &mut k[hq * per_kern..(hq + 1) * per_kern]);
-                let (hh, ww) = (l.height as i64, l.width as i64);
-                for y in 0..hh {
-                    for x in 0..ww {
-                        let t = l.prefix + (y * ww + x) as usize;
-                        let go = dor(t);
-                        for ky in 0..3i64 {
-                            for kx in 0..3i64 {
-                                let (yy, xx) = (y + ky - 1, x + kx - 1);
-                                if yy < 0 || yy >= hh || xx < 0 || xx >= ww {
-                                    continue;
-                                }
-                                let src = l.prefix + (yy * ww + xx) as usize;
-                                let tap = (ky * 3 + kx) as usize;
-                                for ch in 0..d {
-                                    let gch = go[ch].to_f64();
-                                    dv64[src * d + ch] += kern[ch * 9 + tap] as f64 * gch;
-                                    if let Some(dk) = dkh.as_deref_mut() {
-                                        dk[ch * 9 + tap] += (gch * vals[src][ch]) as f32;
-                                    }
-                                }
-                            }
+                for_local_taps(&l, |t, src, tap| {
+                    let go = dor(t);
+                    for ch in 0..d {
+                        let gch = go[ch].to_f64();
+                        dv64[src * d + ch] += kern[ch * 9 + tap] as f64 * gch;
+                        if let Some(dk) = dkh.as_deref_mut() {
+                            dk[ch * 9 + tap] += (gch * vals[src][ch]) as f32;
                         }
                     }
-                }
+                });
             }
         }
         for j in 0..kl {

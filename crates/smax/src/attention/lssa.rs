@@ -57,6 +57,26 @@ pub fn attention_lssa<T: AttnElement>(
 ) -> Result<LssaStats> {
     let AttentionInputs { shape, q, k, v } = inputs;
     let (lssa, opts) = (&opts.variant, &opts.base());
+    check_lssa(&shape, lssa, opts)?;
+    let mut cx = check(&shape, q, k, v, opts)?;
+    check_out("out", out.len(), shape.out_len())?;
+    if shape.out_len() == 0 {
+        return Ok(LssaStats::default());
+    }
+    // Cosine scores: c = 1 and no bias, so `prep_row` only masks.
+    cx.sc.c = 1.0;
+    let mut lse_unused = vec![0.0f32; shape.lse_len()];
+    let uniform = std::sync::atomic::AtomicUsize::new(0);
+    for_blocks(&cx, &shape, out, &mut lse_unused, |b, h, i0, o, l| {
+        let n = lssa_block(&cx, &shape, (b, h, i0), l.len(), lssa, o);
+        uniform.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    });
+    Ok(LssaStats { uniform_rows: uniform.into_inner() })
+}
+
+/// What the forward and the backward refuse: the options that do not apply, `head_dim < 2`,
+/// a re-weighting power that is not finite and positive.
+fn check_lssa(shape: &AttentionShape, lssa: &Lssa, opts: &AttentionOptions<'_>) -> Result<()> {
     if opts.scale.is_some() || opts.temperature != 1.0 || opts.bias.is_some() || opts.softcap.is_some() {
         return Err(Error::Unsupported {
             what: "attention_lssa options",
@@ -75,20 +95,7 @@ pub fn attention_lssa<T: AttnElement>(
     {
         return Err(Error::bad_parameter("reweight power p", p, "finite and > 0"));
     }
-    let mut cx = check(&shape, q, k, v, opts)?;
-    check_out("out", out.len(), shape.out_len())?;
-    if shape.out_len() == 0 {
-        return Ok(LssaStats::default());
-    }
-    // Cosine scores: c = 1 and no bias, so `prep_row` only masks.
-    cx.sc.c = 1.0;
-    let mut lse_unused = vec![0.0f32; shape.lse_len()];
-    let uniform = std::sync::atomic::AtomicUsize::new(0);
-    for_blocks(&cx, &shape, out, &mut lse_unused, |b, h, i0, o, l| {
-        let n = lssa_block(&cx, &shape, (b, h, i0), l.len(), lssa, o);
-        uniform.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-    });
-    Ok(LssaStats { uniform_rows: uniform.into_inner() })
+    Ok(())
 }
 
 /// `x / max(‖x‖, 1e-12)` into `dst`.
@@ -344,24 +351,7 @@ pub fn attention_lssa_backward<T: AttnElement>(
 ) -> Result<LssaStats> {
     let AttentionInputs { shape, q, k, v } = inputs;
     let (lssa, base) = (&opts.variant, &opts.base());
-    if base.scale.is_some() || base.temperature != 1.0 || base.bias.is_some() || base.softcap.is_some() {
-        return Err(Error::Unsupported {
-            what: "attention_lssa_backward options",
-            why: "scale, temperature, softcap and bias do not apply to softplus attention (use causal, window or keep)",
-        });
-    }
-    if shape.head_dim < 2 {
-        return Err(Error::bad_parameter(
-            "head_dim",
-            shape.head_dim,
-            ">= 2 for softplus attention (ln d scales the cosines)",
-        ));
-    }
-    if let Some(p) = lssa.reweight
-        && !(p.is_finite() && p > 0.0)
-    {
-        return Err(Error::bad_parameter("reweight power p", p, "finite and > 0"));
-    }
+    check_lssa(&shape, lssa, base)?;
     if grads.d_bias.is_some() {
         return Err(Error::Unsupported { what: "d_bias", why: "softplus attention takes no score bias" });
     }
