@@ -378,6 +378,14 @@ fn bad_inputs_are_clear_errors() {
     std::fs::write(d.join("short.npy"), npy("<f4", &[1000, 1000], &f32_bytes(&[0.0; 4]))).unwrap();
     let (ok, _, err) = smax(&[d.join("short.npy").to_str().unwrap()]);
     assert!(!ok && err.contains("shorter"), "{err}");
+    // A safetensors header whose offsets point past any file.
+    let h =
+        format!("{{\"x\": {{\"dtype\": \"F32\", \"shape\": [0, 4], \"data_offsets\": [{m}, {m}]}}}}", m = u64::MAX - 2);
+    let mut st = (h.len() as u64).to_le_bytes().to_vec();
+    st.extend(h.as_bytes());
+    std::fs::write(d.join("far.safetensors"), st).unwrap();
+    let (ok, _, err) = smax(&[d.join("far.safetensors").to_str().unwrap()]);
+    assert!(!ok && err.contains("past any file"), "{err}");
     let (ok, _, err) = smax(&[p.to_str().unwrap(), "--temperature", "0"]);
     assert!(!ok && err.contains("temperature"), "{err}");
 }

@@ -313,7 +313,8 @@ impl Array {
         if e - b != bytes as u64 {
             return Err(format!("{name}: data_offsets hold {} bytes, shape {shape:?} needs {bytes}", e - b));
         }
-        Array::stored(path, len, 8 + n + b, dtype, shape, name)
+        let start = (8 + n).checked_add(b).ok_or_else(|| format!("{name}: data offset {b} is past any file"))?;
+        Array::stored(path, len, start, dtype, shape, name)
     }
 
     pub fn is_float(&self) -> bool {
