@@ -18,6 +18,8 @@ pub struct Data {
     pub ignore_index: i64,
     /// Rows per chunk.
     pub chunk: usize,
+    /// Print the share of rows read to stderr after each chunk (large files on a terminal).
+    pub progress: bool,
 }
 
 /// Rows per chunk for `classes` columns: about 32 MiB of f32 per chunk.
@@ -49,7 +51,7 @@ impl Data {
                 ));
             }
         }
-        Ok(Data { logits, labels, rows, classes, ignore_index, chunk: chunk_rows(classes) })
+        Ok(Data { logits, labels, rows, classes, ignore_index, chunk: chunk_rows(classes), progress: false })
     }
 
     /// The position of row `r` in the logits' leading axes, for messages (`[n, t]`).
@@ -81,6 +83,9 @@ impl Data {
             }
             f(r0, &z, yr.as_ref().map(|_| &y[..]))?;
             r0 += nr;
+            if self.progress {
+                eprint!("\r{:5.1} %", 100.0 * r0 as f64 / self.rows as f64);
+            }
         }
         Ok(())
     }

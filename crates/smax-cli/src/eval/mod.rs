@@ -168,6 +168,7 @@ pub struct Fit {
 type Ood = Vec<(&'static str, f64, f64)>;
 
 fn with_chunk(mut d: Data, a: &Args) -> Result<Data, String> {
+    d.progress = wants_progress(&d);
     match a.chunk_rows {
         Some(0) => Err("--chunk-rows must be at least 1".into()),
         Some(c) => {
@@ -188,35 +189,20 @@ fn open_pair(a: &Args) -> Result<Data, String> {
     with_chunk(Data::new(logits, labels, a.ignore_index)?, a)
 }
 
-/// A progress line on stderr for files over 256 MiB when stderr is a terminal.
-struct Progress {
-    on: bool,
-    what: String,
-    t0: Instant,
-}
-
-impl Progress {
-    fn new(d: &Data, what: &str) -> Progress {
-        Progress {
-            on: d.logits.bytes > 256 << 20 && std::io::stderr().is_terminal(),
-            what: what.into(),
-            t0: Instant::now(),
-        }
-    }
-    fn done(&self) {
-        if self.on {
-            eprintln!("\r{}: done in {:.1} s", self.what, self.t0.elapsed().as_secs_f64());
-        }
-    }
+/// Files over 256 MiB show their progress on stderr when it is a terminal.
+fn wants_progress(d: &Data) -> bool {
+    d.logits.bytes > 256 << 20 && std::io::stderr().is_terminal()
 }
 
 fn run_pass(d: &Data, spec: &PassSpec, what: &str) -> Result<Summary, String> {
-    let p = Progress::new(d, what);
-    if p.on {
-        eprint!("{what}: {} ...", human(d.logits.bytes as f64));
+    let t0 = Instant::now();
+    if d.progress {
+        eprintln!("{what}: {}", human(d.logits.bytes as f64));
     }
     let s = metrics::pass(d, spec)?;
-    p.done();
+    if d.progress {
+        eprintln!("\r{what}: done in {:.1} s", t0.elapsed().as_secs_f64());
+    }
     Ok(s)
 }
 
