@@ -151,9 +151,8 @@ pub fn inline_attention<'a, T: AttnElement>(
     out: &mut [T],
     opts: &AttentionOptions<'a, Inline<'a>>,
 ) -> Result<()> {
-    let shape0 = inputs.shape;
-    check_out("out", out.len(), shape0.out_len())?;
     let (shape, [qo, ko, vo], kernel, local) = checked(inputs, opts)?;
+    check_out("out", out.len(), shape.out_len())?;
     let (d, ql) = (shape.head_dim, shape.q_len);
     if shape.out_len() == 0 {
         return Ok(());
@@ -327,7 +326,10 @@ pub fn inline_attention_backward<'a, T: AttnElement>(
         .zip(kern_groups)
         .enumerate()
         .collect();
-    crate::par::for_each(opts.exec.par, tasks, |_, (bg, ((dqg, (dkg, dvg)), mut dkg_kern))| {
+    // Each group builds two `d x d` matrices (KV and its gradient): a size the shape alone
+    // sets, checked and allocated fallibly.
+    let dd = product("inline KV", &[d, d])?;
+    let done = crate::par::map(opts.exec.par, tasks, |(bg, ((dqg, (dkg, dvg)), mut dkg_kern))| -> Result<()> {
         let (b, hk) = (bg / shape.kv_heads, bg % shape.kv_heads);
         let load = |op: &super::Op<'_, T>, h: usize, t: usize| -> Vec<f64> {
             op.row(b, h, t, d).iter().map(|x| x.to_f64()).collect()
@@ -335,7 +337,7 @@ pub fn inline_attention_backward<'a, T: AttnElement>(
         let kraw: Vec<Vec<f64>> = (0..kl).map(|j| load(&ko, hk, j)).collect();
         let vals: Vec<Vec<f64>> = (0..kl).map(|j| load(&vo, hk, j)).collect();
         let g: Vec<Vec<f64>> = kraw.iter().map(|r| r.iter().map(|&x| kernel.apply_grad64(x).0).collect()).collect();
-        let (mut kv, mut kbar, mut vbar) = (vec![0.0f64; d * d], vec![0.0f64; d], vec![0.0f64; d]);
+        let (mut kv, mut kbar, mut vbar) = (try_vec("inline KV", dd, 0.0f64)?, vec![0.0f64; d], vec![0.0f64; d]);
         for j in 0..kl {
             for a in 0..d {
                 kbar[a] += g[j][a] / kl as f64;
@@ -345,7 +347,7 @@ pub fn inline_attention_backward<'a, T: AttnElement>(
                 }
             }
         }
-        let (mut dkv, mut dkbar, mut dvbar) = (vec![0.0f64; d * d], vec![0.0f64; d], vec![0.0f64; d]);
+        let (mut dkv, mut dkbar, mut dvbar) = (try_vec("inline KV", dd, 0.0f64)?, vec![0.0f64; d], vec![0.0f64; d]);
         let mut dv64 = vec![0.0f64; kl * d];
         for hq in 0..grp {
             let h = hk * grp + hq;
@@ -390,6 +392,7 @@ pub fn inline_attention_backward<'a, T: AttnElement>(
                 dvg[j * d + a] = T::from_f64(dv64[j * d + a] + vg + dvbar[a] / kl as f64);
             }
         }
+        Ok(())
     });
-    Ok(())
+    done.into_iter().collect()
 }
