@@ -30,7 +30,7 @@ pub struct Args {
     /// Logits: .npy, .npz or .safetensors; [N, C] or [N, T, V]; f32, f16, bf16 or f64.
     pub logits: PathBuf,
     /// Labels file (.npy, .npz or .safetensors, integers of shape [N] or [N, T]).
-    #[arg(long, conflicts_with = "labels_key")]
+    #[arg(long)]
     pub labels: Option<PathBuf>,
     /// Labels stored in the logits file under this key (.npz / safetensors), or the key in the
     /// --labels file.
