@@ -98,10 +98,7 @@ fn multi_positive(
         }
     }
     let o = CrossEntropyOptions::default().grad_scale(1.0 / tau);
-    let g = match grad {
-        Some(g) => Some(ViewMut::rows(g, rows, cols).map_err(e)?),
-        None => None,
-    };
+    let g = grad.map(|g| ViewMut::rows(g, rows, cols)).transpose().map_err(e)?;
     let r = cross_entropy(
         View::rows(&logits, rows, cols).map_err(e)?,
         Targets::Probs(View::rows(&target, rows, cols).map_err(e)?),
@@ -121,10 +118,7 @@ fn decoupled(
     tau: f64,
     grad: Option<&mut [f32]>,
 ) -> Result<f64, String> {
-    let g = match grad {
-        Some(g) => Some(ViewMut::rows(g, rows, cols).map_err(e)?),
-        None => None,
-    };
+    let g = grad.map(|g| ViewMut::rows(g, rows, cols)).transpose().map_err(e)?;
     let o = LossOptions::new(Decoupled { temperature: tau });
     Ok(decoupled_softmax_loss(View::rows(sims, rows, cols).map_err(e)?, pos, g, None, &o).map_err(e)?.loss)
 }
