@@ -7,8 +7,8 @@ mod common;
 use common::Rng;
 use smax::loss::{
     AllIgnored, CrossEntropyOptions, LinearCeScratch, LinearCrossEntropyOptions, LinearGrads, LinearInputs,
-    LinearShape, LinearTiles, Reduction, RowOutputs, Targets, cross_entropy, linear_cross_entropy,
-    linear_cross_entropy_scratch_bytes,
+    LinearShape, LinearTiles, Reduction, RowOutputs, ShardRow, Targets, VocabShard, cross_entropy,
+    linear_cross_entropy, linear_cross_entropy_scratch_bytes, linear_cross_entropy_sharded,
 };
 use smax::{Error, Par, View, ViewMut};
 
@@ -490,4 +490,155 @@ fn gradient_filter_measures_p_minus_onehot_before_the_cap_chain_factor() {
         tested += 1;
     }
     assert!(tested >= 3, "only {tested} thresholds separate the two measures");
+}
+
+/// The problem's vocabulary cut into `parts` uneven shards, each run on its own thread with
+/// `linear_cross_entropy_sharded`; the combiner exchanges the shards' rows through shared
+/// memory and merges them in shard order (what `smax-mpi` does over MPI). Returns every
+/// shard's result: `dh` summed over shards in shard order, `dw` and `db` concatenated.
+fn sharded(p: &Problem, bias: bool, parts: usize, o: &LinearCrossEntropyOptions) -> Vec<Out> {
+    use std::sync::{Barrier, Mutex};
+    let (n, d, v) = (p.n, p.d, p.v);
+    let bounds: Vec<usize> = (0..=parts).map(|s| (s * s + s) * v / (parts * parts + parts)).collect();
+    let exchange: Mutex<Vec<Vec<ShardRow>>> = Mutex::new(vec![Vec::new(); parts]);
+    let barrier = Barrier::new(parts);
+    type ShardOut = (smax::loss::LossReport, Vec<f64>, Vec<f64>, Vec<f32>, Vec<f32>, Vec<f32>);
+    let results: Vec<ShardOut> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..parts)
+            .map(|s| {
+                let (lo, hi) = (bounds[s], bounds[s + 1]);
+                let (exchange, barrier) = (&exchange, &barrier);
+                sc.spawn(move || {
+                    let vs = hi - lo;
+                    let (mut dh, mut dw, mut db) = (vec![0.0f32; n * d], vec![0.0f32; vs * d], vec![0.0f32; vs]);
+                    let (mut rows, mut lse) = (vec![0.0; n], vec![0.0; n]);
+                    let mut combine = |r: &mut [ShardRow]| {
+                        exchange.lock().unwrap()[s] = r.to_vec();
+                        barrier.wait();
+                        let all = exchange.lock().unwrap().clone();
+                        for (i, out) in r.iter_mut().enumerate() {
+                            *out = ShardRow::merge(all.iter().map(|rows| rows[i]).collect::<Vec<_>>());
+                        }
+                        Ok(())
+                    };
+                    let rep = linear_cross_entropy_sharded(
+                        LinearShape { n, d, v: vs },
+                        LinearInputs {
+                            h: &p.h,
+                            w: &p.w[lo * d..hi * d],
+                            bias: if bias { Some(&p.b[lo..hi]) } else { None },
+                            targets: &p.y,
+                        },
+                        LinearGrads { dh: Some(&mut dh), dw: Some(&mut dw), dbias: Some(&mut db) },
+                        RowOutputs { loss: Some(&mut rows), lse: Some(&mut lse), ..Default::default() },
+                        None,
+                        VocabShard { start: lo, total: v, combine: &mut combine },
+                        o,
+                    )
+                    .unwrap();
+                    (rep, rows, lse, dh, dw, db)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut dh = vec![0.0f64; n * d];
+    for r in &results {
+        for (a, &x) in dh.iter_mut().zip(&r.3) {
+            *a += x as f64;
+        }
+    }
+    let dw: Vec<f64> = results.iter().flat_map(|r| r.4.iter().map(|&x| x as f64)).collect();
+    let db: Vec<f64> = results.iter().flat_map(|r| r.5.iter().map(|&x| x as f64)).collect();
+    results
+        .iter()
+        .map(|r| Out {
+            loss: r.0.loss,
+            z: r.0.z_loss,
+            rows: r.1.clone(),
+            lse: r.2.clone(),
+            dh: dh.clone(),
+            dw: dw.clone(),
+            db: db.clone(),
+        })
+        .collect()
+}
+
+#[test]
+fn vocabulary_shards_agree_with_the_whole_vocabulary() {
+    let mut rng = Rng(0x5a4d);
+    let base = LinearCrossEntropyOptions { tiles: LinearTiles { tokens: 8, vocab: 16 }, ..Default::default() };
+    let cases = [
+        ("default", base),
+        ("smoothing", base.label_smoothing(0.15)),
+        ("z-loss", base.z_loss(1e-3)),
+        ("softcap", base.softcap(2.5)),
+        ("sum, grad scale", base.reduction(Reduction::Sum).grad_scale(0.5)),
+        ("none", base.reduction(Reduction::None)),
+        ("smoothing + cap + z", base.label_smoothing(0.1).softcap(4.0).z_loss(1e-4)),
+    ];
+    for &(n, d, v) in &[(21, 8, 37), (40, 16, 100)] {
+        let p = problem(&mut rng, n, d, v);
+        for (name, o) in &cases {
+            for bias in [false, true] {
+                let want = materialized(&p, bias, o);
+                for parts in 1..=4 {
+                    let got = sharded(&p, bias, parts, o);
+                    for (s, g) in got.iter().enumerate() {
+                        compare(g, &want, d, &format!("{name} n {n} v {v} bias {bias}, shard {s} of {parts}"));
+                        // Every shard reports the same loss, bit for bit.
+                        assert_eq!(g.loss.to_bits(), got[0].loss.to_bits(), "{name}: shards disagree");
+                    }
+                }
+            }
+        }
+    }
+    // Every token ignored, and a target at a -inf bias (+inf loss): as the whole call.
+    let mut p = problem(&mut rng, 6, 4, 9);
+    p.y = vec![-100; 6];
+    for all_ignored in [AllIgnored::Zero, AllIgnored::Nan] {
+        let o = LinearCrossEntropyOptions { all_ignored, ..base };
+        let got = sharded(&p, false, 3, &o);
+        let want = fused(&p, false, &o);
+        assert_eq!(got[0].loss.to_bits(), want.loss.to_bits());
+        assert!(got[0].dh.iter().chain(&got[0].dw).all(|&g| g == 0.0));
+    }
+    p.y = vec![0, 3, 8, 2, 5, 7];
+    p.b[8] = f32::NEG_INFINITY;
+    let got = sharded(&p, true, 3, &base);
+    let want = fused(&p, true, &base);
+    assert_eq!(got[0].loss, f64::INFINITY);
+    assert_eq!(want.loss, f64::INFINITY);
+}
+
+#[test]
+fn vocabulary_shard_errors() {
+    let mut rng = Rng(3);
+    let p = problem(&mut rng, 4, 3, 10);
+    let run = |start: usize, total: usize, y: &[i64], fail: bool| {
+        let mut combine = |_: &mut [ShardRow]| {
+            if fail {
+                Err(Error::BadParameter { name: "peer", value: "gone".into(), expected: "alive" })
+            } else {
+                Ok(())
+            }
+        };
+        linear_cross_entropy_sharded(
+            LinearShape { n: 4, d: 3, v: 5 },
+            LinearInputs { h: &p.h, w: &p.w[..15], bias: None, targets: y },
+            LinearGrads::default(),
+            RowOutputs::default(),
+            None,
+            VocabShard { start, total, combine: &mut combine },
+            &LinearCrossEntropyOptions::default(),
+        )
+    };
+    assert!(run(0, 10, &[0, 9, -100, 5], false).is_ok());
+    assert!(matches!(run(6, 10, &[0, 1, 2, 3], false), Err(Error::BadParameter { name: "shard", .. })));
+    assert!(matches!(run(usize::MAX, 10, &[0, 1, 2, 3], false), Err(Error::BadParameter { name: "shard", .. })));
+    assert!(matches!(
+        run(0, 10, &[0, 10, 2, 3], false),
+        Err(Error::TargetOutOfRange { row: 1, target: 10, classes: 10 })
+    ));
+    assert!(matches!(run(0, 10, &[0, 1, 2, 3], true), Err(Error::BadParameter { name: "peer", .. })));
 }

@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | [`cross_entropy`] | fused softmax cross-entropy over given logits: PyTorch's reduction, `ignore_index`, class weights, label smoothing, probability targets; PaLM z-loss, soft cap, temperature; SIMD, at memory speed | L1, L2 |
 //! | [`linear_cross_entropy`] | the same over `h·Wᵀ + b` without the `N x V` logits (Cut Cross-Entropy), gradients for `h`, `W`, `b` | L9 |
+//! | [`linear_cross_entropy_sharded`] | the same over one vocabulary shard of `W`, the shards' per-token statistics combined through a caller's hook (vocabulary parallelism) | L9 |
 //! | [`stablemax`], [`stablemax_cross_entropy`], [`softmax_collapse_fraction`], [`orthogonal_gradient`] | StableMax and its loss; the Softmax-Collapse diagnostic; ⊥Grad | N5, N5b, N5c |
 //! | [`spherical_z_loss`] | de Brébisson & Vincent's Z-loss (caller sets `a`, `b`) | L3 |
 //! | [`comp_sum_loss`] | the comp-sum τ-family: sum-exponential, CE, GCE, MAE | L5 |
@@ -41,8 +42,8 @@ pub use family::{
 };
 
 pub use linear::{
-    LinearCeScratch, LinearCrossEntropyOptions, LinearGrads, LinearInputs, LinearShape, LinearTiles,
-    linear_cross_entropy, linear_cross_entropy_scratch_bytes,
+    LinearCeScratch, LinearCrossEntropyOptions, LinearGrads, LinearInputs, LinearShape, LinearTiles, ShardRow,
+    VocabShard, linear_cross_entropy, linear_cross_entropy_scratch_bytes, linear_cross_entropy_sharded,
 };
 
 use crate::arch::SimdLevel;

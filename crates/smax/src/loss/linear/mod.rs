@@ -118,9 +118,12 @@ struct Tok {
     sum_t: f64,
     nan: bool,
     lse: f64,
+    /// The target's logit over the whole vocabulary (`ty`, or the shards' combination).
+    ty_global: f64,
 }
 
-const TOK0: Tok = Tok { m: f32::NEG_INFINITY, s: 0.0, ty: f32::NAN, sum_t: 0.0, nan: false, lse: f64::NAN };
+const TOK0: Tok =
+    Tok { m: f32::NEG_INFINITY, s: 0.0, ty: f32::NAN, sum_t: 0.0, nan: false, lse: f64::NAN, ty_global: f64::NAN };
 
 /// Working memory of [`linear_cross_entropy`]: one tile of logits and a few numbers per token.
 /// Build it once with [`LinearCeScratch::new`] and pass it to every call: a call that gets a
@@ -207,7 +210,145 @@ pub fn linear_cross_entropy(
     scratch: Option<&mut LinearCeScratch>,
     opts: &LinearCrossEntropyOptions,
 ) -> Result<LossReport> {
-    check(shape, &inp, &grads, &rows_out, opts)?;
+    run(shape, inp, grads, rows_out, scratch, None, opts)
+}
+
+/// One token's statistics over a vocabulary shard, as [`linear_cross_entropy_sharded`] hands
+/// them to its combiner and takes them back: over this shard's classes, then over the whole
+/// vocabulary once combined (with [`ShardRow::merge`]). The values are of the transformed
+/// logits `t` (bias and soft cap applied).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShardRow {
+    /// Log-sum-exp of `t` over the classes (`-inf` when all are `-inf`; NaN for a row with a
+    /// NaN logit, or a `+inf` one under no cap).
+    pub lse: f64,
+    /// `t` at the token's target when the target lies in this shard, else 0 (also 0 for an
+    /// ignored token), so that the combined value is the sum over shards.
+    pub target_logit: f64,
+    /// `Σ t` over the shard's classes (label smoothing only; 0 without it).
+    pub logit_sum: f64,
+}
+
+impl ShardRow {
+    /// The statistics of the union of disjoint shards, from theirs **in the order given**
+    /// (pass them in shard order so that every process merging the same parts gets the same
+    /// bits): `lse = m + ln Σ exp(lse_s − m)` in f64 with `m` the largest finite part, parts at
+    /// `-inf` skipped (the identity), NaN if any part is NaN, `+inf` if any is `+inf`; the
+    /// target logit and the logit sum add up in order.
+    pub fn merge(parts: impl IntoIterator<Item = ShardRow> + Clone) -> ShardRow {
+        let mut out = ShardRow { lse: f64::NEG_INFINITY, target_logit: 0.0, logit_sum: 0.0 };
+        let (mut nan, mut inf, mut m) = (false, false, f64::NEG_INFINITY);
+        for p in parts.clone() {
+            out.target_logit += p.target_logit;
+            out.logit_sum += p.logit_sum;
+            nan |= p.lse.is_nan();
+            inf |= p.lse == f64::INFINITY;
+            if p.lse.is_finite() {
+                m = m.max(p.lse);
+            }
+        }
+        out.lse = if nan {
+            f64::NAN
+        } else if inf {
+            f64::INFINITY
+        } else if m == f64::NEG_INFINITY {
+            m
+        } else {
+            let s: f64 = parts.into_iter().filter(|p| p.lse.is_finite()).map(|p| (p.lse - m).exp()).sum();
+            m + s.ln()
+        };
+        out
+    }
+}
+
+/// Where a call of [`linear_cross_entropy_sharded`] sits in the vocabulary, and how its
+/// per-token statistics meet the other shards'.
+pub struct VocabShard<'a> {
+    /// The first class of this shard: its `v` classes are `start .. start + v` of `total`.
+    pub start: usize,
+    /// The whole vocabulary.
+    pub total: usize,
+    /// Called once, between the forward sweep and the losses, with this shard's
+    /// [`ShardRow`]s (one per token); it must overwrite each with the combination over every
+    /// shard (the same on every shard: [`ShardRow::merge`] in shard order). An error it
+    /// returns is the call's.
+    pub combine: &'a mut dyn FnMut(&mut [ShardRow]) -> Result<()>,
+}
+
+impl core::fmt::Debug for VocabShard<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("VocabShard").field("start", &self.start).field("total", &self.total).finish_non_exhaustive()
+    }
+}
+
+/// [`linear_cross_entropy`] over one shard of the vocabulary (Megatron-style vocabulary
+/// parallelism): `w` (`v x d`) and `bias` (`v`) are the classes `shard.start .. shard.start + v`
+/// of `shard.total`; `h` and the targets (global class indices) are the whole batch's. The
+/// forward sweep computes each token's [`ShardRow`] over this shard's tiles;
+/// `shard.combine` turns them into the whole vocabulary's (another process's statistics
+/// arrive there: MPI in `smax-mpi`, threads, anything); the losses and the backward sweep then
+/// use the global log-sum-exp, so the gradient of this shard's logits is the exact global one,
+/// never materialised.
+///
+/// Outputs: the loss and row outputs of the whole vocabulary (the same on every shard that
+/// combines the same rows); `dw`, `dbias` of this shard; `dh` **this shard's term**
+/// `Σ_{k in shard} ∂loss/∂z_k · W_k` — the full `∂loss/∂h` is the sum of the shards' `dh`.
+/// Label smoothing spreads `ε/total` over the whole vocabulary.
+///
+/// Equal to [`linear_cross_entropy`] on the whole classifier up to the f64 merge of the
+/// shards' log-sum-exps (a few f64 ULP) and the order of the `dh` sum over shards (tested
+/// against it with 1–4 shards). Errors: those of `linear_cross_entropy`, with targets checked
+/// against `total`; a shard outside `[0, total)`; the combiner's.
+pub fn linear_cross_entropy_sharded(
+    shape: LinearShape,
+    inp: LinearInputs<'_>,
+    grads: LinearGrads<'_>,
+    rows_out: RowOutputs<'_>,
+    scratch: Option<&mut LinearCeScratch>,
+    shard: VocabShard<'_>,
+    opts: &LinearCrossEntropyOptions,
+) -> Result<LossReport> {
+    if shard.start.checked_add(shape.v).is_none_or(|end| end > shard.total) {
+        return Err(Error::bad_parameter(
+            "shard",
+            format!("start {} + v {} of total {}", shard.start, shape.v, shard.total),
+            "a range of classes inside [0, total)",
+        ));
+    }
+    run(shape, inp, grads, rows_out, scratch, Some(shard), opts)
+}
+
+fn run(
+    shape: LinearShape,
+    inp: LinearInputs<'_>,
+    grads: LinearGrads<'_>,
+    rows_out: RowOutputs<'_>,
+    scratch: Option<&mut LinearCeScratch>,
+    shard: Option<VocabShard<'_>>,
+    opts: &LinearCrossEntropyOptions,
+) -> Result<LossReport> {
+    let classes = shard.as_ref().map_or(shape.v, |s| s.total);
+    check(shape, classes, &inp, &grads, &rows_out, opts)?;
+    // A shard's tiles see its own columns: targets in it shift to local indices; the others
+    // become a value no column matches and that is not the ignore index.
+    let outside = if opts.ignore_index == i64::MAX { i64::MAX - 1 } else { i64::MAX };
+    let local_targets: Vec<i64>;
+    let inp = match &shard {
+        None => inp,
+        Some(s) => {
+            let mut t = crate::check::try_with_capacity("linear cross-entropy shard targets", shape.n)?;
+            t.extend(inp.targets.iter().map(|&y| {
+                if y == opts.ignore_index {
+                    y
+                } else {
+                    let y = y as usize;
+                    if (s.start..s.start + shape.v).contains(&y) { (y - s.start) as i64 } else { outside }
+                }
+            }));
+            local_targets = t;
+            LinearInputs { targets: &local_targets, ..inp }
+        }
+    };
     let mut own;
     let scratch = match scratch {
         Some(s) => s,
@@ -233,8 +374,32 @@ pub fn linear_cross_entropy(
         par: opts.exec.par,
     };
     sw.forward(tile, tok, opts.label_smoothing != 0.0);
-    let (result, scale) = token_losses(tok, inp.targets, shape.v, rows_out, opts);
-    sw.backward(tile, tok, grads, scale, opts);
+    for st in tok.iter_mut() {
+        st.lse = token_lse(st);
+    }
+    if let Some(s) = shard {
+        let mut rows = crate::check::try_with_capacity("linear cross-entropy shard rows", shape.n)?;
+        rows.extend(tok.iter().zip(inp.targets).map(|(st, &y)| ShardRow {
+            lse: st.lse,
+            target_logit: if y == outside || y == opts.ignore_index { 0.0 } else { st.ty as f64 },
+            logit_sum: st.sum_t,
+        }));
+        (s.combine)(&mut rows)?;
+        if rows.len() != shape.n {
+            return Err(Error::RowCountMismatch { what: "combined shard rows", len: rows.len(), rows: shape.n });
+        }
+        for (st, r) in tok.iter_mut().zip(&rows) {
+            st.lse = r.lse;
+            st.ty_global = r.target_logit;
+            st.sum_t = r.logit_sum;
+        }
+    } else {
+        for st in tok.iter_mut() {
+            st.ty_global = st.ty as f64;
+        }
+    }
+    let (result, scale) = token_losses(tok, inp.targets, classes, rows_out, opts);
+    sw.backward(tile, tok, grads, scale, classes, opts);
     Ok(result)
 }
 
@@ -277,6 +442,7 @@ impl Sweep<'_, '_> {
         tok: &[Tok],
         grads: LinearGrads<'_>,
         scale: f64,
+        classes: usize,
         opts: &LinearCrossEntropyOptions,
     ) {
         let LinearShape { n, d, v } = self.shape;
@@ -289,7 +455,7 @@ impl Sweep<'_, '_> {
             g.fill(0.0);
         }
         let eps = opts.label_smoothing;
-        let (alpha, beta) = (1.0 - eps, eps / v as f64);
+        let (alpha, beta) = (1.0 - eps, eps / classes as f64);
         let gc = GradConsts {
             xf: self.xf,
             cap64: opts.softcap.unwrap_or(0.0),
@@ -298,7 +464,7 @@ impl Sweep<'_, '_> {
             lambda: opts.z_loss,
             alpha,
             beta,
-            big_u: alpha + beta * v as f64,
+            big_u: alpha + beta * classes as f64,
             ignore: opts.ignore_index,
             pre_chain: opts.filter.is_some() && opts.softcap.is_some(),
         };
@@ -339,10 +505,24 @@ impl Sweep<'_, '_> {
     }
 }
 
-/// Per-token lse and loss from the merged states (row order), the per-row outputs, and the
-/// reduction; also returns the gradient scale of the reduction.
+/// A token's log-sum-exp from its merged state.
+fn token_lse(st: &Tok) -> f64 {
+    if st.nan || st.s.is_nan() {
+        f64::NAN
+    } else if st.m == f32::NEG_INFINITY {
+        f64::NEG_INFINITY
+    } else if st.m == f32::INFINITY {
+        f64::INFINITY
+    } else {
+        st.m as f64 + st.s.ln()
+    }
+}
+
+/// Per-token loss from the tokens' log-sum-exps and target logits (row order), the per-row
+/// outputs, and the reduction over `v` classes; also returns the gradient scale of the
+/// reduction.
 fn token_losses(
-    tok: &mut [Tok],
+    tok: &[Tok],
     y: &[i64],
     v: usize,
     rows_out: RowOutputs<'_>,
@@ -357,17 +537,8 @@ fn token_losses(
     let beta = eps / v as f64;
     let (mut lsum, mut zsum) = (0.0f64, 0.0f64);
     let RowOutputs { loss: mut lrow, z_loss: mut zrow, lse: mut lserow } = rows_out;
-    for (i, st) in tok.iter_mut().enumerate() {
-        let lse = if st.nan || st.s.is_nan() {
-            f64::NAN
-        } else if st.m == f32::NEG_INFINITY {
-            f64::NEG_INFINITY
-        } else if st.m == f32::INFINITY {
-            f64::INFINITY
-        } else {
-            st.m as f64 + st.s.ln()
-        };
-        st.lse = lse;
+    for (i, st) in tok.iter().enumerate() {
+        let lse = st.lse;
         let (l, z) = if y[i] == opts.ignore_index {
             (0.0, 0.0)
         } else if lse.is_nan() || lse == f64::INFINITY {
@@ -376,7 +547,7 @@ fn token_losses(
         } else if lse == f64::NEG_INFINITY {
             (f64::INFINITY, if opts.z_loss > 0.0 { f64::INFINITY } else { 0.0 })
         } else {
-            let mut l = alpha * (lse - st.ty as f64);
+            let mut l = alpha * (lse - st.ty_global);
             if smooth {
                 l += beta * (v as f64 * lse - st.sum_t);
             }
@@ -401,6 +572,7 @@ fn token_losses(
 
 fn check(
     s: LinearShape,
+    classes: usize,
     inp: &LinearInputs<'_>,
     g: &LinearGrads<'_>,
     ro: &RowOutputs<'_>,
@@ -421,7 +593,7 @@ fn check(
     };
     len("h", inp.h.len(), nd)?;
     len("w", inp.w.len(), vd)?;
-    crate::check::targets(inp.targets, n, v, Some(o.ignore_index))?;
+    crate::check::targets(inp.targets, n, classes, Some(o.ignore_index))?;
     if let Some(b) = inp.bias {
         len("bias", b.len(), v)?;
     }
