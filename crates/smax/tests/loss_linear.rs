@@ -593,6 +593,19 @@ fn vocabulary_shards_agree_with_the_whole_vocabulary() {
             }
         }
     }
+    // Ignore index 0: class 0 is ignored, and a shard whose local index 0 is another class
+    // must not take it for the ignore index.
+    let mut p = problem(&mut rng, 30, 8, 50);
+    p.y = p.y.iter().map(|&t| if t == -100 { 0 } else { t }).collect();
+    // Targets at the second shard's first class for 2, 3 and 4 shards (local index 0).
+    (p.y[5], p.y[6], p.y[7]) = (16, 8, 5);
+    let o = base.ignore_index(0).label_smoothing(0.1);
+    let want = materialized(&p, true, &o);
+    for parts in 2..=4 {
+        for g in sharded(&p, true, parts, &o) {
+            compare(&g, &want, 8, &format!("ignore index 0, {parts} shards"));
+        }
+    }
     // Every token ignored, and a target at a -inf bias (+inf loss): as the whole call.
     let mut p = problem(&mut rng, 6, 4, 9);
     p.y = vec![-100; 6];

@@ -427,6 +427,240 @@ fn run<T: Element>(
     })
 }
 
+/// [`cross_entropy`] over one shard of the vocabulary (Megatron-LM's vocabulary-parallel
+/// cross-entropy, exact): `logits` hold the classes `shard.start .. shard.start + len` of
+/// `shard.total` for every row, the targets are global class indices (or the ignore index),
+/// and `opts.class_weights`, when given, is the whole vocabulary's (`total` entries).
+///
+/// The rows run in blocks whose whole-vocabulary logits are about 8 MiB (the same blocks on
+/// every shard: their size depends on the row count, `total` and the element type only).
+/// Per block: pass 1 computes each row's [`ShardRow`] over this shard with the row kernel's
+/// SIMD code (one online max-and-`Σ exp` pass over plain f32 logits; the transformed tiles
+/// otherwise, with the target's logit and the smoothing sum); `shard.combine` replaces them by
+/// the whole vocabulary's (merged in shard order, the same on every shard); pass 2 writes the
+/// gradient of this shard's slice from the global log-sum-exp,
+/// `(A·exp(t − m)·exp(m − lse) − B·w)·chain` minus the target's term when the target is
+/// here, re-reading the block from the last-level cache and streaming a large gradient past
+/// it. Pass 2 of a block runs beside pass 1 of the next (rayon's `join`), so the gradient's
+/// writes overlap the next block's reads. Against `cross_entropy` on the same logits the call
+/// computes each exponential twice (once per pass): 1.3x its time on plain f32 rows of 32k
+/// classes (PERF.md, "smax-mpi").
+///
+/// Outputs: the loss, [`LossReport`] and row outputs of the whole vocabulary; `grad` the
+/// gradient of this shard's slice. Every option except probability targets works as in
+/// `cross_entropy` (reduction, ignore index, class weights, label smoothing over `total`
+/// classes, z-loss, soft cap, temperature, gradient scale, the special rows). Equal to
+/// `cross_entropy` on the whole rows up to the f64 merge of the shards' log-sum-exps and
+/// the different rounding of the pieces (tested with 1–4 shards against it and an f64
+/// reference, f32, f16, bf16 and f64 logits).
+///
+/// Errors: those of `cross_entropy`, with targets and class weights checked against `total`;
+/// [`Targets::Probs`] ([`Error::Unsupported`]); a shard outside `[0, total)`; the combiner's.
+pub fn cross_entropy_sharded<T: Element>(
+    logits: View<'_, T>,
+    targets: Targets<'_, T>,
+    grad: Option<ViewMut<'_, T>>,
+    rows_out: RowOutputs<'_>,
+    shard: VocabShard<'_>,
+    opts: &CrossEntropyOptions<'_>,
+) -> Result<LossReport> {
+    use ce::shard::{IGNORED, Local, ShardGrad, ShardStats, local_target};
+    opts.check(T::REPR != crate::element::Repr::F64)?;
+    let (rows, len, xs) = logits.row_geometry(
+        "logits",
+        "cross-entropy takes row layouts (classes along the last axis, or an axis layout with inner = 1)",
+    )?;
+    let VocabShard { start, total, combine } = shard;
+    if start.checked_add(len).is_none_or(|end| end > total) {
+        return Err(Error::bad_parameter(
+            "shard",
+            format!("start {start} + {len} classes of total {total}"),
+            "a range of classes inside [0, total)",
+        ));
+    }
+    if total == 0 && rows > 0 {
+        return Err(Error::bad_parameter("classes", "0", "at least one class per row"));
+    }
+    if let Some(w) = opts.class_weights {
+        if w.len() != total {
+            return Err(Error::LengthMismatch { what: "class_weights", len: w.len(), expected: total });
+        }
+    }
+    let Targets::Classes(y) = targets else {
+        return Err(Error::Unsupported {
+            what: "probability targets",
+            why: "the sharded cross-entropy takes class targets",
+        });
+    };
+    crate::check::targets(y, rows, total, Some(opts.ignore_index))?;
+    let grad = match grad {
+        Some(g) => {
+            logits.layout.check_same("grad", &g.layout)?;
+            let (_, _, gs) = g.row_geometry("grad", "the gradient takes row layouts")?;
+            Some((g.data, gs))
+        }
+        None => None,
+    };
+    let RowOutputs { loss: mut loss_out, z_loss: mut z_out, lse: mut lse_out } = rows_out;
+    for (what, b) in [("loss", &loss_out), ("z_loss", &z_out), ("lse", &lse_out)] {
+        if let Some(b) = b {
+            if b.len() != rows {
+                return Err(Error::RowCountMismatch { what, len: b.len(), rows });
+            }
+        }
+    }
+    // The reduction's denominators and the kernel's constants, as `plan` makes them, over the
+    // whole vocabulary.
+    let weight = |k: usize| opts.class_weights.map_or(1.0, |w| w[k] as f64);
+    let valid_rows = y.iter().filter(|&&t| t != opts.ignore_index).count();
+    let mean_den: f64 = match opts.class_weights {
+        Some(_) => y.iter().filter(|&&t| t != opts.ignore_index).map(|&t| weight(t as usize)).sum(),
+        None => valid_rows as f64,
+    };
+    let (denominator, z_den) = match opts.reduction {
+        Reduction::Mean => (mean_den, valid_rows as f64),
+        _ => (1.0, 1.0),
+    };
+    let scale = |den: f64| if den > 0.0 { opts.grad_scale / den } else { 0.0 };
+    let wsum = opts.class_weights.map_or(total as f64, |w| w.iter().map(|&v| v as f64).sum());
+    let k64 = 1.0 / opts.temperature;
+    let cap64 = opts.softcap.unwrap_or(0.0);
+    let c = ce::Ce {
+        xf: Xform { k: k64 as f32, cap: cap64 as f32 },
+        k64,
+        cap64,
+        eps: opts.label_smoothing,
+        lambda: opts.z_loss,
+        main_scale: scale(denominator),
+        z_scale: scale(z_den),
+        weights: opts.class_weights,
+        wsum,
+        classes: total as f64,
+        row_stride: xs.max(1),
+        ignore_index: IGNORED,
+        need_lse: true,
+        stream: false,
+    };
+    let local_y: Vec<i64> = {
+        let mut v = crate::check::try_with_capacity("shard targets", rows)?;
+        v.extend(y.iter().map(|&t| local_target(t, start, len, opts.ignore_index)));
+        v
+    };
+    let level = SimdLevel::resolve(opts.exec.simd);
+    let block = ((8usize << 20) / (core::mem::size_of::<T>() * total.max(1))).clamp(1, rows.max(1));
+    let per = par::rows_per_task(len);
+    let (g, gs) = match grad {
+        Some((g, gs)) => (Some(g), gs),
+        None => (None, 0),
+    };
+    let (eps, lam) = (opts.label_smoothing, opts.z_loss);
+    let (mut lsum, mut zsum) = (0.0f64, 0.0f64);
+    // A gradient this large goes to memory anyway: its rows bypass the cache.
+    let stream = g.as_deref().is_some_and(|g| core::mem::size_of_val(g) >= crate::engine::STREAM_MIN_BYTES);
+    // Pass 1 of a block: its rows' statistics over this shard.
+    let stats = |r0: usize| -> (Vec<ShardRow>, Vec<Local>) {
+        let nb = block.min(rows - r0);
+        let items: Vec<usize> = (r0..r0 + nb).step_by(per).collect();
+        par::map(opts.exec.par, items, |a| {
+            let n = per.min(r0 + nb - a);
+            dispatch(level, ShardStats { c, x: &logits.data[a * xs..], xs, len, y: &local_y[a..a + n], start })
+        })
+        .into_iter()
+        .flatten()
+        .unzip()
+    };
+    // Pass 2 of a block: the gradient of its slice, from the combined statistics.
+    let grads = |r0: usize, brows: &[ShardRow], local: &[Local], gb: &mut [T]| {
+        let nb = brows.len();
+        let groups = par::row_groups_per(gb, nb, len, gs, per);
+        par::for_each(opts.exec.par, groups, |_, (a, n, gg)| {
+            dispatch(
+                level,
+                ShardGrad {
+                    c,
+                    x: &logits.data[(r0 + a) * xs..],
+                    xs,
+                    len,
+                    y: &local_y[r0 + a..r0 + a + n],
+                    y_global: &y[r0 + a..r0 + a + n],
+                    start,
+                    rows: &brows[a..a + n],
+                    local: &local[a..a + n],
+                    g: gg,
+                    gs,
+                    stream,
+                },
+            )
+        });
+    };
+    // A software pipeline over the blocks: pass 2 of block b (writing its gradient) runs
+    // beside pass 1 of block b + 1 (reading its logits), so memory reads and writes overlap;
+    // the exchange of block b + 1 waits for its pass 1 only.
+    type Pending<'g, T> = (usize, Vec<ShardRow>, Vec<Local>, &'g mut [T]);
+    let mut pending: Option<Pending<'_, T>> = None;
+    let mut g_rest = g;
+    let mut next_r0 = 0usize;
+    loop {
+        let this = (next_r0 < rows).then_some(next_r0);
+        let job_stats = || this.map(stats);
+        let (p, gr) = (pending.take(), &grads);
+        let job_grad = move || {
+            if let Some((r0, brows, local, gb)) = p {
+                gr(r0, &brows, &local, gb);
+            }
+        };
+        let st = match opts.exec.par {
+            crate::options::Par::Rayon => rayon::join(job_stats, job_grad).0,
+            crate::options::Par::Seq => {
+                job_grad();
+                job_stats()
+            }
+        };
+        let (Some(r0), Some((mut brows, local))) = (this, st) else { break };
+        let nb = block.min(rows - r0);
+        next_r0 = r0 + nb;
+        combine(&mut brows)?;
+        if brows.len() != nb {
+            return Err(Error::RowCountMismatch { what: "combined shard rows", len: brows.len(), rows: nb });
+        }
+        // The block's losses, in row order.
+        for (i, st) in brows.iter().enumerate() {
+            let r = r0 + i;
+            let lse = st.lse;
+            let (l, z) = if y[r] == opts.ignore_index {
+                (0.0, 0.0)
+            } else if lse == f64::NEG_INFINITY {
+                (f64::INFINITY, if lam > 0.0 { f64::INFINITY } else { 0.0 })
+            } else if !lse.is_finite() {
+                (f64::NAN, if lam > 0.0 { lam * lse * lse } else { 0.0 })
+            } else {
+                let alpha = (1.0 - eps) * weight(y[r] as usize);
+                let mut l = if alpha == 0.0 { 0.0 } else { alpha * (lse - st.target_logit) };
+                if eps != 0.0 {
+                    l += eps / total as f64 * (wsum * lse - st.logit_sum);
+                }
+                (l, lam * lse * lse)
+            };
+            lsum += l;
+            zsum += z;
+            for (out, v) in [(loss_out.as_deref_mut(), l), (z_out.as_deref_mut(), z), (lse_out.as_deref_mut(), lse)] {
+                if let Some(o) = out {
+                    o[r] = v;
+                }
+            }
+        }
+        if let Some(rest) = g_rest.take() {
+            // This block's rows of the gradient: up to the next block's first row.
+            let cut = if next_r0 < rows { nb * gs } else { rest.len() };
+            let (gb, tail) = rest.split_at_mut(cut.min(rest.len()));
+            g_rest = Some(tail);
+            pending = Some((r0, brows, local, gb));
+        }
+    }
+    let (loss, z_loss) = reduced(opts.reduction, opts.all_ignored, (lsum, denominator), (zsum, z_den));
+    Ok(LossReport { loss, z_loss, valid_rows, denominator, flagged_rows: 0 })
+}
+
 /// Sums the rows in row order, fills the per-row outputs and applies the reduction.
 /// The reduced main loss and z-loss from their sums and the mean's denominators: the main
 /// loss over `Σ w` of the rows that count, the z-loss over their number, each by its own

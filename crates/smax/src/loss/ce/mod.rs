@@ -474,6 +474,7 @@ fn lse_only<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], pf: Ahead) -> f64 {
 }
 
 mod pipe;
+pub(crate) mod shard;
 mod wide;
 
 use pipe::{row_f32_hard, rows_pipe, rows_three_pass_pipe};

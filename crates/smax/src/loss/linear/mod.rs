@@ -213,10 +213,11 @@ pub fn linear_cross_entropy(
     run(shape, inp, grads, rows_out, scratch, None, opts)
 }
 
-/// One token's statistics over a vocabulary shard, as [`linear_cross_entropy_sharded`] hands
-/// them to its combiner and takes them back: over this shard's classes, then over the whole
-/// vocabulary once combined (with [`ShardRow::merge`]). The values are of the transformed
-/// logits `t` (bias and soft cap applied).
+/// One row's statistics over a vocabulary shard, as [`linear_cross_entropy_sharded`] and
+/// [`cross_entropy_sharded`](super::cross_entropy_sharded) hand them to their combiner and
+/// take them back: over this shard's classes, then over the whole vocabulary once combined
+/// (with [`ShardRow::merge`]). The values are of the transformed logits `t` (bias, soft cap
+/// and temperature applied).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ShardRow {
     /// Log-sum-exp of `t` over the classes (`-inf` when all are `-inf`; NaN for a row with a
@@ -225,7 +226,8 @@ pub struct ShardRow {
     /// `t` at the token's target when the target lies in this shard, else 0 (also 0 for an
     /// ignored token), so that the combined value is the sum over shards.
     pub target_logit: f64,
-    /// `Σ t` over the shard's classes (label smoothing only; 0 without it).
+    /// `Σ w_k·t_k` over the shard's classes (`w` the class weights, 1 without them; label
+    /// smoothing only, 0 without it).
     pub logit_sum: f64,
 }
 
@@ -261,17 +263,21 @@ impl ShardRow {
     }
 }
 
-/// Where a call of [`linear_cross_entropy_sharded`] sits in the vocabulary, and how its
-/// per-token statistics meet the other shards'.
+/// Where a call of [`linear_cross_entropy_sharded`] or
+/// [`cross_entropy_sharded`](super::cross_entropy_sharded) sits in the vocabulary, and how
+/// its per-row statistics meet the other shards'.
 pub struct VocabShard<'a> {
     /// The first class of this shard: its `v` classes are `start .. start + v` of `total`.
     pub start: usize,
     /// The whole vocabulary.
     pub total: usize,
-    /// Called once, between the forward sweep and the losses, with this shard's
-    /// [`ShardRow`]s (one per token); it must overwrite each with the combination over every
-    /// shard (the same on every shard: [`ShardRow::merge`] in shard order). An error it
-    /// returns is the call's.
+    /// Called with consecutive blocks of rows (tokens), in row order, between the statistics
+    /// and the losses: it must overwrite each [`ShardRow`] with the combination over every
+    /// shard (the same on every shard: [`ShardRow::merge`] in shard order). The blocks depend
+    /// only on the row count, `total` and the element type, so every shard sees the same ones
+    /// ([`linear_cross_entropy_sharded`]: one block of all tokens;
+    /// [`cross_entropy_sharded`](super::cross_entropy_sharded): blocks of about 8 MiB of
+    /// whole-vocabulary logits). An error it returns is the call's.
     pub combine: &'a mut dyn FnMut(&mut [ShardRow]) -> Result<()>,
 }
 
@@ -329,24 +335,21 @@ fn run(
 ) -> Result<LossReport> {
     let classes = shard.as_ref().map_or(shape.v, |s| s.total);
     check(shape, classes, &inp, &grads, &rows_out, opts)?;
-    // A shard's tiles see its own columns: targets in it shift to local indices; the others
-    // become a value no column matches and that is not the ignore index.
-    let outside = if opts.ignore_index == i64::MAX { i64::MAX - 1 } else { i64::MAX };
+    // A shard's tiles see its own columns: targets in it shift to local indices, the others
+    // become `i64::MAX` (no column matches it), and ignored tokens `i64::MIN`, the ignore index
+    // of the sweeps (a user's ignore index may equal a local index).
     let local_targets: Vec<i64>;
-    let inp = match &shard {
-        None => inp,
+    let local_opts;
+    let (inp, opts) = match &shard {
+        None => (inp, opts),
         Some(s) => {
             let mut t = crate::check::try_with_capacity("linear cross-entropy shard targets", shape.n)?;
-            t.extend(inp.targets.iter().map(|&y| {
-                if y == opts.ignore_index {
-                    y
-                } else {
-                    let y = y as usize;
-                    if (s.start..s.start + shape.v).contains(&y) { (y - s.start) as i64 } else { outside }
-                }
-            }));
+            t.extend(
+                inp.targets.iter().map(|&y| super::ce::shard::local_target(y, s.start, shape.v, opts.ignore_index)),
+            );
             local_targets = t;
-            LinearInputs { targets: &local_targets, ..inp }
+            local_opts = LinearCrossEntropyOptions { ignore_index: super::ce::shard::IGNORED, ..*opts };
+            (LinearInputs { targets: &local_targets, ..inp }, &local_opts)
         }
     };
     let mut own;
@@ -381,7 +384,7 @@ fn run(
         let mut rows = crate::check::try_with_capacity("linear cross-entropy shard rows", shape.n)?;
         rows.extend(tok.iter().zip(inp.targets).map(|(st, &y)| ShardRow {
             lse: st.lse,
-            target_logit: if y == outside || y == opts.ignore_index { 0.0 } else { st.ty as f64 },
+            target_logit: if y == super::ce::shard::OUTSIDE || y == opts.ignore_index { 0.0 } else { st.ty as f64 },
             logit_sum: st.sum_t,
         }));
         (s.combine)(&mut rows)?;
