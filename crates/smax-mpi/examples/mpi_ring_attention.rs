@@ -12,7 +12,7 @@ use smax::attention::{
     AttentionGrads, AttentionInputs, AttentionOptions, AttentionOutputs, AttentionShape, HeadStrides, Heads,
     QueryPositions, Window, attention, attention_backward,
 };
-use smax_mpi::{ring_attention, ring_attention_backward};
+use smax_mpi::{RingLayout, ring_attention, ring_attention_backward};
 
 struct Rng(u64);
 impl Rng {
@@ -30,6 +30,20 @@ impl Rng {
 fn chunk(n: usize, p: usize, rank: usize) -> (usize, usize) {
     let cut = |r: usize| (r * r + r) * n / (p * p + p);
     (cut(rank), cut(rank + 1) - cut(rank))
+}
+
+/// Rank `rank`'s runs `(start, len)` of `n` tokens: one uneven chunk ([`chunk`]) for the
+/// contiguous layout; for zigzag, chunks `rank` and `2p − 1 − rank` of `2p` as even as
+/// possible (the first `n mod 2p` one longer), as the layout defines them.
+fn segments(layout: RingLayout, n: usize, p: usize, rank: usize) -> Vec<(usize, usize)> {
+    match layout {
+        RingLayout::Contiguous => vec![chunk(n, p, rank)],
+        RingLayout::Zigzag => {
+            let len = |i: usize| n / (2 * p) + usize::from(i < n % (2 * p));
+            let start = |i: usize| (0..i).map(len).sum::<usize>();
+            vec![(start(rank), len(rank)), (start(2 * p - 1 - rank), len(2 * p - 1 - rank))]
+        }
+    }
 }
 
 fn main() {
@@ -68,58 +82,69 @@ fn main() {
             (vec![0.0f32; full.out_len()], vec![0.0f32; full.kv_len_elems()], vec![0.0f32; full.kv_len_elems()]);
         let grads = AttentionGrads::new(&mut dq_ref, &mut dk_ref, &mut dv_ref);
         attention_backward(inputs, &o_ref, &l_ref, &dout, grads, o).unwrap();
-        // This rank's chunk, read in place through strides.
-        let ((qs, qn), (ks, kn)) = (chunk(ql, p, rank), chunk(kl, p, rank));
-        let local = AttentionShape::new(b, hq, qn, kn, d).kv_heads(hk);
-        let qst = HeadStrides::bhsd(hq, ql, d);
-        let kst = HeadStrides::bhsd(hk, kl, d);
-        let li = AttentionInputs::new(
-            local,
-            Heads::strided(&q[qs * d..], qst),
-            Heads::strided(&k[ks * d..], kst),
-            Heads::strided(&v[ks * d..], kst),
-        );
-        let (mut out, mut lse) = (vec![0.0f32; local.out_len()], vec![0.0f32; local.lse_len()]);
-        ring_attention(&world, li, AttentionOutputs::new(&mut out, Some(&mut lse)), o).unwrap();
-        // The upstream gradient of this rank's rows, contiguous.
-        let rows_of = |x: &[f32], h: usize, n: usize, start: usize, len: usize| -> Vec<f32> {
-            (0..b * h).flat_map(|bh| x[(bh * n + start) * d..(bh * n + start + len) * d].to_vec()).collect()
-        };
-        let dout_l = rows_of(&dout, hq, ql, qs, qn);
-        let (mut dq, mut dk, mut dv) =
-            (vec![0.0f32; local.out_len()], vec![0.0f32; local.kv_len_elems()], vec![0.0f32; local.kv_len_elems()]);
-        ring_attention_backward(&world, li, &out, &lse, &dout_l, AttentionGrads::new(&mut dq, &mut dk, &mut dv), o)
-            .unwrap();
-        let vmax = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        let mut bad = Vec::new();
-        let o_want = rows_of(&o_ref, hq, ql, qs, qn);
-        if let Some(i) = (0..out.len()).find(|&i| (out[i] - o_want[i]).abs() > 1e-5 * (1.0 + vmax)) {
-            bad.push(format!("out[{i}] {} vs {}", out[i], o_want[i]));
-        }
-        let l_want: Vec<f32> = (0..b * hq).flat_map(|bh| l_ref[bh * ql + qs..bh * ql + qs + qn].to_vec()).collect();
-        if let Some(i) = (0..lse.len())
-            .find(|&i| !(lse[i] == l_want[i] || (lse[i] - l_want[i]).abs() <= 1e-5 * (1.0 + l_want[i].abs())))
-        {
-            bad.push(format!("lse[{i}] {} vs {}", lse[i], l_want[i]));
-        }
-        for (what, got, want, h, n, s, len) in [
-            ("dq", &dq, &dq_ref, hq, ql, qs, qn),
-            ("dk", &dk, &dk_ref, hk, kl, ks, kn),
-            ("dv", &dv, &dv_ref, hk, kl, ks, kn),
-        ] {
-            let want_l = rows_of(want, h, n, s, len);
-            let gmax = want.iter().fold(1e-30f32, |m, x| m.max(x.abs()));
-            if let Some(i) = (0..got.len()).find(|&i| (got[i] - want_l[i]).abs() > 2e-5 * gmax) {
-                bad.push(format!("{what}[{i}] {} vs {}", got[i], want_l[i]));
+        for layout in [RingLayout::Contiguous, RingLayout::Zigzag] {
+            let ro = o.with_variant(layout);
+            // This rank's token runs `(start, len)` of the queries and of the keys.
+            let (qseg, kseg) = (segments(layout, ql, p, rank), segments(layout, kl, p, rank));
+            let (qn, kn): (usize, usize) = (qseg.iter().map(|g| g.1).sum(), kseg.iter().map(|g| g.1).sum());
+            let local = AttentionShape::new(b, hq, qn, kn, d).kv_heads(hk);
+            // Rows of `x` (`[b·h, n, w]`) at the runs, contiguous.
+            let take = |x: &[f32], h: usize, n: usize, w: usize, runs: &[(usize, usize)]| -> Vec<f32> {
+                (0..b * h)
+                    .flat_map(|bh| {
+                        runs.iter().flat_map(move |&(a, l)| x[(bh * n + a) * w..(bh * n + a + l) * w].to_vec())
+                    })
+                    .collect()
+            };
+            // Contiguous: read in place through strides; zigzag: the two runs copied together.
+            let (ql_, kl_, vl_) = (take(&q, hq, ql, d, &qseg), take(&k, hk, kl, d, &kseg), take(&v, hk, kl, d, &kseg));
+            let li = match layout {
+                RingLayout::Contiguous => AttentionInputs::new(
+                    local,
+                    Heads::strided(&q[qseg[0].0 * d..], HeadStrides::bhsd(hq, ql, d)),
+                    Heads::strided(&k[kseg[0].0 * d..], HeadStrides::bhsd(hk, kl, d)),
+                    Heads::strided(&v[kseg[0].0 * d..], HeadStrides::bhsd(hk, kl, d)),
+                ),
+                RingLayout::Zigzag => AttentionInputs::new(local, Heads::new(&ql_), Heads::new(&kl_), Heads::new(&vl_)),
+            };
+            let (mut out, mut lse) = (vec![0.0f32; local.out_len()], vec![0.0f32; local.lse_len()]);
+            ring_attention(&world, li, AttentionOutputs::new(&mut out, Some(&mut lse)), &ro).unwrap();
+            let dout_l = take(&dout, hq, ql, d, &qseg);
+            let (mut dq, mut dk, mut dv) =
+                (vec![0.0f32; local.out_len()], vec![0.0f32; local.kv_len_elems()], vec![0.0f32; local.kv_len_elems()]);
+            let grads = AttentionGrads::new(&mut dq, &mut dk, &mut dv);
+            ring_attention_backward(&world, li, &out, &lse, &dout_l, grads, &ro).unwrap();
+            let vmax = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            let mut bad = Vec::new();
+            let o_want = take(&o_ref, hq, ql, d, &qseg);
+            if let Some(i) = (0..out.len()).find(|&i| (out[i] - o_want[i]).abs() > 1e-5 * (1.0 + vmax)) {
+                bad.push(format!("out[{i}] {} vs {}", out[i], o_want[i]));
             }
-        }
-        if bad.is_empty() {
-            if rank == 0 {
-                println!("ok  {name:<28} ({ql} queries, {kl} keys over {p} rank(s))");
+            let l_want = take(&l_ref, hq, ql, 1, &qseg);
+            if let Some(i) = (0..lse.len())
+                .find(|&i| !(lse[i] == l_want[i] || (lse[i] - l_want[i]).abs() <= 1e-5 * (1.0 + l_want[i].abs())))
+            {
+                bad.push(format!("lse[{i}] {} vs {}", lse[i], l_want[i]));
             }
-        } else {
-            eprintln!("rank {rank} {name}: {}", bad.join("; "));
-            failures += 1;
+            for (what, got, want, h, n, runs) in [
+                ("dq", &dq, &dq_ref, hq, ql, &qseg),
+                ("dk", &dk, &dk_ref, hk, kl, &kseg),
+                ("dv", &dv, &dv_ref, hk, kl, &kseg),
+            ] {
+                let want_l = take(want, h, n, d, runs);
+                let gmax = want.iter().fold(1e-30f32, |m, x| m.max(x.abs()));
+                if let Some(i) = (0..got.len()).find(|&i| (got[i] - want_l[i]).abs() > 2e-5 * gmax) {
+                    bad.push(format!("{what}[{i}] {} vs {}", got[i], want_l[i]));
+                }
+            }
+            if bad.is_empty() {
+                if rank == 0 {
+                    println!("ok  {name:<28} {layout:?} ({ql} queries, {kl} keys over {p} rank(s))");
+                }
+            } else {
+                eprintln!("rank {rank} {name} {layout:?}: {}", bad.join("; "));
+                failures += 1;
+            }
         }
     }
     // A bias is not sharded: refused on every rank.
@@ -164,13 +189,13 @@ fn main() {
     }
 }
 
-/// Median time of ring attention's forward and backward (each rank its chunk) against the
-/// single-process calls on rank 0 at the whole sequence, causal, batch 1, 8 heads, d = 128.
+/// Median time of ring attention's forward and backward (each rank its part, both layouts)
+/// against the single-process calls on rank 0 at the whole sequence, causal, batch 1, 8 heads,
+/// d = 128, sequence 8192 (a multiple of 2P for P up to 8, so every rank holds `8192/P`
+/// tokens in either layout).
 fn bench<C: Communicator>(world: &C, rank: usize, p: usize) {
     let (h, d, n) = (8usize, 128usize, 8192usize);
-    let (_, len) = chunk(n, p, rank);
-    let even = n / p;
-    let len = if n % p == 0 { even } else { len };
+    let len = n / p;
     let local = AttentionShape::new(1, h, len, len, d);
     let mut rng = Rng(5 + rank as u64);
     let (q, k, v) = (rng.vec(local.out_len(), 1.0), rng.vec(local.out_len(), 1.0), rng.vec(local.out_len(), 1.0));
@@ -180,21 +205,26 @@ fn bench<C: Communicator>(world: &C, rank: usize, p: usize) {
     let (mut out, mut lse) = (vec![0.0f32; local.out_len()], vec![0.0f32; local.lse_len()]);
     let (mut dq, mut dk, mut dv) =
         (vec![0.0f32; local.out_len()], vec![0.0f32; local.out_len()], vec![0.0f32; local.out_len()]);
-    let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        world.barrier();
-        let t0 = std::time::Instant::now();
-        ring_attention(world, li, AttentionOutputs::new(&mut out, Some(&mut lse)), &o).unwrap();
-        world.barrier();
-        let t1 = std::time::Instant::now();
-        ring_attention_backward(world, li, &out, &lse, &dout, AttentionGrads::new(&mut dq, &mut dk, &mut dv), &o)
-            .unwrap();
-        world.barrier();
-        fwd.push((t1 - t0).as_secs_f64());
-        bwd.push(t1.elapsed().as_secs_f64());
+    let mut lines = Vec::new();
+    for layout in [RingLayout::Contiguous, RingLayout::Zigzag] {
+        let ro = o.with_variant(layout);
+        let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            world.barrier();
+            let t0 = std::time::Instant::now();
+            ring_attention(world, li, AttentionOutputs::new(&mut out, Some(&mut lse)), &ro).unwrap();
+            world.barrier();
+            let t1 = std::time::Instant::now();
+            let grads = AttentionGrads::new(&mut dq, &mut dk, &mut dv);
+            ring_attention_backward(world, li, &out, &lse, &dout, grads, &ro).unwrap();
+            world.barrier();
+            fwd.push((t1 - t0).as_secs_f64());
+            bwd.push(t1.elapsed().as_secs_f64());
+        }
+        fwd.sort_by(f64::total_cmp);
+        bwd.sort_by(f64::total_cmp);
+        lines.push(format!("{layout:?}: forward {:.1} ms, backward {:.1} ms", fwd[1] * 1e3, bwd[1] * 1e3));
     }
-    fwd.sort_by(f64::total_cmp);
-    bwd.sort_by(f64::total_cmp);
     if rank == 0 {
         let full = AttentionShape::new(1, h, n, n, d);
         let (q, k, v) = (rng.vec(full.out_len(), 1.0), rng.vec(full.out_len(), 1.0), rng.vec(full.out_len(), 1.0));
@@ -214,13 +244,12 @@ fn bench<C: Communicator>(world: &C, rank: usize, p: usize) {
         }
         sf.sort_by(f64::total_cmp);
         sb.sort_by(f64::total_cmp);
-        // Each rank sends its K/V chunk P − 1 times forward; backward adds the gradients' P sends.
+        // Each rank sends its K/V part P − 1 times forward; backward adds the gradients' P sends.
         let kv_bytes = 2 * h * len * d * 4;
         println!(
-            "ring attention causal, seq {n}, {h} heads, d {d}, {p} rank(s): forward {:.1} ms, backward {:.1} ms \
-             (single process {:.1} / {:.1} ms); sent per rank {:.1} MB forward, {:.1} MB backward",
-            fwd[1] * 1e3,
-            bwd[1] * 1e3,
+            "ring attention causal, seq {n}, {h} heads, d {d}, {p} rank(s): {}; single process {:.1} / {:.1} ms; \
+             sent per rank {:.1} MB forward, {:.1} MB backward",
+            lines.join("; "),
             sf[1] * 1e3,
             sb[1] * 1e3,
             (kv_bytes * (p - 1)) as f64 / 1e6,

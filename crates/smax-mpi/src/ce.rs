@@ -1,6 +1,6 @@
 //! Vocabulary-parallel cross-entropy over given logits.
 
-use crate::{agree, bad, gather};
+use crate::{agree, bad, gather, vocab_tiling};
 use mpi::traits::Communicator;
 use smax::loss::{CrossEntropyOptions, LossReport, RowOutputs, ShardRow, Targets, VocabShard, cross_entropy_sharded};
 use smax::{Element, Error, View, ViewMut};
@@ -72,31 +72,11 @@ pub fn vocab_parallel_cross_entropy<C: Communicator, T: Element>(
         (digest & 0xffff_ffff) as f64,
     ];
     let all = agree(comm, local_ok, &meta);
-    let mut v_total = 0usize;
-    for (r, m) in all.iter().enumerate() {
-        if m[0] != 1.0 {
-            return Err(bad(
-                "options, targets or outputs",
-                format!("rejected on rank {r}"),
-                "valid on every rank (the options cross_entropy accepts, targets and row outputs of one per row, row layouts, a gradient of the slice's shape)",
-            ));
-        }
-        if m[1] as usize != v_total {
-            return Err(bad(
-                "vocab_start",
-                format!("{} on rank {r}", m[1]),
-                "the end of the previous rank's slice (slices tile [0, V) in rank order)",
-            ));
-        }
-        if m[3..] != all[0][3..] {
-            return Err(bad(
-                "rows, element type or targets",
-                format!("different on rank {r}"),
-                "the same on every rank",
-            ));
-        }
-        v_total += m[2] as usize;
-    }
+    let v_total = vocab_tiling(
+        &all,
+        "the options cross_entropy accepts, targets and row outputs of one per row, row layouts, a gradient of the slice's shape",
+        "rows, element type or targets",
+    )?;
     // The combiner: per block, one all-gather of [ok, (lse, target logit, logit sum) per row].
     // A rank that fails before its first exchange still joins it, with ok = 0, so every rank
     // returns.

@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | [`vocab_parallel_cross_entropy`] | the logits of a vocabulary slice (any element type) | three f64 per row and rank |
 //! | [`vocab_parallel_linear_cross_entropy`] | a slice of the classifier `W` (never the logits) | three f64 per row and rank, plus `∂loss/∂h` |
-//! | [`ring_attention`], [`ring_attention_backward`] | a contiguous chunk of the sequence (its queries, keys and values) | every key/value chunk passes each rank once (plus their gradients in the backward) |
+//! | [`ring_attention`], [`ring_attention_backward`] | a part of the sequence (its queries, keys and values): one contiguous chunk, or two for the load-balanced [`RingLayout::Zigzag`] | every key/value part passes each rank once (plus their gradients in the backward) |
 //! | [`vocab_parallel_sample`] | the logits of a vocabulary slice | the candidates that can survive the filters |
 //!
 //! **Determinism.** Whatever crosses ranks is **all-gathered and merged in rank order** (or
@@ -31,7 +31,7 @@ mod sample;
 
 pub use ce::vocab_parallel_cross_entropy;
 pub use linear::vocab_parallel_linear_cross_entropy;
-pub use ring::{ring_attention, ring_attention_backward};
+pub use ring::{RingLayout, ring_attention, ring_attention_backward};
 pub use sample::vocab_parallel_sample;
 
 /// All-gathers `mine` (the same length on every rank) into `P` consecutive blocks, rank order.
@@ -52,6 +52,31 @@ pub(crate) fn agree<C: Communicator>(comm: &C, ok: bool, meta: &[f64]) -> Vec<Ve
     mine.extend_from_slice(meta);
     let w = mine.len();
     gather(comm, &mine).chunks(w).map(|c| c.to_vec()).collect()
+}
+
+/// Checks an agreement round of a vocabulary-sharded call, `[ok, vocab_start, len, same...]`
+/// per rank: every rank accepted its inputs (else `rejected`, the inputs each rank must
+/// provide), the slices tile `[0, V)` in rank order, and the `same` values (named by
+/// `same_name`) are equal on every rank. Returns `V`.
+pub(crate) fn vocab_tiling(all: &[Vec<f64>], rejected: &'static str, same_name: &'static str) -> Result<usize, Error> {
+    let mut v_total = 0usize;
+    for (r, m) in all.iter().enumerate() {
+        if m[0] != 1.0 {
+            return Err(bad("inputs or options", format!("rejected on rank {r}"), rejected));
+        }
+        if m[1] as usize != v_total {
+            return Err(bad(
+                "vocab_start",
+                format!("{} on rank {r}", m[1]),
+                "the end of the previous rank's slice (slices tile [0, V) in rank order)",
+            ));
+        }
+        if m[3..] != all[0][3..] {
+            return Err(bad(same_name, format!("different on rank {r}"), "the same on every rank"));
+        }
+        v_total += m[2] as usize;
+    }
+    Ok(v_total)
 }
 
 /// `buf = Σ_ranks buf` in rank order (f64 sums, one rounding), the same bits on every rank:

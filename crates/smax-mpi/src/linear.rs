@@ -1,6 +1,6 @@
 //! Vocabulary-parallel linear cross-entropy: each rank holds a slice of the classifier.
 
-use crate::{agree, bad, sum_in_rank_order};
+use crate::{agree, sum_in_rank_order, vocab_tiling};
 use mpi::traits::Communicator;
 use smax::Error;
 use smax::loss::{
@@ -76,31 +76,11 @@ pub fn vocab_parallel_linear_cross_entropy<C: Communicator>(
         (digest & 0xffff_ffff) as f64,
     ];
     let all = agree(comm, lens_ok && opts_ok && d > 0, &meta);
-    let mut total = 0usize;
-    for (r, m) in all.iter().enumerate() {
-        if m[0] != 1.0 {
-            return Err(bad(
-                "inputs or options",
-                format!("rejected on rank {r}"),
-                "buffer lengths that match the shape, d >= 1 and valid options on every rank",
-            ));
-        }
-        if m[1] as usize != total {
-            return Err(bad(
-                "vocab_start",
-                format!("{} on rank {r}", m[1]),
-                "the end of the previous rank's slice (slices tile [0, V) in rank order)",
-            ));
-        }
-        if m[3..] != all[0][3..] {
-            return Err(bad(
-                "n, d, targets or the gradients asked for",
-                format!("different on rank {r}"),
-                "the same on every rank",
-            ));
-        }
-        total += m[2] as usize;
-    }
+    let total = vocab_tiling(
+        &all,
+        "buffer lengths that match the shape, d >= 1 and valid options on every rank",
+        "n, d, targets or the gradients asked for",
+    )?;
     // The combiner: one all-gather of [ok, (lse, target logit, logit sum) per token]. A rank
     // that fails before reaching it still takes part, with ok = 0, so every rank returns.
     let mut reached = false;

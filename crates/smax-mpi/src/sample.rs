@@ -1,6 +1,6 @@
 //! Sampling over a vocabulary sharded across ranks.
 
-use crate::{agree, bad, gather};
+use crate::{agree, gather, vocab_tiling};
 use mpi::datatype::PartitionMut;
 use mpi::traits::{Communicator, CommunicatorCollectives};
 use rayon::prelude::*;
@@ -86,28 +86,12 @@ pub fn vocab_parallel_sample<C: Communicator>(
     // The meta vectors have the same length on every rank only if the row counts agree: a
     // first round settles that.
     let shapes = agree(comm, ok, &[vocab_start as f64, cols as f64, rows as f64]);
-    let mut v_total = 0usize;
-    for (r, m) in shapes.iter().enumerate() {
-        if m[0] != 1.0 {
-            opts_ok?;
-            return Err(bad(
-                "sampling inputs",
-                format!("rejected on rank {r}"),
-                "valid options, a row layout, tokens and draw of one per row, uniforms in [0, 1) on every rank",
-            ));
-        }
-        if m[1] as usize != v_total {
-            return Err(bad(
-                "vocab_start",
-                format!("{} on rank {r}", m[1]),
-                "the end of the previous rank's slice (slices tile [0, V) in rank order)",
-            ));
-        }
-        if m[3] as usize != rows {
-            return Err(Error::LengthMismatch { what: "rows on another rank", len: m[3] as usize, expected: rows });
-        }
-        v_total += m[2] as usize;
-    }
+    vocab_tiling(
+        &shapes,
+        "valid options, a row layout, tokens and draw of one per row, uniforms in [0, 1) on every rank",
+        "row count",
+    )
+    .map_err(|e| opts_ok.clone().err().unwrap_or(e))?;
     let p = shapes.len();
     let all = gather(comm, &meta);
     let w = meta.len();

@@ -346,14 +346,24 @@ struct Plan<'w> {
 }
 
 fn plan<'w, T>(v: &Checked<'_, T>, need_lse: bool, opts: &CrossEntropyOptions<'w>) -> Plan<'w> {
-    let (rows, len) = (v.rows, v.len);
-    // Denominators (row order, f64).
-    let valid_rows = match v.classes {
+    let stream = v.grad.as_ref().is_some_and(|g| core::mem::size_of_val(&*g.0) >= crate::engine::STREAM_MIN_BYTES);
+    let mut p = plan_for(v.classes, v.rows, v.len, opts);
+    p.c.row_stride = v.xs.max(1);
+    p.c.need_lse = need_lse;
+    p.c.stream = stream;
+    p
+}
+
+/// The reduction's denominators (row order, f64) and the row kernel's constants over
+/// `classes` classes, for class targets `targets` (or `rows` probability rows); the row
+/// stride, `need_lse` and `stream` are left for the caller to set.
+fn plan_for<'w>(targets: Option<&[i64]>, rows: usize, classes: usize, opts: &CrossEntropyOptions<'w>) -> Plan<'w> {
+    let valid_rows = match targets {
         Some(c) => c.iter().filter(|&&t| t != opts.ignore_index).count(),
         None => rows,
     };
-    let mean_den = match (v.classes, opts.class_weights) {
-        // (Targets and the weights' length were validated by `check` before the plan.)
+    let mean_den = match (targets, opts.class_weights) {
+        // (Targets and the weights' length were validated before the plan.)
         (Some(c), Some(w)) => c.iter().filter(|&&t| t != opts.ignore_index).map(|&t| w[t as usize] as f64).sum::<f64>(),
         _ => valid_rows as f64,
     };
@@ -362,7 +372,7 @@ fn plan<'w, T>(v: &Checked<'_, T>, need_lse: bool, opts: &CrossEntropyOptions<'w
         _ => (1.0, 1.0),
     };
     let scale = |den: f64| if den > 0.0 { opts.grad_scale / den } else { 0.0 };
-    let wsum = opts.class_weights.map_or(len as f64, |w| w.iter().map(|&v| v as f64).sum());
+    let wsum = opts.class_weights.map_or(classes as f64, |w| w.iter().map(|&v| v as f64).sum());
     let k64 = 1.0 / opts.temperature;
     let cap64 = opts.softcap.unwrap_or(0.0);
     let c = ce::Ce {
@@ -375,11 +385,11 @@ fn plan<'w, T>(v: &Checked<'_, T>, need_lse: bool, opts: &CrossEntropyOptions<'w
         z_scale: scale(z_den),
         weights: opts.class_weights,
         wsum,
-        classes: len as f64,
-        row_stride: v.xs.max(1),
+        classes: classes as f64,
+        row_stride: 1,
         ignore_index: opts.ignore_index,
-        need_lse,
-        stream: v.grad.as_ref().is_some_and(|g| core::mem::size_of_val(&*g.0) >= crate::engine::STREAM_MIN_BYTES),
+        need_lse: false,
+        stream: false,
     };
     Plan { valid_rows, denominator, z_den, c }
 }
@@ -510,37 +520,13 @@ pub fn cross_entropy_sharded<T: Element>(
         }
     }
     // The reduction's denominators and the kernel's constants, as `plan` makes them, over the
-    // whole vocabulary.
+    // whole vocabulary; the shard's rows use the reserved ignore index of their local targets.
     let weight = |k: usize| opts.class_weights.map_or(1.0, |w| w[k] as f64);
-    let valid_rows = y.iter().filter(|&&t| t != opts.ignore_index).count();
-    let mean_den: f64 = match opts.class_weights {
-        Some(_) => y.iter().filter(|&&t| t != opts.ignore_index).map(|&t| weight(t as usize)).sum(),
-        None => valid_rows as f64,
-    };
-    let (denominator, z_den) = match opts.reduction {
-        Reduction::Mean => (mean_den, valid_rows as f64),
-        _ => (1.0, 1.0),
-    };
-    let scale = |den: f64| if den > 0.0 { opts.grad_scale / den } else { 0.0 };
-    let wsum = opts.class_weights.map_or(total as f64, |w| w.iter().map(|&v| v as f64).sum());
-    let k64 = 1.0 / opts.temperature;
-    let cap64 = opts.softcap.unwrap_or(0.0);
-    let c = ce::Ce {
-        xf: Xform { k: k64 as f32, cap: cap64 as f32 },
-        k64,
-        cap64,
-        eps: opts.label_smoothing,
-        lambda: opts.z_loss,
-        main_scale: scale(denominator),
-        z_scale: scale(z_den),
-        weights: opts.class_weights,
-        wsum,
-        classes: total as f64,
-        row_stride: xs.max(1),
-        ignore_index: IGNORED,
-        need_lse: true,
-        stream: false,
-    };
+    let Plan { valid_rows, denominator, z_den, mut c } = plan_for(Some(y), rows, total, opts);
+    c.row_stride = xs.max(1);
+    c.ignore_index = IGNORED;
+    c.need_lse = true;
+    let wsum = c.wsum;
     let local_y: Vec<i64> = {
         let mut v = crate::check::try_with_capacity("shard targets", rows)?;
         v.extend(y.iter().map(|&t| local_target(t, start, len, opts.ignore_index)));

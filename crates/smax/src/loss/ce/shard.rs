@@ -159,8 +159,7 @@ fn stats_f32<S: Isa, T: Element>(
 /// The transformed logit `t = k·cap(x)` in f64 (the cap keeps `-inf`).
 #[inline]
 fn t64(c: &Ce<'_>, v: f64) -> f64 {
-    let q = if c.cap64 == 0.0 || v == f64::NEG_INFINITY { v } else { c.cap64 * (v / c.cap64).tanh() };
-    q * c.k64
+    super::wide::capped(c, v) * c.k64
 }
 
 /// A row's statistics in f64 (f64 logits, and rows the f32 path does not take): NaN anywhere
@@ -354,16 +353,8 @@ fn grad_f64<T: Element>(
     start: usize,
 ) {
     for (i, (o, v)) in g.iter_mut().zip(x).enumerate() {
-        let v = v.to_f64();
-        let q = if c.cap64 == 0.0 || v == f64::NEG_INFINITY { v } else { c.cap64 * (v / c.cap64).tanh() };
-        let chain = if c.cap64 == 0.0 {
-            c.k64
-        } else if q == f64::NEG_INFINITY {
-            0.0
-        } else {
-            let r = q / c.cap64;
-            c.k64 * (1.0 - r * r).max(0.0)
-        };
+        let q = super::wide::capped(c, v.to_f64());
+        let chain = super::wide::chain64(c, q);
         let p = if q == f64::NEG_INFINITY { 0.0 } else { (q * c.k64 - lse).exp() };
         let sub = if c.eps == 0.0 { 0.0 } else { b * weight(c, start + i) };
         let mut gi = (a * p - sub) * chain;

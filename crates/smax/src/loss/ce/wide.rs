@@ -7,12 +7,12 @@ use crate::scalar64::Sum;
 
 /// The logit before the scale `k`: `x`, or `cap·tanh(x/cap)` with a cap (monotone in `x`, so
 /// the row's max is the max of these).
-fn capped(c: &Ce<'_>, v: f64) -> f64 {
+pub(super) fn capped(c: &Ce<'_>, v: f64) -> f64 {
     if c.cap64 == 0.0 || v == f64::NEG_INFINITY { v } else { c.cap64 * (v / c.cap64).tanh() }
 }
 
 /// `∂t/∂x` for `t = k·capped(x)`, from the capped value `q`.
-fn chain64(c: &Ce<'_>, q: f64) -> f64 {
+pub(super) fn chain64(c: &Ce<'_>, q: f64) -> f64 {
     if c.cap64 == 0.0 {
         c.k64
     } else if q == f64::NEG_INFINITY {
