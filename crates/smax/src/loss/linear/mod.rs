@@ -221,7 +221,7 @@ pub fn linear_cross_entropy(
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ShardRow {
     /// Log-sum-exp of `t` over the classes (`-inf` when all are `-inf`; NaN for a row with a
-    /// NaN logit, or a `+inf` one under no cap).
+    /// NaN logit; `+inf` for a `+inf` one under no cap, whose loss is then NaN).
     pub lse: f64,
     /// `t` at the token's target when the target lies in this shard, else 0 (also 0 for an
     /// ignored token), so that the combined value is the sum over shards.
