@@ -234,31 +234,18 @@ pub struct ShardRow {
 impl ShardRow {
     /// The statistics of the union of disjoint shards, from theirs **in the order given**
     /// (pass them in shard order so that every process merging the same parts gets the same
-    /// bits): `lse = m + ln Σ exp(lse_s − m)` in f64 with `m` the largest finite part, parts at
-    /// `-inf` skipped (the identity), NaN if any part is NaN, `+inf` if any is `+inf`; the
+    /// bits): the log-sum-exps fold through [`LseState`](crate::LseState)`<f64>` (parts at
+    /// `-inf` are the identity; NaN if any part is NaN, else `+inf` if any is `+inf`); the
     /// target logit and the logit sum add up in order.
-    pub fn merge(parts: impl IntoIterator<Item = ShardRow> + Clone) -> ShardRow {
+    pub fn merge(parts: impl IntoIterator<Item = ShardRow>) -> ShardRow {
         let mut out = ShardRow { lse: f64::NEG_INFINITY, target_logit: 0.0, logit_sum: 0.0 };
-        let (mut nan, mut inf, mut m) = (false, false, f64::NEG_INFINITY);
-        for p in parts.clone() {
+        let mut st = crate::LseState::<f64>::EMPTY;
+        for p in parts {
             out.target_logit += p.target_logit;
             out.logit_sum += p.logit_sum;
-            nan |= p.lse.is_nan();
-            inf |= p.lse == f64::INFINITY;
-            if p.lse.is_finite() {
-                m = m.max(p.lse);
-            }
+            st = st.merge(crate::LseState::<f64>::from_value(p.lse));
         }
-        out.lse = if nan {
-            f64::NAN
-        } else if inf {
-            f64::INFINITY
-        } else if m == f64::NEG_INFINITY {
-            m
-        } else {
-            let s: f64 = parts.into_iter().filter(|p| p.lse.is_finite()).map(|p| (p.lse - m).exp()).sum();
-            m + s.ln()
-        };
+        out.lse = st.lse();
         out
     }
 }
