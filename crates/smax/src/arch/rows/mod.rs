@@ -90,7 +90,28 @@ fn fold4<S: Isa>(s: S, x: &[f32], pad: f32, pf: Ahead, op: impl Fn(S::f32s, S::f
 #[cfg_attr(debug_assertions, inline)]
 /// `Σ exp((x − m)·k)` over one block; with `y`, stores each `exp((x − m)·k)` there, or with
 /// `shifted`, each `(x − m)·k` (the log-softmax form) instead.
-fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f32]>, shifted: bool, pf: Ahead) -> f32 {
+fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, y: Option<&mut [f32]>, shifted: bool, pf: Ahead) -> f32 {
+    // `(x − m)·1` is `x − m` exactly (NaN and ±inf included), so the unit-temperature loop
+    // drops the multiply and returns the same bits with one vector operation less per vector.
+    if k == 1.0 {
+        sum_exp_block_k::<S, true>(s, x, m, k, y, shifted, pf)
+    } else {
+        sum_exp_block_k::<S, false>(s, x, m, k, y, shifted, pf)
+    }
+}
+
+/// [`sum_exp_block`] with `UNIT` meaning `k == 1`.
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
+fn sum_exp_block_k<S: Isa, const UNIT: bool>(
+    s: S,
+    x: &[f32],
+    m: f32,
+    k: f32,
+    mut y: Option<&mut [f32]>,
+    shifted: bool,
+    pf: Ahead,
+) -> f32 {
     let step = 4 * S::F32_LANES;
     let vm = s.splat_f32s(m);
     let vk = s.splat_f32s(k);
@@ -102,7 +123,8 @@ fn sum_exp_block<S: Isa>(s: S, x: &[f32], m: f32, k: f32, mut y: Option<&mut [f3
         #[cfg_attr(not(debug_assertions), inline(always))]
         #[cfg_attr(debug_assertions, inline)]
         |v: S::f32s| {
-            let t = s.mul_f32s(s.sub_f32s(v, vm), vk);
+            let d = s.sub_f32s(v, vm);
+            let t = if UNIT { d } else { s.mul_f32s(d, vk) };
             (t, exp(s, t))
         },
     );
