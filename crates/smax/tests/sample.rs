@@ -6,6 +6,7 @@
 mod common;
 
 use common::Rng;
+use smax::SimdLevel;
 use smax::sample::{
     Draw, GumbelSource, Processed, SampleOptions, counter_u64, counter_uniform, gumbel_max, process, sample,
 };
@@ -175,6 +176,43 @@ fn top_p_boundaries_and_cumsum_corners() {
         .count()
     };
     assert_eq!((kept(false), kept(true)), (4, 2));
+}
+
+/// Top-p alone over a vocabulary-sized row takes the vector-exponential mass (every token,
+/// no top-k cut) and must still cut exactly where the definition's libm sum does: f64 rows
+/// (every level) and f32 rows, peaked and flat logits, several p, a temperature.
+#[test]
+fn top_p_alone_on_large_rows_matches_the_reference() {
+    let mut rng = Rng(0x70b);
+    for &(n, scale) in &[(40_000usize, 4.0f64), (20_000, 0.05), (3_001, 12.0)] {
+        // A sum of four uniforms: bell-shaped like real logits, with a bounded top.
+        let z: Vec<f64> = (0..n)
+            .map(|i| {
+                if i % 97 == 13 {
+                    f64::NEG_INFINITY
+                } else {
+                    let f = ((0..4).map(|_| rng.uniform()).sum::<f64>() * scale) as f32;
+                    f as f64
+                }
+            })
+            .collect();
+        let z32: Vec<f32> = z.iter().map(|&v| v as f32).collect();
+        for &pp in &[0.5, 0.9, 0.95, 0.99, 0.999_999] {
+            for &temperature in &[1.0, 0.7] {
+                for level in SimdLevel::available() {
+                    let mut p = SampleOptions { top_p: Some(pp), temperature, ..Default::default() };
+                    p.exec.simd = Some(level);
+                    let want = reference(&z, &p);
+                    let what = format!("n={n} scale={scale} p={pp} T={temperature} {level:?}");
+                    assert_same_bits(&processed(&z, 1, &p, Processed::LogProbs), &want, &what);
+                    let mut out = vec![0.0f64; n];
+                    process(View::rows(&z32, 1, n).unwrap(), ViewMut::rows(&mut out, 1, n).unwrap(), Processed::LogProbs, &p)
+                        .unwrap();
+                    assert_same_bits(&out, &want, format!("{what} f32"));
+                }
+            }
+        }
+    }
 }
 
 /// Pearson chi-square of `counts` against probabilities `p` (cells with p = 0 must be empty).

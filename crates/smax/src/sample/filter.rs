@@ -37,6 +37,10 @@ pub(super) trait Tokens {
     fn listed(&self) -> usize;
     /// A bound on `t` of every unmasked token not listed (`-inf`: every token is listed).
     fn below(&self) -> f64;
+    /// Every token's `t` in index order, when the row lists them all.
+    fn dense(&self) -> Option<&[f64]> {
+        None
+    }
 }
 
 /// Every token of a row: `t` and its unmasked count as [`prepare`] makes them.
@@ -66,6 +70,9 @@ impl Tokens for Dense<'_> {
     }
     fn below(&self) -> f64 {
         f64::NEG_INFINITY
+    }
+    fn dense(&self) -> Option<&[f64]> {
+        Some(self.t)
     }
 }
 
@@ -209,16 +216,95 @@ pub(super) fn top_k_key<R: Tokens>(row: &R, k: usize) -> u128 {
     heap.peek().map_or(0, |r| r.0)
 }
 
+thread_local! {
+    /// Top-p's per-thread buffer of the exponentials of a row.
+    static EXP_SCRATCH: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Top-p's histogram bucket of `v`: its distance below the max `m` in `1/HIST_PER_UNIT` steps,
+/// the last bucket open.
+#[inline]
+fn bucket(m: f64, v: f64) -> usize {
+    ((m - v) * HIST_PER_UNIT).min((HIST_BUCKETS - 1) as f64) as usize
+}
+
+/// Top-p's last kept key (`None`: no survivor), from the survivors' mass `s` (their `Σ exp(t −
+/// m)`, `total` of them) and its histogram by [`bucket`]. The window is every survivor down
+/// to the bucket where the mass reaches `p` (a prefix of the order, since the buckets follow
+/// the values), sorted; the walk over it is the definition's. The 1e-9 margin on `p` covers
+/// the histogram's summation order; should rounding still leave the walk short, the window
+/// becomes every survivor.
+///
+/// With `eta > 0`, `s` is within a relative `eta` of the exact sum: the walk's running sum is
+/// then within `eta` of the exact one, and the result is `Some` only when each comparison with
+/// `p` that decided the cut holds by more than that margin (so the exact walk cuts at the same
+/// token); `None` asks for the exact sum.
+#[allow(clippy::too_many_arguments)]
+fn nucleus<R: Tokens>(
+    row: &R,
+    kept: &Kept,
+    pp: f64,
+    m: f64,
+    s: f64,
+    total: usize,
+    hist: &[f64; HIST_BUCKETS],
+    eta: f64,
+) -> Option<Option<u128>> {
+    let lse = m + s.ln();
+    let need = pp * s * (1.0 + 1e-9);
+    let (mut acc, mut last_b) = (0.0f64, HIST_BUCKETS - 1);
+    for (b, &h) in hist.iter().enumerate() {
+        acc += h;
+        if acc >= need {
+            last_b = b;
+            break;
+        }
+    }
+    // Buckets `0..=upto` hold the values with `(m − v)·HIST_PER_UNIT < upto + 1`; the floor
+    // below is a little under that, so its survivors are a prefix of the order that holds them.
+    let survivors = |upto: usize| -> Vec<u128> {
+        let floor = if upto + 1 >= HIST_BUCKETS {
+            f64::NEG_INFINITY
+        } else {
+            m - ((upto + 1) as f64 / HIST_PER_UNIT) * (1.0 + 1e-12) - 1e-300
+        };
+        row.each().filter(|&(i, v)| v >= floor && kept.has(v, i)).map(|(i, v)| key(v, i)).collect()
+    };
+    let mut win = survivors(last_b);
+    loop {
+        win.sort_unstable_by(|a, b| b.cmp(a));
+        // `prev`: the running sum at the last comparison that kept going.
+        let (mut before, mut prev) = (0.0f64, f64::NEG_INFINITY);
+        let mut last = None;
+        for &kk in win.iter() {
+            if before >= pp && last.is_some() {
+                break;
+            }
+            if last.is_some() {
+                prev = before;
+            }
+            last = Some(kk);
+            before += (key_value(kk) - lse).exp();
+        }
+        if before >= pp || win.len() == total {
+            let stopped = before >= pp;
+            let sure = eta == 0.0
+                || (prev * (1.0 + eta) < pp && (if stopped { before * (1.0 - eta) >= pp } else { before * (1.0 + eta) < pp }));
+            return sure.then_some(last);
+        }
+        win = survivors(HIST_BUCKETS - 1);
+    }
+}
+
 /// Filters one row (already `t = (z − max z)/T`, validated) into its kept set, over the listed
 /// tokens (see [`Kept::separates`] for when that is the row's kept set).
 pub(super) fn filter_row<R: Tokens>(row: &R, p: &SampleOptions) -> Kept {
     let n = row.len();
     let (mut t_max, mut t_min) = (f64::NEG_INFINITY, f64::INFINITY);
     for (_, v) in row.each() {
-        t_max = t_max.max(v);
-        if v != f64::NEG_INFINITY {
-            t_min = t_min.min(v);
-        }
+        t_max = if v > t_max { v } else { t_max };
+        let w = if v == f64::NEG_INFINITY { f64::INFINITY } else { v };
+        t_min = if w < t_min { w } else { t_min };
     }
     let mut kept = Kept {
         cut: 0,
@@ -246,54 +332,49 @@ pub(super) fn filter_row<R: Tokens>(row: &R, p: &SampleOptions) -> Kept {
     // Top-p on the survivors, renormalised over them.
     if let Some(pp) = p.top_p {
         if pp < 1.0 {
-            let m = t_max;
-            let mut s = 0.0f64;
-            let mut total = 0usize;
-            // The mass by distance below the max, 1/HIST_PER_UNIT wide, the last bucket open:
-            // it sizes the window of the walk below.
-            let mut hist = [0.0f64; HIST_BUCKETS];
-            let bucket = |v: f64| ((m - v) * HIST_PER_UNIT).min((HIST_BUCKETS - 1) as f64) as usize;
-            for (i, v) in row.each() {
-                if kept.has(v, i) {
-                    let e = (v - m).exp();
-                    s += e;
-                    total += 1;
-                    hist[bucket(v)] += e;
-                }
-            }
-            let lse = m + s.ln();
-            // The window: every survivor down to the bucket where the mass reaches p (a prefix
-            // of the order, since the buckets follow the values), sorted; the walk over it is
-            // the exact one. The 1e-9 margin on p covers the different summation order; should
-            // rounding still leave the walk short, the window becomes every survivor.
-            let need = pp * s * (1.0 + 1e-9);
-            let (mut acc, mut last_b) = (0.0f64, HIST_BUCKETS - 1);
-            for (b, &h) in hist.iter().enumerate() {
-                acc += h;
-                if acc >= need {
-                    last_b = b;
-                    break;
-                }
-            }
-            let survivors = |upto: usize| -> Vec<u128> {
-                row.each().filter(|&(i, v)| kept.has(v, i) && bucket(v) <= upto).map(|(i, v)| key(v, i)).collect()
-            };
-            let mut win = survivors(last_b);
-            let last = loop {
-                win.sort_unstable_by(|a, b| b.cmp(a));
-                let mut before = 0.0f64;
-                let mut last = None;
-                for &kk in win.iter() {
-                    if before >= pp && last.is_some() {
-                        break;
+            // Every token of a row without a top-k cut: the mass from the vector exponential,
+            // whose cut is proved to be the exact one or redone (see `nucleus`).
+            let fast = row.dense().filter(|_| kept.cut == 0).and_then(|t| {
+                let level = crate::arch::SimdLevel::resolve(p.exec.simd);
+                let (s, hist) = EXP_SCRATCH.with(|cell| {
+                    let mut e = cell.take();
+                    e.clear();
+                    e.resize(t.len(), 0.0);
+                    let s = crate::arch::select::exp_sum_f64(level, t, t_max, &mut e);
+                    // Four histograms in turn: consecutive tokens in one bucket do not wait on
+                    // each other's store. (Their order only sizes the window.)
+                    let mut hist4 = [[0.0f64; HIST_BUCKETS]; 4];
+                    for (j, (&v, &ei)) in t.iter().zip(&e).enumerate() {
+                        hist4[j & 3][bucket(t_max, v.max(f64::MIN))] += ei;
                     }
-                    last = Some(kk);
-                    before += (key_value(kk) - lse).exp();
+                    cell.set(e);
+                    let hist: [f64; HIST_BUCKETS] =
+                        core::array::from_fn(|b| (hist4[0][b] + hist4[1][b]) + (hist4[2][b] + hist4[3][b]));
+                    (s, hist)
+                });
+                // |s − s_libm| ≤ (1e-13 + 2·n·2^−53)·s (exp_sum_f64), so every probability
+                // of the walk is within that of the exact one, and each running sum within
+                // that plus its own rounding.
+                let eta = 1e-12 + 4.0 * n as f64 * f64::EPSILON;
+                nucleus(row, &kept, pp, t_max, s, row.unmasked(), &hist, eta)
+            });
+            let last = match fast {
+                Some(last) => last,
+                None => {
+                    let m = t_max;
+                    let mut s = 0.0f64;
+                    let mut total = 0usize;
+                    let mut hist = [0.0f64; HIST_BUCKETS];
+                    for (i, v) in row.each() {
+                        if kept.has(v, i) {
+                            let e = (v - m).exp();
+                            s += e;
+                            total += 1;
+                            hist[bucket(m, v)] += e;
+                        }
+                    }
+                    nucleus(row, &kept, pp, m, s, total, &hist, 0.0).flatten()
                 }
-                if before >= pp || win.len() == total {
-                    break last;
-                }
-                win = survivors(HIST_BUCKETS - 1);
             };
             if let Some(l) = last {
                 kept.set_cut(kept.cut.max(l));

@@ -157,28 +157,49 @@ pub struct SampleStats {
 /// `-inf`, never the largest to `+inf` (whose softmax would be `inf − inf`); every
 /// probability, and the order of the logits, is that of `z/T`.
 fn prepare<T: Element>(z: &[T], temp: f64, row: usize) -> Result<(Vec<f64>, usize)> {
-    let mut t = Vec::with_capacity(z.len());
+    let mut t = Vec::new();
+    let unmasked = prepare_into(z, temp, row, &mut t)?;
+    Ok((t, unmasked))
+}
+
+thread_local! {
+    /// [`sample_row`]'s per-thread buffer for a row in f64.
+    static SCRATCH: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// [`prepare`] into `t` (resized to the row); returns the unmasked count. Both loops are free
+/// of early exits so that they vectorize; an invalid entry is located afterwards.
+fn prepare_into<T: Element>(z: &[T], temp: f64, row: usize, t: &mut Vec<f64>) -> Result<usize> {
+    t.clear();
+    t.resize(z.len(), 0.0);
     let mut m = f64::NEG_INFINITY;
-    for (i, v) in z.iter().enumerate() {
+    let mut bad = false;
+    for (o, v) in t.iter_mut().zip(z) {
         let v = v.to_f64();
-        if v.is_nan() || v == f64::INFINITY {
-            return Err(Error::NonFiniteLogit { row, index: i, value: v });
-        }
-        m = m.max(v);
-        t.push(v);
+        bad |= v.is_nan() | (v == f64::INFINITY);
+        m = if v > m { v } else { m };
+        *o = v;
+    }
+    if bad {
+        let (index, &value) = t.iter().enumerate().find(|(_, v)| v.is_nan() || **v == f64::INFINITY).expect("flagged");
+        return Err(Error::NonFiniteLogit { row, index, value });
     }
     if m == f64::NEG_INFINITY {
         return Err(Error::NoValidToken { row });
     }
     let mut masked = 0;
     let m = shift(m);
-    for v in t.iter_mut() {
-        if temp > 0.0 {
-            *v = scaled(*v, m, temp);
+    if temp > 0.0 {
+        // `(z − m)/1` is `z − m` exactly: the same bits without the divisions.
+        let unit = temp == 1.0;
+        for v in t.iter_mut() {
+            *v = if unit { *v - m } else { scaled(*v, m, temp) };
         }
+    }
+    for v in t.iter() {
         masked += (*v == f64::NEG_INFINITY) as usize;
     }
-    Ok((t, z.len() - masked))
+    Ok(z.len() - masked)
 }
 
 /// The shift of a row whose largest logit is `max`: `+0` for a max of zeros, whichever zero
@@ -266,12 +287,17 @@ fn sample_row<T: Element>(
             return Ok(finish(&c, &kept, u, lp.as_deref_mut()));
         }
     }
-    let (t, unmasked) = prepare(z, p.temperature, r)?;
-    let d = Dense::new(&t, unmasked);
-    if p.temperature == 0.0 {
-        return Ok(greedy(&d, lp));
-    }
-    Ok(finish(&d, &filter_row(&d, p), u, lp))
+    SCRATCH.with(|cell| {
+        // The row's f64 copy lives in a per-thread buffer: a fresh one per row would be a
+        // fresh mapping (and its page faults) at vocabulary sizes.
+        let mut t = cell.take();
+        let res = prepare_into(z, p.temperature, r, &mut t).map(|unmasked| {
+            let d = Dense::new(&t, unmasked);
+            if p.temperature == 0.0 { greedy(&d, lp) } else { finish(&d, &filter_row(&d, p), u, lp) }
+        });
+        cell.set(t);
+        res
+    })
 }
 
 fn rows_of<T>(v: &View<'_, T>) -> Result<(usize, usize, usize)> {
