@@ -206,8 +206,13 @@ fn top_p_alone_on_large_rows_matches_the_reference() {
                     let what = format!("n={n} scale={scale} p={pp} T={temperature} {level:?}");
                     assert_same_bits(&processed(&z, 1, &p, Processed::LogProbs), &want, &what);
                     let mut out = vec![0.0f64; n];
-                    process(View::rows(&z32, 1, n).unwrap(), ViewMut::rows(&mut out, 1, n).unwrap(), Processed::LogProbs, &p)
-                        .unwrap();
+                    process(
+                        View::rows(&z32, 1, n).unwrap(),
+                        ViewMut::rows(&mut out, 1, n).unwrap(),
+                        Processed::LogProbs,
+                        &p,
+                    )
+                    .unwrap();
                     assert_same_bits(&out, &want, format!("{what} f32"));
                 }
             }

@@ -217,7 +217,8 @@ mod tests {
         assert_eq!(exp64(0.0), 1.0);
         assert_eq!(exp64(-0.0), 1.0);
         // Every level: the same bits, and the documented sum bound.
-        let t: Vec<f64> = (0..1003).map(|i| if i % 17 == 3 { f64::NEG_INFINITY } else { -(i as f64) * 0.037 }).collect();
+        let t: Vec<f64> =
+            (0..1003).map(|i| if i % 17 == 3 { f64::NEG_INFINITY } else { -(i as f64) * 0.037 }).collect();
         let exact: f64 = t.iter().map(|v| v.exp()).sum();
         let mut first: Option<(f64, Vec<f64>)> = None;
         for level in SimdLevel::available() {

@@ -289,7 +289,8 @@ fn nucleus<R: Tokens>(
         if before >= pp || win.len() == total {
             let stopped = before >= pp;
             let sure = eta == 0.0
-                || (prev * (1.0 + eta) < pp && (if stopped { before * (1.0 - eta) >= pp } else { before * (1.0 + eta) < pp }));
+                || (prev * (1.0 + eta) < pp
+                    && (if stopped { before * (1.0 - eta) >= pp } else { before * (1.0 + eta) < pp }));
             return sure.then_some(last);
         }
         win = survivors(HIST_BUCKETS - 1);
