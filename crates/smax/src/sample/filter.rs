@@ -266,7 +266,7 @@ fn nucleus<R: Tokens>(
         let floor = if upto + 1 >= HIST_BUCKETS {
             f64::NEG_INFINITY
         } else {
-            m - ((upto + 1) as f64 / HIST_PER_UNIT) * (1.0 + 1e-12) - 1e-300
+            m - ((upto + 1) as f64 / HIST_PER_UNIT) * (1.0 + 1e-12)
         };
         row.each().filter(|&(i, v)| v >= floor && kept.has(v, i)).map(|(i, v)| key(v, i)).collect()
     };
