@@ -186,8 +186,9 @@ fn prepare_into<T: Element>(z: &[T], temp: f64, row: usize, t: &mut Vec<f64>) ->
         *o = v;
     }
     if bad {
-        let (index, &value) = t.iter().enumerate().find(|(_, v)| v.is_nan() || **v == f64::INFINITY).expect("flagged");
-        return Err(Error::NonFiniteLogit { row, index, value });
+        if let Some((index, &value)) = t.iter().enumerate().find(|(_, v)| v.is_nan() || **v == f64::INFINITY) {
+            return Err(Error::NonFiniteLogit { row, index, value });
+        }
     }
     if m == f64::NEG_INFINITY {
         return Err(Error::NoValidToken { row });
