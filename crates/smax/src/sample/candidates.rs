@@ -19,6 +19,12 @@ const MAX_K: usize = 4096;
 /// top-k nor min-p, a top-k above [`MAX_K`], too many candidates, or a `t` that underflows to
 /// `-inf` (a temperature so small that finite logits become masked ones).
 pub(super) fn candidates(z: &[f32], p: &SampleOptions) -> Option<Candidates> {
+    let top_p = p.top_p.is_some_and(|pp| pp < 1.0);
+    if p.temperature != 0.0 && p.top_k.is_none() && (top_p || !p.min_p.is_some_and(|mp| mp > 0.0)) {
+        // Nothing below can gate the row (no top-k; min-p absent or behind top-p): skip the
+        // scan, the f64 path takes the row.
+        return None;
+    }
     let level = SimdLevel::resolve(p.exec.simd);
     let n = z.len();
     let facts = scan(level, z);
@@ -34,7 +40,6 @@ pub(super) fn candidates(z: &[f32], p: &SampleOptions) -> Option<Candidates> {
         return Some(Candidates { list: vec![(i, m)], len: n, unmasked, below: m });
     }
     let top_k = p.top_k.filter(|&k| k < unmasked && k <= MAX_K);
-    let top_p = p.top_p.is_some_and(|pp| pp < 1.0);
     // Min-p alone needs no sum over the tokens it drops, so its boundary can gate the search:
     // an f32 at or below `m + T·(ln p_base − 1e-9)`, where `t` is below min-p's margin.
     let floor = match p.min_p.filter(|&mp| mp > 0.0) {
