@@ -125,6 +125,16 @@ pub(crate) trait Isa: Simd {
     fn stream_f32s(self, dst: &mut Self::f32s, v: Self::f32s);
     /// Orders earlier non-temporal stores before later stores (a no-op where there are none).
     fn stream_fence(self);
+    /// The lanes of `m` as bits (lane `j` at bit `j`). The default selects a power of two per
+    /// true lane and sums them, exactly (distinct powers below 2^16); x86 reads the mask
+    /// register or `movmskps` instead.
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
+    fn mask_bits(self, m: Self::m32s) -> u32 {
+        let pow: [f32; 16] = core::array::from_fn(|j| (1u32 << j) as f32);
+        let v = Self::as_simd_f32s(&pow[..Self::F32_LANES]).0[0];
+        self.reduce_sum_f32s(self.select_f32s(m, v, self.splat_f32s(0.0))) as u32
+    }
 }
 
 /// `Isa` for a token without streaming stores: plain stores, no fence.
@@ -153,7 +163,7 @@ plain_stores!(
 /// `Isa` for an x86 token whose vectors are `$bytes` wide, with the non-temporal store
 /// `$stream` of the register type `$reg`.
 macro_rules! x86_streaming_stores {
-    ($t:ty, $reg:ident, $stream:ident, $bytes:literal) => {
+    ($t:ty, $reg:ident, $stream:ident, $bytes:literal, |$s:ident, $m:ident| $bits:expr) => {
         #[cfg(target_arch = "x86_64")]
         impl Isa for $t {
             #[cfg_attr(not(debug_assertions), inline(always))]
@@ -177,12 +187,30 @@ macro_rules! x86_streaming_stores {
                 // SAFETY: `sfence` has no memory operands; both x86 tokens imply SSE.
                 unsafe { core::arch::x86_64::_mm_sfence() }
             }
+            #[cfg_attr(not(debug_assertions), inline(always))]
+            #[cfg_attr(debug_assertions, inline)]
+            fn mask_bits(self, $m: Self::m32s) -> u32 {
+                let $s = self;
+                $bits
+            }
         }
     };
 }
 
-x86_streaming_stores!(pulp::x86::V3, __m256, _mm256_stream_ps, 32);
-x86_streaming_stores!(pulp::x86::V4, __m512, _mm512_stream_ps, 64);
+x86_streaming_stores!(pulp::x86::V3, __m256, _mm256_stream_ps, 32, |s, m| {
+    let _ = s;
+    // SAFETY: the token proves AVX, which `vmovmskps` needs; `m32x8` is eight 32-bit lanes
+    // of all-ones or all-zeros, the same 32 plain bytes as an `__m256`.
+    unsafe {
+        core::arch::x86_64::_mm256_movemask_ps(core::mem::transmute::<pulp::m32x8, core::arch::x86_64::__m256>(m))
+            as u32
+    }
+});
+x86_streaming_stores!(pulp::x86::V4, __m512, _mm512_stream_ps, 64, |s, m| {
+    let _ = s;
+    // AVX-512 compares produce a 16-bit mask register: its bits are the lanes.
+    m.0 as u32
+});
 
 /// Identity, so a closure can carry the inlining attribute (attributes are allowed on closures
 /// in argument position only). Every closure in a kernel needs it: a closure that is not

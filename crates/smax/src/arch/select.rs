@@ -3,7 +3,8 @@
 //! blocks holding an entry at or above a moving threshold (the candidate search of top-k and
 //! min-p; the exact decisions stay in the caller, in f64).
 
-use super::rows::{load_padded, max};
+use super::exp::exp;
+use super::rows::{BLOCK, load_padded, max};
 use super::{Ahead, Isa, SimdLevel, Task, dispatch, inl};
 
 /// Elements per gated block: one maximum over it decides whether the caller looks inside.
@@ -191,6 +192,149 @@ pub(crate) fn exp_sum_f64(level: SimdLevel, t: &[f64], m: f64, e: &mut [f64]) ->
     dispatch(level, ExpSum { t, m, e })
 }
 
+/// Thresholds of [`tail_mass`].
+pub(crate) const TAILS: usize = 4;
+
+/// What [`tail_mass`] reports of a row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct TailMass {
+    /// `Σ e_i` over the row, `e_i` the f32 `exp((x_i − m)·k)`.
+    pub total: f64,
+    /// `Σ e_i` over the entries below each threshold (`x_i < thr[j]`).
+    pub below: [f64; TAILS],
+    /// A bound on the relative rounding error of each of these sums as computed from the
+    /// `e_i` (f32 blocks of [`BLOCK`] elements, each at most `BLOCK/lanes` additions per lane
+    /// plus a horizontal sum of at most `lanes − 1`, then f64 additions).
+    pub sum_rel: f64,
+}
+
+struct Tail<'a> {
+    x: &'a [f32],
+    m: f32,
+    k: f32,
+    thr: [f32; TAILS],
+}
+
+impl Task for Tail<'_> {
+    type Output = TailMass;
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
+    fn run<S: Isa>(self, s: S) -> TailMass {
+        let Tail { x, m, k, thr } = self;
+        let (mv, kv, zero) = (s.splat_f32s(m), s.splat_f32s(k), s.splat_f32s(0.0));
+        let th: [S::f32s; TAILS] = core::array::from_fn(|j| s.splat_f32s(thr[j]));
+        let lanes = S::F32_LANES as f64;
+        let blocks = x.len().div_ceil(BLOCK) as f64;
+        let sum_rel = (BLOCK as f64 / lanes + lanes) * f64::from(f32::EPSILON) / 2.0 * 1.01 + blocks * f64::EPSILON;
+        let mut out = TailMass { total: 0.0, below: [0.0; TAILS], sum_rel };
+        let step = inl(
+            #[cfg_attr(not(debug_assertions), inline(always))]
+            #[cfg_attr(debug_assertions, inline)]
+            |v: S::f32s, acc: &mut S::f32s, b: &mut [S::f32s; TAILS]| {
+                // -inf (masked or padding) gives e = +0 and adds nothing.
+                let e = exp(s, s.mul_f32s(s.sub_f32s(v, mv), kv));
+                *acc = s.add_f32s(*acc, e);
+                for j in 0..TAILS {
+                    // The select of the sum (not of the addend) compiles to a masked add.
+                    b[j] = s.select_f32s(s.less_than_f32s(v, th[j]), s.add_f32s(b[j], e), b[j]);
+                }
+            },
+        );
+        for blk in x.chunks(BLOCK) {
+            let (head, tail) = S::as_simd_f32s(blk);
+            let (mut acc, mut b) = (zero, [zero; TAILS]);
+            for &v in head {
+                step(v, &mut acc, &mut b);
+            }
+            if !tail.is_empty() {
+                step(load_padded(s, tail, f32::NEG_INFINITY), &mut acc, &mut b);
+            }
+            out.total += f64::from(s.reduce_sum_f32s(acc));
+            for j in 0..TAILS {
+                out.below[j] += f64::from(s.reduce_sum_f32s(b[j]));
+            }
+        }
+        out
+    }
+}
+
+/// One vector pass of `e_i = exp((x_i − m)·k)` in f32 (the ≤ 2 ULP `exp` of the softmax
+/// kernels; +0 below its normal range and for `-inf`), summed over the row and over the entries
+/// below each of `thr` (see [`TailMass`]). `x_i ≤ m`, no NaN.
+pub(crate) fn tail_mass(level: SimdLevel, x: &[f32], m: f32, k: f32, thr: [f32; TAILS]) -> TailMass {
+    dispatch(level, Tail { x, m, k, thr })
+}
+
+struct Collect<'a> {
+    x: &'a [f32],
+    thr: f32,
+    out: &'a mut Vec<u32>,
+}
+
+impl Task for Collect<'_> {
+    type Output = ();
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
+    fn run<S: Isa>(self, s: S) {
+        let Collect { x, thr, out } = self;
+        let tv = s.splat_f32s(thr);
+        let (head, tail) = S::as_simd_f32s(x);
+        for (j, &v) in head.iter().enumerate() {
+            let base = j * S::F32_LANES;
+            let mut bits = s.mask_bits(s.less_than_or_equal_f32s(tv, v));
+            while bits != 0 {
+                out.push((base + bits.trailing_zeros() as usize) as u32);
+                bits &= bits - 1;
+            }
+        }
+        let base = head.len() * S::F32_LANES;
+        for (j, &v) in tail.iter().enumerate() {
+            if v >= thr {
+                out.push((base + j) as u32);
+            }
+        }
+    }
+}
+
+/// Appends to `out` the index of every entry `x_i ≥ thr`, ascending (from each vector's compare
+/// mask, one push per set bit). `x.len() ≤ 2^32`.
+pub(crate) fn collect_at_least(level: SimdLevel, x: &[f32], thr: f32, out: &mut Vec<u32>) {
+    dispatch(level, Collect { x, thr, out })
+}
+
+struct ExpSumRow<'a> {
+    x: &'a [f32],
+    m: f64,
+    temp: f64,
+}
+
+impl Task for ExpSumRow<'_> {
+    type Output = f64;
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
+    fn run<S: Isa>(self, _s: S) -> f64 {
+        let ExpSumRow { x, m, temp } = self;
+        let mut acc = [0.0f64; 8];
+        let mut ch = x.chunks_exact(8);
+        for c in &mut ch {
+            for j in 0..8 {
+                acc[j] += exp64((f64::from(c[j]) - m) / temp);
+            }
+        }
+        for (j, &v) in ch.remainder().iter().enumerate() {
+            acc[j] += exp64((f64::from(v) - m) / temp);
+        }
+        ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    }
+}
+
+/// `Σ exp64((x_i − m)/temp)` over an f32 row in f64, `t_i = (x_i − m)/temp` formed exactly as the
+/// sampler forms it (`x_i ≤ m`; `-inf` adds 0). Same bound as [`exp_sum_f64`]: within
+/// `1e-13 + 2·n·2^−53` (relative) of the sequential libm sum.
+pub(crate) fn exp_sum_row(level: SimdLevel, x: &[f32], m: f64, temp: f64) -> f64 {
+    dispatch(level, ExpSumRow { x, m, temp })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +375,69 @@ mod tests {
                     assert_eq!(s.to_bits(), s0.to_bits(), "{level:?}");
                     assert!(e.iter().zip(e0).all(|(a, b)| a.to_bits() == b.to_bits()), "{level:?}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn top_p_passes_match_plain_loops_on_every_level_and_length() {
+        let mut st = 0x2545_f491_4f6c_dd1du64;
+        let mut uni = || {
+            st ^= st << 13;
+            st ^= st >> 7;
+            st ^= st << 17;
+            (st >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for n in (0..70).chain([255, 256, 257, 1000, 4099]) {
+            let x: Vec<f32> =
+                (0..n).map(|i| if i % 13 == 5 { f32::NEG_INFINITY } else { ((uni() - 0.5) * 60.0) as f32 }).collect();
+            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max).max(-1e30);
+            let k = 0.8f32;
+            let thr = [m - 2.0, m - 5.0, m - 11.0, m - 30.0];
+            // Plain f64 references.
+            let e = |v: f32| ((f64::from(v) - f64::from(m)) * f64::from(k)).exp();
+            let total: f64 = x.iter().map(|&v| e(v)).sum();
+            let want_idx: Vec<u32> = (0..n as u32).filter(|&i| x[i as usize] >= thr[1]).collect();
+            let row_m = f64::from(m);
+            let exact: f64 = x.iter().map(|&v| ((f64::from(v) - row_m) / 1.25).exp()).sum();
+            for level in SimdLevel::available() {
+                let tm = tail_mass(level, &x, m, k, thr);
+                // f32 terms: 2 ULP exp, three roundings of t (|t| ≤ 48 here), the block sums.
+                let rel = 2f64.powi(-22) + 3.1 * 2f64.powi(-24) * 48.0 + tm.sum_rel;
+                assert!((tm.total - total).abs() <= rel * total + 1e-30, "{level:?} n={n} total");
+                for j in 0..TAILS {
+                    let b: f64 = x.iter().filter(|&&v| v < thr[j]).map(|&v| e(v)).sum();
+                    assert!((tm.below[j] - b).abs() <= rel * b + 1e-30, "{level:?} n={n} below {j}");
+                }
+                let mut idx = Vec::new();
+                collect_at_least(level, &x, thr[1], &mut idx);
+                assert_eq!(idx, want_idx, "{level:?} n={n} collect");
+                let s = exp_sum_row(level, &x, row_m, 1.25);
+                assert!(
+                    (s - exact).abs() <= (1e-13 + 2.0 * n as f64 * f64::EPSILON) * exact,
+                    "{level:?} n={n} row sum"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn mask_bits_reads_every_lane() {
+        struct Bits(Vec<f32>);
+        impl Task for Bits {
+            type Output = Vec<u32>;
+            fn run<S: Isa>(self, s: S) -> Vec<u32> {
+                let (head, _) = S::as_simd_f32s(&self.0);
+                head.iter().map(|&v| s.mask_bits(s.less_than_f32s(v, s.splat_f32s(0.5)))).collect()
+            }
+        }
+        let x: Vec<f32> = (0..64u32).map(|i| ((i * 37 + i / 3) % 5) as f32 / 4.0).collect();
+        for level in SimdLevel::available() {
+            let got = dispatch(level, Bits(x.clone()));
+            let lanes = x.len() / got.len().max(1);
+            for (c, &bits) in got.iter().enumerate() {
+                let want = (0..lanes).fold(0u32, |acc, j| acc | (((x[c * lanes + j] < 0.5) as u32) << j));
+                assert_eq!(bits, want, "{level:?} vector {c}");
             }
         }
     }

@@ -127,6 +127,31 @@ pub(super) fn key_value(k: u128) -> f64 {
 }
 
 impl Kept {
+    /// The kept set of a row whose top-p cut is `cut` (no top-k), then min-p (`t_max`: the
+    /// row's largest `t`).
+    pub(super) fn top_p(t_max: f64, cut: u128, min_p: Option<f64>) -> Kept {
+        let mut kept = Kept {
+            cut: 0,
+            cut_v: f64::NEG_INFINITY,
+            cut_i: usize::MAX,
+            min_p: None,
+            ln_min_p: 0.0,
+            t_max,
+            top_k_v: f64::INFINITY,
+            t_min: f64::INFINITY,
+        };
+        kept.set_cut(cut);
+        kept.set_min_p(min_p);
+        kept
+    }
+
+    fn set_min_p(&mut self, min_p: Option<f64>) {
+        if let Some(mp) = min_p.filter(|&mp| mp > 0.0) {
+            self.min_p = Some(mp);
+            self.ln_min_p = mp.ln();
+        }
+    }
+
     fn set_cut(&mut self, cut: u128) {
         self.cut = cut;
         self.cut_v = key_value(cut);
@@ -382,12 +407,6 @@ pub(super) fn filter_row<R: Tokens>(row: &R, p: &SampleOptions) -> Kept {
             }
         }
     }
-    // Min-p.
-    if let Some(mp) = p.min_p {
-        if mp > 0.0 {
-            kept.min_p = Some(mp);
-            kept.ln_min_p = mp.ln();
-        }
-    }
+    kept.set_min_p(p.min_p);
     kept
 }

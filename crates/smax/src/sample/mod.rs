@@ -39,12 +39,25 @@
 //! redone over every token). Top-p after a top-k sums over the candidates only. On a 2-core
 //! Xeon (AVX-512) at V = 131072, one row: top-k(50) and min-p(0.05) take ≈ 0.05 ms.
 //!
+//! **f32 rows with top-p and no top-k** (4096 tokens or more) take a few vector passes: the max;
+//! `exp(t)` in f32 for every token, summed below each of the depths 2, 4, 8 and 16 under the
+//! max; then the *head*, every token above the shallowest depth that holds more than p of the
+//! mass and whose tail sum has a small error bound, is listed and its `t` and `exp(t)` formed
+//! in f64 (a vectorised `exp` within 1e-14 of libm). A histogram of the head's mass over 1024
+//! slices of `t` locates the slices where the running mass may cross p; only their tokens are
+//! sorted and walked. Every comparison with p that decides the cut must hold by more than the
+//! proved error of the sums (the tail's f32 error is bounded from the `exp`'s 2 ULP, the
+//! roundings of `t` in f32 and of the sums); when one does not, the row's sum is redone in f64
+//! and the walk retried, and after a second failure the row takes the f64 path below. The draw
+//! uses the same bound against the libm sums. A nucleus deeper than 16 below the max (a very
+//! flat row) also takes the f64 path.
+//!
 //! **Every other row** is converted to `t` in f64. Top-k keeps the k best in a size-k heap in
 //! one pass, rejecting most values with one f64 comparison (`select_nth_unstable` beyond
 //! 4096); top-p needs `Σ exp(t_i − max t)` over the whole row in f64, then a histogram of that
 //! mass by distance below the max (1/16 wide); the tokens down to the bucket where the mass
 //! reaches p are collected in one pass and sorted, and the exact walk runs over them (over
-//! every survivor, should rounding leave it short). Without a top-k cut the sum comes from a
+//! every survivor, should rounding leave it short). Without a top-k cut the sum comes from the
 //! vectorised f64 `exp` (Cody–Waite reduction, degree-12 polynomial: within 1e-14 of libm per
 //! token, so the sum is within `1e-13 + 2n·2^-53` of the definition's libm sum in index
 //! order); the walk's cut is kept only when each comparison with p that decided it holds by
@@ -284,6 +297,11 @@ fn sample_row<T: Element>(
     u: Option<f64>,
     mut lp: Option<&mut [f64]>,
 ) -> Result<(usize, usize)> {
+    if let Some(z32) = T::cast::<f32>(z) {
+        if let Some(r) = nucleus::top_p(z32, p, u, lp.as_deref_mut()) {
+            return Ok(r);
+        }
+    }
     if let Some(c) = T::cast::<f32>(z).and_then(|z| candidates(z, p)) {
         if p.temperature == 0.0 {
             return Ok(greedy(&c, lp));
@@ -528,6 +546,7 @@ pub fn gumbel_max<T: Element>(
 
 mod candidates;
 mod filter;
+mod nucleus;
 
 use candidates::candidates;
 use filter::{Dense, Kept, Tokens, filter_row, key, key_index};
