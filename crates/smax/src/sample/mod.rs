@@ -40,7 +40,7 @@
 //! Xeon (AVX-512) at V = 131072, one row: top-k(50) and min-p(0.05) take ≈ 0.05 ms.
 //!
 //! **f32 rows with top-p and no top-k** (4096 tokens or more) take a few vector passes: the max;
-//! `exp(t)` in f32 for every token, summed below each of the depths 2, 4, 8 and 16 under the
+//! `exp(t)` in f32 for every token, summed below each of the depths 4, 6, 7.5, 10 and 16 under the
 //! max; then the *head*, every token above the shallowest depth that holds more than p of the
 //! mass and whose tail sum has a small error bound, is listed and its `t` and `exp(t)` formed
 //! in f64 (a vectorised `exp` within 1e-14 of libm). A histogram of the head's mass over 1024

@@ -2,7 +2,7 @@
 //!
 //! 1. [`scan`]: the max and the row's validity.
 //! 2. [`tail_mass`]: `e = exp(t)` in f32 for every token, summed below each of a few depths
-//!    under the max (`t < −2, −4, −8, −16`).
+//!    under the max (`t < −4, −6, −7.5, −10, −16`).
 //! 3. The *head* is every token above the shallowest depth whose head holds more than `p` of
 //!    the mass and whose tail sum has a small enough error bound; [`collect_at_least`] lists it.
 //! 4. The head's `t` in f64, exactly as the definition forms them, and their exponentials by
@@ -21,7 +21,7 @@ use crate::arch::SimdLevel;
 use crate::arch::select::{TAILS, TailMass, collect_at_least, exp_sum_f64, exp_sum_row, scan, tail_mass};
 
 /// Depths below the max, in units of `t`, of [`tail_mass`]'s thresholds.
-const DEPTH: [f64; TAILS] = [3.0, 6.0, 10.0, 16.0];
+const DEPTH: [f64; TAILS] = [4.0, 6.0, 7.5, 10.0, 16.0];
 /// A bound on `|t|` of every token whose f32 exponential is not flushed to zero (the flush is
 /// at `t < −87.34`).
 const DEEPEST: f64 = 88.0;
