@@ -130,7 +130,15 @@ impl Kept {
     /// The kept set of a row whose top-p cut is `cut` (no top-k), then min-p (`t_max`: the
     /// row's largest `t`).
     pub(super) fn top_p(t_max: f64, cut: u128, min_p: Option<f64>) -> Kept {
-        let mut kept = Kept {
+        let mut kept = Kept::all(t_max, f64::INFINITY);
+        kept.set_cut(cut);
+        kept.set_min_p(min_p);
+        kept
+    }
+
+    /// Every token kept (no cut, no min-p) of a row whose listed `t` span `[t_min, t_max]`.
+    fn all(t_max: f64, t_min: f64) -> Kept {
+        Kept {
             cut: 0,
             cut_v: f64::NEG_INFINITY,
             cut_i: usize::MAX,
@@ -138,11 +146,8 @@ impl Kept {
             ln_min_p: 0.0,
             t_max,
             top_k_v: f64::INFINITY,
-            t_min: f64::INFINITY,
-        };
-        kept.set_cut(cut);
-        kept.set_min_p(min_p);
-        kept
+            t_min,
+        }
     }
 
     fn set_min_p(&mut self, min_p: Option<f64>) {
@@ -332,16 +337,7 @@ pub(super) fn filter_row<R: Tokens>(row: &R, p: &SampleOptions) -> Kept {
         let w = if v == f64::NEG_INFINITY { f64::INFINITY } else { v };
         t_min = if w < t_min { w } else { t_min };
     }
-    let mut kept = Kept {
-        cut: 0,
-        cut_v: f64::NEG_INFINITY,
-        cut_i: usize::MAX,
-        min_p: None,
-        ln_min_p: 0.0,
-        t_max,
-        top_k_v: f64::INFINITY,
-        t_min,
-    };
+    let mut kept = Kept::all(t_max, t_min);
     // Top-k.
     if let Some(k) = p.top_k {
         if k < row.unmasked() && k <= row.listed() {

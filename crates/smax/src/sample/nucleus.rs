@@ -83,8 +83,8 @@ pub(super) fn top_p(z: &[f32], p: &SampleOptions, u: Option<f64>, lp: Option<&mu
     })
 }
 
-/// The head's depth index and the error bound of its tail sum, or `None` when no depth holds
-/// the nucleus for sure.
+/// The head's depth index and the error bound of its tail sum, or `None` when no depth's head
+/// holds clearly more than `p` of the f32 mass (the walk then checks the head's f64 mass).
 fn pick_head(tm: &TailMass, thr: &[f32; TAILS], m: f64, temp: f64, pp: f64, n: usize) -> Option<(usize, f64)> {
     // The |t| bound of the tokens at or above each threshold, and of every unflushed token.
     let reach =
