@@ -344,14 +344,21 @@ mod tests {
 
     #[test]
     fn a_cut_within_the_f32_bound_is_settled_by_the_f64_sum() {
-        // One token at 0, 2000 at −3, 20000 at −10: the head is the top two groups, the tail's
-        // f32 sum is 0.9 within ~4e-6, and p sits 1e-9 from the top token's probability.
-        let mut z = vec![-3.0f32; 2001];
+        // One token at 0, 2000 at −2.1, 20000 at −7, T = 0.7 (t = 0, −3, −10). Every tail term
+        // carries the same f32 errors (the f32 `1/T` is 2.4e-8 off, and the `exp` at −10), so
+        // the f32 sum moves the running mass by ~1e-9; p sits 3e-10 on either side of the mass
+        // after the top token and the first 1000 of the −3 group, inside the f32 bound but
+        // outside the f64 one. With the margin check removed, this test fails.
+        let mut z = vec![-2.1f32; 2001];
         z[100] = 0.0;
-        z.extend(std::iter::repeat_n(-10.0f32, 20_000));
-        let s: f64 = z.iter().map(|&v| f64::from(v).exp()).sum();
-        for (pp, what) in [(1.0 / s - 1e-9, "just below"), (1.0 / s + 1e-9, "just above")] {
-            let p = SampleOptions { top_p: Some(pp), ..Default::default() };
+        z.extend(std::iter::repeat_n(-7.0f32, 20_000));
+        let t: Vec<f64> = z.iter().map(|&v| f64::from(v) / 0.7).collect();
+        let s: f64 = t.iter().map(|v| v.exp()).sum();
+        let lse = s.ln();
+        let before = t[100] - lse;
+        let mass = before.exp() + t.iter().take(1001).filter(|&&v| v != 0.0).map(|v| (v - lse).exp()).sum::<f64>();
+        for (pp, what) in [(mass - 3e-10, "just below"), (mass + 3e-10, "just above")] {
+            let p = SampleOptions { top_p: Some(pp), temperature: 0.7, ..Default::default() };
             for u in [0.0, 0.37, 0.999] {
                 assert!(check(&z, &p, u, what), "{what}: the f64 sum settles it");
             }
