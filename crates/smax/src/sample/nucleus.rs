@@ -168,8 +168,8 @@ fn run(
     // The cut under the sum `s` known within `s_err`, both tries.
     let try_cut = |s: f64, s_err: f64, win: &mut Vec<(u128, f64)>| -> Option<u128> {
         let target = pp * s;
-        // Running sums are within `e_all` of the definition's (the head's own error and the
-        // sum's, twice over for the division), plus the definition's own roundings.
+        // The running sums divided by `s` are within `slack/s` of the definition's: the head's
+        // error and the sum's, twice over for the division, plus the definition's own roundings.
         let slack = 2.01 * (s_err + head_err) + (1e-12 + 8.0 * n as f64 * f64::EPSILON) * s;
         let (mut acc, mut first, mut last, mut above) = (0.0f64, None, None, 0.0f64);
         for (b, &mb) in mass.iter().enumerate() {
@@ -240,10 +240,11 @@ fn run(
     Some(finish(&Candidates { list, len: n, unmasked, below }, &kept, u, lp))
 }
 
-/// [`finish`]'s draw over the kept tokens (`pick`: their positions in the head, index order;
-/// `e` within 1e-14 of libm's `exp(t)`, `idx` the head's indices), without the log-probabilities: the token at which the running sum
-/// passes `u·Σ`, when the sums' error bound proves it is the one the libm sums give; `None`
-/// otherwise. Without `u`, no token and the kept count.
+/// [`finish`]'s draw, without the log-probabilities, over the kept tokens (`pick`: their
+/// positions in the head, index order; `e` within 1e-14 of libm's `exp(t)`; `idx` the head's
+/// indices): the token at which the running sum passes `u·Σ`, when the sums' error bound
+/// proves it is the one the libm sums give; `None` otherwise. Without `u`, no token and the
+/// kept count.
 fn draw(pick: &[u32], e: &[f64], idx: &[u32], u: Option<f64>) -> Option<(usize, usize)> {
     let count = pick.len();
     let Some(u) = u else { return Some((usize::MAX, count)) };
