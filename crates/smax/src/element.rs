@@ -151,6 +151,24 @@ impl Element for f64 {
     }
 }
 
+/// `v` rounded to f32 by round-to-odd: toward zero, with the last bit set when inexact. Rounding
+/// that to nearest in a type at least two bits narrower (f16, bf16) gives `v` correctly rounded
+/// to that type (Boldo & Melquiond, "Emulation of FMA and correctly rounded sums: proved
+/// algorithms using rounding to odd", IEEE TC 2008). A plain `v as f32` first can turn a value
+/// just off a tie of the narrow type into an exact tie: `half::bf16::from_f64` rounds the f64
+/// value of the f32 `0x311a8006` down to `0x311a` (the nearest is `0x311b`).
+fn f32_round_to_odd(v: f64) -> f32 {
+    let f = v as f32;
+    // Exact, NaN, or beyond the f32 range (then ±inf, which is also the narrow result).
+    if !f.is_finite() || f as f64 == v {
+        return f;
+    }
+    // `f` is inexact: step toward zero if it rounded away (`f ≠ 0` then, so the step stays on
+    // the same side of zero), and set the sticky bit.
+    let t = if (f as f64).abs() > v.abs() { f.to_bits() - 1 } else { f.to_bits() };
+    f32::from_bits(t | 1)
+}
+
 macro_rules! narrow {
     ($t:ty, $name:literal, $load:ident, $store:ident) => {
         impl Element for $t {
@@ -160,7 +178,7 @@ macro_rules! narrow {
                 <$t>::to_f64(self)
             }
             fn from_f64(v: f64) -> Self {
-                <$t>::from_f64(v)
+                <$t>::from_f32(f32_round_to_odd(v))
             }
             fn to_f32(self) -> f32 {
                 <$t>::to_f32(self)
@@ -307,6 +325,32 @@ fn bf16_store(src: &[f32], dst: &mut [bf16]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `from_f64` against the definition at every tie of both narrow types: the tie itself goes
+    /// to the even neighbour, one f64 ulp either side to the nearer one; and every value
+    /// converts to itself.
+    #[test]
+    fn from_f64_rounds_to_nearest_at_every_tie() {
+        fn check<T: Element>(bits: impl Fn(u16) -> T, max: u16) {
+            for b in 0..max {
+                let (lo, hi) = (bits(b), bits(b + 1));
+                let (l, h) = (lo.to_f64(), hi.to_f64());
+                if !h.is_finite() {
+                    continue;
+                }
+                let mid = (l + h) / 2.0; // exact in f64
+                let even = if b & 1 == 0 { l } else { h };
+                for (v, want) in [(l, l), (mid, even), (mid.next_down(), l), (mid.next_up(), h)] {
+                    for sign in [1.0, -1.0] {
+                        let got = T::from_f64(sign * v).to_f64();
+                        assert_eq!(got.to_bits(), (sign * want).to_bits(), "{} {:e}", T::NAME, sign * v);
+                    }
+                }
+            }
+        }
+        check(bf16::from_bits, 0x7F80);
+        check(f16::from_bits, 0x7C00);
+    }
 
     #[test]
     fn f16_conversions_match_half_at_every_boundary() {
