@@ -27,9 +27,11 @@ pub enum Algorithm {
     Auto,
     /// Three passes (XNNPACK's "reload" variant): max; `exp(x − max)` stored to the output and
     /// summed; the output scaled by `1/Σ`. Reads the input twice, the output once, writes it
-    /// twice. Best for rows that stay in cache. Log-softmax on f32 stores `(x − max)/τ` in
-    /// pass 2 and subtracts `ln Σ` in pass 3 (two roundings, within the documented bound);
-    /// f16/bf16 log-softmax and logsumexp run max; `Σ exp`; write.
+    /// twice. Best for rows that stay in cache. Log-softmax stores `(x − max)/τ` in pass 2 and
+    /// subtracts `ln Σ` in pass 3 (two roundings, within the documented bound). An f16/bf16
+    /// row up to 256 Ki elements is widened once into an f32 copy (per-thread scratch) and
+    /// runs these passes on it: its output is the f32 op's output on the widened values,
+    /// rounded once. Longer f16/bf16 rows, and logsumexp, run max; `Σ exp`; write.
     ThreePass,
     /// Two passes (Dukhan & Ablavatski 2020, "The Two-Pass Softmax Algorithm"): pass 1 keeps
     /// each `exp(x)` as a mantissa and an exponent and needs no max pass; pass 2 writes. Rows
@@ -56,7 +58,10 @@ impl Algorithm {
     /// one loop, as in a triad) and streams its output past the cache when the output is
     /// large; three-pass computes each exponential once but writes through the cache. The
     /// crossover was measured with `smax bench` (in cache, three-pass is ahead up to 4 Ki and
-    /// online from 8 Ki).
+    /// online from 8 Ki). This is the rule for f32; on f16 and bf16 rows, `Auto` runs
+    /// three-pass up to 256 Ki elements for softmax and 32 Ki for log-softmax (the row is
+    /// widened once, see [`Algorithm::ThreePass`], where the online algorithm would convert it
+    /// twice).
     pub fn resolve(self, len: usize) -> Algorithm {
         self.auto_up_to(len, AUTO_SOFTMAX_THREE_PASS_MAX)
     }

@@ -89,6 +89,43 @@ fn f16_and_bf16_accumulate_in_f32() {
     }
 }
 
+/// A three-pass half-precision softmax or log-softmax row is the f32 op on its widened values,
+/// rounded once: bit for
+/// bit, on every SIMD level, at lengths across the tile size, one call after another on one
+/// thread (the f32 copy lives in per-thread scratch that shorter rows reuse).
+#[test]
+fn half_rows_are_the_f32_result_of_their_widened_values() {
+    fn check<T: Element>(xs: &[f64], n: usize, level: SimdLevel) {
+        let x: Vec<T> = to_t(xs);
+        let xf: Vec<f32> = to_f64(&x).iter().map(|&v| v as f32).collect();
+        let rows = x.len() / n;
+        for tau in [1.0, 0.7] {
+            let o = Options::default().simd(level).algorithm(Algorithm::ThreePass).temperature(tau).par(Par::Seq);
+            let (v, vf) = (View::rows(&x, rows, n).unwrap(), View::rows(&xf, rows, n).unwrap());
+            let narrow = |y: Vec<f32>| -> Vec<T> { y.iter().map(|&v| T::from_f32(v)).collect() };
+            let same = |a: &[T], b: &[T]| a.iter().zip(b).all(|(p, q)| p.to_f64().to_bits() == q.to_f64().to_bits());
+            assert!(same(&softmax_to_vec(v, &o).unwrap(), &narrow(softmax_to_vec(vf, &o).unwrap())), "softmax n={n}");
+            assert!(
+                same(&log_softmax_to_vec(v, &o).unwrap(), &narrow(log_softmax_to_vec(vf, &o).unwrap())),
+                "log n={n}"
+            );
+        }
+    }
+    let mut rng = Rng(31);
+    for level in SimdLevel::available() {
+        for n in [1usize, 17, 128, 1023, 1024, 1025, 2048, 4096, 3, 600, 40000, 5000] {
+            let mut xs = rng.vec(3 * n, 6.0);
+            if n > 2 {
+                xs[1] = f64::NEG_INFINITY; // a masked entry
+                xs[2 * n] = f64::NAN; // a NaN row
+                xs[n] = f64::NEG_INFINITY;
+            }
+            check::<bf16>(&xs, n, level);
+            check::<f16>(&xs, n, level);
+        }
+    }
+}
+
 #[test]
 fn long_rows_all_algorithms() {
     let mut rng = Rng(7);

@@ -66,6 +66,67 @@ pub(crate) fn ahead<T: Element>(data: &[T]) -> Ahead<'_> {
 
 pub(crate) const TILE: usize = 4 * BLOCK;
 
+thread_local! {
+    /// This thread's spare [`Scratch`] buffers.
+    static SPARE: core::cell::RefCell<Vec<Vec<f32>>> = const { core::cell::RefCell::new(Vec::new()) };
+}
+
+/// An f32 scratch buffer taken from a per-thread pool and given back on drop, grown to the
+/// largest size its users have asked for; a nested user takes a second buffer. Converted rows
+/// keep their f32 tiles or their widened copy in it (fresh 4 KiB stack tiles would be zeroed
+/// for every row, which costs more than a short row's arithmetic: PERF.md, "f16 and bf16
+/// rows"), and the pipelined paths a row. The contents are whatever the last user left: every
+/// user writes an entry before reading it.
+pub(crate) struct Scratch {
+    v: Vec<f32>,
+}
+
+impl Scratch {
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
+    pub(crate) fn take() -> Self {
+        let spare = SPARE.try_with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.pop())).ok().flatten();
+        Scratch { v: spare.unwrap_or_default() }
+    }
+
+    /// The first `len` entries (grown when shorter).
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
+    pub(crate) fn row(&mut self, len: usize) -> &mut [f32] {
+        if self.v.len() < len {
+            self.v.resize(len, 0.0);
+        }
+        &mut self.v[..len]
+    }
+
+    /// Two disjoint slices of `len` entries each.
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
+    pub(crate) fn pair(&mut self, len: usize) -> (&mut [f32], &mut [f32]) {
+        self.row(2 * len).split_at_mut(len)
+    }
+
+    /// `N` disjoint tiles of [`TILE`] entries.
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
+    pub(crate) fn tiles<const N: usize>(&mut self) -> [&mut [f32]; N] {
+        let mut it = self.row(N * TILE).chunks_exact_mut(TILE);
+        core::array::from_fn(|_| it.next().unwrap_or_default())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let v = core::mem::take(&mut self.v);
+        // During thread teardown the pool may be gone: the buffer is then freed.
+        let _ = SPARE.try_with(|p| {
+            if let Ok(mut p) = p.try_borrow_mut() {
+                p.push(v);
+            }
+        });
+    }
+}
+
 /// Rows up to this many elements prefetch the next row, one row stride ahead, into L2 during
 /// their heavy pass, so the whole next row arrives while this one computes (PERF.md); longer
 /// rows use the usual distance.
@@ -124,16 +185,17 @@ fn read_tiles<'p, T: Element>(x: &[T], pf: Ahead<'p>, mut f: impl FnMut(&[f32], 
         f(xf, pf);
         return;
     }
-    let mut buf = [0.0f32; TILE];
+    let mut sc = Scratch::take();
+    let [buf] = sc.tiles();
     for (i, c) in x.chunks(TILE).enumerate() {
-        f(widen(c, &mut buf), pf.skip(i * TILE));
+        f(widen(c, buf), pf.skip(i * TILE));
     }
 }
 
-/// `src` (at most [`TILE`] entries) converted to f32 in `buf`; the converted prefix.
+/// `src` (at most `buf.len()` entries) converted to f32 in `buf`; the converted prefix.
 #[cfg_attr(not(debug_assertions), inline(always))]
 #[cfg_attr(debug_assertions, inline)]
-pub(crate) fn widen<'b, T: Element>(src: &[T], buf: &'b mut [f32; TILE]) -> &'b [f32] {
+pub(crate) fn widen<'b, T: Element>(src: &[T], buf: &'b mut [f32]) -> &'b [f32] {
     let t = &mut buf[..src.len()];
     T::load_f32(src, t);
     t
@@ -155,18 +217,20 @@ fn write_tiles<'p, T: Element>(
                 f(xf, yf, pf, true);
                 return;
             }
-            let (mut bx, mut by) = ([0.0f32; TILE], [0.0f32; TILE]);
+            let mut sc = Scratch::take();
+            let [bx, by] = sc.tiles();
             for (i, (cx, cy)) in x.chunks(TILE).zip(y.chunks_mut(TILE)).enumerate() {
                 let yt = &mut by[..cy.len()];
-                f(widen(cx, &mut bx), yt, pf.skip(i * TILE), false);
+                f(widen(cx, bx), yt, pf.skip(i * TILE), false);
                 T::store_f32(yt, cy);
             }
         }
         Io::Same(xy) => {
-            let (mut bx, mut by) = ([0.0f32; TILE], [0.0f32; TILE]);
+            let mut sc = Scratch::take();
+            let [bx, by] = sc.tiles();
             for (i, c) in xy.chunks_mut(TILE).enumerate() {
                 let yt = &mut by[..c.len()];
-                f(widen(c, &mut bx), yt, pf.skip(i * TILE), false);
+                f(widen(c, bx), yt, pf.skip(i * TILE), false);
                 T::store_f32(yt, c);
             }
         }
@@ -403,7 +467,8 @@ fn exp_store_sum_io<S: Isa, T: Element>(s: S, io: &mut Io<'_, T>, m: f32, kk: f3
         }
         Io::Same(xy) => {
             if let Some(yf) = T::cast_mut::<f32>(xy) {
-                let mut buf = [0.0f32; TILE];
+                let mut sc = Scratch::take();
+                let [buf] = sc.tiles();
                 for (i, c) in yf.chunks_mut(TILE).enumerate() {
                     let b = &mut buf[..c.len()];
                     b.copy_from_slice(c);
@@ -455,27 +520,19 @@ pub(crate) fn row_fwd<S: Isa, T: Element>(s: S, f: &Fwd, mut io: Io<'_, T>, pf: 
         return;
     }
     let alg = f.alg; // resolved by `fwd_params` for this row length
-    // Three-pass on f32 writes the output in pass 2 (so its cache misses overlap the exp
-    // arithmetic) and finishes it in cache in pass 3: softmax stores exp and rescales,
-    // log-softmax stores (x − m)·k and subtracts ln Σ.
-    if alg == Algorithm::ThreePass && T::cast::<f32>(io.x()).is_some() {
-        let log = f.op == FwdOp::LogSoftmax;
-        let m = seg_max(s, io.x(), Ahead::NONE);
-        if m.is_finite() {
-            let d = exp_store_sum_io(s, &mut io, m, f.k, log, pf);
-            if regular(Online { m, d }) {
-                if let Some(yf) = T::cast_mut::<f32>(io.y()) {
-                    if log {
-                        k::scale_or_shift(s, yf, d.ln() as f32, true);
-                    } else {
-                        k::scale_or_shift(s, yf, (1.0 / d) as f32, false);
-                    }
-                }
-                return;
-            }
+    if alg == Algorithm::ThreePass {
+        if T::cast::<f32>(io.x()).is_some() {
+            three_pass(s, f, &mut io, pf);
+        } else {
+            // A converted row is widened once and runs the f32 three-pass on the widened
+            // copy (one exponential per entry; the statistics-then-write path computes two),
+            // then is narrowed once: the f32 result of the widened row, rounded once.
+            let mut sc = Scratch::take();
+            let (a, b) = sc.pair(n);
+            T::load_f32(io.x(), a);
+            three_pass(s, f, &mut Io::Sep(&*a, &mut *b), Ahead::NONE);
+            T::store_f32(b, io.y());
         }
-        let sp = classify(io.x());
-        fill(io.y(), special_fill(sp, f.op, f.masked));
         return;
     }
     let st = row_stats(s, io.x(), alg, f.k, pf);
@@ -487,6 +544,32 @@ pub(crate) fn row_fwd<S: Isa, T: Element>(s: S, f: &Fwd, mut io: Io<'_, T>, pf: 
     }
 }
 
+/// The three-pass algorithm over one f32 row (`T` is f32; other types reach it through
+/// [`row_fwd`]'s widened copy). Pass 2 writes the output (so its cache misses overlap the exp
+/// arithmetic) and pass 3 finishes it in cache: softmax stores exp and rescales, log-softmax
+/// stores (x − m)·k and subtracts ln Σ.
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
+fn three_pass<S: Isa, T: Element>(s: S, f: &Fwd, io: &mut Io<'_, T>, pf: Ahead) {
+    let log = f.op == FwdOp::LogSoftmax;
+    let m = seg_max(s, io.x(), Ahead::NONE);
+    if m.is_finite() {
+        let d = exp_store_sum_io(s, io, m, f.k, log, pf);
+        if regular(Online { m, d }) {
+            if let Some(yf) = T::cast_mut::<f32>(io.y()) {
+                if log {
+                    k::scale_or_shift(s, yf, d.ln() as f32, true);
+                } else {
+                    k::scale_or_shift(s, yf, (1.0 / d) as f32, false);
+                }
+            }
+            return;
+        }
+    }
+    let sp = classify(io.x());
+    fill(io.y(), special_fill(sp, f.op, f.masked));
+}
+
 /// The logsumexp of one short row (f64 result).
 #[cfg_attr(not(debug_assertions), inline(always))]
 #[cfg_attr(debug_assertions, inline)]
@@ -494,7 +577,16 @@ pub(crate) fn row_lse<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f32
     if x.is_empty() {
         return f64::NEG_INFINITY;
     }
-    let st = row_stats(s, x, alg.resolve_logsumexp(x.len()), kk, pf);
+    let alg = alg.resolve_logsumexp(x.len());
+    let st = if alg == Algorithm::ThreePass && T::cast::<f32>(x).is_none() {
+        // Both passes read the row: a converted row is widened once.
+        let mut sc = Scratch::take();
+        let a = sc.row(x.len());
+        T::load_f32(x, a);
+        row_stats(s, &*a, alg, kk, Ahead::NONE)
+    } else {
+        row_stats(s, x, alg, kk, pf)
+    };
     if regular(st) { st.m as f64 * k64 + st.d.ln() } else { special_lse(classify(x)) }
 }
 

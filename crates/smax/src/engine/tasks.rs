@@ -62,24 +62,12 @@ impl<T: Element> Task for RowsFwd<'_, T> {
 /// three-pass").
 pub(crate) const THREE_PASS_PIPE_MIN_LEN: usize = 1024;
 
-std::thread_local! {
-    /// The scratch row of [`with_scratch`] (grown to the longest row the thread has seen).
-    static SCRATCH: core::cell::Cell<Vec<f32>> = const { core::cell::Cell::new(Vec::new()) };
-}
-
-/// Runs `f` on a scratch row of `len` f32s owned by the calling thread (allocated on its first
-/// use, grown when a longer row comes, and kept for the thread's next call), for the
-/// pipelined three-pass paths here and in the cross-entropy. The contents are unspecified.
+/// Runs `f` on a [`Scratch`] row of `len` f32s (this thread's, kept for its next call), for
+/// the pipelined three-pass paths here and in the cross-entropy. The contents are unspecified.
 #[cfg_attr(not(debug_assertions), inline(always))]
 #[cfg_attr(debug_assertions, inline)]
 pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut buf = SCRATCH.with(|c| c.take());
-    if buf.len() < len {
-        buf.resize(len, 0.0);
-    }
-    let r = f(&mut buf[..len]);
-    SCRATCH.with(|c| c.set(buf));
-    r
+    f(Scratch::take().row(len))
 }
 
 /// Three-pass over f32 rows whose output streams, as a software pipeline across rows: pass 2

@@ -9,7 +9,7 @@ use crate::arch::rows::{self as k};
 use crate::arch::{Ahead, Isa, SimdLevel, Task, dispatch, inl};
 use crate::element::{Element, Repr};
 use crate::engine::{BwdRows, RowGeom, plan};
-use crate::engine::{TILE, ahead, widen};
+use crate::engine::{Scratch, TILE, ahead, widen};
 use crate::error::{Error, Result};
 use crate::layout::{Kind, View, ViewMut};
 use crate::options::Options;
@@ -29,9 +29,10 @@ fn read2<'p, T: Element>(
         f(af, bf, pa, pb);
         return;
     }
-    let (mut ba, mut bb) = ([0.0f32; TILE], [0.0f32; TILE]);
+    let mut sc = Scratch::take();
+    let [ba, bb] = sc.tiles();
     for (i, (ca, cb)) in a.chunks(TILE).zip(b.chunks(TILE)).enumerate() {
-        f(widen(ca, &mut ba), widen(cb, &mut bb), pa.skip(i * TILE), pb.skip(i * TILE));
+        f(widen(ca, ba), widen(cb, bb), pa.skip(i * TILE), pb.skip(i * TILE));
     }
 }
 
@@ -100,9 +101,8 @@ fn map<S: Isa, T: Element>(s: S, (log, kk): (bool, f32), (r, zero): (f32, bool),
             return;
         }
     }
-    let mut by = [0.0f32; TILE];
-    let mut bg = [0.0f32; TILE];
-    let mut bo = [0.0f32; TILE];
+    let mut sc = Scratch::take();
+    let [by, bg, bo] = sc.tiles();
     for (i, (cy, co)) in y.chunks(TILE).zip(dx.chunks_mut(TILE)).enumerate() {
         let n = cy.len();
         T::load_f32(cy, &mut by[..n]);

@@ -18,11 +18,25 @@ use crate::scalar64;
 /// barrier per row (PERF.md, "The pipelined three-pass").
 const LONG_ROWS_GROUPED_MIN: usize = 32;
 
-fn fwd_params(op: FwdOp, p: &Plan, opts: &Options, len: usize, out_bytes: usize) -> Fwd {
+/// f16 / bf16 log-softmax rows up to this length run three-pass under `Auto` (longer ones the
+/// online algorithm, whose write pass has no exponential); softmax rows up to [`CHUNK`].
+const NARROW_LOG_SOFTMAX_THREE_PASS_MAX: usize = 32 * 1024;
+
+fn fwd_params(op: FwdOp, p: &Plan, opts: &Options, len: usize, out_bytes: usize, narrow: bool) -> Fwd {
     Fwd {
         op,
         k: p.k,
         alg: match op {
+            // A narrow row is widened once into an f32 copy that the three passes read in
+            // cache, one exponential per entry (`engine::row_fwd`); the online algorithm
+            // converts twice, and for softmax computes each exponential twice. Crossovers
+            // measured in PERF.md, "f16 and bf16 rows".
+            FwdOp::Softmax if narrow && opts.algorithm == Algorithm::Auto && len <= CHUNK => Algorithm::ThreePass,
+            FwdOp::LogSoftmax
+                if narrow && opts.algorithm == Algorithm::Auto && len <= NARROW_LOG_SOFTMAX_THREE_PASS_MAX =>
+            {
+                Algorithm::ThreePass
+            }
             FwdOp::Softmax => opts.algorithm.resolve(len),
             FwdOp::LogSoftmax => opts.algorithm.resolve_log_softmax(len),
         },
@@ -194,7 +208,7 @@ pub(crate) fn forward_impl<T: Element>(
         None => y.layout,
     };
     let out_bytes = y.layout.required_len().unwrap_or(0) * core::mem::size_of::<T>();
-    let f = fwd_params(op, &p, opts, xl.row_len(), out_bytes);
+    let f = fwd_params(op, &p, opts, xl.row_len(), out_bytes, T::REPR == Repr::Narrow);
     if let Some(g) = row_geom(&xl, &y.layout) {
         if T::REPR == Repr::F64 {
             scalar64::rows_fwd(f, p.k64, opts, g, x.map(|x| x.data), &mut *y.data);

@@ -15,7 +15,7 @@
 use crate::arch::rows::{self as k, Sub, Xform};
 use crate::arch::{Ahead, Isa, Task, inl_mut};
 use crate::element::Element;
-use crate::engine::{Special, ahead, classify, regular, seg_online};
+use crate::engine::{Scratch, Special, ahead, classify, regular, seg_online};
 
 use super::RowOut;
 
@@ -157,8 +157,8 @@ fn tiles<'p, T: Element, S: Isa>(s: S, xf: Xform, x: &[T], pf: Ahead<'p>, mut f:
             return;
         }
     }
-    let mut raw = [0.0f32; TILE];
-    let mut t = [0.0f32; TILE];
+    let mut sc = Scratch::take();
+    let [raw, t] = sc.tiles();
     for (i, c) in x.chunks(TILE).enumerate() {
         let n = c.len();
         T::load_f32(c, &mut raw[..n]);
@@ -280,7 +280,8 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
     let mut m = f32::NEG_INFINITY;
     let mut sv = 0.0f64; // Σ v_k t_k (hard: v = 1 or w; soft: v = u)
     let mut su = 0.0f64; // Σ u_k (soft targets)
-    let mut u = [0.0f32; TILE];
+    let mut sc = Scratch::take();
+    let [u, wbuf, gbuf] = sc.tiles();
     tiles(
         s,
         xf,
@@ -376,8 +377,6 @@ fn row_f32<S: Isa, T: Element>(s: S, c: &Ce<'_>, x: &[T], tgt: Tgt<'_, T>, g: Op
         }
     };
     let fix = y.map(|y| (y, ya * ychain(ty)));
-    let mut wbuf = [0.0f32; TILE];
-    let mut gbuf = [0.0f32; TILE];
     let direct = xf.is_identity() && T::cast::<f32>(x).is_some();
     let mut gopt = Some(g);
     let mut write_tile = inl_mut(

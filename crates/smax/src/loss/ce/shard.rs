@@ -320,7 +320,8 @@ fn grad_f32<S: Isa, T: Element>(
             return;
         }
     }
-    let mut gbuf = [0.0f32; TILE];
+    let mut sc = crate::engine::Scratch::take();
+    let [gbuf] = sc.tiles();
     let mut gchunks = g.chunks_mut(TILE);
     tiles(
         s,
