@@ -21,8 +21,9 @@ pub enum MaskedRow {
 /// the same documented bounds; they differ in memory traffic and arithmetic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Algorithm {
-    /// Chosen by row length alone from measurements on AVX2/AVX-512 machines (see
-    /// [`Algorithm::resolve`] for softmax and log-softmax, [`Algorithm::resolve_logsumexp`]).
+    /// Chosen by the op, the element type and the row length alone, from measurements on
+    /// AVX2/AVX-512 machines (see [`Algorithm::resolve`] for softmax and log-softmax,
+    /// [`Algorithm::resolve_logsumexp`]).
     #[default]
     Auto,
     /// Three passes (XNNPACK's "reload" variant): max; `exp(x − max)` stored to the output and

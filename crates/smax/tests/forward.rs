@@ -90,9 +90,9 @@ fn f16_and_bf16_accumulate_in_f32() {
 }
 
 /// A three-pass half-precision softmax or log-softmax row is the f32 op on its widened values,
-/// rounded once: bit for
-/// bit, on every SIMD level, at lengths across the tile size, one call after another on one
-/// thread (the f32 copy lives in per-thread scratch that shorter rows reuse).
+/// rounded once: bit for bit, on every SIMD level, at lengths across the tile size, one call
+/// after another on one thread (the f32 copy lives in per-thread scratch that shorter rows
+/// reuse, so stale entries would show).
 #[test]
 fn half_rows_are_the_f32_result_of_their_widened_values() {
     fn check<T: Element>(xs: &[f64], n: usize, level: SimdLevel) {

@@ -281,3 +281,27 @@ pub(crate) fn logsumexp_impl<T: Element>(x: View<'_, T>, out: &mut [T], opts: &O
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Auto`'s choice per element type at the crossovers: f16/bf16 softmax three-pass up to
+    /// [`CHUNK`] and log-softmax up to [`NARROW_LOG_SOFTMAX_THREE_PASS_MAX`]; f32 keeps
+    /// [`Algorithm::resolve`]'s rule; an explicit algorithm is kept.
+    #[test]
+    fn auto_takes_three_pass_for_narrow_rows_up_to_their_crossovers() {
+        let p = Plan { level: SimdLevel::Scalar, k: 1.0, k64: 1.0 };
+        let auto = Options::default();
+        let alg = |op, o: &Options, len, narrow| fwd_params(op, &p, o, len, 0, narrow).alg;
+        assert_eq!(alg(FwdOp::Softmax, &auto, CHUNK, true), Algorithm::ThreePass);
+        assert_eq!(alg(FwdOp::Softmax, &auto, CHUNK + 1, true), Algorithm::Online);
+        assert_eq!(alg(FwdOp::Softmax, &auto, CHUNK, false), Algorithm::Online);
+        let lmax = NARROW_LOG_SOFTMAX_THREE_PASS_MAX;
+        assert_eq!(alg(FwdOp::LogSoftmax, &auto, lmax, true), Algorithm::ThreePass);
+        assert_eq!(alg(FwdOp::LogSoftmax, &auto, lmax + 1, true), Algorithm::Online);
+        assert_eq!(alg(FwdOp::LogSoftmax, &auto, 1024, false), Algorithm::Online);
+        let online = Options::default().algorithm(Algorithm::Online);
+        assert_eq!(alg(FwdOp::Softmax, &online, 100, true), Algorithm::Online);
+    }
+}
