@@ -116,6 +116,9 @@ impl Scratch {
 }
 
 impl Drop for Scratch {
+    // Runs once per converted row: inlined like its users (a profile showed it as a call).
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    #[cfg_attr(debug_assertions, inline)]
     fn drop(&mut self) {
         let v = core::mem::take(&mut self.v);
         // During thread teardown the pool may be gone: the buffer is then freed.
@@ -529,8 +532,8 @@ pub(crate) fn row_fwd<S: Isa, T: Element>(s: S, f: &Fwd, mut io: Io<'_, T>, pf: 
             // then is narrowed once: the f32 result of the widened row, rounded once.
             let mut sc = Scratch::take();
             let (a, b) = sc.pair(n);
-            T::load_f32(io.x(), a);
-            three_pass(s, f, &mut Io::Sep(&*a, &mut *b), Ahead::NONE);
+            let a = widen(io.x(), a);
+            three_pass(s, f, &mut Io::Sep(a, &mut *b), Ahead::NONE);
             T::store_f32(b, io.y());
         }
         return;
@@ -581,9 +584,7 @@ pub(crate) fn row_lse<S: Isa, T: Element>(s: S, x: &[T], alg: Algorithm, kk: f32
     let st = if alg == Algorithm::ThreePass && T::cast::<f32>(x).is_none() {
         // Both passes read the row: a converted row is widened once.
         let mut sc = Scratch::take();
-        let a = sc.row(x.len());
-        T::load_f32(x, a);
-        row_stats(s, &*a, alg, kk, Ahead::NONE)
+        row_stats(s, widen(x, sc.row(x.len())), alg, kk, Ahead::NONE)
     } else {
         row_stats(s, x, alg, kk, pf)
     };
