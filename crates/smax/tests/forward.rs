@@ -109,6 +109,12 @@ fn half_rows_are_the_f32_result_of_their_widened_values() {
                 same(&log_softmax_to_vec(v, &o).unwrap(), &narrow(log_softmax_to_vec(vf, &o).unwrap())),
                 "log n={n}"
             );
+            // Logsumexp: the batch (rows widened in groups) equals each row alone.
+            let l = logsumexp_to_vec(v, &o).unwrap();
+            for r in 0..rows {
+                let alone = logsumexp_to_vec(View::rows(&x[r * n..(r + 1) * n], 1, n).unwrap(), &o).unwrap();
+                assert_eq!(l[r].to_f64().to_bits(), alone[0].to_f64().to_bits(), "lse n={n} row {r}");
+            }
         }
     }
     let mut rng = Rng(31);
@@ -567,6 +573,88 @@ fn pipelined_online_is_bitwise_the_row_by_row_result() {
                     let expect = if masked == MaskedRow::Zero { 0.0 } else { f32::NAN };
                     assert!(y[2 * ys..2 * ys + n].iter().all(|&v| v.to_bits() == expect.to_bits()), "masked row n={n}");
                     assert!(y[ys..ys + n].iter().all(|v| v.is_nan()), "NaN row n={n}");
+                }
+            }
+        }
+    }
+}
+
+/// Short f32 three-pass rows with a separate output run a group of rows at a time (the maxima
+/// of the group, then its exponential passes, then its writes); logsumexp over short rows
+/// likewise. Bit for bit the row-by-row result (in place, or a row alone) for every tail length
+/// up to past the grouping limit, with special rows inside and across groups, strided rows,
+/// both masked-row rules, a temperature, at every SIMD level; and within the reference's bound.
+#[test]
+fn grouped_short_rows_are_each_row_alone() {
+    let mut rng = Rng(0x96a0);
+    let mut lens: Vec<usize> = (1..=40).collect();
+    lens.extend([63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512, 513, 1000, 1023, 1024, 1025, 2049]);
+    let rows = 37;
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    for &n in &lens {
+        let (xs, ys) = (n + 3, n + 5);
+        let mut x: Vec<f32> = rng.vec(rows * xs, 15.0).iter().map(|&v| v as f32).collect();
+        for r in [1, 17] {
+            x[r * xs + n / 2] = f32::NAN;
+        }
+        for r in [2, 20, 36] {
+            x[r * xs..r * xs + n].fill(f32::NEG_INFINITY);
+        }
+        x[3 * xs + n - 1] = f32::INFINITY;
+        let xl = Layout::strided_rows(rows, n, xs);
+        let yl = Layout::strided_rows(rows, n, ys);
+        for level in SimdLevel::available() {
+            for (masked, tau) in [(MaskedRow::Nan, 1.0), (MaskedRow::Zero, 1.3)] {
+                let o =
+                    Options::default().simd(level).algorithm(Algorithm::ThreePass).masked_row(masked).temperature(tau);
+                for log in [false, true] {
+                    let mut y = vec![0f32; rows * ys];
+                    let mut yi = x.clone();
+                    if log {
+                        log_softmax(View::new(&x, xl).unwrap(), ViewMut::new(&mut y, yl).unwrap(), &o).unwrap();
+                        log_softmax_inplace(ViewMut::new(&mut yi, xl).unwrap(), &o).unwrap();
+                    } else {
+                        softmax(View::new(&x, xl).unwrap(), ViewMut::new(&mut y, yl).unwrap(), &o).unwrap();
+                        softmax_inplace(ViewMut::new(&mut yi, xl).unwrap(), &o).unwrap();
+                    }
+                    for r in 0..rows {
+                        let (got, want) = (&y[r * ys..r * ys + n], &yi[r * xs..r * xs + n]);
+                        assert_eq!(bits(got), bits(want), "log={log} n={n} row {r} {level:?} {masked:?}");
+                    }
+                    let r0: Vec<f64> = x[..n].iter().map(|&v| v as f64).collect();
+                    let m0 = r0.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let want = if log { ref_log_softmax(&r0, tau) } else { ref_softmax(&r0, tau) };
+                    for i in 0..n {
+                        let d = (r0[i] - m0).abs() / tau;
+                        let tol = if log {
+                            log_softmax_bound::<f32>(want[i], d, n)
+                        } else {
+                            softmax_bound::<f32>(want[i], d, n)
+                        };
+                        assert!(close(y[i] as f64, want[i], tol), "log={log} n={n} i={i} {level:?}");
+                    }
+                    let masked_fill = match (masked, log) {
+                        (MaskedRow::Zero, false) => 0.0,
+                        (MaskedRow::Zero, true) => f32::NEG_INFINITY,
+                        _ => f32::NAN,
+                    };
+                    assert!(y[20 * ys..20 * ys + n].iter().all(|v| v.to_bits() == masked_fill.to_bits()), "n={n}");
+                    assert!(
+                        y[17 * ys..17 * ys + n].iter().all(|v| v.is_nan())
+                            && y[3 * ys..3 * ys + n].iter().all(|v| v.is_nan())
+                    );
+                }
+                for alg in [Algorithm::Auto, Algorithm::ThreePass] {
+                    let o = o.algorithm(alg);
+                    let s = logsumexp_to_vec(View::new(&x, xl).unwrap(), &o).unwrap();
+                    for r in 0..rows {
+                        let alone = logsumexp_to_vec(View::rows(&x[r * xs..r * xs + n], 1, n).unwrap(), &o).unwrap();
+                        assert_eq!(s[r].to_bits(), alone[0].to_bits(), "lse n={n} row {r} {level:?} {alg:?}");
+                    }
+                    assert!(s[1].is_nan() && s[2] == f32::NEG_INFINITY && s[3] == f32::INFINITY, "lse n={n}");
+                    let r0: Vec<f64> = x[..n].iter().map(|&v| v as f64).collect();
+                    let want = ref_lse(&r0, tau);
+                    assert!(close(s[0] as f64, want, lse_bound::<f32>(want, n)), "lse n={n} {level:?}");
                 }
             }
         }

@@ -35,6 +35,19 @@ impl<T: Element> Task for RowsFwd<'_, T> {
                 return;
             }
         }
+        if let (Some(x), Algorithm::ThreePass) = (x, f.alg) {
+            match (T::cast::<f32>(x), T::cast_mut::<f32>(y)) {
+                (Some(xf), Some(yf)) if len <= SHORT_GROUP_MAX_LEN => {
+                    rows_short_grouped(s, &f, xf, yf, rows, len, xs, ys);
+                    return;
+                }
+                (None, _) if len <= SHORT_GROUP_NARROW_MAX_LEN => {
+                    rows_short_grouped_narrow(s, &f, x, y, rows, len, xs, ys);
+                    return;
+                }
+                _ => {}
+            }
+        }
         // The prefetch domain of a row runs to the end of the input: rayon hands a thread
         // consecutive groups, so the next group's rows are usually this thread's next work.
         // In place: none (the output borrows the input).
@@ -52,6 +65,127 @@ impl<T: Element> Task for RowsFwd<'_, T> {
             };
             row_fwd(s, &f, io, pf);
         }
+    }
+}
+
+/// Separate f32 three-pass rows up to this long run in groups ([`rows_short_grouped`]), and
+/// f32 logsumexp rows; longer rows gain nothing measurable (PERF.md, "Short rows in groups").
+pub(crate) const SHORT_GROUP_MAX_LEN: usize = 1024;
+/// The same for f16/bf16 rows, widened a group at a time: at 1 Ki the group's two f32 copies
+/// measured slower than a row's (PERF.md, "Short rows in groups").
+pub(crate) const SHORT_GROUP_NARROW_MAX_LEN: usize = 512;
+/// A group of short rows holds about this many elements (its input and output stay in L1).
+const SHORT_GROUP_ELEMS: usize = 2048;
+/// The most rows in a group.
+const SHORT_GROUP_MAX_ROWS: usize = 16;
+
+/// Short f32 three-pass rows with a separate output, a group of rows at a time, pass by pass:
+/// the maxima of the group, then its exp-store-sum passes, then its write passes. Each row's
+/// passes are [`row_fwd`]'s (the same kernels on the same data in the same order), so every
+/// output is bit for bit the row-by-row result. On a short row the tail of each pass (a
+/// horizontal reduction, the f64 sum, the reciprocal) is a dependency chain as long as the
+/// row's arithmetic; in a group, the next row's independent pass runs beside it.
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
+#[allow(clippy::too_many_arguments)]
+fn rows_short_grouped<S: Isa>(s: S, f: &Fwd, x: &[f32], y: &mut [f32], rows: usize, len: usize, xs: usize, ys: usize) {
+    let log = f.op == FwdOp::LogSoftmax;
+    let per = group_rows(len);
+    let mut r0 = 0;
+    while r0 < rows {
+        let g = (rows - r0).min(per);
+        let m = group_max(s, x, r0, g, len, xs);
+        let mut d = [f64::NAN; SHORT_GROUP_MAX_ROWS];
+        for i in 0..g {
+            let r = r0 + i;
+            if m[i].is_finite() {
+                // Fetches the rows one group ahead (input and output) into L2.
+                let pf = ahead(&x[r * xs..]).distance(per * xs).with_write(crate::arch::write_range(&y[r * ys..]));
+                let (xr, yr) = (&x[r * xs..r * xs + len], &mut y[r * ys..r * ys + len]);
+                let mut acc = 0.0;
+                if log {
+                    k::shift_store_sum(s, xr, yr, m[i], f.k, &mut acc, pf);
+                } else {
+                    k::exp_store_sum(s, xr, yr, m[i], f.k, &mut acc, pf);
+                }
+                d[i] = acc;
+            }
+        }
+        for i in 0..g {
+            let r = r0 + i;
+            let yr = &mut y[r * ys..r * ys + len];
+            if regular(Online { m: m[i], d: d[i] }) {
+                if log {
+                    k::scale_or_shift(s, yr, d[i].ln() as f32, true);
+                } else {
+                    k::scale_or_shift(s, yr, (1.0 / d[i]) as f32, false);
+                }
+            } else {
+                fill(yr, special_fill(classify(&x[r * xs..r * xs + len]), f.op, f.masked));
+            }
+        }
+        r0 += g;
+    }
+}
+
+/// The maxima of the `g ≤ SHORT_GROUP_MAX_ROWS` rows of `len` that start at row `r0` of `x`
+/// (row stride `xs`); `-inf` past `g`.
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
+fn group_max<S: Isa>(s: S, x: &[f32], r0: usize, g: usize, len: usize, xs: usize) -> [f32; SHORT_GROUP_MAX_ROWS] {
+    let mut m = [f32::NEG_INFINITY; SHORT_GROUP_MAX_ROWS];
+    for (i, mi) in m[..g].iter_mut().enumerate() {
+        *mi = k::max(s, &x[(r0 + i) * xs..(r0 + i) * xs + len], Ahead::NONE);
+    }
+    m
+}
+
+/// The `g` rows of `len` that start at row `r0` of `x` (row stride `xs`) widened into
+/// consecutive rows at the start of `buf`; the widened part.
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
+fn widen_group<'b, T: Element>(x: &[T], r0: usize, g: usize, len: usize, xs: usize, buf: &'b mut [f32]) -> &'b [f32] {
+    for (i, br) in buf.chunks_exact_mut(len).take(g).enumerate() {
+        T::load_f32(&x[(r0 + i) * xs..(r0 + i) * xs + len], br);
+    }
+    &buf[..g * len]
+}
+
+/// The rows in a group of short rows of `len ≥ 1` elements.
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
+fn group_rows(len: usize) -> usize {
+    (SHORT_GROUP_ELEMS / len).clamp(1, SHORT_GROUP_MAX_ROWS)
+}
+
+/// [`rows_short_grouped`] over f16/bf16 rows: each group is widened into one scratch buffer,
+/// runs there as f32 and is narrowed once; bit for bit [`row_fwd`]'s widened three-pass row,
+/// with one scratch buffer per task rather than per row.
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
+#[allow(clippy::too_many_arguments)]
+fn rows_short_grouped_narrow<S: Isa, T: Element>(
+    s: S,
+    f: &Fwd,
+    x: &[T],
+    y: &mut [T],
+    rows: usize,
+    len: usize,
+    xs: usize,
+    ys: usize,
+) {
+    let per = group_rows(len);
+    let mut sc = Scratch::take();
+    let (a, b) = sc.pair(per * len);
+    let mut r0 = 0;
+    while r0 < rows {
+        let g = (rows - r0).min(per);
+        let a = widen_group(x, r0, g, len, xs, a);
+        rows_short_grouped(s, f, a, &mut b[..g * len], g, len, len, len);
+        for (i, br) in b.chunks_exact(len).take(g).enumerate() {
+            T::store_f32(br, &mut y[(r0 + i) * ys..(r0 + i) * ys + len]);
+        }
+        r0 += g;
     }
 }
 
@@ -218,11 +352,66 @@ impl<T: Element> Task for RowsLse<'_, T> {
     #[cfg_attr(not(debug_assertions), inline(always))]
     #[cfg_attr(debug_assertions, inline)]
     fn run<S: Isa>(self, s: S) {
-        for (r, o) in self.out.iter_mut().enumerate() {
-            let xr = &self.x[r * self.xs..r * self.xs + self.len];
-            let pf = ahead(&self.x[r * self.xs..]);
-            *o = T::from_f64(row_lse(s, xr, self.alg, self.k, self.k64, pf));
+        let RowsLse { alg, k: kk, k64, len, xs, x, out } = self;
+        let rows = out.len();
+        // A call of one row runs row by row (the grouped rows are tested against it).
+        let f32_rows = T::cast::<f32>(x);
+        let max_len = if f32_rows.is_some() { SHORT_GROUP_MAX_LEN } else { SHORT_GROUP_NARROW_MAX_LEN };
+        if alg.resolve_logsumexp(len) == Algorithm::ThreePass && (1..=max_len).contains(&len) && rows >= 2 {
+            if let Some(xf) = f32_rows {
+                lse_short_grouped(s, xf, len, xs, kk, k64, out);
+            } else {
+                // Converted rows: each group is widened into one scratch buffer.
+                let per = group_rows(len);
+                let mut sc = Scratch::take();
+                let a = sc.row(per * len);
+                for (gi, og) in out.chunks_mut(per).enumerate() {
+                    let wide = widen_group(x, gi * per, og.len(), len, xs, a);
+                    lse_short_grouped(s, wide, len, len, kk, k64, og);
+                }
+            }
+            return;
         }
+        for (r, o) in out.iter_mut().enumerate() {
+            let xr = &x[r * xs..r * xs + len];
+            *o = T::from_f64(row_lse(s, xr, alg, kk, k64, ahead(&x[r * xs..])));
+        }
+    }
+}
+
+/// [`RowsLse`] over short f32 three-pass rows (`rows ≥ 1`), a group at a time: the maxima of
+/// the group, then its sums, then its results (see [`rows_short_grouped`]). Each row's passes
+/// are [`row_lse`]'s, so every result is bit for bit the row-by-row one.
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
+#[allow(clippy::too_many_arguments)]
+fn lse_short_grouped<S: Isa, T: Element>(s: S, x: &[f32], len: usize, xs: usize, kk: f32, k64: f64, out: &mut [T]) {
+    let rows = out.len();
+    let per = group_rows(len);
+    let mut r0 = 0;
+    while r0 < rows {
+        let g = (rows - r0).min(per);
+        let m = group_max(s, x, r0, g, len, xs);
+        let mut d = [f64::NAN; SHORT_GROUP_MAX_ROWS];
+        for i in 0..g {
+            let r = r0 + i;
+            if m[i].is_finite() {
+                let mut acc = 0.0;
+                k::sum_exp(s, &x[r * xs..r * xs + len], m[i], kk, &mut acc, ahead(&x[r * xs..]).distance(per * xs));
+                d[i] = acc;
+            }
+        }
+        for i in 0..g {
+            let r = r0 + i;
+            let st = Online { m: m[i], d: d[i] };
+            let v = if regular(st) {
+                st.m as f64 * k64 + st.d.ln()
+            } else {
+                special_lse(classify(&x[r * xs..r * xs + len]))
+            };
+            out[r] = T::from_f64(v);
+        }
+        r0 += g;
     }
 }
 
