@@ -38,11 +38,11 @@ impl<T: Element> Task for RowsFwd<'_, T> {
         if let (Some(x), Algorithm::ThreePass) = (x, f.alg) {
             match (T::cast::<f32>(x), T::cast_mut::<f32>(y)) {
                 (Some(xf), Some(yf)) if len <= SHORT_GROUP_MAX_LEN => {
-                    rows_short_grouped(s, &f, xf, yf, rows, len, xs, ys);
+                    rows_short_grouped(s, &f, xf, yf, RowGeom { rows, len, xs, ys });
                     return;
                 }
                 (None, _) if len <= SHORT_GROUP_NARROW_MAX_LEN => {
-                    rows_short_grouped_narrow(s, &f, x, y, rows, len, xs, ys);
+                    rows_short_grouped_narrow(s, &f, x, y, RowGeom { rows, len, xs, ys });
                     return;
                 }
                 _ => {}
@@ -87,57 +87,89 @@ const SHORT_GROUP_MAX_ROWS: usize = 16;
 /// row's arithmetic; in a group, the next row's independent pass runs beside it.
 #[cfg_attr(not(debug_assertions), inline(always))]
 #[cfg_attr(debug_assertions, inline)]
-#[allow(clippy::too_many_arguments)]
-fn rows_short_grouped<S: Isa>(s: S, f: &Fwd, x: &[f32], y: &mut [f32], rows: usize, len: usize, xs: usize, ys: usize) {
+fn rows_short_grouped<S: Isa>(s: S, f: &Fwd, x: &[f32], y: &mut [f32], geom: RowGeom) {
+    let RowGeom { rows, len, xs, ys } = geom;
     let log = f.op == FwdOp::LogSoftmax;
+    let per = group_rows(len);
+    for_each_group(
+        rows,
+        len,
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
+        |r0, g| {
+            let st = group_stats(
+                s,
+                x,
+                (r0, g, len, xs),
+                #[cfg_attr(not(debug_assertions), inline(always))]
+                #[cfg_attr(debug_assertions, inline)]
+                |i, m| {
+                    let r = r0 + i;
+                    // Fetches the rows one group ahead (input and output) into L2.
+                    let wr = crate::arch::write_range(&y[r * ys..]);
+                    let pf = ahead(&x[r * xs..]).distance(per * xs).with_write(wr);
+                    let (xr, yr) = (&x[r * xs..r * xs + len], &mut y[r * ys..r * ys + len]);
+                    let mut acc = 0.0;
+                    if log {
+                        k::shift_store_sum(s, xr, yr, m, f.k, &mut acc, pf);
+                    } else {
+                        k::exp_store_sum(s, xr, yr, m, f.k, &mut acc, pf);
+                    }
+                    acc
+                },
+            );
+            for i in 0..g {
+                let r = r0 + i;
+                let yr = &mut y[r * ys..r * ys + len];
+                if regular(st[i]) {
+                    if log {
+                        k::scale_or_shift(s, yr, st[i].d.ln() as f32, true);
+                    } else {
+                        k::scale_or_shift(s, yr, (1.0 / st[i].d) as f32, false);
+                    }
+                } else {
+                    fill(yr, special_fill(classify(&x[r * xs..r * xs + len]), f.op, f.masked));
+                }
+            }
+        },
+    );
+}
+
+/// Calls `f(r0, g)` for each group of short rows of `len ≥ 1` elements among `rows`: the `g`
+/// rows from row `r0`.
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline)]
+fn for_each_group(rows: usize, len: usize, mut f: impl FnMut(usize, usize)) {
     let per = group_rows(len);
     let mut r0 = 0;
     while r0 < rows {
         let g = (rows - r0).min(per);
-        let m = group_max(s, x, r0, g, len, xs);
-        let mut d = [f64::NAN; SHORT_GROUP_MAX_ROWS];
-        for i in 0..g {
-            let r = r0 + i;
-            if m[i].is_finite() {
-                // Fetches the rows one group ahead (input and output) into L2.
-                let pf = ahead(&x[r * xs..]).distance(per * xs).with_write(crate::arch::write_range(&y[r * ys..]));
-                let (xr, yr) = (&x[r * xs..r * xs + len], &mut y[r * ys..r * ys + len]);
-                let mut acc = 0.0;
-                if log {
-                    k::shift_store_sum(s, xr, yr, m[i], f.k, &mut acc, pf);
-                } else {
-                    k::exp_store_sum(s, xr, yr, m[i], f.k, &mut acc, pf);
-                }
-                d[i] = acc;
-            }
-        }
-        for i in 0..g {
-            let r = r0 + i;
-            let yr = &mut y[r * ys..r * ys + len];
-            if regular(Online { m: m[i], d: d[i] }) {
-                if log {
-                    k::scale_or_shift(s, yr, d[i].ln() as f32, true);
-                } else {
-                    k::scale_or_shift(s, yr, (1.0 / d[i]) as f32, false);
-                }
-            } else {
-                fill(yr, special_fill(classify(&x[r * xs..r * xs + len]), f.op, f.masked));
-            }
-        }
+        f(r0, g);
         r0 += g;
     }
 }
 
-/// The maxima of the `g ≤ SHORT_GROUP_MAX_ROWS` rows of `len` that start at row `r0` of `x`
-/// (row stride `xs`); `-inf` past `g`.
+/// The statistics of the `g ≤ SHORT_GROUP_MAX_ROWS` rows of `len` that start at row `r0` of
+/// `x` (row stride `xs`): first every row's max, then `sum(i, max)` for each row `i` whose max
+/// is finite (the sum is NaN for the others, which [`regular`] then rejects).
 #[cfg_attr(not(debug_assertions), inline(always))]
 #[cfg_attr(debug_assertions, inline)]
-fn group_max<S: Isa>(s: S, x: &[f32], r0: usize, g: usize, len: usize, xs: usize) -> [f32; SHORT_GROUP_MAX_ROWS] {
-    let mut m = [f32::NEG_INFINITY; SHORT_GROUP_MAX_ROWS];
-    for (i, mi) in m[..g].iter_mut().enumerate() {
-        *mi = k::max(s, &x[(r0 + i) * xs..(r0 + i) * xs + len], Ahead::NONE);
+fn group_stats<S: Isa>(
+    s: S,
+    x: &[f32],
+    (r0, g, len, xs): (usize, usize, usize, usize),
+    mut sum: impl FnMut(usize, f32) -> f64,
+) -> [Online; SHORT_GROUP_MAX_ROWS] {
+    let mut st = [Online { m: f32::NEG_INFINITY, d: f64::NAN }; SHORT_GROUP_MAX_ROWS];
+    for (i, si) in st[..g].iter_mut().enumerate() {
+        si.m = k::max(s, &x[(r0 + i) * xs..(r0 + i) * xs + len], Ahead::NONE);
     }
-    m
+    for (i, si) in st[..g].iter_mut().enumerate() {
+        if si.m.is_finite() {
+            si.d = sum(i, si.m);
+        }
+    }
+    st
 }
 
 /// The `g` rows of `len` that start at row `r0` of `x` (row stride `xs`) widened into
@@ -163,30 +195,24 @@ fn group_rows(len: usize) -> usize {
 /// with one scratch buffer per task rather than per row.
 #[cfg_attr(not(debug_assertions), inline(always))]
 #[cfg_attr(debug_assertions, inline)]
-#[allow(clippy::too_many_arguments)]
-fn rows_short_grouped_narrow<S: Isa, T: Element>(
-    s: S,
-    f: &Fwd,
-    x: &[T],
-    y: &mut [T],
-    rows: usize,
-    len: usize,
-    xs: usize,
-    ys: usize,
-) {
+fn rows_short_grouped_narrow<S: Isa, T: Element>(s: S, f: &Fwd, x: &[T], y: &mut [T], geom: RowGeom) {
+    let RowGeom { rows, len, xs, ys } = geom;
     let per = group_rows(len);
     let mut sc = Scratch::take();
     let (a, b) = sc.pair(per * len);
-    let mut r0 = 0;
-    while r0 < rows {
-        let g = (rows - r0).min(per);
-        let a = widen_group(x, r0, g, len, xs, a);
-        rows_short_grouped(s, f, a, &mut b[..g * len], g, len, len, len);
-        for (i, br) in b.chunks_exact(len).take(g).enumerate() {
-            T::store_f32(br, &mut y[(r0 + i) * ys..(r0 + i) * ys + len]);
-        }
-        r0 += g;
-    }
+    for_each_group(
+        rows,
+        len,
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
+        |r0, g| {
+            let wide = widen_group(x, r0, g, len, xs, a);
+            rows_short_grouped(s, f, wide, &mut b[..g * len], RowGeom { rows: g, len, xs: len, ys: len });
+            for (i, br) in b.chunks_exact(len).take(g).enumerate() {
+                T::store_f32(br, &mut y[(r0 + i) * ys..(r0 + i) * ys + len]);
+            }
+        },
+    );
 }
 
 /// Three-pass rows at least this long whose output streams run as a software pipeline
@@ -386,33 +412,36 @@ impl<T: Element> Task for RowsLse<'_, T> {
 #[cfg_attr(debug_assertions, inline)]
 #[allow(clippy::too_many_arguments)]
 fn lse_short_grouped<S: Isa, T: Element>(s: S, x: &[f32], len: usize, xs: usize, kk: f32, k64: f64, out: &mut [T]) {
-    let rows = out.len();
     let per = group_rows(len);
-    let mut r0 = 0;
-    while r0 < rows {
-        let g = (rows - r0).min(per);
-        let m = group_max(s, x, r0, g, len, xs);
-        let mut d = [f64::NAN; SHORT_GROUP_MAX_ROWS];
-        for i in 0..g {
-            let r = r0 + i;
-            if m[i].is_finite() {
-                let mut acc = 0.0;
-                k::sum_exp(s, &x[r * xs..r * xs + len], m[i], kk, &mut acc, ahead(&x[r * xs..]).distance(per * xs));
-                d[i] = acc;
+    for_each_group(
+        out.len(),
+        len,
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
+        |r0, g| {
+            let st = group_stats(
+                s,
+                x,
+                (r0, g, len, xs),
+                #[cfg_attr(not(debug_assertions), inline(always))]
+                #[cfg_attr(debug_assertions, inline)]
+                |i, m| {
+                    let (r, mut acc) = (r0 + i, 0.0);
+                    k::sum_exp(s, &x[r * xs..r * xs + len], m, kk, &mut acc, ahead(&x[r * xs..]).distance(per * xs));
+                    acc
+                },
+            );
+            for (i, st) in st[..g].iter().enumerate() {
+                let r = r0 + i;
+                let v = if regular(*st) {
+                    st.m as f64 * k64 + st.d.ln()
+                } else {
+                    special_lse(classify(&x[r * xs..r * xs + len]))
+                };
+                out[r] = T::from_f64(v);
             }
-        }
-        for i in 0..g {
-            let r = r0 + i;
-            let st = Online { m: m[i], d: d[i] };
-            let v = if regular(st) {
-                st.m as f64 * k64 + st.d.ln()
-            } else {
-                special_lse(classify(&x[r * xs..r * xs + len]))
-            };
-            out[r] = T::from_f64(v);
-        }
-        r0 += g;
-    }
+        },
+    );
 }
 
 /// One step of a long row, on one chunk.
