@@ -68,10 +68,11 @@ impl Algorithm {
     }
 
     /// The algorithm `Auto` resolves to for log-softmax rows of `len` elements:
-    /// [`Algorithm::ThreePass`] up to 512 elements, [`Algorithm::Online`] above (see
+    /// [`Algorithm::ThreePass`] up to 1 Ki elements, [`Algorithm::Online`] above (see
     /// [`Algorithm::resolve`]). Log-softmax's write pass is a subtraction, so the pipelined
-    /// online algorithm pays less for its second exponential than softmax does (crossover
-    /// measured with `smax bench`).
+    /// online algorithm pays less for its second exponential than softmax does; up to 1 Ki,
+    /// three-pass rows run a group of rows pass by pass and measured 1.11–1.16x the online
+    /// algorithm, at 1.5 Ki the two tie (crossover measured with `smax bench`).
     pub fn resolve_log_softmax(self, len: usize) -> Algorithm {
         self.auto_up_to(len, AUTO_LOG_SOFTMAX_THREE_PASS_MAX)
     }
@@ -99,7 +100,7 @@ impl Algorithm {
 pub(crate) const AUTO_SOFTMAX_THREE_PASS_MAX: usize = 4 * 1024;
 
 /// Log-softmax rows longer than this go through the (pipelined) online algorithm under `Auto`.
-pub(crate) const AUTO_LOG_SOFTMAX_THREE_PASS_MAX: usize = 512;
+pub(crate) const AUTO_LOG_SOFTMAX_THREE_PASS_MAX: usize = 1024;
 
 /// Logsumexp rows longer than this go through the online algorithm under `Auto`.
 pub(crate) const AUTO_LOGSUMEXP_THREE_PASS_MAX: usize = 4 * 1024;

@@ -662,16 +662,16 @@ fn grouped_short_rows_are_each_row_alone() {
 }
 
 /// `Auto` picks by op and row length alone: three-pass up to 4 Ki elements for softmax and
-/// 512 for log-softmax, the pipelined online algorithm above (logsumexp: three-pass up to
-/// 256 Ki). A large call (its output streamed) agrees bit for bit with the unpipelined online
+/// 1 Ki for log-softmax, the pipelined online algorithm above (logsumexp: three-pass up to
+/// 4 Ki). A large call (its output streamed) agrees bit for bit with the unpipelined online
 /// result, with each row computed alone, and with the reference.
 #[test]
 fn auto_picks_by_row_length_and_pipelines_long_rows() {
     assert_eq!(Algorithm::Auto.resolve(4 * 1024), Algorithm::ThreePass);
     assert_eq!(Algorithm::Auto.resolve(4 * 1024 + 1), Algorithm::Online);
     assert_eq!(Algorithm::Auto.resolve(1 << 24), Algorithm::Online);
-    assert_eq!(Algorithm::Auto.resolve_log_softmax(512), Algorithm::ThreePass);
-    assert_eq!(Algorithm::Auto.resolve_log_softmax(513), Algorithm::Online);
+    assert_eq!(Algorithm::Auto.resolve_log_softmax(1024), Algorithm::ThreePass);
+    assert_eq!(Algorithm::Auto.resolve_log_softmax(1025), Algorithm::Online);
     assert_eq!(Algorithm::Online.resolve_log_softmax(7), Algorithm::Online);
     assert_eq!(Algorithm::Auto.resolve_logsumexp(4 * 1024), Algorithm::ThreePass);
     assert_eq!(Algorithm::Auto.resolve_logsumexp(4 * 1024 + 1), Algorithm::Online);

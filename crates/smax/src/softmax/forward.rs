@@ -300,7 +300,7 @@ mod tests {
         let lmax = NARROW_LOG_SOFTMAX_THREE_PASS_MAX;
         assert_eq!(alg(FwdOp::LogSoftmax, &auto, lmax, true), Algorithm::ThreePass);
         assert_eq!(alg(FwdOp::LogSoftmax, &auto, lmax + 1, true), Algorithm::Online);
-        assert_eq!(alg(FwdOp::LogSoftmax, &auto, 1024, false), Algorithm::Online);
+        assert_eq!(alg(FwdOp::LogSoftmax, &auto, 2048, false), Algorithm::Online);
         let online = Options::default().algorithm(Algorithm::Online);
         assert_eq!(alg(FwdOp::Softmax, &online, 100, true), Algorithm::Online);
     }
