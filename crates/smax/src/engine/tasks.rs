@@ -91,45 +91,36 @@ fn rows_short_grouped<S: Isa>(s: S, f: &Fwd, x: &[f32], y: &mut [f32], geom: Row
     let RowGeom { rows, len, xs, ys } = geom;
     let log = f.op == FwdOp::LogSoftmax;
     let per = group_rows(len);
-    for_each_group(
-        rows,
-        len,
+    run_grouped(
+        s,
+        x,
+        (rows, len, xs),
+        y,
         #[cfg_attr(not(debug_assertions), inline(always))]
         #[cfg_attr(debug_assertions, inline)]
-        |r0, g| {
-            let st = group_stats(
-                s,
-                x,
-                (r0, g, len, xs),
-                #[cfg_attr(not(debug_assertions), inline(always))]
-                #[cfg_attr(debug_assertions, inline)]
-                |i, m| {
-                    let r = r0 + i;
-                    // Fetches the rows one group ahead (input and output) into L2.
-                    let wr = crate::arch::write_range(&y[r * ys..]);
-                    let pf = ahead(&x[r * xs..]).distance(per * xs).with_write(wr);
-                    let (xr, yr) = (&x[r * xs..r * xs + len], &mut y[r * ys..r * ys + len]);
-                    let mut acc = 0.0;
-                    if log {
-                        k::shift_store_sum(s, xr, yr, m, f.k, &mut acc, pf);
-                    } else {
-                        k::exp_store_sum(s, xr, yr, m, f.k, &mut acc, pf);
-                    }
-                    acc
-                },
-            );
-            for i in 0..g {
-                let r = r0 + i;
-                let yr = &mut y[r * ys..r * ys + len];
-                if regular(st[i]) {
-                    if log {
-                        k::scale_or_shift(s, yr, st[i].d.ln() as f32, true);
-                    } else {
-                        k::scale_or_shift(s, yr, (1.0 / st[i].d) as f32, false);
-                    }
-                } else {
-                    fill(yr, special_fill(classify(&x[r * xs..r * xs + len]), f.op, f.masked));
-                }
+        |y: &mut [f32], r, m| {
+            // Fetches the rows one group ahead (input and output) into L2.
+            let wr = crate::arch::write_range(&y[r * ys..]);
+            let pf = ahead(&x[r * xs..]).distance(per * xs).with_write(wr);
+            let (xr, yr) = (&x[r * xs..r * xs + len], &mut y[r * ys..r * ys + len]);
+            let mut acc = 0.0;
+            if log {
+                k::shift_store_sum(s, xr, yr, m, f.k, &mut acc, pf);
+            } else {
+                k::exp_store_sum(s, xr, yr, m, f.k, &mut acc, pf);
+            }
+            acc
+        },
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
+        |y: &mut [f32], r, st| {
+            let yr = &mut y[r * ys..r * ys + len];
+            if !regular(st) {
+                fill(yr, special_fill(classify(&x[r * xs..r * xs + len]), f.op, f.masked));
+            } else if log {
+                k::scale_or_shift(s, yr, st.d.ln() as f32, true);
+            } else {
+                k::scale_or_shift(s, yr, (1.0 / st.d) as f32, false);
             }
         },
     );
@@ -149,27 +140,41 @@ fn for_each_group(rows: usize, len: usize, mut f: impl FnMut(usize, usize)) {
     }
 }
 
-/// The statistics of the `g ≤ SHORT_GROUP_MAX_ROWS` rows of `len` that start at row `r0` of
-/// `x` (row stride `xs`): first every row's max, then `sum(i, max)` for each row `i` whose max
-/// is finite (the sum is NaN for the others, which [`regular`] then rejects).
+/// Short rows `(rows, len ≥ 1, xs)` of `x` a group at a time (see [`for_each_group`]), pass
+/// by pass: every row's max; then `sum(out, r, max)` for each row `r` of the group whose max
+/// is finite; then `finish(out, r, stats)` for each row, with the sum NaN where the max is not
+/// finite (which [`regular`] rejects). Both callbacks get `out`, where they write the rows'
+/// results.
 #[cfg_attr(not(debug_assertions), inline(always))]
 #[cfg_attr(debug_assertions, inline)]
-fn group_stats<S: Isa>(
+fn run_grouped<S: Isa, O: ?Sized>(
     s: S,
     x: &[f32],
-    (r0, g, len, xs): (usize, usize, usize, usize),
-    mut sum: impl FnMut(usize, f32) -> f64,
-) -> [Online; SHORT_GROUP_MAX_ROWS] {
-    let mut st = [Online { m: f32::NEG_INFINITY, d: f64::NAN }; SHORT_GROUP_MAX_ROWS];
-    for (i, si) in st[..g].iter_mut().enumerate() {
-        si.m = k::max(s, &x[(r0 + i) * xs..(r0 + i) * xs + len], Ahead::NONE);
-    }
-    for (i, si) in st[..g].iter_mut().enumerate() {
-        if si.m.is_finite() {
-            si.d = sum(i, si.m);
-        }
-    }
-    st
+    (rows, len, xs): (usize, usize, usize),
+    out: &mut O,
+    mut sum: impl FnMut(&mut O, usize, f32) -> f64,
+    mut finish: impl FnMut(&mut O, usize, Online),
+) {
+    for_each_group(
+        rows,
+        len,
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
+        |r0, g| {
+            let mut st = [Online { m: f32::NEG_INFINITY, d: f64::NAN }; SHORT_GROUP_MAX_ROWS];
+            for (i, si) in st[..g].iter_mut().enumerate() {
+                si.m = k::max(s, &x[(r0 + i) * xs..(r0 + i) * xs + len], Ahead::NONE);
+            }
+            for (i, si) in st[..g].iter_mut().enumerate() {
+                if si.m.is_finite() {
+                    si.d = sum(out, r0 + i, si.m);
+                }
+            }
+            for (i, si) in st[..g].iter().enumerate() {
+                finish(out, r0 + i, *si);
+            }
+        },
+    );
 }
 
 /// The `g` rows of `len` that start at row `r0` of `x` (row stride `xs`) widened into
@@ -413,33 +418,27 @@ impl<T: Element> Task for RowsLse<'_, T> {
 #[allow(clippy::too_many_arguments)]
 fn lse_short_grouped<S: Isa, T: Element>(s: S, x: &[f32], len: usize, xs: usize, kk: f32, k64: f64, out: &mut [T]) {
     let per = group_rows(len);
-    for_each_group(
-        out.len(),
-        len,
+    run_grouped(
+        s,
+        x,
+        (out.len(), len, xs),
+        out,
         #[cfg_attr(not(debug_assertions), inline(always))]
         #[cfg_attr(debug_assertions, inline)]
-        |r0, g| {
-            let st = group_stats(
-                s,
-                x,
-                (r0, g, len, xs),
-                #[cfg_attr(not(debug_assertions), inline(always))]
-                #[cfg_attr(debug_assertions, inline)]
-                |i, m| {
-                    let (r, mut acc) = (r0 + i, 0.0);
-                    k::sum_exp(s, &x[r * xs..r * xs + len], m, kk, &mut acc, ahead(&x[r * xs..]).distance(per * xs));
-                    acc
-                },
-            );
-            for (i, st) in st[..g].iter().enumerate() {
-                let r = r0 + i;
-                let v = if regular(*st) {
-                    st.m as f64 * k64 + st.d.ln()
-                } else {
-                    special_lse(classify(&x[r * xs..r * xs + len]))
-                };
-                out[r] = T::from_f64(v);
-            }
+        |_, r, m| {
+            let mut acc = 0.0;
+            k::sum_exp(s, &x[r * xs..r * xs + len], m, kk, &mut acc, ahead(&x[r * xs..]).distance(per * xs));
+            acc
+        },
+        #[cfg_attr(not(debug_assertions), inline(always))]
+        #[cfg_attr(debug_assertions, inline)]
+        |out: &mut [T], r, st| {
+            let v = if regular(st) {
+                st.m as f64 * k64 + st.d.ln()
+            } else {
+                special_lse(classify(&x[r * xs..r * xs + len]))
+            };
+            out[r] = T::from_f64(v);
         },
     );
 }
